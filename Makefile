@@ -1,0 +1,32 @@
+# Two entry points (README.md): `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of this torch lies on our machines' disk; override on a GPU box, e.g.
+# `make setup TORCH_SPEC='torch==2.11.0'`.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-gpu demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU (the lent device): the GPU suite.
+test-gpu:
+	$(PYTHON) -m pytest -q tests/gpu $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 1 launch/pretrain.py
+
+clean:
+	rm -rf $(VENV) runs

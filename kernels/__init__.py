@@ -1,0 +1,4 @@
+"""mdn_kernels: Momentum DeltaNet ops (PyTorch references, Triton kernels, CP state exchange)."""
+from .mdn import gated_delta_rule_reference, mdn_chunk, mdn_recurrent_reference
+
+__all__ = ["mdn_chunk", "mdn_recurrent_reference", "gated_delta_rule_reference"]

@@ -1,0 +1,165 @@
+"""Triton kernels for the sequential pass over chunks (spec: chunk_torch.state_pass_*_torch).
+
+One program per (value block, sequence, head) carries its K×BV slices of S and M through the
+sequence's chunks; the value columns of the recurrence never mix, so V splits freely. Operands
+that a product needs transposed are loaded transposed (no tl.trans of a dot result: Triton
+3.4–3.7.0 mis-compiles that pattern on Hopper, DESIGN §9). Fixed launch configs (no autotune):
+they run under TRITON_INTERPRET=1 and start fast.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _state_fwd_kernel(
+    U, Y, Z, KG, KM, A_END, G_END, U_END, S_INIT, M_INIT,
+    W, S0S, M0S, S_FIN, M_FIN, OFFSETS,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1).to(tl.int64)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    c_start = tl.load(OFFSETS + i_n)
+    c_end = tl.load(OFFSETS + i_n + 1)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_c = tl.arange(0, C)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    ck = o_c[:, None] * K + o_k[None, :]       # [C, BK] row-major view of a C×K tile
+    kc = o_c[None, :] * K + o_k[:, None]       # [BK, C]: the same tile, transposed
+    cv = o_c[:, None] * V + o_v[None, :]
+    if HAS_INIT:
+        s = tl.load(S_INIT + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+        m = tl.load(M_INIT + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros([BK, BV], dtype=tl.float32)
+        m = tl.zeros([BK, BV], dtype=tl.float32)
+    for c in range(c_start, c_end):
+        ch = c * H + i_h
+        tl.store(S0S + ch * K * V + kv, s, mask=m_kv)
+        tl.store(M0S + ch * K * V + kv, m, mask=m_kv)
+        y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+        z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+        u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
+        w = u + tl.dot(y, s, input_precision=PREC) - tl.dot(z, m, input_precision=PREC)
+        tl.store(W + ch * C * V + cv, w, mask=m_v[None, :])
+        kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+        km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+        a = tl.load(A_END + ch)
+        g = tl.load(G_END + ch)
+        uu = tl.load(U_END + ch)
+        s_new = a * s - g * m - tl.dot(kg_t, w, input_precision=PREC)
+        m = uu * m + tl.dot(km_t, w, input_precision=PREC)
+        s = s_new
+    tl.store(S_FIN + i_nh * K * V + kv, s, mask=m_kv)
+    tl.store(M_FIN + i_nh * K * V + kv, m, mask=m_kv)
+
+
+@triton.jit
+def _state_bwd_kernel(
+    Y, Z, KG, KM, A_END, G_END, U_END, DW, DS0S, DM0S, DS_FIN, DM_FIN,
+    DWT, DS_END, DM_END, DS_INIT, DM_INIT, OFFSETS,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1).to(tl.int64)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    c_start = tl.load(OFFSETS + i_n)
+    c_end = tl.load(OFFSETS + i_n + 1)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_c = tl.arange(0, C)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    ck = o_c[:, None] * K + o_k[None, :]
+    kc = o_c[None, :] * K + o_k[:, None]
+    cv = o_c[:, None] * V + o_v[None, :]
+    ds = tl.load(DS_FIN + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+    dm = tl.load(DM_FIN + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i in range(0, c_end - c_start):
+        c = c_end - 1 - i
+        ch = c * H + i_h
+        tl.store(DS_END + ch * K * V + kv, ds, mask=m_kv)
+        tl.store(DM_END + ch * K * V + kv, dm, mask=m_kv)
+        kg = tl.load(KG + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+        km = tl.load(KM + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+        dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0)
+        dw = dw - tl.dot(kg, ds, input_precision=PREC) + tl.dot(km, dm, input_precision=PREC)
+        tl.store(DWT + ch * C * V + cv, dw, mask=m_v[None, :])
+        y_t = tl.load(Y + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+        z_t = tl.load(Z + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+        a = tl.load(A_END + ch)
+        g = tl.load(G_END + ch)
+        uu = tl.load(U_END + ch)
+        ds_prev = a * ds + tl.dot(y_t, dw, input_precision=PREC) + tl.load(
+            DS0S + ch * K * V + kv, mask=m_kv, other=0.0)
+        dm = (uu * dm - g * ds - tl.dot(z_t, dw, input_precision=PREC)
+              + tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0))
+        ds = ds_prev
+    tl.store(DS_INIT + i_nh * K * V + kv, ds, mask=m_kv)
+    tl.store(DM_INIT + i_nh * K * V + kv, dm, mask=m_kv)
+
+
+def _block_v(K: int, V: int) -> int:
+    # Keeps the two K×BV fp32 state tiles within registers: 8K floats per program at K ≤ 256.
+    bk = triton.next_power_of_2(K)
+    return max(16, min(triton.next_power_of_2(V), 4096 // bk))
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+
+
+def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout,
+                          allow_tf32: bool = False):
+    NC, H, C, V = U.shape
+    K = Y.shape[-1]
+    N = layout.num_seqs
+    W = torch.empty_like(U)
+    S0s = U.new_empty(NC, H, K, V)
+    M0s = U.new_empty(NC, H, K, V)
+    S_fin = U.new_empty(N, H, K, V)
+    M_fin = U.new_empty(N, H, K, V)
+    BK, BV = triton.next_power_of_2(K), _block_v(K, V)
+    has_init = S_init is not None
+    grid = (triton.cdiv(V, BV), N * H)
+    _state_fwd_kernel[grid](
+        U, Y, Z, Kg, Km, a_end, g_end, u_end,
+        S_init if has_init else U, M_init if has_init else U,
+        W, S0s, M0s, S_fin, M_fin, layout.seq_chunk_offsets,
+        H=H, K=K, V=V, C=C, BK=BK, BV=BV, HAS_INIT=has_init,
+        PREC=_precision(U.dtype, allow_tf32), num_warps=4,
+    )
+    return W, S0s, M0s, S_fin, M_fin
+
+
+def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
+                          layout, allow_tf32: bool = False):
+    NC, H, C, V = dW.shape
+    K = Y.shape[-1]
+    N = layout.num_seqs
+    dWt = torch.empty_like(dW)
+    dS_end = dW.new_empty(NC, H, K, V)
+    dM_end = dW.new_empty(NC, H, K, V)
+    dS_init = dW.new_empty(N, H, K, V)
+    dM_init = dW.new_empty(N, H, K, V)
+    BK, BV = triton.next_power_of_2(K), _block_v(K, V)
+    grid = (triton.cdiv(V, BV), N * H)
+    _state_bwd_kernel[grid](
+        Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
+        dWt, dS_end, dM_end, dS_init, dM_init, layout.seq_chunk_offsets,
+        H=H, K=K, V=V, C=C, BK=BK, BV=BV, PREC=_precision(dW.dtype, allow_tf32), num_warps=4,
+    )
+    return dWt, dS_end, dM_end, dS_init, dM_init

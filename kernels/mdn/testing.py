@@ -1,0 +1,53 @@
+"""Random MDN inputs with gates in the ranges the layer produces (DESIGN §6), for tests and
+benchmarks. Drawn in float64 from a seeded generator, then cast, so every dtype sees the same
+numbers."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_like_gates(B, T, H, *, generator, min_log_mu=-2.0, dtype=torch.float64):
+    """log_alpha, log_mu, beta, eta [B, T, H] as the MDN mixer makes them, gate constraint
+    included (A_log = log U(0,16), dt log-uniform in [1e-3, 1e-1], log_factor = log U(0,4))."""
+    g = generator
+    f64 = torch.float64
+
+    def per_head(lo, hi):
+        return torch.empty(H, dtype=f64).uniform_(lo, hi, generator=g)
+
+    a_scale = per_head(1e-3, 16.0)                 # exp(A_log), exp(Mu_log)
+    mu_scale = per_head(1e-3, 16.0)
+    dt = torch.exp(per_head(math.log(1e-3), math.log(1e-1)))
+    dt_bias = dt + torch.log(-torch.expm1(-dt))    # softplus⁻¹(dt)
+    factor = per_head(1e-3, 4.0)                   # exp(log_factor)
+    x = lambda: torch.randn(B, T, H, dtype=f64, generator=g)  # noqa: E731
+    log_alpha = -a_scale * F.softplus(x() + dt_bias)
+    log_mu = (-mu_scale * F.softplus(x() + dt_bias)).clamp(min=min_log_mu)
+    eta = torch.tanh(x() / math.sqrt(2.0)) + 1
+    beta = torch.sigmoid(x())
+    theta = torch.atan(eta * factor)
+    beta = torch.sin(theta) ** 2 * beta
+    log_alpha = log_alpha + torch.log(torch.cos(theta) ** 2)
+    return tuple(t.to(dtype) for t in (log_alpha, log_mu, beta, eta))
+
+
+def random_inputs(B, T, H, K, V, *, dtype=torch.float32, device="cpu", seed=0,
+                  with_state=False, num_states=None, requires_grad=False):
+    """(q, k, v, log_alpha, log_mu, beta, eta[, S0, M0]) on `device` in `dtype` (states fp32,
+    or fp64 when dtype is fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)  # noqa: E731
+    q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
+    gates = layer_like_gates(B, T, H, generator=g)
+    out = [t.to(dtype) for t in (q, k, v, *gates)]
+    if with_state:
+        n = num_states if num_states is not None else B
+        sdt = torch.float64 if dtype == torch.float64 else torch.float32
+        out += [r(n, H, K, V).to(sdt) * 0.5, r(n, H, K, V).to(sdt) * 0.1]
+    out = [t.to(device) for t in out]
+    if requires_grad:
+        out = [t.requires_grad_() for t in out]
+    return out
