@@ -1,0 +1,1 @@
+"""mdn_scale: model, data and training for MDN language models."""
