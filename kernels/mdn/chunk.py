@@ -25,6 +25,15 @@ class StatePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout: ChunkLayout,
                 backend: str, allow_tf32: bool):
+        if backend == "triton":
+            from .state_pass import fits_shared_memory
+            # 16-bit model: bf16 operands for the products, as FLA's GDN kernels (state stays
+            # fp32). fp32 operands at K > 128 exceed shared memory: those take the torch loop.
+            low = torch.bfloat16 if allow_tf32 else U.dtype
+            if fits_shared_memory(Y.shape[-1], low):
+                U, Y, Z, Kg, Km = (t.to(low) for t in (U, Y, Z, Kg, Km))
+            else:
+                backend = "torch"
         args = [t.contiguous() for t in (U, Y, Z, Kg, Km, a_end, g_end, u_end)]
         S_init, M_init = S_init.contiguous(), M_init.contiguous()
         if backend == "triton":
@@ -48,7 +57,8 @@ class StatePass(torch.autograd.Function):
         else:
             dWt, dS_end, dM_end, dS_i, dM_i = state_pass_bwd_torch(
                 Y, Z, Kg, Km, a_end, g_end, u_end, *cot, ctx.layout)
-        grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end)
+        grads = list(state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end))
+        # Y, Z, Kg, Km may have been saved in bf16: gradients in the compute dtype (W's).
         return (*grads, dS_i, dM_i, None, None, None)
 
 
