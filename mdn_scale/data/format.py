@@ -32,7 +32,7 @@ MANIFEST_NAME = "manifest.json"
 TOKEN_FIELDS = {"tokens.u16": np.dtype("<u2"), "tokens.u32": np.dtype("<u4")}
 
 
-class ShardError(RuntimeError):
+class ShardError(ValueError):
     """A shard that cannot be read or does not match its manifest. `.shard` names it."""
 
     def __init__(self, shard: str, message: str):
