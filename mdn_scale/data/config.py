@@ -119,3 +119,17 @@ class DataConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "data") -> "DataConfig":
+        """From a config mapping; an unknown key is a ValueError naming `where.key`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be a mapping (got {type(d).__name__})")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {[f'{where}.{k}' for k in unknown]} (known: {sorted(known)})")
+        try:
+            return cls(**d)
+        except ValueError as exn:
+            raise ValueError(f"{where}.{exn}") from None

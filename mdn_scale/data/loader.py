@@ -99,6 +99,7 @@ class _Prefetcher:
     def __init__(self, gen, depth: int):
         self.q: queue.Queue = queue.Queue(depth)
         self.stop = threading.Event()
+        self.error = None
         self.thread = threading.Thread(target=self._run, args=(gen,), daemon=True, name="mdn-data-prefetch")
         self.thread.start()
 
@@ -120,8 +121,11 @@ class _Prefetcher:
             self._put(("error", exn))
 
     def get(self):
+        if self.error is not None:  # the producer is gone: keep raising its error
+            raise self.error
         kind, item = self.q.get()
         if kind == "error":
+            self.error = item
             raise item
         return item
 
@@ -292,6 +296,7 @@ class ValidLoader(_Base):
                 packer = next(packers, None)
             return None
 
+        produced = False
         while True:
             rows, got = [], 0
             for _ in range(B):
@@ -301,7 +306,13 @@ class ValidLoader(_Base):
                     if q == me:
                         rows.append(item)
             if got == 0:
+                if not produced:
+                    raise ValueError(
+                        "the validation data is empty (no held-out document long enough for one sequence): "
+                        "raise validation_fraction or give valid_datasets"
+                    )
                 return
+            produced = True
             yield make_batch(rows, self.cfg.seq_len, self.cfg.reset_at_doc_boundary, pad)
 
 

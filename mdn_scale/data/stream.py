@@ -92,6 +92,13 @@ class DocSource:
                 raise
             log.warning("skipping %s (skip_bad_shards is on)", exn)
             return None
+        vocab = self.ds.tokenizer["vocab_size"] if self.ds.tokenizer else None
+        if vocab is not None and any(len(d) and int(d.max()) >= vocab for _, d in docs):
+            exn = ShardError(ref.url, f"holds token ids >= the manifest's vocab_size {vocab}")
+            if not self.skip_bad_shards:
+                raise exn
+            log.warning("skipping %s (skip_bad_shards is on)", exn)
+            return None
         if self.keep is not None:
             docs = [(k, d) for k, d in docs if self.keep(ref.name, k)]
         docs = [d for _, d in docs if len(d)]

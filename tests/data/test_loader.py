@@ -283,3 +283,45 @@ def test_config_errors(shards):
         build_train_loader(DataConfig(datasets=[path]), 2, 2)
     with pytest.raises(ValueError, match="no validation data"):
         build_valid_loader(DataConfig(datasets=[path]))
+
+
+def test_from_dict_names_the_key(shards):
+    path, _ = shards
+    cfg = DataConfig.from_dict({"datasets": [path], "seq_len": 8})
+    assert cfg.seq_len == 8 and cfg.datasets[0].path == path
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['data\.seqlen'\]"):
+        DataConfig.from_dict({"datasets": [path], "seqlen": 8})
+    with pytest.raises(ValueError, match=r"^data\.micro_batch must be an integer >= 1"):
+        DataConfig.from_dict({"datasets": [path], "micro_batch": "4"})
+
+
+def test_error_persists_after_prefetch_failure(shards, tmp_path):
+    path, _ = shards
+    corrupt_copy(path, str(tmp_path / "c"), "garbage")
+    loader = build_train_loader(DataConfig(datasets=[str(tmp_path / "c")], seq_len=64, shuffle=False, prefetch=2))
+    for _ in range(2):  # raised again, not a hang
+        with pytest.raises(ShardError, match="invalid header"):
+            take(loader, 80)
+
+
+def test_token_ids_beyond_manifest_vocab(shards, tmp_path):
+    path, _ = shards
+    shutil.copytree(path, tmp_path / "v")
+    mp = tmp_path / "v" / "manifest.json"
+    mp.write_text(mp.read_text().replace('"vocab_size": 257', '"vocab_size": 100'))
+    with pytest.raises(ShardError, match="token ids >= the manifest's vocab_size 100"):
+        next(build_train_loader(DataConfig(datasets=[str(tmp_path / "v")], seq_len=16, prefetch=0)))
+
+
+def test_empty_splits_are_errors(tmp_path):
+    from mdn_scale.data.datasets import _unit_hash
+
+    make_shards([write_jsonl(tmp_path / "one.jsonl", ["only one document"])], str(tmp_path / "o"), progress=False)
+    h = _unit_hash("shard-000000.tar/0000000000")  # the document is held out iff h < validation_fraction
+    cfg = lambda f: DataConfig(datasets=[str(tmp_path / "o")], seq_len=8, validation_fraction=f, prefetch=0)  # noqa: E731
+    with pytest.raises(ValueError, match="no documents in its training split"):
+        next(build_train_loader(cfg((h + 1) / 2)))
+    assert list(build_valid_loader(cfg((h + 1) / 2)))
+    with pytest.raises(ValueError, match="validation data is empty"):
+        list(build_valid_loader(cfg(h / 2)))
+    assert next(build_train_loader(cfg(h / 2)))
