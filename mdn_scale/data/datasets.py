@@ -64,7 +64,14 @@ def resolve_dataset(spec: DatasetSpec, skip_bad_shards: bool = False) -> Resolve
             if not urls:
                 raise ValueError(f"dataset {path!r}: folder holds neither {MANIFEST_NAME} nor *.tar shards")
         else:
-            for pattern in braceexpand.braceexpand(path):
+            patterns = list(braceexpand.braceexpand(path))
+            if len(patterns) == 1 and not _is_url(path) and not glob.has_magic(path) and not os.path.exists(path):
+                raise ValueError(
+                    f"dataset {path!r} does not exist (expected a manifest, a folder with {MANIFEST_NAME} "
+                    "or *.tar shards, or a shard glob/URL; tools/make_shards.py makes shards, and with no "
+                    "arguments the demo data in data/stdlib)"
+                )
+            for pattern in patterns:
                 if _is_url(pattern) or not glob.has_magic(pattern):
                     urls.append(pattern)
                 else:

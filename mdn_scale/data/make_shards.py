@@ -19,6 +19,7 @@ last (atomically), so a folder without one holds no complete build.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import hashlib
 import json
@@ -199,9 +200,6 @@ def make_shards(
     on_decode_error: "raise" (a non-UTF-8 text file is an error) or "skip" (skipped, counted).
     overwrite: replace a different earlier build in `output`.
     """
-    import webdataset as wds
-    from tqdm import tqdm
-
     default_source = not sources
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"input_format {input_format!r} is not one of {INPUT_FORMATS}")
@@ -236,14 +234,27 @@ def make_shards(
             _require_pyarrow(path)  # fail before any work
     tok = load_tokenizer(tokenizer, eod_token)
     tok_id = tok.identity()
-    dtype = token_dtype(tok.vocab_size)
     options = {
         "field": field, "input_format": input_format, "text_split": text_split,
         "shard_size_mb": shard_size_mb, "max_docs_per_shard": max_docs_per_shard,
         "on_decode_error": on_decode_error,
     }
     fingerprint = _fingerprint(files, display, options, tok_id)
+    os.makedirs(output, exist_ok=True)
+    # Several processes (e.g. every rank of a job) may ask for the same build: one builds, the
+    # others wait here and then find it up to date.
+    with open(os.path.join(output, ".make_shards.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(files, display, output, tok, tok_id, fingerprint, options, inputs_desc, overwrite, progress)
 
+
+def _build(files, display, output, tok, tok_id, fingerprint, options, inputs_desc, overwrite, progress) -> str:
+    import webdataset as wds
+    from tqdm import tqdm
+
+    field, text_split, on_decode_error = options["field"], options["text_split"], options["on_decode_error"]
+    shard_size_mb, max_docs_per_shard = options["shard_size_mb"], options["max_docs_per_shard"]
+    dtype = token_dtype(tok.vocab_size)
     manifest_path = os.path.join(output, MANIFEST_NAME)
     if os.path.exists(manifest_path):
         try:
@@ -261,7 +272,6 @@ def make_shards(
         # crash from here on never leaves a manifest pointing at a mix of old and new shards.
         for p in sorted(_our_files(output), key=lambda p: not p.endswith(MANIFEST_NAME)):
             os.remove(p)
-    os.makedirs(output, exist_ok=True)
 
     shards: list[dict] = []
     current = {"documents": 0, "tokens": 0}

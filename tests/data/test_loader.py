@@ -102,9 +102,9 @@ def test_order_deterministic_per_seed(shards):
 def test_exact_resume_across_epochs_mixture_and_layouts(shards, two_sets):
     path, _ = shards
     A, Bset = two_sets
-    cfg = DataConfig(datasets=[{"path": path, "weight": 2}, A, {"path": Bset, "weight": 0.5}], seq_len=64,
+    cfg = DataConfig(datasets=[{"path": path, "weight": 0.5}, A, {"path": Bset, "weight": 1.5}], seq_len=64,
                      micro_batch=2, seed=9, shard_interleave=3, prefetch=3)
-    # about 3 epochs of the smallest dataset within 60 micro-batches
+    # A and B (about 1000 tokens each) go through 2-4 epochs in these 60 micro-batches
     full = take(build_train_loader(cfg, 0, 1), 60)
     for k in (0, 1, 17, 41):
         first = build_train_loader(cfg, 0, 1)
@@ -114,6 +114,8 @@ def test_exact_resume_across_epochs_mixture_and_layouts(shards, two_sets):
         again = build_train_loader(cfg, 0, 1)
         again.load_state_dict(sd)
         assert same(take(again, 60 - k), full[k:])
+        if k == 41:  # the small datasets are past their first epoch here
+            assert min(p["source"]["epoch"] for p in sd["stream"]["packers"][1:]) >= 1
     # saved by a dp=2 run (micro_batch 1), loaded by dp=1 (micro_batch 2): the same global sequences
     r0, r1 = (build_train_loader(DataConfig(**{**cfg.to_dict(), "micro_batch": 1}), r, 2) for r in (0, 1))
     take(r0, 13), take(r1, 13)
@@ -218,6 +220,8 @@ def test_missing_shard(shards, tmp_path, caplog):
         loader = build_train_loader(DataConfig(datasets=[str(tmp_path / "m")], seq_len=16, skip_bad_shards=True))
         take(loader, 40)
     assert any(name in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="'nowhere' does not exist.*make_shards"):
+        build_train_loader(DataConfig(datasets=["nowhere"], seq_len=16))
     with pytest.raises(ValueError, match="no file matches"):
         build_train_loader(DataConfig(datasets=[str(tmp_path / "m" / "nothing-*.tar")], seq_len=16))
 

@@ -94,8 +94,8 @@ def test_deterministic_and_rebuild_rules(tmp_path):
     src = write_text_folder(tmp_path / "in", corpus(40, seed=3))
     a = make_shards([src], str(tmp_path / "a"), shard_size_mb=0.003, progress=False)
     b = make_shards([src], str(tmp_path / "b"), shard_size_mb=0.003, progress=False)
-    names = sorted(os.listdir(tmp_path / "a"))
-    assert names == sorted(os.listdir(tmp_path / "b"))
+    names = sorted(f for f in os.listdir(tmp_path / "a") if not f.startswith("."))
+    assert names == sorted(f for f in os.listdir(tmp_path / "b") if not f.startswith("."))
     for n in names:
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
     # same inputs and options again: nothing is rewritten
@@ -106,12 +106,37 @@ def test_deterministic_and_rebuild_rules(tmp_path):
     with pytest.raises(ValueError, match="holds a different build"):
         make_shards([src], str(tmp_path / "a"), shard_size_mb=1, progress=False)
     make_shards([src], str(tmp_path / "a"), shard_size_mb=1, overwrite=True, progress=False)
-    assert sorted(os.listdir(tmp_path / "a")) == ["manifest.json", "shard-000000.tar"]
+    assert sorted(f for f in os.listdir(tmp_path / "a") if not f.startswith(".")) == ["manifest.json", "shard-000000.tar"]
+
+
+def test_concurrent_builds_of_one_folder(tmp_path):
+    """Every rank of a job may call make_shards(): one builds, the others wait and reuse it."""
+    import threading
+
+    src = write_text_folder(tmp_path / "in", corpus(40, seed=4))
+    ref = make_shards([src], str(tmp_path / "ref"), shard_size_mb=0.003, progress=False)
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(make_shards([src], str(tmp_path / "out"), shard_size_mb=0.003, progress=False))
+        except Exception as exn:  # collected: a thread's exception would otherwise be lost
+            errors.append(exn)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3
+    for n in os.listdir(tmp_path / "ref"):
+        assert (tmp_path / "ref" / n).read_bytes() == (tmp_path / "out" / n).read_bytes(), n
 
 
 def test_stdlib_default(tmp_path):
     mp = make_shards(output=str(tmp_path / "std"), progress=False)
     m = read_manifest(mp)
+    assert m["build"]["options"]["on_decode_error"] == "skip"
     root, files = stdlib_files()
     assert m["documents"] > 500 and len(m["shards"]) > 2
     assert not any("site-packages" in f for f in files)
