@@ -329,3 +329,20 @@ def test_empty_splits_are_errors(tmp_path):
     with pytest.raises(ValueError, match="validation data is empty"):
         list(build_valid_loader(cfg(h / 2)))
     assert next(build_train_loader(cfg(h / 2)))
+
+
+def test_close_rewinds_and_dropped_loaders_stop_their_thread(shards):
+    import gc
+    import threading
+
+    path, _ = shards
+    cfg = DataConfig(datasets=[path], seq_len=32, micro_batch=2, prefetch=4)
+    full = take(build_train_loader(cfg), 8)
+    loader = build_train_loader(cfg)
+    assert same(take(loader, 3), full[:3])
+    loader.close()  # the thread had read ahead; iteration continues where the batches handed out end
+    assert same(take(loader, 5), full[3:])
+    del loader
+    gc.collect()
+    threading.Event().wait(0.3)
+    assert not [t for t in threading.enumerate() if t.name == "mdn-data-prefetch"]
