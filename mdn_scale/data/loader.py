@@ -196,12 +196,13 @@ class TrainLoader(_Base):
         return SequenceStream(packers, [d.weight for d in self.train_sets], c.seed)
 
     def _fingerprint(self) -> dict:
-        """What must match for a saved position to mean the same thing here."""
+        """What must match for a saved position to mean the same thing here. Not the paths: data
+        moved elsewhere (or read through a url_template) resumes."""
         c = self.cfg
         sets = []
         for d in self.train_sets:
             h = hashlib.sha256(json.dumps([[s.name, s.documents, s.tokens] for s in d.shards]).encode()).hexdigest()
-            sets.append({"path": d.label, "weight": d.weight, "shards": h})
+            sets.append({"weight": d.weight, "shards": h[:16]})
         return {"seq_len": c.seq_len, "seed": c.seed, "shuffle": c.shuffle, "shard_interleave": c.shard_interleave,
                 "validation_fraction": c.validation_fraction, "holdout": c.holdout, "datasets": sets}
 
