@@ -86,6 +86,15 @@ def test_hf_tokenizer_round_trip(tmp_path):
         assert m["tokenizer"]["sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert m["tokenizer"]["vocab_size"] == tok.vocab_size <= 300
     assert os.path.isfile(tmp_path / "out" / "tokenizer.json")
+    # the loader reports the manifest's tokenizer, and refuses to mix shards of two tokenizers
+    from mdn_scale.data import DataConfig, build_train_loader
+
+    loader = build_train_loader(DataConfig(datasets=[str(tmp_path / "out")], seq_len=16, prefetch=0))
+    assert (loader.vocab_size, loader.eod_id) == (tok.vocab_size, eod)
+    assert int(next(loader)["tokens"].max()) < tok.vocab_size
+    make_shards([src], str(tmp_path / "bytes"), progress=False)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        build_train_loader(DataConfig(datasets=[str(tmp_path / "out"), str(tmp_path / "bytes")], seq_len=16))
     with pytest.raises(ValueError, match="no end-of-document token 'NOPE'"):
         make_shards([src], str(tmp_path / "o2"), tokenizer=tpath, eod_token="NOPE", progress=False)
 
