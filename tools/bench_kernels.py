@@ -100,6 +100,20 @@ def main():
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     import triton
     results = []
+    meta = dict(
+        card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        fla=__import__("fla").__version__ if chunk_gdn is not None else None,
+        python=platform.python_version(), dtype=args.dtype, command=" ".join(sys.argv),
+        env={k: v for k, v in os.environ.items() if k.startswith("MDN_")},
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        note="FLA's Hopper guard (Triton < 3.7.1, FLA #640) lifted for timing only",
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():  # after every shape: a run cut short keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=2)
+
     for sh in shapes:
         print(f"shape {sh} {args.dtype}", flush=True)
         xs = random_inputs(sh["B"], sh["T"], sh["H"], sh["K"], sh["V"], dtype=dtype, device=dev,
@@ -127,18 +141,9 @@ def main():
             print(f"  MDN/GDN: fwd {row['ratio_fwd']:.2f}x  fwd+bwd {row['ratio_fwd_bwd']:.2f}x  "
                   f"peak mem {row['ratio_peak_mem']:.2f}x", flush=True)
         results.append(row)
+        save()
         del xs, q, k, v, la, lm, beta, eta, do
         torch.cuda.empty_cache()
-    meta = dict(
-        card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        fla=__import__("fla").__version__ if chunk_gdn is not None else None,
-        python=platform.python_version(), dtype=args.dtype, command=" ".join(sys.argv),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        note="FLA's Hopper guard (Triton < 3.7.1, FLA #640) lifted for timing only",
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=2)
     print("wrote", args.out)
 
 
