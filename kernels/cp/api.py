@@ -46,6 +46,8 @@ def check_cp_group(cp_group) -> tuple[int, int]:
     """(rank, world size) of this process in cp_group; ValueError if it cannot be used."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("cp_group given but torch.distributed is not initialized")
+    if cp_group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of cp_group")
     if not isinstance(cp_group, dist.ProcessGroup):
         raise ValueError(f"cp_group must be a torch.distributed ProcessGroup, got {type(cp_group).__name__}")
     rank = dist.get_rank(cp_group)
