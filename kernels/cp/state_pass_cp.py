@@ -97,13 +97,19 @@ class CPStatePass(torch.autograd.Function):
         K = Y.shape[-1]
         with torch.no_grad():
             if mode == "allgather":
-                TB = rank_map(args, S_init, M_init, layout, view, backend=backend,
-                              allow_tf32=allow_tf32, group_chunks=group_chunks)
+                if r < R - 1:
+                    TB = rank_map(args, S_init, M_init, layout, view, backend=backend,
+                                  allow_tf32=allow_tf32, group_chunks=group_chunks)
+                else:  # nobody reads the last rank's map (forward folds j < r, backward j ≤ R−2
+                    #     needs 𝒯_{j+1}ᵀ G_{j+2} only where G_{j+2} ≠ 0): send zeros
+                    TB = U.new_zeros(view.num_slots, Y.shape[1], 2 * K, 2 * K + U.shape[-1])
                 maps = _all_gather(TB, group) if R > 1 else [TB]
                 X = TB.new_zeros(TB.shape[:-1] + (TB.shape[-1] - 2 * K,))
                 for j in range(r):
                     X = compose_apply(maps[j], X)
-                ctx.later_T = [m[..., :2 * K] for m in maps[r + 1:]]
+                # Backward needs 𝒯_j for r < j < R − 1 (G_R = 0 makes 𝒯_{R−1} unused); keep
+                # copies so the gathered maps can be freed.
+                ctx.later_T = [m[..., :2 * K].clone() for m in maps[r + 1:R - 1]]
             else:  # ring
                 P, H, V = view.num_slots, Y.shape[1], U.shape[-1]
                 X = U.new_zeros(P, H, 2 * K, V)
@@ -132,8 +138,8 @@ class CPStatePass(torch.autograd.Function):
             d0 = _take(res[3], res[4], view.in_seq)
             d0s = _all_gather(d0, group) if R > 1 else [d0]
             G = d0.new_zeros(P, H, 2 * K, V)
-            for j in range(R - 1, r, -1):  # G_j = d0_j + 𝒯_jᵀ G_{j+1}
-                G = d0s[j] + ctx.later_T[j - r - 1].transpose(-1, -2) @ G
+            for j in range(R - 1, r, -1):  # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
+                G = d0s[j] if j == R - 1 else d0s[j] + ctx.later_T[j - r - 1].transpose(-1, -2) @ G
             has_incoming = r < R - 1
         else:  # ring
             G = dW.new_zeros(P, H, 2 * K, V)

@@ -43,6 +43,8 @@ CASES = {
         "rows_init_ring": (2, 20, None, "ring", "torch", K, {}),
         # a document over all three ranks, then short ones
         "packed": (1, 20, [0, 17, 18, 60], "allgather", "torch", K, {}),
+        # float64 end to end: CP must agree to fp64 rounding, not just to the fp32 tolerance
+        "packed_fp64": (1, 20, [0, 7, 45, 60], "allgather", "torch", K, {"dtype": torch.float64}),
     },
     4: {
         "rows_init": (1, 16, None, "allgather", "torch", K, {}),
@@ -67,13 +69,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def case_inputs(R, B, T, cu, Kd, seed):
+def case_inputs(R, B, T, cu, Kd, seed, dtype=torch.float32):
     N = B if cu is None else len(cu) - 1
-    xs = random_inputs(B, R * T, H, Kd, V, dtype=torch.float32, seed=seed, with_state=True,
+    xs = random_inputs(B, R * T, H, Kd, V, dtype=dtype, seed=seed, with_state=True,
                        num_states=N)
     g = torch.Generator().manual_seed(seed + 1)
-    cot_o = torch.randn(B, R * T, H, V, generator=g)
-    cot_S, cot_M = torch.randn(2, N, H, Kd, V, generator=g)
+    cot_o = torch.randn(B, R * T, H, V, generator=g, dtype=dtype)
+    cot_S, cot_M = torch.randn(2, N, H, Kd, V, generator=g, dtype=dtype)
     return xs, (cot_o, cot_S, cot_M)
 
 
@@ -105,7 +107,8 @@ def worker(rank, R, port, outdir):
     group = dist.new_group(list(range(R)))
     results = {}
     for name, (B, T, cu, mode, backend, Kd, extra) in CASES[R].items():
-        xs, cots = case_inputs(R, B, T, cu, Kd, seed_of(name))
+        extra = dict(extra)
+        xs, cots = case_inputs(R, B, T, cu, Kd, seed_of(name), extra.pop("dtype", torch.float32))
         sl = slice(rank * T, (rank + 1) * T)
         local = [x[:, sl] for x in xs[:7]] + list(xs[7:])
         cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
@@ -173,8 +176,8 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def reference(R, B, T, cu, backend, Kd, seed):
-    xs, cots = case_inputs(R, B, T, cu, Kd, seed)
+def reference(R, B, T, cu, backend, Kd, seed, dtype):
+    xs, cots = case_inputs(R, B, T, cu, Kd, seed, dtype)
     cu_t = None if cu is None else torch.tensor(cu)
     return run_case(xs, cots, lambda x: mdn_chunk(
         *x[:7], initial_state=(x[7], x[8]), output_final_state=True, cu_seqlens=cu_t,
@@ -184,7 +187,9 @@ def reference(R, B, T, cu, backend, Kd, seed):
 def test_cp_equals_single_process(world):
     R, ranks = world
     for name, (B, T, cu, mode, backend, Kd, extra) in CASES[R].items():
-        ref = reference(R, B, T, cu, backend, Kd, seed_of(name))
+        dtype = extra.get("dtype", torch.float32)
+        tol = 1e-12 if dtype == torch.float64 else TOL
+        ref = reference(R, B, T, cu, backend, Kd, seed_of(name), dtype)
         for key, want in ref.items():
             parts = [r[name][key] for r in ranks]
             if key in ("S", "M", "dS0", "dM0"):
@@ -192,7 +197,7 @@ def test_cp_equals_single_process(world):
             else:
                 got = torch.cat(parts, dim=1)
             err = rel_err(got, want)
-            assert err <= TOL, f"R={R} {name} ({mode}, {backend}): {key} relative error {err:.2e}"
+            assert err <= tol, f"R={R} {name} ({mode}, {backend}): {key} relative error {err:.2e}"
 
 
 def test_final_state_lives_where_the_sequence_ends(world):

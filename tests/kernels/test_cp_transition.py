@@ -84,3 +84,12 @@ def test_local_cu_seqlens():
     assert v.init_rows == (1, 2) and v.final_rows == (1, -1) and not v.continues(0)
     with pytest.raises(ValueError, match="rank"):
         local_cu_seqlens(cu, 4, 16)
+
+
+def test_cp_arguments_checked_without_a_group():
+    from mdn_kernels import mdn_chunk
+    xs = random_inputs(1, 16, 2, 8, 8, seed=0)
+    with pytest.raises(ValueError, match="cp_mode"):
+        mdn_chunk(*xs, cp_mode="tree")
+    with pytest.raises(ValueError, match="not initialized"):
+        mdn_chunk(*xs, cp_group=object())
