@@ -37,7 +37,14 @@ from mdn_kernels.mdn.chunk_torch import (
     state_pass_grads,
 )
 
-from .transition import rank_map
+from .transition import (
+    default_group_chunks,
+    group_end_grads,
+    group_initial_pairs,
+    group_maps,
+    plan_groups,
+    rank_map_from_groups,
+)
 
 
 def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
@@ -81,6 +88,10 @@ def _take(S, M, rows):
     return out
 
 
+def _pairs(S, M):
+    return torch.cat([S, M], dim=-2)
+
+
 class CPStatePass(torch.autograd.Function):
     """Drop-in for mdn.chunk.StatePass (same inputs and outputs) across a CP group.
 
@@ -95,67 +106,99 @@ class CPStatePass(torch.autograd.Function):
         S_init, M_init = S_init.contiguous(), M_init.contiguous()
         r, R = view.rank, view.world
         K = Y.shape[-1]
+        ctx.layout, ctx.backend, ctx.allow_tf32 = layout, backend, allow_tf32
+        ctx.view, ctx.group, ctx.mode = view, group, mode
         with torch.no_grad():
             if mode == "allgather":
+                if group_chunks is None:
+                    group_chunks = default_group_chunks(K, Y.shape[2])
+                plan = plan_groups(layout, group_chunks)
+                maps = group_maps(args, plan, backend=backend, allow_tf32=allow_tf32)
                 if r < R - 1:
-                    TB = rank_map(args, S_init, M_init, layout, view, backend=backend,
-                                  allow_tf32=allow_tf32, group_chunks=group_chunks)
-                else:  # nobody reads the last rank's map (forward folds j < r, backward j ≤ R−2
-                    #     needs 𝒯_{j+1}ᵀ G_{j+2} only where G_{j+2} ≠ 0): send zeros
+                    TB = rank_map_from_groups(maps, plan, view, S_init, M_init)
+                else:  # nobody reads the last rank's map (the forward folds j < r; backward
+                    #     needs 𝒯_j only for j < R − 1, since G_R = 0): send zeros
                     TB = U.new_zeros(view.num_slots, Y.shape[1], 2 * K, 2 * K + U.shape[-1])
-                maps = _all_gather(TB, group) if R > 1 else [TB]
+                gathered = _all_gather(TB, group) if R > 1 else [TB]
                 X = TB.new_zeros(TB.shape[:-1] + (TB.shape[-1] - 2 * K,))
                 for j in range(r):
-                    X = compose_apply(maps[j], X)
-                # Backward needs 𝒯_j for r < j < R − 1 (G_R = 0 makes 𝒯_{R−1} unused); keep
-                # copies so the gathered maps can be freed.
-                ctx.later_T = [m[..., :2 * K].clone() for m in maps[r + 1:R - 1]]
-            else:  # ring
+                    X = compose_apply(gathered[j], X)
+                # Backward needs 𝒯_j for r < j < R − 1, and every group's 𝒯_g: keep copies so
+                # the wide maps can be freed.
+                ctx.later_T = [m[..., :2 * K].clone() for m in gathered[r + 1:R - 1]]
+                ctx.Tg = maps[..., :2 * K].clone()
+                ctx.plan = plan
+                # Every group's initial pair, then all groups' state passes in parallel.
+                S_in, M_in = _put_carried(S_init, M_init, view, X)
+                Xg = group_initial_pairs(maps, plan, _pairs(S_in, M_in))
+                del maps, gathered
+                W, S0s, M0s, Sg, Mg = _fwd(args, Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous(),
+                                           plan.layout, backend, allow_tf32)
+                last = torch.tensor(plan.last_groups(), dtype=torch.int64, device=Sg.device)
+                S, M = Sg[last], Mg[last]
+            else:  # ring: wait for the previous rank, run the ordinary pass, hand on
                 P, H, V = view.num_slots, Y.shape[1], U.shape[-1]
                 X = U.new_zeros(P, H, 2 * K, V)
                 if r > 0:
                     dist.recv(X, group_src=r - 1, group=group)
-            S_in, M_in = _put_carried(S_init, M_init, view, X)
-            W, S0s, M0s, S, M = _fwd(args, S_in, M_in, layout, backend, allow_tf32)
-            if mode == "ring" and r < R - 1:
-                dist.send(_take(S, M, view.out_seq).contiguous(), group_dst=r + 1, group=group)
+                S_in, M_in = _put_carried(S_init, M_init, view, X)
+                W, S0s, M0s, S, M = _fwd(args, S_in, M_in, layout, backend, allow_tf32)
+                if r < R - 1:
+                    dist.send(_take(S, M, view.out_seq).contiguous(), group_dst=r + 1, group=group)
         ctx.save_for_backward(*args[1:], W, S0s, M0s)
-        ctx.layout, ctx.backend, ctx.allow_tf32 = layout, backend, allow_tf32
-        ctx.view, ctx.group, ctx.mode = view, group, mode
         return W, S0s, M0s, S, M
 
     @staticmethod
     def backward(ctx, dW, dS0s, dM0s, dS_fin, dM_fin):
         Y, Z, Kg, Km, a_end, g_end, u_end, W, S0s, M0s = ctx.saved_tensors
         saved = (Y, Z, Kg, Km, a_end, g_end, u_end)
-        view, group, layout = ctx.view, ctx.group, ctx.layout
+        view, group = ctx.view, ctx.group
         r, R = view.rank, view.world
         K = Y.shape[-1]
         cot = [t.contiguous() for t in (dW, dS0s, dM0s, dS_fin, dM_fin)]
         P, H, V = view.num_slots, Y.shape[1], dW.shape[-1]
         if ctx.mode == "allgather":
-            res = _bwd(saved, cot, layout, ctx.backend, ctx.allow_tf32)
-            d0 = _take(res[3], res[4], view.in_seq)
+            plan, Tg = ctx.plan, ctx.Tg
+            dev = dW.device
+            last = torch.tensor(plan.last_groups(), dtype=torch.int64, device=dev)
+            first = torch.tensor(plan.first_groups(), dtype=torch.int64, device=dev)
+            # Each group's reverse pass with nothing arriving at its end except the sequence's
+            # own final-state cotangent (last groups): d0_g, all groups in parallel.
+            dSg = dW.new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[3])
+            dMg = dW.new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[4])
+            res = _bwd(saved, cot[:3] + [dSg, dMg], plan.layout, ctx.backend, ctx.allow_tf32)
+            d0g = _pairs(res[3], res[4])
+            # What the rank's tokens send to its carried-in pair(s) with nothing from later ranks.
+            _, d_seq = group_end_grads(Tg, plan, d0g, d0g.new_zeros((view.num_local, H, 2 * K, V)))
+            d0 = _take(d_seq[:, :, :K], d_seq[:, :, K:], view.in_seq)
             d0s = _all_gather(d0, group) if R > 1 else [d0]
             G = d0.new_zeros(P, H, 2 * K, V)
             for j in range(R - 1, r, -1):  # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
                 G = d0s[j] if j == R - 1 else d0s[j] + ctx.later_T[j - r - 1].transpose(-1, -2) @ G
-            has_incoming = r < R - 1
+            # The gradient arriving at every group's end, then every group's reverse pass again
+            # with it (skipped when nothing arrives anywhere: one group per sequence, last rank).
+            G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
+            if r < R - 1:
+                for p, i in enumerate(view.out_seq):
+                    G_seq[i] = G[p]
+            if r < R - 1 or plan.num_groups > view.num_local:
+                Gend, _ = group_end_grads(Tg, plan, d0g, G_seq)
+                res = _bwd(saved, cot[:3] + [dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]],
+                           plan.layout, ctx.backend, ctx.allow_tf32)
+            dWt, dS_end, dM_end, dS_g, dM_g = res
+            dS_i, dM_i = dS_g[first], dM_g[first]
         else:  # ring
             G = dW.new_zeros(P, H, 2 * K, V)
-            has_incoming = r < R - 1
-            if has_incoming:
+            if r < R - 1:
                 dist.recv(G, group_src=r + 1, group=group)
-            res = None
-        if res is None or has_incoming:
-            dS_fin, dM_fin = cot[3].clone(), cot[4].clone()
+            dS_f, dM_f = cot[3].clone(), cot[4].clone()
             for p, i in enumerate(view.out_seq):
-                dS_fin[i] += G[p, :, :K]
-                dM_fin[i] += G[p, :, K:]
-            res = _bwd(saved, cot[:3] + [dS_fin, dM_fin], layout, ctx.backend, ctx.allow_tf32)
-        dWt, dS_end, dM_end, dS_i, dM_i = res
-        if ctx.mode == "ring" and r > 0:
-            dist.send(_take(dS_i, dM_i, view.in_seq).contiguous(), group_dst=r - 1, group=group)
+                dS_f[i] += G[p, :, :K]
+                dM_f[i] += G[p, :, K:]
+            dWt, dS_end, dM_end, dS_i, dM_i = _bwd(saved, cot[:3] + [dS_f, dM_f], ctx.layout,
+                                                  ctx.backend, ctx.allow_tf32)
+            if r > 0:
+                dist.send(_take(dS_i, dM_i, view.in_seq).contiguous(), group_dst=r - 1, group=group)
         grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end)
         dS_i, dM_i = dS_i.clone(), dM_i.clone()
         for i in view.in_seq:  # carried-in rows of S_init / M_init were not used

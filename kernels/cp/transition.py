@@ -26,8 +26,11 @@ with the default group length of ⌈16·K / C⌉ chunks (~16·K tokens) it is �
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
+
+from mdn_kernels.mdn.layout import ChunkLayout
 
 try:  # Triton is optional for the torch path (CPU)
     import triton
@@ -41,18 +44,44 @@ def default_group_chunks(K: int, chunk_size: int) -> int:
     return max(1, math.ceil(16 * K / chunk_size))
 
 
-def split_groups(starts: list[int], lengths: list[int], group_chunks: int):
-    """Cut each slot's chunk range [start, start+length) into groups of ≤ group_chunks.
+@dataclass
+class GroupPlan:
+    """The local chunks cut into groups of ≤ group_chunks consecutive chunks of one sequence.
 
-    Returns (group_start, group_len, group_slot, first_of_slot) as python lists."""
-    g_start, g_len, g_slot, g_first = [], [], [], []
-    for p, (s, n) in enumerate(zip(starts, lengths)):
-        for j, o in enumerate(range(0, n, group_chunks)):
-            g_start.append(s + o)
-            g_len.append(min(group_chunks, n - o))
-            g_slot.append(p)
-            g_first.append(j == 0)
-    return g_start, g_len, g_slot, g_first
+    `layout` is the local ChunkLayout with the groups as its "sequences" (chunk indices are
+    unchanged), so the ordinary state-pass kernels run all groups in parallel."""
+    layout: ChunkLayout
+    groups_of_seq: list[list[int]]   # per local sequence, its group ids in order
+    g_start: torch.Tensor            # [NG] int64 first chunk of each group
+    g_len: torch.Tensor              # [NG] int64 chunks in each group
+
+    @property
+    def num_groups(self) -> int:
+        return self.g_start.numel()
+
+    def first_groups(self) -> list[int]:
+        return [g[0] for g in self.groups_of_seq]
+
+    def last_groups(self) -> list[int]:
+        return [g[-1] for g in self.groups_of_seq]
+
+
+def plan_groups(layout: ChunkLayout, group_chunks: int) -> GroupPlan:
+    off = layout.seq_chunk_offsets.tolist()
+    starts, lens, groups_of_seq = [], [], []
+    for s in range(layout.num_seqs):
+        ids = []
+        for c in range(off[s], off[s + 1], group_chunks):
+            ids.append(len(starts))
+            starts.append(c)
+            lens.append(min(group_chunks, off[s + 1] - c))
+        groups_of_seq.append(ids)
+    dev = layout.seq_chunk_offsets.device
+    g_off = torch.tensor(starts + [layout.num_chunks], dtype=torch.int64, device=dev)
+    glayout = replace(layout, num_seqs=len(starts), seq_chunk_offsets=g_off,
+                      max_chunks=max(lens) if lens else 0)
+    return GroupPlan(layout=glayout, groups_of_seq=groups_of_seq, g_start=g_off[:-1],
+                     g_len=g_off[1:] - g_off[:-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,52 +212,91 @@ def tree_compose(maps: torch.Tensor) -> torch.Tensor:
     return maps[:, 0]
 
 
+def group_maps(prep_args, plan: GroupPlan, *, backend: str, allow_tf32: bool) -> torch.Tensor:
+    """[𝒯_g | ℬ_g] of every group (from a zero pair): [NG, H, 2K, 2K + V]."""
+    U, Y = prep_args[0], prep_args[1]
+    NG, H, K, V = plan.num_groups, Y.shape[1], Y.shape[-1], U.shape[-1]
+    zeros = U.new_zeros(NG, H, K, V)
+    if backend == "triton" and U.dtype != torch.float64:
+        return group_maps_triton(*prep_args, plan.g_start, plan.g_len, zeros, zeros, allow_tf32)
+    return group_maps_torch(*prep_args, plan.g_start, plan.g_len, zeros, zeros)
+
+
+def _index(seq_ids, device):
+    return torch.tensor(seq_ids, dtype=torch.int64, device=device)
+
+
+def rank_map_from_groups(maps, plan: GroupPlan, view, S_init, M_init) -> torch.Tensor:
+    """This rank's [𝒯 | ℬ] per slot, [P, H, 2K, 2K + V], from the group maps.
+
+    ℬ is the carried-out pair when the carried-in pair is zero; where the carried-out sequence
+    starts on this rank, it includes that sequence's initial state and 𝒯 = 0."""
+    dev, twoK = maps.device, maps.shape[-2]
+    P = view.num_slots
+    groups = [plan.groups_of_seq[s] for s in view.out_seq]
+    gmax = max(len(g) for g in groups)
+    padded = maps.new_zeros((P, gmax) + tuple(maps.shape[1:]))
+    padded[..., :twoK].copy_(torch.eye(twoK, dtype=maps.dtype, device=dev))  # identity padding
+    slot_idx = _index([p for p, g in enumerate(groups) for _ in g], dev)
+    pos_idx = _index([j for g in groups for j in range(len(g))], dev)
+    padded[slot_idx, pos_idx] = maps[_index([i for g in groups for i in g], dev)]
+    out = tree_compose(padded)
+    for p, s in enumerate(view.out_seq):
+        if not view.continues(p):   # starts here: fold its own initial state in, 𝒯 = 0
+            X0 = torch.cat([S_init[s], M_init[s]], dim=-2).to(out.dtype)
+            out[p, ..., twoK:] += out[p, ..., :twoK] @ X0
+            out[p, ..., :twoK] = 0
+    return out
+
+
 def rank_map(prep_args, S_init, M_init, layout, view, *, backend: str, allow_tf32: bool,
              group_chunks: int | None = None) -> torch.Tensor:
     """(𝒯, ℬ) of this rank for every slot: [P, H, 2K, 2K + V] = [𝒯 | ℬ].
 
     prep_args: (U, Y, Z, Kg, Km, a_end, g_end, u_end) in chunk layout; S_init, M_init
     [num_local, H, K, V]: the initial pairs of the local sequences (rows of carried-in sequences
-    are ignored). ℬ is the carried-out pair when the carried-in pair is zero (it includes the
-    initial state of a sequence that starts on this rank); 𝒯 = 0 where the carried-out pair does
-    not depend on the carried-in one."""
-    U, Y = prep_args[0], prep_args[1]
-    H, C, K = Y.shape[1], Y.shape[2], Y.shape[-1]
-    V = U.shape[-1]
+    are ignored)."""
+    Y = prep_args[1]
     if group_chunks is None:
-        group_chunks = default_group_chunks(K, C)
-    off = layout.seq_chunk_offsets.tolist()
-    starts = [off[s] for s in view.out_seq]
-    lengths = [off[s + 1] - off[s] for s in view.out_seq]
-    g_start, g_len, g_slot, g_first = split_groups(starts, lengths, group_chunks)
-    NG = len(g_start)
-    dev = U.device
-    # The ℬ columns of a slot's first group start from the carried-out sequence's own initial
-    # state when it starts on this rank (it then does not continue the carried-in pair).
-    fresh = torch.tensor([view.in_seq[p] != view.out_seq[p] for p in range(view.num_slots)],
-                         device=dev)
-    first = torch.tensor(g_first, device=dev)
-    slot_seq = torch.tensor(view.out_seq, dtype=torch.int64, device=dev)
-    gs = torch.tensor(g_slot, dtype=torch.int64, device=dev)
-    use_init = (first & fresh[gs]).to(U.dtype)[:, None, None, None]
-    init_S = S_init.to(U.dtype)[slot_seq[gs]] * use_init
-    init_M = M_init.to(U.dtype)[slot_seq[gs]] * use_init
-    gst = torch.tensor(g_start, dtype=torch.int64, device=dev)
-    gln = torch.tensor(g_len, dtype=torch.int64, device=dev)
-    if backend == "triton" and U.dtype != torch.float64:
-        maps = group_maps_triton(*prep_args, gst, gln, init_S, init_M, allow_tf32)
-    else:
-        maps = group_maps_torch(*prep_args, gst, gln, init_S, init_M)
-    # [NG, ...] → [P, Gmax, ...], padded with identity maps, then the tree.
-    counts = [g_slot.count(p) for p in range(view.num_slots)]
-    gmax = max(counts)
-    twoK = 2 * K
-    padded = torch.zeros((view.num_slots, gmax) + tuple(maps.shape[1:]), dtype=maps.dtype, device=dev)
-    padded[..., :twoK].copy_(torch.eye(twoK, dtype=maps.dtype, device=dev))
-    pos = torch.tensor([j for p in range(view.num_slots) for j in range(counts[p])], device=dev)
-    padded[gs, pos] = maps
-    out = tree_compose(padded)
-    cont = torch.tensor([view.continues(p) for p in range(view.num_slots)], device=dev)
-    out[..., :twoK] *= cont.to(out.dtype)[:, None, None, None]
-    del V
-    return out
+        group_chunks = default_group_chunks(Y.shape[-1], Y.shape[2])
+    plan = plan_groups(layout, group_chunks)
+    maps = group_maps(prep_args, plan, backend=backend, allow_tf32=allow_tf32)
+    return rank_map_from_groups(maps, plan, view, S_init, M_init)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scans over the groups of each sequence (a few small batched products per group position)
+# ---------------------------------------------------------------------------------------------
+
+def group_initial_pairs(maps, plan: GroupPlan, X_seq) -> torch.Tensor:
+    """The pair entering every group, [NG, H, 2K, V], given the pair entering every local
+    sequence X_seq [num_local, H, 2K, V]: X_{g+1} = 𝒯_g X_g + ℬ_g along each sequence."""
+    dev, twoK = maps.device, maps.shape[-2]
+    Xg = X_seq.new_zeros((plan.num_groups,) + tuple(X_seq.shape[1:]))
+    X = X_seq
+    for j in range(max(len(g) for g in plan.groups_of_seq)):
+        seqs = [s for s, g in enumerate(plan.groups_of_seq) if len(g) > j]
+        gi = _index([plan.groups_of_seq[s][j] for s in seqs], dev)
+        si = _index(seqs, dev)
+        Xa = X[si]
+        Xg[gi] = Xa
+        X = X.index_put((si,), maps[gi][..., :twoK] @ Xa + maps[gi][..., twoK:])
+    return Xg
+
+
+def group_end_grads(Tg, plan: GroupPlan, d0g, G_seq_end):
+    """Reverse scan. d0g [NG, H, 2K, V]: what each group's own cotangents send to its initial
+    pair when nothing arrives at its end; G_seq_end [num_local, H, 2K, V]: the gradient arriving
+    at each sequence's end from outside. Returns (gradient arriving at every group's end
+    [NG, ...], gradient into every sequence's initial pair [num_local, ...])."""
+    dev = Tg.device
+    Gend = d0g.new_zeros(d0g.shape)
+    G = G_seq_end
+    for j in range(max(len(g) for g in plan.groups_of_seq)):  # j-th group from the end
+        seqs = [s for s, g in enumerate(plan.groups_of_seq) if len(g) > j]
+        gi = _index([plan.groups_of_seq[s][-1 - j] for s in seqs], dev)
+        si = _index(seqs, dev)
+        Ga = G[si]
+        Gend[gi] = Ga
+        G = G.index_put((si,), d0g[gi] + Tg[gi].transpose(-1, -2) @ Ga)
+    return Gend, G
