@@ -6,22 +6,27 @@ Per chunk c (per head) the state pass maps the pair X = [S; M] (2K×V) affinely:
     ⇒ X' = T_c X + b_c,  T_c = [[aI − KgᵀY, −gI + KgᵀZ], [KmᵀY, uI − KmᵀZ]],  b_c = [−KgᵀU; KmᵀU]
 
 𝒯 is the ordered product of the T_c and ℬ the composed offset. Running the ordinary state-pass
-recurrence on a 2K+V wide "value" [E | U-columns] started from [I_2K | X0-columns], with the
-first 2K value columns' U set to 0, gives [𝒯 | 𝒯 X0 + ℬ] at the end: the recurrence only ever
-multiplies the pair from the left, so every column evolves independently.
+recurrence on a 2K+V wide "value" started from [I_2K | 0], with the first 2K columns' U set to
+0, gives [𝒯 | ℬ] at the end: the recurrence only multiplies the pair from the left, so every
+column evolves independently.
 
-Parallel plan. The chunks of a sequence are cut into groups of `group_chunks` consecutive
-chunks; each (group, head, value block) is one independent serial recurrence (a Triton program,
-or one batched torch step per chunk position), then the groups' maps are composed by a
-log-depth tree of batched products (a, b) ↦ (T_b T_a, T_b B_a + B_b). Nothing here walks all the
-chunks one after another with only per-head parallelism (DESIGN §9: FLA's CP pays 3.2× for that).
+Parallel plan. The chunks of every local sequence are cut into groups of `group_chunks`
+consecutive chunks (GroupPlan); each (column block, group, head) is one independent serial
+recurrence (a Triton program, or one batched torch step per chunk position) giving the group's
+[𝒯_g | ℬ_g]; a log-depth tree of batched products (a, b) ↦ (T_b T_a, T_b B_a + B_b) composes
+them into the rank's map. Nothing walks all the chunks one after another with only per-head
+parallelism (DESIGN §9: FLA's CP pays 3.2× for that). The group maps are reused afterwards:
+once the rank's carried-in pair is known, a scan over groups (group_initial_pairs) gives the
+pair entering every group, so the ordinary state-pass kernels run all groups at once
+(state_pass_cp), and backward does the same with 𝒯_gᵀ (group_end_grads).
 
-FLOPs per head, for n tokens (n/C chunks) in G groups, value width V:
-    group recurrences: 8·n·K·(2K + V)      (per chunk: Y S, Z M, Kgᵀ W, Kmᵀ W, each 2·C·K·(2K+V))
+FLOPs per head, for n local tokens (n/C chunks) in G groups:
+    group recurrences: 8·n·K·(2K + V)      (per chunk: Y X, Z X, Kgᵀ W, Kmᵀ W, each 2·C·K·(2K+V))
     tree:              2·(G − 1)·(2K)²·(2K + V)
-The forward state pass of the op itself costs 8·n·K·V, so at K = 128, V = 256 the group
-recurrences are 2× the op's forward state pass, and the tree is (G·K)/(n) of the recurrences:
-with the default group length of ⌈16·K / C⌉ chunks (~16·K tokens) it is ≤ 1/16 of them.
+    group scans:       2·G·(2K)²·V each (forward one, backward two)
+The op's own forward state pass costs 8·n·K·V, so at K = 128, V = 256 the group recurrences
+are 2× that pass (𝒯 columns 1×, ℬ columns 1×); the tree is ≈ G·K/n of the recurrences, ≤ 1/16
+with the default group length ⌈16·K / C⌉ chunks (≈ 16·K tokens), and the scans are smaller.
 """
 from __future__ import annotations
 
@@ -88,12 +93,11 @@ def plan_groups(layout: ChunkLayout, group_chunks: int) -> GroupPlan:
 # Group recurrences: torch (spec, CPU) and Triton (GPU, or the interpreter)
 # ---------------------------------------------------------------------------------------------
 
-def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, init_S, init_M):
-    """[𝒯_g | 𝒯_g X0_g + ℬ_g] for every group g: [NG, H, 2K, 2K + V].
+def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len):
+    """[𝒯_g | ℬ_g] for every group g (ℬ_g: its final pair from a zero pair): [NG, H, 2K, 2K + V].
 
-    U [NC, H, C, V]; Y, Z, Kg, Km [NC, H, C, K]; a_end, g_end, u_end [NC, H]; g_start, g_len [NG]
-    int64; init_S, init_M [NG, H, K, V]: the pair the ℬ columns start from (zeros except for a
-    slot's first group, which may start a sequence from its initial state)."""
+    U [NC, H, C, V]; Y, Z, Kg, Km [NC, H, C, K]; a_end, g_end, u_end [NC, H]; g_start, g_len
+    [NG] int64: each group's first chunk and chunk count."""
     NG = g_start.numel()
     H, K = Y.shape[1], Y.shape[-1]
     V = U.shape[-1]
@@ -101,8 +105,9 @@ def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, init_
     eye = torch.eye(K, dtype=dt, device=dev)
     zk = torch.zeros(K, K, dtype=dt, device=dev)
     # Columns [0, K): the S-part of 𝒯; [K, 2K): the M-part; [2K, 2K+V): ℬ.
-    S = torch.cat([eye.expand(NG, H, K, K), zk.expand(NG, H, K, K), init_S], dim=-1)
-    M = torch.cat([zk.expand(NG, H, K, K), eye.expand(NG, H, K, K), init_M], dim=-1)
+    zv = torch.zeros(NG, H, K, V, dtype=dt, device=dev)
+    S = torch.cat([eye.expand(NG, H, K, K), zk.expand(NG, H, K, K), zv], dim=-1)
+    M = torch.cat([zk.expand(NG, H, K, K), eye.expand(NG, H, K, K), zv], dim=-1)
     max_len = int(g_len.max().item()) if NG else 0
     for s in range(max_len):  # all groups advance together: one batched step per chunk position
         act = (g_len > s).nonzero()[:, 0]
@@ -120,7 +125,7 @@ def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, init_
 if triton is not None:
     @triton.jit
     def _group_map_kernel(
-        U, Y, Z, KG, KM, A_END, G_END, U_END, INIT_S, INIT_M, OUT, G_START, G_LEN,
+        U, Y, Z, KG, KM, A_END, G_END, U_END, OUT, G_START, G_LEN,
         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
         BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     ):
@@ -138,14 +143,11 @@ if triton is not None:
         o_col = i_v * BV + tl.arange(0, BV)
         o_c = tl.arange(0, C)
         m_k = o_k < K
-        is_b = (o_col >= 2 * K) & (o_col < NCOL)          # ℬ columns (carry U and X0)
+        is_b = (o_col >= 2 * K) & (o_col < NCOL)          # ℬ columns (carry U)
         o_u = tl.where(is_b, o_col - 2 * K, 0)
-        m_kb = m_k[:, None] & is_b[None, :]
-        kv = i_gh * K * V + o_k[:, None] * V + o_u[None, :]
+        # start from [I_2K | 0]: S = [I_K, 0 | 0], M = [0, I_K | 0]
         s = tl.where(o_k[:, None] == o_col[None, :], 1.0, 0.0)
         m = tl.where(o_k[:, None] + K == o_col[None, :], 1.0, 0.0)
-        s += tl.load(INIT_S + kv, mask=m_kb, other=0.0).to(tl.float32)
-        m += tl.load(INIT_M + kv, mask=m_kb, other=0.0).to(tl.float32)
         ck = o_c[:, None] * K + o_k[None, :]
         kc = o_c[None, :] * K + o_k[:, None]
         cu = o_c[:, None] * V + o_u[None, :]
@@ -169,7 +171,7 @@ if triton is not None:
         tl.store(out + K * NCOL, m, mask=m_out)
 
 
-def group_maps_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, init_S, init_M,
+def group_maps_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len,
                       allow_tf32: bool = False):
     """Triton version of group_maps_torch (fp32 compute; same arguments and result)."""
     from mdn_kernels.mdn.state_pass import _block_v, _precision
@@ -181,7 +183,7 @@ def group_maps_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, init
     BK, BV = triton.next_power_of_2(K), _block_v(K, ncol)
     grid = (triton.cdiv(ncol, BV), NG * H)
     _group_map_kernel[grid](
-        U, Y, Z, Kg, Km, a_end, g_end, u_end, init_S.contiguous(), init_M.contiguous(), out,
+        U, Y, Z, Kg, Km, a_end, g_end, u_end, out,
         g_start, g_len, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
         PREC=_precision(U.dtype, allow_tf32), num_warps=4,
     )
@@ -214,12 +216,10 @@ def tree_compose(maps: torch.Tensor) -> torch.Tensor:
 
 def group_maps(prep_args, plan: GroupPlan, *, backend: str, allow_tf32: bool) -> torch.Tensor:
     """[𝒯_g | ℬ_g] of every group (from a zero pair): [NG, H, 2K, 2K + V]."""
-    U, Y = prep_args[0], prep_args[1]
-    NG, H, K, V = plan.num_groups, Y.shape[1], Y.shape[-1], U.shape[-1]
-    zeros = U.new_zeros(NG, H, K, V)
+    U = prep_args[0]
     if backend == "triton" and U.dtype != torch.float64:
-        return group_maps_triton(*prep_args, plan.g_start, plan.g_len, zeros, zeros, allow_tf32)
-    return group_maps_torch(*prep_args, plan.g_start, plan.g_len, zeros, zeros)
+        return group_maps_triton(*prep_args, plan.g_start, plan.g_len, allow_tf32)
+    return group_maps_torch(*prep_args, plan.g_start, plan.g_len)
 
 
 def _index(seq_ids, device):
