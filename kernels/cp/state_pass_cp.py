@@ -1,30 +1,38 @@
 """The state pass over chunks when the sequence is split over a context-parallel group.
 
-Forward, rank r of R ("allgather"): this rank's [𝒯_r | ℬ_r] (transition.rank_map) → one
-all-gather → X_r = fold of ranks 0..r−1 (X ← 𝒯_j X + ℬ_j from X = 0; a sequence's initial state
-is inside ℬ of the rank where it starts) → the ordinary local state pass from X_r.
+"allgather" (default), forward on rank r of R: the group maps [𝒯_g | ℬ_g] of this rank's
+chunks (transition.py, all groups in parallel) → a tree gives the rank's [𝒯_r | ℬ_r] → one
+all-gather → X_r = fold of ranks 0..r−1 (X ← 𝒯_j X + ℬ_j from X = 0; a sequence's initial
+state is inside ℬ of the rank where it starts) → a scan over groups gives the pair entering
+every group → the ordinary state-pass kernel runs all groups at once (the groups are its
+"sequences"), producing the same per-chunk W, S0s, M0s as the serial pass.
 
 Backward. The fold only computes a sequential composition, so nothing differentiates through 𝒯.
 Let G_r be the gradient arriving at rank r's carried-in pair. The local reverse pass is linear in
-the gradient at the carried-out pair, so G_r = d0_r + 𝒯_rᵀ G_{r+1} (G_R = 0), where d0_r is
-what the rank's own outputs send to its carried-in pair when nothing arrives from later ranks.
-So: reverse pass with the incoming gradients (d0_r) → one all-gather of d0 (the 𝒯_j, j > r, are
-kept from the forward all-gather) → G_{r+1} = fold of ranks R−1..r+1 → the reverse pass again
-with G_{r+1} added at the carried-out pair, which gives every local gradient.
+the gradient arriving at the carried-out pair, so G_r = d0_r + 𝒯_rᵀ G_{r+1} (G_R = 0), where
+d0_r is what the rank's own cotangents send to its carried-in pair when nothing arrives from
+later ranks. Within the rank the same holds per group. So: (1) every group's reverse pass with
+nothing arriving at its end (all groups at once) gives d0_g; a reverse scan with 𝒯_gᵀ gives d0_r;
+(2) one all-gather of d0 (the 𝒯_j, j > r, are kept from the forward all-gather) and the fold of
+ranks R−1..r+1 give G_{r+1}; (3) the reverse scan again, now from G_{r+1}, gives the gradient
+arriving at every group's end, and every group's reverse pass runs again with it, which yields
+every per-chunk cotangent exactly as the serial reverse pass would.
 
-Why run the reverse pass twice instead of a second pass with only G_{r+1} and adding: the cost
-is the same (one sequential reverse pass), and this way the per-chunk cotangents exist once and
-the chunk-parallel gradient work (state_pass_grads, autograd of chunk_prepare / chunk_output)
-runs once. The last rank never receives anything and runs it once.
+Why two reverse passes and not (1) plus a correction pass with only the arriving gradients:
+the cost is the same (one group-parallel pass each), and this way the per-chunk cotangents exist
+once and the chunk-parallel gradient work (state_pass_grads, autograd of chunk_prepare /
+chunk_output) runs once. Step (3) is skipped when nothing arrives anywhere (last rank, one group
+per sequence).
 
-"ring" mode: no 𝒯 at all. Rank r waits for X_r from rank r−1, runs its state pass and sends its
-carried-out pair to rank r+1; backward mirrors it (G_{r+1} from r+1, one reverse pass, G_r to
-r−1). Exact, no extra FLOPs, but the ranks' state passes run one after another.
+"ring" mode: no 𝒯 at all. Rank r waits for X_r from rank r−1, runs the ordinary (serial) pass
+and sends its carried-out pair to rank r+1; backward mirrors it (G_{r+1} from r+1, one reverse
+pass, G_r to r−1). Exact, no extra FLOPs, but the ranks' state passes run one after another.
 
-Extra work of "allgather" against the op at CP = 1 (per head, n local tokens, fp32):
-forward, the group recurrences 8·n·K·(2K+V) plus the tree (transition.py); backward, one more
-reverse state pass, 8·n·K·V. Communication: forward all-gather of P·H·2K·(2K+V) floats per rank,
-backward P·H·2K·V, independent of n.
+Cost of "allgather" against the op at CP = 1 (per head, n local tokens, K = 128, V = 256): the
+group recurrences (2K + V columns) are 2 state passes' FLOPs; the forward pass and both reverse
+passes have the FLOPs of the serial ones but run G groups in parallel instead of one chain;
+tree and scans are small (transition.py). Communication: forward all-gather of
+P·H·2K·(2K + V) floats per rank, backward P·H·2K·V, independent of n.
 """
 from __future__ import annotations
 
