@@ -45,6 +45,7 @@ from mdn_kernels.mdn.chunk_torch import (
     state_pass_grads,
 )
 
+from .layout import host_chunk_offsets
 from .transition import (
     default_group_chunks,
     group_end_grads,
@@ -96,6 +97,22 @@ def _take(S, M, rows):
     return out
 
 
+_PLANS: dict = {}
+
+
+def _cached_plan(layout, view, group_chunks):
+    """GroupPlan per (local sequence lengths, chunking, device): built once per shape."""
+    offsets = host_chunk_offsets(view, layout.chunk_size)
+    key = (tuple(offsets), layout.chunk_size, layout.total_tokens, group_chunks,
+           str(layout.seq_chunk_offsets.device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 64:
+            _PLANS.clear()
+        plan = _PLANS[key] = plan_groups(layout, group_chunks, offsets)
+    return plan
+
+
 def _pairs(S, M):
     return torch.cat([S, M], dim=-2)
 
@@ -120,7 +137,7 @@ class CPStatePass(torch.autograd.Function):
             if mode == "allgather":
                 if group_chunks is None:
                     group_chunks = default_group_chunks(K, Y.shape[2])
-                plan = plan_groups(layout, group_chunks)
+                plan = _cached_plan(layout, view, group_chunks)
                 maps = group_maps(args, plan, backend=backend, allow_tf32=allow_tf32)
                 if r < R - 1:
                     TB = rank_map_from_groups(maps, plan, view, S_init, M_init)
@@ -142,8 +159,7 @@ class CPStatePass(torch.autograd.Function):
                 del maps, gathered
                 W, S0s, M0s, Sg, Mg = _fwd(args, Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous(),
                                            plan.layout, backend, allow_tf32)
-                last = torch.tensor(plan.last_groups(), dtype=torch.int64, device=Sg.device)
-                S, M = Sg[last], Mg[last]
+                S, M = Sg[plan.last_idx], Mg[plan.last_idx]
             else:  # ring: wait for the previous rank, run the ordinary pass, hand on
                 P, H, V = view.num_slots, Y.shape[1], U.shape[-1]
                 X = U.new_zeros(P, H, 2 * K, V)
@@ -167,9 +183,7 @@ class CPStatePass(torch.autograd.Function):
         P, H, V = view.num_slots, Y.shape[1], dW.shape[-1]
         if ctx.mode == "allgather":
             plan, Tg = ctx.plan, ctx.Tg
-            dev = dW.device
-            last = torch.tensor(plan.last_groups(), dtype=torch.int64, device=dev)
-            first = torch.tensor(plan.first_groups(), dtype=torch.int64, device=dev)
+            last, first = plan.last_idx, plan.first_idx
             # Each group's reverse pass with nothing arriving at its end except the sequence's
             # own final-state cotangent (last groups): d0_g, all groups in parallel.
             dSg = dW.new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[3])

@@ -54,27 +54,30 @@ class GroupPlan:
     """The local chunks cut into groups of ≤ group_chunks consecutive chunks of one sequence.
 
     `layout` is the local ChunkLayout with the groups as its "sequences" (chunk indices are
-    unchanged), so the ordinary state-pass kernels run all groups in parallel."""
+    unchanged), so the ordinary state-pass kernels run all groups in parallel. The index tensors
+    are built once (plans are cached per shape by state_pass_cp), so a call does no host→device
+    copies for them."""
     layout: ChunkLayout
     groups_of_seq: list[list[int]]   # per local sequence, its group ids in order
     g_start: torch.Tensor            # [NG] int64 first chunk of each group
     g_len: torch.Tensor              # [NG] int64 chunks in each group
+    first_idx: torch.Tensor          # [num_local] each sequence's first group
+    last_idx: torch.Tensor           # [num_local] each sequence's last group
+    fwd_steps: list                  # per group position j: (group ids, sequence ids)
+    bwd_steps: list                  # per position j from the end: (group ids, sequence ids)
 
     @property
     def num_groups(self) -> int:
         return self.g_start.numel()
 
-    def first_groups(self) -> list[int]:
-        return [g[0] for g in self.groups_of_seq]
 
-    def last_groups(self) -> list[int]:
-        return [g[-1] for g in self.groups_of_seq]
-
-
-def plan_groups(layout: ChunkLayout, group_chunks: int) -> GroupPlan:
-    off = layout.seq_chunk_offsets.tolist()
+def plan_groups(layout: ChunkLayout, group_chunks: int,
+                seq_chunk_offsets: list[int] | None = None) -> GroupPlan:
+    """Cut every sequence of `layout` into groups; `seq_chunk_offsets` (host copy of
+    layout.seq_chunk_offsets) avoids reading them back from the device."""
+    off = seq_chunk_offsets if seq_chunk_offsets is not None else layout.seq_chunk_offsets.tolist()
     starts, lens, groups_of_seq = [], [], []
-    for s in range(layout.num_seqs):
+    for s in range(len(off) - 1):
         ids = []
         for c in range(off[s], off[s + 1], group_chunks):
             ids.append(len(starts))
@@ -82,11 +85,19 @@ def plan_groups(layout: ChunkLayout, group_chunks: int) -> GroupPlan:
             lens.append(min(group_chunks, off[s + 1] - c))
         groups_of_seq.append(ids)
     dev = layout.seq_chunk_offsets.device
-    g_off = torch.tensor(starts + [layout.num_chunks], dtype=torch.int64, device=dev)
+    idx = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
+    g_off = idx(starts + [off[-1]])
     glayout = replace(layout, num_seqs=len(starts), seq_chunk_offsets=g_off,
                       max_chunks=max(lens) if lens else 0)
+    depth = max(len(g) for g in groups_of_seq)
+    fwd, bwd = [], []
+    for j in range(depth):
+        seqs = [s for s, g in enumerate(groups_of_seq) if len(g) > j]
+        fwd.append((idx([groups_of_seq[s][j] for s in seqs]), idx(seqs)))
+        bwd.append((idx([groups_of_seq[s][-1 - j] for s in seqs]), idx(seqs)))
     return GroupPlan(layout=glayout, groups_of_seq=groups_of_seq, g_start=g_off[:-1],
-                     g_len=g_off[1:] - g_off[:-1])
+                     g_len=g_off[1:] - g_off[:-1], first_idx=idx([g[0] for g in groups_of_seq]),
+                     last_idx=idx([g[-1] for g in groups_of_seq]), fwd_steps=fwd, bwd_steps=bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,13 +282,10 @@ def rank_map(prep_args, S_init, M_init, layout, view, *, backend: str, allow_tf3
 def group_initial_pairs(maps, plan: GroupPlan, X_seq) -> torch.Tensor:
     """The pair entering every group, [NG, H, 2K, V], given the pair entering every local
     sequence X_seq [num_local, H, 2K, V]: X_{g+1} = 𝒯_g X_g + ℬ_g along each sequence."""
-    dev, twoK = maps.device, maps.shape[-2]
+    twoK = maps.shape[-2]
     Xg = X_seq.new_zeros((plan.num_groups,) + tuple(X_seq.shape[1:]))
     X = X_seq
-    for j in range(max(len(g) for g in plan.groups_of_seq)):
-        seqs = [s for s, g in enumerate(plan.groups_of_seq) if len(g) > j]
-        gi = _index([plan.groups_of_seq[s][j] for s in seqs], dev)
-        si = _index(seqs, dev)
+    for gi, si in plan.fwd_steps:
         Xa = X[si]
         Xg[gi] = Xa
         X = X.index_put((si,), maps[gi][..., :twoK] @ Xa + maps[gi][..., twoK:])
@@ -289,13 +297,9 @@ def group_end_grads(Tg, plan: GroupPlan, d0g, G_seq_end):
     pair when nothing arrives at its end; G_seq_end [num_local, H, 2K, V]: the gradient arriving
     at each sequence's end from outside. Returns (gradient arriving at every group's end
     [NG, ...], gradient into every sequence's initial pair [num_local, ...])."""
-    dev = Tg.device
     Gend = d0g.new_zeros(d0g.shape)
     G = G_seq_end
-    for j in range(max(len(g) for g in plan.groups_of_seq)):  # j-th group from the end
-        seqs = [s for s, g in enumerate(plan.groups_of_seq) if len(g) > j]
-        gi = _index([plan.groups_of_seq[s][-1 - j] for s in seqs], dev)
-        si = _index(seqs, dev)
+    for gi, si in plan.bwd_steps:  # j-th group from the end of every sequence
         Ga = G[si]
         Gend[gi] = Ga
         G = G.index_put((si,), d0g[gi] + Tg[gi].transpose(-1, -2) @ Ga)
