@@ -31,6 +31,10 @@ INPUTS = ["q", "k", "v", "log_alpha", "log_mu", "beta", "eta"]
 # group_chunks = 1 makes every chunk its own group (the group-parallel passes and scans);
 # the other cases have one group per sequence.
 CASES = {
+    1: {  # a group of one: the CP code path must reduce to the plain op
+        "rows_init": (2, 40, None, "allgather", "torch", K, {"group_chunks": 1}),
+        "packed": (1, 40, [0, 13, 40], "allgather", "torch", K, {}),
+    },
     2: {
         "rows_init": (2, 24, None, "allgather", "torch", K, {"group_chunks": 1}),
         "rows_init_ring": (2, 24, None, "ring", "torch", K, {}),
@@ -166,7 +170,7 @@ def misuse(rank, group):
     return errs
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda r: f"R{r}")
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda r: f"R{r}")
 def world(request):
     R = request.param
     with tempfile.TemporaryDirectory() as d:
