@@ -127,10 +127,17 @@ class CPStatePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, backend,
                 allow_tf32, view, group, mode, group_chunks):
+        K, V, dt = Y.shape[-1], U.shape[-1], U.dtype
+        if backend == "triton":  # the operand precision of mdn.chunk.StatePass, for the same numbers
+            from mdn_kernels.mdn.state_pass import fits_shared_memory
+            low = torch.bfloat16 if allow_tf32 else U.dtype
+            if fits_shared_memory(K, low):
+                U, Y, Z, Kg, Km = (t.to(low) for t in (U, Y, Z, Kg, Km))
+            else:
+                backend = "torch"
         args = [t.contiguous() for t in (U, Y, Z, Kg, Km, a_end, g_end, u_end)]
         S_init, M_init = S_init.contiguous(), M_init.contiguous()
         r, R = view.rank, view.world
-        K = Y.shape[-1]
         ctx.layout, ctx.backend, ctx.allow_tf32 = layout, backend, allow_tf32
         ctx.view, ctx.group, ctx.mode = view, group, mode
         with torch.no_grad():
@@ -143,7 +150,7 @@ class CPStatePass(torch.autograd.Function):
                     TB = rank_map_from_groups(maps, plan, view, S_init, M_init)
                 else:  # nobody reads the last rank's map (the forward folds j < r; backward
                     #     needs 𝒯_j only for j < R − 1, since G_R = 0): send zeros
-                    TB = U.new_zeros(view.num_slots, Y.shape[1], 2 * K, 2 * K + U.shape[-1])
+                    TB = S_init.new_zeros(view.num_slots, Y.shape[1], 2 * K, 2 * K + V)
                 gathered = _all_gather(TB, group) if R > 1 else [TB]
                 X = TB.new_zeros(TB.shape[:-1] + (TB.shape[-1] - 2 * K,))
                 for j in range(r):
@@ -161,8 +168,8 @@ class CPStatePass(torch.autograd.Function):
                                            plan.layout, backend, allow_tf32)
                 S, M = Sg[plan.last_idx], Mg[plan.last_idx]
             else:  # ring: wait for the previous rank, run the ordinary pass, hand on
-                P, H, V = view.num_slots, Y.shape[1], U.shape[-1]
-                X = U.new_zeros(P, H, 2 * K, V)
+                P, H = view.num_slots, Y.shape[1]
+                X = S_init.new_zeros(P, H, 2 * K, V)
                 if r > 0:
                     dist.recv(X, group_src=r - 1, group=group)
                 S_in, M_in = _put_carried(S_init, M_init, view, X)

@@ -167,14 +167,17 @@ if triton is not None:
             y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
             z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
             u = tl.load(U + ch * C * V + cu, mask=is_b[None, :], other=0.0)
-            w = u + tl.dot(y, s, input_precision=PREC) - tl.dot(z, m, input_precision=PREC)
+            # operands in the storage dtype (bf16 for 16-bit models, as the state pass), the
+            # map itself accumulates in fp32
+            w = (u + tl.dot(y, s.to(y.dtype), input_precision=PREC)
+                 - tl.dot(z, m.to(z.dtype), input_precision=PREC))
             kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
             km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
             a = tl.load(A_END + ch)
             g = tl.load(G_END + ch)
             uu = tl.load(U_END + ch)
-            s_new = a * s - g * m - tl.dot(kg_t, w, input_precision=PREC)
-            m = uu * m + tl.dot(km_t, w, input_precision=PREC)
+            s_new = a * s - g * m - tl.dot(kg_t, w.to(kg_t.dtype), input_precision=PREC)
+            m = uu * m + tl.dot(km_t, w.to(km_t.dtype), input_precision=PREC)
             s = s_new
         m_out = m_k[:, None] & (o_col[None, :] < NCOL)
         out = OUT + i_gh * 2 * K * NCOL + o_k[:, None] * NCOL + o_col[None, :]
@@ -184,19 +187,20 @@ if triton is not None:
 
 def group_maps_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len,
                       allow_tf32: bool = False):
-    """Triton version of group_maps_torch (fp32 compute; same arguments and result)."""
+    """Triton version of group_maps_torch (same arguments; fp32 result and accumulation; the
+    products take the operands' dtype, bf16 for 16-bit models as in the state pass)."""
     from mdn_kernels.mdn.state_pass import _block_v, _precision
     NC, H, C, V = U.shape
     K = Y.shape[-1]
     NG = g_start.numel()
     ncol = 2 * K + V
-    out = U.new_empty(NG, H, 2 * K, ncol)
+    out = U.new_empty(NG, H, 2 * K, ncol, dtype=torch.float32)  # fp32 maps, whatever the operands
     BK, BV = triton.next_power_of_2(K), _block_v(K, ncol)
     grid = (triton.cdiv(ncol, BV), NG * H)
     _group_map_kernel[grid](
         U, Y, Z, Kg, Km, a_end, g_end, u_end, out,
         g_start, g_len, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-        PREC=_precision(U.dtype, allow_tf32), num_warps=4,
+        PREC=_precision(Y.dtype, allow_tf32), num_warps=4, num_stages=1,
     )
     return out
 
