@@ -105,8 +105,12 @@ def _maybe_compiled(fn, device: torch.device):
 
 
 def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, output_final_state,
-              cu_seqlens, use_qk_l2norm, p_times_alpha, backend, chunk_size=64):
-    """Chunkwise MDN on validated inputs (see mdn_kernels.mdn_chunk for shapes)."""
+              cu_seqlens, use_qk_l2norm, p_times_alpha, backend, chunk_size=64, state_pass=None):
+    """Chunkwise MDN on validated inputs (see mdn_kernels.mdn_chunk for shapes).
+
+    `state_pass` replaces `StatePass.apply` (same arguments and results): context parallelism
+    (mdn_kernels.cp) plugs its cross-rank version in here and reuses everything else.
+    """
     B, T, H, K = k.shape
     V = v.shape[-1]
     cdt = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -125,8 +129,8 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
         M_init = k.new_zeros(N, H, K, V, dtype=cdt)
     else:
         S_init, M_init = (s.to(cdt) for s in initial_state)
-    W, S0s, M0s, S, M = StatePass.apply(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init,
-                                        layout, backend, low_precision)
+    W, S0s, M0s, S, M = (state_pass or StatePass.apply)(
+        U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, backend, low_precision)
     o = _maybe_compiled(_local_output, k.device)(qc, kc, et, la, g0, gam, W, S0s, M0s, layout.dest,
                                                  scale, mm_dtype, (B, T, H, V), v.dtype)
     return o, ((S, M) if output_final_state else None)
