@@ -195,8 +195,8 @@ class CPStatePass(torch.autograd.Function):
             last, first = plan.last_idx, plan.first_idx
             # Each group's reverse pass with nothing arriving at its end except the sequence's
             # own final-state cotangent (last groups): d0_g, all groups in parallel.
-            dSg = dW.new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[3])
-            dMg = dW.new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[4])
+            dSg = cot[3].new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[3])
+            dMg = cot[4].new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[4])
             res = _bwd(saved, cot[:3] + [dSg, dMg], S0s, M0s, plan.layout, ctx.backend,
                        ctx.allow_tf32)
             d0g = _pairs(res[3], res[4])
@@ -220,7 +220,7 @@ class CPStatePass(torch.autograd.Function):
             dWt, dS_end, dM_end, dS_g, dM_g, dgates = res
             dS_i, dM_i = dS_g[first], dM_g[first]
         else:  # ring
-            G = dW.new_zeros(P, H, 2 * K, V)
+            G = cot[3].new_zeros(P, H, 2 * K, V)  # state cotangents: fp32 (W may be bf16)
             if r < R - 1:
                 dist.recv(G, group_src=r + 1, group=group)
             dS_f, dM_f = cot[3].clone(), cot[4].clone()
