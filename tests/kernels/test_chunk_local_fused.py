@@ -1,0 +1,152 @@
+"""Fused chunk-local kernels (LocalPrepare, LocalOutput) against torch autograd of the torch
+spec (chunk._local_prepare / _local_output) in float64: outputs and every input gradient, at
+small shapes (chunk 16), ragged lengths and packed documents. Kernels run in fp32 (on CPU under
+TRITON_INTERPRET=1; bf16 operands are checked on the GPU by tools/check_fused_gpu.py)."""
+import pytest
+import torch
+
+from mdn_kernels.mdn import chunk_local_fused as fused
+from mdn_kernels.mdn.chunk import _local_output, _local_prepare
+from mdn_kernels.mdn.layout import build_layout
+from mdn_kernels.mdn.testing import random_inputs
+
+PREP_NAMES = ["qc", "kc", "et", "la", "g0", "gam", "U", "Y", "Z", "Kg", "Km", "a_end", "g_end",
+              "u_end"]
+IN_NAMES = ["dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta"]
+OUT_IN_NAMES = ["dqc", "dkc", "det", "dla", "dg0", "dgam", "dW", "dS0s", "dM0s"]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(names, out, ref, tol):
+    assert len(out) == len(ref)
+    for name, a, b in zip(names, out, ref):
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        err = rel_err(a, b)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def cotangents(ts, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in ts]
+
+
+def grads_of(outs, xs, cots):
+    loss = sum((o.double() * c).sum() for o, c in zip(outs, cots))
+    return torch.autograd.grad(loss, xs)
+
+
+SHAPES = [  # B, T, H, K, V, cu_seqlens lengths (None: batched)
+    (2, 45, 2, 16, 32, None),            # ragged: 45 = 2·16 + 13
+    (1, 96, 2, 32, 32, [5, 40, 17, 1, 33]),  # packed documents, lengths not multiples of 16
+    (1, 32, 1, 24, 20, None),            # K, V not powers of two (masked block tails)
+]
+
+
+def _inputs(B, T, H, K, V, lens, seed, mu_zero=False):
+    xs64 = random_inputs(B, T, H, K, V, dtype=torch.float64, seed=seed)
+    if mu_zero:
+        xs64[4] = torch.full_like(xs64[4], float("-inf"))
+    cu = None if lens is None else torch.tensor([0] + lens).cumsum(0)
+    layout = build_layout(B, T, cu, 16, torch.device("cpu"))
+    return xs64, layout
+
+
+@pytest.fixture(params=[64, 16], ids=["one-block", "block-loops"])
+def block_cap(request, monkeypatch):
+    monkeypatch.setattr(fused, "BLOCK_CAP", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["ragged", "packed", "odd-KV"])
+@pytest.mark.parametrize("p_times_alpha", [True, False])
+def test_local_prepare(shape, p_times_alpha, block_cap):
+    B, T, H, K, V, lens = shape
+    if lens is not None:
+        T = sum(lens)
+    xs64, layout = _inputs(B, T, H, K, V, lens, seed=T + K + int(p_times_alpha))
+    args = (layout.dest, layout.num_chunks, 16)
+
+    def run(xs, cdt, fn):
+        xs = [x.to(cdt).requires_grad_() for x in xs]
+        if fn is None:
+            outs = _local_prepare(*xs, *args, cdt, True, p_times_alpha, None)
+        else:
+            outs = fused.LocalPrepare.apply(*xs, *args, cdt, True, p_times_alpha, None)
+        return outs, xs
+
+    ref, x_ref = run(xs64, torch.float64, None)
+    out, x_out = run(xs64, torch.float32, "fused")
+    check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
+    cots = cotangents(ref, seed=7)
+    check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
+
+
+def test_local_prepare_zero_momentum_and_no_norm():
+    """log μ = −inf (GDN mode: the clamp's floor and its zero gradient), no l2norm."""
+    B, T, H, K, V = 1, 40, 2, 16, 16
+    xs64, layout = _inputs(B, T, H, K, V, None, seed=3, mu_zero=True)
+    xs64[0], xs64[1] = xs64[0] * 0.3, xs64[1] * 0.3   # unnormalised keys: keep (I+A) tame
+    args = (layout.dest, layout.num_chunks, 16)
+    x_ref = [x.clone().requires_grad_() for x in xs64]
+    ref = _local_prepare(*x_ref, *args, torch.float64, False, True, None)
+    x_out = [x.float().requires_grad_() for x in xs64]
+    out = fused.LocalPrepare.apply(*x_out, *args, torch.float32, False, True, None)
+    check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
+    cots = cotangents(ref, seed=9)
+    g_out, g_ref = grads_of(out, x_out, cots), grads_of(ref, x_ref, cots)
+    assert (g_out[4] == 0).all()
+    check(IN_NAMES, g_out, g_ref, 1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["ragged", "packed", "odd-KV"])
+def test_local_output(shape, block_cap):
+    B, T, H, K, V, lens = shape
+    if lens is not None:
+        T = sum(lens)
+    xs64, layout = _inputs(B, T, H, K, V, lens, seed=2 * T + V)
+    NC = layout.num_chunks
+    prep = _local_prepare(*xs64, layout.dest, NC, 16, torch.float64, True, True, None)
+    qc, kc, et, la, g0, gam = prep[:6]
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(NC, H, 16, V, dtype=torch.float64, generator=g)
+    S0s = torch.randn(NC, H, K, V, dtype=torch.float64, generator=g)
+    M0s = torch.randn(NC, H, K, V, dtype=torch.float64, generator=g) * 0.3
+    inputs = [qc, kc, et, la, g0, gam, W, S0s, M0s]
+    scale = K ** -0.5
+
+    def run(cdt, fn):
+        xs = [x.detach().to(cdt).requires_grad_() for x in inputs]
+        o = fn(*xs, layout.dest, scale, None, (B, T, H, V), cdt)
+        return o, xs
+
+    ref, x_ref = run(torch.float64, _local_output)
+    out, x_out = run(torch.float32, fused.LocalOutput.apply)
+    assert out.dtype == torch.float32
+    check(["o"], [out.detach()], [ref.detach()], 2e-6)
+    cots = cotangents([ref], seed=8)
+    check(OUT_IN_NAMES, grads_of([out], x_out, cots), grads_of([ref], x_ref, cots), 2e-6)
+
+
+def test_chunk_bounds():
+    lens = [5, 40, 17, 1, 33]
+    cu = torch.tensor([0] + lens).cumsum(0)
+    layout = build_layout(1, sum(lens), cu, 16, torch.device("cpu"))
+    start, length = fused.chunk_bounds(layout.dest, layout.num_chunks, 16)
+    exp_start, exp_len = [], []
+    for a, n in zip(cu[:-1].tolist(), lens):
+        for s in range(0, n, 16):
+            exp_start.append(a + s)
+            exp_len.append(min(16, n - s))
+    assert start.tolist() == exp_start and length.tolist() == exp_len
+
+
+def test_rejects_float64():
+    xs64, layout = _inputs(1, 16, 1, 16, 16, None, seed=1)
+    with pytest.raises(ValueError, match="float32 only"):
+        fused.LocalPrepare.apply(*xs64, layout.dest, layout.num_chunks, 16, torch.float64, True,
+                                 True, None)
