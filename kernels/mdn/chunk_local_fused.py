@@ -79,56 +79,55 @@ def _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C: tl.constexpr, PTA: tl.conste
 
 
 # ---------------------------------------------------------------------------------------------
-# LocalPrepare: forward
+# LocalPrepare: forward (three kernels: chunk quantities and A → (I + A)⁻¹ → products)
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _prepare_fwd_kernel(
-    Q, KK, VV, LA, LM, BE, ET, CS, CL,
-    QC, KC, ETC, LAC, G0C, GAM, UO, YO, ZO, KGO, KMO, AEND, GEND, UEND,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NORM: tl.constexpr, PTA: tl.constexpr,
-    MMDT: tl.constexpr, FLOOR: tl.constexpr, EPS: tl.constexpr,
+def _prepare_a_kernel(
+    Q, KK, LA, LM, BE, ET, CS, CL,
+    QC, KC, ETC, LAC, G0C, GAM, KGO, KMO, AEND, GEND, UEND, AMAT, ELE, G0R, RQ, RK,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+    PTA: tl.constexpr, MMDT: tl.constexpr, FLOOR: tl.constexpr, EPS: tl.constexpr,
 ):
+    """Gates → decays (Γ, γ, Γ⁻, γ⁻, ends); q̂, k̂, Kg, Km in chunk layout; A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
     length = tl.load(CL + i_c)
     ch = i_c * H + i_h
+    cck = ch * C
     o_t = tl.arange(0, C)
     m_t = o_t < length
-    tok = start + o_t
-    g_off = tok * H + i_h
+    g_off = (start + o_t) * H + i_h
     r = o_t[:, None]
     c = o_t[None, :]
     incl = r >= c
-    strict = r > c
 
-    _, _, log_a, beta, eta, la, lu, le = _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
+    _, _, _, beta, eta, la, lu, le = _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
     d1 = _decay(la, la, incl)
-    d2 = _decay(le, la, strict)
-    dm = _decay(lu, lu, incl)
-    bm = beta[:, None] * dm
+    d2 = _decay(le, la, r > c)
+    bm = beta[:, None] * _decay(lu, lu, incl)
     gam = tl.dot(d1, bm, input_precision="ieee")
     bvec = beta * tl.exp(lu)
     g0 = tl.sum(d1 * bvec[None, :], axis=1)
     g0r = tl.sum(d2 * bvec[None, :], axis=1)
     la_last = _pick(la, o_t, C - 1)
     lu_last = _pick(lu, o_t, C - 1)
-    gam_last = tl.sum(tl.where(r == C - 1, gam, 0.0), axis=0)   # Γ[C−1, j]
-
-    tl.store(ETC + ch * C + o_t, eta)
-    tl.store(LAC + ch * C + o_t, la)
-    tl.store(G0C + ch * C + o_t, g0)
-    tl.store(GAM + ch * C * C + r * C + c, gam)
+    cg = tl.sum(tl.where(r == C - 1, gam, 0.0), axis=0) * eta       # Γ[C−1, j] η_j
+    cm = tl.exp(lu_last - lu) * eta
+    tl.store(ETC + cck + o_t, eta)
+    tl.store(LAC + cck + o_t, la)
+    tl.store(G0C + cck + o_t, g0)
+    tl.store(ELE + cck + o_t, tl.exp(le))
+    tl.store(G0R + cck + o_t, g0r)
+    tl.store(GAM + cck * C + r * C + c, gam)
     tl.store(AEND + ch, tl.exp(la_last))
     tl.store(GEND + ch, _pick(g0, o_t, C - 1))
     tl.store(UEND + ch, tl.exp(lu_last))
 
-    # l2 norms over the whole key dimension first (the blocks below need the scale)
-    sq = tl.zeros([C], dtype=tl.float32)
-    sk = tl.zeros([C], dtype=tl.float32)
     if NORM:
+        sq = tl.zeros([C], dtype=tl.float32)
+        sk = tl.zeros([C], dtype=tl.float32)
         for k0 in range(0, K, BK):
             o_k = k0 + tl.arange(0, BK)
             m = m_t[:, None] & (o_k < K)[None, :]
@@ -142,242 +141,326 @@ def _prepare_fwd_kernel(
     else:
         rq = tl.full([C], 1.0, dtype=tl.float32)
         rk = tl.full([C], 1.0, dtype=tl.float32)
+    tl.store(RQ + cck + o_t, rq)
+    tl.store(RK + cck + o_t, rk)
 
-    # P = k̂ k̂ᵀ; normalised q̂, k̂ stored in chunk layout
     p = tl.zeros([C, C], dtype=tl.float32)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
-        mk = (o_k < K)
+        mk = o_k < K
         m = m_t[:, None] & mk[None, :]
         tk = g_off[:, None] * K + o_k[None, :]
         qn = tl.load(Q + tk, mask=m, other=0.0).to(tl.float32) * rq[:, None]
         kn = tl.load(KK + tk, mask=m, other=0.0).to(tl.float32) * rk[:, None]
-        knt = tl.load(KK + g_off[None, :] * K + o_k[:, None], mask=mk[:, None] & m_t[None, :],
-                      other=0.0).to(tl.float32) * rk[None, :]
-        p += tl.dot(kn.to(MMDT), knt.to(MMDT), input_precision="ieee")
-        ck = ch * C * K + r * K + o_k[None, :]
+        kn_t = tl.load(KK + g_off[None, :] * K + o_k[:, None], mask=mk[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32) * rk[None, :]
+        p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision="ieee")
+        ck = (cck + r) * K + o_k[None, :]
         tl.store(QC + ck, qn, mask=mk[None, :])
         tl.store(KC + ck, kn, mask=mk[None, :])
+        tl.store(KGO + ck, cg[:, None] * kn, mask=mk[None, :])
+        tl.store(KMO + ck, cm[:, None] * kn, mask=mk[None, :])
+    gam_r = tl.dot(d2, bm, input_precision="ieee")
+    tl.store(AMAT + cck * C + r * C + c, gam_r * p * eta[None, :])
 
-    # T = (I + A)⁻¹ by forward substitution: row t = e_t − Σ_{j<t} A[t, j] T[j, :]
-    bt = beta[None, :] * _decay_t(lu, lu, r <= c)                  # Bᵀ
-    d2t = _decay_t(le, la, r < c)                                     # D2ᵀ
-    a_t = tl.dot(bt, d2t, input_precision="ieee")                     # Γ⁻ᵀ, then Aᵀ
-    a_t = a_t * p * eta[:, None]
-    tmat = tl.zeros([C, C], dtype=tl.float32)
-    for t in range(C):
-        col = tl.sum(tl.where(c == t, a_t, 0.0), axis=1)          # A[t, :] indexed by j
-        row = tl.where(o_t == t, 1.0, 0.0) - tl.sum(col[:, None] * tmat, axis=0)
-        tmat = tl.where(r == t, row[None, :], tmat)
-    tmm = tmat.to(MMDT)
 
+@triton.jit
+def _inv_diag16(AMAT, base, C: tl.constexpr, i: tl.constexpr):
+    """(I + A_ii)⁻¹ of the i-th 16×16 diagonal block, by forward substitution:
+    row t = e_t − Σ_{j<t} A[t, j] T[j, :] (A_iiᵀ is loaded so that A[t, :] comes out as a column)."""
+    o = tl.arange(0, 16)
+    r = o[:, None]
+    c = o[None, :]
+    a_t = tl.load(AMAT + base + (i * 16 + c) * C + i * 16 + r)         # A_iiᵀ
+    t = tl.zeros([16, 16], dtype=tl.float32)
+    for s in range(16):
+        col = tl.sum(tl.where(c == s, a_t, 0.0), axis=1)
+        row = tl.where(o == s, 1.0, 0.0) - tl.sum(col[:, None] * t, axis=0)
+        t = tl.where(r == s, row[None, :], t)
+    return t
+
+
+@triton.jit
+def _blk(X, base, C: tl.constexpr, i: tl.constexpr, j: tl.constexpr):
+    o = tl.arange(0, 16)
+    return tl.load(X + base + (i * 16 + o[:, None]) * C + j * 16 + o[None, :])
+
+
+@triton.jit
+def _put(X, base, C: tl.constexpr, i: tl.constexpr, j: tl.constexpr, val):
+    o = tl.arange(0, 16)
+    tl.store(X + base + (i * 16 + o[:, None]) * C + j * 16 + o[None, :], val)
+
+
+@triton.jit
+def _solve_kernel(AMAT, TMAT, C: tl.constexpr):
+    """T = (I + A)⁻¹ for one chunk-head, A strictly lower triangular, C ∈ {16, 32, 64}: the 16×16
+    diagonal blocks by substitution, then block forward substitution
+    T_ij = −T_ii Σ_{j≤k<i} A_ik T_kj with 16×16 products (all fp32). Upper blocks are zero."""
+    base = tl.program_id(0).to(tl.int64) * C * C
+    t00 = _inv_diag16(AMAT, base, C, 0)
+    _put(TMAT, base, C, 0, 0, t00)
+    if C >= 32:
+        z = tl.zeros([16, 16], dtype=tl.float32)
+        t11 = _inv_diag16(AMAT, base, C, 1)
+        t10 = -tl.dot(t11, tl.dot(_blk(AMAT, base, C, 1, 0), t00, input_precision="ieee"),
+                      input_precision="ieee")
+        _put(TMAT, base, C, 1, 1, t11)
+        _put(TMAT, base, C, 1, 0, t10)
+        _put(TMAT, base, C, 0, 1, z)
+        if C >= 64:
+            t22 = _inv_diag16(AMAT, base, C, 2)
+            t33 = _inv_diag16(AMAT, base, C, 3)
+            a20 = _blk(AMAT, base, C, 2, 0)
+            a21 = _blk(AMAT, base, C, 2, 1)
+            a30 = _blk(AMAT, base, C, 3, 0)
+            a31 = _blk(AMAT, base, C, 3, 1)
+            a32 = _blk(AMAT, base, C, 3, 2)
+            t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision="ieee"), input_precision="ieee")
+            t20 = -tl.dot(t22, tl.dot(a20, t00, input_precision="ieee")
+                          + tl.dot(a21, t10, input_precision="ieee"), input_precision="ieee")
+            t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision="ieee"), input_precision="ieee")
+            t31 = -tl.dot(t33, tl.dot(a31, t11, input_precision="ieee")
+                          + tl.dot(a32, t21, input_precision="ieee"), input_precision="ieee")
+            t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision="ieee")
+                          + tl.dot(a31, t10, input_precision="ieee")
+                          + tl.dot(a32, t20, input_precision="ieee"), input_precision="ieee")
+            _put(TMAT, base, C, 2, 2, t22)
+            _put(TMAT, base, C, 3, 3, t33)
+            _put(TMAT, base, C, 2, 1, t21)
+            _put(TMAT, base, C, 2, 0, t20)
+            _put(TMAT, base, C, 3, 2, t32)
+            _put(TMAT, base, C, 3, 1, t31)
+            _put(TMAT, base, C, 3, 0, t30)
+            for i in tl.static_range(4):
+                for j in tl.static_range(i + 1, 4):
+                    _put(TMAT, base, C, i, j, z)
+
+
+@triton.jit
+def _prepare_c_kernel(
+    VV, KC, TMAT, ELE, G0R, CS, CL, UO, YO, ZO,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr,
+):
+    """[U, Y, Z] = T [−v, e^{le} k̂, γ⁻ k̂]."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    g_off = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    tmm = tl.load(TMAT + cck * C + r * C + o_t[None, :]).to(MMDT)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         mv = o_v < V
         vb = tl.load(VV + g_off[:, None] * V + o_v[None, :], mask=m_t[:, None] & mv[None, :],
                      other=0.0).to(tl.float32)
         ub = tl.dot(tmm, (-vb).to(MMDT), input_precision="ieee")
-        tl.store(UO + ch * C * V + r * V + o_v[None, :], ub, mask=mv[None, :])
-
-    e_le = tl.exp(le)
-    cg = gam_last * eta
-    cm = tl.exp(lu_last - lu) * eta
+        tl.store(UO + (cck + r) * V + o_v[None, :], ub, mask=mv[None, :])
+    ele = tl.load(ELE + cck + o_t)
+    g0r = tl.load(G0R + cck + o_t)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
-        mk = (o_k < K)
-        m = m_t[:, None] & mk[None, :]
-        kn = tl.load(KK + g_off[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) \
-            * rk[:, None]
-        yb = tl.dot(tmm, (e_le[:, None] * kn).to(MMDT), input_precision="ieee")
-        zb = tl.dot(tmm, (g0r[:, None] * kn).to(MMDT), input_precision="ieee")
-        ck = ch * C * K + r * K + o_k[None, :]
-        tl.store(YO + ck, yb, mask=mk[None, :])
-        tl.store(ZO + ck, zb, mask=mk[None, :])
-        tl.store(KGO + ck, cg[:, None] * kn, mask=mk[None, :])
-        tl.store(KMO + ck, cm[:, None] * kn, mask=mk[None, :])
+        mk = o_k < K
+        ck = (cck + r) * K + o_k[None, :]
+        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        tl.store(YO + ck, tl.dot(tmm, (ele[:, None] * kn).to(MMDT), input_precision="ieee"),
+                 mask=mk[None, :])
+        tl.store(ZO + ck, tl.dot(tmm, (g0r[:, None] * kn).to(MMDT), input_precision="ieee"),
+                 mask=mk[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
-# LocalPrepare: backward
+# LocalPrepare: backward (two kernels: through (I + A)⁻¹ → through the decays and l2norm)
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _prepare_bwd_kernel(
-    Q, KK, VV, LA, LM, BE, ET, CS, CL,
-    DQC, DKC, DETC, DLAC, DG0C, DGAM, DU, DY, DZ, DKG, DKM, DAEND, DGEND, DUEND,
-    DQ, DK, DV, DLA, DLM, DBE, DET,
+def _prepare_bwd_t_kernel(
+    VV, KC, TMAT, ELE, G0R, CS, CL, DKC, DU, DY, DZ,
+    DV, DKN, DA, KDK, DLE, DG0R,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NORM: tl.constexpr, PTA: tl.constexpr,
-    MMDT: tl.constexpr, FLOOR: tl.constexpr, EPS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr,
 ):
+    """dR = Tᵀ dsol (→ dv, and the R_Y, R_Z parts of dk̂, dle, dγ⁻); dT = dsol Rᵀ;
+    dA = −Tᵀ dT Tᵀ (strict lower). dk̂'s partial sum (all but the A and Kg/Km terms) and its
+    row products with k̂ go to scratch for the second kernel."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
     length = tl.load(CL + i_c)
     ch = i_c * H + i_h
+    cck = ch * C
     o_t = tl.arange(0, C)
     m_t = o_t < length
-    tok = start + o_t
-    g_off = tok * H + i_h
+    g_off = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    c = o_t[None, :]
+    t_t = tl.load(TMAT + cck * C + c * C + r)                  # Tᵀ, loaded transposed
+    t_t_mm = t_t.to(MMDT)
+    ele = tl.load(ELE + cck + o_t)
+    g0r = tl.load(G0R + cck + o_t)
+    dtm = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        mv = o_v < V
+        du = tl.load(DU + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0)
+        vb_t = tl.load(VV + g_off[None, :] * V + o_v[:, None], mask=mv[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32)
+        dtm += tl.dot(du.to(MMDT), (-vb_t).to(MMDT), input_precision="ieee")
+        dv = -tl.dot(t_t_mm, du.to(MMDT), input_precision="ieee")
+        tl.store(DV + g_off[:, None] * V + o_v[None, :], dv.to(DV.dtype.element_ty),
+                 mask=m_t[:, None] & mv[None, :])
+    kdk = tl.zeros([C], dtype=tl.float32)
+    kdry = tl.zeros([C], dtype=tl.float32)
+    kdrz = tl.zeros([C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        ck = (cck + r) * K + o_k[None, :]
+        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+        dy = tl.load(DY + ck, mask=mk[None, :], other=0.0)
+        dz = tl.load(DZ + ck, mask=mk[None, :], other=0.0)
+        dtm += tl.dot(dy.to(MMDT), (kn_t * ele[None, :]).to(MMDT), input_precision="ieee")
+        dtm += tl.dot(dz.to(MMDT), (kn_t * g0r[None, :]).to(MMDT), input_precision="ieee")
+        dry = tl.dot(t_t_mm, dy.to(MMDT), input_precision="ieee")
+        drz = tl.dot(t_t_mm, dz.to(MMDT), input_precision="ieee")
+        dkn = tl.load(DKC + ck, mask=mk[None, :], other=0.0) + ele[:, None] * dry + g0r[:, None] * drz
+        tl.store(DKN + ck, dkn, mask=mk[None, :])
+        kdk += tl.sum(kn * dkn, axis=1)
+        kdry += tl.sum(kn * dry, axis=1)
+        kdrz += tl.sum(kn * drz, axis=1)
+    da = -tl.dot(t_t, tl.dot(dtm, t_t, input_precision="ieee"), input_precision="ieee")
+    tl.store(DA + cck * C + r * C + c, tl.where(r > c, da, 0.0))
+    tl.store(KDK + cck + o_t, kdk)
+    tl.store(DLE + cck + o_t, ele * kdry)
+    tl.store(DG0R + cck + o_t, kdrz)
+
+
+@triton.jit
+def _prepare_bwd_gates_kernel(
+    LA, LM, BE, ET, CS, CL, QC, KC, RQ, RK, DA, DKN, KDK, DLE, DG0R,
+    DQC, DETC, DLAC, DG0C, DGAM, DKG, DKM, DAEND, DGEND, DUEND,
+    DQ, DK, DLA, DLM, DBE, DET,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+    PTA: tl.constexpr, MMDT: tl.constexpr, FLOOR: tl.constexpr,
+):
+    """From dA, the Kg/Km and direct cotangents: dk̂ (→ dk, dq through l2norm), then the
+    gradients of the decays (Γ, Γ⁻, γ, γ⁻, ends) → log-cumsums → gates by reverse cumsum."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    g_off = (start + o_t) * H + i_h
     r = o_t[:, None]
     c = o_t[None, :]
     incl = r >= c
     strict = r > c
     last = o_t == C - 1
 
-    la_raw, lm_raw, log_a, beta, eta, la, lu, le = _gate_setup(
+    la_raw, lm_raw, _, beta, eta, la, lu, le = _gate_setup(
         LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
-    d1 = _decay(la, la, incl)
-    d2 = _decay(le, la, strict)
-    dm = _decay(lu, lu, incl)
-    bm = beta[:, None] * dm
-    d1t = _decay_t(la, la, r <= c)
-    d2t = _decay_t(le, la, r < c)
-    bt = beta[None, :] * _decay_t(lu, lu, r <= c)
-    gam_r = tl.dot(d2, bm, input_precision="ieee")
-    gam_rt = tl.dot(bt, d2t, input_precision="ieee")
-    bvec = beta * tl.exp(lu)
-    g0r = tl.sum(d2 * bvec[None, :], axis=1)
     la_last = _pick(la, o_t, C - 1)
     lu_last = _pick(lu, o_t, C - 1)
+    dm = _decay(lu, lu, incl)
     # Γ[C−1, j] = Σ_i e^{la_last − la_i} β_i Dm[i, j]
-    w_last = tl.exp(la_last - la) * beta
-    gam_last = tl.sum(w_last[:, None] * dm, axis=0)
-    e_le = tl.exp(le)
-    e_lu_rel = tl.exp(lu_last - lu)
+    gam_last = tl.sum((tl.exp(la_last - la) * beta)[:, None] * dm, axis=0)
     cg = gam_last * eta
+    e_lu_rel = tl.exp(lu_last - lu)
     cm = e_lu_rel * eta
-    cck = ch * C                         # row offset of this chunk-head in chunk layout
 
-    # norms, and q̂·dq̂ for l2norm's backward
-    sq = tl.zeros([C], dtype=tl.float32)
-    sk = tl.zeros([C], dtype=tl.float32)
+    # P = k̂k̂ᵀ; row products k̂·dKg, k̂·dKm, q̂·dq̂
+    p = tl.zeros([C, C], dtype=tl.float32)
+    kdkg = tl.zeros([C], dtype=tl.float32)
+    kdkm = tl.zeros([C], dtype=tl.float32)
     qdq = tl.zeros([C], dtype=tl.float32)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         mk = o_k < K
-        m = m_t[:, None] & mk[None, :]
-        tk = g_off[:, None] * K + o_k[None, :]
-        qb = tl.load(Q + tk, mask=m, other=0.0).to(tl.float32)
-        kb = tl.load(KK + tk, mask=m, other=0.0).to(tl.float32)
-        dqb = tl.load(DQC + (cck + r) * K + o_k[None, :], mask=mk[None, :], other=0.0)
-        sq += tl.sum(qb * qb, axis=1)
-        sk += tl.sum(kb * kb, axis=1)
-        qdq += tl.sum(qb * dqb, axis=1)
-    if NORM:
-        rq = 1.0 / tl.sqrt(sq + EPS)
-        rk = 1.0 / tl.sqrt(sk + EPS)
-    else:
-        rq = tl.full([C], 1.0, dtype=tl.float32)
-        rk = tl.full([C], 1.0, dtype=tl.float32)
-    qdq = qdq * rq
-
-    # P = k̂ k̂ᵀ and the row products k̂·dK̂c, k̂·dKg, k̂·dKm
-    p = tl.zeros([C, C], dtype=tl.float32)
-    kdkc = tl.zeros([C], dtype=tl.float32)
-    kdkg = tl.zeros([C], dtype=tl.float32)
-    kdkm = tl.zeros([C], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        mk = o_k < K
-        m = m_t[:, None] & mk[None, :]
-        kn = tl.load(KK + g_off[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) \
-            * rk[:, None]
-        knt = tl.load(KK + g_off[None, :] * K + o_k[:, None], mask=mk[:, None] & m_t[None, :],
-                      other=0.0).to(tl.float32) * rk[None, :]
-        p += tl.dot(kn.to(MMDT), knt.to(MMDT), input_precision="ieee")
         ck = (cck + r) * K + o_k[None, :]
-        kdkc += tl.sum(kn * tl.load(DKC + ck, mask=mk[None, :], other=0.0), axis=1)
+        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+        p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision="ieee")
         kdkg += tl.sum(kn * tl.load(DKG + ck, mask=mk[None, :], other=0.0), axis=1)
         kdkm += tl.sum(kn * tl.load(DKM + ck, mask=mk[None, :], other=0.0), axis=1)
+        qdq += tl.sum(tl.load(QC + ck, mask=mk[None, :], other=0.0)
+                      * tl.load(DQC + ck, mask=mk[None, :], other=0.0), axis=1)
 
-    amat = gam_r * p * eta[None, :]
-    a_t = gam_rt * p * eta[:, None]
-    # T and Tᵀ by two forward substitutions (no transpose of a register tile needed)
-    tmat = tl.zeros([C, C], dtype=tl.float32)
-    tmat_t = tl.zeros([C, C], dtype=tl.float32)
-    for t in range(C):
-        e_t = tl.where(o_t == t, 1.0, 0.0)
-        col = tl.sum(tl.where(c == t, a_t, 0.0), axis=1)          # A[t, j], indexed by j (rows)
-        row = e_t - tl.sum(col[:, None] * tmat, axis=0)
-        tmat = tl.where(r == t, row[None, :], tmat)
-        arow = tl.sum(tl.where(r == t, amat, 0.0), axis=0)        # A[t, j], indexed by j (cols)
-        colt = e_t - tl.sum(tmat_t * arow[None, :], axis=1)
-        tmat_t = tl.where(c == t, colt[:, None], tmat_t)
-    tmm_t = tmat_t.to(MMDT)
-
-    # dT = dsol Rᵀ and dTᵀ = R dsolᵀ; dv = −Tᵀ dU; dR_Y, dR_Z row products with k̂
-    dtm = tl.zeros([C, C], dtype=tl.float32)
-    dtm_t = tl.zeros([C, C], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        o_v = v0 + tl.arange(0, BV)
-        mv = o_v < V
-        du = tl.load(DU + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0)
-        du_t = tl.load(DU + (cck + c) * V + o_v[:, None], mask=mv[:, None], other=0.0)
-        vb = tl.load(VV + g_off[:, None] * V + o_v[None, :], mask=m_t[:, None] & mv[None, :],
-                     other=0.0).to(tl.float32)
-        vb_t = tl.load(VV + g_off[None, :] * V + o_v[:, None], mask=mv[:, None] & m_t[None, :],
-                       other=0.0).to(tl.float32)
-        dtm += tl.dot(du.to(MMDT), (-vb_t).to(MMDT), input_precision="ieee")
-        dtm_t += tl.dot((-vb).to(MMDT), du_t.to(MMDT), input_precision="ieee")
-        dv = -tl.dot(tmm_t, du.to(MMDT), input_precision="ieee")
-        tl.store(DV + g_off[:, None] * V + o_v[None, :], dv.to(DV.dtype.element_ty),
-                 mask=m_t[:, None] & mv[None, :])
-    kdry = tl.zeros([C], dtype=tl.float32)
-    kdrz = tl.zeros([C], dtype=tl.float32)
+    # A = Γ⁻ ⊙ P ⊙ η_col: dΓ⁻, dP (and dPᵀ from dAᵀ, loaded transposed), dη
+    d2 = _decay(le, la, strict)
+    bm = beta[:, None] * dm
+    gam_r = tl.dot(d2, bm, input_precision="ieee")
+    da = tl.load(DA + cck * C + r * C + c)
+    dgam_r = da * p * eta[None, :]
+    dp = da * gam_r * eta[None, :]
+    deta = tl.sum(da * gam_r * p, axis=0)
+    bt = beta[None, :] * _decay_t(lu, lu, r <= c)                     # Bᵀ
+    d2t = _decay_t(le, la, r < c)                                     # D2ᵀ
+    gam_rt = tl.dot(bt, d2t, input_precision="ieee")
+    da_t = tl.load(DA + cck * C + c * C + r)
+    dp_t = da_t * gam_rt * eta[:, None]
+    kdk = (tl.load(KDK + cck + o_t) + tl.sum(dp * p, axis=1) + tl.sum(dp_t * p, axis=1)
+           + cg * kdkg + cm * kdkm)
+    if NORM:
+        rk = tl.load(RK + cck + o_t)
+        rq = tl.load(RQ + cck + o_t)
+    dp_mm = dp.to(MMDT)
+    dp_t_mm = dp_t.to(MMDT)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         mk = o_k < K
-        m = m_t[:, None] & mk[None, :]
-        kn = tl.load(KK + g_off[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) \
-            * rk[:, None]
-        knt = tl.load(KK + g_off[None, :] * K + o_k[:, None], mask=mk[:, None] & m_t[None, :],
-                      other=0.0).to(tl.float32) * rk[None, :]
         ck = (cck + r) * K + o_k[None, :]
-        ckt = (cck + c) * K + o_k[:, None]
-        dy = tl.load(DY + ck, mask=mk[None, :], other=0.0)
-        dz = tl.load(DZ + ck, mask=mk[None, :], other=0.0)
-        dy_t = tl.load(DY + ckt, mask=mk[:, None], other=0.0)
-        dz_t = tl.load(DZ + ckt, mask=mk[:, None], other=0.0)
-        dtm += tl.dot(dy.to(MMDT), (knt * e_le[None, :]).to(MMDT), input_precision="ieee")
-        dtm += tl.dot(dz.to(MMDT), (knt * g0r[None, :]).to(MMDT), input_precision="ieee")
-        dtm_t += tl.dot((kn * e_le[:, None]).to(MMDT), dy_t.to(MMDT), input_precision="ieee")
-        dtm_t += tl.dot((kn * g0r[:, None]).to(MMDT), dz_t.to(MMDT), input_precision="ieee")
-        dry = tl.dot(tmm_t, dy.to(MMDT), input_precision="ieee")
-        drz = tl.dot(tmm_t, dz.to(MMDT), input_precision="ieee")
-        kdry += tl.sum(kn * dry, axis=1)
-        kdrz += tl.sum(kn * drz, axis=1)
+        tk = g_off[:, None] * K + o_k[None, :]
+        m = m_t[:, None] & mk[None, :]
+        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        kn_mm = kn.to(MMDT)
+        dkn = (tl.load(DKN + ck, mask=mk[None, :], other=0.0)
+               + tl.dot(dp_mm, kn_mm, input_precision="ieee")
+               + tl.dot(dp_t_mm, kn_mm, input_precision="ieee")
+               + cg[:, None] * tl.load(DKG + ck, mask=mk[None, :], other=0.0)
+               + cm[:, None] * tl.load(DKM + ck, mask=mk[None, :], other=0.0))
+        dqn = tl.load(DQC + ck, mask=mk[None, :], other=0.0)
+        if NORM:
+            qn = tl.load(QC + ck, mask=mk[None, :], other=0.0)
+            dkn = rk[:, None] * (dkn - kn * kdk[:, None])
+            dqn = rq[:, None] * (dqn - qn * qdq[:, None])
+        tl.store(DK + tk, dkn.to(DK.dtype.element_ty), mask=m)
+        tl.store(DQ + tk, dqn.to(DQ.dtype.element_ty), mask=m)
 
-    # dA = −Tᵀ dT Tᵀ and dAᵀ = −T dTᵀ T, strictly lower (upper)
-    da = -tl.dot(tmat_t, tl.dot(dtm, tmat_t, input_precision="ieee"), input_precision="ieee")
-    da_t = -tl.dot(tmat, tl.dot(dtm_t, tmat, input_precision="ieee"), input_precision="ieee")
-    da = tl.where(strict, da, 0.0)
-    da_t = tl.where(r < c, da_t, 0.0)
-    dgam_r = da * p * eta[None, :]                   # dΓ⁻
-    dp = da * gam_r * eta[None, :]
-    dp_t = da_t * gam_rt * eta[:, None]
-    deta = (tl.sum(da * gam_r * p, axis=0) + tl.load(DETC + cck + o_t)
-            + gam_last * kdkg + e_lu_rel * kdkm)
-    dle = e_le * kdry
-    dg0r = kdrz
+    # decays: Γ = D1 B, Γ⁻ = D2 B, γ = D1 b, γ⁻ = D2 b, the chunk ends, Kg and Km
+    deta += tl.load(DETC + cck + o_t) + gam_last * kdkg
+    bvec = beta * tl.exp(lu)
+    dle = tl.load(DLE + cck + o_t)
+    dg0r = tl.load(DG0R + cck + o_t)
     dgam = tl.load(DGAM + cck * C + r * C + c) + tl.where(r == C - 1, (eta * kdkg)[None, :], 0.0)
     dg0 = tl.load(DG0C + cck + o_t) + tl.where(last, tl.load(DGEND + ch), 0.0)
     dla = tl.load(DLAC + cck + o_t) + tl.where(last, tl.load(DAEND + ch) * tl.exp(la_last), 0.0)
-    s_m = e_lu_rel * eta * kdkm
+    s_m = cm * kdkm
     dlu = tl.where(last, tl.load(DUEND + ch) * tl.exp(lu_last) + tl.sum(s_m, axis=0), 0.0) - s_m
-
-    # decay products: Γ = D1 B, Γ⁻ = D2 B, γ = D1 b, γ⁻ = D2 b
+    deta += e_lu_rel * kdkm
+    d1 = _decay(la, la, incl)
+    d1t = _decay_t(la, la, r <= c)
     dd1 = tl.dot(dgam, bt, input_precision="ieee") + dg0[:, None] * bvec[None, :]
-    dd2 = tl.dot(dgam_r, bt, input_precision="ieee") + dg0r[:, None] * bvec[None, :]
     e1 = tl.where(incl, dd1 * d1, 0.0)
+    dla += tl.sum(e1, axis=1) - tl.sum(e1, axis=0)
+    dd2 = tl.dot(dgam_r, bt, input_precision="ieee") + dg0r[:, None] * bvec[None, :]
     e2 = tl.where(strict, dd2 * d2, 0.0)
+    dle += tl.sum(e2, axis=1)
+    dla += dle - tl.sum(e2, axis=0)
     db_m = tl.dot(d1t, dgam, input_precision="ieee") + tl.dot(d2t, dgam_r, input_precision="ieee")
     db_v = tl.sum(d1t * dg0[None, :], axis=1) + tl.sum(d2t * dg0r[None, :], axis=1)
     em = tl.where(incl, db_m * bm, 0.0)
     dbeta = tl.sum(tl.where(incl, db_m * dm, 0.0), axis=1) + db_v * tl.exp(lu)
     dlu += tl.sum(em, axis=1) - tl.sum(em, axis=0) + db_v * bvec
-    dle += tl.sum(e2, axis=1)
-    dla += tl.sum(e1, axis=1) - tl.sum(e1, axis=0) - tl.sum(e2, axis=0) + dle
     dlog_a = tl.cumsum(dla, axis=0, reverse=True)
     if not PTA:
         dlog_a -= dle
@@ -388,38 +471,6 @@ def _prepare_bwd_kernel(
     tl.store(DLM + g_off, dlog_m.to(DLM.dtype.element_ty), mask=m_t)
     tl.store(DBE + g_off, dbeta.to(DBE.dtype.element_ty), mask=m_t)
     tl.store(DET + g_off, deta.to(DET.dtype.element_ty), mask=m_t)
-
-    # k̂·dk̂ in closed form (P is k̂ k̂ᵀ), then dk and dq through l2norm's backward
-    kdk = (kdkc + tl.sum(dp * p, axis=1) + tl.sum(dp_t * p, axis=1) + e_le * kdry + g0r * kdrz
-           + cg * kdkg + cm * kdkm)
-    dp_mm = dp.to(MMDT)
-    dp_t_mm = dp_t.to(MMDT)
-    for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        mk = o_k < K
-        m = m_t[:, None] & mk[None, :]
-        tk = g_off[:, None] * K + o_k[None, :]
-        qn = tl.load(Q + tk, mask=m, other=0.0).to(tl.float32) * rq[:, None]
-        kn = tl.load(KK + tk, mask=m, other=0.0).to(tl.float32) * rk[:, None]
-        ck = (cck + r) * K + o_k[None, :]
-        dy = tl.load(DY + ck, mask=mk[None, :], other=0.0)
-        dz = tl.load(DZ + ck, mask=mk[None, :], other=0.0)
-        dkn = (tl.load(DKC + ck, mask=mk[None, :], other=0.0)
-               + tl.dot(dp_mm, kn.to(MMDT), input_precision="ieee")
-               + tl.dot(dp_t_mm, kn.to(MMDT), input_precision="ieee")
-               + e_le[:, None] * tl.dot(tmm_t, dy.to(MMDT), input_precision="ieee")
-               + g0r[:, None] * tl.dot(tmm_t, dz.to(MMDT), input_precision="ieee")
-               + cg[:, None] * tl.load(DKG + ck, mask=mk[None, :], other=0.0)
-               + cm[:, None] * tl.load(DKM + ck, mask=mk[None, :], other=0.0))
-        dqn = tl.load(DQC + ck, mask=mk[None, :], other=0.0)
-        if NORM:
-            dkb = rk[:, None] * (dkn - kn * kdk[:, None])
-            dqb = rq[:, None] * (dqn - qn * qdq[:, None])
-        else:
-            dkb = dkn
-            dqb = dqn
-        tl.store(DK + tk, dkb.to(DK.dtype.element_ty), mask=m)
-        tl.store(DQ + tk, dqb.to(DQ.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,69 +655,87 @@ def _check_cdt(cdt):
                          "(float64 inputs take the torch path)")
 
 
+def _check_chunk(C: int):
+    if C not in (16, 32, 64):
+        raise ValueError(f"the fused chunk-local kernels support chunk_size 16, 32 or 64, got {C}")
+
+
 def _num_warps(C: int) -> int:
     return 8 if C >= 64 else 4
 
 
 class LocalPrepare(torch.autograd.Function):
     """Fused `chunk._local_prepare`: same arguments, same 14 outputs
-    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end)."""
+    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end).
+
+    Saved for backward: the raw v and gates, the outputs q̂, k̂, (I + A)⁻¹ [NC, H, C, C] fp32,
+    and per-token vectors (e^{le}, γ⁻, the l2norm scales)."""
 
     @staticmethod
     def forward(ctx, q, k, v, log_alpha, log_mu, beta, eta, dest, num_chunks: int,
                 chunk_size: int, cdt: torch.dtype, use_qk_l2norm: bool, p_times_alpha: bool,
                 mm_dtype):
         _check_cdt(cdt)
+        _check_chunk(chunk_size)
         B, T, H, K = k.shape
         V = v.shape[-1]
         NC, C = num_chunks, chunk_size
         q, k, v = (x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
         gates = [g.reshape(B * T, H).contiguous() for g in (log_alpha, log_mu, beta, eta)]
         cs, cl = chunk_bounds(dest, NC, C)
-        f32 = dict(dtype=torch.float32, device=k.device)
-        qc = torch.empty(NC, H, C, K, **f32)
-        kc = torch.empty(NC, H, C, K, **f32)
-        et = torch.empty(NC, H, C, **f32)
-        la = torch.empty(NC, H, C, **f32)
-        g0 = torch.empty(NC, H, C, **f32)
-        gam = torch.empty(NC, H, C, C, **f32)
-        U = torch.empty(NC, H, C, V, **f32)
-        Y = torch.empty(NC, H, C, K, **f32)
-        Z = torch.empty(NC, H, C, K, **f32)
-        Kg = torch.empty(NC, H, C, K, **f32)
-        Km = torch.empty(NC, H, C, K, **f32)
-        a_end = torch.empty(NC, H, **f32)
-        g_end = torch.empty(NC, H, **f32)
-        u_end = torch.empty(NC, H, **f32)
+        new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=k.device)  # noqa: E731
+        qc, kc, Y, Z, Kg, Km = (new(NC, H, C, K) for _ in range(6))
+        et, la, g0, ele, g0r, rq, rk = (new(NC, H, C) for _ in range(7))
+        gam, amat, tmat = (new(NC, H, C, C) for _ in range(3))
+        U = new(NC, H, C, V)
+        a_end, g_end, u_end = (new(NC, H) for _ in range(3))
         BK, BV = _blocks(K, V)
         mmdt = _tl_mm(mm_dtype)
+        nw = _num_warps(C)
         if NC > 0:
-            _prepare_fwd_kernel[(NC, H)](
-                q, k, v, *gates, cs, cl,
-                qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, NORM=use_qk_l2norm, PTA=p_times_alpha,
-                MMDT=mmdt, FLOOR=LOG_FLOOR, EPS=L2NORM_EPS, num_warps=_num_warps(C), num_stages=1)
-        ctx.save_for_backward(q, k, v, *gates, cs, cl)
+            _prepare_a_kernel[(NC, H)](
+                q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
+                amat, ele, g0r, rq, rk, H=H, K=K, C=C, BK=BK, NORM=use_qk_l2norm,
+                PTA=p_times_alpha, MMDT=mmdt, FLOOR=LOG_FLOOR, EPS=L2NORM_EPS, num_warps=nw,
+                num_stages=1)
+            _solve_kernel[(NC * H,)](amat, tmat, C=C, num_warps=1 if C == 16 else 2, num_stages=1)
+            _prepare_c_kernel[(NC, H)](
+                v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
+                MMDT=mmdt, num_warps=nw, num_stages=1)
+        ctx.save_for_backward(v, *gates, cs, cl, qc, kc, tmat, ele, g0r, rq, rk)
         ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt)
+        ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
         return qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end
 
     @staticmethod
     def backward(ctx, *cots):
-        q, k, v, la_in, lm_in, be_in, et_in, cs, cl = ctx.saved_tensors
+        v, la_in, lm_in, be_in, et_in, cs, cl, qc, kc, tmat, ele, g0r, rq, rk = ctx.saved_tensors
         B, T, H, K, V, NC, C, norm, pta, mmdt = ctx.meta
         shapes = [(NC, H, C, K), (NC, H, C, K), (NC, H, C), (NC, H, C), (NC, H, C),
                   (NC, H, C, C), (NC, H, C, V), (NC, H, C, K), (NC, H, C, K), (NC, H, C, K),
                   (NC, H, C, K), (NC, H), (NC, H), (NC, H)]
-        cots = [torch.zeros(s, dtype=torch.float32, device=k.device) if g is None
-                else g.to(torch.float32).contiguous() for g, s in zip(cots, shapes)]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        (dqc, dkc, detc, dlac, dg0c, dgam, dU, dY, dZ, dKg, dKm, da_end, dg_end, du_end) = (
+            torch.zeros(s, dtype=torch.float32, device=v.device) if g is None
+            else g.to(torch.float32).contiguous() for g, s in zip(cots, shapes))
+        dq = torch.empty(B * T, H, K, dtype=ctx.q_dtype, device=v.device)
+        dk = torch.empty(B * T, H, K, dtype=ctx.k_dtype, device=v.device)
+        dv = torch.empty_like(v)
         dgates = [torch.empty_like(g) for g in (la_in, lm_in, be_in, et_in)]
+        dkn = torch.empty(NC, H, C, K, dtype=torch.float32, device=v.device)
+        da = torch.empty(NC, H, C, C, dtype=torch.float32, device=v.device)
+        kdk, dle, dg0r = (torch.empty(NC, H, C, dtype=torch.float32, device=v.device)
+                          for _ in range(3))
         BK, BV = _blocks(K, V)
+        nw = _num_warps(C)
         if NC > 0:
-            _prepare_bwd_kernel[(NC, H)](
-                q, k, v, la_in, lm_in, be_in, et_in, cs, cl, *cots, dq, dk, dv, *dgates,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, NORM=norm, PTA=pta, MMDT=mmdt,
-                FLOOR=LOG_FLOOR, EPS=L2NORM_EPS, num_warps=_num_warps(C), num_stages=1)
+            _prepare_bwd_t_kernel[(NC, H)](
+                v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, num_warps=nw, num_stages=1)
+            _prepare_bwd_gates_kernel[(NC, H)](
+                la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk, dle, dg0r,
+                dqc, detc, dlac, dg0c, dgam, dKg, dKm, da_end, dg_end, du_end,
+                dq, dk, *dgates, H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt,
+                FLOOR=LOG_FLOOR, num_warps=nw, num_stages=1)
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
         dgates = [g.view(B, T, H) for g in dgates]

@@ -47,12 +47,12 @@ SHAPES = [  # B, T, H, K, V, cu_seqlens lengths (None: batched)
 ]
 
 
-def _inputs(B, T, H, K, V, lens, seed, mu_zero=False):
+def _inputs(B, T, H, K, V, lens, seed, mu_zero=False, chunk=16):
     xs64 = random_inputs(B, T, H, K, V, dtype=torch.float64, seed=seed)
     if mu_zero:
         xs64[4] = torch.full_like(xs64[4], float("-inf"))
     cu = None if lens is None else torch.tensor([0] + lens).cumsum(0)
-    layout = build_layout(B, T, cu, 16, torch.device("cpu"))
+    layout = build_layout(B, T, cu, chunk, torch.device("cpu"))
     return xs64, layout
 
 
@@ -86,6 +86,30 @@ def test_local_prepare(shape, p_times_alpha, block_cap):
     check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
 
 
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_local_prepare_larger_chunks(chunk):
+    """The blocked (I + A)⁻¹ (16×16 diagonal blocks, then block substitution) at C = 32 and the
+    GPU's C = 64, packed ragged documents."""
+    H, K, V = 1, 16, 16
+    lens = [chunk + 7, 3, 2 * chunk - 5]
+    xs64, layout = _inputs(1, sum(lens), H, K, V, lens, seed=chunk, chunk=chunk)
+    args = (layout.dest, layout.num_chunks, chunk)
+    x_ref = [x.clone().requires_grad_() for x in xs64]
+    ref = _local_prepare(*x_ref, *args, torch.float64, True, True, None)
+    x_out = [x.float().requires_grad_() for x in xs64]
+    out = fused.LocalPrepare.apply(*x_out, *args, torch.float32, True, True, None)
+    check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
+    cots = cotangents(ref, seed=4)
+    check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
+
+
+def test_rejects_unsupported_chunk():
+    xs64, layout = _inputs(1, 24, 1, 16, 16, None, seed=1, chunk=8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused.LocalPrepare.apply(*(x.float() for x in xs64), layout.dest, layout.num_chunks, 8,
+                                 torch.float32, True, True, None)
+
+
 def test_local_prepare_zero_momentum_and_no_norm():
     """log μ = −inf (GDN mode: the clamp's floor and its zero gradient), no l2norm."""
     B, T, H, K, V = 1, 40, 2, 16, 16
@@ -103,17 +127,18 @@ def test_local_prepare_zero_momentum_and_no_norm():
     check(IN_NAMES, g_out, g_ref, 1e-5)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["ragged", "packed", "odd-KV"])
-def test_local_output(shape, block_cap):
+@pytest.mark.parametrize("shape,chunk", [(s, 16) for s in SHAPES] + [((1, 150, 1, 16, 32, [70, 80]), 64)],
+                         ids=["ragged", "packed", "odd-KV", "packed-C64"])
+def test_local_output(shape, chunk, block_cap):
     B, T, H, K, V, lens = shape
     if lens is not None:
         T = sum(lens)
-    xs64, layout = _inputs(B, T, H, K, V, lens, seed=2 * T + V)
+    xs64, layout = _inputs(B, T, H, K, V, lens, seed=2 * T + V, chunk=chunk)
     NC = layout.num_chunks
-    prep = _local_prepare(*xs64, layout.dest, NC, 16, torch.float64, True, True, None)
+    prep = _local_prepare(*xs64, layout.dest, NC, chunk, torch.float64, True, True, None)
     qc, kc, et, la, g0, gam = prep[:6]
     g = torch.Generator().manual_seed(5)
-    W = torch.randn(NC, H, 16, V, dtype=torch.float64, generator=g)
+    W = torch.randn(NC, H, chunk, V, dtype=torch.float64, generator=g)
     S0s = torch.randn(NC, H, K, V, dtype=torch.float64, generator=g)
     M0s = torch.randn(NC, H, K, V, dtype=torch.float64, generator=g) * 0.3
     inputs = [qc, kc, et, la, g0, gam, W, S0s, M0s]
