@@ -175,3 +175,51 @@ def test_rejects_float64():
     with pytest.raises(ValueError, match="float32 only"):
         fused.LocalPrepare.apply(*xs64, layout.dest, layout.num_chunks, 16, torch.float64, True,
                                  True, None)
+
+
+@pytest.fixture
+def fused_on():
+    from mdn_kernels.mdn import chunk
+    chunk.use_fused_local(True)
+    yield
+    chunk.use_fused_local(None)
+
+
+def test_switch_defaults_to_torch(monkeypatch):
+    from mdn_kernels.mdn import chunk
+    monkeypatch.delenv("MDN_FUSED_LOCAL", raising=False)
+    assert not chunk.fused_local_enabled("triton", torch.float32, 64)
+    monkeypatch.setenv("MDN_FUSED_LOCAL", "1")
+    assert chunk.fused_local_enabled("triton", torch.float32, 64)
+    assert not chunk.fused_local_enabled("torch", torch.float32, 64)
+    assert not chunk.fused_local_enabled("triton", torch.float64, 64)
+    chunk.use_fused_local(False)
+    try:
+        assert not chunk.fused_local_enabled("triton", torch.float32, 64)
+    finally:
+        chunk.use_fused_local(None)
+
+
+@pytest.mark.parametrize("lens", [None, [5, 40, 17, 1, 33]], ids=["batched-ragged", "packed"])
+def test_mdn_chunk_with_fused_local(lens, fused_on):
+    """The whole op (fused local parts + Triton state pass) against the float64 token loop:
+    outputs, final pair and every gradient, initial states included."""
+    from mdn_kernels import mdn_chunk, mdn_recurrent_reference
+    H, K, V = 2, 16, 32
+    B, T = (2, 45) if lens is None else (1, sum(lens))
+    cu = None if lens is None else torch.tensor([0] + lens).cumsum(0)
+    N = B if lens is None else len(lens)
+
+    def run(fn, dtype):
+        xs = random_inputs(B, T, H, K, V, dtype=dtype, seed=21, with_state=True, num_states=N,
+                           requires_grad=True)
+        o, (s, m) = fn(xs)
+        cots = cotangents((o, s, m), seed=22)
+        return [o, s, m, *grads_of((o, s, m), xs, cots)]
+
+    ref = run(lambda x: mdn_recurrent_reference(*x[:7], initial_state=(x[7], x[8]),
+                                                output_final_state=True, cu_seqlens=cu),
+              torch.float64)
+    out = run(lambda x: mdn_chunk(*x[:7], initial_state=(x[7], x[8]), output_final_state=True,
+                                  cu_seqlens=cu, backend="triton", chunk_size=16), torch.float32)
+    check(["o", "S", "M", *IN_NAMES, "dS0", "dM0"], out, ref, 1e-5)
