@@ -87,7 +87,7 @@ def _prepare_a_kernel(
     Q, KK, LA, LM, BE, ET, CS, CL,
     QC, KC, ETC, LAC, G0C, GAM, KGO, KMO, AEND, GEND, UEND, AMAT, ELE, G0R, RQ, RK,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-    PTA: tl.constexpr, MMDT: tl.constexpr, FLOOR: tl.constexpr, EPS: tl.constexpr,
+    PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr, EPS: tl.constexpr,
 ):
     """Gates → decays (Γ, γ, Γ⁻, γ⁻, ends); q̂, k̂, Kg, Km in chunk layout; A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η."""
     i_c = tl.program_id(0).to(tl.int64)
@@ -154,7 +154,7 @@ def _prepare_a_kernel(
         kn = tl.load(KK + tk, mask=m, other=0.0).to(tl.float32) * rk[:, None]
         kn_t = tl.load(KK + g_off[None, :] * K + o_k[:, None], mask=mk[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32) * rk[None, :]
-        p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision="ieee")
+        p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision=MMPREC)
         ck = (cck + r) * K + o_k[None, :]
         tl.store(QC + ck, qn, mask=mk[None, :])
         tl.store(KC + ck, kn, mask=mk[None, :])
@@ -241,7 +241,7 @@ def _solve_kernel(AMAT, TMAT, C: tl.constexpr):
 def _prepare_c_kernel(
     VV, KC, TMAT, ELE, G0R, CS, CL, UO, YO, ZO,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
 ):
     """[U, Y, Z] = T [−v, e^{le} k̂, γ⁻ k̂]."""
     i_c = tl.program_id(0).to(tl.int64)
@@ -260,7 +260,7 @@ def _prepare_c_kernel(
         mv = o_v < V
         vb = tl.load(VV + g_off[:, None] * V + o_v[None, :], mask=m_t[:, None] & mv[None, :],
                      other=0.0).to(tl.float32)
-        ub = tl.dot(tmm, (-vb).to(MMDT), input_precision="ieee")
+        ub = tl.dot(tmm, (-vb).to(MMDT), input_precision=MMPREC)
         tl.store(UO + (cck + r) * V + o_v[None, :], ub, mask=mv[None, :])
     ele = tl.load(ELE + cck + o_t)
     g0r = tl.load(G0R + cck + o_t)
@@ -269,9 +269,9 @@ def _prepare_c_kernel(
         mk = o_k < K
         ck = (cck + r) * K + o_k[None, :]
         kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
-        tl.store(YO + ck, tl.dot(tmm, (ele[:, None] * kn).to(MMDT), input_precision="ieee"),
+        tl.store(YO + ck, tl.dot(tmm, (ele[:, None] * kn).to(MMDT), input_precision=MMPREC),
                  mask=mk[None, :])
-        tl.store(ZO + ck, tl.dot(tmm, (g0r[:, None] * kn).to(MMDT), input_precision="ieee"),
+        tl.store(ZO + ck, tl.dot(tmm, (g0r[:, None] * kn).to(MMDT), input_precision=MMPREC),
                  mask=mk[None, :])
 
 
@@ -284,7 +284,7 @@ def _prepare_bwd_t_kernel(
     VV, KC, TMAT, ELE, G0R, CS, CL, DKC, DU, DY, DZ,
     DV, DKN, DA, KDK, DLE, DG0R,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
 ):
     """dR = Tᵀ dsol (→ dv, and the R_Y, R_Z parts of dk̂, dle, dγ⁻); dT = dsol Rᵀ;
     dA = −Tᵀ dT Tᵀ (strict lower). dk̂'s partial sum (all but the A and Kg/Km terms) and its
@@ -311,8 +311,8 @@ def _prepare_bwd_t_kernel(
         du = tl.load(DU + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0)
         vb_t = tl.load(VV + g_off[None, :] * V + o_v[:, None], mask=mv[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)
-        dtm += tl.dot(du.to(MMDT), (-vb_t).to(MMDT), input_precision="ieee")
-        dv = -tl.dot(t_t_mm, du.to(MMDT), input_precision="ieee")
+        dtm += tl.dot(du.to(MMDT), (-vb_t).to(MMDT), input_precision=MMPREC)
+        dv = -tl.dot(t_t_mm, du.to(MMDT), input_precision=MMPREC)
         tl.store(DV + g_off[:, None] * V + o_v[None, :], dv.to(DV.dtype.element_ty),
                  mask=m_t[:, None] & mv[None, :])
     kdk = tl.zeros([C], dtype=tl.float32)
@@ -326,10 +326,10 @@ def _prepare_bwd_t_kernel(
         kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
         dy = tl.load(DY + ck, mask=mk[None, :], other=0.0)
         dz = tl.load(DZ + ck, mask=mk[None, :], other=0.0)
-        dtm += tl.dot(dy.to(MMDT), (kn_t * ele[None, :]).to(MMDT), input_precision="ieee")
-        dtm += tl.dot(dz.to(MMDT), (kn_t * g0r[None, :]).to(MMDT), input_precision="ieee")
-        dry = tl.dot(t_t_mm, dy.to(MMDT), input_precision="ieee")
-        drz = tl.dot(t_t_mm, dz.to(MMDT), input_precision="ieee")
+        dtm += tl.dot(dy.to(MMDT), (kn_t * ele[None, :]).to(MMDT), input_precision=MMPREC)
+        dtm += tl.dot(dz.to(MMDT), (kn_t * g0r[None, :]).to(MMDT), input_precision=MMPREC)
+        dry = tl.dot(t_t_mm, dy.to(MMDT), input_precision=MMPREC)
+        drz = tl.dot(t_t_mm, dz.to(MMDT), input_precision=MMPREC)
         dkn = tl.load(DKC + ck, mask=mk[None, :], other=0.0) + ele[:, None] * dry + g0r[:, None] * drz
         tl.store(DKN + ck, dkn, mask=mk[None, :])
         kdk += tl.sum(kn * dkn, axis=1)
@@ -348,7 +348,7 @@ def _prepare_bwd_gates_kernel(
     DQC, DETC, DLAC, DG0C, DGAM, DKG, DKM, DAEND, DGEND, DUEND,
     DQ, DK, DLA, DLM, DBE, DET,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-    PTA: tl.constexpr, MMDT: tl.constexpr, FLOOR: tl.constexpr,
+    PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
 ):
     """From dA, the Kg/Km and direct cotangents: dk̂ (→ dk, dq through l2norm), then the
     gradients of the decays (Γ, Γ⁻, γ, γ⁻, ends) → log-cumsums → gates by reverse cumsum."""
@@ -389,7 +389,7 @@ def _prepare_bwd_gates_kernel(
         ck = (cck + r) * K + o_k[None, :]
         kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
         kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
-        p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision="ieee")
+        p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision=MMPREC)
         kdkg += tl.sum(kn * tl.load(DKG + ck, mask=mk[None, :], other=0.0), axis=1)
         kdkm += tl.sum(kn * tl.load(DKM + ck, mask=mk[None, :], other=0.0), axis=1)
         qdq += tl.sum(tl.load(QC + ck, mask=mk[None, :], other=0.0)
@@ -424,8 +424,8 @@ def _prepare_bwd_gates_kernel(
         kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
         kn_mm = kn.to(MMDT)
         dkn = (tl.load(DKN + ck, mask=mk[None, :], other=0.0)
-               + tl.dot(dp_mm, kn_mm, input_precision="ieee")
-               + tl.dot(dp_t_mm, kn_mm, input_precision="ieee")
+               + tl.dot(dp_mm, kn_mm, input_precision=MMPREC)
+               + tl.dot(dp_t_mm, kn_mm, input_precision=MMPREC)
                + cg[:, None] * tl.load(DKG + ck, mask=mk[None, :], other=0.0)
                + cm[:, None] * tl.load(DKM + ck, mask=mk[None, :], other=0.0))
         dqn = tl.load(DQC + ck, mask=mk[None, :], other=0.0)
@@ -481,7 +481,7 @@ def _prepare_bwd_gates_kernel(
 def _output_fwd_kernel(
     QC, KC, ETC, LAC, G0C, GAM, W, S0S, M0S, CS, CL, O, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
 ):
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -506,16 +506,16 @@ def _output_fwd_kernel(
         mk = o_k < K
         qb = tl.load(QC + (cck + r) * K + o_k[None, :], mask=mk[None, :], other=0.0)
         kb_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
-        p += tl.dot(qb.to(MMDT), kb_t.to(MMDT), input_precision="ieee")
+        p += tl.dot(qb.to(MMDT), kb_t.to(MMDT), input_precision=MMPREC)
         kv = ch * K * V + o_k[:, None] * V + o_v[None, :]
         mkv = mk[:, None] & mv[None, :]
         s0 = tl.load(S0S + kv, mask=mkv, other=0.0)
         m0 = tl.load(M0S + kv, mask=mkv, other=0.0)
-        acc += tl.dot((e_la[:, None] * qb).to(MMDT), s0.to(MMDT), input_precision="ieee")
-        acc -= tl.dot((g0[:, None] * qb).to(MMDT), m0.to(MMDT), input_precision="ieee")
+        acc += tl.dot((e_la[:, None] * qb).to(MMDT), s0.to(MMDT), input_precision=MMPREC)
+        acc -= tl.dot((g0[:, None] * qb).to(MMDT), m0.to(MMDT), input_precision=MMPREC)
     attn = tl.where(r >= c, tl.load(GAM + cck * C + r * C + c) * p * eta[None, :], 0.0)
     wb = tl.load(W + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0)
-    acc -= tl.dot(attn.to(MMDT), wb.to(MMDT), input_precision="ieee")
+    acc -= tl.dot(attn.to(MMDT), wb.to(MMDT), input_precision=MMPREC)
     tok = start + o_t
     tl.store(O + (tok * H + i_h)[:, None] * V + o_v[None, :], (scale * acc).to(O.dtype.element_ty),
              mask=m_t[:, None] & mv[None, :])
@@ -526,7 +526,7 @@ def _output_bwd_kernel(
     QC, KC, ETC, LAC, G0C, GAM, W, S0S, M0S, CS, CL, DO, scale,
     DQC, DKC, DETC, DLAC, DG0C, DGAM, DW, DS0S, DM0S,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
 ):
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -557,8 +557,8 @@ def _output_bwd_kernel(
         kb = tl.load(KC + ck, mask=mk[None, :], other=0.0).to(MMDT)
         qb_t = tl.load(QC + ckt, mask=mk[:, None], other=0.0).to(MMDT)
         kb_t = tl.load(KC + ckt, mask=mk[:, None], other=0.0).to(MMDT)
-        p += tl.dot(qb, kb_t, input_precision="ieee")
-        p_t += tl.dot(kb, qb_t, input_precision="ieee")
+        p += tl.dot(qb, kb_t, input_precision=MMPREC)
+        p_t += tl.dot(kb, qb_t, input_precision=MMPREC)
     attn_t = tl.where(r <= c, gam_t * p_t * eta[:, None], 0.0).to(MMDT)
     # dattn = −dO Wᵀ (and its transpose); dW = −attnᵀ dO, with dO = scale·do
     dat = tl.zeros([C, C], dtype=tl.float32)
@@ -572,9 +572,9 @@ def _output_bwd_kernel(
                                  mask=mv[:, None] & m_t[None, :], other=0.0).to(tl.float32)).to(MMDT)
         wb = tl.load(W + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0).to(MMDT)
         wb_t = tl.load(W + (cck + c) * V + o_v[:, None], mask=mv[:, None], other=0.0).to(MMDT)
-        dat -= tl.dot(dob, wb_t, input_precision="ieee")
-        dat_t -= tl.dot(wb, dob_t, input_precision="ieee")
-        dwb = -tl.dot(attn_t, dob, input_precision="ieee")
+        dat -= tl.dot(dob, wb_t, input_precision=MMPREC)
+        dat_t -= tl.dot(wb, dob_t, input_precision=MMPREC)
+        dwb = -tl.dot(attn_t, dob, input_precision=MMPREC)
         tl.store(DW + (cck + r) * V + o_v[None, :], dwb, mask=mv[None, :])
     dat = tl.where(incl, dat, 0.0)
     dat_t = tl.where(r <= c, dat_t, 0.0)
@@ -605,15 +605,15 @@ def _output_bwd_kernel(
             mkv_t = mv[:, None] & mk[None, :]
             s0_t = tl.load(S0S + kv_t, mask=mkv_t, other=0.0).to(MMDT)
             m0_t = tl.load(M0S + kv_t, mask=mkv_t, other=0.0).to(MMDT)
-            dqs += tl.dot(dob, s0_t, input_precision="ieee")
-            dqm += tl.dot(dob, m0_t, input_precision="ieee")
+            dqs += tl.dot(dob, s0_t, input_precision=MMPREC)
+            dqm += tl.dot(dob, m0_t, input_precision=MMPREC)
             kv = ch * K * V + o_k[:, None] * V + o_v[None, :]
             mkv = mk[:, None] & mv[None, :]
-            tl.store(DS0S + kv, tl.dot(qa_t, dob, input_precision="ieee"), mask=mkv)
-            tl.store(DM0S + kv, -tl.dot(qg_t, dob, input_precision="ieee"), mask=mkv)
+            tl.store(DS0S + kv, tl.dot(qa_t, dob, input_precision=MMPREC), mask=mkv)
+            tl.store(DM0S + kv, -tl.dot(qg_t, dob, input_precision=MMPREC), mask=mkv)
         dqb = (e_la[:, None] * dqs - g0[:, None] * dqm
-               + tl.dot(dp, kb.to(MMDT), input_precision="ieee"))
-        dkb = tl.dot(dp_t, qb.to(MMDT), input_precision="ieee")
+               + tl.dot(dp, kb.to(MMDT), input_precision=MMPREC))
+        dkb = tl.dot(dp_t, qb.to(MMDT), input_precision=MMPREC)
         dla += e_la * tl.sum(qb * dqs, axis=1)
         dg0 -= tl.sum(qb * dqm, axis=1)
         tl.store(DQC + ck, dqb, mask=mk[None, :])
@@ -647,6 +647,11 @@ def _tl_mm(mm_dtype):
     if mm_dtype == torch.float16:
         return tl.float16
     raise ValueError(f"mm_dtype must be None, float32, bfloat16 or float16, got {mm_dtype}")
+
+
+def _prec(mmdt) -> str:
+    # fp32 operands: exact products ("ieee", not tf32); 16-bit operands: the ordinary MMA path.
+    return "ieee" if mmdt == tl.float32 else "tf32"
 
 
 def _check_cdt(cdt):
@@ -696,12 +701,12 @@ class LocalPrepare(torch.autograd.Function):
             _prepare_a_kernel[(NC, H)](
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
                 amat, ele, g0r, rq, rk, H=H, K=K, C=C, BK=BK, NORM=use_qk_l2norm,
-                PTA=p_times_alpha, MMDT=mmdt, FLOOR=LOG_FLOOR, EPS=L2NORM_EPS, num_warps=nw,
+                PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS, num_warps=nw,
                 num_stages=1)
             _solve_kernel[(NC * H,)](amat, tmat, C=C, num_warps=1 if C == 16 else 2, num_stages=1)
             _prepare_c_kernel[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                MMDT=mmdt, num_warps=nw, num_stages=1)
+                MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw, num_stages=1)
         ctx.save_for_backward(v, *gates, cs, cl, qc, kc, tmat, ele, g0r, rq, rk)
         ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt)
         ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
@@ -730,11 +735,11 @@ class LocalPrepare(torch.autograd.Function):
         if NC > 0:
             _prepare_bwd_t_kernel[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, num_warps=nw, num_stages=1)
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw, num_stages=1)
             _prepare_bwd_gates_kernel[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk, dle, dg0r,
                 dqc, detc, dlac, dg0c, dgam, dKg, dKm, da_end, dg_end, du_end,
-                dq, dk, *dgates, H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt,
+                dq, dk, *dgates, H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
                 FLOOR=LOG_FLOOR, num_warps=nw, num_stages=1)
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
@@ -759,7 +764,7 @@ class LocalOutput(torch.autograd.Function):
         mmdt = _tl_mm(mm_dtype)
         if NC > 0:
             _output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
-                *args, cs, cl, o, float(scale), H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt,
+                *args, cs, cl, o, float(scale), H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
                 num_warps=4, num_stages=1)
         ctx.save_for_backward(*args, cs, cl)
         ctx.meta = (NC, H, C, K, V, float(scale), mmdt)
@@ -775,6 +780,6 @@ class LocalOutput(torch.autograd.Function):
         if NC > 0:
             _output_bwd_kernel[(NC, H)](
                 qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale, *grads,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, num_warps=_num_warps(C),
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=_num_warps(C),
                 num_stages=1)
         return (*grads, None, None, None, None, None)
