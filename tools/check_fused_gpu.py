@@ -36,12 +36,16 @@ from mdn_kernels.mdn.layout import build_layout  # noqa: E402
 from mdn_kernels.mdn.testing import random_inputs  # noqa: E402
 
 SHAPES = [dict(B=8, T=4096, H=6, K=128, V=256), dict(B=8, T=4096, H=6, K=256, V=512)]
+SMOKE_SHAPES = [dict(B=1, T=100, H=1, K=16, V=32)]   # --cpu-smoke: the script's own check
+DEVICE = "cuda"
 NAMES = ["o", "S", "M", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta"]
 
 
 def poison():
     """Fill most free GPU memory with NaN and hand it back to the caching allocator, so a kernel
     that reads memory it never wrote shows up as a non-finite result."""
+    if DEVICE != "cuda":
+        return
     free, _ = torch.cuda.mem_get_info()
     n = max(0, int(free * 0.8) // 4)
     if n:
@@ -58,8 +62,8 @@ def rel(a, b):
 
 def outputs_and_grads(fn, xs, seed=0):
     o, (S, M) = fn(xs)
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    cots = [torch.randn(t.shape, device="cuda", dtype=torch.float32, generator=g).to(t.dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    cots = [torch.randn(t.shape, device=DEVICE, dtype=torch.float32, generator=g).to(t.dtype)
             for t in (o, S, M)]
     loss = sum((t * c).sum() for t, c in zip((o, S, M), cots))
     return [t.detach() for t in (o, S, M, *torch.autograd.grad(loss, xs))]
@@ -74,7 +78,16 @@ def run_op(xs, fused: bool):
         chunk_mod.use_fused_local(None)
 
 
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn):
+    if DEVICE != "cuda":   # --cpu-smoke: one timed call, the numbers mean nothing
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
@@ -109,7 +122,7 @@ def time_parts(xs, sh, dtype):
         t0 = time.perf_counter()
         with torch.no_grad():
             prep(*xs[:7], *pargs)
-        torch.cuda.synchronize()
+        sync()
         first = time.perf_counter() - t0
         prep_fwd = timed(lambda: prep(*(x.detach() for x in xs[:7]), *pargs))
         prep_fb = timed(fwd_bwd_fn(lambda *a: prep(*a, *pargs), list(xs[:7])))
@@ -117,10 +130,10 @@ def time_parts(xs, sh, dtype):
             p = prep(*xs[:7], *pargs)
         qc, kc, et, la, g0, gam = (t.detach() for t in p[:6])
         NC = layout.num_chunks
-        g = torch.Generator(device="cuda").manual_seed(3)
-        W = torch.randn(NC, H, C, V, device="cuda", generator=g)
-        S0s = torch.randn(NC, H, K, V, device="cuda", generator=g)
-        M0s = torch.randn(NC, H, K, V, device="cuda", generator=g)
+        g = torch.Generator(device=DEVICE).manual_seed(3)
+        W = torch.randn(NC, H, C, V, device=DEVICE, generator=g)
+        S0s = torch.randn(NC, H, K, V, device=DEVICE, generator=g)
+        M0s = torch.randn(NC, H, K, V, device=DEVICE, generator=g)
         oin = [t.requires_grad_() for t in (qc, kc, et, la, g0, gam, W, S0s, M0s)]
         oargs = (layout.dest, K ** -0.5, mm, (B, T, H, V), dtype)
         out_fwd = timed(lambda: outp(*(t.detach() for t in oin), *oargs))
@@ -157,27 +170,42 @@ def time_op(xs, fused: bool):
             x.grad = None
 
     fwd_bwd()
-    torch.cuda.synchronize()
+    sync()
     return dict(fwd_ms=timed(fwd_only), fwd_bwd_ms=timed(fwd_bwd))
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--shapes", default="all", help="'all' or comma list of indices into SHAPES")
     ap.add_argument("--tol", type=float, default=1e-2, help="largest relative error accepted")
     ap.add_argument("--skip-exactness", action="store_true", help="timings only")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run the script itself at a tiny shape on CPU (Triton interpreter, fp32): "
+                         "checks the script, not the kernels' GPU behaviour")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("check_fused_gpu.py needs a CUDA GPU (no CUDA device here); run it on the GPU "
-                 "machine")
+    global DEVICE
+    if args.cpu_smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--cpu-smoke needs TRITON_INTERPRET=1 in the environment")
+        DEVICE = "cpu"
+        dtype = torch.float32
+        shapes = SMOKE_SHAPES
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("check_fused_gpu.py needs a CUDA GPU (no CUDA device here); run it on the "
+                     "GPU machine (or use --cpu-smoke with TRITON_INTERPRET=1 to test the script)")
+        dtype = getattr(torch, args.dtype)
+        shapes = (SHAPES if args.shapes == "all"
+                  else [SHAPES[int(i)] for i in args.shapes.split(",")])
     import triton
-    dtype = getattr(torch, args.dtype)
-    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     meta = dict(
-        card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        python=platform.python_version(), dtype=args.dtype, command=" ".join(sys.argv),
+        card=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)",
+        torch=torch.__version__, triton=triton.__version__,
+        python=platform.python_version(), dtype=str(dtype).removeprefix("torch."),
+        command=" ".join(sys.argv),
         env={k: v for k, v in os.environ.items() if k.startswith("MDN_")},
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         reference="float64 chunkwise torch path (backend='torch')",
@@ -195,7 +223,7 @@ def main():
         entry = dict(shape=sh)
         results.append(entry)
         xs = random_inputs(sh["B"], sh["T"], sh["H"], sh["K"], sh["V"], dtype=dtype,
-                           device="cuda", seed=1, requires_grad=True)
+                           device=DEVICE, seed=1, requires_grad=True)
         if not args.skip_exactness:
             x64 = [x.detach().double().requires_grad_() for x in xs]
             ref = outputs_and_grads(
@@ -206,13 +234,15 @@ def main():
                 out = run_op(xs, fused)
                 errs = {n: rel(a, b) for n, a, b in zip(NAMES, out, ref)}
                 entry[f"errors_{path}"] = errs
-                print(f"  {path:5s} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+                print(f"  {path:5s} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()),
+                      flush=True)
                 for n, e in errs.items():
                     if not (math.isfinite(e) and e < args.tol):
                         failed.append(f"{sh} {path} {n}: {e:.3e}")
                 del out
             del ref
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
             save()
         entry["parts"] = time_parts(xs, sh, dtype)
         save()
@@ -222,7 +252,8 @@ def main():
                   f"{entry[f'op_{path}']['fwd_bwd_ms']:7.3f} ms", flush=True)
         save()
         del xs
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     if failed:
         print("FAILED:\n  " + "\n  ".join(failed))
         sys.exit(1)

@@ -106,7 +106,8 @@ def fused_local_enabled(backend: str, cdt: torch.dtype, chunk_size: int) -> bool
     flag = _FUSED_LOCAL
     if flag is None:
         flag = os.environ.get("MDN_FUSED_LOCAL", "0") == "1"
-    return bool(flag) and backend == "triton" and cdt == torch.float32 and chunk_size in (16, 32, 64)
+    return (bool(flag) and backend == "triton" and cdt == torch.float32
+            and chunk_size in (16, 32, 64))
 
 
 def _maybe_compiled(fn, device: torch.device):

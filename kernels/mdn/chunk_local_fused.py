@@ -2,27 +2,35 @@
 
 `LocalPrepare` and `LocalOutput` are drop-in autograd replacements for chunk.py's
 `_local_prepare` and `_local_output`: same arguments, same outputs (chunk layout [NC, H, C, ·],
-compute dtype fp32), with hand-derived backward kernels. One program per (chunk, head) (the
-output's forward adds a V-block axis); the K and V dimensions are walked in blocks of at most
-64 so the live tiles stay C×64. Tokens are read from and written to the token layout
-[B·T, H, ·] directly, using each chunk's first token and length (padding rows are masked to
-zero, which is exactly the identity-gate padding of layout.py).
+compute dtype fp32), with hand-derived backward kernels. Tokens are read from and written to the
+token layout [B·T, H, ·] directly, using each chunk's first token and length (padding rows are
+masked to zero, which is exactly the identity-gate padding of layout.py). The K and V dimensions
+are walked in blocks of at most 64, so the live tiles stay C×64.
+
+Kernels (one program per (chunk, head) unless said):
+    prepare fwd: _prepare_a_kernel (gates → decays; q̂, k̂, Kg, Km; A)
+                 → _solve_kernel (T = (I + A)⁻¹, blocked; saved for backward)
+                 → _prepare_c_kernel ([U, Y, Z] = T R)
+    prepare bwd: _prepare_bwd_t_kernel (through T: dv, dA, most of dk̂)
+                 → _prepare_bwd_gates_kernel (through A's other factors, the decays, l2norm)
+    output:      _output_fwd_kernel (grid adds V blocks), _output_bwd_kernel
 
 Math (per chunk, per head; notation of chunk_torch.py's docstring):
     D1[t,i] = e^{la_t−la_i} (i≤t),  D2[t,i] = e^{le_t−la_i} (i<t),  Dm[i,j] = e^{lu_i−lu_j} (j≤i)
     B = diag(β) Dm;  Γ = D1 B;  Γ⁻ = D2 B;  b = β e^{lu};  γ = D1 b;  γ⁻ = D2 b
-    A = Γ⁻ ⊙ (k kᵀ) ⊙ η_col;  T = (I + A)⁻¹ (forward substitution, row by row);
-    [U, Y, Z] = T [−v, e^{le} k, γ⁻ k].
-Backward of T: with sol = T R, dR = Tᵀ dsol and dA = −Tᵀ (dsol Rᵀ) Tᵀ (strict lower part);
-the transposes a product needs are either built elementwise (decay matrices), loaded transposed
-from memory, or computed as their own product (dAᵀ = −T (R dsolᵀ) T) — never `tl.trans` of a
-dot result (Triton 3.4–3.7.0 mis-compiles that on Hopper, DESIGN §9). Decays are always
-exp of a masked difference of log-cumsums (never a positive exponent); gradients of the
-log-cumsums go to the gates by a reverse cumsum.
+    A = Γ⁻ ⊙ (k̂ k̂ᵀ) ⊙ η_col;  T = (I + A)⁻¹;  [U, Y, Z] = T R,  R = [−v, e^{le} k̂, γ⁻ k̂].
+T: the 16×16 diagonal blocks by row-by-row forward substitution, then block forward
+substitution T_ij = −T_ii Σ_k A_ik T_kj (fp32 products).
+Backward of T: dR = Tᵀ d[U,Y,Z] and dA = −Tᵀ (d[U,Y,Z] Rᵀ) Tᵀ on the strict lower triangle;
+dA goes through scratch memory so that dAᵀ is a transposed load. Every transpose a product
+needs is built elementwise (decay matrices), loaded transposed, or computed as its own product —
+never `tl.trans` of a dot result (Triton 3.4–3.7.0 mis-compiles that on Hopper, DESIGN §9).
+Decays are always exp of a masked difference of log-cumsums; the gradients of the log-cumsums
+go to the gates by a reverse cumsum; l2norm's backward is dx = r (dx̂ − x̂ (x̂·dx̂)).
 
 Only the fp32 compute dtype is supported (fp64 inputs keep the torch path). With 16-bit model
 inputs (mm_dtype = bf16) the products over K and V take bf16 operands with fp32 accumulation, as
-the torch path's `_mm`; the C×C decay products always run in fp32 ("ieee").
+the torch path's `_mm`; the C×C decay products and the solve always run in fp32 ("ieee").
 """
 from __future__ import annotations
 
@@ -87,7 +95,8 @@ def _prepare_a_kernel(
     Q, KK, LA, LM, BE, ET, CS, CL,
     QC, KC, ETC, LAC, G0C, GAM, KGO, KMO, AEND, GEND, UEND, AMAT, ELE, G0R, RQ, RK,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-    PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr, EPS: tl.constexpr,
+    PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
+    EPS: tl.constexpr,
 ):
     """Gates → decays (Γ, γ, Γ⁻, γ⁻, ends); q̂, k̂, Kg, Km in chunk layout; A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η."""
     i_c = tl.program_id(0).to(tl.int64)
@@ -167,7 +176,7 @@ def _prepare_a_kernel(
 @triton.jit
 def _inv_diag16(AMAT, base, C: tl.constexpr, i: tl.constexpr):
     """(I + A_ii)⁻¹ of the i-th 16×16 diagonal block, by forward substitution:
-    row t = e_t − Σ_{j<t} A[t, j] T[j, :] (A_iiᵀ is loaded so that A[t, :] comes out as a column)."""
+    row t = e_t − Σ_{j<t} A[t, j] T[j, :] (A_iiᵀ is loaded, so A[t, :] comes out as a column)."""
     o = tl.arange(0, 16)
     r = o[:, None]
     c = o[None, :]
@@ -330,7 +339,8 @@ def _prepare_bwd_t_kernel(
         dtm += tl.dot(dz.to(MMDT), (kn_t * g0r[None, :]).to(MMDT), input_precision=MMPREC)
         dry = tl.dot(t_t_mm, dy.to(MMDT), input_precision=MMPREC)
         drz = tl.dot(t_t_mm, dz.to(MMDT), input_precision=MMPREC)
-        dkn = tl.load(DKC + ck, mask=mk[None, :], other=0.0) + ele[:, None] * dry + g0r[:, None] * drz
+        dkn = (tl.load(DKC + ck, mask=mk[None, :], other=0.0)
+               + ele[:, None] * dry + g0r[:, None] * drz)
         tl.store(DKN + ck, dkn, mask=mk[None, :])
         kdk += tl.sum(kn * dkn, axis=1)
         kdry += tl.sum(kn * dry, axis=1)
@@ -568,8 +578,9 @@ def _output_bwd_kernel(
         mv = o_v < V
         dob = (scale * tl.load(DO + tok_row[:, None] * V + o_v[None, :],
                                mask=m_t[:, None] & mv[None, :], other=0.0).to(tl.float32)).to(MMDT)
-        dob_t = (scale * tl.load(DO + tok_row[None, :] * V + o_v[:, None],
-                                 mask=mv[:, None] & m_t[None, :], other=0.0).to(tl.float32)).to(MMDT)
+        dob_t = scale * tl.load(DO + tok_row[None, :] * V + o_v[:, None],
+                                mask=mv[:, None] & m_t[None, :], other=0.0).to(tl.float32)
+        dob_t = dob_t.to(MMDT)
         wb = tl.load(W + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0).to(MMDT)
         wb_t = tl.load(W + (cck + c) * V + o_v[:, None], mask=mv[:, None], other=0.0).to(MMDT)
         dat -= tl.dot(dob, wb_t, input_precision=MMPREC)
@@ -599,8 +610,9 @@ def _output_bwd_kernel(
         for v0 in range(0, V, BV):
             o_v = v0 + tl.arange(0, BV)
             mv = o_v < V
-            dob = (scale * tl.load(DO + tok_row[:, None] * V + o_v[None, :],
-                                   mask=m_t[:, None] & mv[None, :], other=0.0).to(tl.float32)).to(MMDT)
+            dob = scale * tl.load(DO + tok_row[:, None] * V + o_v[None, :],
+                                  mask=m_t[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            dob = dob.to(MMDT)
             kv_t = ch * K * V + o_k[None, :] * V + o_v[:, None]     # [BV, BK] view of S0ᵀ
             mkv_t = mv[:, None] & mk[None, :]
             s0_t = tl.load(S0S + kv_t, mask=mkv_t, other=0.0).to(MMDT)
@@ -701,7 +713,8 @@ class LocalPrepare(torch.autograd.Function):
             _prepare_a_kernel[(NC, H)](
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
                 amat, ele, g0r, rq, rk, H=H, K=K, C=C, BK=BK, NORM=use_qk_l2norm,
-                PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS, num_warps=nw,
+                PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
+                num_warps=nw,
                 num_stages=1)
             _solve_kernel[(NC * H,)](amat, tmat, C=C, num_warps=1 if C == 16 else 2, num_stages=1)
             _prepare_c_kernel[(NC, H)](
@@ -735,11 +748,13 @@ class LocalPrepare(torch.autograd.Function):
         if NC > 0:
             _prepare_bwd_t_kernel[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw, num_stages=1)
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw,
+                num_stages=1)
             _prepare_bwd_gates_kernel[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk, dle, dg0r,
                 dqc, detc, dlac, dg0c, dgam, dKg, dKm, da_end, dg_end, du_end,
-                dq, dk, *dgates, H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
+                dq, dk, *dgates, H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt,
+                MMPREC=_prec(mmdt),
                 FLOOR=LOG_FLOOR, num_warps=nw, num_stages=1)
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
@@ -764,7 +779,8 @@ class LocalOutput(torch.autograd.Function):
         mmdt = _tl_mm(mm_dtype)
         if NC > 0:
             _output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
-                *args, cs, cl, o, float(scale), H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
+                *args, cs, cl, o, float(scale), H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt,
+                MMPREC=_prec(mmdt),
                 num_warps=4, num_stages=1)
         ctx.save_for_backward(*args, cs, cl)
         ctx.meta = (NC, H, C, K, V, float(scale), mmdt)
@@ -780,6 +796,7 @@ class LocalOutput(torch.autograd.Function):
         if NC > 0:
             _output_bwd_kernel[(NC, H)](
                 qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale, *grads,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=_num_warps(C),
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
+                num_warps=_num_warps(C),
                 num_stages=1)
         return (*grads, None, None, None, None, None)

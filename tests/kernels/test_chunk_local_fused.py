@@ -127,7 +127,8 @@ def test_local_prepare_zero_momentum_and_no_norm():
     check(IN_NAMES, g_out, g_ref, 1e-5)
 
 
-@pytest.mark.parametrize("shape,chunk", [(s, 16) for s in SHAPES] + [((1, 150, 1, 16, 32, [70, 80]), 64)],
+@pytest.mark.parametrize("shape,chunk",
+                         [(s, 16) for s in SHAPES] + [((1, 150, 1, 16, 32, [70, 80]), 64)],
                          ids=["ragged", "packed", "odd-KV", "packed-C64"])
 def test_local_output(shape, chunk, block_cap):
     B, T, H, K, V, lens = shape
@@ -223,3 +224,25 @@ def test_mdn_chunk_with_fused_local(lens, fused_on):
     out = run(lambda x: mdn_chunk(*x[:7], initial_state=(x[7], x[8]), output_final_state=True,
                                   cu_seqlens=cu, backend="triton", chunk_size=16), torch.float32)
     check(["o", "S", "M", *IN_NAMES, "dS0", "dM0"], out, ref, 1e-5)
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """tools/check_fused_gpu.py's own logic, at a tiny shape under the interpreter (--cpu-smoke);
+    without that flag and without CUDA it must refuse with a clear message."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    script = os.path.join(root, "tools", "check_fused_gpu.py")
+    out = tmp_path / "r.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, script, "--cpu-smoke", "--out", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    res = json.loads(out.read_text())
+    assert res["failed"] == [] and set(res["results"][0]) >= {"errors_fused", "parts", "op_fused"}
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, script, "--out", str(out)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
