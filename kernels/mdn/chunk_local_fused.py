@@ -30,9 +30,12 @@ go to the gates by a reverse cumsum; l2norm's backward is dx = r (dx̂ − x̂ (
 
 Only the fp32 compute dtype is supported (fp64 inputs keep the torch path). With 16-bit model
 inputs (mm_dtype = bf16) the products over K and V take bf16 operands with fp32 accumulation, as
-the torch path's `_mm`; the C×C decay products and the solve always run in fp32 ("ieee").
+the torch path's `_mm`; the C×C decay products, the solve and dA run in fp32 (exact "ieee" FMAs
+by default; MDN_FUSED_FP32_DOT=tf32x3 puts them on tensor cores at about fp32 accuracy).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -96,7 +99,7 @@ def _prepare_a_kernel(
     QC, KC, ETC, LAC, G0C, GAM, KGO, KMO, AEND, GEND, UEND, AMAT, ELE, G0R, RQ, RK,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
     PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
-    EPS: tl.constexpr,
+    EPS: tl.constexpr, F32P: tl.constexpr,
 ):
     """Gates → decays (Γ, γ, Γ⁻, γ⁻, ends); q̂, k̂, Kg, Km in chunk layout; A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η."""
     i_c = tl.program_id(0).to(tl.int64)
@@ -116,7 +119,7 @@ def _prepare_a_kernel(
     d1 = _decay(la, la, incl)
     d2 = _decay(le, la, r > c)
     bm = beta[:, None] * _decay(lu, lu, incl)
-    gam = tl.dot(d1, bm, input_precision="ieee")
+    gam = tl.dot(d1, bm, input_precision=F32P)
     bvec = beta * tl.exp(lu)
     g0 = tl.sum(d1 * bvec[None, :], axis=1)
     g0r = tl.sum(d2 * bvec[None, :], axis=1)
@@ -169,7 +172,7 @@ def _prepare_a_kernel(
         tl.store(KC + ck, kn, mask=mk[None, :])
         tl.store(KGO + ck, cg[:, None] * kn, mask=mk[None, :])
         tl.store(KMO + ck, cm[:, None] * kn, mask=mk[None, :])
-    gam_r = tl.dot(d2, bm, input_precision="ieee")
+    gam_r = tl.dot(d2, bm, input_precision=F32P)
     tl.store(AMAT + cck * C + r * C + c, gam_r * p * eta[None, :])
 
 
@@ -202,7 +205,7 @@ def _put(X, base, C: tl.constexpr, i: tl.constexpr, j: tl.constexpr, val):
 
 
 @triton.jit
-def _solve_kernel(AMAT, TMAT, C: tl.constexpr):
+def _solve_kernel(AMAT, TMAT, C: tl.constexpr, F32P: tl.constexpr):
     """T = (I + A)⁻¹ for one chunk-head, A strictly lower triangular, C ∈ {16, 32, 64}: the 16×16
     diagonal blocks by substitution, then block forward substitution
     T_ij = −T_ii Σ_{j≤k<i} A_ik T_kj with 16×16 products (all fp32). Upper blocks are zero."""
@@ -212,8 +215,8 @@ def _solve_kernel(AMAT, TMAT, C: tl.constexpr):
     if C >= 32:
         z = tl.zeros([16, 16], dtype=tl.float32)
         t11 = _inv_diag16(AMAT, base, C, 1)
-        t10 = -tl.dot(t11, tl.dot(_blk(AMAT, base, C, 1, 0), t00, input_precision="ieee"),
-                      input_precision="ieee")
+        t10 = -tl.dot(t11, tl.dot(_blk(AMAT, base, C, 1, 0), t00, input_precision=F32P),
+                      input_precision=F32P)
         _put(TMAT, base, C, 1, 1, t11)
         _put(TMAT, base, C, 1, 0, t10)
         _put(TMAT, base, C, 0, 1, z)
@@ -225,15 +228,15 @@ def _solve_kernel(AMAT, TMAT, C: tl.constexpr):
             a30 = _blk(AMAT, base, C, 3, 0)
             a31 = _blk(AMAT, base, C, 3, 1)
             a32 = _blk(AMAT, base, C, 3, 2)
-            t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision="ieee"), input_precision="ieee")
-            t20 = -tl.dot(t22, tl.dot(a20, t00, input_precision="ieee")
-                          + tl.dot(a21, t10, input_precision="ieee"), input_precision="ieee")
-            t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision="ieee"), input_precision="ieee")
-            t31 = -tl.dot(t33, tl.dot(a31, t11, input_precision="ieee")
-                          + tl.dot(a32, t21, input_precision="ieee"), input_precision="ieee")
-            t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision="ieee")
-                          + tl.dot(a31, t10, input_precision="ieee")
-                          + tl.dot(a32, t20, input_precision="ieee"), input_precision="ieee")
+            t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=F32P), input_precision=F32P)
+            t20 = -tl.dot(t22, tl.dot(a20, t00, input_precision=F32P)
+                          + tl.dot(a21, t10, input_precision=F32P), input_precision=F32P)
+            t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=F32P), input_precision=F32P)
+            t31 = -tl.dot(t33, tl.dot(a31, t11, input_precision=F32P)
+                          + tl.dot(a32, t21, input_precision=F32P), input_precision=F32P)
+            t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision=F32P)
+                          + tl.dot(a31, t10, input_precision=F32P)
+                          + tl.dot(a32, t20, input_precision=F32P), input_precision=F32P)
             _put(TMAT, base, C, 2, 2, t22)
             _put(TMAT, base, C, 3, 3, t33)
             _put(TMAT, base, C, 2, 1, t21)
@@ -294,6 +297,7 @@ def _prepare_bwd_t_kernel(
     DV, DKN, DA, KDK, DLE, DG0R,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
+    F32P: tl.constexpr,
 ):
     """dR = Tᵀ dsol (→ dv, and the R_Y, R_Z parts of dk̂, dle, dγ⁻); dT = dsol Rᵀ;
     dA = −Tᵀ dT Tᵀ (strict lower). dk̂'s partial sum (all but the A and Kg/Km terms) and its
@@ -345,7 +349,7 @@ def _prepare_bwd_t_kernel(
         kdk += tl.sum(kn * dkn, axis=1)
         kdry += tl.sum(kn * dry, axis=1)
         kdrz += tl.sum(kn * drz, axis=1)
-    da = -tl.dot(t_t, tl.dot(dtm, t_t, input_precision="ieee"), input_precision="ieee")
+    da = -tl.dot(t_t, tl.dot(dtm, t_t, input_precision=F32P), input_precision=F32P)
     tl.store(DA + cck * C + r * C + c, tl.where(r > c, da, 0.0))
     tl.store(KDK + cck + o_t, kdk)
     tl.store(DLE + cck + o_t, ele * kdry)
@@ -359,6 +363,7 @@ def _prepare_bwd_gates_kernel(
     DQ, DK, DLA, DLM, DBE, DET,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
     PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
+    F32P: tl.constexpr,
 ):
     """From dA, the Kg/Km and direct cotangents: dk̂ (→ dk, dq through l2norm), then the
     gradients of the decays (Γ, Γ⁻, γ, γ⁻, ends) → log-cumsums → gates by reverse cumsum."""
@@ -408,14 +413,14 @@ def _prepare_bwd_gates_kernel(
     # A = Γ⁻ ⊙ P ⊙ η_col: dΓ⁻, dP (and dPᵀ from dAᵀ, loaded transposed), dη
     d2 = _decay(le, la, strict)
     bm = beta[:, None] * dm
-    gam_r = tl.dot(d2, bm, input_precision="ieee")
+    gam_r = tl.dot(d2, bm, input_precision=F32P)
     da = tl.load(DA + cck * C + r * C + c)
     dgam_r = da * p * eta[None, :]
     dp = da * gam_r * eta[None, :]
     deta = tl.sum(da * gam_r * p, axis=0)
     bt = beta[None, :] * _decay_t(lu, lu, r <= c)                     # Bᵀ
     d2t = _decay_t(le, la, r < c)                                     # D2ᵀ
-    gam_rt = tl.dot(bt, d2t, input_precision="ieee")
+    gam_rt = tl.dot(bt, d2t, input_precision=F32P)
     da_t = tl.load(DA + cck * C + c * C + r)
     dp_t = da_t * gam_rt * eta[:, None]
     kdk = (tl.load(KDK + cck + o_t) + tl.sum(dp * p, axis=1) + tl.sum(dp_t * p, axis=1)
@@ -459,14 +464,14 @@ def _prepare_bwd_gates_kernel(
     deta += e_lu_rel * kdkm
     d1 = _decay(la, la, incl)
     d1t = _decay_t(la, la, r <= c)
-    dd1 = tl.dot(dgam, bt, input_precision="ieee") + dg0[:, None] * bvec[None, :]
+    dd1 = tl.dot(dgam, bt, input_precision=F32P) + dg0[:, None] * bvec[None, :]
     e1 = tl.where(incl, dd1 * d1, 0.0)
     dla += tl.sum(e1, axis=1) - tl.sum(e1, axis=0)
-    dd2 = tl.dot(dgam_r, bt, input_precision="ieee") + dg0r[:, None] * bvec[None, :]
+    dd2 = tl.dot(dgam_r, bt, input_precision=F32P) + dg0r[:, None] * bvec[None, :]
     e2 = tl.where(strict, dd2 * d2, 0.0)
     dle += tl.sum(e2, axis=1)
     dla += dle - tl.sum(e2, axis=0)
-    db_m = tl.dot(d1t, dgam, input_precision="ieee") + tl.dot(d2t, dgam_r, input_precision="ieee")
+    db_m = tl.dot(d1t, dgam, input_precision=F32P) + tl.dot(d2t, dgam_r, input_precision=F32P)
     db_v = tl.sum(d1t * dg0[None, :], axis=1) + tl.sum(d2t * dg0r[None, :], axis=1)
     em = tl.where(incl, db_m * bm, 0.0)
     dbeta = tl.sum(tl.where(incl, db_m * dm, 0.0), axis=1) + db_v * tl.exp(lu)
@@ -661,9 +666,19 @@ def _tl_mm(mm_dtype):
     raise ValueError(f"mm_dtype must be None, float32, bfloat16 or float16, got {mm_dtype}")
 
 
+def _f32p() -> str:
+    """Precision of the fp32 products (decays, solve, dA; all products for fp32 models):
+    MDN_FUSED_FP32_DOT = "ieee" (default: exact fp32 FMAs) or "tf32x3" (three TF32 MMAs on
+    tensor cores, about fp32 accuracy) -- a speed knob to measure on the GPU."""
+    prec = os.environ.get("MDN_FUSED_FP32_DOT", "ieee")
+    if prec not in ("ieee", "tf32x3"):
+        raise ValueError(f"MDN_FUSED_FP32_DOT must be 'ieee' or 'tf32x3', got {prec!r}")
+    return prec
+
+
 def _prec(mmdt) -> str:
-    # fp32 operands: exact products ("ieee", not tf32); 16-bit operands: the ordinary MMA path.
-    return "ieee" if mmdt == tl.float32 else "tf32"
+    # fp32 operands: _f32p() (never plain tf32); 16-bit operands: the ordinary MMA path.
+    return _f32p() if mmdt == tl.float32 else "tf32"
 
 
 def _check_cdt(cdt):
@@ -714,9 +729,10 @@ class LocalPrepare(torch.autograd.Function):
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
                 amat, ele, g0r, rq, rk, H=H, K=K, C=C, BK=BK, NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
-                num_warps=nw,
+                F32P=_f32p(), num_warps=nw,
                 num_stages=1)
-            _solve_kernel[(NC * H,)](amat, tmat, C=C, num_warps=1 if C == 16 else 2, num_stages=1)
+            _solve_kernel[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
+                                     num_warps=1 if C == 16 else 2, num_stages=1)
             _prepare_c_kernel[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
                 MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw, num_stages=1)
@@ -748,13 +764,14 @@ class LocalPrepare(torch.autograd.Function):
         if NC > 0:
             _prepare_bwd_t_kernel[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw,
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), F32P=_f32p(),
+                num_warps=nw,
                 num_stages=1)
             _prepare_bwd_gates_kernel[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk, dle, dg0r,
                 dqc, detc, dlac, dg0c, dgam, dKg, dKm, da_end, dg_end, du_end,
                 dq, dk, *dgates, H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt,
-                MMPREC=_prec(mmdt),
+                MMPREC=_prec(mmdt), F32P=_f32p(),
                 FLOOR=LOG_FLOOR, num_warps=nw, num_stages=1)
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)

@@ -246,3 +246,11 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
         run = subprocess.run([sys.executable, script, "--out", str(out)], env=env,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
+def test_rejects_bad_fp32_dot_setting(monkeypatch):
+    monkeypatch.setenv("MDN_FUSED_FP32_DOT", "tf32")
+    xs64, layout = _inputs(1, 16, 1, 16, 16, None, seed=1)
+    with pytest.raises(ValueError, match="MDN_FUSED_FP32_DOT"):
+        fused.LocalPrepare.apply(*(x.float() for x in xs64), layout.dest, layout.num_chunks, 16,
+                                 torch.float32, True, True, None)
