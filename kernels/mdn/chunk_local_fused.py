@@ -12,7 +12,8 @@ Kernels (one program per (chunk, head) unless said):
                  → _solve_kernel (T = (I + A)⁻¹, blocked; saved for backward)
                  → _prepare_c_kernel ([U, Y, Z] = T R)
     prepare bwd: _prepare_bwd_t_kernel (through T: dv, dA, most of dk̂)
-                 → _prepare_bwd_gates_kernel (through A's other factors, the decays, l2norm)
+                 → _prepare_bwd_k_kernel (through A's other factors and l2norm: dk, dq, dη)
+                 → _prepare_bwd_decay_kernel (through the decays: d log α, d log μ, dβ)
     output:      _output_fwd_kernel (grid adds V blocks), _output_bwd_kernel
 
 Math (per chunk, per head; notation of chunk_torch.py's docstring):
@@ -43,7 +44,11 @@ import triton.language as tl
 
 LOG_FLOOR = -1e4          # as chunk.py: a finite floor for log α, log μ (μ ≡ 0 is GDN mode)
 L2NORM_EPS = 1e-6         # as naive.l2norm
-BLOCK_CAP = 64            # largest K / V block; tests lower it to exercise the block loops
+# Largest K / V blocks the kernels walk (tests lower them to exercise the block loops). K blocks
+# of 32 keep every kernel at C = 64 within 255 registers a thread with at most ~64 bytes of
+# spill (ptxas -v for sm_90, K = 128/256, V = 256/512); K blocks of 64 spill up to 1.7 KB.
+BLOCK_K = 32
+BLOCK_V = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +73,45 @@ def _decay_t(x, y, mask):
 def _pick(x, o_t, idx):
     """x[idx] of a 1-D tile as a scalar."""
     return tl.sum(tl.where(o_t == idx, x, 0.0), axis=0)
+
+
+@triton.jit
+def _sub(x, o_t, o_b):
+    """x[o_b]: a sub-vector of a register vector x (indexed by o_t), selected without memory."""
+    return tl.sum(tl.where(o_t[None, :] == o_b[:, None], x[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _gam_pair(la, lu, le, beta, o_t, C: tl.constexpr, F32P: tl.constexpr):
+    """Γ = D1 B and Γ⁻ = D2 B. The contraction index runs in blocks of 16, each block's factors
+    built from the gate vectors: an fp32 FMA dot over all C = 64 at once needs more than the 255
+    registers a thread has (ptxas spills), over 16 it does not."""
+    r = o_t[:, None]
+    c = o_t[None, :]
+    gam = tl.zeros([C, C], dtype=tl.float32)
+    gam_r = tl.zeros([C, C], dtype=tl.float32)
+    for b0 in tl.static_range(0, C, 16):
+        o_b = b0 + tl.arange(0, 16)
+        la_b = _sub(la, o_t, o_b)
+        bm_b = _sub(beta, o_t, o_b)[:, None] * _decay(_sub(lu, o_t, o_b), lu, o_b[:, None] >= c)
+        gam += tl.dot(_decay(la, la_b, r >= o_b[None, :]), bm_b, input_precision=F32P)
+        gam_r += tl.dot(_decay(le, la_b, r > o_b[None, :]), bm_b, input_precision=F32P)
+    return gam, gam_r
+
+
+@triton.jit
+def _gam_r_t(la, lu, le, beta, o_t, C: tl.constexpr, F32P: tl.constexpr):
+    """Γ⁻ᵀ = Bᵀ D2ᵀ, blocked over the contraction index as _gam_pair."""
+    r = o_t[:, None]
+    c = o_t[None, :]
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for b0 in tl.static_range(0, C, 16):
+        o_b = b0 + tl.arange(0, 16)
+        lu_b = _sub(lu, o_t, o_b)
+        bt_b = _sub(beta, o_t, o_b)[None, :] * _decay_t(lu_b, lu, r <= o_b[None, :])   # [C, 16]
+        d2t_b = _decay_t(le, _sub(la, o_t, o_b), o_b[:, None] < c)                    # [16, C]
+        acc += tl.dot(bt_b, d2t_b, input_precision=F32P)
+    return acc
 
 
 @triton.jit
@@ -116,13 +160,10 @@ def _prepare_a_kernel(
     incl = r >= c
 
     _, _, _, beta, eta, la, lu, le = _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
-    d1 = _decay(la, la, incl)
-    d2 = _decay(le, la, r > c)
-    bm = beta[:, None] * _decay(lu, lu, incl)
-    gam = tl.dot(d1, bm, input_precision=F32P)
+    gam, gam_r = _gam_pair(la, lu, le, beta, o_t, C, F32P)
     bvec = beta * tl.exp(lu)
-    g0 = tl.sum(d1 * bvec[None, :], axis=1)
-    g0r = tl.sum(d2 * bvec[None, :], axis=1)
+    g0 = tl.sum(_decay(la, la, incl) * bvec[None, :], axis=1)
+    g0r = tl.sum(_decay(le, la, r > c) * bvec[None, :], axis=1)
     la_last = _pick(la, o_t, C - 1)
     lu_last = _pick(lu, o_t, C - 1)
     cg = tl.sum(tl.where(r == C - 1, gam, 0.0), axis=0) * eta       # Γ[C−1, j] η_j
@@ -172,7 +213,6 @@ def _prepare_a_kernel(
         tl.store(KC + ck, kn, mask=mk[None, :])
         tl.store(KGO + ck, cg[:, None] * kn, mask=mk[None, :])
         tl.store(KMO + ck, cm[:, None] * kn, mask=mk[None, :])
-    gam_r = tl.dot(d2, bm, input_precision=F32P)
     tl.store(AMAT + cck * C + r * C + c, gam_r * p * eta[None, :])
 
 
@@ -297,7 +337,7 @@ def _prepare_bwd_t_kernel(
     DV, DKN, DA, KDK, DLE, DG0R,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
-    F32P: tl.constexpr,
+    DAP: tl.constexpr,
 ):
     """dR = Tᵀ dsol (→ dv, and the R_Y, R_Z parts of dk̂, dle, dγ⁻); dT = dsol Rᵀ;
     dA = −Tᵀ dT Tᵀ (strict lower). dk̂'s partial sum (all but the A and Kg/Km terms) and its
@@ -349,7 +389,7 @@ def _prepare_bwd_t_kernel(
         kdk += tl.sum(kn * dkn, axis=1)
         kdry += tl.sum(kn * dry, axis=1)
         kdrz += tl.sum(kn * drz, axis=1)
-    da = -tl.dot(t_t, tl.dot(dtm, t_t, input_precision=F32P), input_precision=F32P)
+    da = -tl.dot(t_t, tl.dot(dtm, t_t, input_precision=DAP), input_precision=DAP)
     tl.store(DA + cck * C + r * C + c, tl.where(r > c, da, 0.0))
     tl.store(KDK + cck + o_t, kdk)
     tl.store(DLE + cck + o_t, ele * kdry)
@@ -357,16 +397,17 @@ def _prepare_bwd_t_kernel(
 
 
 @triton.jit
-def _prepare_bwd_gates_kernel(
-    LA, LM, BE, ET, CS, CL, QC, KC, RQ, RK, DA, DKN, KDK, DLE, DG0R,
-    DQC, DETC, DLAC, DG0C, DGAM, DKG, DKM, DAEND, DGEND, DUEND,
-    DQ, DK, DLA, DLM, DBE, DET,
+def _prepare_bwd_k_kernel(
+    LA, LM, BE, ET, CS, CL, QC, KC, RQ, RK, DA, DKN, KDK,
+    DQC, DETC, DGAM, DKG, DKM,
+    DQ, DK, DET, DGT, DGR, KDKM,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
     PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
     F32P: tl.constexpr,
 ):
-    """From dA, the Kg/Km and direct cotangents: dk̂ (→ dk, dq through l2norm), then the
-    gradients of the decays (Γ, Γ⁻, γ, γ⁻, ends) → log-cumsums → gates by reverse cumsum."""
+    """From dA (A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η_col), Kg, Km and the direct cotangents: dk̂ → dk, dq through
+    l2norm's backward, and dη. Hands on to the decay kernel: dΓ⁻ and the total dΓ (scratch
+    [C, C]) and k̂·dKm."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
@@ -378,17 +419,12 @@ def _prepare_bwd_gates_kernel(
     g_off = (start + o_t) * H + i_h
     r = o_t[:, None]
     c = o_t[None, :]
-    incl = r >= c
-    strict = r > c
-    last = o_t == C - 1
 
-    la_raw, lm_raw, _, beta, eta, la, lu, le = _gate_setup(
-        LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
+    _, _, _, beta, eta, la, lu, le = _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
     la_last = _pick(la, o_t, C - 1)
     lu_last = _pick(lu, o_t, C - 1)
-    dm = _decay(lu, lu, incl)
-    # Γ[C−1, j] = Σ_i e^{la_last − la_i} β_i Dm[i, j]
-    gam_last = tl.sum((tl.exp(la_last - la) * beta)[:, None] * dm, axis=0)
+    # Γ[C−1, j] = Σ_i e^{la_last − la_i} β_i e^{lu_i − lu_j} (i ≥ j)
+    gam_last = tl.sum((tl.exp(la_last - la) * beta)[:, None] * _decay(lu, lu, r >= c), axis=0)
     cg = gam_last * eta
     e_lu_rel = tl.exp(lu_last - lu)
     cm = e_lu_rel * eta
@@ -410,19 +446,22 @@ def _prepare_bwd_gates_kernel(
         qdq += tl.sum(tl.load(QC + ck, mask=mk[None, :], other=0.0)
                       * tl.load(DQC + ck, mask=mk[None, :], other=0.0), axis=1)
 
-    # A = Γ⁻ ⊙ P ⊙ η_col: dΓ⁻, dP (and dPᵀ from dAᵀ, loaded transposed), dη
-    d2 = _decay(le, la, strict)
-    bm = beta[:, None] * dm
-    gam_r = tl.dot(d2, bm, input_precision=F32P)
+    # dΓ⁻ = dA ⊙ P ⊙ η_col, dP = dA ⊙ Γ⁻ ⊙ η_col, dPᵀ from dAᵀ (a transposed load), dη
+    _, gam_r = _gam_pair(la, lu, le, beta, o_t, C, F32P)
     da = tl.load(DA + cck * C + r * C + c)
-    dgam_r = da * p * eta[None, :]
+    tl.store(DGR + cck * C + r * C + c, da * p * eta[None, :])
     dp = da * gam_r * eta[None, :]
-    deta = tl.sum(da * gam_r * p, axis=0)
-    bt = beta[None, :] * _decay_t(lu, lu, r <= c)                     # Bᵀ
-    d2t = _decay_t(le, la, r < c)                                     # D2ᵀ
-    gam_rt = tl.dot(bt, d2t, input_precision=F32P)
-    da_t = tl.load(DA + cck * C + c * C + r)
-    dp_t = da_t * gam_rt * eta[:, None]
+    deta = (tl.sum(da * gam_r * p, axis=0) + tl.load(DETC + cck + o_t) + gam_last * kdkg
+            + e_lu_rel * kdkm)
+    tl.store(DET + g_off, deta.to(DET.dtype.element_ty), mask=m_t)
+    gam_rt = _gam_r_t(la, lu, le, beta, o_t, C, F32P)
+    dp_t = tl.load(DA + cck * C + c * C + r) * gam_rt * eta[:, None]
+    # dΓ in total: the direct cotangent and Kg's row C−1
+    dgam = tl.load(DGAM + cck * C + r * C + c) + tl.where(r == C - 1, (eta * kdkg)[None, :], 0.0)
+    tl.store(DGT + cck * C + r * C + c, dgam)
+    tl.store(KDKM + cck + o_t, kdkm)
+
+    # k̂·dk̂ in closed form (P = k̂k̂ᵀ), then dk and dq through l2norm's backward
     kdk = (tl.load(KDK + cck + o_t) + tl.sum(dp * p, axis=1) + tl.sum(dp_t * p, axis=1)
            + cg * kdkg + cm * kdkm)
     if NORM:
@@ -451,29 +490,75 @@ def _prepare_bwd_gates_kernel(
         tl.store(DK + tk, dkn.to(DK.dtype.element_ty), mask=m)
         tl.store(DQ + tk, dqn.to(DQ.dtype.element_ty), mask=m)
 
-    # decays: Γ = D1 B, Γ⁻ = D2 B, γ = D1 b, γ⁻ = D2 b, the chunk ends, Kg and Km
-    deta += tl.load(DETC + cck + o_t) + gam_last * kdkg
+
+@triton.jit
+def _prepare_bwd_decay_kernel(
+    LA, LM, BE, ET, CS, CL, DGT, DGR, KDKM, DLE, DG0R,
+    DLAC, DG0C, DAEND, DGEND, DUEND,
+    DLA, DLM, DBE,
+    H: tl.constexpr, C: tl.constexpr, PTA: tl.constexpr, FLOOR: tl.constexpr,
+    F32P: tl.constexpr,
+):
+    """The decays' backward: dΓ, dΓ⁻ (from _prepare_bwd_k_kernel), dγ, dγ⁻, the chunk ends and
+    Km → d la, d lu, d le → the gates by reverse cumsum; dβ. Γ = D1 B, Γ⁻ = D2 B, γ = D1 b,
+    γ⁻ = D2 b; the C×C products run in blocks of 16 of their contraction index, the block of
+    dΓ / dΓ⁻ loaded from scratch (rows or columns, as the product needs)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    g_off = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    c = o_t[None, :]
+    incl = r >= c
+    strict = r > c
+    last = o_t == C - 1
+
+    la_raw, lm_raw, _, beta, eta, la, lu, le = _gate_setup(
+        LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
+    la_last = _pick(la, o_t, C - 1)
+    lu_last = _pick(lu, o_t, C - 1)
     bvec = beta * tl.exp(lu)
     dle = tl.load(DLE + cck + o_t)
     dg0r = tl.load(DG0R + cck + o_t)
-    dgam = tl.load(DGAM + cck * C + r * C + c) + tl.where(r == C - 1, (eta * kdkg)[None, :], 0.0)
     dg0 = tl.load(DG0C + cck + o_t) + tl.where(last, tl.load(DGEND + ch), 0.0)
     dla = tl.load(DLAC + cck + o_t) + tl.where(last, tl.load(DAEND + ch) * tl.exp(la_last), 0.0)
-    s_m = cm * kdkm
+    s_m = tl.exp(lu_last - lu) * eta * tl.load(KDKM + cck + o_t)          # Km = e^{lu_last−lu} η k̂
     dlu = tl.where(last, tl.load(DUEND + ch) * tl.exp(lu_last) + tl.sum(s_m, axis=0), 0.0) - s_m
-    deta += e_lu_rel * kdkm
-    d1 = _decay(la, la, incl)
-    d1t = _decay_t(la, la, r <= c)
-    dd1 = tl.dot(dgam, bt, input_precision=F32P) + dg0[:, None] * bvec[None, :]
-    e1 = tl.where(incl, dd1 * d1, 0.0)
+
+    # dD1 = dΓ Bᵀ + dγ bᵀ, dD2 = dΓ⁻ Bᵀ + dγ⁻ bᵀ (contraction over j);
+    # dB = D1ᵀ dΓ + D2ᵀ dΓ⁻ (contraction over t)
+    dd1 = dg0[:, None] * bvec[None, :]
+    dd2 = dg0r[:, None] * bvec[None, :]
+    db_m = tl.zeros([C, C], dtype=tl.float32)
+    for b0 in tl.static_range(0, C, 16):
+        o_b = b0 + tl.arange(0, 16)
+        lu_b = _sub(lu, o_t, o_b)
+        la_b = _sub(la, o_t, o_b)
+        bt_rows = beta[None, :] * _decay_t(lu, lu_b, o_b[:, None] <= c)       # Bᵀ[j∈b, :]
+        cols = cck * C + r * C + o_b[None, :]                                  # [C, 16]
+        dd1 += tl.dot(tl.load(DGT + cols), bt_rows, input_precision=F32P)
+        dd2 += tl.dot(tl.load(DGR + cols), bt_rows, input_precision=F32P)
+        rows = cck * C + o_b[:, None] * C + c                                  # [16, C]
+        d1t_cols = _decay_t(la_b, la, r <= o_b[None, :])                       # D1ᵀ[:, t∈b]
+        d2t_cols = _decay_t(_sub(le, o_t, o_b), la, r < o_b[None, :])          # D2ᵀ[:, t∈b]
+        db_m += tl.dot(d1t_cols, tl.load(DGT + rows), input_precision=F32P)
+        db_m += tl.dot(d2t_cols, tl.load(DGR + rows), input_precision=F32P)
+    e1 = tl.where(incl, dd1 * _decay(la, la, incl), 0.0)
     dla += tl.sum(e1, axis=1) - tl.sum(e1, axis=0)
-    dd2 = tl.dot(dgam_r, bt, input_precision=F32P) + dg0r[:, None] * bvec[None, :]
+    d2 = _decay(le, la, strict)
     e2 = tl.where(strict, dd2 * d2, 0.0)
     dle += tl.sum(e2, axis=1)
     dla += dle - tl.sum(e2, axis=0)
-    db_m = tl.dot(d1t, dgam, input_precision=F32P) + tl.dot(d2t, dgam_r, input_precision=F32P)
-    db_v = tl.sum(d1t * dg0[None, :], axis=1) + tl.sum(d2t * dg0r[None, :], axis=1)
-    em = tl.where(incl, db_m * bm, 0.0)
+    # db = D1ᵀ dγ + D2ᵀ dγ⁻
+    db_v = tl.sum(_decay_t(la, la, r <= c) * dg0[None, :], axis=1) \
+        + tl.sum(_decay_t(le, la, r < c) * dg0r[None, :], axis=1)
+    dm = _decay(lu, lu, incl)
+    em = tl.where(incl, db_m * beta[:, None] * dm, 0.0)
     dbeta = tl.sum(tl.where(incl, db_m * dm, 0.0), axis=1) + db_v * tl.exp(lu)
     dlu += tl.sum(em, axis=1) - tl.sum(em, axis=0) + db_v * bvec
     dlog_a = tl.cumsum(dla, axis=0, reverse=True)
@@ -485,7 +570,6 @@ def _prepare_bwd_gates_kernel(
     tl.store(DLA + g_off, dlog_a.to(DLA.dtype.element_ty), mask=m_t)
     tl.store(DLM + g_off, dlog_m.to(DLM.dtype.element_ty), mask=m_t)
     tl.store(DBE + g_off, dbeta.to(DBE.dtype.element_ty), mask=m_t)
-    tl.store(DET + g_off, deta.to(DET.dtype.element_ty), mask=m_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,7 +737,8 @@ def chunk_bounds(dest: torch.Tensor, num_chunks: int, chunk_size: int):
 
 
 def _blocks(K: int, V: int):
-    return (min(BLOCK_CAP, triton.next_power_of_2(K)), min(BLOCK_CAP, triton.next_power_of_2(V)))
+    return (max(16, min(BLOCK_K, triton.next_power_of_2(K))),
+            max(16, min(BLOCK_V, triton.next_power_of_2(V))))
 
 
 def _tl_mm(mm_dtype):
@@ -678,6 +763,13 @@ def _f32p() -> str:
 
 def _prec(mmdt) -> str:
     # fp32 operands: _f32p() (never plain tf32); 16-bit operands: the ordinary MMA path.
+    return _f32p() if mmdt == tl.float32 else "tf32"
+
+
+def _second_order_prec(mmdt) -> str:
+    """dA = −Tᵀ dT Tᵀ: two fp32 products over all C. With 16-bit operands elsewhere (dT itself
+    comes from bf16 products) TF32 is far below the error already there, and an fp32 FMA dot
+    over C = 64 needs more registers than a thread has; fp32 models keep _f32p()."""
     return _f32p() if mmdt == tl.float32 else "tf32"
 
 
@@ -755,24 +847,26 @@ class LocalPrepare(torch.autograd.Function):
         dk = torch.empty(B * T, H, K, dtype=ctx.k_dtype, device=v.device)
         dv = torch.empty_like(v)
         dgates = [torch.empty_like(g) for g in (la_in, lm_in, be_in, et_in)]
-        dkn = torch.empty(NC, H, C, K, dtype=torch.float32, device=v.device)
-        da = torch.empty(NC, H, C, C, dtype=torch.float32, device=v.device)
-        kdk, dle, dg0r = (torch.empty(NC, H, C, dtype=torch.float32, device=v.device)
-                          for _ in range(3))
+        f32 = dict(dtype=torch.float32, device=v.device)
+        dkn = torch.empty(NC, H, C, K, **f32)
+        da, dgt, dgr = (torch.empty(NC, H, C, C, **f32) for _ in range(3))
+        kdk, dle, dg0r, kdkm = (torch.empty(NC, H, C, **f32) for _ in range(4))
         BK, BV = _blocks(K, V)
         nw = _num_warps(C)
         if NC > 0:
             _prepare_bwd_t_kernel[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), F32P=_f32p(),
-                num_warps=nw,
-                num_stages=1)
-            _prepare_bwd_gates_kernel[(NC, H)](
-                la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk, dle, dg0r,
-                dqc, detc, dlac, dg0c, dgam, dKg, dKm, da_end, dg_end, du_end,
-                dq, dk, *dgates, H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt,
-                MMPREC=_prec(mmdt), F32P=_f32p(),
-                FLOOR=LOG_FLOOR, num_warps=nw, num_stages=1)
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
+                DAP=_second_order_prec(mmdt), num_warps=nw, num_stages=1)
+            _prepare_bwd_k_kernel[(NC, H)](
+                la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
+                dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm,
+                H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
+                FLOOR=LOG_FLOOR, F32P=_f32p(), num_warps=nw, num_stages=1)
+            _prepare_bwd_decay_kernel[(NC, H)](
+                la_in, lm_in, be_in, et_in, cs, cl, dgt, dgr, kdkm, dle, dg0r,
+                dlac, dg0c, da_end, dg_end, du_end, *dgates[:3],
+                H=H, C=C, PTA=pta, FLOOR=LOG_FLOOR, F32P=_f32p(), num_warps=nw, num_stages=1)
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
         dgates = [g.view(B, T, H) for g in dgates]
@@ -797,8 +891,7 @@ class LocalOutput(torch.autograd.Function):
         if NC > 0:
             _output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
                 *args, cs, cl, o, float(scale), H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt,
-                MMPREC=_prec(mmdt),
-                num_warps=4, num_stages=1)
+                MMPREC=_prec(mmdt), num_warps=_num_warps(C), num_stages=1)
         ctx.save_for_backward(*args, cs, cl)
         ctx.meta = (NC, H, C, K, V, float(scale), mmdt)
         return o

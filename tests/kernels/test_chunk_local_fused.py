@@ -58,7 +58,8 @@ def _inputs(B, T, H, K, V, lens, seed, mu_zero=False, chunk=16):
 
 @pytest.fixture(params=[64, 16], ids=["one-block", "block-loops"])
 def block_cap(request, monkeypatch):
-    monkeypatch.setattr(fused, "BLOCK_CAP", request.param)
+    monkeypatch.setattr(fused, "BLOCK_K", request.param)
+    monkeypatch.setattr(fused, "BLOCK_V", request.param)
     return request.param
 
 
