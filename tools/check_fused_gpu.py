@@ -13,7 +13,9 @@ For each shape (B=8, T=4096, H=6, K=128, V=256 and K=256, V=512; bf16 inputs by 
 3. the whole op: forward and forward+backward of both paths.
 
 Results are written as JSON after every shape; the exit status is 1 when an error exceeds
---tol (default 1e-2, the bf16 bound of tests/gpu) or is not finite.
+--tol (default 1e-2, the bf16 bound of tests/gpu) or is not finite. Environment knobs are
+recorded in the JSON: MDN_FUSED_FP32_DOT=tf32x3 runs the fused kernels' fp32 products on tensor
+cores (default "ieee"). tools/compile_fused_sm90.py reports the kernels' registers and spills.
 """
 from __future__ import annotations
 
