@@ -62,21 +62,21 @@ def compile_one(fn, consts: dict, num_warps: int, arch: int = 90) -> dict:
                 shared_bytes=ck.metadata.shared, num_warps=num_warps)
 
 
-def jobs(K: int, V: int, C: int = 64):
+def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee"):
     BK, BV = fused._blocks(K, V)
     nw = fused._num_warps(C)
     mm = dict(MMDT=tl.bfloat16, MMPREC="tf32")
     gates = dict(PTA=True, FLOOR=fused.LOG_FLOOR)
     return {
         "prepare_a": (fused._prepare_a_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, EPS=1e-6,
-                                                    F32P="ieee", **gates, **mm), nw),
-        "solve": (fused._solve_kernel, dict(C=C, F32P="ieee"), 2),
+                                                    F32P=f32p, **gates, **mm), nw),
+        "solve": (fused._solve_kernel, dict(C=C, F32P=f32p), 2),
         "prepare_c": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
         "bwd_t": (fused._prepare_bwd_t_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, DAP="tf32",
                                                     **mm), nw),
-        "bwd_k": (fused._prepare_bwd_k_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, F32P="ieee",
+        "bwd_k": (fused._prepare_bwd_k_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, F32P=f32p,
                                                     **gates, **mm), nw),
-        "bwd_decay": (fused._prepare_bwd_decay_kernel, dict(H=6, C=C, F32P="ieee", **gates), nw),
+        "bwd_decay": (fused._prepare_bwd_decay_kernel, dict(H=6, C=C, F32P=f32p, **gates), nw),
         "out_fwd": (fused._output_fwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
         "out_bwd": (fused._output_bwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
     }
@@ -87,11 +87,13 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--V", type=int, default=256)
+    ap.add_argument("--fp32-dot", default="ieee", choices=["ieee", "tf32x3"],
+                    help="precision of the fp32 products (MDN_FUSED_FP32_DOT)")
     ap.add_argument("--json", default=None, help="write the table here")
     ap.add_argument("kernels", nargs="*", help="names to compile (default: all)")
     args = ap.parse_args(argv)
     table, failed = {}, []
-    all_jobs = jobs(args.K, args.V)
+    all_jobs = jobs(args.K, args.V, f32p=args.fp32_dot)
     unknown = set(args.kernels) - set(all_jobs)
     if unknown:
         sys.exit(f"unknown kernel names {sorted(unknown)}; known: {sorted(all_jobs)}")

@@ -754,7 +754,8 @@ def _tl_mm(mm_dtype):
 def _f32p() -> str:
     """Precision of the fp32 products (decays, solve, dA; all products for fp32 models):
     MDN_FUSED_FP32_DOT = "ieee" (default: exact fp32 FMAs) or "tf32x3" (three TF32 MMAs on
-    tensor cores, about fp32 accuracy) -- a speed knob to measure on the GPU."""
+    tensor cores, about fp32 accuracy) -- a speed knob to measure on the GPU; ptxas reports more
+    register spill with it (up to ~1.5 KB in _prepare_bwd_k_kernel, tools/compile_fused_sm90.py)."""
     prec = os.environ.get("MDN_FUSED_FP32_DOT", "ieee")
     if prec not in ("ieee", "tf32x3"):
         raise ValueError(f"MDN_FUSED_FP32_DOT must be 'ieee' or 'tf32x3', got {prec!r}")
