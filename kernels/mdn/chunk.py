@@ -92,6 +92,24 @@ def _local_output(qc, kc, et, la, g0, gam, W, S0s, M0s, dest, scale: float, mm_d
 
 
 _COMPILED: dict = {}
+_FUSED_LOCAL: bool | None = None
+
+
+def use_fused_local(flag: bool | None) -> None:
+    """Route the chunk-parallel parts (_local_prepare / _local_output) through the fused Triton
+    kernels of chunk_local_fused.py (True), the torch ops (False), or the environment variable
+    MDN_FUSED_LOCAL=1 (None, the default; unset means torch). Applies to backend "triton" with
+    an fp32 compute dtype and chunk 16/32/64 only; anything else keeps the torch ops."""
+    global _FUSED_LOCAL
+    _FUSED_LOCAL = flag
+
+
+def fused_local_enabled(backend: str, cdt: torch.dtype, chunk_size: int) -> bool:
+    flag = _FUSED_LOCAL
+    if flag is None:
+        flag = os.environ.get("MDN_FUSED_LOCAL", "0") == "1"
+    return (bool(flag) and backend == "triton" and cdt == torch.float32
+            and chunk_size in (16, 32, 64))
 
 
 def _maybe_compiled(fn, device: torch.device):
@@ -119,10 +137,15 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     mm_dtype = torch.bfloat16 if (low_precision and k.is_cuda and
                                   os.environ.get("MDN_LOWP_MM", "1") != "0") else None
     layout = build_layout(B, T, cu_seqlens, chunk_size, k.device)
-    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end) = _maybe_compiled(
-        _local_prepare, k.device)(q, k, v, log_alpha, log_mu, beta, eta, layout.dest,
-                                  layout.num_chunks, chunk_size, cdt, use_qk_l2norm,
-                                  p_times_alpha, mm_dtype)
+    if fused_local_enabled(backend, cdt, chunk_size):
+        from .chunk_local_fused import LocalOutput, LocalPrepare
+        local_prepare, local_output = LocalPrepare.apply, LocalOutput.apply
+    else:
+        local_prepare = _maybe_compiled(_local_prepare, k.device)
+        local_output = _maybe_compiled(_local_output, k.device)
+    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end) = local_prepare(
+        q, k, v, log_alpha, log_mu, beta, eta, layout.dest, layout.num_chunks, chunk_size, cdt,
+        use_qk_l2norm, p_times_alpha, mm_dtype)
     N = layout.num_seqs
     if initial_state is None:
         S_init = k.new_zeros(N, H, K, V, dtype=cdt)
@@ -131,6 +154,6 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
         S_init, M_init = (s.to(cdt) for s in initial_state)
     W, S0s, M0s, S, M = (state_pass or StatePass.apply)(
         U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, backend, low_precision)
-    o = _maybe_compiled(_local_output, k.device)(qc, kc, et, la, g0, gam, W, S0s, M0s, layout.dest,
-                                                 scale, mm_dtype, (B, T, H, V), v.dtype)
+    o = local_output(qc, kc, et, la, g0, gam, W, S0s, M0s, layout.dest, scale, mm_dtype,
+                     (B, T, H, V), v.dtype)
     return o, ((S, M) if output_final_state else None)

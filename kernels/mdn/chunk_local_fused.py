@@ -1,0 +1,915 @@
+"""Fused Triton kernels for the chunk-parallel parts of chunkwise MDN (spec: chunk_torch.py).
+
+`LocalPrepare` and `LocalOutput` are drop-in autograd replacements for chunk.py's
+`_local_prepare` and `_local_output`: same arguments, same outputs (chunk layout [NC, H, C, ·],
+compute dtype fp32), with hand-derived backward kernels. Tokens are read from and written to the
+token layout [B·T, H, ·] directly, using each chunk's first token and length (padding rows are
+masked to zero, which is exactly the identity-gate padding of layout.py). The K and V dimensions
+are walked in blocks of at most 64, so the live tiles stay C×64.
+
+Kernels (one program per (chunk, head) unless said):
+    prepare fwd: _prepare_a_kernel (gates → decays; q̂, k̂, Kg, Km; A)
+                 → _solve_kernel (T = (I + A)⁻¹, blocked; saved for backward)
+                 → _prepare_c_kernel ([U, Y, Z] = T R)
+    prepare bwd: _prepare_bwd_t_kernel (through T: dv, dA, most of dk̂)
+                 → _prepare_bwd_k_kernel (through A's other factors and l2norm: dk, dq, dη)
+                 → _prepare_bwd_decay_kernel (through the decays: d log α, d log μ, dβ)
+    output:      _output_fwd_kernel (grid adds V blocks), _output_bwd_kernel
+
+Math (per chunk, per head; notation of chunk_torch.py's docstring):
+    D1[t,i] = e^{la_t−la_i} (i≤t),  D2[t,i] = e^{le_t−la_i} (i<t),  Dm[i,j] = e^{lu_i−lu_j} (j≤i)
+    B = diag(β) Dm;  Γ = D1 B;  Γ⁻ = D2 B;  b = β e^{lu};  γ = D1 b;  γ⁻ = D2 b
+    A = Γ⁻ ⊙ (k̂ k̂ᵀ) ⊙ η_col;  T = (I + A)⁻¹;  [U, Y, Z] = T R,  R = [−v, e^{le} k̂, γ⁻ k̂].
+T: the 16×16 diagonal blocks by row-by-row forward substitution, then block forward
+substitution T_ij = −T_ii Σ_k A_ik T_kj (fp32 products).
+Backward of T: dR = Tᵀ d[U,Y,Z] and dA = −Tᵀ (d[U,Y,Z] Rᵀ) Tᵀ on the strict lower triangle;
+dA goes through scratch memory so that dAᵀ is a transposed load. Every transpose a product
+needs is built elementwise (decay matrices), loaded transposed, or computed as its own product —
+never `tl.trans` of a dot result (Triton 3.4–3.7.0 mis-compiles that on Hopper, DESIGN §9).
+Decays are always exp of a masked difference of log-cumsums; the gradients of the log-cumsums
+go to the gates by a reverse cumsum; l2norm's backward is dx = r (dx̂ − x̂ (x̂·dx̂)).
+
+Only the fp32 compute dtype is supported (fp64 inputs keep the torch path). With 16-bit model
+inputs (mm_dtype = bf16) the products over K and V take bf16 operands with fp32 accumulation, as
+the torch path's `_mm`; the C×C decay products, the solve and dA run in fp32 (exact "ieee" FMAs
+by default; MDN_FUSED_FP32_DOT=tf32x3 puts them on tensor cores at about fp32 accuracy).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG_FLOOR = -1e4          # as chunk.py: a finite floor for log α, log μ (μ ≡ 0 is GDN mode)
+L2NORM_EPS = 1e-6         # as naive.l2norm
+# Largest K / V blocks the kernels walk (tests lower them to exercise the block loops). K blocks
+# of 32 keep every kernel at C = 64 within 255 registers a thread with at most ~64 bytes of
+# spill (ptxas -v for sm_90, K = 128/256, V = 256/512); K blocks of 64 spill up to 1.7 KB.
+BLOCK_K = 32
+BLOCK_V = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _decay(row, col, mask):
+    """exp(row[t] − col[i]) where mask[t, i], else 0 (masked before the exp)."""
+    d = row[:, None] - col[None, :]
+    return tl.exp(tl.where(mask, d, float("-inf")))
+
+
+@triton.jit
+def _decay_t(x, y, mask):
+    """The transpose of _decay(x, y, ·): exp(x[b] − y[a]) at [a, b] where mask[a, b], else 0."""
+    d = x[None, :] - y[:, None]
+    return tl.exp(tl.where(mask, d, float("-inf")))
+
+
+@triton.jit
+def _pick(x, o_t, idx):
+    """x[idx] of a 1-D tile as a scalar."""
+    return tl.sum(tl.where(o_t == idx, x, 0.0), axis=0)
+
+
+@triton.jit
+def _sub(x, o_t, o_b):
+    """x[o_b]: a sub-vector of a register vector x (indexed by o_t), selected without memory."""
+    return tl.sum(tl.where(o_t[None, :] == o_b[:, None], x[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _gam_pair(la, lu, le, beta, o_t, C: tl.constexpr, F32P: tl.constexpr):
+    """Γ = D1 B and Γ⁻ = D2 B. The contraction index runs in blocks of 16, each block's factors
+    built from the gate vectors: an fp32 FMA dot over all C = 64 at once needs more than the 255
+    registers a thread has (ptxas spills), over 16 it does not."""
+    r = o_t[:, None]
+    c = o_t[None, :]
+    gam = tl.zeros([C, C], dtype=tl.float32)
+    gam_r = tl.zeros([C, C], dtype=tl.float32)
+    for b0 in tl.static_range(0, C, 16):
+        o_b = b0 + tl.arange(0, 16)
+        la_b = _sub(la, o_t, o_b)
+        bm_b = _sub(beta, o_t, o_b)[:, None] * _decay(_sub(lu, o_t, o_b), lu, o_b[:, None] >= c)
+        gam += tl.dot(_decay(la, la_b, r >= o_b[None, :]), bm_b, input_precision=F32P)
+        gam_r += tl.dot(_decay(le, la_b, r > o_b[None, :]), bm_b, input_precision=F32P)
+    return gam, gam_r
+
+
+@triton.jit
+def _gam_r_t(la, lu, le, beta, o_t, C: tl.constexpr, F32P: tl.constexpr):
+    """Γ⁻ᵀ = Bᵀ D2ᵀ, blocked over the contraction index as _gam_pair."""
+    r = o_t[:, None]
+    c = o_t[None, :]
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for b0 in tl.static_range(0, C, 16):
+        o_b = b0 + tl.arange(0, 16)
+        lu_b = _sub(lu, o_t, o_b)
+        bt_b = _sub(beta, o_t, o_b)[None, :] * _decay_t(lu_b, lu, r <= o_b[None, :])   # [C, 16]
+        d2t_b = _decay_t(le, _sub(la, o_t, o_b), o_b[:, None] < c)                    # [16, C]
+        acc += tl.dot(bt_b, d2t_b, input_precision=F32P)
+    return acc
+
+
+@triton.jit
+def _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C: tl.constexpr, PTA: tl.constexpr,
+                FLOOR: tl.constexpr):
+    """Gates of one chunk and head → the decay matrices and vectors of the module docstring."""
+    la_raw = tl.load(LA + g_off, mask=m_t, other=0.0).to(tl.float32)
+    lm_raw = tl.load(LM + g_off, mask=m_t, other=0.0).to(tl.float32)
+    beta = tl.load(BE + g_off, mask=m_t, other=0.0).to(tl.float32)
+    eta = tl.load(ET + g_off, mask=m_t, other=0.0).to(tl.float32)
+    log_a = tl.maximum(la_raw, FLOOR)
+    log_m = tl.maximum(lm_raw, FLOOR)
+    la = tl.cumsum(log_a, axis=0)
+    lu = tl.cumsum(log_m, axis=0)
+    if PTA:
+        le = la
+    else:
+        le = la - log_a
+    return la_raw, lm_raw, log_a, beta, eta, la, lu, le
+
+
+# ---------------------------------------------------------------------------------------------
+# LocalPrepare: forward (three kernels: chunk quantities and A → (I + A)⁻¹ → products)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _prepare_a_kernel(
+    Q, KK, LA, LM, BE, ET, CS, CL,
+    QC, KC, ETC, LAC, G0C, GAM, KGO, KMO, AEND, GEND, UEND, AMAT, ELE, G0R, RQ, RK,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+    PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
+    EPS: tl.constexpr, F32P: tl.constexpr,
+):
+    """Gates → decays (Γ, γ, Γ⁻, γ⁻, ends); q̂, k̂, Kg, Km in chunk layout; A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    g_off = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    c = o_t[None, :]
+    incl = r >= c
+
+    _, _, _, beta, eta, la, lu, le = _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
+    gam, gam_r = _gam_pair(la, lu, le, beta, o_t, C, F32P)
+    bvec = beta * tl.exp(lu)
+    g0 = tl.sum(_decay(la, la, incl) * bvec[None, :], axis=1)
+    g0r = tl.sum(_decay(le, la, r > c) * bvec[None, :], axis=1)
+    la_last = _pick(la, o_t, C - 1)
+    lu_last = _pick(lu, o_t, C - 1)
+    cg = tl.sum(tl.where(r == C - 1, gam, 0.0), axis=0) * eta       # Γ[C−1, j] η_j
+    cm = tl.exp(lu_last - lu) * eta
+    tl.store(ETC + cck + o_t, eta)
+    tl.store(LAC + cck + o_t, la)
+    tl.store(G0C + cck + o_t, g0)
+    tl.store(ELE + cck + o_t, tl.exp(le))
+    tl.store(G0R + cck + o_t, g0r)
+    tl.store(GAM + cck * C + r * C + c, gam)
+    tl.store(AEND + ch, tl.exp(la_last))
+    tl.store(GEND + ch, _pick(g0, o_t, C - 1))
+    tl.store(UEND + ch, tl.exp(lu_last))
+
+    if NORM:
+        sq = tl.zeros([C], dtype=tl.float32)
+        sk = tl.zeros([C], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m = m_t[:, None] & (o_k < K)[None, :]
+            tk = g_off[:, None] * K + o_k[None, :]
+            qb = tl.load(Q + tk, mask=m, other=0.0).to(tl.float32)
+            kb = tl.load(KK + tk, mask=m, other=0.0).to(tl.float32)
+            sq += tl.sum(qb * qb, axis=1)
+            sk += tl.sum(kb * kb, axis=1)
+        rq = 1.0 / tl.sqrt(sq + EPS)
+        rk = 1.0 / tl.sqrt(sk + EPS)
+    else:
+        rq = tl.full([C], 1.0, dtype=tl.float32)
+        rk = tl.full([C], 1.0, dtype=tl.float32)
+    tl.store(RQ + cck + o_t, rq)
+    tl.store(RK + cck + o_t, rk)
+
+    p = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        m = m_t[:, None] & mk[None, :]
+        tk = g_off[:, None] * K + o_k[None, :]
+        qn = tl.load(Q + tk, mask=m, other=0.0).to(tl.float32) * rq[:, None]
+        kn = tl.load(KK + tk, mask=m, other=0.0).to(tl.float32) * rk[:, None]
+        kn_t = tl.load(KK + g_off[None, :] * K + o_k[:, None], mask=mk[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32) * rk[None, :]
+        p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision=MMPREC)
+        ck = (cck + r) * K + o_k[None, :]
+        tl.store(QC + ck, qn, mask=mk[None, :])
+        tl.store(KC + ck, kn, mask=mk[None, :])
+        tl.store(KGO + ck, cg[:, None] * kn, mask=mk[None, :])
+        tl.store(KMO + ck, cm[:, None] * kn, mask=mk[None, :])
+    tl.store(AMAT + cck * C + r * C + c, gam_r * p * eta[None, :])
+
+
+@triton.jit
+def _inv_diag16(AMAT, base, C: tl.constexpr, i: tl.constexpr):
+    """(I + A_ii)⁻¹ of the i-th 16×16 diagonal block, by forward substitution:
+    row t = e_t − Σ_{j<t} A[t, j] T[j, :] (A_iiᵀ is loaded, so A[t, :] comes out as a column)."""
+    o = tl.arange(0, 16)
+    r = o[:, None]
+    c = o[None, :]
+    a_t = tl.load(AMAT + base + (i * 16 + c) * C + i * 16 + r)         # A_iiᵀ
+    t = tl.zeros([16, 16], dtype=tl.float32)
+    for s in range(16):
+        col = tl.sum(tl.where(c == s, a_t, 0.0), axis=1)
+        row = tl.where(o == s, 1.0, 0.0) - tl.sum(col[:, None] * t, axis=0)
+        t = tl.where(r == s, row[None, :], t)
+    return t
+
+
+@triton.jit
+def _blk(X, base, C: tl.constexpr, i: tl.constexpr, j: tl.constexpr):
+    o = tl.arange(0, 16)
+    return tl.load(X + base + (i * 16 + o[:, None]) * C + j * 16 + o[None, :])
+
+
+@triton.jit
+def _put(X, base, C: tl.constexpr, i: tl.constexpr, j: tl.constexpr, val):
+    o = tl.arange(0, 16)
+    tl.store(X + base + (i * 16 + o[:, None]) * C + j * 16 + o[None, :], val)
+
+
+@triton.jit
+def _solve_kernel(AMAT, TMAT, C: tl.constexpr, F32P: tl.constexpr):
+    """T = (I + A)⁻¹ for one chunk-head, A strictly lower triangular, C ∈ {16, 32, 64}: the 16×16
+    diagonal blocks by substitution, then block forward substitution
+    T_ij = −T_ii Σ_{j≤k<i} A_ik T_kj with 16×16 products (all fp32). Upper blocks are zero."""
+    base = tl.program_id(0).to(tl.int64) * C * C
+    t00 = _inv_diag16(AMAT, base, C, 0)
+    _put(TMAT, base, C, 0, 0, t00)
+    if C >= 32:
+        z = tl.zeros([16, 16], dtype=tl.float32)
+        t11 = _inv_diag16(AMAT, base, C, 1)
+        t10 = -tl.dot(t11, tl.dot(_blk(AMAT, base, C, 1, 0), t00, input_precision=F32P),
+                      input_precision=F32P)
+        _put(TMAT, base, C, 1, 1, t11)
+        _put(TMAT, base, C, 1, 0, t10)
+        _put(TMAT, base, C, 0, 1, z)
+        if C >= 64:
+            t22 = _inv_diag16(AMAT, base, C, 2)
+            t33 = _inv_diag16(AMAT, base, C, 3)
+            a20 = _blk(AMAT, base, C, 2, 0)
+            a21 = _blk(AMAT, base, C, 2, 1)
+            a30 = _blk(AMAT, base, C, 3, 0)
+            a31 = _blk(AMAT, base, C, 3, 1)
+            a32 = _blk(AMAT, base, C, 3, 2)
+            t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=F32P), input_precision=F32P)
+            t20 = -tl.dot(t22, tl.dot(a20, t00, input_precision=F32P)
+                          + tl.dot(a21, t10, input_precision=F32P), input_precision=F32P)
+            t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=F32P), input_precision=F32P)
+            t31 = -tl.dot(t33, tl.dot(a31, t11, input_precision=F32P)
+                          + tl.dot(a32, t21, input_precision=F32P), input_precision=F32P)
+            t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision=F32P)
+                          + tl.dot(a31, t10, input_precision=F32P)
+                          + tl.dot(a32, t20, input_precision=F32P), input_precision=F32P)
+            _put(TMAT, base, C, 2, 2, t22)
+            _put(TMAT, base, C, 3, 3, t33)
+            _put(TMAT, base, C, 2, 1, t21)
+            _put(TMAT, base, C, 2, 0, t20)
+            _put(TMAT, base, C, 3, 2, t32)
+            _put(TMAT, base, C, 3, 1, t31)
+            _put(TMAT, base, C, 3, 0, t30)
+            for i in tl.static_range(4):
+                for j in tl.static_range(i + 1, 4):
+                    _put(TMAT, base, C, i, j, z)
+
+
+@triton.jit
+def _prepare_c_kernel(
+    VV, KC, TMAT, ELE, G0R, CS, CL, UO, YO, ZO,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
+):
+    """[U, Y, Z] = T [−v, e^{le} k̂, γ⁻ k̂]."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    g_off = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    tmm = tl.load(TMAT + cck * C + r * C + o_t[None, :]).to(MMDT)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        mv = o_v < V
+        vb = tl.load(VV + g_off[:, None] * V + o_v[None, :], mask=m_t[:, None] & mv[None, :],
+                     other=0.0).to(tl.float32)
+        ub = tl.dot(tmm, (-vb).to(MMDT), input_precision=MMPREC)
+        tl.store(UO + (cck + r) * V + o_v[None, :], ub, mask=mv[None, :])
+    ele = tl.load(ELE + cck + o_t)
+    g0r = tl.load(G0R + cck + o_t)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        ck = (cck + r) * K + o_k[None, :]
+        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        tl.store(YO + ck, tl.dot(tmm, (ele[:, None] * kn).to(MMDT), input_precision=MMPREC),
+                 mask=mk[None, :])
+        tl.store(ZO + ck, tl.dot(tmm, (g0r[:, None] * kn).to(MMDT), input_precision=MMPREC),
+                 mask=mk[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# LocalPrepare: backward (two kernels: through (I + A)⁻¹ → through the decays and l2norm)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _prepare_bwd_t_kernel(
+    VV, KC, TMAT, ELE, G0R, CS, CL, DKC, DU, DY, DZ,
+    DV, DKN, DA, KDK, DLE, DG0R,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
+    DAP: tl.constexpr,
+):
+    """dR = Tᵀ dsol (→ dv, and the R_Y, R_Z parts of dk̂, dle, dγ⁻); dT = dsol Rᵀ;
+    dA = −Tᵀ dT Tᵀ (strict lower). dk̂'s partial sum (all but the A and Kg/Km terms) and its
+    row products with k̂ go to scratch for the second kernel."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    g_off = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    c = o_t[None, :]
+    t_t = tl.load(TMAT + cck * C + c * C + r)                  # Tᵀ, loaded transposed
+    t_t_mm = t_t.to(MMDT)
+    ele = tl.load(ELE + cck + o_t)
+    g0r = tl.load(G0R + cck + o_t)
+    dtm = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        mv = o_v < V
+        du = tl.load(DU + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0)
+        vb_t = tl.load(VV + g_off[None, :] * V + o_v[:, None], mask=mv[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32)
+        dtm += tl.dot(du.to(MMDT), (-vb_t).to(MMDT), input_precision=MMPREC)
+        dv = -tl.dot(t_t_mm, du.to(MMDT), input_precision=MMPREC)
+        tl.store(DV + g_off[:, None] * V + o_v[None, :], dv.to(DV.dtype.element_ty),
+                 mask=m_t[:, None] & mv[None, :])
+    kdk = tl.zeros([C], dtype=tl.float32)
+    kdry = tl.zeros([C], dtype=tl.float32)
+    kdrz = tl.zeros([C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        ck = (cck + r) * K + o_k[None, :]
+        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+        dy = tl.load(DY + ck, mask=mk[None, :], other=0.0)
+        dz = tl.load(DZ + ck, mask=mk[None, :], other=0.0)
+        dtm += tl.dot(dy.to(MMDT), (kn_t * ele[None, :]).to(MMDT), input_precision=MMPREC)
+        dtm += tl.dot(dz.to(MMDT), (kn_t * g0r[None, :]).to(MMDT), input_precision=MMPREC)
+        dry = tl.dot(t_t_mm, dy.to(MMDT), input_precision=MMPREC)
+        drz = tl.dot(t_t_mm, dz.to(MMDT), input_precision=MMPREC)
+        dkn = (tl.load(DKC + ck, mask=mk[None, :], other=0.0)
+               + ele[:, None] * dry + g0r[:, None] * drz)
+        tl.store(DKN + ck, dkn, mask=mk[None, :])
+        kdk += tl.sum(kn * dkn, axis=1)
+        kdry += tl.sum(kn * dry, axis=1)
+        kdrz += tl.sum(kn * drz, axis=1)
+    da = -tl.dot(t_t, tl.dot(dtm, t_t, input_precision=DAP), input_precision=DAP)
+    tl.store(DA + cck * C + r * C + c, tl.where(r > c, da, 0.0))
+    tl.store(KDK + cck + o_t, kdk)
+    tl.store(DLE + cck + o_t, ele * kdry)
+    tl.store(DG0R + cck + o_t, kdrz)
+
+
+@triton.jit
+def _prepare_bwd_k_kernel(
+    LA, LM, BE, ET, CS, CL, QC, KC, RQ, RK, DA, DKN, KDK,
+    DQC, DETC, DGAM, DKG, DKM,
+    DQ, DK, DET, DGT, DGR, KDKM,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+    PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
+    F32P: tl.constexpr,
+):
+    """From dA (A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η_col), Kg, Km and the direct cotangents: dk̂ → dk, dq through
+    l2norm's backward, and dη. Hands on to the decay kernel: dΓ⁻ and the total dΓ (scratch
+    [C, C]) and k̂·dKm."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    g_off = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    c = o_t[None, :]
+
+    _, _, _, beta, eta, la, lu, le = _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
+    la_last = _pick(la, o_t, C - 1)
+    lu_last = _pick(lu, o_t, C - 1)
+    # Γ[C−1, j] = Σ_i e^{la_last − la_i} β_i e^{lu_i − lu_j} (i ≥ j)
+    gam_last = tl.sum((tl.exp(la_last - la) * beta)[:, None] * _decay(lu, lu, r >= c), axis=0)
+    cg = gam_last * eta
+    e_lu_rel = tl.exp(lu_last - lu)
+    cm = e_lu_rel * eta
+
+    # P = k̂k̂ᵀ; row products k̂·dKg, k̂·dKm, q̂·dq̂
+    p = tl.zeros([C, C], dtype=tl.float32)
+    kdkg = tl.zeros([C], dtype=tl.float32)
+    kdkm = tl.zeros([C], dtype=tl.float32)
+    qdq = tl.zeros([C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        ck = (cck + r) * K + o_k[None, :]
+        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+        p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision=MMPREC)
+        kdkg += tl.sum(kn * tl.load(DKG + ck, mask=mk[None, :], other=0.0), axis=1)
+        kdkm += tl.sum(kn * tl.load(DKM + ck, mask=mk[None, :], other=0.0), axis=1)
+        qdq += tl.sum(tl.load(QC + ck, mask=mk[None, :], other=0.0)
+                      * tl.load(DQC + ck, mask=mk[None, :], other=0.0), axis=1)
+
+    # dΓ⁻ = dA ⊙ P ⊙ η_col, dP = dA ⊙ Γ⁻ ⊙ η_col, dPᵀ from dAᵀ (a transposed load), dη
+    _, gam_r = _gam_pair(la, lu, le, beta, o_t, C, F32P)
+    da = tl.load(DA + cck * C + r * C + c)
+    tl.store(DGR + cck * C + r * C + c, da * p * eta[None, :])
+    dp = da * gam_r * eta[None, :]
+    deta = (tl.sum(da * gam_r * p, axis=0) + tl.load(DETC + cck + o_t) + gam_last * kdkg
+            + e_lu_rel * kdkm)
+    tl.store(DET + g_off, deta.to(DET.dtype.element_ty), mask=m_t)
+    gam_rt = _gam_r_t(la, lu, le, beta, o_t, C, F32P)
+    dp_t = tl.load(DA + cck * C + c * C + r) * gam_rt * eta[:, None]
+    # dΓ in total: the direct cotangent and Kg's row C−1
+    dgam = tl.load(DGAM + cck * C + r * C + c) + tl.where(r == C - 1, (eta * kdkg)[None, :], 0.0)
+    tl.store(DGT + cck * C + r * C + c, dgam)
+    tl.store(KDKM + cck + o_t, kdkm)
+
+    # k̂·dk̂ in closed form (P = k̂k̂ᵀ), then dk and dq through l2norm's backward
+    kdk = (tl.load(KDK + cck + o_t) + tl.sum(dp * p, axis=1) + tl.sum(dp_t * p, axis=1)
+           + cg * kdkg + cm * kdkm)
+    if NORM:
+        rk = tl.load(RK + cck + o_t)
+        rq = tl.load(RQ + cck + o_t)
+    dp_mm = dp.to(MMDT)
+    dp_t_mm = dp_t.to(MMDT)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        ck = (cck + r) * K + o_k[None, :]
+        tk = g_off[:, None] * K + o_k[None, :]
+        m = m_t[:, None] & mk[None, :]
+        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        kn_mm = kn.to(MMDT)
+        dkn = (tl.load(DKN + ck, mask=mk[None, :], other=0.0)
+               + tl.dot(dp_mm, kn_mm, input_precision=MMPREC)
+               + tl.dot(dp_t_mm, kn_mm, input_precision=MMPREC)
+               + cg[:, None] * tl.load(DKG + ck, mask=mk[None, :], other=0.0)
+               + cm[:, None] * tl.load(DKM + ck, mask=mk[None, :], other=0.0))
+        dqn = tl.load(DQC + ck, mask=mk[None, :], other=0.0)
+        if NORM:
+            qn = tl.load(QC + ck, mask=mk[None, :], other=0.0)
+            dkn = rk[:, None] * (dkn - kn * kdk[:, None])
+            dqn = rq[:, None] * (dqn - qn * qdq[:, None])
+        tl.store(DK + tk, dkn.to(DK.dtype.element_ty), mask=m)
+        tl.store(DQ + tk, dqn.to(DQ.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _prepare_bwd_decay_kernel(
+    LA, LM, BE, ET, CS, CL, DGT, DGR, KDKM, DLE, DG0R,
+    DLAC, DG0C, DAEND, DGEND, DUEND,
+    DLA, DLM, DBE,
+    H: tl.constexpr, C: tl.constexpr, PTA: tl.constexpr, FLOOR: tl.constexpr,
+    F32P: tl.constexpr,
+):
+    """The decays' backward: dΓ, dΓ⁻ (from _prepare_bwd_k_kernel), dγ, dγ⁻, the chunk ends and
+    Km → d la, d lu, d le → the gates by reverse cumsum; dβ. Γ = D1 B, Γ⁻ = D2 B, γ = D1 b,
+    γ⁻ = D2 b; the C×C products run in blocks of 16 of their contraction index, the block of
+    dΓ / dΓ⁻ loaded from scratch (rows or columns, as the product needs)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    g_off = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    c = o_t[None, :]
+    incl = r >= c
+    strict = r > c
+    last = o_t == C - 1
+
+    la_raw, lm_raw, _, beta, eta, la, lu, le = _gate_setup(
+        LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
+    la_last = _pick(la, o_t, C - 1)
+    lu_last = _pick(lu, o_t, C - 1)
+    bvec = beta * tl.exp(lu)
+    dle = tl.load(DLE + cck + o_t)
+    dg0r = tl.load(DG0R + cck + o_t)
+    dg0 = tl.load(DG0C + cck + o_t) + tl.where(last, tl.load(DGEND + ch), 0.0)
+    dla = tl.load(DLAC + cck + o_t) + tl.where(last, tl.load(DAEND + ch) * tl.exp(la_last), 0.0)
+    s_m = tl.exp(lu_last - lu) * eta * tl.load(KDKM + cck + o_t)          # Km = e^{lu_last−lu} η k̂
+    dlu = tl.where(last, tl.load(DUEND + ch) * tl.exp(lu_last) + tl.sum(s_m, axis=0), 0.0) - s_m
+
+    # dD1 = dΓ Bᵀ + dγ bᵀ, dD2 = dΓ⁻ Bᵀ + dγ⁻ bᵀ (contraction over j);
+    # dB = D1ᵀ dΓ + D2ᵀ dΓ⁻ (contraction over t)
+    dd1 = dg0[:, None] * bvec[None, :]
+    dd2 = dg0r[:, None] * bvec[None, :]
+    db_m = tl.zeros([C, C], dtype=tl.float32)
+    for b0 in tl.static_range(0, C, 16):
+        o_b = b0 + tl.arange(0, 16)
+        lu_b = _sub(lu, o_t, o_b)
+        la_b = _sub(la, o_t, o_b)
+        bt_rows = beta[None, :] * _decay_t(lu, lu_b, o_b[:, None] <= c)       # Bᵀ[j∈b, :]
+        cols = cck * C + r * C + o_b[None, :]                                  # [C, 16]
+        dd1 += tl.dot(tl.load(DGT + cols), bt_rows, input_precision=F32P)
+        dd2 += tl.dot(tl.load(DGR + cols), bt_rows, input_precision=F32P)
+        rows = cck * C + o_b[:, None] * C + c                                  # [16, C]
+        d1t_cols = _decay_t(la_b, la, r <= o_b[None, :])                       # D1ᵀ[:, t∈b]
+        d2t_cols = _decay_t(_sub(le, o_t, o_b), la, r < o_b[None, :])          # D2ᵀ[:, t∈b]
+        db_m += tl.dot(d1t_cols, tl.load(DGT + rows), input_precision=F32P)
+        db_m += tl.dot(d2t_cols, tl.load(DGR + rows), input_precision=F32P)
+    e1 = tl.where(incl, dd1 * _decay(la, la, incl), 0.0)
+    dla += tl.sum(e1, axis=1) - tl.sum(e1, axis=0)
+    d2 = _decay(le, la, strict)
+    e2 = tl.where(strict, dd2 * d2, 0.0)
+    dle += tl.sum(e2, axis=1)
+    dla += dle - tl.sum(e2, axis=0)
+    # db = D1ᵀ dγ + D2ᵀ dγ⁻
+    db_v = tl.sum(_decay_t(la, la, r <= c) * dg0[None, :], axis=1) \
+        + tl.sum(_decay_t(le, la, r < c) * dg0r[None, :], axis=1)
+    dm = _decay(lu, lu, incl)
+    em = tl.where(incl, db_m * beta[:, None] * dm, 0.0)
+    dbeta = tl.sum(tl.where(incl, db_m * dm, 0.0), axis=1) + db_v * tl.exp(lu)
+    dlu += tl.sum(em, axis=1) - tl.sum(em, axis=0) + db_v * bvec
+    dlog_a = tl.cumsum(dla, axis=0, reverse=True)
+    if not PTA:
+        dlog_a -= dle
+    dlog_m = tl.cumsum(dlu, axis=0, reverse=True)
+    dlog_a = tl.where(la_raw >= FLOOR, dlog_a, 0.0)    # clamp's gradient
+    dlog_m = tl.where(lm_raw >= FLOOR, dlog_m, 0.0)
+    tl.store(DLA + g_off, dlog_a.to(DLA.dtype.element_ty), mask=m_t)
+    tl.store(DLM + g_off, dlog_m.to(DLM.dtype.element_ty), mask=m_t)
+    tl.store(DBE + g_off, dbeta.to(DBE.dtype.element_ty), mask=m_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# LocalOutput: o = scale·[(e^{la} Q) S0 − (γ Q) M0 − tril(Γ ⊙ Q Kᵀ ⊙ η) W]
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _output_fwd_kernel(
+    QC, KC, ETC, LAC, G0C, GAM, W, S0S, M0S, CS, CL, O, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
+):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(2)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    r = o_t[:, None]
+    c = o_t[None, :]
+    o_v = i_v * BV + tl.arange(0, BV)
+    mv = o_v < V
+    e_la = tl.exp(tl.load(LAC + cck + o_t))
+    g0 = tl.load(G0C + cck + o_t)
+    eta = tl.load(ETC + cck + o_t)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    p = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        qb = tl.load(QC + (cck + r) * K + o_k[None, :], mask=mk[None, :], other=0.0)
+        kb_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+        p += tl.dot(qb.to(MMDT), kb_t.to(MMDT), input_precision=MMPREC)
+        kv = ch * K * V + o_k[:, None] * V + o_v[None, :]
+        mkv = mk[:, None] & mv[None, :]
+        s0 = tl.load(S0S + kv, mask=mkv, other=0.0)
+        m0 = tl.load(M0S + kv, mask=mkv, other=0.0)
+        acc += tl.dot((e_la[:, None] * qb).to(MMDT), s0.to(MMDT), input_precision=MMPREC)
+        acc -= tl.dot((g0[:, None] * qb).to(MMDT), m0.to(MMDT), input_precision=MMPREC)
+    attn = tl.where(r >= c, tl.load(GAM + cck * C + r * C + c) * p * eta[None, :], 0.0)
+    wb = tl.load(W + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0)
+    acc -= tl.dot(attn.to(MMDT), wb.to(MMDT), input_precision=MMPREC)
+    tok = start + o_t
+    tl.store(O + (tok * H + i_h)[:, None] * V + o_v[None, :], (scale * acc).to(O.dtype.element_ty),
+             mask=m_t[:, None] & mv[None, :])
+
+
+@triton.jit
+def _output_bwd_kernel(
+    QC, KC, ETC, LAC, G0C, GAM, W, S0S, M0S, CS, CL, DO, scale,
+    DQC, DKC, DETC, DLAC, DG0C, DGAM, DW, DS0S, DM0S,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
+):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    tok_row = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    c = o_t[None, :]
+    incl = r >= c
+    e_la = tl.exp(tl.load(LAC + cck + o_t))
+    g0 = tl.load(G0C + cck + o_t)
+    eta = tl.load(ETC + cck + o_t)
+    gam = tl.load(GAM + cck * C + r * C + c)
+    gam_t = tl.load(GAM + cck * C + c * C + r)
+    # P = Q Kᵀ and Pᵀ = K Qᵀ
+    p = tl.zeros([C, C], dtype=tl.float32)
+    p_t = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        ck = (cck + r) * K + o_k[None, :]
+        ckt = (cck + c) * K + o_k[:, None]
+        qb = tl.load(QC + ck, mask=mk[None, :], other=0.0).to(MMDT)
+        kb = tl.load(KC + ck, mask=mk[None, :], other=0.0).to(MMDT)
+        qb_t = tl.load(QC + ckt, mask=mk[:, None], other=0.0).to(MMDT)
+        kb_t = tl.load(KC + ckt, mask=mk[:, None], other=0.0).to(MMDT)
+        p += tl.dot(qb, kb_t, input_precision=MMPREC)
+        p_t += tl.dot(kb, qb_t, input_precision=MMPREC)
+    attn_t = tl.where(r <= c, gam_t * p_t * eta[:, None], 0.0).to(MMDT)
+    # dattn = −dO Wᵀ (and its transpose); dW = −attnᵀ dO, with dO = scale·do
+    dat = tl.zeros([C, C], dtype=tl.float32)
+    dat_t = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        mv = o_v < V
+        dob = (scale * tl.load(DO + tok_row[:, None] * V + o_v[None, :],
+                               mask=m_t[:, None] & mv[None, :], other=0.0).to(tl.float32)).to(MMDT)
+        dob_t = scale * tl.load(DO + tok_row[None, :] * V + o_v[:, None],
+                                mask=mv[:, None] & m_t[None, :], other=0.0).to(tl.float32)
+        dob_t = dob_t.to(MMDT)
+        wb = tl.load(W + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0).to(MMDT)
+        wb_t = tl.load(W + (cck + c) * V + o_v[:, None], mask=mv[:, None], other=0.0).to(MMDT)
+        dat -= tl.dot(dob, wb_t, input_precision=MMPREC)
+        dat_t -= tl.dot(wb, dob_t, input_precision=MMPREC)
+        dwb = -tl.dot(attn_t, dob, input_precision=MMPREC)
+        tl.store(DW + (cck + r) * V + o_v[None, :], dwb, mask=mv[None, :])
+    dat = tl.where(incl, dat, 0.0)
+    dat_t = tl.where(r <= c, dat_t, 0.0)
+    tl.store(DGAM + cck * C + r * C + c, dat * p * eta[None, :])
+    tl.store(DETC + cck + o_t, tl.sum(dat * gam * p, axis=0))
+    dp = (dat * gam * eta[None, :]).to(MMDT)
+    dp_t = (dat_t * gam_t * eta[:, None]).to(MMDT)
+    dla = tl.zeros([C], dtype=tl.float32)
+    dg0 = tl.zeros([C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        ck = (cck + r) * K + o_k[None, :]
+        ckt = (cck + c) * K + o_k[:, None]
+        qb = tl.load(QC + ck, mask=mk[None, :], other=0.0)
+        kb = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        qb_t = tl.load(QC + ckt, mask=mk[:, None], other=0.0)
+        qa_t = (qb_t * e_la[None, :]).to(MMDT)
+        qg_t = (qb_t * g0[None, :]).to(MMDT)
+        dqs = tl.zeros([C, BK], dtype=tl.float32)
+        dqm = tl.zeros([C, BK], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            o_v = v0 + tl.arange(0, BV)
+            mv = o_v < V
+            dob = scale * tl.load(DO + tok_row[:, None] * V + o_v[None, :],
+                                  mask=m_t[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            dob = dob.to(MMDT)
+            kv_t = ch * K * V + o_k[None, :] * V + o_v[:, None]     # [BV, BK] view of S0ᵀ
+            mkv_t = mv[:, None] & mk[None, :]
+            s0_t = tl.load(S0S + kv_t, mask=mkv_t, other=0.0).to(MMDT)
+            m0_t = tl.load(M0S + kv_t, mask=mkv_t, other=0.0).to(MMDT)
+            dqs += tl.dot(dob, s0_t, input_precision=MMPREC)
+            dqm += tl.dot(dob, m0_t, input_precision=MMPREC)
+            kv = ch * K * V + o_k[:, None] * V + o_v[None, :]
+            mkv = mk[:, None] & mv[None, :]
+            tl.store(DS0S + kv, tl.dot(qa_t, dob, input_precision=MMPREC), mask=mkv)
+            tl.store(DM0S + kv, -tl.dot(qg_t, dob, input_precision=MMPREC), mask=mkv)
+        dqb = (e_la[:, None] * dqs - g0[:, None] * dqm
+               + tl.dot(dp, kb.to(MMDT), input_precision=MMPREC))
+        dkb = tl.dot(dp_t, qb.to(MMDT), input_precision=MMPREC)
+        dla += e_la * tl.sum(qb * dqs, axis=1)
+        dg0 -= tl.sum(qb * dqm, axis=1)
+        tl.store(DQC + ck, dqb, mask=mk[None, :])
+        tl.store(DKC + ck, dkb, mask=mk[None, :])
+    tl.store(DLAC + cck + o_t, dla)
+    tl.store(DG0C + cck + o_t, dg0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python side
+# ---------------------------------------------------------------------------------------------
+
+def chunk_bounds(dest: torch.Tensor, num_chunks: int, chunk_size: int):
+    """First token and token count of every chunk, from layout.dest (monotone: chunks hold
+    consecutive tokens of one sequence). int32 [NC] each; no host sync."""
+    first_slot = torch.arange(num_chunks, device=dest.device, dtype=dest.dtype) * chunk_size
+    start = torch.searchsorted(dest, first_slot)
+    end = torch.searchsorted(dest, first_slot + chunk_size)
+    return start.to(torch.int32), (end - start).to(torch.int32)
+
+
+def _blocks(K: int, V: int):
+    return (max(16, min(BLOCK_K, triton.next_power_of_2(K))),
+            max(16, min(BLOCK_V, triton.next_power_of_2(V))))
+
+
+def _tl_mm(mm_dtype):
+    if mm_dtype is None or mm_dtype == torch.float32:
+        return tl.float32
+    if mm_dtype == torch.bfloat16:
+        return tl.bfloat16
+    if mm_dtype == torch.float16:
+        return tl.float16
+    raise ValueError(f"mm_dtype must be None, float32, bfloat16 or float16, got {mm_dtype}")
+
+
+def _f32p() -> str:
+    """Precision of the fp32 products (decays, solve, dA; all products for fp32 models):
+    MDN_FUSED_FP32_DOT = "ieee" (default: exact fp32 FMAs) or "tf32x3" (three TF32 MMAs on
+    tensor cores, about fp32 accuracy) -- a speed knob to measure on the GPU; ptxas reports more
+    register spill with it (up to ~1.5 KB in _prepare_bwd_k_kernel, tools/compile_fused_sm90.py)."""
+    prec = os.environ.get("MDN_FUSED_FP32_DOT", "ieee")
+    if prec not in ("ieee", "tf32x3"):
+        raise ValueError(f"MDN_FUSED_FP32_DOT must be 'ieee' or 'tf32x3', got {prec!r}")
+    return prec
+
+
+def _prec(mmdt) -> str:
+    # fp32 operands: _f32p() (never plain tf32); 16-bit operands: the ordinary MMA path.
+    return _f32p() if mmdt == tl.float32 else "tf32"
+
+
+def _second_order_prec(mmdt) -> str:
+    """dA = −Tᵀ dT Tᵀ: two fp32 products over all C. With 16-bit operands elsewhere (dT itself
+    comes from bf16 products) TF32 is far below the error already there, and an fp32 FMA dot
+    over C = 64 needs more registers than a thread has; fp32 models keep _f32p()."""
+    return _f32p() if mmdt == tl.float32 else "tf32"
+
+
+def _check_cdt(cdt):
+    if cdt != torch.float32:
+        raise ValueError(f"the fused chunk-local kernels compute in float32 only, got cdt={cdt} "
+                         "(float64 inputs take the torch path)")
+
+
+def _check_chunk(C: int):
+    if C not in (16, 32, 64):
+        raise ValueError(f"the fused chunk-local kernels support chunk_size 16, 32 or 64, got {C}")
+
+
+def _num_warps(C: int) -> int:
+    return 8 if C >= 64 else 4
+
+
+class LocalPrepare(torch.autograd.Function):
+    """Fused `chunk._local_prepare`: same arguments, same 14 outputs
+    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end).
+
+    Saved for backward: the raw v and gates, the outputs q̂, k̂, (I + A)⁻¹ [NC, H, C, C] fp32,
+    and per-token vectors (e^{le}, γ⁻, the l2norm scales)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_alpha, log_mu, beta, eta, dest, num_chunks: int,
+                chunk_size: int, cdt: torch.dtype, use_qk_l2norm: bool, p_times_alpha: bool,
+                mm_dtype):
+        _check_cdt(cdt)
+        _check_chunk(chunk_size)
+        B, T, H, K = k.shape
+        V = v.shape[-1]
+        NC, C = num_chunks, chunk_size
+        q, k, v = (x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
+        gates = [g.reshape(B * T, H).contiguous() for g in (log_alpha, log_mu, beta, eta)]
+        cs, cl = chunk_bounds(dest, NC, C)
+        new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=k.device)  # noqa: E731
+        qc, kc, Y, Z, Kg, Km = (new(NC, H, C, K) for _ in range(6))
+        et, la, g0, ele, g0r, rq, rk = (new(NC, H, C) for _ in range(7))
+        gam, amat, tmat = (new(NC, H, C, C) for _ in range(3))
+        U = new(NC, H, C, V)
+        a_end, g_end, u_end = (new(NC, H) for _ in range(3))
+        BK, BV = _blocks(K, V)
+        mmdt = _tl_mm(mm_dtype)
+        nw = _num_warps(C)
+        if NC > 0:
+            _prepare_a_kernel[(NC, H)](
+                q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
+                amat, ele, g0r, rq, rk, H=H, K=K, C=C, BK=BK, NORM=use_qk_l2norm,
+                PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
+                F32P=_f32p(), num_warps=nw,
+                num_stages=1)
+            _solve_kernel[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
+                                     num_warps=1 if C == 16 else 2, num_stages=1)
+            _prepare_c_kernel[(NC, H)](
+                v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
+                MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw, num_stages=1)
+        ctx.save_for_backward(v, *gates, cs, cl, qc, kc, tmat, ele, g0r, rq, rk)
+        ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt)
+        ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
+        return qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end
+
+    @staticmethod
+    def backward(ctx, *cots):
+        v, la_in, lm_in, be_in, et_in, cs, cl, qc, kc, tmat, ele, g0r, rq, rk = ctx.saved_tensors
+        B, T, H, K, V, NC, C, norm, pta, mmdt = ctx.meta
+        shapes = [(NC, H, C, K), (NC, H, C, K), (NC, H, C), (NC, H, C), (NC, H, C),
+                  (NC, H, C, C), (NC, H, C, V), (NC, H, C, K), (NC, H, C, K), (NC, H, C, K),
+                  (NC, H, C, K), (NC, H), (NC, H), (NC, H)]
+        (dqc, dkc, detc, dlac, dg0c, dgam, dU, dY, dZ, dKg, dKm, da_end, dg_end, du_end) = (
+            torch.zeros(s, dtype=torch.float32, device=v.device) if g is None
+            else g.to(torch.float32).contiguous() for g, s in zip(cots, shapes))
+        dq = torch.empty(B * T, H, K, dtype=ctx.q_dtype, device=v.device)
+        dk = torch.empty(B * T, H, K, dtype=ctx.k_dtype, device=v.device)
+        dv = torch.empty_like(v)
+        dgates = [torch.empty_like(g) for g in (la_in, lm_in, be_in, et_in)]
+        f32 = dict(dtype=torch.float32, device=v.device)
+        dkn = torch.empty(NC, H, C, K, **f32)
+        da, dgt, dgr = (torch.empty(NC, H, C, C, **f32) for _ in range(3))
+        kdk, dle, dg0r, kdkm = (torch.empty(NC, H, C, **f32) for _ in range(4))
+        BK, BV = _blocks(K, V)
+        nw = _num_warps(C)
+        if NC > 0:
+            _prepare_bwd_t_kernel[(NC, H)](
+                v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
+                DAP=_second_order_prec(mmdt), num_warps=nw, num_stages=1)
+            _prepare_bwd_k_kernel[(NC, H)](
+                la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
+                dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm,
+                H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
+                FLOOR=LOG_FLOOR, F32P=_f32p(), num_warps=nw, num_stages=1)
+            _prepare_bwd_decay_kernel[(NC, H)](
+                la_in, lm_in, be_in, et_in, cs, cl, dgt, dgr, kdkm, dle, dg0r,
+                dlac, dg0c, da_end, dg_end, du_end, *dgates[:3],
+                H=H, C=C, PTA=pta, FLOOR=LOG_FLOOR, F32P=_f32p(), num_warps=nw, num_stages=1)
+        dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
+        dv = dv.view(B, T, H, V)
+        dgates = [g.view(B, T, H) for g in dgates]
+        return (dq, dk, dv, *dgates) + (None,) * 7
+
+
+class LocalOutput(torch.autograd.Function):
+    """Fused `chunk._local_output`: same arguments, o [B, T, H, V] in out_dtype."""
+
+    @staticmethod
+    def forward(ctx, qc, kc, et, la, g0, gam, W, S0s, M0s, dest, scale: float, mm_dtype,
+                out_shape: tuple, out_dtype: torch.dtype):
+        NC, H, C, K = qc.shape
+        V = W.shape[-1]
+        _check_cdt(qc.dtype)
+        for t in (W, S0s, M0s):  # the state pass hands these over in bf16 for 16-bit models
+            if t.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"W, S0s, M0s must be float32 or bfloat16, got {t.dtype}")
+        args = [t.contiguous() for t in (qc, kc, et, la, g0, gam, W, S0s, M0s)]
+        cs, cl = chunk_bounds(dest, NC, C)
+        o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
+        BK, BV = _blocks(K, V)
+        mmdt = _tl_mm(mm_dtype)
+        if NC > 0:
+            _output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
+                *args, cs, cl, o, float(scale), H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt,
+                MMPREC=_prec(mmdt), num_warps=_num_warps(C), num_stages=1)
+        ctx.save_for_backward(*args, cs, cl)
+        ctx.meta = (NC, H, C, K, V, float(scale), mmdt)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl = ctx.saved_tensors
+        NC, H, C, K, V, scale, mmdt = ctx.meta
+        do = do.contiguous()
+        grads = [torch.empty_like(t) for t in (qc, kc, et, la, g0, gam, W, S0s, M0s)]
+        BK, BV = _blocks(K, V)
+        if NC > 0:
+            _output_bwd_kernel[(NC, H)](
+                qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale, *grads,
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
+                num_warps=_num_warps(C),
+                num_stages=1)
+        return (*grads, None, None, None, None, None)

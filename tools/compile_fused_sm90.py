@@ -1,0 +1,120 @@
+"""Compile the fused chunk-local kernels for an H100 (sm_90) on a machine without a GPU, and
+report registers, spills and shared memory per kernel (Triton's own compiler and the ptxas it
+ships; no CUDA driver needed).
+
+    python tools/compile_fused_sm90.py [--K 128 --V 256] [--json out.json] [kernel names ...]
+
+It catches what the interpreter cannot: compile errors of the real Triton pipeline, and
+register spills (a spilling kernel is correct but slow). Exit status 1 when a kernel fails to
+compile. Block sizes and warps are those LocalPrepare / LocalOutput launch with at chunk 64.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)   # must precede the kernels' import (jit reads it)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from mdn_kernels.mdn import chunk_local_fused as fused  # noqa: E402
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+BF16_ARGS = ("Q", "KK", "VV", "LA", "LM", "BE", "ET", "DQ", "DK", "DV", "DLA", "DLM", "DBE",
+             "DET", "DO", "O")
+
+
+def arg_types():
+    types = {"CS": "*i32", "CL": "*i32", "scale": "fp32"}
+    types.update({n: "*bf16" for n in BF16_ARGS})   # 16-bit model inputs; the rest fp32
+    return types
+
+
+def compile_one(fn, consts: dict, num_warps: int, arch: int = 90) -> dict:
+    types = arg_types()
+    names = fn.arg_names
+    sig = {n: ("constexpr" if n in consts else types.get(n, "*fp32")) for n in names}
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                        options=dict(num_warps=num_warps, num_stages=1))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ck.asm["ptx"])
+    try:
+        run = subprocess.run([PTXAS, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    info = run.stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, info)) else None  # noqa: E731
+    return dict(registers=num(r"Used (\d+) registers"),
+                spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"),
+                shared_bytes=ck.metadata.shared, num_warps=num_warps)
+
+
+def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee"):
+    BK, BV = fused._blocks(K, V)
+    nw = fused._num_warps(C)
+    mm = dict(MMDT=tl.bfloat16, MMPREC="tf32")
+    gates = dict(PTA=True, FLOOR=fused.LOG_FLOOR)
+    return {
+        "prepare_a": (fused._prepare_a_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, EPS=1e-6,
+                                                    F32P=f32p, **gates, **mm), nw),
+        "solve": (fused._solve_kernel, dict(C=C, F32P=f32p), 2),
+        "prepare_c": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
+        "bwd_t": (fused._prepare_bwd_t_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, DAP="tf32",
+                                                    **mm), nw),
+        "bwd_k": (fused._prepare_bwd_k_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, F32P=f32p,
+                                                    **gates, **mm), nw),
+        "bwd_decay": (fused._prepare_bwd_decay_kernel, dict(H=6, C=C, F32P=f32p, **gates), nw),
+        "out_fwd": (fused._output_fwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
+        "out_bwd": (fused._output_bwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--K", type=int, default=128)
+    ap.add_argument("--V", type=int, default=256)
+    ap.add_argument("--fp32-dot", default="ieee", choices=["ieee", "tf32x3"],
+                    help="precision of the fp32 products (MDN_FUSED_FP32_DOT)")
+    ap.add_argument("--json", default=None, help="write the table here")
+    ap.add_argument("kernels", nargs="*", help="names to compile (default: all)")
+    args = ap.parse_args(argv)
+    table, failed = {}, []
+    all_jobs = jobs(args.K, args.V, f32p=args.fp32_dot)
+    unknown = set(args.kernels) - set(all_jobs)
+    if unknown:
+        sys.exit(f"unknown kernel names {sorted(unknown)}; known: {sorted(all_jobs)}")
+    for name, (fn, consts, nw) in all_jobs.items():
+        if args.kernels and name not in args.kernels:
+            continue
+        try:
+            table[name] = res = compile_one(fn, consts, nw)
+            print(f"{name:10s} warps {nw} regs {res['registers']:3d} spill "
+                  f"{res['spill_stores']:5d}/{res['spill_loads']:5d} B  shared "
+                  f"{res['shared_bytes']:6d} B", flush=True)
+        except Exception as e:  # report every kernel, then fail
+            failed.append(name)
+            print(f"{name:10s} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(K=args.K, V=args.V, arch="sm_90", kernels=table, failed=failed), f,
+                      indent=2)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
