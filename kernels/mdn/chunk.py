@@ -98,16 +98,20 @@ _FUSED_LOCAL: bool | None = None
 def use_fused_local(flag: bool | None) -> None:
     """Route the chunk-parallel parts (_local_prepare / _local_output) through the fused Triton
     kernels of chunk_local_fused.py (True), the torch ops (False), or the environment variable
-    MDN_FUSED_LOCAL=1 (None, the default; unset means torch). Applies to backend "triton" with
-    an fp32 compute dtype and chunk 16/32/64 only; anything else keeps the torch ops."""
+    MDN_FUSED_LOCAL (None, the default): "1" on, "0" off, unset = on for 16-bit inputs (the
+    path checked on the H100 at real shapes, benchmarks/results/fused_local_h100.json), off for
+    fp32 ones. Applies to backend "triton" with an fp32 compute dtype and chunk 16/32/64 only;
+    anything else keeps the torch ops."""
     global _FUSED_LOCAL
     _FUSED_LOCAL = flag
 
 
-def fused_local_enabled(backend: str, cdt: torch.dtype, chunk_size: int) -> bool:
+def fused_local_enabled(backend: str, cdt: torch.dtype, chunk_size: int,
+                        low_precision: bool = False) -> bool:
     flag = _FUSED_LOCAL
     if flag is None:
-        flag = os.environ.get("MDN_FUSED_LOCAL", "0") == "1"
+        env = os.environ.get("MDN_FUSED_LOCAL")
+        flag = low_precision if env is None else env == "1"
     return (bool(flag) and backend == "triton" and cdt == torch.float32
             and chunk_size in (16, 32, 64))
 
@@ -137,7 +141,7 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     mm_dtype = torch.bfloat16 if (low_precision and k.is_cuda and
                                   os.environ.get("MDN_LOWP_MM", "1") != "0") else None
     layout = build_layout(B, T, cu_seqlens, chunk_size, k.device)
-    if fused_local_enabled(backend, cdt, chunk_size):
+    if fused_local_enabled(backend, cdt, chunk_size, low_precision):
         from .chunk_local_fused import LocalOutput, LocalPrepare
         local_prepare, local_output = LocalPrepare.apply, LocalOutput.apply
     else:

@@ -187,10 +187,15 @@ def fused_on():
     chunk.use_fused_local(None)
 
 
-def test_switch_defaults_to_torch(monkeypatch):
+def test_switch_defaults(monkeypatch):
+    """Unset: fused for 16-bit inputs (checked on the H100), torch ops for fp32 inputs."""
     from mdn_kernels.mdn import chunk
     monkeypatch.delenv("MDN_FUSED_LOCAL", raising=False)
     assert not chunk.fused_local_enabled("triton", torch.float32, 64)
+    assert chunk.fused_local_enabled("triton", torch.float32, 64, low_precision=True)
+    assert not chunk.fused_local_enabled("torch", torch.float32, 64, low_precision=True)
+    monkeypatch.setenv("MDN_FUSED_LOCAL", "0")
+    assert not chunk.fused_local_enabled("triton", torch.float32, 64, low_precision=True)
     monkeypatch.setenv("MDN_FUSED_LOCAL", "1")
     assert chunk.fused_local_enabled("triton", torch.float32, 64)
     assert not chunk.fused_local_enabled("torch", torch.float32, 64)
