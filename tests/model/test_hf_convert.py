@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from model_dist import run_ranks
 
 transformers = pytest.importorskip("transformers", reason="needs the optional extra [hf] (transformers)")
 
@@ -23,7 +23,7 @@ CASES = {"mdn": BASE, "gdn": dict(BASE, mixer="gdn"),
 
 def ours_worker(rank, world, cases, ids):
     from mdn_scale.model.sharding import gather_full_state_dict
-    from workers import init_parallel, make_model
+    from model_workers import init_parallel, make_model
     init_parallel()
     out = {}
     for name, cfg in cases.items():
@@ -88,3 +88,36 @@ def test_import_reports_mismatches_by_name(ours, tmp_path):
     assert "unexpected model.layers.0.attn.bogus" in msg
     torch.save({"x": torch.zeros(1)}, tmp_path / "w.bin")
     assert set(load_tensors(str(tmp_path / "w.bin"))) == {"x"}
+
+
+def test_cli_roundtrip_via_dcp(ours, tmp_path):
+    """The tool: a torch.distributed.checkpoint directory (keys under 'model.') -> HF -> a
+    canonical safetensors file + model YAML, equal to the source."""
+    import subprocess
+    import sys
+
+    import torch.distributed.checkpoint as dcp
+    import yaml
+    from safetensors.torch import load_file
+
+    _, res = ours
+    full, _ = res["hybrid"]
+    dcp.save({"model": {k: v.clone() for k, v in full.items()}}, checkpoint_id=str(tmp_path / "dcp"))
+    with open(tmp_path / "m.yaml", "w") as f:
+        yaml.safe_dump({"model": CASES["hybrid"]}, f)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tool = os.path.join(root, "tools", "convert_checkpoint.py")
+    run = lambda *a: subprocess.run([sys.executable, tool, *a], capture_output=True, text=True)  # noqa: E731
+    r = run("to-hf", "--config", str(tmp_path / "m.yaml"), "--weights", str(tmp_path / "dcp"),
+            "--prefix", "model.", "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    r = run("from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back.safetensors"),
+            "--config-out", str(tmp_path / "back.yaml"))
+    assert r.returncode == 0, r.stderr
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert set(back) == set(full) and all(torch.equal(back[k], full[k]) for k in full)
+    with open(tmp_path / "back.yaml") as f:
+        assert ModelConfig(**yaml.safe_load(f)["model"]) == ModelConfig(**CASES["hybrid"])
+    bad = run("to-hf", "--config", str(tmp_path / "back.yaml"), "--weights",
+              str(tmp_path / "back.safetensors"), "--out", str(tmp_path / "x"), "--prefix", "nope.")
+    assert bad.returncode != 0 and "no tensors under prefix 'nope.'" in bad.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_harness import run_ranks
+from model_dist import run_ranks
 from mdn_kernels import gated_delta_rule_reference, mdn_recurrent_reference
 
 CFG = dict(hidden_size=32, num_layers=2, num_heads=2, head_k_dim=8, vocab_size=61, seq_len=64,
@@ -19,7 +19,7 @@ def mixer_worker(rank, world, cfg, x, ct, docs):
     from megatron.core.transformer.spec_utils import build_module
     from mdn_scale.model import ModelConfig, to_transformer_config
     from mdn_scale.model.specs import mdn_mixer_spec
-    from workers import init_parallel
+    from model_workers import init_parallel
 
     init_parallel()
     mc = ModelConfig(**cfg)

@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from dist_harness import run_ranks
-import workers
+from model_dist import run_ranks
+import model_workers as workers
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, head_k_dim=8, vocab_size=61,
             vocab_pad_multiple=8, seq_len=64, ffn_hidden_size=64, chunk_size=8)

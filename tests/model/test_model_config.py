@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from dist_harness import run_ranks
+from model_dist import run_ranks
 from mdn_scale.model import ModelConfig, check_parallel, to_transformer_config
 from mdn_scale.model.stats import model_stats
 
@@ -73,7 +73,7 @@ def test_shipped_configs_load():
 
 
 def count_worker(rank, world, cfgs):
-    from workers import init_parallel, make_model
+    from model_workers import init_parallel, make_model
     init_parallel()
     return [sum(p.numel() for p in make_model(c).parameters()) for c in cfgs]
 
