@@ -16,9 +16,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world, port, outdir, args):
+def _entry(rank, fn, world, port, outdir, args, backend="gloo"):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world,
                             init_method=f"tcp://127.0.0.1:{port}")
     try:
         out = fn(rank, world, *args)
@@ -29,9 +31,9 @@ def _entry(rank, fn, world, port, outdir, args):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args):
+def run_ranks(fn, world: int, *args, backend: str = "gloo"):
     """fn(rank, world, *args) on `world` processes; returns the list of their return values."""
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_entry, args=(fn, world, free_port(), d, args), nprocs=world,
+        mp.start_processes(_entry, args=(fn, world, free_port(), d, args, backend), nprocs=world,
                            start_method="spawn", join=True)
         return [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False) for r in range(world)]

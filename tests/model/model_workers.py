@@ -13,6 +13,14 @@ from mdn_scale.model.sharding import flat_sharded_tensors, gather_full_state_dic
 DTYPE = torch.float64  # layouts must agree to rounding: compare in float64
 
 
+def device() -> torch.device:
+    """The GPU of this rank when the harness runs on CUDA (tests/gpu), else the CPU."""
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_parallel(tp=1, pp=1, cp=1):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  context_parallel_size=cp)
@@ -20,6 +28,9 @@ def init_parallel(tp=1, pp=1, cp=1):
 
 def make_model(cfg: dict, seed: int = 0, **overrides):
     torch.manual_seed(seed)
+    if device().type == "cuda":  # Megatron's GPU init draws from its TP-aware CUDA RNG tracker
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(seed)
     return build_model(ModelConfig(**cfg), params_dtype=DTYPE, **overrides)
 
 
@@ -48,6 +59,10 @@ def run_step(model, ids, labels, packed=None):
     a float64 cross-entropy sum of the logits (Megatron's loss casts logits to fp32, which
     would hide layout differences below fp32 rounding)."""
     model.zero_grad(set_to_none=True)
+    dev = device()
+    ids, labels = ids.to(dev), labels.to(dev)
+    if packed is not None:
+        packed.cu_seqlens_q = packed.cu_seqlens_kv = packed.cu_seqlens_q.to(dev)
     with torch.no_grad():
         loss = model(ids, None, None, labels=labels, packed_seq_params=packed)
     out = model(ids, None, None, packed_seq_params=packed)  # [B, S, V/TP]
@@ -60,7 +75,7 @@ def run_step(model, ids, labels, packed=None):
     # Every TP rank computes the same loss and the gather's backward sums over ranks: divide
     # (by a power of two, exact) so the gradient is that of one copy of the loss.
     (ce / g.size()).backward()
-    return full.detach(), loss
+    return full.detach().cpu(), loss.cpu()
 
 
 def replicated_grads_agree(model, group) -> list[str]:
