@@ -106,6 +106,10 @@ class ModelConfig:
                 bad("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
             if self.attention_head_dim % 2:
                 bad("num_attention_heads", "hidden_size // num_attention_heads must be even (RoPE)")
+        if self.chunk_size & (self.chunk_size - 1):
+            bad("chunk_size", "must be a power of two (the Triton kernels need >= 16)")
+        if self.backend == "triton" and self.chunk_size < 16:
+            bad("chunk_size", "must be >= 16 for backend 'triton'")
         if self.backend not in ("auto", "triton", "torch"):
             bad("backend", "must be 'auto', 'triton' or 'torch'")
 

@@ -32,14 +32,14 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
     sharded_state_dict_default,
 )
-from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 from mdn_kernels import mdn_chunk
 
 from .config import ModelConfig
 from .sharding import split_sharded_tensor
 
-# Per-head parameters: name -> (in momentum-off mode too?)
+# Per-head parameters ([H], DESIGN §6 names); the momentum-off mixer ("gdn") has no Mu_log,
+# mu_bias and no m rows in the in-projection.
 PER_HEAD_PARAMS = ("A_log", "dt_bias", "log_factor", "D_log", "Mu_log", "mu_bias")
 MOMENTUM_ONLY = ("Mu_log", "mu_bias", "m")
 
