@@ -43,7 +43,6 @@ def test_sequence_parallel_tp2_matches_tp1():
 def schedule_worker(rank, world, cfg, batches, ref_weights):
     """Megatron's own forward/backward schedule (1F1B when PP > 1) over the micro-batches;
     returns the per-micro-batch losses (last stage) and the canonical grads."""
-    from functools import partial
 
     import model_workers as w
     from megatron.core import parallel_state as ps

@@ -3,7 +3,6 @@ import glob
 import os
 
 import pytest
-import torch
 import yaml
 
 from model_dist import run_ranks
