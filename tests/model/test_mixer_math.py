@@ -109,3 +109,17 @@ def test_mixer_matches_design_reference(mixer, results):
     for (n, _), gr in zip(P.items(), grads[1:]):
         torch.testing.assert_close(r["grads"][n], gr, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
     torch.testing.assert_close(r["packed"], r["alone"], rtol=1e-10, atol=1e-12)
+
+
+def test_init_ranges(results):
+    """DESIGN §6 init: A_log, Mu_log = log U(0,16); log_factor = log U(0,4); D_log = log U(0,1);
+    dt_bias, mu_bias = softplus⁻¹(dt) with dt in [1e-3, 1e-1]; o_norm = 1."""
+    P = results["mdn"]["params"]
+    for name, hi in (("A_log", 16), ("Mu_log", 16), ("log_factor", 4), ("D_log", 1)):
+        x = P[name].exp()
+        assert bool(((x > 0) & (x <= hi)).all()), name
+    for name in ("dt_bias", "mu_bias"):
+        dt = F.softplus(P[name])
+        assert bool(((dt >= 1e-3 * (1 - 1e-9)) & (dt <= 1e-1 * (1 + 1e-9))).all()), name
+    assert torch.equal(P["o_norm_weight"], torch.ones_like(P["o_norm_weight"]))
+    assert "Mu_log" not in results["gdn"]["params"]
