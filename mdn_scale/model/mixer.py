@@ -44,6 +44,10 @@ PER_HEAD_PARAMS = ("A_log", "dt_bias", "log_factor", "D_log", "Mu_log", "mu_bias
 MOMENTUM_ONLY = ("Mu_log", "mu_bias", "m")
 
 
+def _no_init(weight: torch.Tensor) -> None:
+    """Megatron init_method that leaves the weight alone (reset_parameters fills it)."""
+
+
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -139,7 +143,7 @@ class MDNMixer(MegatronModule):
         total = sum(n for _, n in self.parts) * self.tp_size
         self.in_proj = build_module(
             submodules.in_proj, cfg.hidden_size, total, config=config,
-            init_method=lambda w: None,  # filled TP-invariantly in reset_parameters
+            init_method=_no_init,  # filled TP-invariantly in reset_parameters
             gather_output=False, bias=False, skip_bias_add=True, is_expert=False,
             tp_comm_buffer_name="mdn_in_proj", tp_group=tp_group)
         self.out_proj = build_module(
