@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 
 class _AllGatherSeq(torch.autograd.Function):
     """Concatenate every rank's x along dim 0 (rank order); backward: sum the gradient over ranks
-    and keep this rank's slice. (all_reduce rather than reduce_scatter: works on every backend.)"""
+    and keep this rank's slice (a reduce-scatter)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -33,10 +33,9 @@ class _AllGatherSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        r = ctx.group.rank()
-        return grad[r * ctx.n:(r + 1) * ctx.n], None
+        out = grad.new_empty((ctx.n,) + tuple(grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
 
 
 def all_gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
