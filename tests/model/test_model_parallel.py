@@ -2,7 +2,6 @@
 
 Real gloo processes; float64 so that "same to rounding" is tight.
 """
-import importlib.util
 
 import pytest
 import torch
@@ -57,13 +56,6 @@ def _pp_case():
     return ("pp_hybrid", PP_HYBRID, ids, labels, None)
 
 
-def _have_cp_ops():
-    if importlib.util.find_spec("mdn_kernels.cp") is None:
-        return False
-    import mdn_kernels.cp as cp
-    return hasattr(cp, "conv_halo")
-
-
 @pytest.fixture(scope="module")
 def refs():
     """Single-process results of every case, computed in one spawned process."""
@@ -77,9 +69,8 @@ def two_ranks(refs):
     name, cfg, ids, labels, _ = _pp_case()
     jobs = {"tp": (workers.tp_worker, (_cases(), refs, (False,))),
             "cp_tf": (workers.cp_worker, (_cp_cases(), refs)),
-            "pp": (workers.pp_worker, (cfg, ids, labels, refs[name]["weights"]))}
-    if _have_cp_ops():
-        jobs["cp_mdn"] = (workers.cp_worker, (_cp_mdn_cases(), refs))
+            "pp": (workers.pp_worker, (cfg, ids, labels, refs[name]["weights"])),
+            "cp_mdn": (workers.cp_worker, (_cp_mdn_cases(), refs))}
     return dict(zip(jobs, run_jobs(2, list(jobs.values()))))
 
 
@@ -130,7 +121,6 @@ def test_cp2_transformer_matches_cp1(refs, two_ranks):
             _check_grads(r["grads"], ref["grads"], f"{name} rank {rank}")
 
 
-@pytest.mark.skipif(not _have_cp_ops(), reason="needs mdn_kernels.cp from the cp branch (not merged yet)")
 def test_cp2_mdn_and_hybrid_match_cp1(refs, two_ranks):
     """MDN and hybrid models under CP=2 (mdn_chunk's state exchange + conv halo), plain and
     packed documents whose boundaries do and do not fall on the rank boundary."""
