@@ -256,7 +256,8 @@ def apply_override(raw: dict, override: str) -> None:
         if child is None:
             child = node[p] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: '{'.join(parts[: i + 1])}' is not a section")
+            section = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {override!r}: '{section}' is not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
 
