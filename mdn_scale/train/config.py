@@ -280,7 +280,36 @@ def load_config(path: str | None, overrides: list[str] = (), *,
     for name in ("model", "data"):
         if raw.get(name) is None:
             raw[name] = {}
+    _fill_shared_keys(raw, foreign)
     return _build(RunConfig, raw, "", foreign)
+
+
+# The data loader's config repeats three run-level values; the run's are the source of truth.
+_SHARED = {"seq_len": ("train", "seq_len"), "micro_batch": ("train", "micro_batch"),
+           "seed": (None, "seed")}
+
+
+def _fill_shared_keys(raw: dict, foreign: dict[str, type]) -> None:
+    data_cls = foreign.get("data")
+    if not dataclasses.is_dataclass(data_cls):
+        return
+    data_fields = {f.name for f in dataclasses.fields(data_cls)}
+    defaults = {"train": TrainConfig(), None: RunConfig()}
+    for key, (section, name) in _SHARED.items():
+        if key not in data_fields:
+            continue
+        src = raw.get(section, {}) if section else raw
+        if not isinstance(src, dict):
+            continue
+        run_key = f"{section}.{name}" if section else name
+        value = src.get(name, getattr(defaults[section], name))
+        value = _coerce(value, _field_types(TrainConfig if section else RunConfig)[name], run_key)
+        if key in raw["data"]:
+            given = _coerce(raw["data"][key], int, f"data.{key}")
+            if given != value:
+                raise ConfigError(f"data.{key} = {given} contradicts {run_key} = {value}: leave "
+                                  f"data.{key} out (it is taken from {run_key})")
+        raw["data"][key] = value
 
 
 def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
@@ -318,6 +347,9 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
     if (t.micro_batch * t.seq_len) % p.context:
         raise ConfigError(f"train.micro_batch × train.seq_len = {t.micro_batch * t.seq_len} tokens "
                           f"is not divisible by parallel.context = {p.context}")
+    model_seq = getattr(cfg.model, "seq_len", None)
+    if isinstance(model_seq, int) and model_seq < t.seq_len:
+        raise ConfigError(f"model.seq_len = {model_seq} is shorter than train.seq_len = {t.seq_len}")
     if p.pipeline > 1 and not has_cuda:
         raise ConfigError("parallel.pipeline > 1 needs CUDA GPUs: Megatron's pipeline schedules "
                           "allocate on 'cuda' (DESIGN.md §9)")
@@ -326,6 +358,9 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
                           "DistributedOptimizer allocates its buffers on 'cuda')")
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+    if p.sequence_parallel and not has_cuda:
+        raise ConfigError("parallel.sequence_parallel needs CUDA GPUs: Megatron's sequence-parallel "
+                          "scatter/gather allocates on 'cuda' (megatron-core 0.16.1)")
     if t.precision == "bf16" and not has_cuda:
         pass  # bf16 autocast runs on CPU too (slowly); allowed for tests
     if cfg.checkpoint.interval and not cfg.checkpoint.dir:
