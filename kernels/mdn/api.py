@@ -83,6 +83,7 @@ def mdn_chunk(
     cp_group=None,
     backend: str = "auto",
     chunk_size: int = 64,
+    cp_mode: str = "allgather",
 ):
     """Momentum DeltaNet, chunkwise (DESIGN §3–4).
 
@@ -98,16 +99,27 @@ def mdn_chunk(
         cu_seqlens: [N + 1] offsets of packed sequences (B must be 1); each starts afresh from
             its own initial state.
         p_times_alpha: w_t reads the state at α_t k_t (default) instead of k_t.
-        cp_group: context-parallel group (not yet supported: must be None).
+        cp_group: context-parallel process group, or None. With a group, each rank passes its
+            contiguous slice of T tokens (rank order) of every sequence and gets the matching
+            slice of the CP = 1 result; cu_seqlens are then GLOBAL offsets (same on every rank)
+            and the initial/final state conventions are those of mdn_kernels.cp.api.
         backend: "triton" (CUDA tensors), "torch" (anywhere) or "auto".
         chunk_size: tokens per chunk (64; a power of two ≥ 16 for Triton).
+        cp_mode: "allgather" (default) or "ring": how the state crosses ranks under cp_group.
     Returns:
         o: [B, T, H, V] in v's dtype; final: (S, M) or None.
     """
+    if cp_mode not in ("allgather", "ring"):
+        raise ValueError(f"cp_mode must be 'allgather' or 'ring', got {cp_mode!r}")
+    if cp_group is not None:
+        from mdn_kernels.cp.api import mdn_chunk_cp
+        return mdn_chunk_cp(q, k, v, log_alpha, log_mu, beta, eta, scale=scale,
+                            initial_state=initial_state, output_final_state=output_final_state,
+                            cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+                            p_times_alpha=p_times_alpha, cp_group=cp_group, cp_mode=cp_mode,
+                            backend=backend, chunk_size=chunk_size)
     backend = validate_inputs(q, k, v, log_alpha, log_mu, beta, eta, initial_state, cu_seqlens,
                               backend)
-    if cp_group is not None:
-        raise ValueError("cp_group: context parallelism is not available yet; pass None")
     if backend == "triton" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         raise ValueError(f"chunk_size must be a power of two >= 16 for the triton backend, got {chunk_size}")
     if scale is None:

@@ -53,8 +53,12 @@ class StatePass(torch.autograd.Function):
 
 
 def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, output_final_state,
-              cu_seqlens, use_qk_l2norm, p_times_alpha, backend, chunk_size=64):
-    """Chunkwise MDN on validated inputs (see mdn_kernels.mdn_chunk for shapes)."""
+              cu_seqlens, use_qk_l2norm, p_times_alpha, backend, chunk_size=64, state_pass=None):
+    """Chunkwise MDN on validated inputs (see mdn_kernels.mdn_chunk for shapes).
+
+    `state_pass` replaces `StatePass.apply` (same arguments and results): context parallelism
+    (mdn_kernels.cp) plugs its cross-rank version in here and reuses everything else.
+    """
     B, T, H, K = k.shape
     V = v.shape[-1]
     cdt = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -79,7 +83,7 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     else:
         S_init, M_init = (s.to(cdt) for s in initial_state)
     allow_tf32 = v.dtype in (torch.bfloat16, torch.float16)
-    W, S0s, M0s, S, M = StatePass.apply(
+    W, S0s, M0s, S, M = (state_pass or StatePass.apply)(
         prep["U"], prep["Y"], prep["Z"], prep["Kg"], prep["Km"],
         prep["a_end"], prep["g_end"], prep["u_end"], S_init, M_init, layout, backend, allow_tf32)
     o = chunk_output(qc, kc, et, prep, W, S0s, M0s, scale)

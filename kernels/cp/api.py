@@ -1,0 +1,187 @@
+"""`mdn_chunk(..., cp_group=group)`: MDN with the sequence split over a context-parallel group.
+
+Contract (DESIGN §5, §8). Rank r of R passes tokens [r·T, (r+1)·T) of the sequence(s) and gets
+the matching slice of the CP = 1 output.
+
+* Without cu_seqlens: each of the B rows is one sequence split over the ranks.
+* With cu_seqlens: the offsets are GLOBAL (over all R·T tokens, the same tensor on every rank)
+  and B == 1. A document that spans ranks continues; one that starts inside a rank (or exactly
+  at its first token) starts from its own initial state.
+* initial_state (S0, M0), each [N, H, K, V] (N = B, or the number of global documents): the
+  state entering each global sequence. Pass the same value on every rank (or None on every
+  rank). Only the rank where a sequence starts reads its row (rank 0 for batched rows); its
+  gradient appears there and is zero on the other ranks, so a sum over the CP group gives the
+  CP = 1 gradient.
+* final state (output_final_state=True): [N, H, K, V] on every rank; row n holds sequence n's
+  final pair on the rank where sequence n ends (the last rank for batched rows) and zeros on the
+  others, so a sum over the group gives the CP = 1 final state. Gradients on the zero rows are
+  ignored.
+* cp_mode: "allgather" (default; one all-gather of per-rank affine maps, ranks work in
+  parallel) or "ring" (point-to-point relay, ranks' state passes run one after another).
+
+Every call first all-gathers a few integers (shapes, flags, a checksum of cu_seqlens) so that
+ranks that disagree fail with a message instead of hanging or returning garbage.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mdn_kernels.mdn.api import _check_shape, validate_inputs
+from mdn_kernels.mdn.chunk import chunk_mdn
+
+from .layout import batched_view, packed_view
+from .state_pass_cp import CPStatePass
+
+CP_MODES = ("allgather", "ring")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What every rank must agree on, in the order of the agreement vector.
+_FIELDS = ("local validation (see that rank's error)", "B (batch)", "T (tokens per rank)",
+           "H (heads)", "K (key dim)", "V (value dim)", "dtype", "number of sequences N",
+           "initial_state given", "output_final_state", "chunk_size", "cp_mode", "backend",
+           "use_qk_l2norm", "p_times_alpha", "cu_seqlens checksum", "scale (×1e6)")
+
+
+def check_cp_group(cp_group) -> tuple[int, int]:
+    """(rank, world size) of this process in cp_group; ValueError if it cannot be used."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("cp_group given but torch.distributed is not initialized")
+    if cp_group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of cp_group")
+    if not isinstance(cp_group, dist.ProcessGroup):
+        raise ValueError(f"cp_group must be a torch.distributed ProcessGroup, got {type(cp_group).__name__}")
+    rank = dist.get_rank(cp_group)
+    world = dist.get_world_size(cp_group)
+    if rank < 0 or rank >= world:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of cp_group")
+    return rank, world
+
+
+def _local_checks(q, k, v, log_alpha, log_mu, beta, eta, initial_state, cu_seqlens, backend,
+                  cp_mode, world):
+    """Checks one rank can make alone. Returns (backend, N)."""
+    if cp_mode not in CP_MODES:
+        raise ValueError(f"cp_mode must be one of {CP_MODES}, got {cp_mode!r}")
+    backend = validate_inputs(q, k, v, log_alpha, log_mu, beta, eta, None, None, backend)
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] of GLOBAL offsets")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if B != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) need B == 1, got B={B}")
+        cs = cu_seqlens.detach().cpu()
+        if int(cs[0]) != 0 or int(cs[-1]) != world * T:
+            raise ValueError(
+                f"under context parallelism cu_seqlens holds GLOBAL offsets: it must start at 0 "
+                f"and end at cp_size * T = {world} * {T} = {world * T}, got {int(cs[0])}..{int(cs[-1])}")
+        if bool((cs[1:] <= cs[:-1]).any()):
+            raise ValueError("cu_seqlens must be strictly increasing (no empty sequences)")
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+            raise ValueError("initial_state must be a pair (S0, M0), each [N, H, K, V]")
+        for name, s in zip(("initial_state[0] (S0)", "initial_state[1] (M0)"), initial_state):
+            _check_shape(name, s, (N, H, K, V), "[N, H, K, V] (N = global sequences)")
+            if s.device != k.device:
+                raise ValueError(f"{name} is on {s.device} but k is on {k.device}")
+    return backend, N
+
+
+def _agree(fields: list[int], device, group, rank: int, world: int, local_error):
+    """All-gather the agreement vector and raise ValueError (on every rank) on any mismatch."""
+    mine = torch.tensor(fields, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    every = torch.stack(every).cpu()
+    bad = (every[:, 0] != 0).nonzero()[:, 0].tolist()
+    if bad:
+        if local_error is not None:
+            raise local_error
+        raise ValueError(f"mdn_chunk under context parallelism: the inputs of cp_group rank(s) "
+                         f"{bad} are invalid (see the error raised there)")
+    for i, name in enumerate(_FIELDS[1:], start=1):
+        col = every[:, i]
+        if bool((col != col[0]).any()):
+            j = int((col != col[0]).nonzero()[0, 0])
+            raise ValueError(f"cp_group ranks disagree on {name}: rank 0 has {int(col[0])}, "
+                             f"rank {j} has {int(col[j])} (this is rank {rank} of {world})")
+
+
+def mdn_chunk_cp(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state,
+                 output_final_state, cu_seqlens, use_qk_l2norm, p_times_alpha, cp_group,
+                 cp_mode="allgather", backend="auto", chunk_size=64, group_chunks=None):
+    """See the module docstring; shapes as mdn_kernels.mdn_chunk with T = tokens per rank."""
+    rank, world = check_cp_group(cp_group)
+    local_error = None
+    N = -1
+    try:
+        backend, N = _local_checks(q, k, v, log_alpha, log_mu, beta, eta, initial_state,
+                                   cu_seqlens, backend, cp_mode, world)
+        if backend == "triton" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+            raise ValueError(f"chunk_size must be a power of two >= 16 for the triton backend, got {chunk_size}")
+    except ValueError as e:
+        local_error = e
+    if local_error is None:
+        B, T, H, K = k.shape
+        cs = 0
+        if cu_seqlens is not None:
+            c = cu_seqlens.detach().cpu().to(torch.int64)
+            cs = int((c * torch.arange(1, c.numel() + 1)).sum() % (2 ** 61 - 1))
+        fields = [0, B, T, H, K, v.shape[-1], _DTYPES.index(v.dtype), N,
+                  int(initial_state is not None), int(bool(output_final_state)), chunk_size,
+                  CP_MODES.index(cp_mode), ("torch", "triton").index(backend),
+                  int(bool(use_qk_l2norm)), int(bool(p_times_alpha)), cs,
+                  round((scale if scale is not None else K ** -0.5) * 1e6)]
+    else:
+        fields = [1] + [-1] * (len(_FIELDS) - 1)
+    device = k.device if isinstance(k, torch.Tensor) else torch.device("cpu")
+    if dist.get_backend(cp_group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    _agree(fields, device, cp_group, rank, world, local_error)
+
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if scale is None:
+        scale = K ** -0.5
+    if cu_seqlens is None:
+        view = batched_view(B, T, rank, world)
+    else:
+        view = packed_view(cu_seqlens.detach().cpu(), T, rank, world)
+    cu_local = None if view.cu_local is None else view.cu_local.to(k.device)
+
+    # Initial pairs of the local sequences: a sequence that starts here reads its global row;
+    # carried-in rows are placeholders (CPStatePass fills them and gives them zero gradient).
+    cdt = torch.float64 if v.dtype == torch.float64 else torch.float32
+    rows = torch.tensor([max(i, 0) for i in view.init_rows], dtype=torch.int64, device=k.device)
+    starts_here = torch.tensor([i >= 0 for i in view.init_rows], device=k.device)
+    if initial_state is None:
+        init = None
+    else:
+        keep = starts_here.to(cdt)[:, None, None, None]
+        init = tuple(s.to(cdt)[rows] * keep for s in initial_state)
+
+    def state_pass(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, be, allow_tf32):
+        return CPStatePass.apply(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout,
+                                 be, allow_tf32, view, cp_group, cp_mode, group_chunks)
+
+    o, fin = chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, scale=scale, initial_state=init,
+                       output_final_state=output_final_state, cu_seqlens=cu_local,
+                       use_qk_l2norm=use_qk_l2norm, p_times_alpha=p_times_alpha, backend=backend,
+                       chunk_size=chunk_size, state_pass=state_pass)
+    if not output_final_state:
+        return o, None
+    # Local finals → global rows: rows of sequences that end on this rank, zeros elsewhere.
+    dest = [(i, n) for i, n in enumerate(view.final_rows) if n >= 0]
+    out = []
+    for t in fin:
+        g = t.new_zeros((view.num_global,) + tuple(t.shape[1:]))
+        if dest:
+            src = torch.tensor([i for i, _ in dest], dtype=torch.int64, device=t.device)
+            dst = torch.tensor([n for _, n in dest], dtype=torch.int64, device=t.device)
+            g = g.index_put((dst,), t[src])
+        out.append(g)
+    return o, tuple(out)

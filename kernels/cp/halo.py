@@ -1,0 +1,71 @@
+"""Halo exchange for the short causal conv under context parallelism.
+
+A causal conv of width W at local token t reads tokens t−W+1..t, so rank r needs the last W−1
+(pre-conv) timesteps of rank r−1. `conv_halo` prefixes them (zeros on rank 0); the conv then runs
+"valid" over T + W − 1 rows and gives exactly the CP = 1 output slice. Backward sends the halo's
+gradient back to rank r−1, which adds it to the gradient of its last W−1 timesteps.
+
+Packed documents: the halo is the previous rank's tokens whatever the documents; where local
+token 0 starts a document (mdn_kernels.cp.local_cu_seqlens(...)[1] is False) the caller's
+conv reset must mask it, exactly as it masks across document boundaries inside a rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _exchange(send: torch.Tensor | None, recv: torch.Tensor | None, send_to: int | None,
+              recv_from: int | None, group) -> None:
+    ops = []
+    if send is not None:
+        ops.append(dist.P2POp(dist.isend, send, group=group, group_peer=send_to))
+    if recv is not None:
+        ops.append(dist.P2POp(dist.irecv, recv, group=group, group_peer=recv_from))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+class _ConvHalo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, width, group, rank, world):
+        h = width - 1
+        halo = x.new_zeros(x.shape[0], h, *x.shape[2:])
+        if h > 0 and world > 1:
+            send = x[:, -h:].contiguous() if rank < world - 1 else None
+            recv = halo if rank > 0 else None
+            _exchange(send, recv, rank + 1, rank - 1, group)
+        ctx.h, ctx.group, ctx.rank, ctx.world = h, group, rank, world
+        return torch.cat([halo, x], dim=1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, group, rank, world = ctx.h, ctx.group, ctx.rank, ctx.world
+        dx = dy[:, h:].clone()
+        if h > 0 and world > 1:
+            send = dy[:, :h].contiguous() if rank > 0 else None
+            recv = dx.new_empty(dx.shape[0], h, *dx.shape[2:]) if rank < world - 1 else None
+            _exchange(send, recv, rank - 1, rank + 1, group)
+            if recv is not None:
+                dx[:, -h:] += recv
+        return dx, None, None, None, None
+
+
+def conv_halo(x: torch.Tensor, width: int, cp_group) -> torch.Tensor:
+    """x [B, T, D] (this rank's slice) → [B, T + width − 1, D]: the previous rank's last
+    width − 1 timesteps (zeros on rank 0), then x. Differentiable across ranks. With
+    cp_group None it only pads with zeros (CP = 1)."""
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive int, got {width!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a 3-D tensor [B, T, D], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if cp_group is None:
+        return torch.cat([x.new_zeros(x.shape[0], width - 1, x.shape[2]), x], dim=1)
+    from .api import check_cp_group
+    rank, world = check_cp_group(cp_group)
+    if x.shape[1] < width - 1:
+        raise ValueError(f"conv_halo needs at least width − 1 = {width - 1} tokens per rank, "
+                         f"got T = {x.shape[1]}")
+    return _ConvHalo.apply(x, width, cp_group, rank, world)

@@ -1,0 +1,254 @@
+"""Context parallelism across real processes (gloo, CPU): CP = R must equal CP = 1.
+
+One process group per world size R runs every case of that R (spawned once per module and R);
+each rank saves its slice of the outputs and gradients, and the parent compares them with the
+single-process op on the whole sequence: outputs and input gradients concatenated over ranks,
+final states and initial-state gradients summed over ranks (DESIGN §8 conventions,
+mdn_kernels.cp.api).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from mdn_kernels import mdn_chunk
+from mdn_kernels.cp import conv_halo, mdn_chunk_cp
+from mdn_kernels.mdn.testing import random_inputs
+
+TOL = 1e-5
+H, K, V, C = 2, 8, 16, 16
+INPUTS = ["q", "k", "v", "log_alpha", "log_mu", "beta", "eta"]
+
+# name → (B, tokens per rank, global cu_seqlens or None, cp_mode, backend, K, extra)
+CASES = {
+    2: {
+        "rows_init": (2, 24, None, "allgather", "torch", K, {}),
+        "rows_init_ring": (2, 24, None, "ring", "torch", K, {}),
+        "rows_tree": (1, 40, None, "allgather", "torch", K, {"group_chunks": 1}),
+        "packed": (1, 24, [0, 5, 30, 31, 48], "allgather", "torch", K, {}),
+        "packed_ring": (1, 24, [0, 5, 30, 31, 48], "ring", "torch", K, {}),
+        "triton": (1, 16, None, "allgather", "triton", 16, {}),
+        "triton_packed": (1, 16, [0, 9, 32], "allgather", "triton", 16, {}),
+    },
+    3: {
+        "rows_init": (2, 20, None, "allgather", "torch", K, {}),
+        "rows_init_ring": (2, 20, None, "ring", "torch", K, {}),
+        # a document over all three ranks, then short ones
+        "packed": (1, 20, [0, 17, 18, 60], "allgather", "torch", K, {}),
+        # float64 end to end: CP must agree to fp64 rounding, not just to the fp32 tolerance
+        "packed_fp64": (1, 20, [0, 7, 45, 60], "allgather", "torch", K, {"dtype": torch.float64}),
+    },
+    4: {
+        "rows_init": (1, 16, None, "allgather", "torch", K, {}),
+        "rows_init_ring": (1, 16, None, "ring", "torch", K, {}),
+        # a document starting exactly at rank 1's first token and spanning ranks 1-3, then one
+        # starting inside rank 3
+        "packed_boundary": (1, 16, [0, 16, 58, 64], "allgather", "torch", K, {}),
+        "packed_boundary_ring": (1, 16, [0, 16, 58, 64], "ring", "torch", K, {}),
+    },
+}
+HALO_W = 4
+
+
+def seed_of(name: str) -> int:
+    """The same inputs for a case and its _ring twin."""
+    return zlib.crc32(name.removesuffix("_ring").encode()) % 10_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def case_inputs(R, B, T, cu, Kd, seed, dtype=torch.float32):
+    N = B if cu is None else len(cu) - 1
+    xs = random_inputs(B, R * T, H, Kd, V, dtype=dtype, seed=seed, with_state=True,
+                       num_states=N)
+    g = torch.Generator().manual_seed(seed + 1)
+    cot_o = torch.randn(B, R * T, H, V, generator=g, dtype=dtype)
+    cot_S, cot_M = torch.randn(2, N, H, Kd, V, generator=g, dtype=dtype)
+    return xs, (cot_o, cot_S, cot_M)
+
+
+def run_case(xs, cots, fn):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    o, (S, M) = fn(xs)
+    loss = (o * cots[0]).sum() + (S * cots[1]).sum() + (M * cots[2]).sum()
+    grads = torch.autograd.grad(loss, xs)
+    return {"o": o, "S": S, "M": M, **{"d" + n: g for n, g in zip(INPUTS + ["S0", "M0"], grads)}}
+
+
+def halo_inputs(R, T, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, R * T, 3, generator=g)
+    w = torch.randn(3, 1, HALO_W, generator=g)
+    cot = torch.randn(2, R * T, 3, generator=g)
+    return x, w, cot
+
+
+def causal_conv(x_padded, w):
+    """Depthwise conv, 'valid' over [B, T + W − 1, D] → [B, T, D]."""
+    return F.conv1d(x_padded.transpose(1, 2), w, groups=w.shape[0]).transpose(1, 2)
+
+
+def worker(rank, R, port, outdir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=R)
+    torch.set_num_threads(1)
+    group = dist.new_group(list(range(R)))
+    results = {}
+    for name, (B, T, cu, mode, backend, Kd, extra) in CASES[R].items():
+        extra = dict(extra)
+        xs, cots = case_inputs(R, B, T, cu, Kd, seed_of(name), extra.pop("dtype", torch.float32))
+        sl = slice(rank * T, (rank + 1) * T)
+        local = [x[:, sl] for x in xs[:7]] + list(xs[7:])
+        cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+
+        def fn(x):
+            return mdn_chunk_cp(*x[:7], scale=None, initial_state=(x[7], x[8]),
+                                output_final_state=True, cu_seqlens=cu_t, use_qk_l2norm=True,
+                                p_times_alpha=True, cp_group=group, cp_mode=mode,
+                                backend=backend, chunk_size=C, **extra)
+        results[name] = run_case(local, (cots[0][:, sl], cots[1], cots[2]), fn)
+    # Conv halo, forward and backward.
+    T = 12
+    x, w, cot = halo_inputs(R, T)
+    xl = x[:, rank * T:(rank + 1) * T].clone().requires_grad_()
+    wl = w.clone().requires_grad_()
+    y = causal_conv(conv_halo(xl, HALO_W, group), wl)
+    dx, dw = torch.autograd.grad((y * cot[:, rank * T:(rank + 1) * T]).sum(), (xl, wl))
+    results["halo"] = {"y": y, "dx": dx, "dw": dw}
+    if R == 2:
+        results["errors"] = misuse(rank, group)
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def misuse(rank, group):
+    """Each misuse → ValueError message (or None if nothing was raised)."""
+    errs = {}
+
+    def catch(key, f):
+        try:
+            f()
+            errs[key] = None
+        except ValueError as e:
+            errs[key] = str(e)
+
+    T = 16 if rank == 0 else 24
+    xs = random_inputs(1, T, H, K, V, seed=0)
+    catch("shapes", lambda: mdn_chunk(*xs, cp_group=group, chunk_size=C))
+    xs = random_inputs(1, 16, H, K, V, seed=0)
+    bad_cu = torch.tensor([0, 5, 32] if rank == 0 else [0, 5, 16])  # rank 1 passes local offsets
+    catch("cu_local", lambda: mdn_chunk(*xs, cu_seqlens=bad_cu, cp_group=group, chunk_size=C))
+    catch("mode", lambda: mdn_chunk(*xs, cp_group=group, cp_mode="tree"))
+    catch("not_a_group", lambda: mdn_chunk(*xs, cp_group=0))
+    only_0 = dist.new_group([0])
+    if rank == 1:
+        catch("not_member", lambda: mdn_chunk(*xs, cp_group=only_0, chunk_size=C))
+    catch("halo_short", lambda: conv_halo(torch.zeros(1, 2, 3), 4, group))
+    # After all that, the group still works (no rank was left inside a collective).
+    o, _ = mdn_chunk(*xs, cp_group=group, chunk_size=C)
+    errs["still_works"] = bool(torch.isfinite(o).all())
+    return errs
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda r: f"R{r}")
+def world(request):
+    R = request.param
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(worker, args=(R, free_port(), d), nprocs=R, join=True)
+        yield R, [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(R)]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def reference(R, B, T, cu, backend, Kd, seed, dtype):
+    xs, cots = case_inputs(R, B, T, cu, Kd, seed, dtype)
+    cu_t = None if cu is None else torch.tensor(cu)
+    return run_case(xs, cots, lambda x: mdn_chunk(
+        *x[:7], initial_state=(x[7], x[8]), output_final_state=True, cu_seqlens=cu_t,
+        backend=backend, chunk_size=C))
+
+
+def test_cp_equals_single_process(world):
+    R, ranks = world
+    for name, (B, T, cu, mode, backend, Kd, extra) in CASES[R].items():
+        dtype = extra.get("dtype", torch.float32)
+        tol = 1e-12 if dtype == torch.float64 else TOL
+        ref = reference(R, B, T, cu, backend, Kd, seed_of(name), dtype)
+        for key, want in ref.items():
+            parts = [r[name][key] for r in ranks]
+            if key in ("S", "M", "dS0", "dM0"):
+                got = sum(parts)   # each lives on the rank where its sequence ends / starts
+            else:
+                got = torch.cat(parts, dim=1)
+            err = rel_err(got, want)
+            assert err <= tol, f"R={R} {name} ({mode}, {backend}): {key} relative error {err:.2e}"
+
+
+def test_final_state_lives_where_the_sequence_ends(world):
+    R, ranks = world
+    for name, (B, T, cu, *_rest) in CASES[R].items():
+        for r, res in enumerate(ranks):
+            S = res[name]["S"]
+            if cu is None:
+                ends_here = [r == R - 1] * B
+            else:
+                ends_here = [r * T < cu[n + 1] <= (r + 1) * T for n in range(len(cu) - 1)]
+            for n, e in enumerate(ends_here):
+                assert (S[n].abs().sum() > 0) == e, f"{name}: rank {r}, sequence {n}"
+
+
+def test_ring_equals_allgather(world):
+    R, ranks = world
+    for name in CASES[R]:
+        if name.endswith("_ring"):
+            for r in ranks:
+                for key, t in r[name].items():
+                    want = r[name.removesuffix("_ring")][key]
+                    if want.abs().max() == 0:  # e.g. a final state that lives on another rank
+                        assert t.abs().max() == 0, f"{name} {key}"
+                        continue
+                    err = rel_err(t, want)
+                    assert err <= TOL, f"{name} {key}: relative error {err:.2e}"
+
+
+def test_conv_halo_equals_unsplit_conv(world):
+    R, ranks = world
+    T = 12
+    x, w, cot = halo_inputs(R, T)
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = causal_conv(F.pad(x, (0, 0, HALO_W - 1, 0)), w)
+    dx, dw = torch.autograd.grad((y * cot).sum(), (x, w))
+    torch.testing.assert_close(torch.cat([r["halo"]["y"] for r in ranks], 1), y)
+    torch.testing.assert_close(torch.cat([r["halo"]["dx"] for r in ranks], 1), dx)
+    torch.testing.assert_close(sum(r["halo"]["dw"] for r in ranks), dw)
+
+
+def test_misuse_errors(world):
+    R, ranks = world
+    if R != 2:
+        pytest.skip("misuse cases run in the R = 2 group only (one group is enough)")
+    e0, e1 = ranks[0]["errors"], ranks[1]["errors"]
+    for e in (e0, e1):
+        assert "disagree on T (tokens per rank)" in e["shapes"]
+        assert "cp_mode must be" in e["mode"]
+        assert "ProcessGroup" in e["not_a_group"]
+        assert "width − 1 = 3" in e["halo_short"]
+        assert e["still_works"]
+    assert "GLOBAL offsets" in e1["cu_local"] and "rank(s) [1]" in e0["cu_local"]
+    assert "not a member of cp_group" in e1["not_member"]

@@ -1,0 +1,95 @@
+"""Single-process checks of the CP building blocks: the rank map [𝒯 | ℬ] (groups + tree, torch
+and Triton) against the state pass it summarises, and the local views of global offsets."""
+import pytest
+import torch
+
+from mdn_kernels.cp import batched_view, local_cu_seqlens, packed_view, rank_map
+from mdn_kernels.mdn.chunk_torch import chunk_prepare, state_pass_fwd_torch
+from mdn_kernels.mdn.layout import build_layout
+from mdn_kernels.mdn.naive import l2norm
+from mdn_kernels.mdn.testing import random_inputs
+
+ARGS = ("U", "Y", "Z", "Kg", "Km", "a_end", "g_end", "u_end")
+
+
+def prepared(B, T, H, K, V, C, dtype, cu=None, seed=0):
+    q, k, v, la, lm, beta, eta = random_inputs(B, T, H, K, V, dtype=dtype, seed=seed)
+    layout = build_layout(B, T, cu, C, k.device)
+    flat = lambda x: x.reshape(B * T, *x.shape[2:])  # noqa: E731
+    kc = layout.to_chunks(l2norm(flat(k)))
+    vc = layout.to_chunks(flat(v))
+    gates = [layout.to_chunks(flat(g)) for g in (la, lm, beta, eta)]
+    prep = chunk_prepare(kc, kc, vc, *gates, p_times_alpha=True)
+    return [prep[n].contiguous() for n in ARGS], layout
+
+
+def final_pair(args, layout, S0, M0):
+    *_, S, M = state_pass_fwd_torch(*args, S0, M0, layout)
+    return torch.cat([S, M], dim=-2)
+
+
+@pytest.mark.parametrize("group_chunks", [1, 2, 3, None])
+@pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-12),
+                                               ("triton", torch.float32, 1e-5)])
+def test_rank_map_is_the_state_pass(group_chunks, backend, dtype, tol):
+    B, T, H, K, V, C = 2, 40, 2, 8, 16, 8           # 5 chunks per row
+    args, layout = prepared(B, T, H, K, V, C, dtype)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(B, H, 2 * K, V, generator=g, dtype=torch.float64).to(dtype)
+    S_init, M_init = torch.randn(2, B, H, K, V, generator=g, dtype=torch.float64).to(dtype)
+    # A middle rank: every row continues, so X_out = 𝒯 X + ℬ with ℬ = F(0).
+    TB = rank_map(args, S_init, M_init, layout, batched_view(B, T, 1, 3), backend=backend,
+                  allow_tf32=False, group_chunks=group_chunks)
+    want = final_pair(args, layout, X[:, :, :K].contiguous(), X[:, :, K:].contiguous())
+    got = TB[..., :2 * K] @ X + TB[..., 2 * K:]
+    assert ((got - want).norm() / want.norm()).item() < tol
+    # Rank 0: the rows start here from their initial states: 𝒯 = 0, ℬ = F(initial state).
+    TB0 = rank_map(args, S_init, M_init, layout, batched_view(B, T, 0, 3), backend=backend,
+                   allow_tf32=False, group_chunks=group_chunks)
+    assert TB0[..., :2 * K].abs().max().item() == 0
+    want0 = final_pair(args, layout, S_init, M_init)
+    assert ((TB0[..., 2 * K:] - want0).norm() / want0.norm()).item() < tol
+
+
+@pytest.mark.parametrize("group_chunks", [1, None])
+def test_rank_map_packed_documents(group_chunks):
+    """Rank 1 of 3 with T = 40: global documents [0, 50) [50, 70) [70, 120) → local pieces
+    [0, 10) (continued), [10, 30), [30, 40) (starts here, carried out): 𝒯 = 0, ℬ = final of the
+    last piece from its own initial state. If instead the rank lies inside one document, 𝒯 ≠ 0."""
+    H, K, V, C, T = 2, 8, 16, 8, 40
+    view = packed_view(torch.tensor([0, 50, 70, 120]), T, 1, 3)
+    assert view.cu_local.tolist() == [0, 10, 30, 40]
+    assert view.in_seq == (0,) and view.out_seq == (2,)
+    assert view.init_rows == (-1, 1, 2) and view.final_rows == (0, 1, -1)
+    args, layout = prepared(1, T, H, K, V, C, torch.float64, cu=view.cu_local)
+    g = torch.Generator().manual_seed(2)
+    S_init, M_init = torch.randn(2, 3, H, K, V, generator=g, dtype=torch.float64)
+    TB = rank_map(args, S_init, M_init, layout, view, backend="torch", allow_tf32=False,
+                  group_chunks=group_chunks)
+    assert TB[..., :2 * K].abs().max().item() == 0
+    want = final_pair(args, layout, S_init, M_init)[2]
+    torch.testing.assert_close(TB[0, ..., 2 * K:], want, rtol=1e-12, atol=1e-12)
+
+    inside = packed_view(torch.tensor([0, 30, 120]), T, 1, 3)
+    assert inside.cu_local.tolist() == [0, 40] and inside.continues(0)
+    assert inside.init_rows == (-1,) and inside.final_rows == (-1,)
+
+
+def test_local_cu_seqlens():
+    cu = torch.tensor([0, 16, 20, 50, 64])       # R = 4, T = 16: a document starts at rank 1's start
+    assert [local_cu_seqlens(cu, r, 16)[0].tolist() for r in range(4)] == [
+        [0, 16], [0, 4, 16], [0, 16], [0, 2, 16]]
+    assert [local_cu_seqlens(cu, r, 16)[1] for r in range(4)] == [False, False, True, True]
+    v = packed_view(cu, 16, 1, 4)
+    assert v.init_rows == (1, 2) and v.final_rows == (1, -1) and not v.continues(0)
+    with pytest.raises(ValueError, match="rank"):
+        local_cu_seqlens(cu, 4, 16)
+
+
+def test_cp_arguments_checked_without_a_group():
+    from mdn_kernels import mdn_chunk
+    xs = random_inputs(1, 16, 2, 8, 8, seed=0)
+    with pytest.raises(ValueError, match="cp_mode"):
+        mdn_chunk(*xs, cp_mode="tree")
+    with pytest.raises(ValueError, match="not initialized"):
+        mdn_chunk(*xs, cp_group=object())
