@@ -63,46 +63,64 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------- DCP adapter
 
 class ShardRef:
-    """A local tensor that is the chunk at ``offsets`` of a global tensor of ``global_shape``.
+    """This rank's chunks of one global tensor of ``global_shape``: (local tensor, offsets) pairs.
 
-    Implements the checkpointable protocol DCP's default planners look for (the same hooks
-    DTensor implements), so any split Megatron describes — not only even splits along one mesh
-    dimension — can be saved and resharded.
+    Implements the checkpointable protocol DCP's default planners look for (the hooks DTensor
+    implements), so any split Megatron describes — uneven, several chunks per rank (SwiGLU's two
+    halves of one key), layer axes prepended under PP — can be saved and resharded.
     """
 
-    def __init__(self, local: torch.Tensor, global_shape: Iterable[int], offsets: Iterable[int]):
-        self.local = local
+    def __init__(self, global_shape: Iterable[int]):
         self.global_shape = torch.Size(global_shape)
-        self.offsets = torch.Size(offsets)
-        if len(self.offsets) != len(self.global_shape) or local.dim() != len(self.global_shape):
+        self.chunks: list[tuple[torch.Tensor, torch.Size]] = []
+
+    @classmethod
+    def whole(cls, tensor: torch.Tensor) -> "ShardRef":
+        return cls(tensor.shape).add(tensor, [0] * tensor.dim())
+
+    def add(self, local: torch.Tensor, offsets: Iterable[int]) -> "ShardRef":
+        offsets = torch.Size(offsets)
+        if len(offsets) != len(self.global_shape) or local.dim() != len(self.global_shape):
             raise ValueError(f"shard of rank {local.dim()} does not match global shape "
-                             f"{tuple(self.global_shape)} / offsets {tuple(self.offsets)}")
+                             f"{tuple(self.global_shape)} / offsets {tuple(offsets)}")
+        self.chunks.append((local, offsets))
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.chunks[0][0].dtype
 
     def size(self) -> torch.Size:  # DCP compares this with the saved global size
         return self.global_shape
 
-    def _chunk(self) -> ChunkStorageMetadata:
-        return ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())
+    def local_at(self, offsets) -> torch.Tensor:
+        for local, off in self.chunks:
+            if off == torch.Size(offsets):
+                return local
+        raise KeyError(f"no local chunk at offset {tuple(offsets)}")
 
     def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
         return [WriteItem(
-            index=MetadataIndex(fqn, self.offsets),
+            index=MetadataIndex(fqn, off),
             type=WriteItemType.SHARD,
-            tensor_data=TensorWriteData(chunk=self._chunk(),
-                                        properties=TensorProperties.create_from_tensor(self.local),
-                                        size=self.global_shape))]
+            tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=off, sizes=local.size()),
+                                        properties=TensorProperties.create_from_tensor(local),
+                                        size=self.global_shape))
+            for local, off in self.chunks]
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [self._chunk()]
+        return [ChunkStorageMetadata(offsets=off, sizes=local.size()) for local, off in self.chunks]
 
     def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
-        return self.local
+        return self.local_at(index.offset)
 
 
 class _SavePlanner(DefaultSavePlanner):
     def lookup_object(self, index: MetadataIndex) -> Any:
         obj = self.state_dict[index.fqn]
-        return obj.local.detach() if isinstance(obj, ShardRef) else super().lookup_object(index)
+        if isinstance(obj, ShardRef):
+            return obj.local_at(index.offset).detach()
+        return super().lookup_object(index)
 
 
 class _LoadPlanner(DefaultLoadPlanner):
@@ -116,7 +134,9 @@ class _LoadPlanner(DefaultLoadPlanner):
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         obj = self.state_dict[index.fqn]
-        return obj.local.detach() if isinstance(obj, ShardRef) else super().lookup_tensor(index)
+        if isinstance(obj, ShardRef):
+            return obj.local_at(index.offset).detach()
+        return super().lookup_tensor(index)
 
 
 def _shard_refs_from_megatron(sharded: dict, prefix: str = "") -> dict[str, ShardRef]:
@@ -143,8 +163,12 @@ def _shard_refs_from_megatron(sharded: dict, prefix: str = "") -> dict[str, Shar
             if obj.flattened_range is not None:
                 raise CheckpointError(f"{obj.key}: flattened (distributed-optimizer) shards are "
                                       "not supported by this checkpoint format")
-            local = obj.data.reshape((1,) * obj.prepend_axis_num + tuple(obj.data.shape))
-            out[prefix + obj.key] = ShardRef(local, obj.global_shape, obj.global_offset)
+            # a view (never a copy): loading writes through into the parameter
+            local = obj.data.view((1,) * obj.prepend_axis_num + tuple(obj.data.shape))
+            ref = out.setdefault(prefix + obj.key, ShardRef(obj.global_shape))
+            if ref.global_shape != torch.Size(obj.global_shape):
+                raise CheckpointError(f"{obj.key}: chunks disagree on the global shape")
+            ref.add(local, obj.global_offset)
         elif isinstance(obj, (ShardedObject, LocalNonpersistentObject)) or obj is None:
             pass  # extra states (e.g. TE fp8 metadata): not part of our models' weights
         else:
@@ -189,7 +213,7 @@ def _sharded_view(module: torch.nn.Module, tensor_of=lambda p: p) -> dict[str, S
     for name, p in inner.named_parameters():
         t = tensor_of(p)
         if t is not None:
-            out[name] = ShardRef(t, t.shape, [0] * t.dim())
+            out[name] = ShardRef.whole(t)
     return out
 
 
@@ -397,9 +421,9 @@ def check_shapes(state: dict[str, ShardRef], path: str) -> None:
         elif tuple(saved.size) != tuple(ref.global_shape):
             problems.append(f"{key}: checkpoint has shape {tuple(saved.size)}, the model "
                             f"{tuple(ref.global_shape)}")
-        elif saved.properties.dtype != ref.local.dtype:
+        elif saved.properties.dtype != ref.dtype:
             problems.append(f"{key}: checkpoint has dtype {saved.properties.dtype}, the model "
-                            f"{ref.local.dtype}")
+                            f"{ref.dtype}")
     if problems:
         raise CheckpointError(f"{path} does not fit the model:\n  " + "\n  ".join(problems))
 
