@@ -4,6 +4,7 @@ loader of train_dist_util (the data package's tests cover the real loader); the 
 model package's MDN (its CP path needs the cp package's state exchange and conv halo)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -53,12 +54,20 @@ def test_microbatch_split_gives_the_same_losses(reference):
 
 
 @pytest.mark.slow
-def test_tp_sp_dp_give_the_same_losses(reference):
+def test_tp_dp_give_the_same_losses_and_checkpoints_reshard(reference):
     out, ref, _ = reference
-    two = run(out, 2, {"tp2": ["parallel.tensor=2", "train.micro_batch=2"],
+    two = run(out, 2, {"tp2": ["parallel.tensor=2", "train.micro_batch=2",
+                               f"checkpoint.dir={out}/tp2/ckpt", "checkpoint.interval=2"],
                        "dp2": ["train.micro_batch=1"]})
     for name, losses in two.items():
         assert_same(losses, ref, name)
+
+    # The TP=2 checkpoint of step 2 resumes in one process (TP=1) to the same step-3 loss.
+    shutil.rmtree(f"{out}/tp2/ckpt/step_{STEPS:08d}")
+    one = run(out, 1, {"tp1_from_tp2": ["train.micro_batch=2", f"checkpoint.load={out}/tp2/ckpt",
+                                        f"checkpoint.dir={out}/tp1_from_tp2/ckpt"]})
+    assert list(one["tp1_from_tp2"]) == [str(STEPS)]
+    assert one["tp1_from_tp2"][str(STEPS)] == pytest.approx(ref[str(STEPS)], rel=1e-6, abs=0)
 
 
 def _have_cp() -> bool:
