@@ -34,6 +34,7 @@ class StepBatches:
             lambda: api.build_valid_loader(cfg.data, dp_rank=layout.dp_rank, dp_size=layout.dp))
         self._cp_slice = api.cp_slice if api is not None else _cp_slice_reference
         self._iter = iter(self.loader)
+        self._valid = None
 
     def _slice(self, mb: dict) -> dict:
         if self.layout.cp == 1:
@@ -45,11 +46,9 @@ class StepBatches:
 
     def validation_batches(self, n: int) -> list[dict]:
         """The first ``n`` validation microbatches of this replica (the same every evaluation)."""
-        loader = self._valid_factory()
-        try:
-            return [self._slice(mb) for mb in itertools.islice(iter(loader), n)]
-        finally:
-            getattr(loader, "close", lambda: None)()
+        if self._valid is None:  # re-iterable: each iter() starts again from the beginning
+            self._valid = self._valid_factory()
+        return [self._slice(mb) for mb in itertools.islice(iter(self._valid), n)]
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

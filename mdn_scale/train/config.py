@@ -366,6 +366,10 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
         raise ConfigError("checkpoint.interval > 0 needs checkpoint.dir")
     if cfg.eval.interval and cfg.eval.batches < 1:
         raise ConfigError("eval.batches must be >= 1 when eval.interval > 0")
+    if cfg.eval.interval and hasattr(cfg.data, "validation_fraction") and not (
+            cfg.data.validation_fraction > 0 or getattr(cfg.data, "valid_datasets", None)):
+        raise ConfigError("eval.interval > 0 needs validation data: set data.validation_fraction "
+                          "> 0 or data.valid_datasets (or eval.interval=0)")
     return dp
 
 

@@ -29,19 +29,19 @@ def shards(tmp_path_factory):
 def command(shards, run_dir, *extra):
     return [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"),
             "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-            f"data.datasets=[{shards}]", "data.validation_fraction=0", "data.prefetch=0",
+            f"data.datasets=[{shards}]", f"data.valid_datasets=[{shards}]", "data.prefetch=0",
             f"train.steps={STEPS}", "train.seq_len=128", "model.seq_len=128",
             "train.global_batch=4", "train.micro_batch=2", "train.warmup_steps=2",
-            "eval.interval=0", "logging.interval=1", f"logging.dir={run_dir}/log",
+            f"eval.interval={STEPS}", "eval.batches=2", "logging.interval=1", f"logging.dir={run_dir}/log",
             f"checkpoint.dir={run_dir}/ckpt", *extra]
 
 
-def losses(run_dir):
+def losses(run_dir, key="loss"):
     out = {}
     for line in open(os.path.join(run_dir, "log", "metrics.jsonl")):
         r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
+        if key in r:
+            out[r["step"]] = r[key]
     return out
 
 
@@ -102,3 +102,20 @@ def test_sigterm_resume_tensorboard_and_cut_checkpoint(shards, tmp_path):
     assert f"step_{STEPS:08d}: file {shard_file} is missing" in out, out[-3000:]
     assert f"resumed from {run_dir}/ckpt/step_{previous:08d} at step {previous}" in out
     assert losses(run_dir) == ref
+
+    # 5. tools/evaluate.py on the final checkpoint reproduces the validation loss the run logged;
+    #    tools/plot_metrics.py draws both runs.
+    val = losses(run_dir, "val_loss")
+    assert list(val) == [STEPS]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"),
+                        "--config", str(run_dir / "log" / "config.yaml"),
+                        "--checkpoint", str(run_dir / "ckpt"), "--batches", "2"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"(step {STEPS}): loss {val[STEPS]:.4f}" in r.stdout, r.stdout
+    png = tmp_path / "curves.png"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_metrics.py"),
+                        str(ref_dir / "log"), str(run_dir / "log"), "-o", str(png)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
