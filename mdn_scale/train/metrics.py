@@ -68,7 +68,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **record}
-        self.jsonl.write(json.dumps(record) + "\n")
+        # strict JSON: a non-finite value (a skipped step's loss) is written as null
+        plain = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        self.jsonl.write(json.dumps(plain, allow_nan=False) + "\n")
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):

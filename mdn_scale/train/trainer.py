@@ -22,6 +22,7 @@ from .distributed import Layout, seed_everything
 from .grads import clip_, finalize_grads, global_grad_norm
 from .metrics import MetricsLogger, model_flops_per_token, peak_flops
 from .optimizer import build_optimizer, build_scheduler
+from .recompute import enable_layer_recompute
 from .step import count_tokens, evaluate, forward_backward
 
 
@@ -57,11 +58,10 @@ def build_model(cfg: RunConfig, layout: Layout):
     overrides = {}
     if cfg.parallel.sequence_parallel:
         overrides["sequence_parallel"] = True
-    if cfg.train.recompute:
-        overrides.update(recompute_granularity="full", recompute_method="uniform",
-                         recompute_num_layers=1)
     model = build(cfg.model, pre_process=ps.is_pipeline_first_stage(),
                   post_process=ps.is_pipeline_last_stage(), **overrides)
+    if cfg.train.recompute:
+        enable_layer_recompute(model)
     return model.to(layout.device)
 
 

@@ -23,7 +23,7 @@ def err(overrides, world=1, has_cuda=False, path=TINY):
 
 def test_demo_config_is_valid_and_overrides_are_typed():
     cfg = load_config(TINY, ["train.steps=7", "train.lr=1e-3", "parallel.tensor=2",
-                             "checkpoint.dir=null", "checkpoint.interval=0", "train.precision=bf16"])
+                             "checkpoint.dir=null", "checkpoint.interval=0"])
     assert cfg.train.steps == 7 and cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
     assert cfg.parallel.tensor == 2 and cfg.checkpoint.dir is None
     assert cfg.data.seq_len == cfg.train.seq_len and cfg.data.micro_batch == cfg.train.micro_batch
@@ -66,6 +66,7 @@ def test_global_batch_must_divide_into_microbatches():
 def test_gpu_only_features_are_refused_on_cpu():
     assert "parallel.pipeline" in err(["parallel.pipeline=2"], world=2)
     assert "parallel.sequence_parallel" in err(["parallel.tensor=2", "parallel.sequence_parallel=true"], world=2)
+    assert "train.precision" in err(["train.precision=bf16"])
     assert "parallel.distributed_optimizer" in err(["parallel.distributed_optimizer=true"])
 
 

@@ -18,7 +18,8 @@ def _runs(rank, world, out, runs):
     results = {}
     for name, ov in runs.items():
         cfg = tiny_run_config(COMMON + ov + [f"logging.dir={out}/{name}"])
-        results[name], _ = train_with_synthetic_data(cfg)
+        results[name], summary = train_with_synthetic_data(cfg)
+        results[name + ".summary"] = summary
     if rank == 0:
         json.dump(results, open(f"{out}/{'_'.join(runs)}.json", "w"))
     return results
@@ -33,7 +34,10 @@ def run(out, world, runs):
 def reference(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("equiv"))
     one = run(out, 1, {"ref": ["train.micro_batch=2"], "micro1": ["train.micro_batch=1"],
-                       "micro4": ["train.micro_batch=4"]})
+                       "micro4": ["train.micro_batch=4"],
+                       "recompute": ["train.micro_batch=2", "train.recompute=true"],
+                       "nonfinite": ["train.micro_batch=2", "train.lr=1e30", "train.warmup_steps=0"]})
+    one = {k: v for k, v in one.items() if not k.endswith(".summary") or k == "nonfinite.summary"}
     ref = one.pop("ref")
     assert len(ref) == STEPS
     assert len(set(ref.values())) == STEPS  # the loss moves: the comparisons mean something
@@ -47,10 +51,21 @@ def assert_same(losses: dict, ref: dict, name: str):
 
 
 @pytest.mark.slow
-def test_microbatch_split_gives_the_same_losses(reference):
+def test_microbatch_split_and_recompute_give_the_same_losses(reference):
     _, ref, one = reference
-    for name, losses in one.items():
-        assert_same(losses, ref, name)
+    for name in ("micro1", "micro4", "recompute"):
+        assert_same(one[name], ref, name)
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_and_counted(reference):
+    """lr = 1e30 blows the weights up in step 1; every later step's loss is not finite, so its
+    update is skipped (counted, logged as null) and the run goes on."""
+    _, ref, one = reference
+    losses, summary = one["nonfinite"], one["nonfinite.summary"]
+    assert losses["1"] == pytest.approx(ref["1"], rel=1e-6)  # step 1 itself was normal
+    assert all(losses[str(s)] is None for s in range(2, STEPS + 1)), losses
+    assert summary["skipped_steps"] == STEPS - 1 and summary["skipped_by_step"] == STEPS - 1
 
 
 @pytest.mark.slow
@@ -59,8 +74,8 @@ def test_tp_dp_give_the_same_losses_and_checkpoints_reshard(reference):
     two = run(out, 2, {"tp2": ["parallel.tensor=2", "train.micro_batch=2",
                                f"checkpoint.dir={out}/tp2/ckpt", "checkpoint.interval=2"],
                        "dp2": ["train.micro_batch=1"]})
-    for name, losses in two.items():
-        assert_same(losses, ref, name)
+    for name in ("tp2", "dp2"):
+        assert_same(two[name], ref, name)
 
     # The TP=2 checkpoint of step 2 resumes in one process (TP=1) to the same step-3 loss.
     shutil.rmtree(f"{out}/tp2/ckpt/step_{STEPS:08d}")

@@ -139,4 +139,5 @@ def train_with_synthetic_data(cfg, *, data_seed=0):
             r = json.loads(line)
             if "loss" in r:
                 losses[r["step"]] = r["loss"]
+                summary["skipped_by_step"] = r["skipped_steps"]
     return losses, summary
