@@ -44,9 +44,11 @@ def forward_loss_sum(model, inputs: dict, precision: str, device: torch.device) 
     return (per_token.float() * inputs["loss_mask"]).sum()
 
 
-def count_tokens(microbatches: list[dict], group) -> float:
-    """Loss tokens of the global batch: this rank's mask sum, summed over dp×cp."""
-    n = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in microbatches)], dtype=torch.float64)
+def count_tokens(microbatches: list[dict], group, device: torch.device) -> float:
+    """Loss tokens of the global batch: this rank's mask sum, summed over dp×cp. (Collectives
+    use tensors on ``device``: NCCL reduces only GPU tensors.)"""
+    n = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in microbatches)],
+                     dtype=torch.float64, device=device)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(n, group=group)
     return float(n.item())
@@ -56,16 +58,62 @@ def forward_backward(model, microbatches: list[dict], *, global_tokens: float, p
                      device: torch.device, loss_group) -> float:
     """Accumulate gradients of sum(loss)/global_tokens over ``microbatches`` (already CP-sliced);
     return the token-weighted mean loss over the whole dp×cp group."""
-    total = torch.zeros((), dtype=torch.float64)
+    from megatron.core import parallel_state as ps
+
     denom = max(global_tokens, 1.0)
-    for mb in microbatches:
-        inputs = to_model_inputs(mb, device)
-        loss_sum = forward_loss_sum(model, inputs, precision, device)
-        (loss_sum / denom).backward()
-        total += loss_sum.detach().double().cpu()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        total = _forward_backward_pipelined(model, microbatches, denom, precision, device)
+    else:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for mb in microbatches:
+            inputs = to_model_inputs(mb, device)
+            loss_sum = forward_loss_sum(model, inputs, precision, device)
+            (loss_sum / denom).backward()
+            total += loss_sum.detach().double()
     if loss_group is not None and dist.get_world_size(loss_group) > 1:
         dist.all_reduce(total, group=loss_group)
     return float(total.item()) / denom
+
+
+def _forward_backward_pipelined(model, microbatches, denom, precision, device) -> torch.Tensor:
+    """Pipeline parallelism (GPU only): Megatron's 1F1B schedule runs the microbatches through
+    the stages. Each last-stage microbatch returns its loss sum / global tokens with
+    ``calculate_per_token_loss`` so the schedule applies no further scaling; gradient reduction
+    over dp×cp stays ours (grads.finalize_grads). Returns this rank's loss sum (the last stage's,
+    shared over the pipeline group so every rank can log it)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = model.config
+    config.calculate_per_token_loss = True
+    config.pipeline_dtype = config.params_dtype
+    config.finalize_model_grads_func = None
+    sums = []
+
+    def forward_step(data_iterator, model):
+        inputs = to_model_inputs(next(data_iterator), device)
+        with autocast(precision, device):
+            output = model(inputs["tokens"], None, None, labels=inputs["labels"],
+                           packed_seq_params=inputs["packed_seq_params"])
+
+        def loss_func(per_token):
+            loss_sum = (per_token.float() * inputs["loss_mask"]).sum()
+            sums.append(loss_sum.detach())
+            n = inputs["loss_mask"].sum().to(torch.int)
+            return loss_sum / denom, n, {"loss_sum": loss_sum.detach()}
+
+        return output, loss_func
+
+    tokens_per_mb = microbatches[0]["tokens"].numel()  # B·T / cp on this rank
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=tokens_per_mb * ps.get_context_parallel_world_size(),
+        micro_batch_size=1, forward_only=False)
+    total = torch.stack(sums).sum().double() if sums else torch.zeros((), dtype=torch.float64, device=device)
+    total = total.to(device)
+    dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return total
 
 
 @torch.no_grad()
@@ -73,11 +121,16 @@ def evaluate(model, batches: list[dict], *, precision: str, device: torch.device
     """Token-weighted mean loss of ``batches`` (CP-sliced) over the dp×cp group."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError("validation under pipeline parallelism is not implemented yet "
+                                  "(set eval.interval=0, or evaluate with tools/evaluate.py at PP=1)")
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for mb in batches:
         inputs = to_model_inputs(mb, device)
-        sums[0] += forward_loss_sum(model, inputs, precision, device).double().cpu()
-        sums[1] += float(inputs["loss_mask"].sum())
+        sums[0] += forward_loss_sum(model, inputs, precision, device).double()
+        sums[1] += inputs["loss_mask"].sum().double()
     if loss_group is not None and dist.get_world_size(loss_group) > 1:
         dist.all_reduce(sums, group=loss_group)
     model.train(was_training)

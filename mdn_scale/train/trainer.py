@@ -55,7 +55,9 @@ def build_model(cfg: RunConfig, layout: Layout):
 
     from mdn_scale.model import build_model as build
 
-    overrides = {}
+    # Weights drawn whole on the CPU and split: the same initial model under every layout
+    # (Megatron's GPU init draws per rank).
+    overrides = {"use_cpu_initialization": True}
     if cfg.parallel.sequence_parallel:
         overrides["sequence_parallel"] = True
     model = build(cfg.model, pre_process=ps.is_pipeline_first_stage(),
@@ -116,7 +118,7 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
         window_start, window_tokens = time.time(), 0
         while step < t.steps:
             microbatches = data.next_step()
-            global_tokens = count_tokens(microbatches, dpcp)
+            global_tokens = count_tokens(microbatches, dpcp, layout.device)
             optimizer.zero_grad(set_to_none=False)
             loss = forward_backward(model, microbatches, global_tokens=global_tokens,
                                     precision=t.precision, device=layout.device, loss_group=dpcp)
