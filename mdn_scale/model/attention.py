@@ -54,13 +54,15 @@ def document_positions(T: int, offset: int, cu_seqlens: Optional[torch.Tensor], 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding, halves layout (HF Llama's rotate_half). x: [S, B, h, D]; pos: [S]."""
     D = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D))
-    ang = pos.float()[:, None] * inv[None, :]  # [S, D/2]
+    dt = torch.promote_types(x.dtype, torch.float32)
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=dt) / D))
+    ang = pos.to(dt)[:, None] * inv[None, :]  # [S, D/2]
     cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, None, :]
     sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, None, :]
-    x1, x2 = x.float().chunk(2, -1)
+    xf = x.to(dt)
+    x1, x2 = xf.chunk(2, -1)
     rot = torch.cat([-x2, x1], -1)
-    return (x.float() * cos + rot * sin).to(x.dtype)
+    return (xf * cos + rot * sin).to(x.dtype)
 
 
 class SDPACoreAttention(MegatronModule):

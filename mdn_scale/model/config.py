@@ -237,6 +237,7 @@ def to_transformer_config(
         context_parallel_size=context_parallel,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,  # dtype of activations sent between stages
         use_cpu_initialization=use_cpu_initialization,
         # Per-layer checkpoint keys with global layer numbers (hybrid stacks mix layer types).
         hetereogenous_dist_checkpoint=True,

@@ -44,6 +44,10 @@ PER_HEAD_PARAMS = ("A_log", "dt_bias", "log_factor", "D_log", "Mu_log", "mu_bias
 MOMENTUM_ONLY = ("Mu_log", "mu_bias", "m")
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def in_proj_parts(cfg: ModelConfig, heads: int) -> list[tuple[str, int]]:
     """(name, rows) of the fused in-projection for `heads` heads, in the fused order."""
     K, V = cfg.head_k_dim, cfg.head_v_dim
@@ -149,8 +153,10 @@ class MDNMixer(MegatronModule):
         self.k_conv_weight = nn.Parameter(torch.empty(self.heads * self.K, W, device=device, dtype=dtype))
         self.v_conv_weight = nn.Parameter(torch.empty(self.heads * self.V, W, device=device, dtype=dtype))
         for name in per_head_param_names(cfg):
-            # Gate parameters stay fp32 whatever the training dtype (they sit inside exp/softplus).
-            setattr(self, name, nn.Parameter(torch.empty(self.heads, device=device, dtype=torch.float32)))
+            # Gate parameters: at least fp32 (they sit inside exp/softplus). Megatron's
+            # Float16Module may still cast them; the gate math below runs in >= fp32 regardless.
+            setattr(self, name, nn.Parameter(torch.empty(self.heads, device=device,
+                                                         dtype=_at_least_fp32(dtype))))
         self.o_norm_weight = nn.Parameter(torch.ones(self.V, device=device, dtype=dtype))
 
         for name in ["q_conv_weight", "k_conv_weight", "v_conv_weight"] + per_head_param_names(cfg):
@@ -204,18 +210,20 @@ class MDNMixer(MegatronModule):
 
     # ---- forward ------------------------------------------------------------------------
     def gates(self, a, b, m, e):
-        """[B, T, H_l] projections -> (log_alpha, log_mu, beta, eta), fp32, DESIGN §6."""
-        a, b, e = a.float(), b.float(), e.float()
-        log_alpha = -self.A_log.exp() * F.softplus(a + self.dt_bias)
+        """[B, T, H_l] projections -> (log_alpha, log_mu, beta, eta) in >= fp32, DESIGN §6."""
+        f = lambda t: t.to(_at_least_fp32(t.dtype))  # noqa: E731
+        a, b, e = f(a), f(b), f(e)
+        A_log, dt_bias, log_factor = f(self.A_log), f(self.dt_bias), f(self.log_factor)
+        log_alpha = -A_log.exp() * F.softplus(a + dt_bias)
         if self.cfg.momentum:
-            log_mu = (-self.Mu_log.exp() * F.softplus(m.float() + self.mu_bias)).clamp(min=self.cfg.min_log_mu)
+            log_mu = (-f(self.Mu_log).exp() * F.softplus(f(m) + f(self.mu_bias))).clamp(min=self.cfg.min_log_mu)
         else:
             log_mu = torch.full_like(log_alpha, float("-inf"))
         eta = torch.tanh(e / self.tau) + 1.0
         beta = torch.sigmoid(b)
         # Gate constraint θ = arctan(η·exp(log_factor)): with x = tan θ,
         # sin²θ = x²/(1+x²) and log cos²θ = −log(1+x²) (exact, no trig round trip).
-        x2 = (eta * self.log_factor.exp()).pow(2)
+        x2 = (eta * log_factor.exp()).pow(2)
         beta = beta * x2 / (1.0 + x2)
         log_alpha = log_alpha - torch.log1p(x2)
         return log_alpha, log_mu, beta, eta
@@ -235,9 +243,10 @@ class MDNMixer(MegatronModule):
         w = self.o_norm_weight
         if self.tp_size > 1:
             w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
-        of = o.float()
+        dt = _at_least_fp32(o.dtype)
+        of = o.to(dt)
         y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.config.layernorm_epsilon)
-        return (y * w.float() * torch.sigmoid(g.float())).to(o.dtype)
+        return (y * w.to(dt) * torch.sigmoid(g.to(dt))).to(o.dtype)
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None,
                 packed_seq_params=None, **_unused):

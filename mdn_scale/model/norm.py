@@ -11,10 +11,11 @@ from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x²) + eps) * weight over the last dim, computed in fp32, returned in x's dtype."""
-    xf = x.float()
+    """x * rsqrt(mean(x²) + eps) * weight over the last dim, computed in >= fp32, returned in x's dtype."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dt)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.to(dt)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

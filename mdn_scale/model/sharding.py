@@ -112,9 +112,12 @@ def gather_full_state_dict(model, group=None) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_full_state_dict(model, full: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+def load_full_state_dict(model, full: dict[str, torch.Tensor], *, strict: bool = True,
+                         group=None) -> None:
     """Copy this rank's slice of each full tensor into the model (any TP/PP/CP/DP layout).
-    Raises ValueError naming missing keys or mismatched shapes before changing anything."""
+    Raises ValueError naming missing keys or mismatched shapes before changing anything.
+    strict: also reject keys that no rank of `group` (default: the world) uses; collective
+    (all ranks must call it) when torch.distributed is initialised."""
     todo = []
     problems = []
     seen = set()
@@ -131,6 +134,10 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor], *, strict: bool =
                 continue
             todo.append((sh, src))
     if strict:
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            everyone = [None] * dist.get_world_size(group)
+            dist.all_gather_object(everyone, seen, group=group)
+            seen = set().union(*everyone)
         extra = sorted(set(full) - seen)
         if extra:
             problems.append(f"unexpected keys {extra}")
