@@ -20,11 +20,17 @@ Reading::
     local = cp_slice(batch, cp_rank, cp_size)   # [1, B·T/cp_size] pieces, cu_seqlens global
     sd = train.state_dict()        # same on every rank at a step boundary; JSON types only
     train.load_state_dict(sd)      # any dp_size / micro_batch: continues exactly
-    for batch in build_valid_loader(cfg, dp_rank, dp_size): ...   # finite, re-iterable
+    train.close()                  # stops the prefetch thread; iterating again continues
+    for batch in build_valid_loader(cfg, dp_rank, dp_size): ...   # finite, re-iterable,
+                                   # the same number of micro-batches on every rank
     train.vocab_size, train.eod_id, train.tokenizer   # from the manifests (None without one)
+    DataConfig.from_dict(mapping, where="data")       # unknown keys -> ValueError naming them
+
+A corrupt, truncated or missing shard raises ShardError (a ValueError; `.shard` names it), or
+with `skip_bad_shards=True` is skipped with a warning on the "mdn_scale.data" logger.
 
 Global sequence j goes to DP rank j mod dp_size, so a global batch holds the same sequences
-under any layout. Every TP/PP/CP rank of one replica builds its loader with the replica's
+under any layout (each rank reads all the token data to get there; its share is kept). Every TP/PP/CP rank of one replica builds its loader with the replica's
 dp_rank and gets the same batches. Details: loader.py (batches, splitting, resume), stream.py
 (order, packing), format.py (the shard format and manifest), config.py (every option).
 """

@@ -27,6 +27,7 @@ import hashlib
 import json
 import queue
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -134,6 +135,18 @@ class _Prefetcher:
         self.thread.join()
 
 
+def _train_batches(stream: SequenceStream, B: int, dp: int, me: int, seq_len: int, reset: bool, pad: int):
+    """(micro-batch, stream state after it) forever: B rows, each the dp_rank-th of a round of dp sequences."""
+    while True:
+        rows = []
+        for _ in range(B):
+            for q in range(dp):
+                item = stream.next(materialize=q == me)
+                if q == me:
+                    rows.append(item)
+        yield make_batch(rows, seq_len, reset, pad), stream.state()
+
+
 class _Base:
     def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int):
         if not isinstance(cfg, DataConfig):
@@ -183,26 +196,22 @@ class TrainLoader(_Base):
         return SequenceStream(packers, [d.weight for d in self.train_sets], c.seed)
 
     def _fingerprint(self) -> dict:
-        """What must match for a saved position to mean the same thing here."""
+        """What must match for a saved position to mean the same thing here. Not the paths: data
+        moved elsewhere (or read through a url_template) resumes."""
         c = self.cfg
         sets = []
         for d in self.train_sets:
             h = hashlib.sha256(json.dumps([[s.name, s.documents, s.tokens] for s in d.shards]).encode()).hexdigest()
-            sets.append({"path": d.label, "weight": d.weight, "shards": h})
+            sets.append({"weight": d.weight, "shards": h[:16]})
         return {"seq_len": c.seq_len, "seed": c.seed, "shuffle": c.shuffle, "shard_interleave": c.shard_interleave,
                 "validation_fraction": c.validation_fraction, "holdout": c.holdout, "datasets": sets}
 
     def _batches(self):
-        B, dp, me = self.cfg.micro_batch, self.dp_size, self.dp_rank
-        pad = self.eod_id or 0
-        while True:
-            rows = []
-            for _ in range(B):
-                for q in range(dp):
-                    item = self._stream.next(materialize=q == me)
-                    if q == me:
-                        rows.append(item)
-            yield make_batch(rows, self.cfg.seq_len, self.cfg.reset_at_doc_boundary, pad), self._stream.state()
+        # Holds the stream, not the loader: a loader dropped without close() is still collected,
+        # and its finalizer stops the prefetch thread.
+        c = self.cfg
+        return _train_batches(self._stream, c.micro_batch, self.dp_size, self.dp_rank, c.seq_len,
+                              c.reset_at_doc_boundary, self.eod_id or 0)
 
     def __iter__(self):
         return self
@@ -211,6 +220,7 @@ class TrainLoader(_Base):
         if self.cfg.prefetch > 0:
             if self._prefetch is None:
                 self._prefetch = _Prefetcher(self._batches(), self.cfg.prefetch)
+                self._finalizer = weakref.finalize(self, self._prefetch.close)
             batch, state = self._prefetch.get()
         else:
             if self._gen is None:
@@ -242,19 +252,17 @@ class TrainLoader(_Base):
         stream.load_state(state["stream"])
         self._stream = stream
         self._consumed = stream.state()
-
-    def close(self) -> None:
-        """Stop the prefetch thread (iteration restarts it)."""
-        if self._prefetch is not None:
-            self._prefetch.close()
-            self._prefetch = None
         self._gen = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+    def close(self) -> None:
+        """Stop the prefetch thread. Iterating again continues from state_dict()'s position."""
+        if self._prefetch is not None:
+            self._finalizer()
+            self._prefetch = None
+            # the thread read ahead: rewind the stream to what was handed out
+            self._stream = self._new_stream()
+            self._stream.load_state(json.loads(json.dumps(self._consumed)))
+        self._gen = None
 
 
 class ValidLoader(_Base):

@@ -114,22 +114,23 @@ def _documents(path: str, kind: str, field: str, text_split: str, on_decode_erro
                     raise ValueError(f"{path}: row {row}: column {field!r} is {type(text).__name__}, not a string")
                 yield text, size / rows
         return
+    if kind == "jsonl":
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    yield None, len(line)
+                    continue
+                try:
+                    obj = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+                    raise ValueError(f"{path}:{lineno}: not a JSON line ({exn})") from None
+                text = obj.get(field) if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} is missing or not a string")
+                yield text, len(line)
+        return
     with open(path, "rb") as f:
         data = f.read()
-    if kind == "jsonl":
-        for lineno, line in enumerate(data.split(b"\n"), 1):
-            if not line.strip():
-                yield "", len(line) + 1
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exn:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({exn})") from None
-            text = obj.get(field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {field!r} is missing or not a string")
-            yield text, len(line) + 1
-        return
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exn:

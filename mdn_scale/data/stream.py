@@ -14,7 +14,7 @@ documents start inside each sequence. Its state is the source state from just be
 document was drawn, plus the offset into that document.
 
 SequenceStream: the training mixture. Global sequence j comes from dataset d(j), drawn with the
-weights by a generator seeded with (seed, j): a pure function of j, so the stream's state is
+weights by a generator seeded with (seed, j // 4096): a pure function of j, so the stream's state is
 just j and the packers' states. Every data-parallel rank runs the same stream; the loader keeps
 sequence j on rank j mod dp (loader.py), so the global batch does not depend on the layout.
 """
@@ -199,11 +199,17 @@ class SequenceStream:
         self.cum = np.cumsum(w / w.sum())
         self.count = 0
 
+    _BLOCK = 4096  # draws are made per block of sequences: (seed, block) seeds the block's generator
+
     def dataset_of(self, j: int) -> int:
         if len(self.packers) == 1:
             return 0
-        u = _rng(self.seed, _MIX, j).random()
-        return min(int(np.searchsorted(self.cum, u, side="right")), len(self.packers) - 1)
+        block = j // self._BLOCK
+        if getattr(self, "_block", None) != block:
+            u = _rng(self.seed, _MIX, block).random(self._BLOCK)
+            self._choices = np.minimum(np.searchsorted(self.cum, u, side="right"), len(self.packers) - 1)
+            self._block = block
+        return int(self._choices[j % self._BLOCK])
 
     def next(self, materialize: bool = True):
         d = self.dataset_of(self.count)

@@ -125,6 +125,23 @@ def test_exact_resume_across_epochs_mixture_and_layouts(shards, two_sets):
     assert same(take(one, 5), full[13:18])
     with pytest.raises(ValueError, match="seq_len"):
         build_train_loader(DataConfig(**{**cfg.to_dict(), "seq_len": 65})).load_state_dict(r0.state_dict())
+    with pytest.raises(ValueError, match="datasets"):
+        build_train_loader(DataConfig(**{**cfg.to_dict(), "datasets": [path, A, A]})).load_state_dict(r0.state_dict())
+
+
+def test_resume_after_moving_the_data(shards, tmp_path):
+    path, _ = shards
+    cfg = dict(seq_len=32, micro_batch=2, prefetch=0)
+    first = build_train_loader(DataConfig(datasets=[path], **cfg))
+    take(first, 5)
+    expect = take(first, 3)
+    shutil.copytree(path, tmp_path / "moved")
+    moved = build_train_loader(DataConfig(datasets=[str(tmp_path / "moved")], **cfg))
+    # the state after 5 batches, taken from a fresh loader run to the same point
+    again = build_train_loader(DataConfig(datasets=[path], **cfg))
+    take(again, 5)
+    moved.load_state_dict(again.state_dict())
+    assert same(take(moved, 3), expect)
 
 
 def test_mixing_weights(two_sets):
@@ -329,3 +346,20 @@ def test_empty_splits_are_errors(tmp_path):
     with pytest.raises(ValueError, match="validation data is empty"):
         list(build_valid_loader(cfg(h / 2)))
     assert next(build_train_loader(cfg(h / 2)))
+
+
+def test_close_rewinds_and_dropped_loaders_stop_their_thread(shards):
+    import gc
+    import threading
+
+    path, _ = shards
+    cfg = DataConfig(datasets=[path], seq_len=32, micro_batch=2, prefetch=4)
+    full = take(build_train_loader(cfg), 8)
+    loader = build_train_loader(cfg)
+    assert same(take(loader, 3), full[:3])
+    loader.close()  # the thread had read ahead; iteration continues where the batches handed out end
+    assert same(take(loader, 5), full[3:])
+    del loader
+    gc.collect()
+    threading.Event().wait(0.3)
+    assert not [t for t in threading.enumerate() if t.name == "mdn-data-prefetch"]

@@ -1,6 +1,5 @@
 """make_shards: round trips, manifest counts, tokenizers, determinism, the stdlib default, bad input."""
 
-import json
 import os
 import sys
 
@@ -23,7 +22,7 @@ def read_all(manifest_path):
 def test_bytes_round_trip_and_manifest_counts(tmp_path):
     texts = corpus(60, seed=1)
     texts_b = corpus(15, seed=2, tag="jl")
-    src = write_text_folder(tmp_path / "in" / "txt", texts)
+    write_text_folder(tmp_path / "in" / "txt", texts)
     write_jsonl(tmp_path / "in" / "more.jsonl", texts_b)
     (tmp_path / "in" / "ignored.bin").write_bytes(b"\x00\x01")  # not a known suffix: not read
     mp = make_shards([str(tmp_path / "in")], str(tmp_path / "out"), shard_size_mb=0.002, progress=False)
@@ -83,9 +82,19 @@ def test_hf_tokenizer_round_trip(tmp_path):
     assert sum(len(d) for d in docs) < sum(len(t.encode()) for t in texts)  # BPE merged something
     import hashlib
 
-    assert m["tokenizer"]["sha256"] == hashlib.sha256(open(tpath, "rb").read()).hexdigest()
+    with open(tpath, "rb") as f:
+        assert m["tokenizer"]["sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert m["tokenizer"]["vocab_size"] == tok.vocab_size <= 300
     assert os.path.isfile(tmp_path / "out" / "tokenizer.json")
+    # the loader reports the manifest's tokenizer, and refuses to mix shards of two tokenizers
+    from mdn_scale.data import DataConfig, build_train_loader
+
+    loader = build_train_loader(DataConfig(datasets=[str(tmp_path / "out")], seq_len=16, prefetch=0))
+    assert (loader.vocab_size, loader.eod_id) == (tok.vocab_size, eod)
+    assert int(next(loader)["tokens"].max()) < tok.vocab_size
+    make_shards([src], str(tmp_path / "bytes"), progress=False)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        build_train_loader(DataConfig(datasets=[str(tmp_path / "out"), str(tmp_path / "bytes")], seq_len=16))
     with pytest.raises(ValueError, match="no end-of-document token 'NOPE'"):
         make_shards([src], str(tmp_path / "o2"), tokenizer=tpath, eod_token="NOPE", progress=False)
 
@@ -93,7 +102,7 @@ def test_hf_tokenizer_round_trip(tmp_path):
 def test_deterministic_and_rebuild_rules(tmp_path):
     src = write_text_folder(tmp_path / "in", corpus(40, seed=3))
     a = make_shards([src], str(tmp_path / "a"), shard_size_mb=0.003, progress=False)
-    b = make_shards([src], str(tmp_path / "b"), shard_size_mb=0.003, progress=False)
+    make_shards([src], str(tmp_path / "b"), shard_size_mb=0.003, progress=False)
     names = sorted(f for f in os.listdir(tmp_path / "a") if not f.startswith("."))
     assert names == sorted(f for f in os.listdir(tmp_path / "b") if not f.startswith("."))
     for n in names:
@@ -114,7 +123,7 @@ def test_concurrent_builds_of_one_folder(tmp_path):
     import threading
 
     src = write_text_folder(tmp_path / "in", corpus(40, seed=4))
-    ref = make_shards([src], str(tmp_path / "ref"), shard_size_mb=0.003, progress=False)
+    make_shards([src], str(tmp_path / "ref"), shard_size_mb=0.003, progress=False)
     results, errors = [], []
 
     def build():
@@ -137,17 +146,16 @@ def test_stdlib_default(tmp_path):
     mp = make_shards(output=str(tmp_path / "std"), progress=False)
     m = read_manifest(mp)
     assert m["build"]["options"]["on_decode_error"] == "skip"
-    root, files = stdlib_files()
+    _, files = stdlib_files()
     assert m["documents"] > 500 and len(m["shards"]) > 2
     assert not any("site-packages" in f for f in files)
     first = read_shard(os.path.join(tmp_path / "std", m["shards"][0]["name"]))[0][1]
-    with open(files[0], encoding="utf-8") as f:
-        expect = f.read()
-    # the first non-empty, decodable file in sorted order is document 0
-    i = 0
-    while not expect:
-        i += 1
-        expect = open(files[i], encoding="utf-8").read()
+    # document 0 is the first non-empty file in sorted order
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            expect = fh.read()
+        if expect:
+            break
     assert decode_bytes(first) == expect
 
 
