@@ -101,3 +101,17 @@ def local_cu_seqlens(cu_seqlens: torch.Tensor, rank: int, tokens_per_rank: int,
         raise ValueError(f"rank {rank} is outside the CP group of size {world}")
     view = packed_view(cu_seqlens, tokens_per_rank, rank, world)
     return view.cu_local.to(cu_seqlens.device), view.in_seq[0] >= 0
+
+
+def host_chunk_offsets(view: CPLocalView, chunk_size: int) -> list[int]:
+    """The local ChunkLayout's seq_chunk_offsets computed on the host (each local sequence
+    takes ⌈length / chunk_size⌉ chunks, as mdn.layout.build_layout)."""
+    if view.cu_local is None:
+        lens = [view.tokens_per_rank] * view.num_local
+    else:
+        cu = view.cu_local.tolist()
+        lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + -(-n // chunk_size))
+    return out

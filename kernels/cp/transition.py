@@ -6,28 +6,36 @@ Per chunk c (per head) the state pass maps the pair X = [S; M] (2K×V) affinely:
     ⇒ X' = T_c X + b_c,  T_c = [[aI − KgᵀY, −gI + KgᵀZ], [KmᵀY, uI − KmᵀZ]],  b_c = [−KgᵀU; KmᵀU]
 
 𝒯 is the ordered product of the T_c and ℬ the composed offset. Running the ordinary state-pass
-recurrence on a 2K+V wide "value" [E | U-columns] started from [I_2K | X0-columns], with the
-first 2K value columns' U set to 0, gives [𝒯 | 𝒯 X0 + ℬ] at the end: the recurrence only ever
-multiplies the pair from the left, so every column evolves independently.
+recurrence on a 2K+V wide "value" started from [I_2K | 0], with the first 2K columns' U set to
+0, gives [𝒯 | ℬ] at the end: the recurrence only multiplies the pair from the left, so every
+column evolves independently.
 
-Parallel plan. The chunks of a sequence are cut into groups of `group_chunks` consecutive
-chunks; each (group, head, value block) is one independent serial recurrence (a Triton program,
-or one batched torch step per chunk position), then the groups' maps are composed by a
-log-depth tree of batched products (a, b) ↦ (T_b T_a, T_b B_a + B_b). Nothing here walks all the
-chunks one after another with only per-head parallelism (DESIGN §9: FLA's CP pays 3.2× for that).
+Parallel plan. The chunks of every local sequence are cut into groups of `group_chunks`
+consecutive chunks (GroupPlan); each (column block, group, head) is one independent serial
+recurrence (a Triton program, or one batched torch step per chunk position) giving the group's
+[𝒯_g | ℬ_g]; a log-depth tree of batched products (a, b) ↦ (T_b T_a, T_b B_a + B_b) composes
+them into the rank's map. Nothing walks all the chunks one after another with only per-head
+parallelism (DESIGN §9: FLA's CP pays 3.2× for that). The group maps are reused afterwards:
+once the rank's carried-in pair is known, a scan over groups (group_initial_pairs) gives the
+pair entering every group, so the ordinary state-pass kernels run all groups at once
+(state_pass_cp), and backward does the same with 𝒯_gᵀ (group_end_grads).
 
-FLOPs per head, for n tokens (n/C chunks) in G groups, value width V:
-    group recurrences: 8·n·K·(2K + V)      (per chunk: Y S, Z M, Kgᵀ W, Kmᵀ W, each 2·C·K·(2K+V))
+FLOPs per head, for n local tokens (n/C chunks) in G groups:
+    group recurrences: 8·n·K·(2K + V)      (per chunk: Y X, Z X, Kgᵀ W, Kmᵀ W, each 2·C·K·(2K+V))
     tree:              2·(G − 1)·(2K)²·(2K + V)
-The forward state pass of the op itself costs 8·n·K·V, so at K = 128, V = 256 the group
-recurrences are 2× the op's forward state pass, and the tree is (G·K)/(n) of the recurrences:
-with the default group length of ⌈16·K / C⌉ chunks (~16·K tokens) it is ≤ 1/16 of them.
+    group scans:       2·G·(2K)²·V each (forward one, backward two)
+The op's own forward state pass costs 8·n·K·V, so at K = 128, V = 256 the group recurrences
+are 2× that pass (𝒯 columns 1×, ℬ columns 1×); the tree is ≈ G·K/n of the recurrences, ≤ 1/16
+with the default group length ⌈16·K / C⌉ chunks (≈ 16·K tokens), and the scans are smaller.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
+
+from mdn_kernels.mdn.layout import ChunkLayout
 
 try:  # Triton is optional for the torch path (CPU)
     import triton
@@ -41,30 +49,66 @@ def default_group_chunks(K: int, chunk_size: int) -> int:
     return max(1, math.ceil(16 * K / chunk_size))
 
 
-def split_groups(starts: list[int], lengths: list[int], group_chunks: int):
-    """Cut each slot's chunk range [start, start+length) into groups of ≤ group_chunks.
+@dataclass
+class GroupPlan:
+    """The local chunks cut into groups of ≤ group_chunks consecutive chunks of one sequence.
 
-    Returns (group_start, group_len, group_slot, first_of_slot) as python lists."""
-    g_start, g_len, g_slot, g_first = [], [], [], []
-    for p, (s, n) in enumerate(zip(starts, lengths)):
-        for j, o in enumerate(range(0, n, group_chunks)):
-            g_start.append(s + o)
-            g_len.append(min(group_chunks, n - o))
-            g_slot.append(p)
-            g_first.append(j == 0)
-    return g_start, g_len, g_slot, g_first
+    `layout` is the local ChunkLayout with the groups as its "sequences" (chunk indices are
+    unchanged), so the ordinary state-pass kernels run all groups in parallel. The index tensors
+    are built once (plans are cached per shape by state_pass_cp), so a call does no host→device
+    copies for them."""
+    layout: ChunkLayout
+    groups_of_seq: list[list[int]]   # per local sequence, its group ids in order
+    g_start: torch.Tensor            # [NG] int64 first chunk of each group
+    g_len: torch.Tensor              # [NG] int64 chunks in each group
+    first_idx: torch.Tensor          # [num_local] each sequence's first group
+    last_idx: torch.Tensor           # [num_local] each sequence's last group
+    fwd_steps: list                  # per group position j: (group ids, sequence ids)
+    bwd_steps: list                  # per position j from the end: (group ids, sequence ids)
+
+    @property
+    def num_groups(self) -> int:
+        return self.g_start.numel()
+
+
+def plan_groups(layout: ChunkLayout, group_chunks: int,
+                seq_chunk_offsets: list[int] | None = None) -> GroupPlan:
+    """Cut every sequence of `layout` into groups; `seq_chunk_offsets` (host copy of
+    layout.seq_chunk_offsets) avoids reading them back from the device."""
+    off = seq_chunk_offsets if seq_chunk_offsets is not None else layout.seq_chunk_offsets.tolist()
+    starts, lens, groups_of_seq = [], [], []
+    for s in range(len(off) - 1):
+        ids = []
+        for c in range(off[s], off[s + 1], group_chunks):
+            ids.append(len(starts))
+            starts.append(c)
+            lens.append(min(group_chunks, off[s + 1] - c))
+        groups_of_seq.append(ids)
+    dev = layout.seq_chunk_offsets.device
+    idx = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
+    g_off = idx(starts + [off[-1]])
+    glayout = replace(layout, num_seqs=len(starts), seq_chunk_offsets=g_off,
+                      max_chunks=max(lens) if lens else 0)
+    depth = max(len(g) for g in groups_of_seq)
+    fwd, bwd = [], []
+    for j in range(depth):
+        seqs = [s for s, g in enumerate(groups_of_seq) if len(g) > j]
+        fwd.append((idx([groups_of_seq[s][j] for s in seqs]), idx(seqs)))
+        bwd.append((idx([groups_of_seq[s][-1 - j] for s in seqs]), idx(seqs)))
+    return GroupPlan(layout=glayout, groups_of_seq=groups_of_seq, g_start=g_off[:-1],
+                     g_len=g_off[1:] - g_off[:-1], first_idx=idx([g[0] for g in groups_of_seq]),
+                     last_idx=idx([g[-1] for g in groups_of_seq]), fwd_steps=fwd, bwd_steps=bwd)
 
 
 # ---------------------------------------------------------------------------------------------
 # Group recurrences: torch (spec, CPU) and Triton (GPU, or the interpreter)
 # ---------------------------------------------------------------------------------------------
 
-def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, init_S, init_M):
-    """[𝒯_g | 𝒯_g X0_g + ℬ_g] for every group g: [NG, H, 2K, 2K + V].
+def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len):
+    """[𝒯_g | ℬ_g] for every group g (ℬ_g: its final pair from a zero pair): [NG, H, 2K, 2K + V].
 
-    U [NC, H, C, V]; Y, Z, Kg, Km [NC, H, C, K]; a_end, g_end, u_end [NC, H]; g_start, g_len [NG]
-    int64; init_S, init_M [NG, H, K, V]: the pair the ℬ columns start from (zeros except for a
-    slot's first group, which may start a sequence from its initial state)."""
+    U [NC, H, C, V]; Y, Z, Kg, Km [NC, H, C, K]; a_end, g_end, u_end [NC, H]; g_start, g_len
+    [NG] int64: each group's first chunk and chunk count."""
     NG = g_start.numel()
     H, K = Y.shape[1], Y.shape[-1]
     V = U.shape[-1]
@@ -72,8 +116,9 @@ def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, init_
     eye = torch.eye(K, dtype=dt, device=dev)
     zk = torch.zeros(K, K, dtype=dt, device=dev)
     # Columns [0, K): the S-part of 𝒯; [K, 2K): the M-part; [2K, 2K+V): ℬ.
-    S = torch.cat([eye.expand(NG, H, K, K), zk.expand(NG, H, K, K), init_S], dim=-1)
-    M = torch.cat([zk.expand(NG, H, K, K), eye.expand(NG, H, K, K), init_M], dim=-1)
+    zv = torch.zeros(NG, H, K, V, dtype=dt, device=dev)
+    S = torch.cat([eye.expand(NG, H, K, K), zk.expand(NG, H, K, K), zv], dim=-1)
+    M = torch.cat([zk.expand(NG, H, K, K), eye.expand(NG, H, K, K), zv], dim=-1)
     max_len = int(g_len.max().item()) if NG else 0
     for s in range(max_len):  # all groups advance together: one batched step per chunk position
         act = (g_len > s).nonzero()[:, 0]
@@ -91,7 +136,7 @@ def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, init_
 if triton is not None:
     @triton.jit
     def _group_map_kernel(
-        U, Y, Z, KG, KM, A_END, G_END, U_END, INIT_S, INIT_M, OUT, G_START, G_LEN,
+        U, Y, Z, KG, KM, A_END, G_END, U_END, OUT, G_START, G_LEN,
         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
         BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     ):
@@ -109,14 +154,11 @@ if triton is not None:
         o_col = i_v * BV + tl.arange(0, BV)
         o_c = tl.arange(0, C)
         m_k = o_k < K
-        is_b = (o_col >= 2 * K) & (o_col < NCOL)          # ℬ columns (carry U and X0)
+        is_b = (o_col >= 2 * K) & (o_col < NCOL)          # ℬ columns (carry U)
         o_u = tl.where(is_b, o_col - 2 * K, 0)
-        m_kb = m_k[:, None] & is_b[None, :]
-        kv = i_gh * K * V + o_k[:, None] * V + o_u[None, :]
+        # start from [I_2K | 0]: S = [I_K, 0 | 0], M = [0, I_K | 0]
         s = tl.where(o_k[:, None] == o_col[None, :], 1.0, 0.0)
         m = tl.where(o_k[:, None] + K == o_col[None, :], 1.0, 0.0)
-        s += tl.load(INIT_S + kv, mask=m_kb, other=0.0).to(tl.float32)
-        m += tl.load(INIT_M + kv, mask=m_kb, other=0.0).to(tl.float32)
         ck = o_c[:, None] * K + o_k[None, :]
         kc = o_c[None, :] * K + o_k[:, None]
         cu = o_c[:, None] * V + o_u[None, :]
@@ -125,14 +167,17 @@ if triton is not None:
             y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
             z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
             u = tl.load(U + ch * C * V + cu, mask=is_b[None, :], other=0.0)
-            w = u + tl.dot(y, s, input_precision=PREC) - tl.dot(z, m, input_precision=PREC)
+            # operands in the storage dtype (bf16 for 16-bit models, as the state pass), the
+            # map itself accumulates in fp32
+            w = (u + tl.dot(y, s.to(y.dtype), input_precision=PREC)
+                 - tl.dot(z, m.to(z.dtype), input_precision=PREC))
             kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
             km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
             a = tl.load(A_END + ch)
             g = tl.load(G_END + ch)
             uu = tl.load(U_END + ch)
-            s_new = a * s - g * m - tl.dot(kg_t, w, input_precision=PREC)
-            m = uu * m + tl.dot(km_t, w, input_precision=PREC)
+            s_new = a * s - g * m - tl.dot(kg_t, w.to(kg_t.dtype), input_precision=PREC)
+            m = uu * m + tl.dot(km_t, w.to(km_t.dtype), input_precision=PREC)
             s = s_new
         m_out = m_k[:, None] & (o_col[None, :] < NCOL)
         out = OUT + i_gh * 2 * K * NCOL + o_k[:, None] * NCOL + o_col[None, :]
@@ -140,21 +185,22 @@ if triton is not None:
         tl.store(out + K * NCOL, m, mask=m_out)
 
 
-def group_maps_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, init_S, init_M,
+def group_maps_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len,
                       allow_tf32: bool = False):
-    """Triton version of group_maps_torch (fp32 compute; same arguments and result)."""
+    """Triton version of group_maps_torch (same arguments; fp32 result and accumulation; the
+    products take the operands' dtype, bf16 for 16-bit models as in the state pass)."""
     from mdn_kernels.mdn.state_pass import _block_v, _precision
     NC, H, C, V = U.shape
     K = Y.shape[-1]
     NG = g_start.numel()
     ncol = 2 * K + V
-    out = U.new_empty(NG, H, 2 * K, ncol)
+    out = U.new_empty(NG, H, 2 * K, ncol, dtype=torch.float32)  # fp32 maps, whatever the operands
     BK, BV = triton.next_power_of_2(K), _block_v(K, ncol)
     grid = (triton.cdiv(ncol, BV), NG * H)
     _group_map_kernel[grid](
-        U, Y, Z, Kg, Km, a_end, g_end, u_end, init_S.contiguous(), init_M.contiguous(), out,
+        U, Y, Z, Kg, Km, a_end, g_end, u_end, out,
         g_start, g_len, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-        PREC=_precision(U.dtype, allow_tf32), num_warps=4,
+        PREC=_precision(Y.dtype, allow_tf32), num_warps=4, num_stages=1,
     )
     return out
 
@@ -183,52 +229,82 @@ def tree_compose(maps: torch.Tensor) -> torch.Tensor:
     return maps[:, 0]
 
 
+def group_maps(prep_args, plan: GroupPlan, *, backend: str, allow_tf32: bool) -> torch.Tensor:
+    """[𝒯_g | ℬ_g] of every group (from a zero pair): [NG, H, 2K, 2K + V]."""
+    U = prep_args[0]
+    if backend == "triton" and U.dtype != torch.float64:
+        return group_maps_triton(*prep_args, plan.g_start, plan.g_len, allow_tf32)
+    return group_maps_torch(*prep_args, plan.g_start, plan.g_len)
+
+
+def _index(seq_ids, device):
+    return torch.tensor(seq_ids, dtype=torch.int64, device=device)
+
+
+def rank_map_from_groups(maps, plan: GroupPlan, view, S_init, M_init) -> torch.Tensor:
+    """This rank's [𝒯 | ℬ] per slot, [P, H, 2K, 2K + V], from the group maps.
+
+    ℬ is the carried-out pair when the carried-in pair is zero; where the carried-out sequence
+    starts on this rank, it includes that sequence's initial state and 𝒯 = 0."""
+    dev, twoK = maps.device, maps.shape[-2]
+    P = view.num_slots
+    groups = [plan.groups_of_seq[s] for s in view.out_seq]
+    gmax = max(len(g) for g in groups)
+    padded = maps.new_zeros((P, gmax) + tuple(maps.shape[1:]))
+    padded[..., :twoK].copy_(torch.eye(twoK, dtype=maps.dtype, device=dev))  # identity padding
+    slot_idx = _index([p for p, g in enumerate(groups) for _ in g], dev)
+    pos_idx = _index([j for g in groups for j in range(len(g))], dev)
+    padded[slot_idx, pos_idx] = maps[_index([i for g in groups for i in g], dev)]
+    out = tree_compose(padded)
+    for p, s in enumerate(view.out_seq):
+        if not view.continues(p):   # starts here: fold its own initial state in, 𝒯 = 0
+            X0 = torch.cat([S_init[s], M_init[s]], dim=-2).to(out.dtype)
+            out[p, ..., twoK:] += out[p, ..., :twoK] @ X0
+            out[p, ..., :twoK] = 0
+    return out
+
+
 def rank_map(prep_args, S_init, M_init, layout, view, *, backend: str, allow_tf32: bool,
              group_chunks: int | None = None) -> torch.Tensor:
     """(𝒯, ℬ) of this rank for every slot: [P, H, 2K, 2K + V] = [𝒯 | ℬ].
 
     prep_args: (U, Y, Z, Kg, Km, a_end, g_end, u_end) in chunk layout; S_init, M_init
     [num_local, H, K, V]: the initial pairs of the local sequences (rows of carried-in sequences
-    are ignored). ℬ is the carried-out pair when the carried-in pair is zero (it includes the
-    initial state of a sequence that starts on this rank); 𝒯 = 0 where the carried-out pair does
-    not depend on the carried-in one."""
-    U, Y = prep_args[0], prep_args[1]
-    H, C, K = Y.shape[1], Y.shape[2], Y.shape[-1]
-    V = U.shape[-1]
+    are ignored)."""
+    Y = prep_args[1]
     if group_chunks is None:
-        group_chunks = default_group_chunks(K, C)
-    off = layout.seq_chunk_offsets.tolist()
-    starts = [off[s] for s in view.out_seq]
-    lengths = [off[s + 1] - off[s] for s in view.out_seq]
-    g_start, g_len, g_slot, g_first = split_groups(starts, lengths, group_chunks)
-    NG = len(g_start)
-    dev = U.device
-    # The ℬ columns of a slot's first group start from the carried-out sequence's own initial
-    # state when it starts on this rank (it then does not continue the carried-in pair).
-    fresh = torch.tensor([view.in_seq[p] != view.out_seq[p] for p in range(view.num_slots)],
-                         device=dev)
-    first = torch.tensor(g_first, device=dev)
-    slot_seq = torch.tensor(view.out_seq, dtype=torch.int64, device=dev)
-    gs = torch.tensor(g_slot, dtype=torch.int64, device=dev)
-    use_init = (first & fresh[gs]).to(U.dtype)[:, None, None, None]
-    init_S = S_init.to(U.dtype)[slot_seq[gs]] * use_init
-    init_M = M_init.to(U.dtype)[slot_seq[gs]] * use_init
-    gst = torch.tensor(g_start, dtype=torch.int64, device=dev)
-    gln = torch.tensor(g_len, dtype=torch.int64, device=dev)
-    if backend == "triton" and U.dtype != torch.float64:
-        maps = group_maps_triton(*prep_args, gst, gln, init_S, init_M, allow_tf32)
-    else:
-        maps = group_maps_torch(*prep_args, gst, gln, init_S, init_M)
-    # [NG, ...] → [P, Gmax, ...], padded with identity maps, then the tree.
-    counts = [g_slot.count(p) for p in range(view.num_slots)]
-    gmax = max(counts)
-    twoK = 2 * K
-    padded = torch.zeros((view.num_slots, gmax) + tuple(maps.shape[1:]), dtype=maps.dtype, device=dev)
-    padded[..., :twoK].copy_(torch.eye(twoK, dtype=maps.dtype, device=dev))
-    pos = torch.tensor([j for p in range(view.num_slots) for j in range(counts[p])], device=dev)
-    padded[gs, pos] = maps
-    out = tree_compose(padded)
-    cont = torch.tensor([view.continues(p) for p in range(view.num_slots)], device=dev)
-    out[..., :twoK] *= cont.to(out.dtype)[:, None, None, None]
-    del V
-    return out
+        group_chunks = default_group_chunks(Y.shape[-1], Y.shape[2])
+    plan = plan_groups(layout, group_chunks)
+    maps = group_maps(prep_args, plan, backend=backend, allow_tf32=allow_tf32)
+    return rank_map_from_groups(maps, plan, view, S_init, M_init)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scans over the groups of each sequence (a few small batched products per group position)
+# ---------------------------------------------------------------------------------------------
+
+def group_initial_pairs(maps, plan: GroupPlan, X_seq) -> torch.Tensor:
+    """The pair entering every group, [NG, H, 2K, V], given the pair entering every local
+    sequence X_seq [num_local, H, 2K, V]: X_{g+1} = 𝒯_g X_g + ℬ_g along each sequence."""
+    twoK = maps.shape[-2]
+    Xg = X_seq.new_zeros((plan.num_groups,) + tuple(X_seq.shape[1:]))
+    X = X_seq
+    for gi, si in plan.fwd_steps:
+        Xa = X[si]
+        Xg[gi] = Xa
+        X = X.index_put((si,), maps[gi][..., :twoK] @ Xa + maps[gi][..., twoK:])
+    return Xg
+
+
+def group_end_grads(Tg, plan: GroupPlan, d0g, G_seq_end):
+    """Reverse scan. d0g [NG, H, 2K, V]: what each group's own cotangents send to its initial
+    pair when nothing arrives at its end; G_seq_end [num_local, H, 2K, V]: the gradient arriving
+    at each sequence's end from outside. Returns (gradient arriving at every group's end
+    [NG, ...], gradient into every sequence's initial pair [num_local, ...])."""
+    Gend = d0g.new_zeros(d0g.shape)
+    G = G_seq_end
+    for gi, si in plan.bwd_steps:  # j-th group from the end of every sequence
+        Ga = G[si]
+        Gend[gi] = Ga
+        G = G.index_put((si,), d0g[gi] + Tg[gi].transpose(-1, -2) @ Ga)
+    return Gend, G

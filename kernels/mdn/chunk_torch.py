@@ -35,9 +35,18 @@ def _decay(la_row: torch.Tensor, la_col: torch.Tensor, mask: torch.Tensor) -> to
     return torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
 
 
-def chunk_prepare(q, k, v, log_alpha, log_mu, beta, eta, *, p_times_alpha: bool):
+def _mm(a: torch.Tensor, b: torch.Tensor, mm_dtype) -> torch.Tensor:
+    """a @ b, with operands rounded to mm_dtype (bf16 for 16-bit models, as FLA's GDN kernels do:
+    fp32 accumulation) when given; the result stays in the compute dtype."""
+    if mm_dtype is None:
+        return a @ b
+    return (a.to(mm_dtype) @ b.to(mm_dtype)).to(a.dtype)
+
+
+def chunk_prepare(q, k, v, log_alpha, log_mu, beta, eta, *, p_times_alpha: bool, mm_dtype=None):
     """Chunk-local quantities. Inputs in chunk layout: q, k [NC, H, C, K]; v [NC, H, C, V];
-    gates [NC, H, C]; all in the compute dtype (fp32 or fp64), q and k already normalised."""
+    gates [NC, H, C]; all in the compute dtype (fp32 or fp64), q and k already normalised.
+    The C×C decay products stay in the compute dtype; the products over K and V take mm_dtype."""
     C = k.shape[-2]
     dev = k.device
     incl = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
@@ -55,10 +64,13 @@ def chunk_prepare(q, k, v, log_alpha, log_mu, beta, eta, *, p_times_alpha: bool)
     g0 = (d_incl @ b_eu)[..., 0]             # γ
     g0_read = (d_read @ b_eu)[..., 0]        # γ⁻
     eta_col = eta[..., None, :]
-    A = gam_read * (k @ k.transpose(-1, -2)) * eta_col
+    A = gam_read * _mm(k, k.transpose(-1, -2), mm_dtype) * eta_col
     eye = torch.eye(C, dtype=k.dtype, device=dev)
+    # (I + A)⁻¹ itself (C columns) and then one product: far cheaper than solving for the
+    # V + 2K right-hand sides directly.
+    t_inv = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
     rhs = torch.cat([-v, le.exp()[..., None] * k, g0_read[..., None] * k], dim=-1)
-    sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    sol = _mm(t_inv, rhs, mm_dtype)
     Vd, Kd = v.shape[-1], k.shape[-1]
     U, Y, Z = sol.split([Vd, Kd, Kd], dim=-1)
     last_la, last_lu = la[..., -1:], lu[..., -1:]
@@ -71,11 +83,11 @@ def chunk_prepare(q, k, v, log_alpha, log_mu, beta, eta, *, p_times_alpha: bool)
     )
 
 
-def chunk_output(q, k, eta, prep, W, S0s, M0s, scale: float):
+def chunk_output(q, k, eta, la, g0, gam, W, S0s, M0s, scale: float, mm_dtype=None):
     """o = scale·[(e^{la} Q) S0 − (γ Q) M0 − (Γ ⊙ Q Kᵀ ⊙ η) W], per chunk."""
-    inter = (prep["la"].exp()[..., None] * q) @ S0s - (prep["g0"][..., None] * q) @ M0s
-    intra = (prep["gam"] * (q @ k.transpose(-1, -2)) * eta[..., None, :]).tril() @ W
-    return scale * (inter - intra)
+    inter = _mm(la.exp()[..., None] * q, S0s, mm_dtype) - _mm(g0[..., None] * q, M0s, mm_dtype)
+    attn = (gam * _mm(q, k.transpose(-1, -2), mm_dtype) * eta[..., None, :]).tril()
+    return scale * (inter - _mm(attn, W, mm_dtype))
 
 
 # ---------------------------------------------------------------------------------------------

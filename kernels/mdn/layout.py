@@ -23,16 +23,26 @@ class ChunkLayout:
     max_chunks: int             # the longest sequence's chunk count
 
     def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """[total_tokens, H, D] → [NC, H, C, D] (zero padded; differentiable)."""
-        out = x.new_zeros((self.num_chunks * self.chunk_size,) + tuple(x.shape[1:]))
-        out = out.index_put((self.dest,), x)
-        out = out.view(self.num_chunks, self.chunk_size, *x.shape[1:])
-        return out.transpose(1, 2)
+        return to_chunks(x, self.dest, self.num_chunks, self.chunk_size)
 
     def from_chunks(self, y: torch.Tensor) -> torch.Tensor:
-        """[NC, H, C, D] → [total_tokens, H, D]."""
-        y = y.transpose(1, 2).reshape(self.num_chunks * self.chunk_size, *y.shape[1:2], *y.shape[3:])
-        return y[self.dest]
+        return from_chunks(y, self.dest)
+
+
+def to_chunks(x: torch.Tensor, dest: torch.Tensor, num_chunks: int, chunk_size: int) -> torch.Tensor:
+    """[total_tokens, H, D] (or [total_tokens, H]) → [NC, H, C, D] (or [NC, H, C]), zero padded;
+    differentiable."""
+    out = x.new_zeros((num_chunks * chunk_size,) + tuple(x.shape[1:]))
+    out = out.index_put((dest,), x)
+    out = out.view(num_chunks, chunk_size, *x.shape[1:])
+    return out.transpose(1, 2)
+
+
+def from_chunks(y: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """[NC, H, C, D] → [total_tokens, H, D] (inverse of to_chunks on the real tokens)."""
+    nc, h, c = y.shape[:3]
+    y = y.transpose(1, 2).reshape(nc * c, h, *y.shape[3:])
+    return y[dest]
 
 
 def build_layout(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, chunk_size: int,

@@ -4,7 +4,9 @@ One program per (value block, sequence, head) carries its K×BV slices of S and 
 sequence's chunks; the value columns of the recurrence never mix, so V splits freely. Operands
 that a product needs transposed are loaded transposed (no tl.trans of a dot result: Triton
 3.4–3.7.0 mis-compiles that pattern on Hopper, DESIGN §9). Fixed launch configs (no autotune):
-they run under TRITON_INTERPRET=1 and start fast.
+they run under TRITON_INTERPRET=1 and start fast. With 16-bit model inputs the per-chunk operands
+(U, Y, Z, Kg, Km) are stored in bf16 and the state is rounded to bf16 for the products (fp32
+accumulation, fp32 state), as FLA's GDN kernels do; fp32 inputs keep fp32 operands (exact dots).
 """
 from __future__ import annotations
 
@@ -49,15 +51,15 @@ def _state_fwd_kernel(
         y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
-        w = u + tl.dot(y, s, input_precision=PREC) - tl.dot(z, m, input_precision=PREC)
+        w = u + tl.dot(y, s.to(y.dtype), input_precision=PREC) - tl.dot(z, m.to(z.dtype), input_precision=PREC)
         tl.store(W + ch * C * V + cv, w, mask=m_v[None, :])
         kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         a = tl.load(A_END + ch)
         g = tl.load(G_END + ch)
         uu = tl.load(U_END + ch)
-        s_new = a * s - g * m - tl.dot(kg_t, w, input_precision=PREC)
-        m = uu * m + tl.dot(km_t, w, input_precision=PREC)
+        s_new = a * s - g * m - tl.dot(kg_t, w.to(kg_t.dtype), input_precision=PREC)
+        m = uu * m + tl.dot(km_t, w.to(km_t.dtype), input_precision=PREC)
         s = s_new
     tl.store(S_FIN + i_nh * K * V + kv, s, mask=m_kv)
     tl.store(M_FIN + i_nh * K * V + kv, m, mask=m_kv)
@@ -96,16 +98,17 @@ def _state_bwd_kernel(
         kg = tl.load(KG + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         km = tl.load(KM + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0)
-        dw = dw - tl.dot(kg, ds, input_precision=PREC) + tl.dot(km, dm, input_precision=PREC)
+        dw = (dw - tl.dot(kg, ds.to(kg.dtype), input_precision=PREC)
+              + tl.dot(km, dm.to(km.dtype), input_precision=PREC))
         tl.store(DWT + ch * C * V + cv, dw, mask=m_v[None, :])
         y_t = tl.load(Y + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         z_t = tl.load(Z + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         a = tl.load(A_END + ch)
         g = tl.load(G_END + ch)
         uu = tl.load(U_END + ch)
-        ds_prev = a * ds + tl.dot(y_t, dw, input_precision=PREC) + tl.load(
+        ds_prev = a * ds + tl.dot(y_t, dw.to(y_t.dtype), input_precision=PREC) + tl.load(
             DS0S + ch * K * V + kv, mask=m_kv, other=0.0)
-        dm = (uu * dm - g * ds - tl.dot(z_t, dw, input_precision=PREC)
+        dm = (uu * dm - g * ds - tl.dot(z_t, dw.to(z_t.dtype), input_precision=PREC)
               + tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0))
         ds = ds_prev
     tl.store(DS_INIT + i_nh * K * V + kv, ds, mask=m_kv)
@@ -119,7 +122,14 @@ def _block_v(K: int, V: int) -> int:
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+    return "tf32" if (allow_tf32 or dtype != torch.float32) else "ieee"
+
+
+def fits_shared_memory(K: int, storage_dtype: torch.dtype, chunk: int = 64) -> bool:
+    """The four C×K operand tiles (Y, Z, Kg, Km) are staged in shared memory (227 KiB on H100);
+    fp32 tiles at K = 256 do not fit, bf16 ones do."""
+    tiles = 4 * chunk * triton.next_power_of_2(K) * torch.tensor([], dtype=storage_dtype).element_size()
+    return tiles <= 160 * 1024
 
 
 def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout,
@@ -127,11 +137,12 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     NC, H, C, V = U.shape
     K = Y.shape[-1]
     N = layout.num_seqs
-    W = torch.empty_like(U)
-    S0s = U.new_empty(NC, H, K, V)
-    M0s = U.new_empty(NC, H, K, V)
-    S_fin = U.new_empty(N, H, K, V)
-    M_fin = U.new_empty(N, H, K, V)
+    sdt = torch.float64 if U.dtype == torch.float64 else torch.float32
+    W = torch.empty(U.shape, dtype=sdt, device=U.device)
+    S0s = U.new_empty(NC, H, K, V, dtype=sdt)
+    M0s = U.new_empty(NC, H, K, V, dtype=sdt)
+    S_fin = U.new_empty(N, H, K, V, dtype=sdt)
+    M_fin = U.new_empty(N, H, K, V, dtype=sdt)
     BK, BV = triton.next_power_of_2(K), _block_v(K, V)
     has_init = S_init is not None
     grid = (triton.cdiv(V, BV), N * H)
@@ -140,7 +151,7 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
         S_init if has_init else U, M_init if has_init else U,
         W, S0s, M0s, S_fin, M_fin, layout.seq_chunk_offsets,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, HAS_INIT=has_init,
-        PREC=_precision(U.dtype, allow_tf32), num_warps=4,
+        PREC=_precision(Y.dtype, allow_tf32), num_warps=4, num_stages=1,
     )
     return W, S0s, M0s, S_fin, M_fin
 
@@ -150,7 +161,7 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     NC, H, C, V = dW.shape
     K = Y.shape[-1]
     N = layout.num_seqs
-    dWt = torch.empty_like(dW)
+    dWt = torch.empty_like(dW)  # dW (the cotangent of W) is fp32 or fp64
     dS_end = dW.new_empty(NC, H, K, V)
     dM_end = dW.new_empty(NC, H, K, V)
     dS_init = dW.new_empty(N, H, K, V)
@@ -160,6 +171,7 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     _state_bwd_kernel[grid](
         Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
         dWt, dS_end, dM_end, dS_init, dM_init, layout.seq_chunk_offsets,
-        H=H, K=K, V=V, C=C, BK=BK, BV=BV, PREC=_precision(dW.dtype, allow_tf32), num_warps=4,
+        H=H, K=K, V=V, C=C, BK=BK, BV=BV, PREC=_precision(Y.dtype, allow_tf32), num_warps=4,
+        num_stages=1,
     )
     return dWt, dS_end, dM_end, dS_init, dM_init

@@ -28,31 +28,38 @@ H, K, V, C = 2, 8, 16, 16
 INPUTS = ["q", "k", "v", "log_alpha", "log_mu", "beta", "eta"]
 
 # name → (B, tokens per rank, global cu_seqlens or None, cp_mode, backend, K, extra)
+# group_chunks = 1 makes every chunk its own group (the group-parallel passes and scans);
+# the other cases have one group per sequence.
 CASES = {
+    1: {  # a group of one: the CP code path must reduce to the plain op
+        "rows_init": (2, 40, None, "allgather", "torch", K, {"group_chunks": 1}),
+        "packed": (1, 40, [0, 13, 40], "allgather", "torch", K, {}),
+    },
     2: {
-        "rows_init": (2, 24, None, "allgather", "torch", K, {}),
+        "rows_init": (2, 24, None, "allgather", "torch", K, {"group_chunks": 1}),
         "rows_init_ring": (2, 24, None, "ring", "torch", K, {}),
         "rows_tree": (1, 40, None, "allgather", "torch", K, {"group_chunks": 1}),
-        "packed": (1, 24, [0, 5, 30, 31, 48], "allgather", "torch", K, {}),
+        "packed": (1, 24, [0, 5, 30, 31, 48], "allgather", "torch", K, {"group_chunks": 1}),
         "packed_ring": (1, 24, [0, 5, 30, 31, 48], "ring", "torch", K, {}),
         "triton": (1, 16, None, "allgather", "triton", 16, {}),
-        "triton_packed": (1, 16, [0, 9, 32], "allgather", "triton", 16, {}),
+        "triton_packed": (1, 32, [0, 9, 64], "allgather", "triton", 16, {"group_chunks": 1}),
     },
     3: {
-        "rows_init": (2, 20, None, "allgather", "torch", K, {}),
+        "rows_init": (2, 20, None, "allgather", "torch", K, {"group_chunks": 1}),
         "rows_init_ring": (2, 20, None, "ring", "torch", K, {}),
         # a document over all three ranks, then short ones
         "packed": (1, 20, [0, 17, 18, 60], "allgather", "torch", K, {}),
         # float64 end to end: CP must agree to fp64 rounding, not just to the fp32 tolerance
-        "packed_fp64": (1, 20, [0, 7, 45, 60], "allgather", "torch", K, {"dtype": torch.float64}),
+        "packed_fp64": (1, 40, [0, 7, 90, 120], "allgather", "torch", K,
+                        {"dtype": torch.float64, "group_chunks": 1}),
     },
     4: {
         "rows_init": (1, 16, None, "allgather", "torch", K, {}),
         "rows_init_ring": (1, 16, None, "ring", "torch", K, {}),
         # a document starting exactly at rank 1's first token and spanning ranks 1-3, then one
         # starting inside rank 3
-        "packed_boundary": (1, 16, [0, 16, 58, 64], "allgather", "torch", K, {}),
-        "packed_boundary_ring": (1, 16, [0, 16, 58, 64], "ring", "torch", K, {}),
+        "packed_boundary": (1, 32, [0, 32, 116, 128], "allgather", "torch", K, {"group_chunks": 1}),
+        "packed_boundary_ring": (1, 32, [0, 32, 116, 128], "ring", "torch", K, {}),
     },
 }
 HALO_W = 4
@@ -163,7 +170,7 @@ def misuse(rank, group):
     return errs
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda r: f"R{r}")
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda r: f"R{r}")
 def world(request):
     R = request.param
     with tempfile.TemporaryDirectory() as d:

@@ -93,3 +93,10 @@ def test_cp_arguments_checked_without_a_group():
         mdn_chunk(*xs, cp_mode="tree")
     with pytest.raises(ValueError, match="not initialized"):
         mdn_chunk(*xs, cp_group=object())
+
+
+def test_host_chunk_offsets_match_the_layout():
+    from mdn_kernels.cp.layout import host_chunk_offsets
+    for view, B in ((batched_view(3, 40, 1, 2), 3), (packed_view(torch.tensor([0, 5, 61, 64, 80]), 40, 1, 2), 1)):
+        layout = build_layout(B, 40, view.cu_local, 16, torch.device("cpu"))
+        assert host_chunk_offsets(view, 16) == layout.seq_chunk_offsets.tolist()

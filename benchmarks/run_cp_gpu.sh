@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Context parallelism on the lent GPU machine: the CP GPU tests, then tools/bench_cp.py under
+# torchrun on 1, 2 and 4 GPUs (as many as the machine has), with FLA's CP GDN as the peer when
+# fla is importable. Usage (repo root, .whl carried as for run_kernels_gpu.sh):
+#   SKIP_TESTS=1 RS="2 4" bash benchmarks/run_cp_gpu.sh "$OUT"   # BENCH_ARGS="--skip strong" passes through
+set -uo pipefail
+OUT=${1:-/tmp/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+mkdir -p /tmp/shim && ln -sfn "$PWD/kernels" /tmp/shim/mdn_kernels
+export PYTHONPATH=/tmp/shim:/tmp/site:$PWD PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=/tmp/triton_cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+[ -n "${SKIP_TESTS:-}" ] || MDN_RESULTS_DIR="$OUT" timeout 400 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_cp_gpu.py 2>&1 | tee "$OUT/cp_gpu_tests.log"
+for R in ${RS:-1 2 4}; do   # RS="4" runs one size (each call of the device tool has 10 minutes)
+  [ "$R" -le "$NGPU" ] || continue
+  timeout 540 python3 -m torch.distributed.run --standalone --nproc-per-node "$R" tools/bench_cp.py \
+    --out "$OUT/cp_bench_r$R.json" --fla-peer ${BENCH_ARGS:-} 2>&1 | tee "$OUT/cp_bench_r$R.log"
+done

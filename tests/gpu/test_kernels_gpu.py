@@ -1,0 +1,93 @@
+"""The Triton path of mdn_chunk on a GPU at real shapes, against float64 references.
+
+Forward against the float64 token loop (the contract); gradients against the float64 chunkwise
+torch path (itself checked against the token loop to 1e-12 in the CPU suite: the token loop's
+autograd graph at these shapes would need hundreds of GB). Every run starts from an allocator
+poisoned with NaN.
+"""
+import pytest
+import torch
+
+from mdn_kernels import fused_recurrent_mdn, mdn_chunk, mdn_recurrent_reference
+from mdn_kernels.mdn.testing import random_inputs
+
+from .conftest import poison_allocator, requires_cuda
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+SHAPES = {"K128_V256": (8, 4096, 6, 128, 256), "K256_V512": (8, 4096, 6, 256, 512)}
+NAMES = ["o", "S", "M", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta"]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def grads(fn, xs, cot_seed=0):
+    o, (S, M) = fn(xs)
+    g = torch.Generator(device="cuda").manual_seed(cot_seed)
+    cots = [torch.randn(t.shape, device="cuda", dtype=torch.float32, generator=g).to(t.dtype)
+            for t in (o, S, M)]
+    loss = sum((t * c).sum() for t, c in zip((o, S, M), cots))
+    return [o, S, M, *torch.autograd.grad(loss, xs)]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_forward_and_backward_real_shape(shape, dtype, record):
+    B, T, H, K, V = SHAPES[shape]
+    xs = random_inputs(B, T, H, K, V, dtype=dtype, device="cuda", seed=1, requires_grad=True)
+    poison_allocator()
+    out = grads(lambda x: mdn_chunk(*x, output_final_state=True, backend="triton"), xs)
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    with torch.no_grad():
+        ref_o, (ref_S, ref_M) = mdn_recurrent_reference(*x64, output_final_state=True)
+    ref = grads(lambda x: mdn_chunk(*x, output_final_state=True, backend="torch"), x64)
+    errs = {n: rel(a, b) for n, a, b in zip(NAMES, out, ref)}
+    errs["o_vs_token_loop"] = rel(out[0], ref_o)
+    errs["S_vs_token_loop"] = rel(out[1], ref_S)
+    errs["M_vs_token_loop"] = rel(out[2], ref_M)
+    errs["torch64_o_vs_token_loop"] = rel(ref[0], ref_o)
+    record(f"chunk_{shape}_{dtype}", errs)
+    print(shape, {k: f"{v:.1e}" for k, v in errs.items()})
+    for n, a in zip(NAMES, out):
+        assert torch.isfinite(a).all(), n
+    assert errs["torch64_o_vs_token_loop"] < 1e-10
+    # bf16 inputs and outputs, fp32/tf32 inside: errors of bf16 rounding size.
+    for n, e in errs.items():
+        assert e < 1e-2, f"{n}: {e:.2e}"
+
+
+def test_packed_documents_with_initial_states_fp32(record):
+    lens = [1000, 64, 3000, 1, 2047, 1080]
+    T, H, K, V = sum(lens), 4, 128, 256
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0)
+    xs = random_inputs(1, T, H, K, V, dtype=torch.float32, device="cuda", seed=2,
+                       with_state=True, num_states=len(lens), requires_grad=True)
+    poison_allocator()
+    fn = lambda x, be: mdn_chunk(*x[:7], initial_state=(x[7], x[8]), output_final_state=True,  # noqa: E731
+                                 cu_seqlens=cu, backend=be)
+    out = grads(lambda x: fn(x, "triton"), xs)
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    ref = grads(lambda x: fn(x, "torch"), x64)
+    names = NAMES + ["dS0", "dM0"]
+    errs = {n: rel(a, b) for n, a, b in zip(names, out, ref)}
+    record("chunk_packed_fp32", errs)
+    print({k: f"{v:.1e}" for k, v in errs.items()})
+    for n, e in errs.items():
+        assert e < 1e-4, f"{n}: {e:.2e}"
+
+
+def test_fused_recurrent_real_shape(record):
+    B, T, H, K, V = 4, 512, 6, 128, 256
+    xs = random_inputs(B, T, H, K, V, dtype=torch.bfloat16, device="cuda", seed=3, with_state=True)
+    poison_allocator()
+    o, (S, M) = fused_recurrent_mdn(*xs[:7], initial_state=(xs[7], xs[8]), backend="triton")
+    ref_o, (rS, rM) = mdn_recurrent_reference(*(x.double() for x in xs[:7]),
+                                              initial_state=(xs[7].double(), xs[8].double()),
+                                              output_final_state=True)
+    errs = dict(o=rel(o, ref_o), S=rel(S, rS), M=rel(M, rM))
+    record("fused_recurrent_bf16", errs)
+    for n, e in errs.items():
+        assert e < 1e-2, f"{n}: {e:.2e}"

@@ -1,0 +1,386 @@
+"""GPU benchmark of context parallelism for the MDN op (issue 3; DESIGN §5, §9).
+
+Run on the GPU machine with NCCL, once per world size:
+
+    torchrun --nproc-per-node 1 tools/bench_cp.py --out benchmarks/results/cp_r1.json
+    torchrun --nproc-per-node 2 tools/bench_cp.py --out benchmarks/results/cp_r2.json
+    torchrun --nproc-per-node 4 tools/bench_cp.py --out benchmarks/results/cp_r4.json
+
+Measures, with the CP group = all ranks (R = world size):
+  exact   CP = R against CP = 1 at a real shape, in the benchmark dtype (bf16): relative error of
+          the output and of every input gradient, next to the error of CP = 1 itself against an
+          fp32 run of the same op (so the CP difference can be read against the op's rounding).
+  weak    --weak-tokens per GPU (32K): op forward+backward at CP = 1 on one GPU's tokens and at
+          CP = R per rank, for every --modes; efficiency t(CP = 1) / t(CP = R).
+  strong  --strong-tokens in total (128K): CP = 1 on all of them (each rank alone) and CP = R.
+  memory  per-rank peak CUDA memory of one forward+backward (above the inputs), in every timed
+          configuration.
+  fla     (--fla-peer) FLA's CP GDN (fla.ops.cp) at the weak-scaling shape, same run, if
+          importable.
+Timing: the median of triton.testing.do_bench for runs without communication; runs with
+collectives use the same method (L2 flush, warm-up and repeat counts from a 5-call estimate) with
+the counts agreed across ranks (max of the estimates), since per-rank counts would deadlock.
+
+Results go to --out as JSON (rank 0): card, torch / triton versions, command, date, R, results.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+SECTIONS = ("exact", "weak", "strong", "fla")
+SMOKE = False   # --cpu-smoke: CPU tensors, gloo, the torch backend, a wall-clock timer
+
+
+def device() -> torch.device:
+    return torch.device("cpu") if SMOKE else torch.device("cuda")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="results JSON path (written by rank 0)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--dk", type=int, default=128)
+    p.add_argument("--dv", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--weak-tokens", type=int, default=32768, help="tokens per GPU (weak scaling)")
+    p.add_argument("--strong-tokens", type=int, default=131072, help="total tokens (strong scaling)")
+    p.add_argument("--exact-tokens", type=int, default=32768, help="total tokens of the exactness check")
+    p.add_argument("--modes", default="allgather,ring", help="comma-separated cp_modes to time")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
+    p.add_argument("--fla-peer", action="store_true", help="also time FLA's CP GDN (needs fla)")
+    p.add_argument("--warmup", type=float, default=25.0, help="do_bench warm-up time, ms")
+    p.add_argument("--rep", type=float, default=100.0, help="do_bench repeat time, ms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="check the script's logic on CPU (gloo, torch backend, wall-clock timer, "
+                        "no memory figures): use tiny shapes; the numbers mean nothing")
+    a = p.parse_args(argv)
+    a.modes = [m for m in a.modes.split(",") if m]
+    a.skip = {s for s in a.skip.split(",") if s}
+    from mdn_kernels.cp import CP_MODES
+    bad = [m for m in a.modes if m not in CP_MODES]
+    if bad:
+        p.error(f"--modes: unknown cp_mode(s) {bad}; choose from {CP_MODES}")
+    bad = sorted(a.skip - set(SECTIONS))
+    if bad:
+        p.error(f"--skip: unknown section(s) {bad}; choose from {SECTIONS}")
+    for name in ("heads", "dk", "dv", "chunk_size", "weak_tokens", "strong_tokens", "exact_tokens"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------
+
+def init_distributed():
+    if "RANK" not in os.environ:  # plain `python tools/bench_cp.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if SMOKE:
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    return dist.get_rank(), dist.get_world_size()
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_inputs(total_tokens, a, dtype, seed):
+    """Global inputs [1, total, H, ·], identical on every rank (seeded), on this GPU."""
+    from mdn_kernels.mdn.testing import layer_like_gates
+    dev = device()
+    g = torch.Generator(device=dev).manual_seed(seed)
+    H, K, V = a.heads, a.dk, a.dv
+    q = torch.randn(1, total_tokens, H, K, device=dev, generator=g)
+    k = torch.randn(1, total_tokens, H, K, device=dev, generator=g)
+    v = torch.randn(1, total_tokens, H, V, device=dev, generator=g)
+    gates = layer_like_gates(1, total_tokens, H, generator=torch.Generator().manual_seed(seed))
+    xs = [q, k, v, *(t.to(dev) for t in gates)]
+    do = torch.randn(1, total_tokens, H, V, device=dev, generator=g)
+    return [x.to(dtype) for x in xs], do.to(dtype)
+
+
+def local_slice(xs, rank, n):
+    return [x[:, rank * n:(rank + 1) * n].clone() for x in xs]  # own storage: the global tensors can go
+
+
+def fwd_bwd(xs, do, a, group=None, mode="allgather"):
+    """A closure: one forward+backward of the op; returns (o, grads) when called."""
+    from mdn_kernels import mdn_chunk
+    leaves = [x.detach().requires_grad_() for x in xs]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        o, _ = mdn_chunk(*leaves, cp_group=group, cp_mode=mode,
+                         backend="torch" if SMOKE else "triton",
+                         chunk_size=a.chunk_size)
+        o.backward(do)
+        return o.detach(), [t.grad for t in leaves]
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+
+def _flush_buffer():
+    return torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+
+
+def bench_collective(fn, warmup_ms, rep_ms, group=None):
+    """do_bench's method, with warm-up/repeat counts agreed across the ranks of `group`.
+
+    Returns this rank's median in ms."""
+    if SMOKE:
+        return _wall_median(fn)
+    fn()
+    torch.cuda.synchronize()
+    cache = _flush_buffer()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        cache.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = torch.tensor([start.elapsed_time(end) / 5], device="cuda")
+    dist.all_reduce(est, op=dist.ReduceOp.MAX, group=group)
+    est = max(float(est.item()), 1e-3)
+    n_warmup, n_repeat = max(1, int(warmup_ms / est)), max(1, int(rep_ms / est))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_repeat)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_repeat)]
+    for _ in range(n_warmup):
+        fn()
+    for i in range(n_repeat):
+        cache.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def _wall_median(fn, n=3):
+    import time
+    fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def bench_local(fn, a):
+    if SMOKE:
+        return _wall_median(fn)
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=a.warmup, rep=a.rep, return_mode="median")
+
+
+def peak_memory(fn):
+    """Peak CUDA memory of one call above what was allocated before it (bytes)."""
+    if SMOKE:
+        return 0
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def gather_floats(x: float, world: int) -> list[float]:
+    t = torch.tensor([x], dtype=torch.float64, device=device())
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    return [float(o.item()) for o in out]
+
+
+def timed(fn, a, world, collective: bool):
+    """{median_ms per rank, max over ranks, peak memory per rank}."""
+    ms = bench_collective(fn, a.warmup, a.rep) if collective else bench_local(fn, a)
+    mem = peak_memory(fn)
+    per_rank = gather_floats(ms, world)
+    return {"median_ms_per_rank": per_rank, "median_ms": max(per_rank),
+            "peak_mem_bytes_per_rank": [int(m) for m in gather_floats(float(mem), world)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------
+
+def sq_err_and_norm(a, b):
+    a, b = a.double(), b.double()
+    return torch.stack([((a - b) ** 2).sum(), (b ** 2).sum()])
+
+
+def global_rel(parts):
+    """parts: [2] tensor (sum of squared error, squared norm) on this rank → global relative error."""
+    dist.all_reduce(parts)
+    return float((parts[0] / parts[1].clamp_min(1e-300)).sqrt().item())
+
+
+def section_exact(a, rank, world, dtype):
+    T = a.exact_tokens
+    if T % world:
+        raise SystemExit(f"--exact-tokens {T} must be divisible by the world size {world}")
+    n = T // world
+    xs, do = make_inputs(T, a, dtype, a.seed)
+    names = ["o", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta"]
+    o1, g1 = fwd_bwd(xs, do, a)()                              # CP = 1, benchmark dtype
+    o32, g32 = fwd_bwd([x.float() for x in xs], do.float(), a)()  # CP = 1, fp32 (ieee state pass)
+    sl = slice(rank * n, (rank + 1) * n)
+    out = {"tokens": T, "tokens_per_rank": n, "dtype": a.dtype}
+    for mode in a.modes:
+        oR, gR = fwd_bwd(local_slice(xs, rank, n), do[:, sl].contiguous(), a, dist.group.WORLD, mode)()
+        res = {}
+        for name, x, y, z in zip(names, [oR] + gR, [o1] + g1, [o32] + g32):
+            res[name] = {
+                "cp_vs_cp1": global_rel(sq_err_and_norm(x, y[:, sl])),
+                "cp1_vs_fp32": global_rel(sq_err_and_norm(y[:, sl], z[:, sl])),
+                "cp_vs_fp32": global_rel(sq_err_and_norm(x, z[:, sl])),
+            }
+        out[mode] = res
+    return out
+
+
+def section_scaling(a, rank, world, dtype, tokens_per_rank, label):
+    total = tokens_per_rank * world
+    xs, do = make_inputs(total, a, dtype, a.seed + 1)
+    mine = local_slice(xs, rank, tokens_per_rank)
+    do_mine = do[:, rank * tokens_per_rank:(rank + 1) * tokens_per_rank].contiguous()
+    out = {"tokens_total": total, "tokens_per_rank": tokens_per_rank}
+    if label == "weak":   # CP = 1 on this rank's own tokens (no communication)
+        out["cp1"] = timed(fwd_bwd(mine, do_mine, a), a, world, collective=False)
+    else:                 # CP = 1 on all the tokens, each rank alone
+        out["cp1"] = timed(fwd_bwd(xs, do, a), a, world, collective=False)
+    del xs, do
+    if not SMOKE:
+        torch.cuda.empty_cache()
+    for mode in a.modes:
+        r = timed(fwd_bwd(mine, do_mine, a, dist.group.WORLD, mode), a, world, collective=True)
+        r["efficiency"] = out["cp1"]["median_ms"] / r["median_ms"]
+        if label == "strong":
+            r["speedup"] = r["efficiency"]
+            r["efficiency"] = r["speedup"] / world
+        out[mode] = r
+    return out
+
+
+def section_fla(a, rank, world, dtype):
+    """FLA's GDN with and without its CP (fla.ops.cp), weak-scaling shape: the peer of §9."""
+    try:
+        import torch.nn.functional as F
+        from fla.ops.cp import build_cp_context
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception as e:  # noqa: BLE001 - report why the peer is missing, keep the run
+        return {"error": f"fla not importable: {e!r}"}
+    n = a.weak_tokens
+    total = n * world
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(a.seed + 2)
+    H, K, V = a.heads, a.dk, a.dv
+    q = F.normalize(torch.randn(1, total, H, K, device=dev, generator=g), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(1, total, H, K, device=dev, generator=g), dim=-1).to(dtype)
+    v = torch.randn(1, total, H, V, device=dev, generator=g).to(dtype)
+    gate = F.logsigmoid(torch.randn(1, total, H, device=dev, generator=g)).to(dtype)
+    beta = torch.sigmoid(torch.randn(1, total, H, device=dev, generator=g)).to(dtype)
+    do = torch.randn(1, total, H, V, device=dev, generator=g).to(dtype)
+    sl = slice(rank * n, (rank + 1) * n)
+
+    def make(ctx):
+        leaves = [t[:, sl].contiguous().requires_grad_() for t in (q, k, v, gate, beta)]
+
+        def step():
+            for t in leaves:
+                t.grad = None
+            kw = {"cp_context": ctx} if ctx is not None else {}
+            o, _ = chunk_gated_delta_rule(*leaves, **kw)
+            o.backward(do[:, sl])
+        return step
+    out = {}
+    try:
+        out["cp1"] = timed(make(None), a, world, collective=False)
+        cu = torch.tensor([0, total], dtype=torch.long, device=dev)
+        ctx = build_cp_context(cu, group=dist.group.WORLD)
+        r = timed(make(ctx), a, world, collective=True)
+        r["efficiency"] = out["cp1"]["median_ms"] / r["median_ms"]
+        out["cp"] = r
+    except Exception as e:  # noqa: BLE001
+        out["error"] = repr(e)
+    return out
+
+
+def main(argv=None):
+    global SMOKE
+    a = parse_args(argv)
+    SMOKE = a.cpu_smoke
+    if not SMOKE and not torch.cuda.is_available():
+        sys.exit("bench_cp.py needs CUDA GPUs and NCCL; run it on the GPU machine, e.g. "
+                 "`torchrun --nproc-per-node 4 tools/bench_cp.py --out results.json`")
+    rank, world = init_distributed()
+    import triton
+    dtype = DTYPES[a.dtype]
+    for name, tokens in (("--weak-tokens", a.weak_tokens), ("--strong-tokens", a.strong_tokens // world)):
+        if tokens % a.chunk_size:
+            print(f"note: {name} gives {tokens} tokens per rank, not a multiple of the chunk size "
+                  f"{a.chunk_size} (padded)", file=sys.stderr)
+    if a.strong_tokens % world:
+        sys.exit(f"--strong-tokens {a.strong_tokens} must be divisible by the world size {world}")
+    results = {}
+    if "exact" not in a.skip:
+        results["exact"] = section_exact(a, rank, world, dtype)
+    if "weak" not in a.skip:
+        results["weak"] = section_scaling(a, rank, world, dtype, a.weak_tokens, "weak")
+    if "strong" not in a.skip:
+        results["strong"] = section_scaling(a, rank, world, dtype, a.strong_tokens // world, "strong")
+    if a.fla_peer and "fla" not in a.skip and not SMOKE:
+        results["fla_gdn"] = section_fla(a, rank, world, dtype)
+    if rank == 0:
+        record = {
+            "benchmark": "mdn context parallelism (tools/bench_cp.py)",
+            "card": "cpu (--cpu-smoke: numbers mean nothing)" if SMOKE else torch.cuda.get_device_name(),
+            "num_gpus": world,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "command": (f"torchrun --nproc-per-node {world} " if "TORCHELASTIC_RUN_ID" in os.environ
+                        else "python ") + " ".join(sys.argv),
+            "torchrun_world": world,
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "shape": {"H": a.heads, "K": a.dk, "V": a.dv, "chunk_size": a.chunk_size,
+                      "dtype": a.dtype},
+            "timing": "median ms of do_bench (collective runs: do_bench's method with counts "
+                      "agreed across ranks); forward+backward of one op",
+            "results": results,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(record, f, indent=2)
+        print(json.dumps(record, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
