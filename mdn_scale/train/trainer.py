@@ -157,8 +157,9 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
                 logger.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50))})
 
             stopped = stop.agreed(layout.device)
-            periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-            if cfg.checkpoint.dir and (periodic or step == t.steps or stopped):
+            # DESIGN §8: every `interval` steps and at the end; interval 0 = never save
+            saving = bool(cfg.checkpoint.dir) and cfg.checkpoint.interval > 0
+            if saving and (step % cfg.checkpoint.interval == 0 or step == t.steps or stopped):
                 save(step)
             if stopped:
                 log_rank0(f"stopping at step {step} on signal {stop.signum or '(another rank)'}")
