@@ -60,7 +60,7 @@ class CheckpointConfig:
     dir: Optional[str] = None
     interval: int = 0  # save every N steps, at the end and on SIGTERM/SIGUSR1; 0 = never save
     keep_last: int = 2  # keep this many complete checkpoints; 0 = keep all
-    load: Optional[str] = None  # start from this checkpoint dir (weights etc.) if dir holds none
+    load: Optional[str] = None  # a new run's initial weights (only) from this checkpoint dir
 
 
 @dataclass

@@ -81,9 +81,13 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
     step, consumed_tokens, skipped = 0, 0, 0
     found = ckpt.find_loadable(cfg.checkpoint.dir, log=log_rank0) if cfg.checkpoint.dir else None
     if found is None and cfg.checkpoint.load:
-        found = ckpt.find_loadable(cfg.checkpoint.load, log=log_rank0)
-        if found is None:
+        # A new run started from another run's weights (e.g. long-context continued
+        # pretraining): weights only; optimizer, schedule and data start fresh.
+        init = ckpt.find_loadable(cfg.checkpoint.load, log=log_rank0)
+        if init is None:
             raise ckpt.CheckpointError(f"checkpoint.load: no complete checkpoint in {cfg.checkpoint.load}")
+        ckpt.load(init[0], init[1], model=model)
+        log_rank0(f"[checkpoint] initialised the weights from {init[0]}")
     if found is not None:
         path, meta = found
         extra = ckpt.load(path, meta, model=model, optimizer=optimizer, scheduler=scheduler)

@@ -78,8 +78,8 @@ def test_tp_dp_give_the_same_losses_and_checkpoints_reshard(reference):
         assert_same(two[name], ref, name)
 
     # The TP=2 checkpoint of step 2 resumes in one process (TP=1) to the same step-3 loss.
-    shutil.rmtree(f"{out}/tp2/ckpt/step_{STEPS:08d}")
-    one = run(out, 1, {"tp1_from_tp2": ["train.micro_batch=2", f"checkpoint.load={out}/tp2/ckpt",
+    shutil.copytree(f"{out}/tp2/ckpt/step_00000002", f"{out}/tp1_from_tp2/ckpt/step_00000002")
+    one = run(out, 1, {"tp1_from_tp2": ["train.micro_batch=2", "checkpoint.interval=2",
                                         f"checkpoint.dir={out}/tp1_from_tp2/ckpt"]})
     assert list(one["tp1_from_tp2"]) == [str(STEPS)]
     assert one["tp1_from_tp2"][str(STEPS)] == pytest.approx(ref[str(STEPS)], rel=1e-6, abs=0)

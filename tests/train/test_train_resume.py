@@ -41,8 +41,22 @@ def losses(run_dir, key="loss"):
     for line in open(os.path.join(run_dir, "log", "metrics.jsonl")):
         r = json.loads(line)
         if key in r:
+            assert r["step"] not in out, f"step {r['step']} logged twice"  # resumed logs are trimmed
             out[r["step"]] = r[key]
     return out
+
+
+def tensorboard_losses(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/skipped_steps"):
+        assert tag in tags, tags
+    events = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert len({s for s, _ in events}) == len(events), events  # a resumed run's events purged
+    return dict(events)
 
 
 def run(cmd, cwd):
@@ -82,14 +96,7 @@ def test_sigterm_resume_tensorboard_and_cut_checkpoint(shards, tmp_path):
     assert losses(run_dir) == ref
 
     # 3. TensorBoard events, read back with tensorboard's own reader.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "log"))
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/skipped_steps"):
-        assert tag in tags, tags
-    events = {e.step: e.value for e in acc.Scalars("train/loss")}
+    events = tensorboard_losses(run_dir / "log")
     assert sorted(events) == sorted(ref)
     for step, value in ref.items():
         assert events[step] == pytest.approx(value, rel=1e-6)  # stored as float32
@@ -103,6 +110,8 @@ def test_sigterm_resume_tensorboard_and_cut_checkpoint(shards, tmp_path):
     assert f"step_{STEPS:08d}: file {shard_file} is missing" in out, out[-3000:]
     assert f"resumed from {run_dir}/ckpt/step_{previous:08d} at step {previous}" in out
     assert losses(run_dir) == ref
+    events = tensorboard_losses(run_dir / "log")
+    assert sorted(events) == sorted(ref)
 
     # 5. tools/evaluate.py on the final checkpoint reproduces the validation loss the run logged;
     #    tools/plot_metrics.py draws both runs.
