@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -256,6 +257,41 @@ def _set_optimizer_step_count(optimizer, value: float) -> None:
             optimizer.state[p]["step"] = torch.tensor(float(value))
 
 
+# ---------------------------------------------------------------- safe metadata reading
+
+_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                 "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint.storage")
+_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                 ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                 ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP stores its index (``.metadata``) as a pickle. Unpickling it whole would run whatever
+    a crafted file names; this one builds only DCP's own metadata classes and torch sizes,
+    dtypes and layouts, and refuses anything else by name (DESIGN.md §7)."""
+
+    def find_class(self, module: str, name: str):
+        if module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which a DCP "
+                              "index never holds: refusing to load it")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 # ---------------------------------------------------------------- RNG
 
 def rng_state() -> dict:
@@ -410,7 +446,7 @@ def find_loadable(directory: str, log=print) -> tuple[str, dict] | None:
 
 def check_shapes(state: dict[str, ShardRef], path: str) -> None:
     """Name every tensor whose saved global shape differs from the model's, or that is missing."""
-    md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    md = _SafeReader(path).read_metadata().state_dict_metadata
     problems = []
     for key, ref in state.items():
         saved = md.get(key)
@@ -436,7 +472,7 @@ def load(path: str, meta: dict, *, model, optimizer=None, scheduler=None) -> dic
     if optimizer is not None:
         state.update(optimizer_state(model, optimizer))
     check_shapes(state, path)
-    dcp.load(state, checkpoint_id=path, planner=_LoadPlanner())
+    dcp.load(state, storage_reader=_SafeReader(path), planner=_LoadPlanner())
     if optimizer is not None:
         _set_optimizer_step_count(optimizer, meta.get("optimizer_step", 0.0))
     if scheduler is not None and meta.get("scheduler") is not None:
