@@ -35,7 +35,11 @@ class Layout:
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
 
 
 def init_distributed(*, tensor: int, pipeline: int, context: int, timeout_min: int = 30) -> Layout:
@@ -45,12 +49,16 @@ def init_distributed(*, tensor: int, pipeline: int, context: int, timeout_min: i
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+            # one task per GPU started by srun (launch/slurm_pretrain.sh): SLURM numbers the ranks
+            os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                              LOCAL_RANK=os.environ["SLURM_LOCALID"])
         if "RANK" not in os.environ:  # plain `python launch/pretrain.py`: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                               MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"))
