@@ -73,10 +73,10 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
     log_rank0 = (lambda *a: print(*a, flush=True)) if layout.is_logger else (lambda *a: None)
     seed_everything(cfg.seed, layout)
     model = build_model(cfg, layout)
-    optimizer = build_optimizer(model, t)
+    dpcp = _dp_cp_group()
+    optimizer = build_optimizer(model, t, distributed=cfg.parallel.distributed_optimizer, group=dpcp)
     scheduler = build_scheduler(optimizer, t)
     data = StepBatches(cfg, layout)
-    dpcp = _dp_cp_group()
 
     step, consumed_tokens, skipped = 0, 0, 0
     found = ckpt.find_loadable(cfg.checkpoint.dir, log=log_rank0) if cfg.checkpoint.dir else None

@@ -1,4 +1,4 @@
-"""Same seed and data → the same loss curve under TP=2, CP=2, DP=2 and another microbatch split
+"""Same seed and data → the same loss curve under TP=2, CP=2, DP=2 (ZeRO) and another microbatch split
 of the same global batch (DESIGN.md §8), in real gloo processes. Data comes from the synthetic
 loader of train_dist_util (the data package's tests cover the real loader); the model is the
 model package's MDN (its CP path needs the cp package's state exchange and conv halo)."""
@@ -73,16 +73,21 @@ def test_tp_dp_give_the_same_losses_and_checkpoints_reshard(reference):
     out, ref, _ = reference
     two = run(out, 2, {"tp2": ["parallel.tensor=2", "train.micro_batch=2",
                                f"checkpoint.dir={out}/tp2/ckpt", "checkpoint.interval=2"],
-                       "dp2": ["train.micro_batch=1"]})
-    for name in ("tp2", "dp2"):
+                       "dp2_zero": ["train.micro_batch=1", "parallel.distributed_optimizer=true",
+                                    f"checkpoint.dir={out}/dp2_zero/ckpt", "checkpoint.interval=2"]})
+    for name in ("tp2", "dp2_zero"):
         assert_same(two[name], ref, name)
 
-    # The TP=2 checkpoint of step 2 resumes in one process (TP=1) to the same step-3 loss.
-    shutil.copytree(f"{out}/tp2/ckpt/step_00000002", f"{out}/tp1_from_tp2/ckpt/step_00000002")
-    one = run(out, 1, {"tp1_from_tp2": ["train.micro_batch=2", "checkpoint.interval=2",
-                                        f"checkpoint.dir={out}/tp1_from_tp2/ckpt"]})
-    assert list(one["tp1_from_tp2"]) == [str(STEPS)]
-    assert one["tp1_from_tp2"][str(STEPS)] == pytest.approx(ref[str(STEPS)], rel=1e-6, abs=0)
+    # The step-2 checkpoints of TP=2 and of DP=2 with ZeRO (optimizer state sharded over the
+    # two ranks) resume in one process (TP=1, plain optimizer) to the same step-3 loss.
+    runs = {}
+    for src, name in (("tp2", "tp1_from_tp2"), ("dp2_zero", "dp1_from_zero")):
+        shutil.copytree(f"{out}/{src}/ckpt/step_00000002", f"{out}/{name}/ckpt/step_00000002")
+        runs[name] = ["train.micro_batch=2", "checkpoint.interval=2", f"checkpoint.dir={out}/{name}/ckpt"]
+    one = run(out, 1, runs)
+    for name in ("tp1_from_tp2", "dp1_from_zero"):
+        assert list(one[name]) == [str(STEPS)], name
+        assert one[name][str(STEPS)] == pytest.approx(ref[str(STEPS)], rel=1e-6, abs=0), name
 
 
 def _have_cp() -> bool:
