@@ -36,7 +36,6 @@ import random
 import re
 import shutil
 import time
-import warnings
 from typing import Any, Iterable
 
 import numpy as np

@@ -8,7 +8,6 @@ optimizer (AdamW, schedule), checkpoint (DCP, atomic, resharding), metrics (logg
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 
