@@ -151,8 +151,15 @@ class ModelConfig:
         return ["attention" if n and (i + 1) % n == 0 else self.mixer for i in range(self.num_layers)]
 
     def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
-        m = self.vocab_pad_multiple * tensor_parallel
-        return m * ((self.vocab_size + m - 1) // m)
+        """vocab_size rounded up to vocab_pad_multiple, the same under every TP size (so
+        embedding and head shapes, their initial draws and checkpoints do not depend on the
+        layout); it must split evenly over the TP ranks."""
+        m = self.vocab_pad_multiple
+        padded = m * ((self.vocab_size + m - 1) // m)
+        if padded % tensor_parallel:
+            raise ValueError(f"model.vocab_pad_multiple: the padded vocabulary ({padded}) does not "
+                             f"split over tensor parallel size {tensor_parallel}")
+        return padded
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
