@@ -41,7 +41,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig, save_resolved
 from .distributed import Layout, seed_everything
 from .metrics import MetricsLogger, model_flops_per_token, peak_flops
-from .optimizer import build_optimizer, build_scheduler
+from .optimizer import build_optimizer, build_scheduler, param_groups
 from .step import count_tokens, evaluate, to_model_inputs
 
 FORMAT = "deepspeed"
@@ -121,7 +121,14 @@ def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    optimizer = build_optimizer(model, cfg.train)
+    t = cfg.train
+    if cfg.deepspeed.cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(param_groups(model), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                     eps=t.adam_eps, weight_decay=t.weight_decay, adamw_mode=True)
+    else:
+        optimizer = build_optimizer(model, t)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout),
         mpu=DataParallelOverDpCp(), dist_init_required=False)
@@ -188,29 +195,45 @@ def save(engine, directory: str, *, step: int, scheduler, extra: dict, meta: dic
     return final
 
 
-def load(engine, path: str, meta: dict, *, scheduler=None, weights_only: bool = False) -> dict:
-    """Load a DeepSpeed checkpoint of this backend into ``engine``; return this rank's extra."""
+def check_resumable(path: str, meta: dict) -> None:
+    """Before any engine is built: a checkpoint this backend can resume (its own format, this
+    world size), or an error that says what to do instead."""
     if meta.get("format") != FORMAT:
         raise ckpt.CheckpointError(
             f"{path} is a checkpoint of the Megatron backend, not a DeepSpeed one: resume it with "
             "train.backend=megatron, or start from its weights with checkpoint.load")
     world = dist.get_world_size()
-    if meta.get("world_size") != world and not weights_only:
+    if meta.get("world_size") != world:
         raise ckpt.CheckpointError(
             f"{path} was saved by {meta.get('world_size')} ranks, this run has {world}: ZeRO "
-            "partitions resume only on the same world size. Convert it with "
-            "tools/convert_deepspeed_checkpoint.py to-ours and start from it with checkpoint.load")
+            "partitions resume only on the same world size. Start from its weights with "
+            "checkpoint.load, or convert it (tools/convert_deepspeed_checkpoint.py to-ours) and "
+            "resume under train.backend=megatron at any layout")
+
+
+def load(engine, path: str, meta: dict, *, scheduler) -> dict:
+    """Resume ``engine`` (weights, ZeRO optimizer partitions) and the schedule from a checkpoint
+    of this backend; return this rank's extra (RNG, loader position)."""
+    check_resumable(path, meta)
     directory, tag = os.path.split(os.path.normpath(path))
-    loaded, _ = engine.load_checkpoint(
-        directory, tag=tag, load_module_only=weights_only,
-        load_optimizer_states=not weights_only, load_lr_scheduler_states=False)
+    loaded, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
     if loaded is None:
         raise ckpt.CheckpointError(f"{path}: DeepSpeed could not load it")
-    if weights_only:
-        return {}
-    if scheduler is not None:
-        scheduler.load_state_dict(meta["scheduler"])
+    scheduler.load_state_dict(meta["scheduler"])
     return torch.load(os.path.join(path, "extra", f"rank_{dist.get_rank():05d}.pt"), weights_only=True)
+
+
+def load_initial_weights(model, path: str, meta: dict) -> None:
+    """``checkpoint.load``: weights only, from our DCP format (either backend's, any layout) or
+    a DeepSpeed checkpoint (any ZeRO stage and world size), into the model before wrapping."""
+    if meta.get("format") == FORMAT:
+        from .deepspeed_checkpoint import load_weights_into, read_zero_checkpoint
+
+        weights, _, _, _ = read_zero_checkpoint(path, moments=False)
+        load_weights_into(model, weights, path)
+    else:
+        ckpt.load(path, meta, model=model)
 
 
 # ---------------------------------------------------------------- the loop
@@ -230,19 +253,15 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
     dpcp = ps.get_data_parallel_group(with_context_parallel=True)
 
     found = ckpt.find_loadable(cfg.checkpoint.dir, log=log_rank0) if cfg.checkpoint.dir else None
-    init = None
-    if found is None and cfg.checkpoint.load:
+    if found is not None:
+        check_resumable(*found)
+    elif cfg.checkpoint.load:
         init = ckpt.find_loadable(cfg.checkpoint.load, log=log_rank0)
         if init is None:
             raise ckpt.CheckpointError(f"checkpoint.load: no complete checkpoint in {cfg.checkpoint.load}")
-        if init[1].get("format") != FORMAT:  # our DCP format (either backend's weights): before wrapping
-            ckpt.load(init[0], init[1], model=model)
-            log_rank0(f"[checkpoint] initialised the weights from {init[0]}")
-            init = None
-    engine, scheduler = build_engine(cfg, layout, model)
-    if init is not None:
-        load(engine, init[0], init[1], weights_only=True)
+        load_initial_weights(model, *init)
         log_rank0(f"[checkpoint] initialised the weights from {init[0]}")
+    engine, scheduler = build_engine(cfg, layout, model)
 
     step, consumed_tokens, skipped = 0, 0, 0
     if found is not None:

@@ -16,6 +16,9 @@ class DeepSpeedConfig:
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False  # optimizer states (and the fp32 master copy) in CPU memory
     offload_param: bool = False  # ZeRO 3 only: parameters live in CPU memory between uses
+    # With offload_optimizer: DeepSpeed's CPUAdam (a compiled op, built on first use; needs a C++
+    # compiler) instead of torch's AdamW. Same AdamW math, not bit-identical to the Megatron backend.
+    cpu_adam: bool = False
     overlap_comm: bool = False  # overlap gradient reduction with backward (GPU; needs extra buffers)
     reduce_bucket_size: int = 50_000_000  # elements per gradient reduction bucket
     stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO 3: elements gathered ahead of use
@@ -44,6 +47,9 @@ def check_deepspeed_config(cfg, *, error=ValueError) -> None:
     if ds.offload_param and ds.zero_stage != 3:
         raise error(f"deepspeed.offload_param needs deepspeed.zero_stage = 3 (got "
                     f"{ds.zero_stage}): only ZeRO 3 partitions the parameters")
+    if ds.cpu_adam and not ds.offload_optimizer:
+        raise error("deepspeed.cpu_adam needs deepspeed.offload_optimizer=true (it updates the "
+                    "optimizer state in CPU memory)")
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
         if getattr(ds, key) < 1:
             raise error(f"deepspeed.{key} must be >= 1, got {getattr(ds, key)}")
