@@ -158,7 +158,8 @@ def _one_process(rank, world, out):
     # checkpoint.load (weights only): a DeepSpeed checkpoint of 2 ranks into the DeepSpeed
     # backend, its to-ours conversion into either backend: the same first loss
     first = {}
-    for name, (backend, src) in {"ds_from_ds": (DS, "zero3/ckpt"), "ds_from_ours": (DS, "converted"),
+    shutil.copytree(f"{out}/zero3/ckpt/step_00000002", f"{out}/zero3_step2/step_00000002")  # the converted step
+    for name, (backend, src) in {"ds_from_ds": (DS, "zero3_step2"), "ds_from_ours": (DS, "converted"),
                                  "megatron_from_ours": ([], "converted")}.items():
         cfg = tiny_run_config(["train.steps=1", "train.global_batch=4", "train.micro_batch=2", *backend,
                                f"logging.dir={out}/{name}", f"checkpoint.load={out}/{src}"])
