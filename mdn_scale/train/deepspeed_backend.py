@@ -322,6 +322,10 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
                     record["mfu"] = tps * flops_per_token / (peak * layout.world)
                 if layout.device.type == "cuda":
                     record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                else:  # peak resident memory of this process (Linux reports KiB), as trainer.py
+                    import resource
+
+                    record["memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 logger.log(step, record)
                 window_start, window_tokens = time.time(), 0
 
