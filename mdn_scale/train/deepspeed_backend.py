@@ -21,9 +21,17 @@ Checkpoints (``checkpoint.dir``): ``step_XXXXXXXX/`` holds DeepSpeed's own files
 (RNG, loader position) and ``meta.json`` (step, tokens, schedule, ``"format": "deepspeed"``),
 saved to ``.tmp`` and renamed when complete, exactly as checkpoint.py does. Resume needs the same
 world size (ZeRO partitions); tools/convert_deepspeed_checkpoint.py turns one into full weights,
-our DCP format or the HF layout. DeepSpeed reads its files with pickle (``torch.load(
-weights_only=False)`` in DeepSpeed 0.19): resume only from checkpoints your own runs wrote. The
-converter reads them with ``weights_only=True``.
+our DCP format or the HF layout. DeepSpeed's resume reads its files with pickle (``torch.load(
+weights_only=False)`` in DeepSpeed 0.19): resume only from checkpoints your own runs wrote.
+``checkpoint.load`` (weights only, from a DeepSpeed checkpoint of any stage and world size, or
+from our DCP format) and the converter read them with ``weights_only=True``
+(deepspeed_checkpoint.py).
+
+Precision: ``train.precision=bf16`` is DeepSpeed's bf16 mode (bf16 parameters in the forward and
+backward, fp32 master weights and moments), not the Megatron backend's autocast over fp32
+parameters. Non-finite steps: DeepSpeed skips an update whose gradient norm is not finite (in
+fp32 always, whatever ``train.skip_nonfinite`` says; in bf16 when ``train.skip_nonfinite``, its
+``bf16.check_grad_overflow``); the step is counted as skipped and its lr taken back.
 """
 
 from __future__ import annotations
@@ -104,7 +112,8 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
         "train_batch_size": t.micro_batch * micro_per_step * layout.dp * layout.cp,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # a non-finite gradient norm skips the update (fp32: always; bf16: when asked)
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": t.skip_nonfinite},
         # The client optimizer is torch AdamW (optimizer.py): the same update as the Megatron
         # backend. With offload DeepSpeed would prefer its CPUAdam (a compiled op); allow ours.
         "zero_allow_untested_optimizer": True,

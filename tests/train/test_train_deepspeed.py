@@ -37,7 +37,8 @@ def _runs(rank, world, out, runs):
                 shutil.rmtree(f"{out}/zero2/ckpt/step_{STEPS:08d}")
                 open(f"{out}/zero2/ckpt/latest", "w").write("step_00000002\n")
         cfg = tiny_run_config(COMMON + ov + [f"logging.dir={out}/{name}"])
-        results[name], _ = train_with_synthetic_data(cfg)
+        results[name], summary = train_with_synthetic_data(cfg)
+        results[name + ".skipped"] = summary["skipped_steps"]
     if rank == 0:
         json.dump(results, open(f"{out}/{'_'.join(runs)}.json", "w"))
 
@@ -68,6 +69,9 @@ def runs(tmp_path_factory):
         "zero1_cp2": DS + ["deepspeed.zero_stage=1", "parallel.context=2"],
         "resume": DS + ["deepspeed.zero_stage=2", f"checkpoint.dir={out}/zero2/ckpt",
                         "checkpoint.interval=2"],
+        # lr = 1e30 blows the weights up in step 1: step 2's gradient is not finite
+        "nonfinite": DS + ["deepspeed.zero_stage=1", "train.steps=2", "train.lr=1e30",
+                           "train.warmup_steps=0"],
     })
     ref = ref["megatron"]
     assert len(ref) == STEPS and len(set(ref.values())) == STEPS  # the loss moves
@@ -117,6 +121,14 @@ def test_reader_equals_deepspeeds_own_consolidation(runs):
             assert torch.equal(weights[k], theirs[k].float()), (stage, k)
             assert moments[k]["exp_avg"].shape == weights[k].shape
             assert moments[k]["exp_avg_sq"].min() >= 0
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_and_counted(runs):
+    _, ref, two = runs
+    losses = two["nonfinite"]
+    assert losses["1"] == pytest.approx(ref["1"], rel=1e-6) and losses["2"] is None, losses
+    assert two["nonfinite.skipped"] == 1
 
 
 def _one_process(rank, world, out):
