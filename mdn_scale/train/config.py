@@ -362,7 +362,7 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
     if p.sequence_parallel and not has_cuda:
         raise ConfigError("parallel.sequence_parallel needs CUDA GPUs: Megatron's sequence-parallel "
                           "scatter/gather allocates on 'cuda' (megatron-core 0.16.1)")
-    if t.precision == "bf16" and not has_cuda:
+    if t.precision == "bf16" and not has_cuda and t.backend != "deepspeed":  # DeepSpeed: bf16 weights, no autocast
         raise ConfigError("train.precision=bf16 needs CUDA GPUs: Megatron's tensor-parallel linear "
                           "layers run their backward outside CPU autocast (use fp32 on CPU)")
     if cfg.checkpoint.interval and not cfg.checkpoint.dir:
