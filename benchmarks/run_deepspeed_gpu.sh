@@ -16,5 +16,10 @@ mkdir -p /tmp/shim && ln -sfn "$PWD/kernels" /tmp/shim/mdn_kernels
 export PYTHONPATH=/tmp/shim:/tmp/site:$PWD PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/triton_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+# TESTS=1: the GPU equivalence tests of the backend instead of the benchmark (one device call)
+if [ -n "${TESTS:-}" ]; then
+  timeout 580 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_deepspeed_gpu.py 2>&1 | tee "$OUT/deepspeed_gpu_tests.log"
+  exit
+fi
 timeout 580 python3 tools/bench_deepspeed.py --out "$OUT/deepspeed_1p3b.json" \
   --cases "${CASES:-megatron_1,ds_z3_offload_1}" --steps "${STEPS:-6}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/deepspeed_1p3b.log"
