@@ -106,13 +106,13 @@ class PeakSampler(threading.Thread):
             time.sleep(self.period)
 
 
-def run_config(path: str) -> None:
-    """tiny.yaml's train/data/logging sections with the 1.3B model section."""
+def run_config(path: str, model_config: str) -> None:
+    """tiny.yaml's train/data/logging sections with the model section of ``model_config``."""
     import yaml
 
     with open(os.path.join(ROOT, "configs", "tiny.yaml")) as f:
         doc = yaml.safe_load(f)
-    with open(os.path.join(ROOT, "configs", "mdn_1.3b.yaml")) as f:
+    with open(model_config) as f:
         doc["model"] = yaml.safe_load(f)["model"]
     with open(path, "w") as f:
         yaml.safe_dump(doc, f, sort_keys=False)
@@ -171,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--recompute", action="store_true", help="full layer recomputation (both backends)")
     ap.add_argument("--case-timeout", type=int, default=540)
+    ap.add_argument("--model-config", default=os.path.join(ROOT, "configs", "mdn_1.3b.yaml"),
+                    help="YAML whose model: section is measured (a smaller one for a smoke run)")
     args = ap.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     unknown = [c for c in names if c not in CASES]
@@ -180,12 +182,13 @@ def main(argv=None):
         sys.exit("bench_deepspeed: --steps must exceed --warmup")
     import torch
 
-    report = {"what": "MDN 1.3B training memory/throughput: DeepSpeed backend vs Megatron backend",
+    report = {"what": "MDN training memory/throughput: DeepSpeed backend vs Megatron backend",
+              "model_config": os.path.relpath(args.model_config, ROOT),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cases")},
               **environment(), "results": {}}
     work = tempfile.mkdtemp(prefix="bench_ds_")
-    cfg_path = os.path.join(work, "mdn_1.3b_run.yaml")
-    run_config(cfg_path)
+    cfg_path = os.path.join(work, "run.yaml")
+    run_config(cfg_path, args.model_config)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for name in names:
         gpus, overrides = CASES[name]
