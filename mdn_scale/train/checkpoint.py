@@ -481,6 +481,9 @@ def load(path: str, meta: dict, *, model, optimizer=None, scheduler=None) -> dic
     """Load model (and optimizer, scheduler) in place; return this rank's ``extra`` dict, or
     None when the checkpoint was written by a different world size (RNG and loader position are
     per rank; the caller falls back to the run-level state in ``meta``)."""
+    if meta.get("format") == "deepspeed":  # ZeRO partitions, no DCP index (deepspeed_backend.py)
+        raise CheckpointError(f"{path} is a checkpoint of train.backend=deepspeed: resume it with that "
+                              "backend, or convert it with tools/convert_deepspeed_checkpoint.py to-ours")
     state = dict(model_state(model))
     if optimizer is not None:
         state.update(optimizer_state(model, optimizer))

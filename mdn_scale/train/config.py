@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .deepspeed_config import DeepSpeedConfig, check_deepspeed_config
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has a bad value, or contradicts the world it runs in."""
@@ -52,7 +54,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     recompute: bool = False  # full activation recomputation of every layer
     skip_nonfinite: bool = True  # a step whose loss or gradient norm is not finite is not applied
-    backend: Literal["megatron"] = "megatron"
+    backend: Literal["megatron", "deepspeed"] = "megatron"  # deepspeed: deepspeed_backend.py
 
 
 @dataclass
@@ -86,6 +88,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # train.backend=deepspeed
 
     def to_dict(self) -> dict:
         return _to_plain(self)
@@ -334,6 +337,7 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if not 0 < t.wsd_decay_fraction <= 1:
         raise ConfigError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
+    check_deepspeed_config(cfg, error=ConfigError)
     model_parallel = p.tensor * p.pipeline * p.context
     if world_size % model_parallel:
         raise ConfigError(
@@ -358,7 +362,7 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
     if p.sequence_parallel and not has_cuda:
         raise ConfigError("parallel.sequence_parallel needs CUDA GPUs: Megatron's sequence-parallel "
                           "scatter/gather allocates on 'cuda' (megatron-core 0.16.1)")
-    if t.precision == "bf16" and not has_cuda:
+    if t.precision == "bf16" and not has_cuda and t.backend != "deepspeed":  # DeepSpeed: bf16 weights, no autocast
         raise ConfigError("train.precision=bf16 needs CUDA GPUs: Megatron's tensor-parallel linear "
                           "layers run their backward outside CPU autocast (use fp32 on CPU)")
     if cfg.checkpoint.interval and not cfg.checkpoint.dir:

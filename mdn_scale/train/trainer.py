@@ -68,6 +68,10 @@ def build_model(cfg: RunConfig, layout: Layout):
 
 def train(cfg: RunConfig, layout: Layout) -> dict:
     """Run (or resume) training; returns a summary (final step, last loss, stopped by signal)."""
+    if cfg.train.backend == "deepspeed":  # the same loop around a DeepSpeed engine
+        from .deepspeed_backend import train as train_deepspeed
+
+        return train_deepspeed(cfg, layout)
     t = cfg.train
     log_rank0 = (lambda *a: print(*a, flush=True)) if layout.is_logger else (lambda *a: None)
     seed_everything(cfg.seed, layout)
