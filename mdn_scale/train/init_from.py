@@ -90,6 +90,50 @@ def check_same_architecture(ours, theirs, where: str) -> None:
         raise ConfigError(f"checkpoint.init_from: {where} is another architecture:\n  " + "\n  ".join(diff))
 
 
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _vocab_rows_differ(path: str, model) -> bool:
+    md = ckpt._SafeReader(path).read_metadata().state_dict_metadata
+    ours = ckpt.model_state(model)
+    for k in VOCAB_KEYS:
+        key = "model/" + k
+        if key in md and key in ours and tuple(md[key].size) != tuple(ours[key].global_shape):
+            return tuple(md[key].size)[1:] == tuple(ours[key].global_shape)[1:]
+    return False
+
+
+def _full_model_tensors(path: str) -> dict:
+    """Every model tensor of our checkpoint, whole, on every rank (read without pickled code)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = ckpt._SafeReader(path).read_metadata().state_dict_metadata
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.items()
+             if k.startswith("model/") and isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, storage_reader=ckpt._SafeReader(path))
+    return {k[len("model/"):]: v for k, v in state.items()}
+
+
+def _resized_vocab(full: dict, cfg: RunConfig, model) -> dict:
+    """Vocabulary rows cut or zero-padded to this run's padded size (rows >= vocab_size only)."""
+    import torch
+
+    rows = cfg.model.padded_vocab_size(cfg.parallel.tensor)
+    for k in VOCAB_KEYS:
+        t = full.get(k)
+        if t is None or t.shape[0] == rows:
+            continue
+        if t.shape[0] > rows:
+            if rows < cfg.model.vocab_size:
+                raise ckpt.CheckpointError(f"{k}: {t.shape[0]} rows do not fit {rows}")
+            full[k] = t[:rows]
+        else:
+            full[k] = torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])], 0)
+    return full
+
+
 def initialize(cfg: RunConfig, model, optimizer, log=print) -> dict:
     """Load the init_from source into ``model`` (and ``optimizer`` with init_optimizer=keep).
     Collective: every rank calls it. Returns what was loaded (for the log and tests)."""
@@ -107,8 +151,19 @@ def initialize(cfg: RunConfig, model, optimizer, log=print) -> dict:
         if found is None:
             raise ckpt.CheckpointError(f"checkpoint.init_from: no complete checkpoint in {src}")
         path, meta = found
-        # No scheduler: the schedule (and the step counter) restart in the new run.
-        ckpt.load(path, meta, model=model, optimizer=optimizer if keep_optimizer else None)
+        if _vocab_rows_differ(path, model):
+            # Saved under another TP size, which pads the vocabulary to another multiple: the
+            # rows beyond vocab_size are padding, so resize them and load full tensors.
+            if keep_optimizer:
+                raise ckpt.CheckpointError(
+                    f"checkpoint.init_from: {path} pads the vocabulary for another parallel.tensor "
+                    "size, so its Adam moments do not fit: use checkpoint.init_optimizer=fresh")
+            from mdn_scale.model.sharding import load_full_state_dict
+
+            load_full_state_dict(model, _resized_vocab(_full_model_tensors(path), cfg, model))
+        else:
+            # No scheduler: the schedule (and the step counter) restart in the new run.
+            ckpt.load(path, meta, model=model, optimizer=optimizer if keep_optimizer else None)
         info = {"format": "dcp", "path": path, "source_step": meta.get("step"),
                 "source_layout": meta.get("layout"), "optimizer": "keep" if keep_optimizer else "fresh"}
     else:
@@ -121,7 +176,7 @@ def initialize(cfg: RunConfig, model, optimizer, log=print) -> dict:
             check_same_architecture(cfg.model, theirs, os.path.join(src, "config.json"))
             full = hf_to_canonical(load_tensors(src), cfg.model, cfg.parallel.tensor)
         else:
-            full = load_tensors(src)
+            full = _resized_vocab(load_tensors(src), cfg, model)
         # shapes and names are checked (and every mismatch named) before anything is copied
         load_full_state_dict(model, full)
         info = {"format": fmt, "path": src, "optimizer": "fresh"}
