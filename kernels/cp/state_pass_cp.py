@@ -69,11 +69,12 @@ def _fwd(args, S_init, M_init, layout, backend, allow_tf32):
     return state_pass_fwd_torch(*args, S_init, M_init, layout)
 
 
-def _bwd(saved, cot, layout, backend, allow_tf32):
+def _bwd(saved, cot, S0s, M0s, layout, backend, allow_tf32):
+    """(dWt, dS_end, dM_end, dS_init, dM_init, dgates or None), as in mdn.chunk.StatePass."""
     if backend == "triton":
         from mdn_kernels.mdn.state_pass import state_pass_bwd_triton
-        return state_pass_bwd_triton(*saved, *cot, layout, allow_tf32)
-    return state_pass_bwd_torch(*saved, *cot, layout)
+        return state_pass_bwd_triton(*saved, *cot, S0s, M0s, layout, allow_tf32)
+    return (*state_pass_bwd_torch(*saved, *cot, layout), None)
 
 
 def _put_carried(S, M, view, X):
@@ -140,6 +141,7 @@ class CPStatePass(torch.autograd.Function):
         r, R = view.rank, view.world
         ctx.layout, ctx.backend, ctx.allow_tf32 = layout, backend, allow_tf32
         ctx.view, ctx.group, ctx.mode = view, group, mode
+        ctx.compute_dtype = dt if dt == torch.float64 else torch.float32
         with torch.no_grad():
             if mode == "allgather":
                 if group_chunks is None:
@@ -193,9 +195,10 @@ class CPStatePass(torch.autograd.Function):
             last, first = plan.last_idx, plan.first_idx
             # Each group's reverse pass with nothing arriving at its end except the sequence's
             # own final-state cotangent (last groups): d0_g, all groups in parallel.
-            dSg = dW.new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[3])
-            dMg = dW.new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[4])
-            res = _bwd(saved, cot[:3] + [dSg, dMg], plan.layout, ctx.backend, ctx.allow_tf32)
+            dSg = cot[3].new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[3])
+            dMg = cot[4].new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[4])
+            res = _bwd(saved, cot[:3] + [dSg, dMg], S0s, M0s, plan.layout, ctx.backend,
+                       ctx.allow_tf32)
             d0g = _pairs(res[3], res[4])
             # What the rank's tokens send to its carried-in pair(s) with nothing from later ranks.
             _, d_seq = group_end_grads(Tg, plan, d0g, d0g.new_zeros((view.num_local, H, 2 * K, V)))
@@ -213,22 +216,23 @@ class CPStatePass(torch.autograd.Function):
             if r < R - 1 or plan.num_groups > view.num_local:
                 Gend, _ = group_end_grads(Tg, plan, d0g, G_seq)
                 res = _bwd(saved, cot[:3] + [dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]],
-                           plan.layout, ctx.backend, ctx.allow_tf32)
-            dWt, dS_end, dM_end, dS_g, dM_g = res
+                           S0s, M0s, plan.layout, ctx.backend, ctx.allow_tf32)
+            dWt, dS_end, dM_end, dS_g, dM_g, dgates = res
             dS_i, dM_i = dS_g[first], dM_g[first]
         else:  # ring
-            G = dW.new_zeros(P, H, 2 * K, V)
+            G = cot[3].new_zeros(P, H, 2 * K, V)  # state cotangents: fp32 (W may be bf16)
             if r < R - 1:
                 dist.recv(G, group_src=r + 1, group=group)
             dS_f, dM_f = cot[3].clone(), cot[4].clone()
             for p, i in enumerate(view.out_seq):
                 dS_f[i] += G[p, :, :K]
                 dM_f[i] += G[p, :, K:]
-            dWt, dS_end, dM_end, dS_i, dM_i = _bwd(saved, cot[:3] + [dS_f, dM_f], ctx.layout,
-                                                  ctx.backend, ctx.allow_tf32)
+            dWt, dS_end, dM_end, dS_i, dM_i, dgates = _bwd(
+                saved, cot[:3] + [dS_f, dM_f], S0s, M0s, ctx.layout, ctx.backend, ctx.allow_tf32)
             if r > 0:
                 dist.send(_take(dS_i, dM_i, view.in_seq).contiguous(), group_dst=r - 1, group=group)
-        grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end)
+        # Y, Z, Kg, Km may have been saved in bf16: gradients in the compute dtype.
+        grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates, ctx.compute_dtype)
         dS_i, dM_i = dS_i.clone(), dM_i.clone()
         for i in view.in_seq:  # carried-in rows of S_init / M_init were not used
             if i >= 0:

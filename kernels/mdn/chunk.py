@@ -46,6 +46,7 @@ class StatePass(torch.autograd.Function):
                 W, S0s, M0s, S, M = state_pass_fwd_torch(*args, S_init, M_init, layout)
         ctx.save_for_backward(*args[1:], W, S0s, M0s)
         ctx.layout, ctx.backend, ctx.allow_tf32 = layout, backend, allow_tf32
+        ctx.compute_dtype = U.dtype if U.dtype == torch.float64 else torch.float32
         return W, S0s, M0s, S, M
 
     @staticmethod
@@ -54,13 +55,14 @@ class StatePass(torch.autograd.Function):
         cot = [t.contiguous() for t in (dW, dS0s, dM0s, dS_fin, dM_fin)]
         if ctx.backend == "triton":
             from .state_pass import state_pass_bwd_triton
-            dWt, dS_end, dM_end, dS_i, dM_i = state_pass_bwd_triton(
-                Y, Z, Kg, Km, a_end, g_end, u_end, *cot, ctx.layout, ctx.allow_tf32)
+            dWt, dS_end, dM_end, dS_i, dM_i, dgates = state_pass_bwd_triton(
+                Y, Z, Kg, Km, a_end, g_end, u_end, *cot, S0s, M0s, ctx.layout, ctx.allow_tf32)
         else:
             dWt, dS_end, dM_end, dS_i, dM_i = state_pass_bwd_torch(
                 Y, Z, Kg, Km, a_end, g_end, u_end, *cot, ctx.layout)
-        grads = list(state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end))
-        # Y, Z, Kg, Km may have been saved in bf16: gradients in the compute dtype (W's).
+            dgates = None
+        # Y, Z, Kg, Km may have been saved in bf16: gradients in the compute dtype.
+        grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates, ctx.compute_dtype)
         return (*grads, dS_i, dM_i, None, None, None)
 
 

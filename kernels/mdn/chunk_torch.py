@@ -155,13 +155,19 @@ def state_pass_bwd_torch(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_f
     return dWt, dS_end, dM_end, dS, dM
 
 
-def state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end):
-    """Gradients of the per-chunk inputs of the state pass, all chunk-parallel."""
-    dY = dWt @ S0s.transpose(-1, -2)
-    dZ = -(dWt @ M0s.transpose(-1, -2))
-    dKg = -(W @ dS_end.transpose(-1, -2))
-    dKm = W @ dM_end.transpose(-1, -2)
-    da = (dS_end * S0s).sum((-1, -2))
-    dg = -(dS_end * M0s).sum((-1, -2))
-    du = (dM_end * M0s).sum((-1, -2))
-    return dWt, dY, dZ, dKg, dKm, da, dg, du
+def state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates=None, out_dtype=None):
+    """Gradients of the per-chunk inputs of the state pass, all chunk-parallel. dgates: the
+    (da, dg, du) reductions when a kernel already made them. Products run in the operands'
+    dtype (bf16 for 16-bit models); results in out_dtype."""
+    out_dtype = out_dtype or W.dtype
+    dY = (dWt @ S0s.transpose(-1, -2)).to(out_dtype)
+    dZ = -(dWt @ M0s.transpose(-1, -2)).to(out_dtype)
+    dKg = -(W @ dS_end.transpose(-1, -2)).to(out_dtype)
+    dKm = (W @ dM_end.transpose(-1, -2)).to(out_dtype)
+    if dgates is None:
+        da = (dS_end * S0s).sum((-1, -2))
+        dg = -(dS_end * M0s).sum((-1, -2))
+        du = (dM_end * M0s).sum((-1, -2))
+    else:
+        da, dg, du = dgates
+    return dWt.to(out_dtype), dY, dZ, dKg, dKm, da, dg, du

@@ -46,13 +46,13 @@ def _state_fwd_kernel(
         m = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(c_start, c_end):
         ch = c * H + i_h
-        tl.store(S0S + ch * K * V + kv, s, mask=m_kv)
-        tl.store(M0S + ch * K * V + kv, m, mask=m_kv)
+        tl.store(S0S + ch * K * V + kv, s.to(S0S.dtype.element_ty), mask=m_kv)
+        tl.store(M0S + ch * K * V + kv, m.to(M0S.dtype.element_ty), mask=m_kv)
         y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
         w = u + tl.dot(y, s.to(y.dtype), input_precision=PREC) - tl.dot(z, m.to(z.dtype), input_precision=PREC)
-        tl.store(W + ch * C * V + cv, w, mask=m_v[None, :])
+        tl.store(W + ch * C * V + cv, w.to(W.dtype.element_ty), mask=m_v[None, :])
         kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         a = tl.load(A_END + ch)
@@ -67,11 +67,12 @@ def _state_fwd_kernel(
 
 @triton.jit
 def _state_bwd_kernel(
-    Y, Z, KG, KM, A_END, G_END, U_END, DW, DS0S, DM0S, DS_FIN, DM_FIN,
-    DWT, DS_END, DM_END, DS_INIT, DM_INIT, OFFSETS,
+    Y, Z, KG, KM, A_END, G_END, U_END, DW, DS0S, DM0S, DS_FIN, DM_FIN, S0S, M0S,
+    DWT, DS_END, DM_END, DS_INIT, DM_INIT, DGATES, OFFSETS, NCH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
+    # DGATES [3, NV, NC, H]: this value block's share of dL/da_end, dL/dg_end, dL/du_end.
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -93,23 +94,29 @@ def _state_bwd_kernel(
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         ch = c * H + i_h
-        tl.store(DS_END + ch * K * V + kv, ds, mask=m_kv)
-        tl.store(DM_END + ch * K * V + kv, dm, mask=m_kv)
+        tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
+        tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
+        s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+        m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+        gofs = i_v * NCH * H + ch
+        tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0, 1), 0))
+        tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0, 1), 0))
+        tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0, 1), 0))
         kg = tl.load(KG + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         km = tl.load(KM + ch * C * K + ck, mask=m_k[None, :], other=0.0)
-        dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0)
+        dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0).to(tl.float32)
         dw = (dw - tl.dot(kg, ds.to(kg.dtype), input_precision=PREC)
               + tl.dot(km, dm.to(km.dtype), input_precision=PREC))
-        tl.store(DWT + ch * C * V + cv, dw, mask=m_v[None, :])
+        tl.store(DWT + ch * C * V + cv, dw.to(DWT.dtype.element_ty), mask=m_v[None, :])
         y_t = tl.load(Y + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         z_t = tl.load(Z + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         a = tl.load(A_END + ch)
         g = tl.load(G_END + ch)
         uu = tl.load(U_END + ch)
         ds_prev = a * ds + tl.dot(y_t, dw.to(y_t.dtype), input_precision=PREC) + tl.load(
-            DS0S + ch * K * V + kv, mask=m_kv, other=0.0)
+            DS0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
         dm = (uu * dm - g * ds - tl.dot(z_t, dw.to(z_t.dtype), input_precision=PREC)
-              + tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0))
+              + tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32))
         ds = ds_prev
     tl.store(DS_INIT + i_nh * K * V + kv, ds, mask=m_kv)
     tl.store(DM_INIT + i_nh * K * V + kv, dm, mask=m_kv)
@@ -134,13 +141,15 @@ def fits_shared_memory(K: int, storage_dtype: torch.dtype, chunk: int = 64) -> b
 
 def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout,
                           allow_tf32: bool = False):
+    """W and the per-chunk pairs come back in the operand dtype (bf16 for 16-bit models, where
+    they only feed bf16 products); the final pair in fp32 (fp64 for fp64)."""
     NC, H, C, V = U.shape
     K = Y.shape[-1]
     N = layout.num_seqs
     sdt = torch.float64 if U.dtype == torch.float64 else torch.float32
-    W = torch.empty(U.shape, dtype=sdt, device=U.device)
-    S0s = U.new_empty(NC, H, K, V, dtype=sdt)
-    M0s = U.new_empty(NC, H, K, V, dtype=sdt)
+    W = torch.empty(U.shape, dtype=Y.dtype, device=U.device)
+    S0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
+    M0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
     S_fin = U.new_empty(N, H, K, V, dtype=sdt)
     M_fin = U.new_empty(N, H, K, V, dtype=sdt)
     BK, BV = triton.next_power_of_2(K), _block_v(K, V)
@@ -157,21 +166,25 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
 
 
 def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
-                          layout, allow_tf32: bool = False):
+                          S0s, M0s, layout, allow_tf32: bool = False):
+    """Returns dWt, dS_end, dM_end (in the operand dtype), the initial pair's gradient (fp32 or
+    fp64) and (da_end, dg_end, du_end) [NC, H], reduced in the kernel."""
     NC, H, C, V = dW.shape
     K = Y.shape[-1]
     N = layout.num_seqs
-    dWt = torch.empty_like(dW)  # dW (the cotangent of W) is fp32 or fp64
-    dS_end = dW.new_empty(NC, H, K, V)
-    dM_end = dW.new_empty(NC, H, K, V)
-    dS_init = dW.new_empty(N, H, K, V)
-    dM_init = dW.new_empty(N, H, K, V)
+    sdt = torch.float64 if dW.dtype == torch.float64 else torch.float32
+    dWt = torch.empty(dW.shape, dtype=Y.dtype, device=dW.device)
+    dS_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
+    dM_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
+    dS_init = dW.new_empty(N, H, K, V, dtype=sdt)
+    dM_init = dW.new_empty(N, H, K, V, dtype=sdt)
     BK, BV = triton.next_power_of_2(K), _block_v(K, V)
     grid = (triton.cdiv(V, BV), N * H)
+    dgates = dW.new_empty(3, grid[0], NC, H, dtype=sdt)
     _state_bwd_kernel[grid](
-        Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
-        dWt, dS_end, dM_end, dS_init, dM_init, layout.seq_chunk_offsets,
+        Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s,
+        dWt, dS_end, dM_end, dS_init, dM_init, dgates, layout.seq_chunk_offsets, NC,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, PREC=_precision(Y.dtype, allow_tf32), num_warps=4,
         num_stages=1,
     )
-    return dWt, dS_end, dM_end, dS_init, dM_init
+    return dWt, dS_end, dM_end, dS_init, dM_init, dgates.sum(1)

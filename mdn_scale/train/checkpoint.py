@@ -36,7 +36,6 @@ import random
 import re
 import shutil
 import time
-import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -228,7 +227,10 @@ def model_state(model: torch.nn.Module) -> dict[str, ShardRef]:
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, ShardRef]:
     """Adam moments with their parameter's sharding. Materialises empty state first (torch
-    creates it lazily on the first step) so a fresh optimizer can be loaded into."""
+    creates it lazily on the first step) so a fresh optimizer can be loaded into. Under ZeRO
+    (parallel.distributed_optimizer) a rank holds, saves and loads only its parameters' moments;
+    DCP assembles the whole from all ranks, so it reloads with or without ZeRO, any layout."""
+    optimizer = getattr(optimizer, "optim", optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             st = optimizer.state[p]
@@ -244,6 +246,7 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def _optimizer_step_count(optimizer) -> float:
+    optimizer = getattr(optimizer, "optim", optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             if "step" in optimizer.state.get(p, {}):
@@ -252,6 +255,7 @@ def _optimizer_step_count(optimizer) -> float:
 
 
 def _set_optimizer_step_count(optimizer, value: float) -> None:
+    optimizer = getattr(optimizer, "optim", optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             optimizer.state[p]["step"] = torch.tensor(float(value))

@@ -49,6 +49,8 @@ CASES = {
         "rows_init_ring": (2, 20, None, "ring", "torch", K, {}),
         # a document over all three ranks, then short ones
         "packed": (1, 20, [0, 17, 18, 60], "allgather", "torch", K, {}),
+        # a document that continues into rank 1 and ends exactly at its last token
+        "packed_end_at_boundary": (1, 20, [0, 10, 40, 60], "allgather", "torch", K, {"group_chunks": 1}),
         # float64 end to end: CP must agree to fp64 rounding, not just to the fp32 tolerance
         "packed_fp64": (1, 40, [0, 7, 90, 120], "allgather", "torch", K,
                         {"dtype": torch.float64, "group_chunks": 1}),
