@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--distributed-optimizer", action="store_true", help="ZeRO-1 over dp×cp")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--reserve-gib", type=float, default=3.0)
     ap.add_argument("--json")
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
         "parallel.tensor": a.tp, "parallel.context": a.cp, "train.seq_len": a.seq_len,
         "train.micro_batch": 1, "train.global_batch": dp, "train.steps": a.steps,
         "train.precision": precision, "train.recompute": a.recompute, "train.warmup_steps": 1,
+        "parallel.distributed_optimizer": a.distributed_optimizer,
         "logging.dir": log_dir, "logging.tensorboard": False, "checkpoint.interval": 0,
         "eval.interval": 0}.items()]
     overrides += [f"model.{k}={json.dumps(v)}" for k, v in model_section.items()]
@@ -96,8 +98,10 @@ def main(argv=None) -> int:
 
     trainer.StepBatches = Batches
     est = estimate(cfg.model, Layout(tp=a.tp, cp=a.cp, dp=dp, seq_len=a.seq_len, precision=precision,
-                                     recompute=a.recompute), reserve_gib=a.reserve_gib)
+                                     recompute=a.recompute, distributed_optimizer=a.distributed_optimizer),
+                   reserve_gib=a.reserve_gib)
     result = {"seq_len": a.seq_len, "tp": a.tp, "cp": a.cp, "dp": dp, "recompute": a.recompute,
+              "distributed_optimizer": a.distributed_optimizer,
               "gpus": world, "card": "cpu" if a.cpu_smoke else torch.cuda.get_device_name(),
               "estimate_allocated_gib": est["allocated"] / GIB, "estimate_total_gib": est["total"] / GIB}
     oom = False

@@ -7,7 +7,8 @@ attempt in its own torchrun), and record every attempt.
 
 Each attempt appends to --out right away (the device's 10-minute calls may cut a search short;
 --start resumes it). The layout (TP, CP, recompute) is the estimator's choice for the start
-length, kept for the whole search; --cp-only forces TP = 1.
+length, kept for the whole search; --cp-only forces TP = 1. The optimizer is ZeRO-1 over dp×cp
+(parallel.distributed_optimizer), as in configs/longctx.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ sys.path.insert(0, ROOT)
 def attempt(model: str, gpus: int, seq_len: int, tp: int, cp: int, recompute: bool, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            os.path.join(ROOT, "benchmarks", "longctx_memory.py"), "--model", model,
-           "--seq-len", str(seq_len), "--tp", str(tp), "--cp", str(cp), "--steps", "2"]
+           "--seq-len", str(seq_len), "--tp", str(tp), "--cp", str(cp), "--steps", "2",
+           "--distributed-optimizer"]
     if recompute:
         cmd.append("--recompute")
     try:

@@ -45,7 +45,8 @@ def _model_and_layout(config: str, overrides: list[str]):
         raise ValueError(f"unknown key(s) parallel.{sorted(set(p) - known_p)}")
     lay = Layout(tp=int(p.get("tensor", 1)), pp=int(p.get("pipeline", 1)), cp=int(p.get("context", 1)),
                  micro_batch=int(t.get("micro_batch", 1)), seq_len=int(t.get("seq_len", cfg.seq_len)),
-                 precision=str(t.get("precision", "fp32")), recompute=bool(t.get("recompute", False)))
+                 precision=str(t.get("precision", "fp32")), recompute=bool(t.get("recompute", False)),
+                 distributed_optimizer=bool(p.get("distributed_optimizer", False)))
     return cfg, lay
 
 
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                     help="--longest: precision (default: the config's train.precision, else bf16)")
     ap.add_argument("--no-tp", action="store_true", help="--longest: CP only (TP = 1)")
+    ap.add_argument("--no-zero", action="store_true",
+                    help="--longest: without parallel.distributed_optimizer (ZeRO-1 over dp×cp)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     a = ap.parse_args(argv)
@@ -89,7 +92,8 @@ def main(argv=None) -> int:
                 print(json.dumps({"layout": vars(lay), "bytes": est}))
             else:
                 print(f"tp={lay.tp} pp={lay.pp} cp={lay.cp} micro_batch={lay.micro_batch} "
-                      f"seq_len={lay.seq_len} precision={lay.precision} recompute={lay.recompute}")
+                      f"seq_len={lay.seq_len} precision={lay.precision} recompute={lay.recompute} "
+                      f"distributed_optimizer={lay.distributed_optimizer}")
                 print(format_estimate(est))
             return 0
         precision = a.precision or (lay.precision if lay.precision == "bf16" else "bf16")
@@ -98,7 +102,8 @@ def main(argv=None) -> int:
             if g < 1:
                 raise ValueError(f"--gpus: {g} is not a GPU count")
             best = longest_context(cfg, g, a.card_gib, precision=precision,
-                                   reserve_gib=a.reserve_gib, allow_tp=not a.no_tp)
+                                   reserve_gib=a.reserve_gib, allow_tp=not a.no_tp,
+                                   distributed_optimizer=not a.no_zero)
             rows.append({"gpus": g, **({k: v for k, v in best.items() if k != "estimate"}
                                        if best else {"seq_len": 0}),
                          "total_gib": best["estimate"]["total"] / GIB if best else None})

@@ -9,10 +9,12 @@ K, V head dims, F_l = F/TP MLP width, Vp_l = padded vocab/TP, C chunk size, g = 
 projections with momentum (3 without), T_l = micro_batch · seq_len / CP tokens per rank,
 a = 2 (bf16) or 4 (fp32) activation bytes, N = segments per micro-batch (documents + rows).
 
-Static (no distributed optimizer: every DP rank holds the full state of its TP/PP shard)
+Static
     parameters   4 · P_l              fp32 weights (P_l: this rank's parameters, below)
     gradients    4 · P_l              fp32 .grad
-    optimizer    8 · P_l              AdamW exp_avg and exp_avg_sq, fp32
+    optimizer    8 · P_l              AdamW exp_avg and exp_avg_sq, fp32; with
+                 / (DP · CP)          parallel.distributed_optimizer (ZeRO-1 over dp×cp) each rank
+                                      keeps its share
     autocast     2 · P_l (bf16 only)  autocast's bf16 copies of the weights, cached for the step
   P_l = L_s · (matmul params of a layer / TP + 2d + per-head params/TP + convs/TP + V)
         + Vp_l · d (embedding, first stage) + Vp_l · d + d (head and final norm, last stage);
@@ -55,7 +57,8 @@ Reserve: CUDA context, NCCL buffers and allocator slack, a constant (default 3 G
 What this does not model: softmax-attention layers' activations beyond the projections (hybrid
 stacks are estimated as if every layer were recurrent, with the attention layers' own
 parameters), pipeline microbatches in flight (1F1B keeps up to PP microbatches on stage 0:
-multiplied in as `pp_in_flight`), the distributed optimizer (not supported by the trainer).
+multiplied in as `in_flight`), ZeRO-1's uneven split (parameters are not cut: a share is whole
+tensors, so the largest rank's share can exceed 1/(DP·CP)).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class Layout:
     precision: str = "bf16"
     recompute: bool = False
     segments: int = 0  # N: segments per micro-batch (0: one per sequence)
+    distributed_optimizer: bool = False  # ZeRO-1: Adam moments sharded over dp×cp
 
     @property
     def tokens_per_rank(self) -> int:
@@ -156,7 +160,7 @@ def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
     out = {
         "parameters": 4 * P_l,
         "gradients": 4 * P_l,
-        "optimizer": 8 * P_l,
+        "optimizer": 8 * P_l / (lay.dp * lay.cp if lay.distributed_optimizer else 1),
         "autocast_weight_copies": 2 * P_l if lay.precision == "bf16" else 0,
     }
     if lay.recompute:
@@ -192,7 +196,7 @@ def layouts_for(gpus: int, num_heads: int, allow_tp: bool = True):
 
 def longest_context(cfg, gpus: int, card_gib: float, *, precision: str = "bf16",
                     recompute=(False, True), reserve_gib: float = 3.0, allow_tp: bool = True,
-                    multiple: int = 1024) -> dict | None:
+                    multiple: int = 1024, distributed_optimizer: bool = True) -> dict | None:
     """The longest seq_len (a multiple of `multiple` and of cp · chunk) that fits `card_gib` per
     GPU with micro_batch 1, over the (tp, cp) layouts of `gpus` and both recompute settings;
     None if not even `multiple` tokens fit. Memory grows with seq_len, so a bisection finds it."""
@@ -201,7 +205,8 @@ def longest_context(cfg, gpus: int, card_gib: float, *, precision: str = "bf16",
         step = _lcm(multiple, cp * cfg.chunk_size)
         for rc in recompute:
             def fits(n):
-                lay = Layout(tp=tp, cp=cp, seq_len=n * step, precision=precision, recompute=rc)
+                lay = Layout(tp=tp, cp=cp, seq_len=n * step, precision=precision, recompute=rc,
+                             distributed_optimizer=distributed_optimizer)
                 return estimate(cfg, lay, reserve_gib=reserve_gib)["total"] <= card_gib * GIB
             if not fits(1):
                 continue
@@ -215,8 +220,10 @@ def longest_context(cfg, gpus: int, card_gib: float, *, precision: str = "bf16",
                 lo, hi = (mid, hi) if fits(mid) else (lo, mid)
             n = lo * step
             if best is None or n > best["seq_len"]:
-                lay = Layout(tp=tp, cp=cp, seq_len=n, precision=precision, recompute=rc)
+                lay = Layout(tp=tp, cp=cp, seq_len=n, precision=precision, recompute=rc,
+                             distributed_optimizer=distributed_optimizer)
                 best = {"seq_len": n, "tp": tp, "cp": cp, "recompute": rc,
+                        "distributed_optimizer": distributed_optimizer,
                         "estimate": estimate(cfg, lay, reserve_gib=reserve_gib)}
     return best
 

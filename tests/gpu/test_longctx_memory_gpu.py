@@ -18,18 +18,19 @@ pytestmark = [pytest.mark.gpu,
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOLERANCE = 0.15  # the target: estimate within 15% of the measured peak
 
-CASES = [  # (model config, seq_len, tp, cp, recompute, GPUs needed)
-    ("configs/mdn_400m.yaml", 8192, 1, 1, False, 1),
-    ("configs/mdn_400m.yaml", 32768, 1, 1, True, 1),
-    ("configs/mdn_1.3b.yaml", 16384, 1, 1, True, 1),
-    ("configs/mdn_1.3b.yaml", 65536, 1, 2, True, 2),
-    ("configs/mdn_1.3b.yaml", 65536, 2, 1, True, 2),
+CASES = [  # (model config, seq_len, tp, cp, recompute, GPUs needed, ZeRO-1)
+    ("configs/mdn_400m.yaml", 8192, 1, 1, False, 1, False),
+    ("configs/mdn_400m.yaml", 32768, 1, 1, True, 1, False),
+    ("configs/mdn_1.3b.yaml", 16384, 1, 1, True, 1, False),
+    ("configs/mdn_1.3b.yaml", 65536, 1, 2, True, 2, True),
+    ("configs/mdn_1.3b.yaml", 65536, 2, 1, True, 2, False),
 ]
 
 
-@pytest.mark.parametrize("model,seq_len,tp,cp,recompute,gpus", CASES,
-                         ids=[f"{os.path.basename(c[0])[:-5]}-{c[1]}-tp{c[2]}-cp{c[3]}-rc{int(c[4])}" for c in CASES])
-def test_estimate_within_15_percent(model, seq_len, tp, cp, recompute, gpus, record):
+@pytest.mark.parametrize("model,seq_len,tp,cp,recompute,gpus,zero", CASES,
+                         ids=[f"{os.path.basename(c[0])[:-5]}-{c[1]}-tp{c[2]}-cp{c[3]}-rc{int(c[4])}-z{int(c[6])}"
+                              for c in CASES])
+def test_estimate_within_15_percent(model, seq_len, tp, cp, recompute, gpus, zero, record):
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} CUDA GPUs")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
@@ -37,6 +38,8 @@ def test_estimate_within_15_percent(model, seq_len, tp, cp, recompute, gpus, rec
            "--seq-len", str(seq_len), "--tp", str(tp), "--cp", str(cp), "--steps", "2"]
     if recompute:
         cmd.append("--recompute")
+    if zero:
+        cmd.append("--distributed-optimizer")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=ROOT)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("LONGCTX_MEMORY ")]
     assert r.returncode == 0 and lines, (r.stdout + r.stderr)[-3000:]

@@ -40,6 +40,8 @@ def test_estimate_by_hand_fp32_cp2():
     assert est["tokens_per_rank"] == T_l
     assert (est["parameters"], est["gradients"], est["optimizer"]) == (4 * P, 4 * P, 8 * P)
     assert est["autocast_weight_copies"] == 0
+    zero = estimate(TINY, Layout(tp=1, cp=2, seq_len=1024, precision="fp32", distributed_optimizer=True))
+    assert zero["optimizer"] == 8 * P // 2  # ZeRO-1 over dp×cp = 2 ranks
     around = 64 * 8 + (64 + 128 + 8) * 4 + 2 * (64 + 64) * 4 + 32 * 4 + 16 * 4 * 2 + 64 * 20 + 64 * 8 + 4 * 128 * 4
     assert around == 6432
     op_head = 4 * (64 + 32 + 32) + 4 * 13 * 64 + 4 * (2 * 64 + 32 + 32 + 32 + 32)  # = 4864

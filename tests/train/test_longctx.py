@@ -107,6 +107,18 @@ def _exact_load_worker(rank, world, cfg_overrides, reference_path, sources):
                 assert k in ("embedding.word_embeddings.weight", "output_layer.weight")
                 v = torch.cat([v, v.new_zeros(full[k].shape[0] - v.shape[0], v.shape[1])])
             assert torch.equal(full[k], v.to(full[k].dtype)), (src, info["format"], k)
+    # Adam moments cannot follow a vocabulary padded for another TP size: refused by name
+    from mdn_scale.train.checkpoint import CheckpointError
+    from mdn_scale.train.optimizer import build_optimizer
+
+    cfg = load_config(TINY, cfg_overrides + [f"checkpoint.init_from={sources[0]}", "checkpoint.init_optimizer=keep"])
+    model = build_model(cfg, layout)
+    try:
+        initialize(cfg, model, build_optimizer(model, cfg.train), log=lambda *a: None)
+    except CheckpointError as e:
+        assert "pads the vocabulary for another parallel.tensor size" in str(e)
+    else:
+        raise AssertionError("init_optimizer=keep across a vocabulary padding change was not refused")
 
 
 @pytest.mark.slow
