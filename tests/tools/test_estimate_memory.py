@@ -125,3 +125,42 @@ def test_longctx_configs_are_current_and_valid():
         assert cfg.data.packing == "keep_whole" and cfg.train.seq_len == cfg.model.seq_len
         lengths.add(cfg.train.seq_len)
     assert lengths == {32768, 131072, 524288, 1048576}
+
+
+def test_measure_script_cpu_smoke(tmp_path):
+    """benchmarks/longctx_memory.py's whole logic (trainer, random tokens, CP, recompute, report)
+    on CPU in fp32, so the GPU run does not fail on something CPU could show."""
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(ROOT / "benchmarks" / "longctx_memory.py"), "--model", str(ROOT / "configs" / "tiny.yaml"),
+                        "--seq-len", "256", "--cp", "2", "--recompute", "--distributed-optimizer",
+                        "--cpu-smoke", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads(out.read_text())
+    assert res["cp"] == 2 and res["recompute"] and res["distributed_optimizer"] and not res["oom"]
+    assert res["estimate_allocated_gib"] > 0 and res["loss"] == res["loss"]  # finite, not NaN
+
+
+def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
+    """benchmarks/longctx_search.py with a fake attempt that fits below 100K tokens: it brackets
+    the boundary and records every attempt."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import longctx_search
+
+    calls = []
+
+    def fake(model, gpus, seq_len, tp, cp, rc, timeout):
+        calls.append(seq_len)
+        if seq_len > 100_000:
+            return {"seq_len": seq_len, "oom": True}
+        return {"seq_len": seq_len, "oom": False, "measured_peak_gib": 1.0, "estimate_allocated_gib": 1.0}
+
+    monkeypatch.setattr(longctx_search, "attempt", fake)
+    out = tmp_path / "s.json"
+    assert longctx_search.main(["--model", str(ROOT / "configs" / "mdn_1.3b.yaml"), "--gpus", "2",
+                                "--out", str(out), "--start", "131072", "--max-attempts", "6"]) == 0
+    recs = json.loads(out.read_text())
+    assert [r["seq_len"] for r in recs] == calls and calls[0] == 131072 and recs[0]["oom"]
+    fitting = [s for s in calls if s <= 100_000]
+    assert fitting and max(fitting) > 90_000  # within 10% of the boundary after 6 attempts
