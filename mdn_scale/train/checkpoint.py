@@ -189,6 +189,7 @@ def _sharded_view(module: torch.nn.Module, tensor_of=lambda p: p) -> dict[str, S
 
         sharded = inner.sharded_state_dict()
         by_ptr = {p.data_ptr(): p for p in inner.parameters()}
+        covered = set()
 
         def substitute(obj):
             if isinstance(obj, dict):
@@ -200,6 +201,7 @@ def _sharded_view(module: torch.nn.Module, tensor_of=lambda p: p) -> dict[str, S
                 t = tensor_of(p)
                 if t is None:
                     return None
+                covered.add(id(p))
                 if isinstance(obj, ShardedTensor):
                     return dataclasses.replace(obj, data=t, dtype=t.dtype)
                 return dataclasses.replace(obj, data=t)
@@ -207,6 +209,13 @@ def _sharded_view(module: torch.nn.Module, tensor_of=lambda p: p) -> dict[str, S
 
         if tensor_of is not _identity:
             sharded = substitute(sharded)
+            # every parameter with a tensor to store must have been found in the sharded view,
+            # or its optimizer state would silently be left out of the checkpoint
+            missing = [n for n, p in inner.named_parameters()
+                       if id(p) not in covered and tensor_of(p) is not None]
+            if missing:
+                raise CheckpointError("optimizer state of parameters not described by the "
+                                      f"model's sharded_state_dict(): {missing}")
         return _shard_refs_from_megatron(sharded)
     # A plain torch module: every parameter whole and replicated.
     out = {}
