@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .long_docs import PACKINGS
+
 HOLDOUTS = ("documents", "shards")
 
 
@@ -19,11 +21,18 @@ class DatasetSpec:
     url_template: read a manifest's shards through this URL instead of from the manifest's folder,
         `{shard}` standing for each shard's name, e.g. "pipe:aws s3 cp s3://bucket/stdlib/{shard} -".
         This (or `path`) is the only place a `pipe:` command may come from: never from a manifest.
+    min_doc_tokens, max_doc_tokens: keep only documents of that many tokens (max 0 = no bound).
+    upsample_min_tokens, upsample_factor: training reads every document of at least
+        upsample_min_tokens tokens upsample_factor times per epoch (long_docs.py).
     """
 
     path: str
     weight: float = 1.0
     url_template: str | None = None
+    min_doc_tokens: int = 0
+    max_doc_tokens: int = 0
+    upsample_min_tokens: int = 0
+    upsample_factor: int = 1
 
     def check(self, where: str) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -32,6 +41,12 @@ class DatasetSpec:
             raise ValueError(f"{where}.weight must be a number > 0 (got {self.weight!r})")
         if self.url_template is not None and (not isinstance(self.url_template, str) or "{shard}" not in self.url_template):
             raise ValueError(f"{where}.url_template must be a string containing '{{shard}}' (got {self.url_template!r})")
+        for name in ("min_doc_tokens", "max_doc_tokens", "upsample_min_tokens", "upsample_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "upsample_factor" else 0):
+                raise ValueError(f"{where}.{name} must be an integer >= {1 if name == 'upsample_factor' else 0} (got {v!r})")
+        if self.max_doc_tokens and self.max_doc_tokens < self.min_doc_tokens:
+            raise ValueError(f"{where}.max_doc_tokens = {self.max_doc_tokens} is below min_doc_tokens = {self.min_doc_tokens}")
 
 
 def _as_spec(x, where: str) -> DatasetSpec:
@@ -40,9 +55,10 @@ def _as_spec(x, where: str) -> DatasetSpec:
     elif isinstance(x, str):
         spec = DatasetSpec(path=x)
     elif isinstance(x, dict):
-        unknown = sorted(set(x) - {"path", "weight", "url_template"})
+        known = set(DatasetSpec.__dataclass_fields__)
+        unknown = sorted(set(x) - known)
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown} (known: path, weight, url_template)")
+            raise ValueError(f"{where}: unknown key(s) {unknown} (known: {', '.join(sorted(known))})")
         if "path" not in x:
             raise ValueError(f"{where}: 'path' is missing")
         spec = DatasetSpec(**x)
@@ -74,6 +90,8 @@ class DataConfig:
         (more mixing, more memory: each open shard is held whole).
     shuffle: shuffle shard order per epoch and documents within shards (train only).
     prefetch: micro-batches prepared ahead by a background thread (0 = none).
+    packing: "concat" (cut every T+1 tokens) or "keep_whole" (a document that does not fit in the
+        rest of a sequence starts the next one; long_docs.py).
     """
 
     datasets: list = field(default_factory=list)
@@ -88,6 +106,7 @@ class DataConfig:
     shard_interleave: int = 4
     shuffle: bool = True
     prefetch: int = 2
+    packing: str = "concat"
 
     def __post_init__(self):
         self.check()
@@ -114,6 +133,8 @@ class DataConfig:
         f = self.validation_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
             raise ValueError(f"validation_fraction must be a number in [0, 1) (got {f!r})")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS} (got {self.packing!r})")
         if self.holdout not in HOLDOUTS:
             raise ValueError(f"holdout must be one of {HOLDOUTS} (got {self.holdout!r})")
 

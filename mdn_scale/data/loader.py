@@ -34,6 +34,7 @@ import torch
 
 from .config import DataConfig
 from .datasets import check_same_tokenizer, document_held_out, held_out_shards, resolve_dataset
+from .long_docs import document_transform, spec_fingerprint
 from .stream import DocSource, Packer, SequenceStream
 
 STATE_FORMAT = "mdn_scale.data.loader"
@@ -191,8 +192,9 @@ class TrainLoader(_Base):
         for i, ds in enumerate(self.train_sets):
             ids, keep = self._split(i, validation=False)
             src = DocSource(ds, i, c.seed, shard_ids=ids, keep=keep, interleave=c.shard_interleave,
-                            shuffle=c.shuffle, loop=True, skip_bad_shards=c.skip_bad_shards, split="training")
-            packers.append(Packer(src, c.seq_len + 1))
+                            shuffle=c.shuffle, loop=True, skip_bad_shards=c.skip_bad_shards, split="training",
+                            transform=document_transform(c.datasets[i], training=True))
+            packers.append(Packer(src, c.seq_len + 1, c.packing))
         return SequenceStream(packers, [d.weight for d in self.train_sets], c.seed)
 
     def _fingerprint(self) -> dict:
@@ -200,11 +202,14 @@ class TrainLoader(_Base):
         moved elsewhere (or read through a url_template) resumes."""
         c = self.cfg
         sets = []
-        for d in self.train_sets:
+        for d, spec in zip(self.train_sets, c.datasets):
             h = hashlib.sha256(json.dumps([[s.name, s.documents, s.tokens] for s in d.shards]).encode()).hexdigest()
-            sets.append({"weight": d.weight, "shards": h[:16]})
-        return {"seq_len": c.seq_len, "seed": c.seed, "shuffle": c.shuffle, "shard_interleave": c.shard_interleave,
-                "validation_fraction": c.validation_fraction, "holdout": c.holdout, "datasets": sets}
+            sets.append({"weight": d.weight, "shards": h[:16], **spec_fingerprint(spec)})
+        out = {"seq_len": c.seq_len, "seed": c.seed, "shuffle": c.shuffle, "shard_interleave": c.shard_interleave,
+               "validation_fraction": c.validation_fraction, "holdout": c.holdout, "datasets": sets}
+        if c.packing != "concat":  # left out at the default: states saved before it existed still load
+            out["packing"] = c.packing
+        return out
 
     def _batches(self):
         # Holds the stream, not the loader: a loader dropped without close() is still collected,
@@ -281,13 +286,14 @@ class ValidLoader(_Base):
     def _packers(self):
         c = self.cfg
         if self.valid_sets:
-            parts = [(ds, i, range(len(ds.shards)), None) for i, ds in enumerate(self.valid_sets)]
+            parts = [(ds, i, range(len(ds.shards)), None, c.valid_datasets[i]) for i, ds in enumerate(self.valid_sets)]
         else:
-            parts = [(ds, i, *self._split(i, validation=True)) for i, ds in enumerate(self.train_sets)]
-        for ds, i, ids, keep in parts:
+            parts = [(ds, i, *self._split(i, validation=True), c.datasets[i]) for i, ds in enumerate(self.train_sets)]
+        for ds, i, ids, keep, spec in parts:
             src = DocSource(ds, i, c.seed, shard_ids=ids, keep=keep, interleave=1, shuffle=False, loop=False,
-                            skip_bad_shards=c.skip_bad_shards, split="validation")
-            yield Packer(src, c.seq_len + 1)
+                            skip_bad_shards=c.skip_bad_shards, split="validation",
+                            transform=document_transform(spec, training=False))
+            yield Packer(src, c.seq_len + 1, c.packing)
 
     def __iter__(self):
         B, dp, me = self.cfg.micro_batch, self.dp_size, self.dp_rank

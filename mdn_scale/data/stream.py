@@ -27,6 +27,7 @@ import numpy as np
 
 from .datasets import ResolvedDataset
 from .format import ShardError, read_shard
+from .long_docs import PACKINGS, starts_next_sequence
 
 log = logging.getLogger("mdn_scale.data")
 
@@ -42,15 +43,18 @@ class DocSource:
     """Documents (token arrays) of one dataset split: forever (loop) or one pass.
 
     shard_ids: indices into ds.shards this split reads. keep(shard_name, key) -> bool: the
-    document-level split filter (None: keep all).
+    document-level split filter (None: keep all). transform(docs) -> docs: the shard's documents
+    after the split filter, before shuffling (long_docs.document_transform: length filters and
+    up-sampling); a pure function of the list, so cursors into its result resume exactly.
     """
 
     def __init__(self, ds: ResolvedDataset, ds_index: int, seed: int, *, shard_ids, keep=None,
                  interleave: int = 1, shuffle: bool = False, loop: bool = False,
-                 skip_bad_shards: bool = False, split: str = "train"):
+                 skip_bad_shards: bool = False, split: str = "train", transform=None):
         self.ds, self.ds_index, self.seed = ds, ds_index, seed
         self.shard_ids = list(shard_ids)
         self.keep, self.interleave, self.shuffle, self.loop = keep, interleave, shuffle, loop
+        self.transform = transform
         self.skip_bad_shards, self.split = skip_bad_shards, split
         self._docs: dict[int, list[np.ndarray]] = {}  # open shards: position in epoch order -> docs
         self._start_epoch(0)
@@ -102,6 +106,8 @@ class DocSource:
         if self.keep is not None:
             docs = [(k, d) for k, d in docs if self.keep(ref.name, k)]
         docs = [d for _, d in docs if len(d)]
+        if self.transform is not None:
+            docs = self.transform(docs)
         if self.shuffle:
             perm = _rng(self.seed, self.ds_index, self.epoch, _DOC_ORDER, sid).permutation(len(docs))
             docs = [docs[i] for i in perm]
@@ -144,10 +150,16 @@ class DocSource:
 
 
 class Packer:
-    """Cuts one source's document stream into sequences of `length` (= T+1) tokens."""
+    """Cuts one source's document stream into sequences of `length` (= T+1) tokens.
 
-    def __init__(self, source: DocSource, length: int):
-        self.source, self.length = source, length
+    packing "concat" (the default) cuts every `length` tokens; "keep_whole" moves a document that
+    does not fit in the rest of a sequence to the next one and ends this one short (padding).
+    """
+
+    def __init__(self, source: DocSource, length: int, packing: str = "concat"):
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS} (got {packing!r})")
+        self.source, self.length, self.packing = source, length, packing
         self.doc, self.offset, self.doc_state = None, 0, None
 
     def state(self) -> dict:
@@ -175,6 +187,12 @@ class Packer:
                     self.doc = None
                     break
                 self.doc, self.doc_state, self.offset = doc, state, 0
+            if self.offset == 0 and self.packing == "keep_whole" and \
+                    starts_next_sequence(len(self.doc), filled, self.length):
+                if filled > 1:
+                    break  # pad the rest; the document (offset 0) opens the next sequence
+                # only the previous sequence's last token is here: drop it, start the document
+                parts, starts, filled = [], [], 0
             if self.offset == 0:
                 starts.append(filled)
             take = min(self.length - filled, len(self.doc) - self.offset)

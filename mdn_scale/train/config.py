@@ -63,6 +63,11 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps, at the end and on SIGTERM/SIGUSR1; 0 = never save
     keep_last: int = 2  # keep this many complete checkpoints; 0 = keep all
     load: Optional[str] = None  # a new run's initial weights (only) from this checkpoint dir
+    # A new run starts from these weights (our checkpoint dir / step folder, an HF folder, or a
+    # canonical .safetensors) in its own layout and seq_len; step 0, fresh schedule (init_from.py).
+    init_from: Optional[str] = None
+    init_optimizer: Literal["fresh", "keep"] = "fresh"  # keep: Adam moments of our checkpoint
+    init_format: Literal["auto", "dcp", "hf", "canonical"] = "auto"
 
 
 @dataclass
@@ -365,6 +370,9 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
     if t.precision == "bf16" and not has_cuda and t.backend != "deepspeed":  # DeepSpeed: bf16 weights, no autocast
         raise ConfigError("train.precision=bf16 needs CUDA GPUs: Megatron's tensor-parallel linear "
                           "layers run their backward outside CPU autocast (use fp32 on CPU)")
+    from .init_from import check_init_config
+
+    check_init_config(cfg)
     if cfg.checkpoint.interval and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.interval > 0 needs checkpoint.dir")
     if cfg.eval.interval and p.pipeline > 1:

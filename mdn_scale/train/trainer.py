@@ -18,6 +18,7 @@ from . import checkpoint as ckpt
 from .batches import StepBatches
 from .config import RunConfig, save_resolved
 from .distributed import Layout, seed_everything
+from .init_from import initialize as initialize_from
 from .grads import clip_, finalize_grads, global_grad_norm
 from .metrics import MetricsLogger, model_flops_per_token, peak_flops
 from .optimizer import build_optimizer, build_scheduler
@@ -83,14 +84,10 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
 
     step, consumed_tokens, skipped = 0, 0, 0
     found = ckpt.find_loadable(cfg.checkpoint.dir, log=log_rank0) if cfg.checkpoint.dir else None
-    if found is None and cfg.checkpoint.load:
-        # A new run started from another run's weights (e.g. long-context continued
-        # pretraining): weights only; optimizer, schedule and data start fresh.
-        init = ckpt.find_loadable(cfg.checkpoint.load, log=log_rank0)
-        if init is None:
-            raise ckpt.CheckpointError(f"checkpoint.load: no complete checkpoint in {cfg.checkpoint.load}")
-        ckpt.load(init[0], init[1], model=model)
-        log_rank0(f"[checkpoint] initialised the weights from {init[0]}")
+    if found is None and (cfg.checkpoint.init_from or cfg.checkpoint.load):
+        # A new run from another run's (or an HF model's) weights, e.g. long-context continued
+        # pretraining: step 0, fresh schedule and data; optimizer fresh or kept (init_from.py).
+        initialize_from(cfg, model, optimizer, log=log_rank0)
     if found is not None:
         path, meta = found
         extra = ckpt.load(path, meta, model=model, optimizer=optimizer, scheduler=scheduler)

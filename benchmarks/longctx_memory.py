@@ -1,0 +1,133 @@
+"""Measure one training configuration's peak GPU memory and compare it with the estimate.
+
+    torchrun --standalone --nproc-per-node N benchmarks/longctx_memory.py \\
+        --model configs/mdn_1.3b.yaml --seq-len 131072 --tp 1 --cp 4 [--recompute] [--steps 2] \\
+        [--json out.json]
+
+Runs the real trainer (trainer.train: the model, bf16 autocast, AdamW, CP, recompute) for
+--steps optimizer steps of micro_batch 1 on random tokens (one document per sequence), then
+reports per rank torch.cuda.max_memory_allocated and the estimate of mdn_scale/train/memory.py
+('allocated': the same quantity), as one JSON object (printed, and written to --json). A CUDA
+out-of-memory error is reported as {"oom": true} with exit code 0, so that a search can go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class RandomTokens:
+    """The loader contract (iterable of micro-batches, state_dict/load_state_dict) on random tokens."""
+
+    def __init__(self, seq_len: int, vocab: int, seed: int):
+        self.T, self.vocab, self.seed, self.n = seq_len, vocab, seed, 0
+
+    def __iter__(self):
+        import torch
+
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.n)
+            self.n += 1
+            s = torch.randint(0, self.vocab, (1, self.T + 1), generator=g)
+            yield {"tokens": s[:, :-1].contiguous(), "labels": s[:, 1:].contiguous(),
+                   "loss_mask": torch.ones(1, self.T), "cu_seqlens": torch.tensor([0, self.T], dtype=torch.int32)}
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, s):
+        self.n = s["n"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a YAML with a model: section")
+    ap.add_argument("--seq-len", type=int, required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1)
+    ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--distributed-optimizer", action="store_true", help="ZeRO-1 over dp×cp")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--reserve-gib", type=float, default=3.0)
+    ap.add_argument("--json")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run the same logic on CPU in fp32 (no memory figures): checks the script")
+    a = ap.parse_args(argv)
+    precision = "fp32" if a.cpu_smoke else "bf16"
+
+    import torch
+    import torch.distributed as dist
+    import yaml
+
+    from mdn_scale.model import ModelConfig
+    from mdn_scale.train import trainer
+    from mdn_scale.train.batches import StepBatches
+    from mdn_scale.train.config import load_config, validate
+    from mdn_scale.train.distributed import init_distributed, shutdown, world_size_from_env
+    from mdn_scale.train.memory import GIB, Layout, estimate
+
+    with open(a.model) as f:
+        model_section = (yaml.safe_load(f) or {})["model"]
+    world = world_size_from_env()
+    dp = world // (a.tp * a.cp)
+    log_dir = tempfile.mkdtemp(prefix="longctx_mem_")
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {
+        "parallel.tensor": a.tp, "parallel.context": a.cp, "train.seq_len": a.seq_len,
+        "train.micro_batch": 1, "train.global_batch": dp, "train.steps": a.steps,
+        "train.precision": precision, "train.recompute": a.recompute, "train.warmup_steps": 1,
+        "parallel.distributed_optimizer": a.distributed_optimizer,
+        "logging.dir": log_dir, "logging.tensorboard": False, "checkpoint.interval": 0,
+        "eval.interval": 0}.items()]
+    overrides += [f"model.{k}={json.dumps(v)}" for k, v in model_section.items()]
+    overrides.append(f"model.seq_len={max(a.seq_len, int(model_section.get('seq_len', 0)))}")
+    cfg = load_config(None, overrides, foreign={"model": ModelConfig, "data": dict})
+    validate(cfg, world, has_cuda=not a.cpu_smoke)
+    layout = init_distributed(tensor=a.tp, pipeline=1, context=a.cp)
+
+    class Batches(StepBatches):
+        def __init__(self, cfg, layout):
+            mk = lambda: RandomTokens(a.seq_len, cfg.model.vocab_size, 1 + layout.dp_rank)  # noqa: E731
+            super().__init__(cfg, layout, loader=mk(), valid_loader_factory=mk)
+
+    trainer.StepBatches = Batches
+    est = estimate(cfg.model, Layout(tp=a.tp, cp=a.cp, dp=dp, seq_len=a.seq_len, precision=precision,
+                                     recompute=a.recompute, distributed_optimizer=a.distributed_optimizer),
+                   reserve_gib=a.reserve_gib)
+    result = {"seq_len": a.seq_len, "tp": a.tp, "cp": a.cp, "dp": dp, "recompute": a.recompute,
+              "distributed_optimizer": a.distributed_optimizer,
+              "gpus": world, "card": "cpu" if a.cpu_smoke else torch.cuda.get_device_name(),
+              "estimate_allocated_gib": est["allocated"] / GIB, "estimate_total_gib": est["total"] / GIB}
+    oom = False
+    t0 = time.time()
+    try:
+        summary = trainer.train(cfg, layout)
+        result["loss"] = summary["loss"]
+    except torch.cuda.OutOfMemoryError:
+        oom = True
+    result["seconds"] = time.time() - t0
+    flag = torch.tensor([1.0 if oom else 0.0], device=layout.device)
+    peak = torch.tensor([0.0 if a.cpu_smoke else torch.cuda.max_memory_allocated() / GIB], device=layout.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    result["oom"] = bool(flag.item())
+    if not result["oom"] and not a.cpu_smoke:
+        result["measured_peak_gib"] = float(peak.item())
+        result["error"] = (result["estimate_allocated_gib"] - result["measured_peak_gib"]) / result["measured_peak_gib"]
+    if layout.is_logger:
+        print("LONGCTX_MEMORY " + json.dumps(result), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=1)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""tools/estimate_memory.py and mdn_scale/train/memory.py: every term against a hand computation
+for the tiny model, the CLI, the longest-context search, and the generated long-context configs."""
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mdn_scale.model import ModelConfig
+from mdn_scale.model.stats import model_stats
+from mdn_scale.train.memory import GIB, Layout, estimate, longest_context, rank_params
+
+ROOT = Path(__file__).resolve().parents[2]
+# d=64, 2 layers, H=2, K=16, V=32, F=128, vocab 257 padded to 320 (384 at TP=2), conv 4, C=64
+TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, head_k_dim=16, expand_v=2,
+                   ffn_hidden_size=128, vocab_size=257, vocab_pad_multiple=64, chunk_size=64)
+
+
+def test_parameters_by_hand():
+    # per layer: in_proj 64·(2·2·16 + 2·2·32 + 4·2) = 12800, out_proj 64·64 = 4096,
+    # MLP 3·64·128 = 24576; convs 4·(64 + 64) = 512, 6 gate params·2 heads, o_norm 32, norms 128
+    layer = 12800 + 4096 + 24576 + 512 + 12 + 32 + 128
+    total = 2 * layer + 2 * 320 * 64 + 64
+    assert total == 125336 == model_stats(TINY)["params_total"]
+    assert rank_params(TINY, Layout(tp=1)) == total
+    # TP = 2: matmuls, convs and gate params split; the norms and o_norm (160) replicated; the
+    # vocabulary padded to 384 and split
+    layer_tp2 = (12800 + 4096 + 24576) // 2 + (512 + 12) // 2 + 160
+    assert rank_params(TINY, Layout(tp=2)) == 2 * layer_tp2 + 2 * 192 * 64 + 64
+
+
+def test_estimate_by_hand_fp32_cp2():
+    lay = Layout(tp=1, cp=2, seq_len=1024, precision="fp32", recompute=False)
+    est = estimate(TINY, lay, reserve_gib=1.0)
+    T_l, P = 512, 125336
+    assert est["tokens_per_rank"] == T_l
+    assert (est["parameters"], est["gradients"], est["optimizer"]) == (4 * P, 4 * P, 8 * P)
+    assert est["autocast_weight_copies"] == 0
+    zero = estimate(TINY, Layout(tp=1, cp=2, seq_len=1024, precision="fp32", distributed_optimizer=True))
+    assert zero["optimizer"] == 8 * P // 2  # ZeRO-1 over dp×cp = 2 ranks
+    around = 64 * 8 + (64 + 128 + 8) * 4 + 2 * (64 + 64) * 4 + 32 * 4 + 16 * 4 * 2 + 64 * 20 + 64 * 8 + 4 * 128 * 4
+    assert around == 6432
+    op_head = 4 * (64 + 32 + 32) + 4 * 13 * 64 + 4 * (2 * 64 + 32 + 32 + 32 + 32)  # = 4864
+    pairs = 2 * (4 * 2 * 16 * 32 / 64)  # S0s, M0s per token: 2 heads × 64 bytes
+    assert est["activations_kept"] == 2 * T_l * (around + 2 * op_head + pairs)
+    assert est["backward_workspace"] == T_l * (2 * op_head + pairs)
+    assert est["loss_logits"] == T_l * 320 * (4 + 8) + T_l * 64 * 4
+    assert est["recurrent_states"] == 2 * 2 * 1 * 2 * 16 * 32 * 4
+    assert est["cp_maps_kept"] == 2 * (1 * 2 * 32 ** 2 * 4)
+    assert est["cp_allgather_buffer"] == 2 * 2 * 32 * (32 + 32) * 4
+    parts = [k for k in est if k not in ("allocated", "reserve", "total", "params_on_rank", "tokens_per_rank")]
+    assert est["allocated"] == sum(est[k] for k in parts)
+    assert est["total"] == est["allocated"] + GIB
+
+
+def test_recompute_bf16_and_scaling():
+    base = Layout(seq_len=4096, precision="bf16", recompute=True)
+    est = estimate(TINY, base, reserve_gib=0)
+    assert est["autocast_weight_copies"] == 2 * 125336
+    assert est["activations_kept"] == 2 * 4096 * 4 * 64  # the fp32 layer inputs only
+    assert est["activations_rebuilt_layer"] > 0 and est["cp_maps_kept"] == 0
+    # activations are linear in the tokens per rank: CP = 4 on 4× the tokens keeps them equal
+    cp4 = estimate(TINY, Layout(seq_len=4 * 4096, cp=4, precision="bf16", recompute=True), reserve_gib=0)
+    for k in ("activations_kept", "activations_rebuilt_layer", "backward_workspace", "loss_logits"):
+        assert cp4[k] == est[k], k
+    with pytest.raises(ValueError, match="not divisible by cp"):
+        estimate(TINY, Layout(seq_len=1000, cp=3))
+    with pytest.raises(ValueError, match="num_heads = 2 is not divisible by tp = 4"):
+        estimate(TINY, Layout(tp=4))
+
+
+def test_longest_context_is_the_boundary():
+    best = longest_context(TINY, 2, 1.0, reserve_gib=0.25, multiple=1024)
+    assert best is not None and best["seq_len"] % 1024 == 0
+    assert best["estimate"]["total"] <= 1.0 * GIB
+    over = Layout(tp=best["tp"], cp=best["cp"], seq_len=best["seq_len"] + 1024 * best["cp"],
+                  recompute=best["recompute"])
+    assert estimate(TINY, over, reserve_gib=0.25)["total"] > 1.0 * GIB
+    assert longest_context(TINY, 1, 0.001) is None
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "estimate_memory.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {k: getattr(TINY, k) for k in (
+        "hidden_size", "num_layers", "num_heads", "head_k_dim", "expand_v", "ffn_hidden_size",
+        "vocab_size", "vocab_pad_multiple", "chunk_size")}, "parallel": {"context": 2},
+        "train": {"seq_len": 1024, "precision": "fp32"}}))
+    r = _cli("--config", str(cfg), "--json", "--reserve-gib", "1")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["bytes"]
+    assert got == estimate(TINY, Layout(cp=2, seq_len=1024, precision="fp32"), reserve_gib=1.0)
+    r = _cli("--config", str(cfg), "--longest", "--gpus", "1", "2", "--card-gib", "2")
+    assert r.returncode == 0 and "longest context" in r.stdout, r.stderr
+    r = _cli("--config", str(cfg), "parallel.tensor=4")
+    assert r.returncode == 2 and "not divisible by tp = 4" in r.stderr
+    r = _cli("--config", str(tmp_path / "none.yaml"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_longctx_configs_are_current_and_valid():
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_longctx_configs.py"), "--check"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from mdn_scale.model import check_parallel
+    from mdn_scale.train.config import load_config, validate
+
+    paths = sorted(glob.glob(str(ROOT / "configs" / "longctx" / "*.yaml")))
+    assert len(paths) == 8
+    lengths = set()
+    for p in paths:
+        head = open(p).read().split("\n", 3)
+        gpus = int(head[0].split(" on ")[1].split()[0])
+        cfg = load_config(p, ["checkpoint.init_from=null"])
+        validate(cfg, gpus, has_cuda=True)
+        check_parallel(cfg.model, cfg.parallel.tensor, 1, cfg.parallel.context)
+        assert cfg.data.packing == "keep_whole" and cfg.train.seq_len == cfg.model.seq_len
+        lengths.add(cfg.train.seq_len)
+    assert lengths == {32768, 131072, 524288, 1048576}
+
+
+def test_measure_script_cpu_smoke(tmp_path):
+    """benchmarks/longctx_memory.py's whole logic (trainer, random tokens, CP, recompute, report)
+    on CPU in fp32, so the GPU run does not fail on something CPU could show."""
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(ROOT / "benchmarks" / "longctx_memory.py"), "--model", str(ROOT / "configs" / "tiny.yaml"),
+                        "--seq-len", "256", "--cp", "2", "--recompute", "--distributed-optimizer",
+                        "--cpu-smoke", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads(out.read_text())
+    assert res["cp"] == 2 and res["recompute"] and res["distributed_optimizer"] and not res["oom"]
+    assert res["estimate_allocated_gib"] > 0 and res["loss"] == res["loss"]  # finite, not NaN
+
+
+def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
+    """benchmarks/longctx_search.py with a fake attempt that fits below 100K tokens: it brackets
+    the boundary and records every attempt."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import longctx_search
+
+    calls = []
+
+    def fake(model, gpus, seq_len, tp, cp, rc, timeout):
+        calls.append(seq_len)
+        if seq_len > 100_000:
+            return {"seq_len": seq_len, "oom": True}
+        return {"seq_len": seq_len, "oom": False, "measured_peak_gib": 1.0, "estimate_allocated_gib": 1.0}
+
+    monkeypatch.setattr(longctx_search, "attempt", fake)
+    out = tmp_path / "s.json"
+    assert longctx_search.main(["--model", str(ROOT / "configs" / "mdn_1.3b.yaml"), "--gpus", "2",
+                                "--out", str(out), "--start", "131072", "--max-attempts", "6"]) == 0
+    recs = json.loads(out.read_text())
+    assert [r["seq_len"] for r in recs] == calls and calls[0] == 131072 and recs[0]["oom"]
+    fitting = [s for s in calls if s <= 100_000]
+    assert fitting and max(fitting) > 90_000  # within 10% of the boundary after 6 attempts
