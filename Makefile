@@ -4,6 +4,9 @@ VENV ?= .venv
 # The CPU wheel of this torch lies on our machines' disk; override on a GPU box, e.g.
 # `make setup TORCH_SPEC='torch==2.11.0'`.
 TORCH_SPEC ?= torch==2.13.0
+# The lent GPU machine runs Triton 3.6.0 (DESIGN §9): CI tests the same Triton in its interpreter
+# (and tools/compile_fused_sm90.py compiles with its ptxas).
+TRITON_SPEC ?= triton==3.6.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
@@ -14,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

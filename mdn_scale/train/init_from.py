@@ -152,12 +152,13 @@ def initialize(cfg: RunConfig, model, optimizer, log=print) -> dict:
             raise ckpt.CheckpointError(f"checkpoint.init_from: no complete checkpoint in {src}")
         path, meta = found
         if _vocab_rows_differ(path, model):
-            # Saved under another TP size, which pads the vocabulary to another multiple: the
-            # rows beyond vocab_size are padding, so resize them and load full tensors.
+            # Saved with another model.vocab_pad_multiple (or by a version that padded per TP
+            # size): the rows beyond vocab_size are padding, so resize them and load full tensors.
             if keep_optimizer:
                 raise ckpt.CheckpointError(
-                    f"checkpoint.init_from: {path} pads the vocabulary for another parallel.tensor "
-                    "size, so its Adam moments do not fit: use checkpoint.init_optimizer=fresh")
+                    f"checkpoint.init_from: {path} pads the vocabulary to another size "
+                    "(model.vocab_pad_multiple), so its Adam moments do not fit: use "
+                    "checkpoint.init_optimizer=fresh")
             from mdn_scale.model.sharding import load_full_state_dict
 
             load_full_state_dict(model, _resized_vocab(_full_model_tensors(path), cfg, model))

@@ -15,7 +15,7 @@ from mdn_scale.model.stats import model_stats
 from mdn_scale.train.memory import GIB, Layout, estimate, longest_context, rank_params
 
 ROOT = Path(__file__).resolve().parents[2]
-# d=64, 2 layers, H=2, K=16, V=32, F=128, vocab 257 padded to 320 (384 at TP=2), conv 4, C=64
+# d=64, 2 layers, H=2, K=16, V=32, F=128, vocab 257 padded to 320 (at every TP size), conv 4, C=64
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, head_k_dim=16, expand_v=2,
                    ffn_hidden_size=128, vocab_size=257, vocab_pad_multiple=64, chunk_size=64)
 
@@ -28,9 +28,9 @@ def test_parameters_by_hand():
     assert total == 125336 == model_stats(TINY)["params_total"]
     assert rank_params(TINY, Layout(tp=1)) == total
     # TP = 2: matmuls, convs and gate params split; the norms and o_norm (160) replicated; the
-    # vocabulary padded to 384 and split
+    # padded vocabulary (320) split
     layer_tp2 = (12800 + 4096 + 24576) // 2 + (512 + 12) // 2 + 160
-    assert rank_params(TINY, Layout(tp=2)) == 2 * layer_tp2 + 2 * 192 * 64 + 64
+    assert rank_params(TINY, Layout(tp=2)) == 2 * layer_tp2 + 2 * 160 * 64 + 64
 
 
 def test_estimate_by_hand_fp32_cp2():
