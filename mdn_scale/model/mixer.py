@@ -1,0 +1,295 @@
+"""The MDN token mixer as a Megatron-core module (DESIGN §6), with TP, SP, CP and packed documents.
+
+Shapes: the module takes and returns Megatron's [S, B, d] (S is the local sequence: divided by
+TP under sequence parallelism, by CP under context parallelism). Inside it works in the op's
+[B, T, H, K] layout with the heads of this TP rank (H_l = H / TP).
+
+TP layout: the fused in-projection is column-parallel; each TP rank's rows are, in order,
+    q [H_l·K] | k [H_l·K] | v [H_l·V] | g [H_l·V] | a [H_l] | b [H_l] | m [H_l] (mdn only) | e [H_l]
+for its own heads, so "global" weights are not a plain concatenation: sharded_state_dict() splits
+the fused weight into one TP-sharded tensor per part (keys `in_proj.weight.q`, ...), which is what
+makes checkpoints layout-independent. Per-head parameters ([H_l]) and the conv weights
+([channels_l, W]) split with their heads on dim 0. The output norm weight ([V], shared by all
+heads) is replicated; its gradient is summed over TP in the forward graph (see _gated_norm).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+from mdn_kernels import mdn_chunk
+
+from .config import ModelConfig
+from .sharding import split_sharded_tensor
+
+# Per-head parameters: name -> (in momentum-off mode too?)
+PER_HEAD_PARAMS = ("A_log", "dt_bias", "log_factor", "D_log", "Mu_log", "mu_bias")
+MOMENTUM_ONLY = ("Mu_log", "mu_bias", "m")
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def in_proj_parts(cfg: ModelConfig, heads: int) -> list[tuple[str, int]]:
+    """(name, rows) of the fused in-projection for `heads` heads, in the fused order."""
+    K, V = cfg.head_k_dim, cfg.head_v_dim
+    parts = [("q", heads * K), ("k", heads * K), ("v", heads * V), ("g", heads * V),
+             ("a", heads), ("b", heads)]
+    if cfg.momentum:
+        parts.append(("m", heads))
+    parts.append(("e", heads))
+    return parts
+
+
+def per_head_param_names(cfg: ModelConfig) -> list[str]:
+    return [n for n in PER_HEAD_PARAMS if cfg.momentum or n not in MOMENTUM_ONLY]
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, padded: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None, token_offset: int = 0) -> torch.Tensor:
+    """Depthwise causal conv, no bias: y_t = Σ_j weight[:, j] · x_{t−(W−1)+j}.
+
+    x: [B, T, C]; weight: [C, W] (nn.Conv1d's [C, 1, W] squeezed; same tap order).
+    padded: [B, T+W−1, C], x with the W−1 preceding inputs prepended (CP halo); default zeros.
+    cu_seqlens: [N+1] document offsets in the (global) packed stream, B == 1: taps that reach
+        back into the previous document are dropped, so each document starts afresh.
+    token_offset: global position of x[:, 0] in that stream (CP rank offset).
+    Returns [B, T, C].
+    """
+    B, T, C = x.shape
+    W = weight.shape[1]
+    if padded is None:
+        padded = F.pad(x, (0, 0, W - 1, 0))
+    mask = None
+    if cu_seqlens is not None:
+        pos = torch.arange(T, device=x.device) + token_offset
+        cs = cu_seqlens.to(device=x.device, dtype=torch.long)
+        doc_start = cs[torch.searchsorted(cs, pos, right=True) - 1]
+        # tap j reads global position pos - (W-1) + j
+        src = pos[:, None] - (W - 1) + torch.arange(W, device=x.device)[None, :]
+        mask = (src >= doc_start[:, None]).to(x.dtype)  # [T, W]
+    y = None
+    for j in range(W):
+        term = padded[:, j:j + T] * weight[:, j]
+        if mask is not None:
+            term = term * mask[:, j, None]
+        y = term if y is None else y + term
+    return y
+
+
+@dataclass
+class MDNMixerSubmodules:
+    in_proj: Union[ModuleSpec, type] = ColumnParallelLinear
+    out_proj: Union[ModuleSpec, type] = RowParallelLinear
+
+
+class MDNMixer(MegatronModule):
+    """Momentum DeltaNet mixer (mixer "mdn") or its momentum-off ablation (mixer "gdn").
+
+    Built by Megatron's TransformerLayer from a ModuleSpec with params={"model_cfg": cfg}.
+    forward(hidden_states [S, B, d], attention_mask (ignored: the mixer is causal),
+    packed_seq_params=None, ...) -> (out [S, B, d], None).
+    """
+
+    def __init__(self, config, submodules: MDNMixerSubmodules, layer_number: int = None,
+                 model_cfg: ModelConfig = None, pg_collection=None, **_unused):
+        super().__init__(config)
+        if model_cfg is None:
+            raise ValueError("MDNMixer needs model_cfg (a ModelConfig) in its ModuleSpec params")
+        self.cfg = model_cfg
+        self.layer_number = layer_number
+        tp_group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        if cp_group is None:
+            cp_group = parallel_state.get_context_parallel_group()
+        self.tp_group, self.cp_group = tp_group, cp_group
+        self.tp_size = tp_group.size()
+        self.tp_rank = tp_group.rank()
+        cfg = model_cfg
+        if cfg.num_heads % self.tp_size:
+            raise ValueError(f"model.num_heads={cfg.num_heads} is not divisible by the tensor "
+                             f"parallel size {self.tp_size}: TP splits the mixer's heads")
+        self.heads = cfg.num_heads // self.tp_size
+        self.K, self.V = cfg.head_k_dim, cfg.head_v_dim
+        self.parts = in_proj_parts(cfg, self.heads)
+        self.tau = math.sqrt(cfg.hidden_size / cfg.tau_factor)
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        dtype = config.params_dtype
+
+        total = sum(n for _, n in self.parts) * self.tp_size
+        self.in_proj = build_module(
+            submodules.in_proj, cfg.hidden_size, total, config=config,
+            init_method=lambda w: None,  # filled TP-invariantly in reset_parameters
+            gather_output=False, bias=False, skip_bias_add=True, is_expert=False,
+            tp_comm_buffer_name="mdn_in_proj", tp_group=tp_group)
+        self.out_proj = build_module(
+            submodules.out_proj, cfg.num_heads * self.V, cfg.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="mdn_out_proj",
+            tp_group=tp_group)
+
+        W = cfg.conv_size
+        self.q_conv_weight = nn.Parameter(torch.empty(self.heads * self.K, W, device=device, dtype=dtype))
+        self.k_conv_weight = nn.Parameter(torch.empty(self.heads * self.K, W, device=device, dtype=dtype))
+        self.v_conv_weight = nn.Parameter(torch.empty(self.heads * self.V, W, device=device, dtype=dtype))
+        for name in per_head_param_names(cfg):
+            # Gate parameters: at least fp32 (they sit inside exp/softplus). Megatron's
+            # Float16Module may still cast them; the gate math below runs in >= fp32 regardless.
+            setattr(self, name, nn.Parameter(torch.empty(self.heads, device=device,
+                                                         dtype=_at_least_fp32(dtype))))
+        self.o_norm_weight = nn.Parameter(torch.ones(self.V, device=device, dtype=dtype))
+
+        for name in ["q_conv_weight", "k_conv_weight", "v_conv_weight"] + per_head_param_names(cfg):
+            p = getattr(self, name)
+            p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+        for name in per_head_param_names(cfg):
+            getattr(self, name)._no_weight_decay = True  # DESIGN §6: gates and biases, no decay
+        self.reset_parameters()
+
+    # ---- init ---------------------------------------------------------------------------
+    def _local_heads(self, full: torch.Tensor, per_head: int) -> torch.Tensor:
+        n = self.heads * per_head
+        return full[self.tp_rank * n:(self.tp_rank + 1) * n]
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """DESIGN §6 init. Full (all-head) tensors are drawn from the global CPU RNG on every
+        rank and sliced, so the model is the same function whatever the TP size."""
+        if not self.config.perform_initialization:
+            return
+        cfg, H, K, V = self.cfg, self.cfg.num_heads, self.K, self.V
+        full_parts = []
+        for name, rows in in_proj_parts(cfg, H):
+            w = torch.empty(rows, cfg.hidden_size, dtype=torch.float32)
+            self.config.init_method(w)
+            per_head = rows // H
+            full_parts.append(self._local_heads(w, per_head))
+        self.in_proj.weight.copy_(torch.cat(full_parts, 0))
+        W = cfg.conv_size
+        bound = 1.0 / math.sqrt(W)  # nn.Conv1d's default init for a depthwise conv
+        for name, per_head in (("q_conv_weight", K), ("k_conv_weight", K), ("v_conv_weight", V)):
+            full = torch.empty(H * per_head, W).uniform_(-bound, bound)
+            getattr(self, name).copy_(self._local_heads(full, per_head))
+
+        def log_uniform_dt():
+            dt = torch.exp(torch.rand(H) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+            dt = dt.clamp(min=1e-4)
+            return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt)
+
+        def log_u(hi):  # log U(0, hi], kept finite
+            return torch.log(torch.rand(H).clamp(min=1e-6) * hi)
+
+        full = {"A_log": log_u(16.0), "dt_bias": log_uniform_dt(), "log_factor": log_u(4.0),
+                "D_log": log_u(1.0)}
+        if cfg.momentum:
+            full["Mu_log"] = log_u(16.0)
+            full["mu_bias"] = log_uniform_dt()
+        for name in per_head_param_names(cfg):
+            getattr(self, name).copy_(self._local_heads(full[name], 1))
+        self.o_norm_weight.fill_(1.0)
+
+    # ---- forward ------------------------------------------------------------------------
+    def gates(self, a, b, m, e):
+        """[B, T, H_l] projections -> (log_alpha, log_mu, beta, eta) in >= fp32, DESIGN §6."""
+        f = lambda t: t.to(_at_least_fp32(t.dtype))  # noqa: E731
+        a, b, e = f(a), f(b), f(e)
+        A_log, dt_bias, log_factor = f(self.A_log), f(self.dt_bias), f(self.log_factor)
+        log_alpha = -A_log.exp() * F.softplus(a + dt_bias)
+        if self.cfg.momentum:
+            log_mu = (-f(self.Mu_log).exp() * F.softplus(f(m) + f(self.mu_bias))).clamp(min=self.cfg.min_log_mu)
+        else:
+            log_mu = torch.full_like(log_alpha, float("-inf"))
+        eta = torch.tanh(e / self.tau) + 1.0
+        beta = torch.sigmoid(b)
+        # Gate constraint θ = arctan(η·exp(log_factor)): with x = tan θ,
+        # sin²θ = x²/(1+x²) and log cos²θ = −log(1+x²) (exact, no trig round trip).
+        x2 = (eta * log_factor.exp()).pow(2)
+        beta = beta * x2 / (1.0 + x2)
+        log_alpha = log_alpha - torch.log1p(x2)
+        return log_alpha, log_mu, beta, eta
+
+    def _conv(self, x, weight, cu_seqlens):
+        cp = self.cp_group.size()
+        if cp == 1:
+            return causal_conv(x, weight, cu_seqlens=cu_seqlens)
+        from mdn_kernels.cp import conv_halo  # the CP branch's halo exchange (DESIGN §5)
+        padded = conv_halo(x, weight.shape[1], self.cp_group)
+        return causal_conv(x, weight, padded=padded, cu_seqlens=cu_seqlens,
+                           token_offset=self.cp_group.rank() * x.shape[1])
+
+    def _gated_norm(self, o, g):
+        # o_norm_weight is replicated across TP but each rank only sees its own heads: summing
+        # its gradient over TP (identity forward) gives every rank the full, identical gradient.
+        w = self.o_norm_weight
+        if self.tp_size > 1:
+            w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
+        dt = _at_least_fp32(o.dtype)
+        of = o.to(dt)
+        y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.config.layernorm_epsilon)
+        return (y * w.to(dt) * torch.sigmoid(g.to(dt))).to(o.dtype)
+
+    def forward(self, hidden_states, attention_mask=None, inference_context=None,
+                packed_seq_params=None, **_unused):
+        if inference_context is not None:
+            raise NotImplementedError("MDNMixer: Megatron inference contexts are not supported; "
+                                      "decode with the exported HF model")
+        proj, _ = self.in_proj(hidden_states)  # [S, B, P_local] (SP: gathered over TP)
+        proj = proj.transpose(0, 1)  # [B, S, P]
+        B, T, _ = proj.shape
+        pieces = dict(zip([n for n, _ in self.parts], torch.split(proj, [r for _, r in self.parts], -1)))
+        cu_seqlens = None
+        if packed_seq_params is not None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+            if B != 1:
+                raise ValueError(f"packed_seq_params needs micro-batch size 1, got B={B}")
+        H, K, V = self.heads, self.K, self.V
+        q = F.silu(self._conv(pieces["q"], self.q_conv_weight, cu_seqlens)).view(B, T, H, K)
+        k = F.silu(self._conv(pieces["k"], self.k_conv_weight, cu_seqlens)).view(B, T, H, K)
+        v = F.silu(self._conv(pieces["v"], self.v_conv_weight, cu_seqlens)).view(B, T, H, V)
+        log_alpha, log_mu, beta, eta = self.gates(pieces["a"], pieces["b"], pieces.get("m"), pieces["e"])
+        q = q - (self.D_log.exp()[:, None] * k).to(q.dtype)  # output correction, before l2 norm
+        cp_group = self.cp_group if self.cp_group.size() > 1 else None
+        o, _ = mdn_chunk(q, k, v, log_alpha, log_mu, beta, eta, cu_seqlens=cu_seqlens,
+                         use_qk_l2norm=True, cp_group=cp_group, backend=self.cfg.backend,
+                         chunk_size=self.cfg.chunk_size)
+        o = self._gated_norm(o, pieces["g"].view(B, T, H, V))
+        out, bias = self.out_proj(o.reshape(B, T, H * V).transpose(0, 1).contiguous())
+        return out, bias
+
+    # ---- checkpoint layout --------------------------------------------------------------
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, tp_group=None):
+        """Every tensor with its TP split: per-head params and convs on dim 0 with their heads,
+        the fused in-projection as one dim-0-sharded tensor per part, o_norm replicated."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = tp_group if tp_group is not None else self.tp_group
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        axis_map = {n: 0 for n in own if n != "o_norm_weight"}
+        sd = make_sharded_tensors_for_checkpoint(own, prefix, axis_map, sharded_offsets,
+                                                 tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"])
+        for name, module in self.named_children():
+            sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets,
+                                                 metadata, tp_group=tp_group))
+        key = f"{prefix}in_proj.weight"
+        sd[key] = split_sharded_tensor(sd[key], [r for _, r in self.parts], [n for n, _ in self.parts])
+        return sd

@@ -1,0 +1,34 @@
+"""RMSNorm for Megatron blocks (pre-norm, final norm) and the mixer's gated per-head output norm.
+
+Megatron-core's local `WrappedTorchNorm` refuses sequence parallelism; this one supports it the
+Megatron way: under SP each TP rank normalises different tokens, so the weight is marked
+`sequence_parallel` and Megatron's finalize_model_grads all-reduces its gradient over TP.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x²) + eps) * weight over the last dim, computed in >= fp32, returned in x's dtype."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dt)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(dt)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Megatron norm interface: RMSNorm(config, hidden_size, eps)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype,
+                                              device=None if config.use_cpu_initialization
+                                              else torch.cuda.current_device()))
+        # Read by Megatron's finalize_model_grads (all-reduce over TP under SP).
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)

@@ -1,0 +1,52 @@
+"""AdamW with decoupled no-decay groups, and the learning-rate schedule (Megatron's scheduler).
+
+Parameters take no weight decay when they are 1-D (norm weights, biases) or flagged
+``_no_weight_decay`` by the model (MDN's gate parameters, DESIGN.md §6). The schedule is
+Megatron-core's ``OptimizerParamScheduler`` (linear warmup, then cosine or WSD to
+``lr * min_lr_ratio``); it scales each group's weight decay by the group's ``wd_mult``, which is
+how the no-decay group stays at zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TrainConfig
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return getattr(param, "_no_weight_decay", False) or param.dim() <= 1 or name.endswith(".bias")
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "wd_mult": 1.0, "name": "decay"},
+            {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    # foreach=False: the per-parameter loop gives bit-identical updates whatever the parameter
+    # grouping, which the layout-equivalence tests compare.
+    return torch.optim.AdamW(param_groups(model), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                             eps=t.adam_eps, weight_decay=t.weight_decay, foreach=False)
+
+
+def build_scheduler(optimizer, t: TrainConfig):
+    """Step s (1-based) trains with the lr the scheduler gives after s increments: warmup
+    reaches the full lr at step ``warmup_steps``, decay ends at ``steps``."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = max(t.steps, t.warmup_steps + 1)
+    kwargs = {}
+    if t.decay == "wsd":
+        kwargs = dict(wsd_decay_steps=max(1, round(t.wsd_decay_fraction * (decay_steps - t.warmup_steps))),
+                      lr_wsd_decay_style="linear")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
+        lr_warmup_steps=t.warmup_steps, lr_decay_steps=decay_steps,
+        lr_decay_style="WSD" if t.decay == "wsd" else "cosine",
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay_steps,
+        wd_incr_style="constant", **kwargs)

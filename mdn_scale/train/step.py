@@ -1,0 +1,137 @@
+"""One optimizer step's forward/backward over this rank's microbatches.
+
+A microbatch from the data loader holds ``micro_batch`` packed sequences; they are flattened to
+one stream of B·T tokens (B = 1 for the model, document boundaries in ``cu_seqlens``), and under
+context parallelism each CP rank keeps its contiguous slice (``cp_slice``). The loss of a
+microbatch is its masked per-token loss *sum* divided by the token count of the whole global
+batch (all microbatches of all dp×cp ranks), so the gradients summed over dp×cp are those of the
+token-weighted mean loss, whatever the layout or microbatch split (DESIGN.md §7, §8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def to_model_inputs(mb: dict, device: torch.device) -> dict:
+    """[B, T] tensors (or a CP slice) → model inputs with B = 1 and packed-sequence params."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    tokens = mb["tokens"].reshape(1, -1).to(device, non_blocking=True)
+    labels = mb["labels"].reshape(1, -1).to(device, non_blocking=True)
+    mask = mb["loss_mask"].reshape(1, -1).to(device, dtype=torch.float32, non_blocking=True)
+    cu = mb["cu_seqlens"].to(device=device, dtype=torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                          max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "packed_seq_params": psp}
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_loss_sum(model, inputs: dict, precision: str, device: torch.device) -> torch.Tensor:
+    with autocast(precision, device):
+        per_token = model(inputs["tokens"], None, None, labels=inputs["labels"],
+                          packed_seq_params=inputs["packed_seq_params"])
+    return (per_token.float() * inputs["loss_mask"]).sum()
+
+
+def count_tokens(microbatches: list[dict], group, device: torch.device) -> float:
+    """Loss tokens of the global batch: this rank's mask sum, summed over dp×cp. (Collectives
+    use tensors on ``device``: NCCL reduces only GPU tensors.)"""
+    n = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in microbatches)],
+                     dtype=torch.float64, device=device)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(n, group=group)
+    return float(n.item())
+
+
+def forward_backward(model, microbatches: list[dict], *, global_tokens: float, precision: str,
+                     device: torch.device, loss_group) -> float:
+    """Accumulate gradients of sum(loss)/global_tokens over ``microbatches`` (already CP-sliced);
+    return the token-weighted mean loss over the whole dp×cp group."""
+    from megatron.core import parallel_state as ps
+
+    denom = max(global_tokens, 1.0)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        total = _forward_backward_pipelined(model, microbatches, denom, precision, device)
+    else:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for mb in microbatches:
+            inputs = to_model_inputs(mb, device)
+            loss_sum = forward_loss_sum(model, inputs, precision, device)
+            (loss_sum / denom).backward()
+            total += loss_sum.detach().double()
+    if loss_group is not None and dist.get_world_size(loss_group) > 1:
+        dist.all_reduce(total, group=loss_group)
+    return float(total.item()) / denom
+
+
+def _forward_backward_pipelined(model, microbatches, denom, precision, device) -> torch.Tensor:
+    """Pipeline parallelism (GPU only): Megatron's 1F1B schedule runs the microbatches through
+    the stages. Each last-stage microbatch returns its loss sum / global tokens with
+    ``calculate_per_token_loss`` so the schedule applies no further scaling; gradient reduction
+    over dp×cp stays ours (grads.finalize_grads). Returns this rank's loss sum (the last stage's,
+    shared over the pipeline group so every rank can log it)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = model.config
+    config.calculate_per_token_loss = True
+    config.pipeline_dtype = config.params_dtype
+    config.finalize_model_grads_func = None
+    sums = []
+
+    def forward_step(data_iterator, model):
+        inputs = to_model_inputs(next(data_iterator), device)
+        with autocast(precision, device):
+            output = model(inputs["tokens"], None, None, labels=inputs["labels"],
+                           packed_seq_params=inputs["packed_seq_params"])
+
+        def loss_func(per_token):
+            loss_sum = (per_token.float() * inputs["loss_mask"]).sum()
+            sums.append(loss_sum.detach())
+            n = inputs["loss_mask"].sum().to(torch.int)
+            return loss_sum / denom, n, {"loss_sum": loss_sum.detach()}
+
+        return output, loss_func
+
+    tokens_per_mb = microbatches[0]["tokens"].numel()  # B·T / cp on this rank
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=tokens_per_mb * ps.get_context_parallel_world_size(),
+        micro_batch_size=1, forward_only=False)
+    total = torch.stack(sums).sum().double() if sums else torch.zeros((), dtype=torch.float64, device=device)
+    total = total.to(device)
+    dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], *, precision: str, device: torch.device, loss_group) -> float:
+    """Token-weighted mean loss of ``batches`` (CP-sliced) over the dp×cp group."""
+    was_training = model.training
+    model.eval()
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError("validation under pipeline parallelism is not implemented yet "
+                                  "(set eval.interval=0, or evaluate with tools/evaluate.py at PP=1)")
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for mb in batches:
+        inputs = to_model_inputs(mb, device)
+        sums[0] += forward_loss_sum(model, inputs, precision, device).double()
+        sums[1] += inputs["loss_mask"].sum().double()
+    if loss_group is not None and dist.get_world_size(loss_group) > 1:
+        dist.all_reduce(sums, group=loss_group)
+    model.train(was_training)
+    return float(sums[0] / sums[1].clamp(min=1))

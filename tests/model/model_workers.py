@@ -1,0 +1,180 @@
+"""Code that runs inside the spawned gloo processes of the model tests."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.packed_seq_params import PackedSeqParams
+from mdn_scale.model.attention import all_gather_sequence
+
+from mdn_scale.model import ModelConfig, build_model
+from mdn_scale.model.sharding import flat_sharded_tensors, gather_full_state_dict, load_full_state_dict
+
+DTYPE = torch.float64  # layouts must agree to rounding: compare in float64
+
+
+def device() -> torch.device:
+    """The GPU of this rank when the harness runs on CUDA (tests/gpu), else the CPU."""
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_parallel(tp=1, pp=1, cp=1):
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 context_parallel_size=cp)
+
+
+def make_model(cfg: dict, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    if device().type == "cuda":  # Megatron's GPU init draws from its TP-aware CUDA RNG tracker
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(seed)
+    return build_model(ModelConfig(**cfg), params_dtype=DTYPE, **overrides)
+
+
+def full_grads(model) -> dict:
+    """Gradients in the canonical (layout-independent) form of gather_full_state_dict."""
+    params = [p for p in model.parameters()]
+    saved = [p.data for p in params]
+    for p in params:
+        p.data = p.grad if p.grad is not None else torch.zeros_like(p.data)
+    try:
+        return gather_full_state_dict(model)
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d
+
+
+def packed_params(cu):
+    cu = torch.tensor(cu, dtype=torch.int32)
+    mx = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=mx, max_seqlen_kv=mx)
+
+
+def run_step(model, ids, labels, packed=None):
+    """Logits ([B, S, V], gathered over TP) and Megatron's per-token loss [B, S]; then backward of
+    a float64 cross-entropy sum of the logits (Megatron's loss casts logits to fp32, which
+    would hide layout differences below fp32 rounding)."""
+    model.zero_grad(set_to_none=True)
+    dev = device()
+    ids, labels = ids.to(dev), labels.to(dev)
+    if packed is not None:
+        packed.cu_seqlens_q = packed.cu_seqlens_kv = packed.cu_seqlens_q.to(dev)
+    with torch.no_grad():
+        loss = model(ids, None, None, labels=labels, packed_seq_params=packed)
+    out = model(ids, None, None, packed_seq_params=packed)  # [B, S, V/TP]
+    g = ps.get_tensor_model_parallel_group()
+    if g.size() > 1:  # differentiable gather of the vocab shards (Megatron's allocates on CUDA)
+        out = all_gather_sequence(out.movedim(-1, 0).contiguous(), g).movedim(0, -1)
+    full = out
+    ce = torch.nn.functional.cross_entropy(full.reshape(-1, full.shape[-1]), labels.reshape(-1),
+                                           reduction="sum")
+    # Every TP rank computes the same loss and the gather's backward sums over ranks: divide
+    # (by a power of two, exact) so the gradient is that of one copy of the loss.
+    (ce / g.size()).backward()
+    return full.detach().cpu(), loss.cpu()
+
+
+def replicated_grads_agree(model, group) -> list[str]:
+    """Names of TP-replicated parameters whose gradient differs between TP ranks."""
+    bad = []
+    if group.size() == 1:
+        return bad
+    for name, p in model.named_parameters():
+        if getattr(p, "tensor_model_parallel", False) or p.grad is None:
+            continue
+        parts = [torch.empty_like(p.grad) for _ in range(group.size())]
+        dist.all_gather(parts, p.grad.contiguous(), group=group)
+        if any(not torch.equal(parts[0], x) for x in parts[1:]):
+            bad.append(name)
+    return bad
+
+
+def allreduce_sequence_parallel_grads(model, group):
+    """What Megatron's finalize_model_grads does for norm weights under SP."""
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False) and p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+# ---------------------------------------------------------------------------------------------
+def reference_worker(rank, world, cases):
+    """TP=PP=CP=1: weights, logits, loss and grads for each case (name, cfg, ids, labels, cu)."""
+    init_parallel()
+    out = {}
+    for name, cfg, ids, labels, cu in cases:
+        model = make_model(cfg, seed=0)
+        logits, loss = run_step(model, ids, labels, packed_params(cu) if cu else None)
+        out[name] = dict(weights=gather_full_state_dict(model), logits=logits, loss=loss,
+                         grads=full_grads(model))
+    return out
+
+
+def tp_worker(rank, world, cases, refs, sequence_parallel_modes):
+    init_parallel(tp=world)
+    tp_group = ps.get_tensor_model_parallel_group()
+    out = {}
+    for name, cfg, ids, labels, cu in cases:
+        for sp in sequence_parallel_modes:
+            model = make_model(cfg, seed=1, sequence_parallel=sp)
+            load_full_state_dict(model, refs[name]["weights"])
+            logits, loss = run_step(model, ids, labels, packed_params(cu) if cu else None)
+            if sp:
+                allreduce_sequence_parallel_grads(model, tp_group)
+            out[(name, sp)] = dict(logits=logits, loss=loss, grads=full_grads(model),
+                                   disagree=replicated_grads_agree(model, tp_group),
+                                   weights=gather_full_state_dict(model))
+    return out
+
+
+def cp_worker(rank, world, cases, refs):
+    """CP=world: each rank feeds its contiguous slice; returns its slice of logits/loss and the
+    CP-summed grads."""
+    init_parallel(cp=world)
+    g = ps.get_context_parallel_group()
+    out = {}
+    for name, cfg, ids, labels, cu in cases:
+        model = make_model(cfg, seed=1)
+        load_full_state_dict(model, refs[name]["weights"])
+        S = ids.shape[1] // world
+        sl = slice(rank * S, (rank + 1) * S)
+        logits, loss = run_step(model, ids[:, sl], labels[:, sl], packed_params(cu) if cu else None)
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=g)
+        out[name] = dict(logits=logits, loss=loss, grads=full_grads(model))
+    return out
+
+
+def pp_worker(rank, world, cfg, ids, labels, ref_weights):
+    """PP=world: where each layer / embedding / head lives, and a hand-driven forward
+    (activations sent rank to rank) that must give the PP=1 loss."""
+    init_parallel(pp=world)
+    model = make_model(cfg, seed=1)
+    sd_keys = sorted(sh.key for sh in flat_sharded_tensors(model.sharded_state_dict()))
+    layout = dict(
+        layers=[layer.layer_number - 1 for layer in model.decoder.layers],
+        layer_types=[type(layer.self_attention).__name__ for layer in model.decoder.layers],
+        embedding=hasattr(model, "embedding"),
+        output_layer=hasattr(model, "output_layer"),
+        final_norm=getattr(model.decoder, "final_layernorm", None) is not None,
+        keys=sd_keys,
+    )
+    load_full_state_dict(model, ref_weights)
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    if not first:
+        B, S = ids.shape
+        h = torch.empty(S, B, cfg["hidden_size"], dtype=DTYPE)
+        dist.recv(h, src=rank - 1)
+        model.set_input_tensor(h)
+    with torch.no_grad():
+        res = model(ids, None, None, labels=labels if last else None)
+    if not last:
+        dist.send(res.contiguous(), dst=rank + 1)
+        layout["loss"] = None
+    else:
+        layout["loss"] = res
+    return layout

@@ -1,0 +1,88 @@
+"""ModelConfig validation, the shipped YAML configs, and model_stats' parameter counts."""
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+
+from model_dist import run_ranks
+from mdn_scale.model import ModelConfig, check_parallel, to_transformer_config
+from mdn_scale.model.stats import model_stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("mixer", "mamba"), ("hidden_size", 0), ("num_layers", -1), ("num_heads", 2.5),
+    ("head_k_dim", True), ("expand_v", 0), ("vocab_size", 0), ("conv_size", 0),
+    ("min_log_mu", 0.5), ("min_log_mu", float("-inf")), ("tau_factor", 0), ("mlp_ratio", -1),
+    ("attention_every", -1), ("norm_eps", 0), ("init_std", float("inf")), ("seq_len", 0),
+    ("backend", "cuda"), ("ffn_hidden_size", 0),
+])
+def test_bad_field_names_itself(field, value):
+    with pytest.raises(ValueError, match=f"model.{field}"):
+        ModelConfig(**{field: value})
+
+
+def test_attention_heads_must_divide_hidden():
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        ModelConfig(hidden_size=96, attention_every=2, num_attention_heads=5)
+    with pytest.raises(ValueError, match="attention_every"):
+        ModelConfig(mixer="transformer", attention_every=3)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ValueError, match="hidden_dim"):
+        ModelConfig.from_dict({"hidden_dim": 3})
+
+
+def test_parallel_errors():
+    cfg = ModelConfig(num_heads=6)
+    with pytest.raises(ValueError, match="num_heads=6 is not divisible by parallel.tensor=4"):
+        check_parallel(cfg, tensor_parallel=4)
+    with pytest.raises(ValueError, match="parallel.pipeline"):
+        check_parallel(cfg, pipeline_parallel=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        check_parallel(ModelConfig(num_layers=2), pipeline_parallel=4)
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        check_parallel(ModelConfig(attention_every=2, num_attention_heads=3, hidden_size=96,
+                                   num_heads=4), tensor_parallel=2)
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        to_transformer_config(cfg, sequence_parallel=True)
+
+
+def test_layer_pattern():
+    assert ModelConfig(num_layers=8, attention_every=4, num_attention_heads=8).layer_types() == \
+        ["mdn"] * 3 + ["attention"] + ["mdn"] * 3 + ["attention"]
+    assert ModelConfig(mixer="gdn", num_layers=2).layer_types() == ["gdn", "gdn"]
+
+
+def test_shipped_configs_load():
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    names = {os.path.basename(f) for f in files}
+    assert {"tiny.yaml", "mdn_400m.yaml", "mdn_1.3b.yaml", "mdn_400m_hybrid_3to1.yaml",
+            "mdn_400m_hybrid_7to1.yaml"} <= names
+    for f in files:
+        with open(f) as fh:
+            cfg = ModelConfig(**yaml.safe_load(fh)["model"])
+        check_parallel(cfg, tensor_parallel=2)
+    with open(os.path.join(ROOT, "configs", "mdn_400m.yaml")) as fh:
+        s = model_stats(ModelConfig(**yaml.safe_load(fh)["model"]))
+    assert 390e6 < s["params_total"] < 430e6  # "400M"
+
+
+def count_worker(rank, world, cfgs):
+    from model_workers import init_parallel, make_model
+    init_parallel()
+    return [sum(p.numel() for p in make_model(c).parameters()) for c in cfgs]
+
+
+def test_stats_count_matches_built_model():
+    base = dict(hidden_size=32, num_layers=4, num_heads=2, head_k_dim=8, vocab_size=61,
+                vocab_pad_multiple=8, seq_len=64, mlp_ratio=2)
+    cfgs = [dict(base), dict(base, mixer="gdn"),
+            dict(base, attention_every=2, num_attention_heads=4),
+            dict(base, mixer="transformer", num_attention_heads=4)]
+    built = run_ranks(count_worker, 1, cfgs)[0]
+    assert built == [model_stats(ModelConfig(**c))["params_total"] for c in cfgs]

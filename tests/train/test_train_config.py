@@ -1,0 +1,88 @@
+"""Config errors stop the run before any work, with a message naming the key."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mdn_scale.train.config import ConfigError, load_config, validate
+from mdn_scale.train.demo_data import check_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def err(overrides, world=1, has_cuda=False, path=TINY):
+    with pytest.raises(ConfigError) as e:
+        cfg = load_config(path, overrides)
+        validate(cfg, world, has_cuda=has_cuda)
+        check_data(cfg)
+    return str(e.value)
+
+
+def test_demo_config_is_valid_and_overrides_are_typed():
+    cfg = load_config(TINY, ["train.steps=7", "train.lr=1e-3", "parallel.tensor=2",
+                             "checkpoint.dir=null", "checkpoint.interval=0"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.parallel.tensor == 2 and cfg.checkpoint.dir is None
+    assert cfg.data.seq_len == cfg.train.seq_len and cfg.data.micro_batch == cfg.train.micro_batch
+    assert cfg.data.seed == cfg.seed
+    assert validate(cfg, 4, has_cuda=False) == 2  # data-parallel size
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.stpes=3"], "train.stpes"),                     # unknown key
+    (["optim.lr=1"], "optim"),                              # unknown section
+    (["model.hidden_sise=3"], "model.hidden_sise"),         # unknown key of the model section
+    (["data.shufle=false"], "data.shufle"),                 # unknown key of the data section
+    (["train.steps=abc"], "train.steps"),                   # wrong type
+    (["train.lr=fast"], "train.lr"),
+    (["parallel.sequence_parallel=maybe"], "parallel.sequence_parallel"),
+    (["train.decay=linear"], "train.decay"),                # not one of the choices
+    (["train.steps"], "train.steps"),                       # not key=value
+    (["model.hidden_size=-1"], "model.hidden_size"),        # the model's own check
+    (["data.seq_len=128"], "data.seq_len"),                 # contradicts train.seq_len
+    (["train.steps=0"], "train.steps"),
+    (["train.min_lr_ratio=2"], "train.min_lr_ratio"),
+    (["model.seq_len=128"], "model.seq_len"),               # shorter than train.seq_len
+    (["checkpoint.dir=null", "checkpoint.interval=5"], "checkpoint.interval"),
+])
+def test_bad_value_names_the_key(overrides, key):
+    assert key in err(overrides)
+
+
+def test_parallel_sizes_must_divide_the_world():
+    assert "parallel.tensor" in err(["parallel.tensor=2"], world=3)
+    assert "parallel.context" in err(["parallel.context=4"], world=2)
+
+
+def test_global_batch_must_divide_into_microbatches():
+    assert "train.global_batch" in err(["train.global_batch=6", "train.micro_batch=4"])
+    # 8 sequences, micro-batch 4, DP 4 (world 4): 8 is not a multiple of 16
+    assert "train.global_batch" in err([], world=4)
+
+
+def test_gpu_only_features_are_refused_on_cpu():
+    assert "parallel.pipeline" in err(["parallel.pipeline=2"], world=2)
+    assert "parallel.sequence_parallel" in err(["parallel.tensor=2", "parallel.sequence_parallel=true"], world=2)
+    assert "train.precision" in err(["train.precision=bf16"])
+    assert "parallel.distributed_optimizer" in err(["parallel.distributed_optimizer=true"])
+
+
+def test_missing_data_names_the_key(tmp_path):
+    assert "datasets" in err(["data.datasets=[]"])
+    msg = err([f"data.datasets=[{tmp_path}/nothing-here]"])
+    assert "data.datasets[0].path" in msg
+    no_data = tmp_path / "x.yaml"
+    no_data.write_text("train: {steps: 2}\n")
+    assert "datasets" in err([], path=str(no_data))
+
+
+def test_launcher_reports_config_errors_before_any_work(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", TINY,
+                        "train.stpes=3", f"logging.dir={tmp_path}/log"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert "train.stpes" in r.stderr
+    assert not os.path.exists(tmp_path / "log")  # nothing was started
