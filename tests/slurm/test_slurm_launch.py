@@ -137,13 +137,17 @@ def test_sbatch_usr1_requeue_resume(cluster, shards, reference, tmp_path):
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     env = dict(cluster.env, **clean_env(), SLURM_CONF=cluster.conf, MDN_ROOT=ROOT,
                MDN_LOG_ROOT=str(logs), CPU_PROCS_PER_NODE="2")
-    # The script's #SBATCH defaults are for GPU nodes; the command line overrides them.
-    job = cluster.sbatch(["--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={cluster.cpus}",
-                          "--time=30", f"--output={tmp_path}/batch-%j.out",
-                          os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch"),
-                          *trainer_args(shards, run_dir, f"checkpoint.interval={INTERVAL}",
-                                        "checkpoint.keep_last=10")],
-                         cwd=str(tmp_path), env=env)
+    # Two chained jobs (launch/slurm/submit.sh): the first does the work, requeueing itself once;
+    # the second starts after it and finds nothing left to do. The script's #SBATCH defaults are
+    # for GPU nodes; the command line overrides them.
+    r = subprocess.run([os.path.join(ROOT, "launch", "slurm", "submit.sh"), "--chain", "2",
+                        "--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={cluster.cpus}",
+                        "--time=30", f"--output={tmp_path}/batch-%j.out", "--",
+                        *trainer_args(shards, run_dir, f"checkpoint.interval={INTERVAL}",
+                                      "checkpoint.keep_last=10")],
+                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr + cluster.logs()
+    job, chained = (int(x) for x in r.stdout.split())
     batch_out = tmp_path / f"batch-{job}.out"
     job_logs = logs / f"mdn-pretrain-{job}"
 
@@ -176,6 +180,11 @@ def test_sbatch_usr1_requeue_resume(cluster, shards, reference, tmp_path):
     assert f"resumed from {run_dir}/ckpt/step_{s:08d} at step {s}" in resumed, dump()
     assert (job_logs / "attempt-0.env").exists() and (job_logs / "attempt-1.env").exists()
     assert losses(run_dir) == reference
+
+    info = cluster.wait_state(chained, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", f"{info}\n{dump()}"
+    assert "train.steps already reached: nothing to do" in read(tmp_path / f"batch-{chained}.out")
+    assert not (logs / f"mdn-pretrain-{chained}" / "attempt-0-node-0.log").exists()
 
 
 def descendants(pid: int) -> list[int]:
