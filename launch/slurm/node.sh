@@ -82,8 +82,9 @@ echo "[node.sh] $(hostname) node ${node_rank:-?} of $nnodes: $nproc processes" \
      "restart ${SLURM_RESTART_COUNT:-0}"
 
 # torchrun with SIGUSR1 and SIGTERM ignored (the ignore survives exec; the trainer installs its
-# own handlers). TORCHELASTIC_SIGNALS_TO_HANDLE keeps torchrun (torch >= 2.8) from replacing the
-# ignored SIGTERM with its kill-the-workers handler.
+# own handlers). PET_SIGNALS_TO_HANDLE (torchrun's --signals-to-handle, in torch 2.8 and later)
+# keeps torchrun from replacing the ignored SIGTERM with its handler, which sends SIGTERM to
+# the workers, kills them 30 s later and exits 1; older torchruns still do that.
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the agent's store shared with the workers (torch's
 # default since 2.5), a node that joins after a restart waits forever for the round's master
 # address: rank 0 publishes it only in its first round (seen with torch 2.13 in
@@ -92,7 +93,7 @@ echo "[node.sh] $(hostname) node ${node_rank:-?} of $nnodes: $nproc processes" \
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 (
     trap '' USR1 TERM
-    export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+    export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
     exec "$PYTHON" -m torch.distributed.run \
         --nnodes="$nnodes" --nproc-per-node="$nproc" \
         --rdzv-backend=c10d --rdzv-endpoint="$RDZV_HOST:$rdzv_port" --rdzv-id="$rdzv_id" \

@@ -192,18 +192,22 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 pass
 
     def _leftover_job_pids(self) -> list[int]:
-        """slurmstepd processes of our spool (their argv names our slurm.conf-derived spool via
-        the environment), and their descendants."""
+        """Processes of this cluster's jobs: slurmstepd and the job's tasks, recognised by
+        SLURM_CONF naming our config together with a SLURM_JOB_ID (clients such as sbatch, or
+        the process that started the cluster, have no job id)."""
+        ours = f"SLURM_CONF={self.conf}".encode()
         pids = []
         for d in os.listdir("/proc"):
-            if not d.isdigit():
+            if not d.isdigit() or int(d) == os.getpid():
                 continue
             try:
                 with open(f"/proc/{d}/environ", "rb") as f:
-                    env = f.read()
+                    env = f.read().split(b"\0")
+                with open(f"/proc/{d}/comm", "rb") as f:
+                    comm = f.read().strip()
             except OSError:
                 continue
-            if f"SLURM_CONF={self.conf}".encode() in env.split(b"\0") and int(d) != os.getpid():
+            if ours in env and (comm == b"slurmstepd" or any(e.startswith(b"SLURM_JOB_ID=") for e in env)):
                 pids.append(int(d))
         return pids
 

@@ -2,10 +2,11 @@
 two "nodes" of one machine. The tiny model on CPU with gloo, two training processes, real
 shards, real signals:
 
-1. sbatch launch/slurm/pretrain.sbatch; SIGUSR1 to the job's steps (what SLURM sends before the
-   time limit with --signal=USR1@N); the trainer saves and exits 0, the job requeues itself
-   (same id, Restarts=1), resumes from that checkpoint and ends with the losses of an
-   uninterrupted run, step for step, exactly.
+1. launch/slurm/submit.sh --chain 2 (pretrain.sbatch): SIGUSR1 to the job's steps (what SLURM
+   sends before the time limit with --signal=USR1@N); the trainer saves and exits 0, the job
+   requeues itself (same id, Restarts=1) and resumes from that checkpoint. Then SIGTERM
+   (scancel): it saves again and is not requeued; the chained job starts, resumes from there
+   and ends with the losses of an uninterrupted run, step for step, exactly.
 2. Two node.sh launchers (torchrun, c10d rendezvous on loopback, one process each); one "node"
    is killed (SIGKILL to its launcher, torchrun and worker); the other's torchrun restarts its
    worker, a replacement node joins, and both go on from the last checkpoint to the same losses.
@@ -13,7 +14,6 @@ shards, real signals:
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +25,7 @@ import pytest
 from slurm_cluster import SlurmCluster, missing_programs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 30
+STEPS = 40
 INTERVAL = 5
 SIGNAL_AFTER = 7  # logged steps before the signal / the lost node
 
@@ -133,58 +133,73 @@ def read(path) -> str:
         return f.read()
 
 
-def test_sbatch_usr1_requeue_resume(cluster, shards, reference, tmp_path):
+def stop_steps(log_text: str, signum: int) -> list[int]:
+    """Steps at which the trainer said it stopped on `signum` ("stopping at step S on signal N")."""
+    return [int(line.split()[3]) for line in log_text.splitlines()
+            if line.startswith("stopping at step") and line.split()[-1] == str(signum)]
+
+
+def test_sbatch_usr1_requeue_sigterm_chain(cluster, shards, reference, tmp_path):
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     env = dict(cluster.env, **clean_env(), SLURM_CONF=cluster.conf, MDN_ROOT=ROOT,
                MDN_LOG_ROOT=str(logs), CPU_PROCS_PER_NODE="2")
-    # Two chained jobs (launch/slurm/submit.sh): the first does the work, requeueing itself once;
-    # the second starts after it and finds nothing left to do. The script's #SBATCH defaults are
-    # for GPU nodes; the command line overrides them.
+    # Two chained jobs (launch/slurm/submit.sh). The script's #SBATCH defaults are for GPU
+    # nodes; the command line overrides them.
     r = subprocess.run([os.path.join(ROOT, "launch", "slurm", "submit.sh"), "--chain", "2",
                         "--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={cluster.cpus}",
                         "--time=30", f"--output={tmp_path}/batch-%j.out", "--",
                         *trainer_args(shards, run_dir, f"checkpoint.interval={INTERVAL}",
-                                      "checkpoint.keep_last=10")],
+                                      "checkpoint.keep_last=20")],
                        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr + cluster.logs()
     job, chained = (int(x) for x in r.stdout.split())
-    batch_out = tmp_path / f"batch-{job}.out"
     job_logs = logs / f"mdn-pretrain-{job}"
+    chained_logs = logs / f"mdn-pretrain-{chained}"
 
     def dump():
         parts = [cluster.logs()]
-        for p in [batch_out, *sorted(job_logs.glob("*.log"))] if job_logs.exists() else [batch_out]:
-            if os.path.exists(p):
-                parts.append(f"--- {p.name}\n{read(p)[-3000:]}")
+        for p in [*sorted(tmp_path.glob("batch-*.out")), *sorted(logs.glob("*/*.log"))]:
+            parts.append(f"--- {p.parent.name}/{p.name}\n{read(p)[-3000:]}")
         return "\n".join(parts)
 
+    # 1. The time-limit warning: what SLURM does at --signal=USR1@N is signal every process of
+    #    the job's steps; scancel --signal does the same now. Save, exit 0, requeue, resume.
     wait_until(lambda: logged_steps(run_dir) >= SIGNAL_AFTER, 240, f"{SIGNAL_AFTER} steps", dump)
-    # What SLURM does at the --signal=USR1@N warning: signal every process of the job's steps.
     r = cluster.run(["scancel", "--signal=USR1", str(job)])
     assert r.returncode == 0, r.stderr
-
-    info = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
-    out = read(batch_out)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{dump()}"
-    assert info["Restarts"] == "1", f"{info}\n{dump()}"  # requeued once, by the script itself
-
+    attempt1 = job_logs / "attempt-1-node-0.log"
+    wait_until(lambda: attempt1.exists() and "resumed from" in read(attempt1), 240,
+               "the requeued job to resume", dump)
     node0 = read(job_logs / "attempt-0-node-0.log")
     assert "got SIGUSR1" in node0, dump()
-    stopped = [int(line.split()[3]) for line in node0.splitlines() if line.startswith("stopping at step")]
-    assert len(stopped) == 1 and SIGNAL_AFTER <= stopped[0] < STEPS, dump()
-    s = stopped[0]
-    assert f"unfinished at checkpoint step {s}: requeueing job {job}" in out, dump()
-    assert "run finished" in out, dump()
+    (s,) = stop_steps(node0, signal.SIGUSR1)
+    assert SIGNAL_AFTER <= s < STEPS, dump()
     assert s in complete_checkpoints(run_dir)
-    resumed = read(job_logs / "attempt-1-node-0.log")
-    assert f"resumed from {run_dir}/ckpt/step_{s:08d} at step {s}" in resumed, dump()
-    assert (job_logs / "attempt-0.env").exists() and (job_logs / "attempt-1.env").exists()
-    assert losses(run_dir) == reference
+    assert f"unfinished at checkpoint step {s}: requeueing job {job}" in read(tmp_path / f"batch-{job}.out")
+    assert f"resumed from {run_dir}/ckpt/step_{s:08d} at step {s}" in read(attempt1), dump()
 
-    info = cluster.wait_state(chained, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", f"{info}\n{dump()}"
-    assert "train.steps already reached: nothing to do" in read(tmp_path / f"batch-{chained}.out")
-    assert not (logs / f"mdn-pretrain-{chained}" / "attempt-0-node-0.log").exists()
+    # 2. scancel (SIGTERM, as at the time limit or on preemption) of the resumed job: save, no
+    #    requeue; the chained job starts after it and finishes the run from that checkpoint.
+    wait_until(lambda: logged_steps(run_dir) >= s + 2, 120, "steps after the resume", dump)
+    r = cluster.run(["scancel", str(job)])
+    assert r.returncode == 0, r.stderr
+    info = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=120)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", f"{info}\n{dump()}"
+    info = cluster.wait_state(chained, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{dump()}"
+
+    (t,) = stop_steps(read(attempt1), signal.SIGTERM)
+    assert s < t < STEPS and t in complete_checkpoints(run_dir), dump()
+    batch = read(tmp_path / f"batch-{job}.out")
+    assert f"stopped by SIGTERM at checkpoint step {t}: not requeueing" in batch, dump()
+    chained_node = read(chained_logs / "attempt-0-node-0.log")
+    assert f"resumed from {run_dir}/ckpt/step_{t:08d} at step {t}" in chained_node, dump()
+    assert "run finished" in read(tmp_path / f"batch-{chained}.out"), dump()
+    for d, attempts in ((job_logs, 2), (chained_logs, 1)):
+        assert sorted(p.name for p in d.glob("*.env")) == [f"attempt-{a}.env" for a in range(attempts)]
+
+    # 3. Step for step, exactly the uninterrupted run's losses.
+    assert losses(run_dir) == reference
 
 
 def descendants(pid: int) -> list[int]:
