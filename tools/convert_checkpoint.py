@@ -53,6 +53,20 @@ def load_ours(path: str, prefix: str = "") -> dict:
     return sd
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
+
+
+def copy_tokenizer(src: str, out_dir: str) -> None:
+    import shutil
+    files = [src] if os.path.isfile(src) else [os.path.join(src, f) for f in TOKENIZER_FILES
+                                               if os.path.exists(os.path.join(src, f))]
+    if not files:
+        raise ValueError(f"--tokenizer {src}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    for f in files:
+        shutil.copyfile(f, os.path.join(out_dir, os.path.basename(f)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -62,6 +76,8 @@ def main(argv=None):
     a.add_argument("--out", required=True)
     a.add_argument("--prefix", default="", help="strip this key prefix (e.g. 'model.')")
     a.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    a.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, or a folder whose tokenizer files are copied along")
     b = sub.add_parser("from-hf")
     b.add_argument("--hf", required=True, help="HF folder (config.json + weights)")
     b.add_argument("--out", required=True, help="canonical .safetensors to write")
@@ -76,6 +92,8 @@ def main(argv=None):
             cfg = ModelConfig.from_dict(doc["model"])
             full = load_ours(args.weights, args.prefix)
             export_hf(full, cfg, args.out, DTYPES[args.dtype] if args.dtype else None)
+            if args.tokenizer:
+                copy_tokenizer(args.tokenizer, args.out)
             print(f"wrote {args.out} ({len(full)} tensors)")
         else:
             from safetensors.torch import save_file

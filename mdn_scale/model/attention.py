@@ -4,7 +4,8 @@ Megatron's local DotProductAttention and RoPE need CUDA (DESIGN §9); this runs 
 and is exact under context parallelism: every CP rank all-gathers K and V (after RoPE) and masks
 with global positions (causal across rank boundaries, no attention across packed documents).
 RoPE is applied here (the model uses position_embedding_type="none"), with positions that restart
-at each packed document and continue across CP ranks.
+at each packed document and continue across CP ranks. Causality with offsets uses SDPA's
+lower-right causal bias (no dense mask); packed documents are attended one at a time.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from torch.nn.attention.bias import causal_lower_right
 from megatron.core.transformer.module import MegatronModule
 
 
 class _AllGatherSeq(torch.autograd.Function):
     """Concatenate every rank's x along dim 0 (rank order); backward: sum the gradient over ranks
-    and keep this rank's slice. (all_reduce rather than reduce_scatter: works on every backend.)"""
+    and keep this rank's slice (a reduce-scatter)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -31,10 +33,9 @@ class _AllGatherSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        r = ctx.group.rank()
-        return grad[r * ctx.n:(r + 1) * ctx.n], None
+        out = grad.new_empty((ctx.n,) + tuple(grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
 
 
 def all_gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
@@ -79,6 +80,14 @@ class SDPACoreAttention(MegatronModule):
         cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
 
+    def _attend(self, q, k, v):
+        """Causal attention with the last query aligned to the last key (q: [B, h, Sq, D],
+        k, v: [B, h, Sk, D], Sq <= Sk): flash / memory-efficient kernels, no dense mask."""
+        if q.shape[2] == k.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        mask = causal_lower_right(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None, **_unused):
         if attention_bias is not None:
@@ -92,22 +101,26 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError(f"packed_seq_params needs micro-batch size 1, got B={B}")
         R = self.cp_group.size()
         offset = self.cp_group.rank() * S if R > 1 else 0
-        qpos, qdoc = document_positions(S, offset, cu, query.device)
+        qpos, _ = document_positions(S, offset, cu, query.device)
         query = apply_rope(query, qpos, self.rope_theta)
         key = apply_rope(key, qpos, self.rope_theta)
         if R > 1:
             key = all_gather_sequence(key, self.cp_group)
             value = all_gather_sequence(value, self.cp_group)
-        Sk = key.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, h, S, D]
-        if R == 1 and cu is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        if cu is None:
+            # Keys of this rank and the ranks before it; later ones are all masked.
+            out = self._attend(q, k[:, :, :offset + S], v[:, :, :offset + S])
         else:
-            kpos_g = torch.arange(Sk, device=query.device)
-            _, kdoc = document_positions(Sk, 0, cu, query.device)
-            gq = torch.arange(S, device=query.device) + offset
-            mask = (kpos_g[None, :] <= gq[:, None]) & (kdoc[None, :] == qdoc[:, None])
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+            # One document at a time: its local queries against its keys so far. No mask is
+            # materialised; a document crossing the rank boundary is handled by the offsets.
+            outs, bounds = [], cu.tolist()
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                qa, qb = max(a, offset), min(b, offset + S)
+                if qa >= qb:
+                    continue
+                outs.append(self._attend(q[:, :, qa - offset:qb - offset], k[:, :, a:qb], v[:, :, a:qb]))
+            out = torch.cat(outs, 2)
         out = out.permute(2, 0, 1, 3)  # [S, B, h, D]
         if thd:
             return out.squeeze(1)

@@ -56,3 +56,10 @@ def build_model(cfg: ModelConfig, *, pre_process: Optional[bool] = None,
         parallel_output=True,
         vp_stage=vp_stage,
     )
+
+
+def no_weight_decay(name: str, param) -> bool:
+    """True for parameters that take no weight decay (DESIGN §6): the mixer's gate parameters
+    and biases (marked `_no_weight_decay`), norm weights and any other 1-D parameter. Matches
+    Megatron's default rule and can be passed as its `no_weight_decay_cond`."""
+    return bool(getattr(param, "_no_weight_decay", False)) or param.dim() == 1 or name.endswith(".bias")

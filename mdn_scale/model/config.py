@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -106,6 +107,10 @@ class ModelConfig:
                 bad("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
             if self.attention_head_dim % 2:
                 bad("num_attention_heads", "hidden_size // num_attention_heads must be even (RoPE)")
+        if self.chunk_size & (self.chunk_size - 1):
+            bad("chunk_size", "must be a power of two (the Triton kernels need >= 16)")
+        if self.backend == "triton" and self.chunk_size < 16:
+            bad("chunk_size", "must be >= 16 for backend 'triton'")
         if self.backend not in ("auto", "triton", "torch"):
             bad("backend", "must be 'auto', 'triton' or 'torch'")
 
@@ -230,8 +235,9 @@ def to_transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         init_method_std=std,
-        init_method=lambda w: torch.nn.init.normal_(w, 0.0, std),
-        output_layer_init_method=lambda w: torch.nn.init.normal_(w, 0.0, out_std),
+        # partials, not lambdas: the config stays picklable
+        init_method=functools.partial(torch.nn.init.normal_, mean=0.0, std=std),
+        output_layer_init_method=functools.partial(torch.nn.init.normal_, mean=0.0, std=out_std),
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         context_parallel_size=context_parallel,

@@ -32,16 +32,20 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
     sharded_state_dict_default,
 )
-from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 from mdn_kernels import mdn_chunk
 
 from .config import ModelConfig
 from .sharding import split_sharded_tensor
 
-# Per-head parameters: name -> (in momentum-off mode too?)
+# Per-head parameters ([H], DESIGN §6 names); the momentum-off mixer ("gdn") has no Mu_log,
+# mu_bias and no m rows in the in-projection.
 PER_HEAD_PARAMS = ("A_log", "dt_bias", "log_factor", "D_log", "Mu_log", "mu_bias")
 MOMENTUM_ONLY = ("Mu_log", "mu_bias", "m")
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Megatron init_method that leaves the weight alone (reset_parameters fills it)."""
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
@@ -139,7 +143,7 @@ class MDNMixer(MegatronModule):
         total = sum(n for _, n in self.parts) * self.tp_size
         self.in_proj = build_module(
             submodules.in_proj, cfg.hidden_size, total, config=config,
-            init_method=lambda w: None,  # filled TP-invariantly in reset_parameters
+            init_method=_no_init,  # filled TP-invariantly in reset_parameters
             gather_output=False, bias=False, skip_bias_add=True, is_expert=False,
             tp_comm_buffer_name="mdn_in_proj", tp_group=tp_group)
         self.out_proj = build_module(
@@ -228,14 +232,17 @@ class MDNMixer(MegatronModule):
         log_alpha = log_alpha - torch.log1p(x2)
         return log_alpha, log_mu, beta, eta
 
-    def _conv(self, x, weight, cu_seqlens):
-        cp = self.cp_group.size()
-        if cp == 1:
-            return causal_conv(x, weight, cu_seqlens=cu_seqlens)
+    def _conv_qkv(self, qkv, cu_seqlens):
+        """One depthwise conv over the adjacent q|k|v columns of the projection (one CP halo
+        exchange instead of three). qkv: [B, T, 2·H_l·K + H_l·V]."""
+        weight = torch.cat([self.q_conv_weight, self.k_conv_weight, self.v_conv_weight], 0)
+        if self.cp_group.size() == 1:
+            return causal_conv(qkv, weight, cu_seqlens=cu_seqlens)
         from mdn_kernels.cp import conv_halo  # the CP branch's halo exchange (DESIGN §5)
-        padded = conv_halo(x, weight.shape[1], self.cp_group)
-        return causal_conv(x, weight, padded=padded, cu_seqlens=cu_seqlens,
-                           token_offset=self.cp_group.rank() * x.shape[1])
+        padded = conv_halo(qkv, weight.shape[1], self.cp_group)
+        # Slices are equal and in rank order, so this rank's first token is rank·T in the stream.
+        return causal_conv(qkv, weight, padded=padded, cu_seqlens=cu_seqlens,
+                           token_offset=self.cp_group.rank() * qkv.shape[1])
 
     def _gated_norm(self, o, g):
         # o_norm_weight is replicated across TP but each rank only sees its own heads: summing
@@ -263,16 +270,16 @@ class MDNMixer(MegatronModule):
             if B != 1:
                 raise ValueError(f"packed_seq_params needs micro-batch size 1, got B={B}")
         H, K, V = self.heads, self.K, self.V
-        q = F.silu(self._conv(pieces["q"], self.q_conv_weight, cu_seqlens)).view(B, T, H, K)
-        k = F.silu(self._conv(pieces["k"], self.k_conv_weight, cu_seqlens)).view(B, T, H, K)
-        v = F.silu(self._conv(pieces["v"], self.v_conv_weight, cu_seqlens)).view(B, T, H, V)
+        qkv = F.silu(self._conv_qkv(proj[..., :H * (2 * K + V)], cu_seqlens))
+        q, k, v = torch.split(qkv, [H * K, H * K, H * V], -1)
+        q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
         log_alpha, log_mu, beta, eta = self.gates(pieces["a"], pieces["b"], pieces.get("m"), pieces["e"])
         q = q - (self.D_log.exp()[:, None] * k).to(q.dtype)  # output correction, before l2 norm
         cp_group = self.cp_group if self.cp_group.size() > 1 else None
         o, _ = mdn_chunk(q, k, v, log_alpha, log_mu, beta, eta, cu_seqlens=cu_seqlens,
                          use_qk_l2norm=True, cp_group=cp_group, backend=self.cfg.backend,
                          chunk_size=self.cfg.chunk_size)
-        o = self._gated_norm(o, pieces["g"].view(B, T, H, V))
+        o = self._gated_norm(o, pieces["g"].reshape(B, T, H, V))
         out, bias = self.out_proj(o.reshape(B, T, H * V).transpose(0, 1).contiguous())
         return out, bias
 

@@ -9,7 +9,6 @@ and of the layout tests. (The trainer's checkpoints use the same ShardedTensor m
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterable
 
 import torch
 import torch.distributed as dist

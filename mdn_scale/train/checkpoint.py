@@ -36,7 +36,6 @@ import random
 import re
 import shutil
 import time
-import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -190,6 +189,7 @@ def _sharded_view(module: torch.nn.Module, tensor_of=lambda p: p) -> dict[str, S
 
         sharded = inner.sharded_state_dict()
         by_ptr = {p.data_ptr(): p for p in inner.parameters()}
+        covered = set()
 
         def substitute(obj):
             if isinstance(obj, dict):
@@ -201,6 +201,7 @@ def _sharded_view(module: torch.nn.Module, tensor_of=lambda p: p) -> dict[str, S
                 t = tensor_of(p)
                 if t is None:
                     return None
+                covered.add(id(p))
                 if isinstance(obj, ShardedTensor):
                     return dataclasses.replace(obj, data=t, dtype=t.dtype)
                 return dataclasses.replace(obj, data=t)
@@ -208,6 +209,13 @@ def _sharded_view(module: torch.nn.Module, tensor_of=lambda p: p) -> dict[str, S
 
         if tensor_of is not _identity:
             sharded = substitute(sharded)
+            # every parameter with a tensor to store must have been found in the sharded view,
+            # or its optimizer state would silently be left out of the checkpoint
+            missing = [n for n, p in inner.named_parameters()
+                       if id(p) not in covered and tensor_of(p) is not None]
+            if missing:
+                raise CheckpointError("optimizer state of parameters not described by the "
+                                      f"model's sharded_state_dict(): {missing}")
         return _shard_refs_from_megatron(sharded)
     # A plain torch module: every parameter whole and replicated.
     out = {}
@@ -228,7 +236,10 @@ def model_state(model: torch.nn.Module) -> dict[str, ShardRef]:
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, ShardRef]:
     """Adam moments with their parameter's sharding. Materialises empty state first (torch
-    creates it lazily on the first step) so a fresh optimizer can be loaded into."""
+    creates it lazily on the first step) so a fresh optimizer can be loaded into. Under ZeRO
+    (parallel.distributed_optimizer) a rank holds, saves and loads only its parameters' moments;
+    DCP assembles the whole from all ranks, so it reloads with or without ZeRO, any layout."""
+    optimizer = getattr(optimizer, "optim", optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             st = optimizer.state[p]
@@ -244,6 +255,7 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def _optimizer_step_count(optimizer) -> float:
+    optimizer = getattr(optimizer, "optim", optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             if "step" in optimizer.state.get(p, {}):
@@ -252,6 +264,7 @@ def _optimizer_step_count(optimizer) -> float:
 
 
 def _set_optimizer_step_count(optimizer, value: float) -> None:
+    optimizer = getattr(optimizer, "optim", optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             optimizer.state[p]["step"] = torch.tensor(float(value))

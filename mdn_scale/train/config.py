@@ -30,7 +30,7 @@ class ParallelConfig:
     pipeline: int = 1
     context: int = 1
     sequence_parallel: bool = False
-    distributed_optimizer: bool = False
+    distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over dp×cp
 
 
 @dataclass
@@ -353,10 +353,6 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
     if p.pipeline > 1 and not has_cuda:
         raise ConfigError("parallel.pipeline > 1 needs CUDA GPUs: Megatron's pipeline schedules "
                           "allocate on 'cuda' (DESIGN.md §9)")
-    if p.distributed_optimizer:
-        raise ConfigError("parallel.distributed_optimizer is not supported yet: Megatron's "
-                          "DistributedOptimizer allocates on 'cuda' and its sharded optimizer "
-                          "state is not wired into our DCP checkpoints (open work, see README)")
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
     if p.sequence_parallel and not has_cuda:

@@ -15,18 +15,11 @@ import time
 
 
 def model_flops_per_token(model_cfg, seq_len: int) -> float:
-    """Approximate training FLOPs per token: 6 × matmul parameters plus the recurrence (chunkwise
-    MDN ≈ a few K×V state updates per token per head; counted as 6·H·K·V·4) — an estimate for MFU
-    only."""
-    d, L = model_cfg.hidden_size, model_cfg.num_layers
-    H, K = model_cfg.num_heads, model_cfg.head_k_dim
-    V = K * model_cfg.expand_v
-    proj = d * (H * (2 * K + V) + 5 * H + H * V) + H * V * d  # in-proj (q,k,v,gates,g), out-proj
-    mlp = 3 * d * model_cfg.ffn_size
-    head = d * model_cfg.vocab_size
-    params = L * (proj + mlp) + head
-    recurrence = L * H * K * V * 4
-    return 6.0 * (params + recurrence)
+    """Training FLOPs per token (3× forward, the recurrence included): the model package's
+    count (mdn_scale/model/stats.py documents the formula)."""
+    from mdn_scale.model import stats
+
+    return float(stats.model_stats(model_cfg, seq_len, 1)["flops_per_token_train"])
 
 
 def peak_flops(device) -> float | None:

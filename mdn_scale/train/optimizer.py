@@ -27,11 +27,27 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
             {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"}]
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, *, distributed: bool = False,
+                    group=None) -> torch.optim.Optimizer:
+    """AdamW; with ``distributed`` the optimizer state is sharded over ``group`` (the dp×cp
+    ranks, ZeRO stage 1): each rank keeps and updates the moments of its share of the
+    parameters and broadcasts the updated values (torch's ZeroRedundancyOptimizer). The
+    update is the same arithmetic, so losses match the plain optimizer exactly."""
     # foreach=False: the per-parameter loop gives bit-identical updates whatever the parameter
     # grouping, which the layout-equivalence tests compare.
-    return torch.optim.AdamW(param_groups(model), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_eps, weight_decay=t.weight_decay, foreach=False)
+    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                  weight_decay=t.weight_decay, foreach=False)
+    if not distributed:
+        return torch.optim.AdamW(param_groups(model), **kwargs)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(param_groups(model), optimizer_class=torch.optim.AdamW,
+                                   process_group=group, **kwargs)
+
+
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state: the inner one of a ZeRO optimizer."""
+    return getattr(optimizer, "optim", optimizer)
 
 
 def build_scheduler(optimizer, t: TrainConfig):

@@ -11,7 +11,6 @@ token-weighted mean loss, whatever the layout or microbatch split (DESIGN.md §7
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
 import torch.distributed as dist

@@ -8,7 +8,6 @@ optimizer (AdamW, schedule), checkpoint (DCP, atomic, resharding), metrics (logg
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 
@@ -73,10 +72,10 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
     log_rank0 = (lambda *a: print(*a, flush=True)) if layout.is_logger else (lambda *a: None)
     seed_everything(cfg.seed, layout)
     model = build_model(cfg, layout)
-    optimizer = build_optimizer(model, t)
+    dpcp = _dp_cp_group()
+    optimizer = build_optimizer(model, t, distributed=cfg.parallel.distributed_optimizer, group=dpcp)
     scheduler = build_scheduler(optimizer, t)
     data = StepBatches(cfg, layout)
-    dpcp = _dp_cp_group()
 
     step, consumed_tokens, skipped = 0, 0, 0
     found = ckpt.find_loadable(cfg.checkpoint.dir, log=log_rank0) if cfg.checkpoint.dir else None
@@ -152,6 +151,10 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
                     record["mfu"] = tps * flops_per_token / (peak * layout.world)
                 if layout.device.type == "cuda":
                     record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                else:  # peak resident memory of this process (Linux reports KiB)
+                    import resource
+
+                    record["memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 logger.log(step, record)
                 window_start, window_tokens = time.time(), 0
 

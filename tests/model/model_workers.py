@@ -130,11 +130,13 @@ def tp_worker(rank, world, cases, refs, sequence_parallel_modes):
     return out
 
 
-def cp_worker(rank, world, cases, refs):
-    """CP=world: each rank feeds its contiguous slice; returns its slice of logits/loss and the
-    CP-summed grads."""
-    init_parallel(cp=world)
+def cp_worker(rank, world, cases, refs, tp=1):
+    """CP=world/tp (× TP=tp): each CP rank feeds its contiguous slice; returns its slice of
+    logits/loss and the CP-summed grads."""
+    init_parallel(tp=tp, cp=world // tp)
     g = ps.get_context_parallel_group()
+    rank = g.rank()
+    world = g.size()
     out = {}
     for name, cfg, ids, labels, cu in cases:
         model = make_model(cfg, seed=1)
@@ -145,7 +147,7 @@ def cp_worker(rank, world, cases, refs):
         for p in model.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=g)
-        out[name] = dict(logits=logits, loss=loss, grads=full_grads(model))
+        out[name] = dict(logits=logits, loss=loss, grads=full_grads(model), cp_rank=rank)
     return out
 
 

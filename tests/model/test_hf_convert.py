@@ -1,7 +1,6 @@
 """ours → HF → ours is exact; the exported HF model (AutoModelForCausalLM, trust_remote_code)
 gives our logits, both with the token-loop recurrence and the chunkwise prefill; generate's
 recurrent decoding agrees with full-sequence forward passes."""
-import json
 import os
 
 import pytest

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_dist import run_ranks
+from model_dist import run_jobs
 from mdn_kernels import gated_delta_rule_reference, mdn_recurrent_reference
 
 CFG = dict(hidden_size=32, num_layers=2, num_heads=2, head_k_dim=8, vocab_size=61, seq_len=64,
@@ -80,13 +80,25 @@ def reference_mixer(P, x, cfg, momentum):
     return (o.reshape(B, T, H * V) @ P["out_proj.weight"].T).transpose(0, 1)
 
 
-@pytest.mark.parametrize("mixer", ["mdn", "gdn"])
-def test_mixer_matches_design_reference(mixer):
-    cfg = dict(CFG, mixer=mixer)
+def _inputs():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(20, 2, cfg["hidden_size"], generator=g, dtype=torch.float64)
-    ct = torch.randn(20, 2, cfg["hidden_size"], generator=g, dtype=torch.float64)
-    r = run_ranks(mixer_worker, 1, cfg, x, ct, [0, 7, 8, 20])[0]
+    x = torch.randn(20, 2, CFG["hidden_size"], generator=g, dtype=torch.float64)
+    ct = torch.randn(20, 2, CFG["hidden_size"], generator=g, dtype=torch.float64)
+    return x, ct
+
+
+@pytest.fixture(scope="module")
+def results():
+    x, ct = _inputs()
+    jobs = [(mixer_worker, (dict(CFG, mixer=m), x, ct, [0, 7, 8, 20])) for m in ("mdn", "gdn")]
+    return dict(zip(("mdn", "gdn"), (per_rank[0] for per_rank in run_jobs(1, jobs))))
+
+
+@pytest.mark.parametrize("mixer", ["mdn", "gdn"])
+def test_mixer_matches_design_reference(mixer, results):
+    cfg = dict(CFG, mixer=mixer)
+    x, ct = _inputs()
+    r = results[mixer]
     assert ("Mu_log" in r["params"]) == (mixer == "mdn")
     P = {n: p.clone().requires_grad_(True) for n, p in r["params"].items()}
     xr = x.clone().requires_grad_(True)
@@ -97,3 +109,17 @@ def test_mixer_matches_design_reference(mixer):
     for (n, _), gr in zip(P.items(), grads[1:]):
         torch.testing.assert_close(r["grads"][n], gr, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
     torch.testing.assert_close(r["packed"], r["alone"], rtol=1e-10, atol=1e-12)
+
+
+def test_init_ranges(results):
+    """DESIGN §6 init: A_log, Mu_log = log U(0,16); log_factor = log U(0,4); D_log = log U(0,1);
+    dt_bias, mu_bias = softplus⁻¹(dt) with dt in [1e-3, 1e-1]; o_norm = 1."""
+    P = results["mdn"]["params"]
+    for name, hi in (("A_log", 16), ("Mu_log", 16), ("log_factor", 4), ("D_log", 1)):
+        x = P[name].exp()
+        assert bool(((x > 0) & (x <= hi)).all()), name
+    for name in ("dt_bias", "mu_bias"):
+        dt = F.softplus(P[name])
+        assert bool(((dt >= 1e-3 * (1 - 1e-9)) & (dt <= 1e-1 * (1 + 1e-9))).all()), name
+    assert torch.equal(P["o_norm_weight"], torch.ones_like(P["o_norm_weight"]))
+    assert "Mu_log" not in results["gdn"]["params"]

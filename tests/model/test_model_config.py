@@ -3,7 +3,6 @@ import glob
 import os
 
 import pytest
-import torch
 import yaml
 
 from model_dist import run_ranks
@@ -18,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("head_k_dim", True), ("expand_v", 0), ("vocab_size", 0), ("conv_size", 0),
     ("min_log_mu", 0.5), ("min_log_mu", float("-inf")), ("tau_factor", 0), ("mlp_ratio", -1),
     ("attention_every", -1), ("norm_eps", 0), ("init_std", float("inf")), ("seq_len", 0),
-    ("backend", "cuda"), ("ffn_hidden_size", 0),
+    ("backend", "cuda"), ("ffn_hidden_size", 0), ("chunk_size", 48),
 ])
 def test_bad_field_names_itself(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from model_dist import run_ranks
+from model_dist import run_jobs, run_ranks
 import model_workers as workers
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, head_k_dim=8, vocab_size=61,
@@ -57,11 +57,30 @@ def _pp_case():
     return ("pp_hybrid", PP_HYBRID, ids, labels, None)
 
 
+def _have_cp_ops():
+    if importlib.util.find_spec("mdn_kernels.cp") is None:
+        return False
+    import mdn_kernels.cp as cp
+    return hasattr(cp, "conv_halo")
+
+
 @pytest.fixture(scope="module")
 def refs():
     """Single-process results of every case, computed in one spawned process."""
     cases = {c[0]: c for c in _cases() + _cp_cases() + _cp_mdn_cases() + [_pp_case()]}
     return run_ranks(workers.reference_worker, 1, list(cases.values()))[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(refs):
+    """Every 2-process layout run in one pair of processes: {job name: per-rank results}."""
+    name, cfg, ids, labels, _ = _pp_case()
+    jobs = {"tp": (workers.tp_worker, (_cases(), refs, (False,))),
+            "cp_tf": (workers.cp_worker, (_cp_cases(), refs)),
+            "pp": (workers.pp_worker, (cfg, ids, labels, refs[name]["weights"]))}
+    if _have_cp_ops():
+        jobs["cp_mdn"] = (workers.cp_worker, (_cp_mdn_cases(), refs))
+    return dict(zip(jobs, run_jobs(2, list(jobs.values()))))
 
 
 def _close(a, b, what):
@@ -80,11 +99,11 @@ def _check_grads(got, ref, what):
         _close(got[k], ref[k], f"{what} grad {k}")
 
 
-def test_tp2_matches_tp1(refs):
+def test_tp2_matches_tp1(refs, two_ranks):
     """TP=2 gives TP=1's logits, loss and gradients, for MDN, GDN, a hybrid stack and packed
     documents; TP-replicated grads agree across ranks. (Sequence parallelism: Megatron's SP
     scatter/gather allocate on CUDA, so SP is checked in tests/gpu/test_model_sp.py.)"""
-    results = run_ranks(workers.tp_worker, 2, _cases(), refs, (False,))
+    results = two_ranks["tp"]
     for rank_out in results:
         for (name, sp), r in rank_out.items():
             what = f"{name} sp={sp}"
@@ -98,47 +117,42 @@ def test_tp2_matches_tp1(refs):
                 assert torch.equal(r["weights"][k], w), k
 
 
-def test_cp2_transformer_matches_cp1(refs):
+def test_cp2_transformer_matches_cp1(refs, two_ranks):
     """Softmax attention under CP=2 (K/V all-gather with global causal + document masks, RoPE
     positions continued across ranks), plain and packed."""
-    results = run_ranks(workers.cp_worker, 2, _cp_cases(), refs)
-    for rank, rank_out in enumerate(results):
+    results = two_ranks["cp_tf"]
+    for rank_out in results:
         for name, r in rank_out.items():
-            ref = refs[name]
+            ref, rank = refs[name], r["cp_rank"]
             sl = slice(rank * 8, rank * 8 + 8)
             _close(r["logits"], ref["logits"][:, sl], f"{name} logits rank {rank}")
             _close_loss(r["loss"], ref["loss"][:, sl], f"{name} loss rank {rank}")
             _check_grads(r["grads"], ref["grads"], f"{name} rank {rank}")
-
-
-def _have_cp_ops():
-    if importlib.util.find_spec("mdn_kernels.cp") is None:
-        return False
-    import mdn_kernels.cp as cp
-    return hasattr(cp, "conv_halo")
 
 
 @pytest.mark.skipif(not _have_cp_ops(), reason="needs mdn_kernels.cp from the cp branch (not merged yet)")
-def test_cp2_mdn_and_hybrid_match_cp1(refs):
+def test_cp2_mdn_and_hybrid_match_cp1(refs, two_ranks):
     """MDN and hybrid models under CP=2 (mdn_chunk's state exchange + conv halo), plain and
     packed documents whose boundaries do and do not fall on the rank boundary."""
-    results = run_ranks(workers.cp_worker, 2, _cp_mdn_cases(), refs)
-    for rank, rank_out in enumerate(results):
+    results = list(two_ranks["cp_mdn"])
+    # and the hybrid under TP=2 × CP=2 (4 processes)
+    results += run_ranks(workers.cp_worker, 4, _cp_mdn_cases()[1:2], refs, 2)
+    for rank_out in results:
         for name, r in rank_out.items():
-            ref = refs[name]
+            ref, rank = refs[name], r["cp_rank"]
             sl = slice(rank * 8, rank * 8 + 8)
             _close(r["logits"], ref["logits"][:, sl], f"{name} logits rank {rank}")
             _close_loss(r["loss"], ref["loss"][:, sl], f"{name} loss rank {rank}")
             _check_grads(r["grads"], ref["grads"], f"{name} rank {rank}")
 
 
-def test_pp2_stage_assignment_and_loss(refs):
+def test_pp2_stage_assignment_and_loss(refs, two_ranks):
     """PP=2 of a 4-layer hybrid (attention at layer 3): layers 0-1 + embedding on stage 0,
     layers 2-3 + final norm + LM head on stage 1, global layer numbers in checkpoint keys, and
     a hand-driven two-stage forward gives the PP=1 loss."""
     name, cfg, ids, labels, _ = _pp_case()
     ref = refs[name]
-    s0, s1 = run_ranks(workers.pp_worker, 2, cfg, ids, labels, ref["weights"])
+    s0, s1 = two_ranks["pp"]
     assert s0["layers"] == [0, 1] and s1["layers"] == [2, 3]
     assert s0["layer_types"] == ["MDNMixer", "MDNMixer"]
     assert s1["layer_types"] == ["MDNMixer", "SelfAttention"]

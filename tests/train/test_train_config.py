@@ -67,7 +67,6 @@ def test_gpu_only_features_are_refused_on_cpu():
     assert "parallel.pipeline" in err(["parallel.pipeline=2"], world=2)
     assert "parallel.sequence_parallel" in err(["parallel.tensor=2", "parallel.sequence_parallel=true"], world=2)
     assert "train.precision" in err(["train.precision=bf16"])
-    assert "parallel.distributed_optimizer" in err(["parallel.distributed_optimizer=true"])
 
 
 def test_missing_data_names_the_key(tmp_path):

@@ -1,7 +1,7 @@
-"""Same seed and data → the same loss curve under TP=2, CP=2, DP=2 and another microbatch split
+"""Same seed and data → the same loss curve under TP=2, CP=2, DP=2 (ZeRO) and another microbatch split
 of the same global batch (DESIGN.md §8), in real gloo processes. Data comes from the synthetic
 loader of train_dist_util (the data package's tests cover the real loader); the model is the
-model package's MDN (its CP path needs the cp package's state exchange and conv halo)."""
+model package's MDN (its CP path is the cp package's state exchange and conv halo)."""
 
 import json
 import shutil
@@ -69,34 +69,23 @@ def test_nonfinite_steps_are_skipped_and_counted(reference):
 
 
 @pytest.mark.slow
-def test_tp_dp_give_the_same_losses_and_checkpoints_reshard(reference):
+def test_tp_cp_dp_give_the_same_losses_and_checkpoints_reshard(reference):
     out, ref, _ = reference
     two = run(out, 2, {"tp2": ["parallel.tensor=2", "train.micro_batch=2",
                                f"checkpoint.dir={out}/tp2/ckpt", "checkpoint.interval=2"],
-                       "dp2": ["train.micro_batch=1"]})
-    for name in ("tp2", "dp2"):
+                       "cp2": ["parallel.context=2", "train.micro_batch=2"],
+                       "dp2_zero": ["train.micro_batch=1", "parallel.distributed_optimizer=true",
+                                    f"checkpoint.dir={out}/dp2_zero/ckpt", "checkpoint.interval=2"]})
+    for name in ("tp2", "cp2", "dp2_zero"):
         assert_same(two[name], ref, name)
 
-    # The TP=2 checkpoint of step 2 resumes in one process (TP=1) to the same step-3 loss.
-    shutil.copytree(f"{out}/tp2/ckpt/step_00000002", f"{out}/tp1_from_tp2/ckpt/step_00000002")
-    one = run(out, 1, {"tp1_from_tp2": ["train.micro_batch=2", "checkpoint.interval=2",
-                                        f"checkpoint.dir={out}/tp1_from_tp2/ckpt"]})
-    assert list(one["tp1_from_tp2"]) == [str(STEPS)]
-    assert one["tp1_from_tp2"][str(STEPS)] == pytest.approx(ref[str(STEPS)], rel=1e-6, abs=0)
-
-
-def _have_cp() -> bool:
-    try:
-        from mdn_kernels.cp import conv_halo  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not _have_cp(), reason="CP needs branch 'cp' (mdn_kernels.cp.conv_halo and the "
-                    "state exchange), not merged yet")
-def test_cp_gives_the_same_losses(reference):
-    out, ref, _ = reference
-    two = run(out, 2, {"cp2": ["parallel.context=2", "train.micro_batch=2"]})
-    assert_same(two["cp2"], ref, "cp2")
+    # The step-2 checkpoints of TP=2 and of DP=2 with ZeRO (optimizer state sharded over the
+    # two ranks) resume in one process (TP=1, plain optimizer) to the same step-3 loss.
+    runs = {}
+    for src, name in (("tp2", "tp1_from_tp2"), ("dp2_zero", "dp1_from_zero")):
+        shutil.copytree(f"{out}/{src}/ckpt/step_00000002", f"{out}/{name}/ckpt/step_00000002")
+        runs[name] = ["train.micro_batch=2", "checkpoint.interval=2", f"checkpoint.dir={out}/{name}/ckpt"]
+    one = run(out, 1, runs)
+    for name in ("tp1_from_tp2", "dp1_from_zero"):
+        assert list(one[name]) == [str(STEPS)], name
+        assert one[name][str(STEPS)] == pytest.approx(ref[str(STEPS)], rel=1e-6, abs=0), name

@@ -77,11 +77,11 @@ class SyntheticLoader:
             yield {"tokens": s[:, :-1].contiguous(), "labels": s[:, 1:].contiguous(),
                    "loss_mask": torch.ones(self.B, self.T), "cu_seqlens": torch.tensor(cus, dtype=torch.int32)}
 
-    def state_dict(self):
-        return {"next_row": self.next_row}
+    def state_dict(self):  # global rows consumed: the same under any data-parallel size
+        return {"global_rows": self.next_row * self.D}
 
     def load_state_dict(self, s):
-        self.next_row = s["next_row"]
+        self.next_row = s["global_rows"] // self.D
 
 
 TINY_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.head_k_dim=8",
