@@ -10,32 +10,50 @@ takes the same arguments as launch/pretrain.py, prints one line
     2  bad config (the trainer's message)
     3  unfinished and not resumable: checkpoint.interval is 0, a restart would begin again
 
-It reads only the config and the checkpoint folder (each checkpoint's meta file and file sizes,
-the trainer's own check), so it runs on the batch node in about a second, with no GPU and no
-process group.
+It runs on the batch node before and after every start of a job, so it stays light: no torch
+import (about 0.1 s instead of several seconds on a busy node). The config goes through the
+trainer's own loader (unknown keys and bad values of the trainer's sections are errors here
+already); the model and data sections are left as they are, and the trainer checks them
+before any work. A checkpoint counts when it is complete in the trainer's sense
+(mdn_scale.train.checkpoint.verify: its meta file exists and lists every file with its size;
+tests/slurm/test_run_state.py holds the two to the same verdicts).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)  # a checkout without an installed package
 
 FINISHED, RESUMABLE, BAD_CONFIG, NOT_RESUMABLE = 0, 1, 2, 3
+META = "meta.json"  # mdn_scale.train.checkpoint.META
+STEP_DIR = re.compile(r"^step_(\d{8})$")  # mdn_scale.train.checkpoint.STEP_DIR
+
+
+def is_complete(path: str) -> bool:
+    """What checkpoint.verify accepts, without importing torch: the meta file is readable and
+    every file it lists exists with the size it records."""
+    try:
+        with open(os.path.join(path, META)) as f:
+            files = json.load(f).get("files", {})
+        return all(os.path.getsize(os.path.join(path, rel)) == size for rel, size in files.items())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def newest_complete_step(directory: str) -> int:
-    from mdn_scale.train.checkpoint import CheckpointError, list_checkpoints, step_dir_name, verify
-
-    for step in reversed(list_checkpoints(directory)):
-        try:
-            verify(os.path.join(directory, step_dir_name(step)))
-            return step
-        except CheckpointError:
-            continue  # a save cut short: the trainer skips it too
+    if not directory or not os.path.isdir(directory):
+        return 0
+    steps = sorted(int(m.group(1)) for n in os.listdir(directory) if (m := STEP_DIR.match(n)))
+    for step in reversed(steps):
+        if is_complete(os.path.join(directory, f"step_{step:08d}")):
+            return step  # a save cut short is skipped, as the trainer skips it
     return 0
 
 
@@ -49,7 +67,8 @@ def main(argv=None) -> int:
     from mdn_scale.train.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config or os.path.join(ROOT, "configs", "tiny.yaml"), args.overrides)
+        cfg = load_config(args.config or os.path.join(ROOT, "configs", "tiny.yaml"), args.overrides,
+                          foreign={"model": Any, "data": Any})  # those schemas import torch
     except ConfigError as e:
         print(f"run_state: config error: {e}", file=sys.stderr)
         return BAD_CONFIG

@@ -25,6 +25,26 @@ def fake_checkpoint(ckpt, step, *, complete=True):
         (d / "meta.json").write_text(json.dumps({"step": step, "files": {"__0_0.distcp": 10}}))
 
 
+def agrees_with_trainer(path) -> bool:
+    """run_state's verdict on one step folder is the trainer's (checkpoint.verify)."""
+    from mdn_scale.train import checkpoint
+
+    try:
+        checkpoint.verify(str(path))
+        trainer_ok = True
+    except checkpoint.CheckpointError:
+        trainer_ok = False
+    return run_state.is_complete(str(path)) == trainer_ok
+
+
+def test_same_layout_as_the_trainer():
+    from mdn_scale.train import checkpoint
+
+    assert run_state.META == checkpoint.META
+    assert run_state.STEP_DIR.pattern == checkpoint.STEP_DIR.pattern
+    assert run_state.STEP_DIR.match(checkpoint.step_dir_name(123))
+
+
 def state(capsys, *overrides):
     code = run_state.main(["--config", TINY, *overrides])
     out, err = capsys.readouterr()
@@ -47,6 +67,8 @@ def test_codes(tmp_path, capsys):
     # A shard shorter than meta.json says: not complete either.
     (ckpt / "step_00000020" / "__0_0.distcp").write_bytes(b"x")
     assert state(capsys, *args)[0] == run_state.RESUMABLE
+    for step in (10, 15, 20):
+        assert agrees_with_trainer(ckpt / f"step_{step:08d}"), step
 
     assert state(capsys, "train.steps=20", f"checkpoint.dir={tmp_path}/none",
                  "checkpoint.interval=0")[0] == run_state.NOT_RESUMABLE
