@@ -216,6 +216,28 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def training_processes(launcher_pid: int) -> list[int]:
+    """The pretrain.py workers under a node.sh (not torchrun, whose command line names it too)."""
+    out = []
+    for pid in descendants(launcher_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"launch/pretrain.py") for a in argv) and b"torch.distributed.run" not in argv:
+            out.append(pid)
+    return out
+
+
 def test_lost_node_restarts_from_last_checkpoint(shards, reference, tmp_path):
     run_dir = tmp_path / "run"
     env = clean_env(NNODES="2", RDZV_HOST="127.0.0.1", RDZV_PORT=str(free_port()),
@@ -240,13 +262,17 @@ def test_lost_node_restarts_from_last_checkpoint(shards, reference, tmp_path):
         node1 = start_node(1, "node1")
         wait_until(lambda: logged_steps(run_dir) >= SIGNAL_AFTER and complete_checkpoints(run_dir),
                    240, "steps and a checkpoint", dump)
+        survivors = training_processes(node0.pid)
+        assert survivors, dump()
         for pid in descendants(node1.pid):  # the node is gone: launcher, torchrun, worker
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         node1.wait(timeout=30)
-        last = complete_checkpoints(run_dir)[-1]  # saves are collective: none can finish now
+        # Once node 0's worker has died of the lost peer, no save can complete any more.
+        wait_until(lambda: not any(alive(p) for p in survivors), 120, "node 0's worker to fail", dump)
+        last = complete_checkpoints(run_dir)[-1]
         lost_at = logged_steps(run_dir)
 
         replacement = start_node(1, "node1-replacement")
