@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: setup
+	@# SLURM and munge for tests/slurm (needs root; without them those tests skip and say why)
+	-bash tools/ci_setup_slurm.sh
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 # On a machine with a CUDA GPU (the lent device): the GPU suite.
