@@ -56,7 +56,8 @@ def init_distributed(*, tensor: int, pipeline: int, context: int, timeout_min: i
         device = torch.device("cpu")
     if not dist.is_initialized():
         if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
-            # one task per GPU started by srun (launch/slurm_pretrain.sh): SLURM numbers the ranks
+            # one task per GPU started by srun without torchrun (`srun python launch/pretrain.py`
+            # with MASTER_ADDR/PORT set; launch/slurm/ uses torchrun instead): SLURM numbers the ranks
             os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
                               LOCAL_RANK=os.environ["SLURM_LOCALID"])
         if "RANK" not in os.environ:  # plain `python launch/pretrain.py`: a world of one

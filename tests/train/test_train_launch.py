@@ -1,4 +1,4 @@
-"""launch/slurm_pretrain.sh starts one process per rank with srun and no torchrun: the ranks
+"""`srun python launch/pretrain.py` (one process per rank, no torchrun; launch/slurm/ uses torchrun): the ranks
 come from SLURM's variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID)."""
 
 import os
