@@ -6,13 +6,7 @@
 set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-mkdir -p /tmp/shim && ln -sfn "$PWD/kernels" /tmp/shim/mdn_kernels
-export PYTHONPATH=/tmp/shim:/tmp/site:$PWD PYTHONUNBUFFERED=1
-export TRITON_CACHE_DIR=/tmp/triton_cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+. benchmarks/gpu_env.sh
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 [ -n "${SKIP_TESTS:-}" ] || MDN_RESULTS_DIR="$OUT" timeout 400 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_cp_gpu.py 2>&1 | tee "$OUT/cp_gpu_tests.log"
 for R in ${RS:-1 2 4}; do   # RS="4" runs one size (each call of the device tool has 10 minutes)

@@ -6,12 +6,7 @@
 set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-# mdn_kernels is the import name of kernels/ (pyproject's mapping); a link gives it without installing.
-mkdir -p /tmp/shim && ln -sfn "$PWD/kernels" /tmp/shim/mdn_kernels
-export PYTHONPATH=/tmp/shim:/tmp/site:$PWD PYTHONUNBUFFERED=1
-export TRITON_CACHE_DIR=/tmp/triton_cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+. benchmarks/gpu_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 MDN_RESULTS_DIR="$OUT" timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
 timeout 300 python3 tools/bench_kernels.py --out "$OUT/kernels_bench.json" --profile "$OUT/profile.txt" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
