@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mdn_kernels.mdn.api import _check_shape, validate_inputs
+from mdn_kernels.mdn.api import check_cu_seqlens, check_initial_state, validate_inputs
 from mdn_kernels.mdn.chunk import chunk_mdn
 
 from .layout import batched_view, packed_view
@@ -65,29 +65,12 @@ def _local_checks(q, k, v, log_alpha, log_mu, beta, eta, initial_state, cu_seqle
     backend = validate_inputs(q, k, v, log_alpha, log_mu, beta, eta, None, None, backend)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    N = B
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] of GLOBAL offsets")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"packed sequences (cu_seqlens) need B == 1, got B={B}")
-        cs = cu_seqlens.detach().cpu()
-        if int(cs[0]) != 0 or int(cs[-1]) != world * T:
-            raise ValueError(
-                f"under context parallelism cu_seqlens holds GLOBAL offsets: it must start at 0 "
-                f"and end at cp_size * T = {world} * {T} = {world * T}, got {int(cs[0])}..{int(cs[-1])}")
-        if bool((cs[1:] <= cs[:-1]).any()):
-            raise ValueError("cu_seqlens must be strictly increasing (no empty sequences)")
-        N = cu_seqlens.numel() - 1
-    if initial_state is not None:
-        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
-            raise ValueError("initial_state must be a pair (S0, M0), each [N, H, K, V]")
-        for name, s in zip(("initial_state[0] (S0)", "initial_state[1] (M0)"), initial_state):
-            _check_shape(name, s, (N, H, K, V), "[N, H, K, V] (N = global sequences)")
-            if s.device != k.device:
-                raise ValueError(f"{name} is on {s.device} but k is on {k.device}")
+    N = B if cu_seqlens is None else check_cu_seqlens(
+        cu_seqlens, B, world * T, "GLOBAL offsets",
+        f"holds GLOBAL offsets under context parallelism: it must start at 0 and end at "
+        f"cp_size * T = {world} * {T} = {world * T}")
+    check_initial_state(initial_state, (N, H, K, V), "[N, H, K, V] (N = global sequences)",
+                        k.device)
     return backend, N
 
 

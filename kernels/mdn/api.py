@@ -16,6 +16,35 @@ def _check_shape(name: str, t, expected: tuple, what: str) -> None:
         raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def check_cu_seqlens(cu_seqlens, B: int, total: int, what: str, end_rule: str) -> int:
+    """Packed-sequence offsets [N + 1]: integer, from 0 to `total`, strictly increasing, B == 1.
+    Returns N. `what` and `end_rule` word the errors (local or global offsets)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1] of {what}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if B != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need B == 1, got B={B}")
+    cs = cu_seqlens.detach().cpu()
+    if int(cs[0]) != 0 or int(cs[-1]) != total:
+        raise ValueError(f"cu_seqlens {end_rule}, got {int(cs[0])}..{int(cs[-1])}")
+    if bool((cs[1:] <= cs[:-1]).any()):
+        raise ValueError("cu_seqlens must be strictly increasing (no empty sequences)")
+    return cu_seqlens.numel() - 1
+
+
+def check_initial_state(initial_state, shape: tuple, what: str, device) -> None:
+    """initial_state: None or a pair (S0, M0) of `shape` on `device`."""
+    if initial_state is None:
+        return
+    if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+        raise ValueError("initial_state must be a pair (S0, M0), each [N, H, K, V]")
+    for name, s in zip(("initial_state[0] (S0)", "initial_state[1] (M0)"), initial_state):
+        _check_shape(name, s, shape, what)
+        if s.device != device:
+            raise ValueError(f"{name} is on {s.device} but k is on {device}")
+
+
 def validate_inputs(q, k, v, log_alpha, log_mu, beta, eta, initial_state, cu_seqlens, backend):
     """Raise ValueError naming the first bad argument; return the resolved backend."""
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
@@ -37,27 +66,9 @@ def validate_inputs(q, k, v, log_alpha, log_mu, beta, eta, initial_state, cu_seq
             raise ValueError(f"{name} is on {t.device} but k is on {k.device}")
     if K < 1 or V < 1 or T < 1:
         raise ValueError(f"T, K and V must be positive, got T={T}, K={K}, V={V}")
-    N = B
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence offsets")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"packed sequences (cu_seqlens) need B == 1, got B={B}")
-        cs = cu_seqlens.detach().cpu()
-        if int(cs[0]) != 0 or int(cs[-1]) != T:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {int(cs[0])}..{int(cs[-1])}")
-        if bool((cs[1:] <= cs[:-1]).any()):
-            raise ValueError("cu_seqlens must be strictly increasing (no empty sequences)")
-        N = cu_seqlens.numel() - 1
-    if initial_state is not None:
-        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
-            raise ValueError("initial_state must be a pair (S0, M0), each [N, H, K, V]")
-        for name, s in zip(("initial_state[0] (S0)", "initial_state[1] (M0)"), initial_state):
-            _check_shape(name, s, (N, H, K, V), "[N, H, K, V]")
-            if s.device != k.device:
-                raise ValueError(f"{name} is on {s.device} but k is on {k.device}")
+    N = B if cu_seqlens is None else check_cu_seqlens(
+        cu_seqlens, B, T, "sequence offsets", f"must start at 0 and end at T={T}")
+    check_initial_state(initial_state, (N, H, K, V), "[N, H, K, V]", k.device)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

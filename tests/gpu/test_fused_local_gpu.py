@@ -8,26 +8,9 @@ from mdn_kernels import mdn_chunk
 from mdn_kernels.mdn import chunk as chunk_mod
 from mdn_kernels.mdn.testing import random_inputs
 
-from .conftest import poison_allocator, requires_cuda
+from .conftest import NAMES, SHAPES, grads, poison_allocator, rel, requires_cuda
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
-
-SHAPES = {"K128_V256": (8, 4096, 6, 128, 256), "K256_V512": (8, 4096, 6, 256, 512)}
-NAMES = ["o", "S", "M", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta"]
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def grads(fn, xs, cot_seed=0):
-    o, (S, M) = fn(xs)
-    g = torch.Generator(device="cuda").manual_seed(cot_seed)
-    cots = [torch.randn(t.shape, device="cuda", dtype=torch.float32, generator=g).to(t.dtype)
-            for t in (o, S, M)]
-    loss = sum((t * c).sum() for t, c in zip((o, S, M), cots))
-    return [o, S, M, *torch.autograd.grad(loss, xs)]
 
 
 @pytest.fixture
