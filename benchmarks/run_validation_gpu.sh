@@ -23,9 +23,13 @@ job() {  # job NAME GPUS LIMIT_S CMD... : one pytest/bench in the background on 
 for phase in ${PHASES:-tests cp}; do
   case $phase in
   tests)
-    job model_train 0,1 ${T_TESTS:-330} python3 -m pytest -q -s -p no:cacheprovider \
-      tests/gpu/test_model_gpu.py tests/gpu/test_train_gpu.py
-    job deepspeed 2,3 ${T_TESTS:-330} python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_deepspeed_gpu.py
+    # per-test limit so a slow case fails with its traceback instead of cutting the summary;
+    # MDN_COMPILE=0: the tiny runs would spend most of their time in torch.compile
+    PT="python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short --timeout=${T_CASE:-170}"
+    MDN_COMPILE=0 job model 0,1 ${T_TESTS:-330} $PT tests/gpu/test_model_gpu.py
+    MDN_COMPILE=0 job train 2,3 ${T_TESTS:-330} $PT tests/gpu/test_train_gpu.py ${TRAIN_K:+-k "$TRAIN_K"}
+    wait
+    MDN_COMPILE=0 job deepspeed 0,1 ${T_TESTS:-330} $PT tests/gpu/test_deepspeed_gpu.py ${DS_K:+-k "$DS_K"}
     wait ;;
   longctx)
     job longctx 0,1 ${T_LONGCTX:-330} python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_longctx_memory_gpu.py
