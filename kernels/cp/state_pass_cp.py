@@ -48,11 +48,14 @@ from mdn_kernels.mdn.chunk_torch import (
 from .layout import host_chunk_offsets
 from .transition import (
     default_group_chunks,
-    group_end_grads,
-    group_initial_pairs,
-    group_maps,
     plan_groups,
-    rank_map_from_groups,
+    rank_map_from_tree,
+    tree_down,
+    tree_down_grads,
+    tree_store,
+    tree_up,
+    tree_up_grads,
+    tree_up_T,
 )
 
 
@@ -75,6 +78,18 @@ def _bwd(saved, cot, S0s, M0s, layout, backend, allow_tf32):
         from mdn_kernels.mdn.state_pass import state_pass_bwd_triton
         return state_pass_bwd_triton(*saved, *cot, S0s, M0s, layout, allow_tf32)
     return (*state_pass_bwd_torch(*saved, *cot, layout), None)
+
+
+def _bwd_init_only(saved, cot, layout, backend, allow_tf32):
+    """Only the initial pairs' gradient of the reverse pass, [N, H, 2K, V] (Triton: the kernel
+    stores nothing per chunk; torch: the full spec, the rest dropped)."""
+    if backend == "triton":
+        from mdn_kernels.mdn.state_pass import state_pass_bwd_triton
+        dS, dM = state_pass_bwd_triton(*saved, *cot, None, None, layout, allow_tf32,
+                                       init_only=True)
+    else:
+        dS, dM = state_pass_bwd_torch(*saved, *cot, layout)[3:]
+    return torch.cat([dS, dM], dim=-2)
 
 
 def _put_carried(S, M, view, X):
@@ -118,6 +133,34 @@ def _pairs(S, M):
     return torch.cat([S, M], dim=-2)
 
 
+class _ViewIndex:
+    """Device index tensors of a CPLocalView (built once per view and plan): slots whose
+    carried-in pair feeds a local sequence (in_slots → in_rows, and the tree roots of those
+    rows), and every slot's carried-out sequence (out_rows)."""
+
+    def __init__(self, view, plan, device):
+        idx = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        slots = [p for p, i in enumerate(view.in_seq) if i >= 0]
+        self.has_in = bool(slots)
+        self.in_slots = idx(slots)
+        self.in_rows = idx([view.in_seq[p] for p in slots])
+        self.in_roots = idx([plan.roots[view.in_seq[p]] for p in slots])
+        self.out_rows = idx(list(view.out_seq))
+
+
+_VIEWS: dict = {}
+
+
+def _cached_view_index(view, plan, device) -> _ViewIndex:
+    key = (view.rank, view.world, view.in_seq, view.out_seq, id(plan), str(device))
+    vi = _VIEWS.get(key)
+    if vi is None:
+        if len(_VIEWS) >= 64:
+            _VIEWS.clear()
+        vi = _VIEWS[key] = _ViewIndex(view, plan, device)
+    return vi
+
+
 class CPStatePass(torch.autograd.Function):
     """Drop-in for mdn.chunk.StatePass (same inputs and outputs) across a CP group.
 
@@ -147,28 +190,38 @@ class CPStatePass(torch.autograd.Function):
                 if group_chunks is None:
                     group_chunks = default_group_chunks(K, Y.shape[2])
                 plan = _cached_plan(layout, view, group_chunks)
-                maps = group_maps(args, plan, backend=backend, allow_tf32=allow_tf32)
+                vi = _cached_view_index(view, plan, U.device)
+                P, H, NG = view.num_slots, Y.shape[1], plan.num_groups
+                split = NG > view.num_local          # some sequence has more than one group
+                store = None
+                if r < R - 1 or split:
+                    # group maps → tree (composed pairs of consecutive groups, log2 G levels)
+                    store = tree_up(tree_store(args, plan, backend=backend, allow_tf32=allow_tf32),
+                                    plan)
                 if r < R - 1:
-                    TB = rank_map_from_groups(maps, plan, view, S_init, M_init)
+                    TB = rank_map_from_tree(store, plan, view, S_init, M_init)
                 else:  # nobody reads the last rank's map (the forward folds j < r; backward
                     #     needs 𝒯_j only for j < R − 1, since G_R = 0): send zeros
-                    TB = S_init.new_zeros(view.num_slots, Y.shape[1], 2 * K, 2 * K + V)
+                    TB = S_init.new_zeros(P, H, 2 * K, 2 * K + V)
                 gathered = _all_gather(TB, group) if R > 1 else [TB]
                 X = TB.new_zeros(TB.shape[:-1] + (TB.shape[-1] - 2 * K,))
                 for j in range(r):
                     X = compose_apply(gathered[j], X)
-                # Backward needs 𝒯_j for r < j < R − 1, and every group's 𝒯_g: keep copies so
-                # the wide maps can be freed.
+                # Backward needs 𝒯_j for r < j < R − 1, and every group's 𝒯_g (the tree's
+                # composed 𝒯 are rebuilt from them): keep copies so the wide maps can be freed.
                 ctx.later_T = [m[..., :2 * K].clone() for m in gathered[r + 1:R - 1]]
-                ctx.Tg = maps[..., :2 * K].clone()
-                ctx.plan = plan
-                # Every group's initial pair, then all groups' state passes in parallel.
-                S_in, M_in = _put_carried(S_init, M_init, view, X)
-                Xg = group_initial_pairs(maps, plan, _pairs(S_in, M_in))
-                del maps, gathered
+                ctx.Tg = store[:NG, ..., :2 * K].clone() if split else None
+                ctx.plan, ctx.vi = plan, vi
+                # The pair entering every local sequence, then every group (tree top down),
+                # then all groups' state passes in parallel.
+                X_seq = _pairs(S_init, M_init)
+                if vi.has_in:
+                    X_seq[vi.in_rows] = X[vi.in_slots].to(X_seq.dtype)
+                Xg = tree_down(store, plan, X_seq.to(store.dtype)) if split else X_seq
+                del store, gathered
                 W, S0s, M0s, Sg, Mg = _fwd(args, Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous(),
                                            plan.layout, backend, allow_tf32)
-                S, M = Sg[plan.last_idx], Mg[plan.last_idx]
+                S, M = (Sg[plan.last_idx], Mg[plan.last_idx]) if split else (Sg, Mg)
             else:  # ring: wait for the previous rank, run the ordinary pass, hand on
                 P, H = view.num_slots, Y.shape[1]
                 X = S_init.new_zeros(P, H, 2 * K, V)
@@ -191,34 +244,53 @@ class CPStatePass(torch.autograd.Function):
         cot = [t.contiguous() for t in (dW, dS0s, dM0s, dS_fin, dM_fin)]
         P, H, V = view.num_slots, Y.shape[1], dW.shape[-1]
         if ctx.mode == "allgather":
-            plan, Tg = ctx.plan, ctx.Tg
-            last, first = plan.last_idx, plan.first_idx
-            # Each group's reverse pass with nothing arriving at its end except the sequence's
-            # own final-state cotangent (last groups): d0_g, all groups in parallel.
-            dSg = cot[3].new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[3])
-            dMg = cot[4].new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[4])
-            res = _bwd(saved, cot[:3] + [dSg, dMg], S0s, M0s, plan.layout, ctx.backend,
-                       ctx.allow_tf32)
-            d0g = _pairs(res[3], res[4])
-            # What the rank's tokens send to its carried-in pair(s) with nothing from later ranks.
-            _, d_seq = group_end_grads(Tg, plan, d0g, d0g.new_zeros((view.num_local, H, 2 * K, V)))
-            d0 = _take(d_seq[:, :, :K], d_seq[:, :, K:], view.in_seq)
-            d0s = _all_gather(d0, group) if R > 1 else [d0]
-            G = d0.new_zeros(P, H, 2 * K, V)
-            for j in range(R - 1, r, -1):  # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
-                G = d0s[j] if j == R - 1 else d0s[j] + ctx.later_T[j - r - 1].transpose(-1, -2) @ G
-            # The gradient arriving at every group's end, then every group's reverse pass again
-            # with it (skipped when nothing arrives anywhere: one group per sequence, last rank).
-            G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
-            if r < R - 1:
-                for p, i in enumerate(view.out_seq):
-                    G_seq[i] = G[p]
-            if r < R - 1 or plan.num_groups > view.num_local:
-                Gend, _ = group_end_grads(Tg, plan, d0g, G_seq)
-                res = _bwd(saved, cot[:3] + [dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]],
-                           S0s, M0s, plan.layout, ctx.backend, ctx.allow_tf32)
-            dWt, dS_end, dM_end, dS_g, dM_g, dgates = res
-            dS_i, dM_i = dS_g[first], dM_g[first]
+            plan, vi, NG = ctx.plan, ctx.vi, ctx.plan.num_groups
+            split = NG > view.num_local
+            # The sequences' own final-state cotangents enter at their last groups.
+            if split:
+                dSg = cot[3].new_zeros((NG, H, K, V)).index_put((plan.last_idx,), cot[3])
+                dMg = cot[4].new_zeros((NG, H, K, V)).index_put((plan.last_idx,), cot[4])
+            else:
+                dSg, dMg = cot[3], cot[4]
+            # (1) What every group's own cotangents send to its initial pair when nothing
+            # arrives at its end (d0_g): a reverse pass that stores nothing per chunk, then the
+            # tree bottom up gives every node's D, the sequences' at the roots. Needed to pass
+            # gradients between groups (split) and to send this rank's d0 to rank r − 1.
+            send = r > 0 and vi.has_in
+            if split or send:
+                d0g = _bwd_init_only(saved, cot[:3] + [dSg, dMg], plan.layout, ctx.backend,
+                                     ctx.allow_tf32)
+                Ts = tree_up_T(ctx.Tg, plan) if split else None
+                Ds = tree_up_grads(Ts, plan, d0g) if split else d0g
+            # (2) One all-gather of d0 (zeros where nothing is carried in), the fold of ranks
+            # R−1..r+1 gives G_{r+1}, the gradient arriving at the carried-out pairs.
+            Gend = None
+            if R > 1:
+                d0 = cot[3].new_zeros(P, H, 2 * K, V)
+                if send:
+                    d0[vi.in_slots] = Ds[vi.in_roots].to(d0.dtype)
+                d0s = _all_gather(d0, group)
+                if r < R - 1:
+                    G = d0s[R - 1]   # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
+                    for j in range(R - 2, r, -1):
+                        G = d0s[j] + ctx.later_T[j - r - 1].transpose(-1, -2) @ G
+                    G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
+                    G_seq[vi.out_rows] = G
+                    Gend = G_seq
+            # (3) The gradient arriving at every group's end (the tree top down), then the one
+            # full reverse pass with it: every per-chunk cotangent as the serial pass makes it.
+            if split:
+                if Gend is None:
+                    Gend = cot[3].new_zeros((view.num_local, H, 2 * K, V))
+                Gend = tree_down_grads(Ts, Ds, plan, Gend.to(Ds.dtype))
+            if Gend is not None:
+                dSg, dMg = dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]
+            dWt, dS_end, dM_end, dS_g, dM_g, dgates = _bwd(
+                saved, cot[:3] + [dSg.contiguous(), dMg.contiguous()], S0s, M0s, plan.layout,
+                ctx.backend, ctx.allow_tf32)
+            dS_i, dM_i = (dS_g[plan.first_idx], dM_g[plan.first_idx]) if split else (dS_g, dM_g)
+            if vi.has_in:  # carried-in rows of S_init / M_init were not used
+                dS_i, dM_i = dS_i.index_fill(0, vi.in_rows, 0), dM_i.index_fill(0, vi.in_rows, 0)
         else:  # ring
             G = cot[3].new_zeros(P, H, 2 * K, V)  # state cotangents: fp32 (W may be bf16)
             if r < R - 1:
@@ -231,13 +303,13 @@ class CPStatePass(torch.autograd.Function):
                 saved, cot[:3] + [dS_f, dM_f], S0s, M0s, ctx.layout, ctx.backend, ctx.allow_tf32)
             if r > 0:
                 dist.send(_take(dS_i, dM_i, view.in_seq).contiguous(), group_dst=r - 1, group=group)
+            dS_i, dM_i = dS_i.clone(), dM_i.clone()
+            for i in view.in_seq:  # carried-in rows of S_init / M_init were not used
+                if i >= 0:
+                    dS_i[i] = 0
+                    dM_i[i] = 0
         # Y, Z, Kg, Km may have been saved in bf16: gradients in the compute dtype.
         grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates, ctx.compute_dtype)
-        dS_i, dM_i = dS_i.clone(), dM_i.clone()
-        for i in view.in_seq:  # carried-in rows of S_init / M_init were not used
-            if i >= 0:
-                dS_i[i] = 0
-                dM_i[i] = 0
         return (*grads, dS_i, dM_i) + (None,) * 9
 
 
