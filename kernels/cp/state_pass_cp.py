@@ -50,6 +50,7 @@ from .transition import (
     default_group_chunks,
     plan_groups,
     rank_map_from_tree,
+    rank_map_index,
     tree_down,
     tree_down_grads,
     tree_store,
@@ -134,9 +135,10 @@ def _pairs(S, M):
 
 
 class _ViewIndex:
-    """Device index tensors of a CPLocalView (built once per view and plan): slots whose
-    carried-in pair feeds a local sequence (in_slots → in_rows, and the tree roots of those
-    rows), and every slot's carried-out sequence (out_rows)."""
+    """Device index tensors of a CPLocalView (built once per view and plan: a host→device copy
+    waits for the stream, which would stall the queue of kernels mid-op): slots whose carried-in
+    pair feeds a local sequence (in_slots → in_rows, and the tree roots of those rows), every
+    slot's carried-out sequence (out_rows), and rank_map_from_tree's index."""
 
     def __init__(self, view, plan, device):
         idx = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
@@ -146,6 +148,7 @@ class _ViewIndex:
         self.in_rows = idx([view.in_seq[p] for p in slots])
         self.in_roots = idx([plan.roots[view.in_seq[p]] for p in slots])
         self.out_rows = idx(list(view.out_seq))
+        self.rank_map = rank_map_index(plan, view, device)
 
 
 _VIEWS: dict = {}
@@ -199,7 +202,7 @@ class CPStatePass(torch.autograd.Function):
                     store = tree_up(tree_store(args, plan, backend=backend, allow_tf32=allow_tf32),
                                     plan)
                 if r < R - 1:
-                    TB = rank_map_from_tree(store, plan, view, S_init, M_init)
+                    TB = rank_map_from_tree(store, plan, view, S_init, M_init, vi.rank_map)
                 else:  # nobody reads the last rank's map (the forward folds j < r; backward
                     #     needs 𝒯_j only for j < R − 1, since G_R = 0): send zeros
                     TB = S_init.new_zeros(P, H, 2 * K, 2 * K + V)

@@ -283,17 +283,26 @@ def _index(seq_ids, device):
     return torch.tensor(seq_ids, dtype=torch.int64, device=device)
 
 
-def rank_map_from_tree(store, plan: GroupPlan, view, S_init, M_init) -> torch.Tensor:
+def rank_map_index(plan: GroupPlan, view, device) -> tuple:
+    """Device index tensors rank_map_from_tree needs: (root node of every slot's carried-out
+    sequence, slots whose carried-out sequence starts on this rank, those sequences). Build once
+    per view (a host→device copy waits for the stream)."""
+    idx = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+    fresh = [p for p in range(view.num_slots) if not view.continues(p)]
+    return (idx([plan.roots[s] for s in view.out_seq]), idx(fresh),
+            idx([view.out_seq[p] for p in fresh]))
+
+
+def rank_map_from_tree(store, plan: GroupPlan, view, S_init, M_init, index=None) -> torch.Tensor:
     """This rank's [𝒯 | ℬ] per slot, [P, H, 2K, 2K + V], from the tree's store (after tree_up).
 
     ℬ is the carried-out pair when the carried-in pair is zero; where the carried-out sequence
-    starts on this rank, it includes that sequence's initial state and 𝒯 = 0."""
-    twoK, dev = store.shape[-2], store.device
-    out = store[_index([plan.roots[s] for s in view.out_seq], dev)]
-    fresh = [p for p in range(view.num_slots) if not view.continues(p)]
-    if fresh:  # starts here: fold its own initial state in, 𝒯 = 0
-        fi = _index(fresh, dev)
-        si = _index([view.out_seq[p] for p in fresh], dev)
+    starts on this rank, it includes that sequence's initial state and 𝒯 = 0. `index`: from
+    rank_map_index (built here if not given)."""
+    twoK = store.shape[-2]
+    roots, fi, si = index if index is not None else rank_map_index(plan, view, store.device)
+    out = store[roots]
+    if fi.numel():  # starts here: fold its own initial state in, 𝒯 = 0
         X0 = torch.cat([S_init[si], M_init[si]], dim=-2).to(out.dtype)
         sub = out[fi]
         sub[..., twoK:] += sub[..., :twoK] @ X0
