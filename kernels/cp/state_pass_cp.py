@@ -1,38 +1,66 @@
 """The state pass over chunks when the sequence is split over a context-parallel group.
 
 "allgather" (default), forward on rank r of R: the group maps [𝒯_g | ℬ_g] of this rank's
-chunks (transition.py, all groups in parallel) → a tree gives the rank's [𝒯_r | ℬ_r] → one
-all-gather → X_r = fold of ranks 0..r−1 (X ← 𝒯_j X + ℬ_j from X = 0; a sequence's initial
-state is inside ℬ of the rank where it starts) → a scan over groups gives the pair entering
-every group → the ordinary state-pass kernel runs all groups at once (the groups are its
-"sequences"), producing the same per-chunk W, S0s, M0s as the serial pass.
+chunks (transition.py, all groups in parallel) → a tree composes consecutive groups pairwise
+(log2 G levels) and its roots are the rank's [𝒯_r | ℬ_r] → one all-gather → X_r = fold of
+ranks 0..r−1 (X ← 𝒯_j X + ℬ_j from X = 0; a sequence's initial state is inside ℬ of the rank
+where it starts) → the same tree walked top down gives the pair entering every group → the
+ordinary state-pass kernel runs all groups at once (the groups are its "sequences"), producing
+the same per-chunk W, S0s, M0s as the serial pass.
 
 Backward. The fold only computes a sequential composition, so nothing differentiates through 𝒯.
 Let G_r be the gradient arriving at rank r's carried-in pair. The local reverse pass is linear in
 the gradient arriving at the carried-out pair, so G_r = d0_r + 𝒯_rᵀ G_{r+1} (G_R = 0), where
 d0_r is what the rank's own cotangents send to its carried-in pair when nothing arrives from
 later ranks. Within the rank the same holds per group. So: (1) every group's reverse pass with
-nothing arriving at its end (all groups at once) gives d0_g; a reverse scan with 𝒯_gᵀ gives d0_r;
-(2) one all-gather of d0 (the 𝒯_j, j > r, are kept from the forward all-gather) and the fold of
-ranks R−1..r+1 give G_{r+1}; (3) the reverse scan again, now from G_{r+1}, gives the gradient
-arriving at every group's end, and every group's reverse pass runs again with it, which yields
-every per-chunk cotangent exactly as the serial reverse pass would.
+nothing arriving at its end (all groups at once, `init_only`: it stores nothing per chunk and
+returns only d0_g), then the tree bottom up with 𝒯ᵀ gives d0_r; (2) one all-gather of d0 (the
+𝒯_j, j > r, are kept from the forward all-gather) and the fold of ranks R−1..r+1 give G_{r+1};
+(3) the tree top down from G_{r+1} gives the gradient arriving at every group's end, and every
+group's full reverse pass runs once with it, which yields every per-chunk cotangent exactly as
+the serial reverse pass would.
 
-Why two reverse passes and not (1) plus a correction pass with only the arriving gradients:
-the cost is the same (one group-parallel pass each), and this way the per-chunk cotangents exist
-once and the chunk-parallel gradient work (state_pass_grads, autograd of chunk_prepare /
-chunk_output) runs once. Step (3) is skipped when nothing arrives anywhere (last rank, one group
-per sequence).
+Why (1) is a pass of its own and not the full pass plus a correction: the reverse pass is linear
+in what arrives at a group's end, so a correction pass with only the arriving gradients is exact
+too, but it must add into dWt, dS_end, dM_end and the gate reductions (read and write them all
+again, and read S0s, M0s), more traffic than (1), which reads only dW, dS0s, dM0s and the four
+C×K operands and writes one pair per group. (1) is skipped where nothing crosses a group
+boundary and nothing goes to rank r − 1 (one group per sequence on rank 0, or nothing carried
+in); the tree and the fold are skipped where they have nothing to do.
 
 "ring" mode: no 𝒯 at all. Rank r waits for X_r from rank r−1, runs the ordinary (serial) pass
 and sends its carried-out pair to rank r+1; backward mirrors it (G_{r+1} from r+1, one reverse
 pass, G_r to r−1). Exact, no extra FLOPs, but the ranks' state passes run one after another.
 
-Cost of "allgather" against the op at CP = 1 (per head, n local tokens, K = 128, V = 256): the
-group recurrences (2K + V columns) are 2 state passes' FLOPs; the forward pass and both reverse
-passes have the FLOPs of the serial ones but run G groups in parallel instead of one chain;
-tree and scans are small (transition.py). Communication: forward all-gather of
-P·H·2K·(2K + V) floats per rank, backward P·H·2K·V, independent of n.
+Cost of "allgather", on paper, at the weak-scaling benchmark shape (tools/bench_cp.py: B = 1,
+n = 32K tokens per rank, C = 64 → 512 chunks, H = 6, K = 128, V = 256, bf16 operands; default
+groups of ⌈16K/C⌉ = 32 chunks → G = 16 groups). The op at CP = 1 runs the same chunk-parallel
+work plus the serial state pass: 48 programs (V/32 column blocks × H) walking 512 chunks, once
+forward and once backward: latency-bound, with ~1/3 of the H100's SMs busy.
+
+  piece (per rank)                   work                                     parallelism
+  group maps (Triton)                8·n·K·(2K+V)·H = 103 GFLOP bf16          1536 programs × 32 steps
+  tree up (forward)                  (G−1)·2(2K)²(2K+V)·H = 6.0 GFLOP fp32    4 levels, batched
+  all-gather (forward)               P·H·2K·(2K+V)·4 B = 3.1 MB per rank      1 collective
+  tree down (pair entering groups)   (G−1)·2(2K)²V·H = 3.0 GFLOP fp32         4 levels
+  forward pass, all groups           8·n·K·V·H = 52 GFLOP; ~0.8 GB moved      768 programs × 32 steps
+  (1) reverse pass, init_only        52 GFLOP; ~0.7 GB (dW, dS0s, dM0s, ops)  768 × 32
+  tree up_T + up_grads + down_grads  3 × 3.0 GFLOP fp32                       3 × 4 levels
+  all-gather (backward)              P·H·2K·V·4 B = 1.6 MB per rank           1 collective
+  (3) reverse pass, full             52 GFLOP; ~1.6 GB (+ S0s, M0s, dWt,      768 × 32
+                                     dS_end, dM_end)
+  (the CP = 1 serial passes: the same 52 + 52 GFLOP and ~2.4 GB, but 48 programs × 512 steps)
+
+Host side: torch ops inside CPStatePass forward+backward at G = 16 (counted with a dispatch
+counter on CPU, R = 2 and 4): ~170 now (forward ~75, backward ~97; plus 4 Triton launches)
+against ~435 before the tree (the serial scans were 3 × G steps of ~7 small ops, each a few µs
+of GPU work behind 10–20 µs of Python and dispatch, so the GPU waited on the host), and no
+host→device copy (each waits for the stream) inside the op. Ranking before this change: (a)
+host-bound scans and a mid-forward stream wait (~3 × 16 × 7 ops at 10–20 µs: several ms, most
+of it exposed), (b) group maps (~0.5–1.5 ms), (c) the second full reverse pass (~1.6 GB, ~0.5 ms,
+now a 0.7 GB init_only pass), then the fp32 tree work (18 GFLOP on CUDA cores, ~0.4 ms; a
+candidate for TF32 under 16-bit models once checked on the GPU). `bench_cp.py --profile` shows
+the measured breakdown.
 """
 from __future__ import annotations
 

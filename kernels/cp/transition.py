@@ -16,17 +16,21 @@ recurrence (a Triton program, or one batched torch step per chunk position) givi
 [𝒯_g | ℬ_g]; a log-depth tree of batched products (a, b) ↦ (T_b T_a, T_b B_a + B_b) composes
 them into the rank's map. Nothing walks all the chunks one after another with only per-head
 parallelism (DESIGN §9: FLA's CP pays 3.2× for that). The group maps are reused afterwards:
-once the rank's carried-in pair is known, a scan over groups (group_initial_pairs) gives the
+once the rank's carried-in pair is known, the same tree walked top down (tree_down) gives the
 pair entering every group, so the ordinary state-pass kernels run all groups at once
-(state_pass_cp), and backward does the same with 𝒯_gᵀ (group_end_grads).
+(state_pass_cp), and backward walks it with 𝒯ᵀ (tree_up_grads, tree_down_grads).
 
 FLOPs per head, for n local tokens (n/C chunks) in G groups:
     group recurrences: 8·n·K·(2K + V)      (per chunk: Y X, Z X, Kgᵀ W, Kmᵀ W, each 2·C·K·(2K+V))
-    tree:              2·(G − 1)·(2K)²·(2K + V)
-    group scans:       2·G·(2K)²·V each (forward one, backward two)
+    tree up:           2·(G − 1)·(2K)²·(2K + V)
+    tree down, and the three backward tree walks: 2·(G − 1)·(2K)²·V each (2K·2K·2K for 𝒯 only)
 The op's own forward state pass costs 8·n·K·V, so at K = 128, V = 256 the group recurrences
 are 2× that pass (𝒯 columns 1×, ℬ columns 1×); the tree is ≈ G·K/n of the recurrences, ≤ 1/16
-with the default group length ⌈16·K / C⌉ chunks (≈ 16·K tokens), and the scans are smaller.
+with the default group length ⌈16·K / C⌉ chunks (≈ 16·K tokens), and the walks are smaller.
+But the recurrences run on tensor cores in bf16 for 16-bit models and the tree in fp32 on CUDA
+cores (~15× fewer FLOP/s on an H100), so in time the tree is not negligible: see the table in
+state_pass_cp. The tree walks replace serial scans (group_initial_pairs, group_end_grads, kept
+as their spec) that took G steps of small ops each: same FLOPs, ⌈log2 G⌉ batched levels.
 """
 from __future__ import annotations
 
