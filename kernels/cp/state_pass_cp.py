@@ -179,16 +179,13 @@ class _ViewIndex:
         self.rank_map = rank_map_index(plan, view, device)
 
 
-_VIEWS: dict = {}
-
-
 def _cached_view_index(view, plan, device) -> _ViewIndex:
-    key = (view.rank, view.world, view.in_seq, view.out_seq, id(plan), str(device))
-    vi = _VIEWS.get(key)
+    """Kept on the (cached) plan itself, so an entry never outlives or outruns its plan."""
+    cache = plan.__dict__.setdefault("_view_index", {})
+    key = (view.rank, view.world, view.in_seq, view.out_seq, str(device))
+    vi = cache.get(key)
     if vi is None:
-        if len(_VIEWS) >= 64:
-            _VIEWS.clear()
-        vi = _VIEWS[key] = _ViewIndex(view, plan, device)
+        vi = cache[key] = _ViewIndex(view, plan, device)
     return vi
 
 
