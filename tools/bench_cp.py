@@ -17,6 +17,10 @@ Measures, with the CP group = all ranks (R = world size):
           configuration.
   fla     (--fla-peer) FLA's CP GDN (fla.ops.cp) at the weak-scaling shape, same run, if
           importable.
+  profile (--profile PATH) torch.profiler of --profile-steps forward+backward steps at the weak
+          shape, CP = 1 and CP = R per mode: rank 0 writes, per run, the top 30 kernels/ops by
+          self CUDA time, the CPU-side totals, kernel launches and wall time per step, and every
+          rank's wall and GPU-busy time per step (a slow rank holds the collectives).
 Timing: the median of triton.testing.do_bench for runs without communication; runs with
 collectives use the same method (L2 flush, warm-up and repeat counts from a 5-call estimate) with
 the counts agreed across ranks (max of the estimates), since per-rank counts would deadlock.
@@ -62,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=25.0, help="do_bench warm-up time, ms")
     p.add_argument("--rep", type=float, default=100.0, help="do_bench repeat time, ms")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="also profile the weak-scaling step (CP = 1 and every mode) with "
+                        "torch.profiler and write the tables to PATH (rank 0)")
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per run")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="check the script's logic on CPU (gloo, torch backend, wall-clock timer, "
                         "no memory figures): use tiny shapes; the numbers mean nothing")
@@ -75,7 +83,8 @@ def parse_args(argv=None):
     bad = sorted(a.skip - set(SECTIONS))
     if bad:
         p.error(f"--skip: unknown section(s) {bad}; choose from {SECTIONS}")
-    for name in ("heads", "dk", "dv", "chunk_size", "weak_tokens", "strong_tokens", "exact_tokens"):
+    for name in ("heads", "dk", "dv", "chunk_size", "weak_tokens", "strong_tokens", "exact_tokens",
+                 "profile_steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     return a
@@ -332,6 +341,74 @@ def section_fla(a, rank, world, dtype):
     return out
 
 
+def _sync():
+    if not SMOKE:
+        torch.cuda.synchronize()
+
+
+def _profile_one(fn, steps):
+    """(profiler, wall ms per step) of `steps` calls after 2 warm-up calls."""
+    import time
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        fn()
+    _sync()
+    dist.barrier()
+    acts = [ProfilerActivity.CPU] + ([] if SMOKE else [ProfilerActivity.CUDA])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    return prof, wall
+
+
+def _profile_summary(prof, steps):
+    """Per step: GPU-busy ms (sum of kernel/memcpy self time), device events (kernel launches,
+    copies, collectives), self CPU ms of the ops."""
+    from torch.autograd import DeviceType
+    dev = [e for e in prof.events() if e.device_type != DeviceType.CPU]
+    cpu_self = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {"gpu_busy_ms": sum(e.self_device_time_total for e in dev) / 1e3 / steps,
+            "device_events": len(dev) / steps,
+            "cpu_self_ms": cpu_self / 1e3 / steps}
+
+
+def section_profile(a, rank, world, dtype, path):
+    n = a.weak_tokens
+    xs, do = make_inputs(n * world, a, dtype, a.seed + 1)
+    mine = local_slice(xs, rank, n)
+    do_mine = do[:, rank * n:(rank + 1) * n].contiguous()
+    del xs, do
+    runs = [("CP=1 (this rank's tokens alone)", fwd_bwd(mine, do_mine, a))]
+    runs += [(f"CP={world} {mode}", fwd_bwd(mine, do_mine, a, dist.group.WORLD, mode))
+             for mode in a.modes]
+    steps = a.profile_steps
+    sort = "self_cpu_time_total" if SMOKE else "self_cuda_time_total"
+    text = [f"tools/bench_cp.py --profile: weak shape, {n} tokens per rank, H={a.heads} K={a.dk} "
+            f"V={a.dv} C={a.chunk_size} {a.dtype}, world {world}; {steps} steps per run, "
+            f"times per step; tables of rank 0 (totals over the {steps} steps)\n"]
+    summary = {}
+    for name, fn in runs:
+        prof, wall = _profile_one(fn, steps)
+        s = _profile_summary(prof, steps)
+        s["wall_ms"] = wall
+        per_rank = {k: gather_floats(v, world) for k, v in s.items()}
+        summary[name] = per_rank
+        if rank == 0:
+            text.append("=" * 100)
+            text.append(name)
+            for k, v in per_rank.items():
+                text.append(f"  {k:>15} per step, per rank: " + ", ".join(f"{x:.3f}" for x in v))
+            text.append(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("\n".join(text) + "\n")
+    return summary
+
+
 def main(argv=None):
     global SMOKE
     a = parse_args(argv)
@@ -355,6 +432,8 @@ def main(argv=None):
         results["weak"] = section_scaling(a, rank, world, dtype, a.weak_tokens, "weak")
     if "strong" not in a.skip:
         results["strong"] = section_scaling(a, rank, world, dtype, a.strong_tokens // world, "strong")
+    if a.profile:
+        results["profile"] = section_profile(a, rank, world, dtype, a.profile)
     if a.fla_peer and "fla" not in a.skip and not SMOKE:
         results["fla_gdn"] = section_fla(a, rank, world, dtype)
     if rank == 0:

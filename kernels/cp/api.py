@@ -139,11 +139,11 @@ def mdn_chunk_cp(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state,
     # Initial pairs of the local sequences: a sequence that starts here reads its global row;
     # carried-in rows are placeholders (CPStatePass fills them and gives them zero gradient).
     cdt = torch.float64 if v.dtype == torch.float64 else torch.float32
-    rows = torch.tensor([max(i, 0) for i in view.init_rows], dtype=torch.int64, device=k.device)
-    starts_here = torch.tensor([i >= 0 for i in view.init_rows], device=k.device)
-    if initial_state is None:
+    if initial_state is None:   # (no index tensors then: a host→device copy waits for the stream)
         init = None
     else:
+        rows = torch.tensor([max(i, 0) for i in view.init_rows], dtype=torch.int64, device=k.device)
+        starts_here = torch.tensor([i >= 0 for i in view.init_rows], device=k.device)
         keep = starts_here.to(cdt)[:, None, None, None]
         init = tuple(s.to(cdt)[rows] * keep for s in initial_state)
 

@@ -1,38 +1,66 @@
 """The state pass over chunks when the sequence is split over a context-parallel group.
 
 "allgather" (default), forward on rank r of R: the group maps [𝒯_g | ℬ_g] of this rank's
-chunks (transition.py, all groups in parallel) → a tree gives the rank's [𝒯_r | ℬ_r] → one
-all-gather → X_r = fold of ranks 0..r−1 (X ← 𝒯_j X + ℬ_j from X = 0; a sequence's initial
-state is inside ℬ of the rank where it starts) → a scan over groups gives the pair entering
-every group → the ordinary state-pass kernel runs all groups at once (the groups are its
-"sequences"), producing the same per-chunk W, S0s, M0s as the serial pass.
+chunks (transition.py, all groups in parallel) → a tree composes consecutive groups pairwise
+(log2 G levels) and its roots are the rank's [𝒯_r | ℬ_r] → one all-gather → X_r = fold of
+ranks 0..r−1 (X ← 𝒯_j X + ℬ_j from X = 0; a sequence's initial state is inside ℬ of the rank
+where it starts) → the same tree walked top down gives the pair entering every group → the
+ordinary state-pass kernel runs all groups at once (the groups are its "sequences"), producing
+the same per-chunk W, S0s, M0s as the serial pass.
 
 Backward. The fold only computes a sequential composition, so nothing differentiates through 𝒯.
 Let G_r be the gradient arriving at rank r's carried-in pair. The local reverse pass is linear in
 the gradient arriving at the carried-out pair, so G_r = d0_r + 𝒯_rᵀ G_{r+1} (G_R = 0), where
 d0_r is what the rank's own cotangents send to its carried-in pair when nothing arrives from
 later ranks. Within the rank the same holds per group. So: (1) every group's reverse pass with
-nothing arriving at its end (all groups at once) gives d0_g; a reverse scan with 𝒯_gᵀ gives d0_r;
-(2) one all-gather of d0 (the 𝒯_j, j > r, are kept from the forward all-gather) and the fold of
-ranks R−1..r+1 give G_{r+1}; (3) the reverse scan again, now from G_{r+1}, gives the gradient
-arriving at every group's end, and every group's reverse pass runs again with it, which yields
-every per-chunk cotangent exactly as the serial reverse pass would.
+nothing arriving at its end (all groups at once, `init_only`: it stores nothing per chunk and
+returns only d0_g), then the tree bottom up with 𝒯ᵀ gives d0_r; (2) one all-gather of d0 (the
+𝒯_j, j > r, are kept from the forward all-gather) and the fold of ranks R−1..r+1 give G_{r+1};
+(3) the tree top down from G_{r+1} gives the gradient arriving at every group's end, and every
+group's full reverse pass runs once with it, which yields every per-chunk cotangent exactly as
+the serial reverse pass would.
 
-Why two reverse passes and not (1) plus a correction pass with only the arriving gradients:
-the cost is the same (one group-parallel pass each), and this way the per-chunk cotangents exist
-once and the chunk-parallel gradient work (state_pass_grads, autograd of chunk_prepare /
-chunk_output) runs once. Step (3) is skipped when nothing arrives anywhere (last rank, one group
-per sequence).
+Why (1) is a pass of its own and not the full pass plus a correction: the reverse pass is linear
+in what arrives at a group's end, so a correction pass with only the arriving gradients is exact
+too, but it must add into dWt, dS_end, dM_end and the gate reductions (read and write them all
+again, and read S0s, M0s), more traffic than (1), which reads only dW, dS0s, dM0s and the four
+C×K operands and writes one pair per group. (1) is skipped where nothing crosses a group
+boundary and nothing goes to rank r − 1 (one group per sequence on rank 0, or nothing carried
+in); the tree and the fold are skipped where they have nothing to do.
 
 "ring" mode: no 𝒯 at all. Rank r waits for X_r from rank r−1, runs the ordinary (serial) pass
 and sends its carried-out pair to rank r+1; backward mirrors it (G_{r+1} from r+1, one reverse
 pass, G_r to r−1). Exact, no extra FLOPs, but the ranks' state passes run one after another.
 
-Cost of "allgather" against the op at CP = 1 (per head, n local tokens, K = 128, V = 256): the
-group recurrences (2K + V columns) are 2 state passes' FLOPs; the forward pass and both reverse
-passes have the FLOPs of the serial ones but run G groups in parallel instead of one chain;
-tree and scans are small (transition.py). Communication: forward all-gather of
-P·H·2K·(2K + V) floats per rank, backward P·H·2K·V, independent of n.
+Cost of "allgather", on paper, at the weak-scaling benchmark shape (tools/bench_cp.py: B = 1,
+n = 32K tokens per rank, C = 64 → 512 chunks, H = 6, K = 128, V = 256, bf16 operands; default
+groups of ⌈16K/C⌉ = 32 chunks → G = 16 groups). The op at CP = 1 runs the same chunk-parallel
+work plus the serial state pass: 48 programs (V/32 column blocks × H) walking 512 chunks, once
+forward and once backward: latency-bound, with ~1/3 of the H100's SMs busy.
+
+  piece (per rank)                   work                                     parallelism
+  group maps (Triton)                8·n·K·(2K+V)·H = 103 GFLOP bf16          1536 programs × 32 steps
+  tree up (forward)                  (G−1)·2(2K)²(2K+V)·H = 6.0 GFLOP fp32    4 levels, batched
+  all-gather (forward)               P·H·2K·(2K+V)·4 B = 3.1 MB per rank      1 collective
+  tree down (pair entering groups)   (G−1)·2(2K)²V·H = 3.0 GFLOP fp32         4 levels
+  forward pass, all groups           8·n·K·V·H = 52 GFLOP; ~0.8 GB moved      768 programs × 32 steps
+  (1) reverse pass, init_only        52 GFLOP; ~0.7 GB (dW, dS0s, dM0s, ops)  768 × 32
+  tree up_T + up_grads + down_grads  3 × 3.0 GFLOP fp32                       3 × 4 levels
+  all-gather (backward)              P·H·2K·V·4 B = 1.6 MB per rank           1 collective
+  (3) reverse pass, full             52 GFLOP; ~1.6 GB (+ S0s, M0s, dWt,      768 × 32
+                                     dS_end, dM_end)
+  (the CP = 1 serial passes: the same 52 + 52 GFLOP and ~2.4 GB, but 48 programs × 512 steps)
+
+Host side: torch ops inside CPStatePass forward+backward at G = 16 (counted with a dispatch
+counter on CPU, R = 2 and 4): ~170 now (forward ~75, backward ~97; plus 4 Triton launches)
+against ~435 before the tree (the serial scans were 3 × G steps of ~7 small ops, each a few µs
+of GPU work behind 10–20 µs of Python and dispatch, so the GPU waited on the host), and no
+host→device copy (each waits for the stream) inside the op. Ranking before this change: (a)
+host-bound scans and a mid-forward stream wait (~3 × 16 × 7 ops at 10–20 µs: several ms, most
+of it exposed), (b) group maps (~0.5–1.5 ms), (c) the second full reverse pass (~1.6 GB, ~0.5 ms,
+now a 0.7 GB init_only pass), then the fp32 tree work (18 GFLOP on CUDA cores, ~0.4 ms; a
+candidate for TF32 under 16-bit models once checked on the GPU). `bench_cp.py --profile` shows
+the measured breakdown.
 """
 from __future__ import annotations
 
@@ -48,11 +76,15 @@ from mdn_kernels.mdn.chunk_torch import (
 from .layout import host_chunk_offsets
 from .transition import (
     default_group_chunks,
-    group_end_grads,
-    group_initial_pairs,
-    group_maps,
     plan_groups,
-    rank_map_from_groups,
+    rank_map_from_tree,
+    rank_map_index,
+    tree_down,
+    tree_down_grads,
+    tree_store,
+    tree_up,
+    tree_up_grads,
+    tree_up_T,
 )
 
 
@@ -75,6 +107,18 @@ def _bwd(saved, cot, S0s, M0s, layout, backend, allow_tf32):
         from mdn_kernels.mdn.state_pass import state_pass_bwd_triton
         return state_pass_bwd_triton(*saved, *cot, S0s, M0s, layout, allow_tf32)
     return (*state_pass_bwd_torch(*saved, *cot, layout), None)
+
+
+def _bwd_init_only(saved, cot, layout, backend, allow_tf32):
+    """Only the initial pairs' gradient of the reverse pass, [N, H, 2K, V] (Triton: the kernel
+    stores nothing per chunk; torch: the full spec, the rest dropped)."""
+    if backend == "triton":
+        from mdn_kernels.mdn.state_pass import state_pass_bwd_triton
+        dS, dM = state_pass_bwd_triton(*saved, *cot, None, None, layout, allow_tf32,
+                                       init_only=True)
+    else:
+        dS, dM = state_pass_bwd_torch(*saved, *cot, layout)[3:]
+    return torch.cat([dS, dM], dim=-2)
 
 
 def _put_carried(S, M, view, X):
@@ -118,6 +162,33 @@ def _pairs(S, M):
     return torch.cat([S, M], dim=-2)
 
 
+class _ViewIndex:
+    """Device index tensors of a CPLocalView (built once per view and plan: a host→device copy
+    waits for the stream, which would stall the queue of kernels mid-op): slots whose carried-in
+    pair feeds a local sequence (in_slots → in_rows, and the tree roots of those rows), every
+    slot's carried-out sequence (out_rows), and rank_map_from_tree's index."""
+
+    def __init__(self, view, plan, device):
+        idx = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        slots = [p for p, i in enumerate(view.in_seq) if i >= 0]
+        self.has_in = bool(slots)
+        self.in_slots = idx(slots)
+        self.in_rows = idx([view.in_seq[p] for p in slots])
+        self.in_roots = idx([plan.roots[view.in_seq[p]] for p in slots])
+        self.out_rows = idx(list(view.out_seq))
+        self.rank_map = rank_map_index(plan, view, device)
+
+
+def _cached_view_index(view, plan, device) -> _ViewIndex:
+    """Kept on the (cached) plan itself, so an entry never outlives or outruns its plan."""
+    cache = plan.__dict__.setdefault("_view_index", {})
+    key = (view.rank, view.world, view.in_seq, view.out_seq, str(device))
+    vi = cache.get(key)
+    if vi is None:
+        vi = cache[key] = _ViewIndex(view, plan, device)
+    return vi
+
+
 class CPStatePass(torch.autograd.Function):
     """Drop-in for mdn.chunk.StatePass (same inputs and outputs) across a CP group.
 
@@ -147,28 +218,38 @@ class CPStatePass(torch.autograd.Function):
                 if group_chunks is None:
                     group_chunks = default_group_chunks(K, Y.shape[2])
                 plan = _cached_plan(layout, view, group_chunks)
-                maps = group_maps(args, plan, backend=backend, allow_tf32=allow_tf32)
+                vi = _cached_view_index(view, plan, U.device)
+                P, H, NG = view.num_slots, Y.shape[1], plan.num_groups
+                split = NG > view.num_local          # some sequence has more than one group
+                store = None
+                if r < R - 1 or split:
+                    # group maps → tree (composed pairs of consecutive groups, log2 G levels)
+                    store = tree_up(tree_store(args, plan, backend=backend, allow_tf32=allow_tf32),
+                                    plan)
                 if r < R - 1:
-                    TB = rank_map_from_groups(maps, plan, view, S_init, M_init)
+                    TB = rank_map_from_tree(store, plan, view, S_init, M_init, vi.rank_map)
                 else:  # nobody reads the last rank's map (the forward folds j < r; backward
                     #     needs 𝒯_j only for j < R − 1, since G_R = 0): send zeros
-                    TB = S_init.new_zeros(view.num_slots, Y.shape[1], 2 * K, 2 * K + V)
+                    TB = S_init.new_zeros(P, H, 2 * K, 2 * K + V)
                 gathered = _all_gather(TB, group) if R > 1 else [TB]
                 X = TB.new_zeros(TB.shape[:-1] + (TB.shape[-1] - 2 * K,))
                 for j in range(r):
                     X = compose_apply(gathered[j], X)
-                # Backward needs 𝒯_j for r < j < R − 1, and every group's 𝒯_g: keep copies so
-                # the wide maps can be freed.
+                # Backward needs 𝒯_j for r < j < R − 1, and every group's 𝒯_g (the tree's
+                # composed 𝒯 are rebuilt from them): keep copies so the wide maps can be freed.
                 ctx.later_T = [m[..., :2 * K].clone() for m in gathered[r + 1:R - 1]]
-                ctx.Tg = maps[..., :2 * K].clone()
-                ctx.plan = plan
-                # Every group's initial pair, then all groups' state passes in parallel.
-                S_in, M_in = _put_carried(S_init, M_init, view, X)
-                Xg = group_initial_pairs(maps, plan, _pairs(S_in, M_in))
-                del maps, gathered
+                ctx.Tg = store[:NG, ..., :2 * K].clone() if split else None
+                ctx.plan, ctx.vi = plan, vi
+                # The pair entering every local sequence, then every group (tree top down),
+                # then all groups' state passes in parallel.
+                X_seq = _pairs(S_init, M_init)
+                if vi.has_in:
+                    X_seq[vi.in_rows] = X[vi.in_slots].to(X_seq.dtype)
+                Xg = tree_down(store, plan, X_seq.to(store.dtype)) if split else X_seq
+                del store, gathered
                 W, S0s, M0s, Sg, Mg = _fwd(args, Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous(),
                                            plan.layout, backend, allow_tf32)
-                S, M = Sg[plan.last_idx], Mg[plan.last_idx]
+                S, M = (Sg[plan.last_idx], Mg[plan.last_idx]) if split else (Sg, Mg)
             else:  # ring: wait for the previous rank, run the ordinary pass, hand on
                 P, H = view.num_slots, Y.shape[1]
                 X = S_init.new_zeros(P, H, 2 * K, V)
@@ -191,34 +272,53 @@ class CPStatePass(torch.autograd.Function):
         cot = [t.contiguous() for t in (dW, dS0s, dM0s, dS_fin, dM_fin)]
         P, H, V = view.num_slots, Y.shape[1], dW.shape[-1]
         if ctx.mode == "allgather":
-            plan, Tg = ctx.plan, ctx.Tg
-            last, first = plan.last_idx, plan.first_idx
-            # Each group's reverse pass with nothing arriving at its end except the sequence's
-            # own final-state cotangent (last groups): d0_g, all groups in parallel.
-            dSg = cot[3].new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[3])
-            dMg = cot[4].new_zeros((plan.num_groups, H, K, V)).index_put((last,), cot[4])
-            res = _bwd(saved, cot[:3] + [dSg, dMg], S0s, M0s, plan.layout, ctx.backend,
-                       ctx.allow_tf32)
-            d0g = _pairs(res[3], res[4])
-            # What the rank's tokens send to its carried-in pair(s) with nothing from later ranks.
-            _, d_seq = group_end_grads(Tg, plan, d0g, d0g.new_zeros((view.num_local, H, 2 * K, V)))
-            d0 = _take(d_seq[:, :, :K], d_seq[:, :, K:], view.in_seq)
-            d0s = _all_gather(d0, group) if R > 1 else [d0]
-            G = d0.new_zeros(P, H, 2 * K, V)
-            for j in range(R - 1, r, -1):  # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
-                G = d0s[j] if j == R - 1 else d0s[j] + ctx.later_T[j - r - 1].transpose(-1, -2) @ G
-            # The gradient arriving at every group's end, then every group's reverse pass again
-            # with it (skipped when nothing arrives anywhere: one group per sequence, last rank).
-            G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
-            if r < R - 1:
-                for p, i in enumerate(view.out_seq):
-                    G_seq[i] = G[p]
-            if r < R - 1 or plan.num_groups > view.num_local:
-                Gend, _ = group_end_grads(Tg, plan, d0g, G_seq)
-                res = _bwd(saved, cot[:3] + [dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]],
-                           S0s, M0s, plan.layout, ctx.backend, ctx.allow_tf32)
-            dWt, dS_end, dM_end, dS_g, dM_g, dgates = res
-            dS_i, dM_i = dS_g[first], dM_g[first]
+            plan, vi, NG = ctx.plan, ctx.vi, ctx.plan.num_groups
+            split = NG > view.num_local
+            # The sequences' own final-state cotangents enter at their last groups.
+            if split:
+                dSg = cot[3].new_zeros((NG, H, K, V)).index_put((plan.last_idx,), cot[3])
+                dMg = cot[4].new_zeros((NG, H, K, V)).index_put((plan.last_idx,), cot[4])
+            else:
+                dSg, dMg = cot[3], cot[4]
+            # (1) What every group's own cotangents send to its initial pair when nothing
+            # arrives at its end (d0_g): a reverse pass that stores nothing per chunk, then the
+            # tree bottom up gives every node's D, the sequences' at the roots. Needed to pass
+            # gradients between groups (split) and to send this rank's d0 to rank r − 1.
+            send = r > 0 and vi.has_in
+            if split or send:
+                d0g = _bwd_init_only(saved, cot[:3] + [dSg, dMg], plan.layout, ctx.backend,
+                                     ctx.allow_tf32)
+                Ts = tree_up_T(ctx.Tg, plan) if split else None
+                Ds = tree_up_grads(Ts, plan, d0g) if split else d0g
+            # (2) One all-gather of d0 (zeros where nothing is carried in), the fold of ranks
+            # R−1..r+1 gives G_{r+1}, the gradient arriving at the carried-out pairs.
+            Gend = None
+            if R > 1:
+                d0 = cot[3].new_zeros(P, H, 2 * K, V)
+                if send:
+                    d0[vi.in_slots] = Ds[vi.in_roots].to(d0.dtype)
+                d0s = _all_gather(d0, group)
+                if r < R - 1:
+                    G = d0s[R - 1]   # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
+                    for j in range(R - 2, r, -1):
+                        G = d0s[j] + ctx.later_T[j - r - 1].transpose(-1, -2) @ G
+                    G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
+                    G_seq[vi.out_rows] = G
+                    Gend = G_seq
+            # (3) The gradient arriving at every group's end (the tree top down), then the one
+            # full reverse pass with it: every per-chunk cotangent as the serial pass makes it.
+            if split:
+                if Gend is None:
+                    Gend = cot[3].new_zeros((view.num_local, H, 2 * K, V))
+                Gend = tree_down_grads(Ts, Ds, plan, Gend.to(Ds.dtype))
+            if Gend is not None:
+                dSg, dMg = dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]
+            dWt, dS_end, dM_end, dS_g, dM_g, dgates = _bwd(
+                saved, cot[:3] + [dSg.contiguous(), dMg.contiguous()], S0s, M0s, plan.layout,
+                ctx.backend, ctx.allow_tf32)
+            dS_i, dM_i = (dS_g[plan.first_idx], dM_g[plan.first_idx]) if split else (dS_g, dM_g)
+            if vi.has_in:  # carried-in rows of S_init / M_init were not used
+                dS_i, dM_i = dS_i.index_fill(0, vi.in_rows, 0), dM_i.index_fill(0, vi.in_rows, 0)
         else:  # ring
             G = cot[3].new_zeros(P, H, 2 * K, V)  # state cotangents: fp32 (W may be bf16)
             if r < R - 1:
@@ -231,13 +331,13 @@ class CPStatePass(torch.autograd.Function):
                 saved, cot[:3] + [dS_f, dM_f], S0s, M0s, ctx.layout, ctx.backend, ctx.allow_tf32)
             if r > 0:
                 dist.send(_take(dS_i, dM_i, view.in_seq).contiguous(), group_dst=r - 1, group=group)
+            dS_i, dM_i = dS_i.clone(), dM_i.clone()
+            for i in view.in_seq:  # carried-in rows of S_init / M_init were not used
+                if i >= 0:
+                    dS_i[i] = 0
+                    dM_i[i] = 0
         # Y, Z, Kg, Km may have been saved in bf16: gradients in the compute dtype.
         grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates, ctx.compute_dtype)
-        dS_i, dM_i = dS_i.clone(), dM_i.clone()
-        for i in view.in_seq:  # carried-in rows of S_init / M_init were not used
-            if i >= 0:
-                dS_i[i] = 0
-                dM_i[i] = 0
         return (*grads, dS_i, dM_i) + (None,) * 9
 
 

@@ -16,17 +16,21 @@ recurrence (a Triton program, or one batched torch step per chunk position) givi
 [𝒯_g | ℬ_g]; a log-depth tree of batched products (a, b) ↦ (T_b T_a, T_b B_a + B_b) composes
 them into the rank's map. Nothing walks all the chunks one after another with only per-head
 parallelism (DESIGN §9: FLA's CP pays 3.2× for that). The group maps are reused afterwards:
-once the rank's carried-in pair is known, a scan over groups (group_initial_pairs) gives the
+once the rank's carried-in pair is known, the same tree walked top down (tree_down) gives the
 pair entering every group, so the ordinary state-pass kernels run all groups at once
-(state_pass_cp), and backward does the same with 𝒯_gᵀ (group_end_grads).
+(state_pass_cp), and backward walks it with 𝒯ᵀ (tree_up_grads, tree_down_grads).
 
 FLOPs per head, for n local tokens (n/C chunks) in G groups:
     group recurrences: 8·n·K·(2K + V)      (per chunk: Y X, Z X, Kgᵀ W, Kmᵀ W, each 2·C·K·(2K+V))
-    tree:              2·(G − 1)·(2K)²·(2K + V)
-    group scans:       2·G·(2K)²·V each (forward one, backward two)
+    tree up:           2·(G − 1)·(2K)²·(2K + V)
+    tree down, and the three backward tree walks: 2·(G − 1)·(2K)²·V each (2K·2K·2K for 𝒯 only)
 The op's own forward state pass costs 8·n·K·V, so at K = 128, V = 256 the group recurrences
 are 2× that pass (𝒯 columns 1×, ℬ columns 1×); the tree is ≈ G·K/n of the recurrences, ≤ 1/16
-with the default group length ⌈16·K / C⌉ chunks (≈ 16·K tokens), and the scans are smaller.
+with the default group length ⌈16·K / C⌉ chunks (≈ 16·K tokens), and the walks are smaller.
+But the recurrences run on tensor cores in bf16 for 16-bit models and the tree in fp32 on CUDA
+cores (~15× fewer FLOP/s on an H100), so in time the tree is not negligible: see the table in
+state_pass_cp. The tree walks replace serial scans (group_initial_pairs, group_end_grads, kept
+as their spec) that took G steps of small ops each: same FLOPs, ⌈log2 G⌉ batched levels.
 """
 from __future__ import annotations
 
@@ -65,6 +69,14 @@ class GroupPlan:
     last_idx: torch.Tensor           # [num_local] each sequence's last group
     fwd_steps: list                  # per group position j: (group ids, sequence ids)
     bwd_steps: list                  # per position j from the end: (group ids, sequence ids)
+    # The tree over each sequence's groups (see "Tree over the groups" below): nodes 0..NG-1 are
+    # the groups, node NG + i the i-th composed pair. Per level, bottom up: (left node ids,
+    # right node ids, first new id, end): nodes [first, end) are the compositions of left[i]
+    # then right[i] (consecutive ranges of one sequence, left before right).
+    levels: list
+    num_nodes: int
+    root_idx: torch.Tensor           # [num_local] the node covering all of each sequence's groups
+    roots: list[int]                 # the same, on the host
 
     @property
     def num_groups(self) -> int:
@@ -95,9 +107,30 @@ def plan_groups(layout: ChunkLayout, group_chunks: int,
         seqs = [s for s, g in enumerate(groups_of_seq) if len(g) > j]
         fwd.append((idx([groups_of_seq[s][j] for s in seqs]), idx(seqs)))
         bwd.append((idx([groups_of_seq[s][-1 - j] for s in seqs]), idx(seqs)))
+    # The tree: pair consecutive nodes of each sequence level by level; an odd last node goes up
+    # unchanged (no identity padding, no copy), so every sequence of n groups takes n − 1
+    # compositions and ⌈log2 n⌉ levels.
+    cur = [list(g) for g in groups_of_seq]
+    nid, levels = len(starts), []
+    while any(len(c) > 1 for c in cur):
+        left, right, first, nxt = [], [], nid, []
+        for c in cur:
+            up = []
+            for i in range(0, len(c) - 1, 2):
+                left.append(c[i])
+                right.append(c[i + 1])
+                up.append(nid)
+                nid += 1
+            if len(c) % 2:
+                up.append(c[-1])
+            nxt.append(up)
+        levels.append((idx(left), idx(right), first, nid))
+        cur = nxt
+    roots = [c[0] for c in cur]
     return GroupPlan(layout=glayout, groups_of_seq=groups_of_seq, g_start=g_off[:-1],
                      g_len=g_off[1:] - g_off[:-1], first_idx=idx([g[0] for g in groups_of_seq]),
-                     last_idx=idx([g[-1] for g in groups_of_seq]), fwd_steps=fwd, bwd_steps=bwd)
+                     last_idx=idx([g[-1] for g in groups_of_seq]), fwd_steps=fwd, bwd_steps=bwd,
+                     levels=levels, num_nodes=nid, root_idx=idx(roots), roots=roots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,15 +219,18 @@ if triton is not None:
 
 
 def group_maps_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len,
-                      allow_tf32: bool = False):
+                      allow_tf32: bool = False, out: torch.Tensor | None = None):
     """Triton version of group_maps_torch (same arguments; fp32 result and accumulation; the
-    products take the operands' dtype, bf16 for 16-bit models as in the state pass)."""
+    products take the operands' dtype, bf16 for 16-bit models as in the state pass). `out`: a
+    contiguous fp32 [NG, H, 2K, 2K + V] to write into (the first rows of the tree's store)."""
     from mdn_kernels.mdn.state_pass import _block_v, _precision
     NC, H, C, V = U.shape
     K = Y.shape[-1]
     NG = g_start.numel()
     ncol = 2 * K + V
-    out = U.new_empty(NG, H, 2 * K, ncol, dtype=torch.float32)  # fp32 maps, whatever the operands
+    if out is None:
+        out = U.new_empty(NG, H, 2 * K, ncol, dtype=torch.float32)  # fp32 maps, whatever the operands
+    assert out.is_contiguous() and out.shape == (NG, H, 2 * K, ncol) and out.dtype == torch.float32
     BK, BV = triton.next_power_of_2(K), _block_v(K, ncol)
     grid = (triton.cdiv(ncol, BV), NG * H)
     _group_map_kernel[grid](
@@ -229,38 +265,53 @@ def tree_compose(maps: torch.Tensor) -> torch.Tensor:
     return maps[:, 0]
 
 
-def group_maps(prep_args, plan: GroupPlan, *, backend: str, allow_tf32: bool) -> torch.Tensor:
-    """[𝒯_g | ℬ_g] of every group (from a zero pair): [NG, H, 2K, 2K + V]."""
+def maps_dtype(U: torch.Tensor, backend: str) -> torch.dtype:
+    """The dtype group_maps returns: fp32 from Triton, the operands' dtype from torch."""
+    return torch.float32 if (backend == "triton" and U.dtype != torch.float64) else U.dtype
+
+
+def group_maps(prep_args, plan: GroupPlan, *, backend: str, allow_tf32: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """[𝒯_g | ℬ_g] of every group (from a zero pair): [NG, H, 2K, 2K + V] (into `out` if given,
+    dtype maps_dtype)."""
     U = prep_args[0]
     if backend == "triton" and U.dtype != torch.float64:
-        return group_maps_triton(*prep_args, plan.g_start, plan.g_len, allow_tf32)
-    return group_maps_torch(*prep_args, plan.g_start, plan.g_len)
+        return group_maps_triton(*prep_args, plan.g_start, plan.g_len, allow_tf32, out=out)
+    maps = group_maps_torch(*prep_args, plan.g_start, plan.g_len)
+    if out is None:
+        return maps
+    return out.copy_(maps)
 
 
 def _index(seq_ids, device):
     return torch.tensor(seq_ids, dtype=torch.int64, device=device)
 
 
-def rank_map_from_groups(maps, plan: GroupPlan, view, S_init, M_init) -> torch.Tensor:
-    """This rank's [𝒯 | ℬ] per slot, [P, H, 2K, 2K + V], from the group maps.
+def rank_map_index(plan: GroupPlan, view, device) -> tuple:
+    """Device index tensors rank_map_from_tree needs: (root node of every slot's carried-out
+    sequence, slots whose carried-out sequence starts on this rank, those sequences). Build once
+    per view (a host→device copy waits for the stream)."""
+    idx = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+    fresh = [p for p in range(view.num_slots) if not view.continues(p)]
+    return (idx([plan.roots[s] for s in view.out_seq]), idx(fresh),
+            idx([view.out_seq[p] for p in fresh]))
+
+
+def rank_map_from_tree(store, plan: GroupPlan, view, S_init, M_init, index=None) -> torch.Tensor:
+    """This rank's [𝒯 | ℬ] per slot, [P, H, 2K, 2K + V], from the tree's store (after tree_up).
 
     ℬ is the carried-out pair when the carried-in pair is zero; where the carried-out sequence
-    starts on this rank, it includes that sequence's initial state and 𝒯 = 0."""
-    dev, twoK = maps.device, maps.shape[-2]
-    P = view.num_slots
-    groups = [plan.groups_of_seq[s] for s in view.out_seq]
-    gmax = max(len(g) for g in groups)
-    padded = maps.new_zeros((P, gmax) + tuple(maps.shape[1:]))
-    padded[..., :twoK].copy_(torch.eye(twoK, dtype=maps.dtype, device=dev))  # identity padding
-    slot_idx = _index([p for p, g in enumerate(groups) for _ in g], dev)
-    pos_idx = _index([j for g in groups for j in range(len(g))], dev)
-    padded[slot_idx, pos_idx] = maps[_index([i for g in groups for i in g], dev)]
-    out = tree_compose(padded)
-    for p, s in enumerate(view.out_seq):
-        if not view.continues(p):   # starts here: fold its own initial state in, 𝒯 = 0
-            X0 = torch.cat([S_init[s], M_init[s]], dim=-2).to(out.dtype)
-            out[p, ..., twoK:] += out[p, ..., :twoK] @ X0
-            out[p, ..., :twoK] = 0
+    starts on this rank, it includes that sequence's initial state and 𝒯 = 0. `index`: from
+    rank_map_index (built here if not given)."""
+    twoK = store.shape[-2]
+    roots, fi, si = index if index is not None else rank_map_index(plan, view, store.device)
+    out = store[roots]
+    if fi.numel():  # starts here: fold its own initial state in, 𝒯 = 0
+        X0 = torch.cat([S_init[si], M_init[si]], dim=-2).to(out.dtype)
+        sub = out[fi]
+        sub[..., twoK:] += sub[..., :twoK] @ X0
+        sub[..., :twoK] = 0
+        out[fi] = sub
     return out
 
 
@@ -275,12 +326,12 @@ def rank_map(prep_args, S_init, M_init, layout, view, *, backend: str, allow_tf3
     if group_chunks is None:
         group_chunks = default_group_chunks(Y.shape[-1], Y.shape[2])
     plan = plan_groups(layout, group_chunks)
-    maps = group_maps(prep_args, plan, backend=backend, allow_tf32=allow_tf32)
-    return rank_map_from_groups(maps, plan, view, S_init, M_init)
+    store = tree_store(prep_args, plan, backend=backend, allow_tf32=allow_tf32)
+    return rank_map_from_tree(tree_up(store, plan), plan, view, S_init, M_init)
 
 
 # ---------------------------------------------------------------------------------------------
-# Scans over the groups of each sequence (a few small batched products per group position)
+# Scans over the groups of each sequence, serially: the spec of the tree below (tests)
 # ---------------------------------------------------------------------------------------------
 
 def group_initial_pairs(maps, plan: GroupPlan, X_seq) -> torch.Tensor:
@@ -308,3 +359,97 @@ def group_end_grads(Tg, plan: GroupPlan, d0g, G_seq_end):
         Gend[gi] = Ga
         G = G.index_put((si,), d0g[gi] + Tg[gi].transpose(-1, -2) @ Ga)
     return Gend, G
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree over the groups (what state_pass_cp runs): O(log G) batched steps, none per group
+# ---------------------------------------------------------------------------------------------
+#
+# Forward. tree_up composes each sequence's group maps pairwise, level by level (the rank map is
+# the root of the carried-out sequence); once the pair entering every sequence is known,
+# tree_down walks the same tree top down: a node's left child is entered with the node's input,
+# its right child with left(input) = T_l X + B_l. That gives the pair entering every group, as
+# the serial scan group_initial_pairs does, with NG − N_seq products of 2K×2K by 2K×V (the same
+# count as the scan) in ⌈log2 G⌉ levels of ~5 batched ops instead of G steps of ~7 ops.
+#
+# Backward (the adjoint scan G_in(g) = d0_g + T_gᵀ G_end(g), group_end_grads): a node covering
+# groups [a..b] sends D + (T_b⋯T_a)ᵀ G_end(b) to its initial pair, where bottom up
+# D(l, r) = D_l + T_lᵀ D_r (tree_up_grads); the composed 𝒯 parts are the forward tree's, rebuilt
+# from the saved group 𝒯_g (tree_up_T, (NG − N_seq) 2K×2K products: no extra memory kept from the
+# forward). Top down from the gradient arriving at each sequence's end: G_end(r) = G_end(node),
+# G_end(l) = D_r + T_rᵀ G_end(node) (tree_down_grads).
+
+def tree_store(prep_args, plan: GroupPlan, *, backend: str, allow_tf32: bool) -> torch.Tensor:
+    """A [num_nodes, H, 2K, 2K + V] store holding the group maps in its first NG rows (the rest
+    is filled by tree_up)."""
+    U, Y = prep_args[0], prep_args[1]
+    H, K, V = Y.shape[1], Y.shape[-1], U.shape[-1]
+    store = U.new_empty((plan.num_nodes, H, 2 * K, 2 * K + V), dtype=maps_dtype(U, backend))
+    group_maps(prep_args, plan, backend=backend, allow_tf32=allow_tf32,
+               out=store[:plan.num_groups])
+    return store
+
+
+def _affine(T: torch.Tensor, X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """T X + B over leading batch dims, as one batched product with the add fused (baddbmm)."""
+    flat = lambda t: t.reshape(-1, *t.shape[-2:])  # noqa: E731 - views for the store's slices
+    out = torch.baddbmm(flat(B), flat(T), flat(X))
+    return out.view(*X.shape[:-2], *out.shape[-2:])
+
+
+def tree_up(store: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """Fill the composed nodes of `store` in place: node (l, r) = [T_r T_l | T_r B_l + B_r]."""
+    twoK = store.shape[-2]
+    for left, right, a, b in plan.levels:
+        ml, mr = store[left], store[right]
+        torch.matmul(mr[..., :twoK], ml, out=store[a:b])
+        store[a:b, ..., twoK:] += mr[..., twoK:]
+    return store
+
+
+def tree_down(store: torch.Tensor, plan: GroupPlan, X_seq: torch.Tensor) -> torch.Tensor:
+    """The pair entering every group, [NG, H, 2K, V], from the pair entering every local sequence
+    X_seq [num_local, H, 2K, V] (what group_initial_pairs computes serially)."""
+    twoK = store.shape[-2]
+    Xs = X_seq.new_empty((plan.num_nodes,) + tuple(X_seq.shape[1:]))
+    Xs[plan.root_idx] = X_seq
+    for left, right, a, b in reversed(plan.levels):
+        Xp = Xs[a:b].clone()  # index_put refuses a source inside its destination
+        ml = store[left]
+        Xs[right] = _affine(ml[..., :twoK], Xp, ml[..., twoK:])
+        Xs[left] = Xp
+    return Xs[:plan.num_groups]
+
+
+def tree_up_T(Tg: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """The 𝒯 part of every node, [num_nodes, H, 2K, 2K], from the groups' 𝒯_g [NG, H, 2K, 2K]."""
+    Ts = Tg.new_empty((plan.num_nodes,) + tuple(Tg.shape[1:]))
+    Ts[:plan.num_groups] = Tg
+    for left, right, a, b in plan.levels:
+        torch.matmul(Ts[right], Ts[left], out=Ts[a:b])
+    return Ts
+
+
+def tree_up_grads(Ts: torch.Tensor, plan: GroupPlan, d0g: torch.Tensor) -> torch.Tensor:
+    """D of every node [num_nodes, H, 2K, V] from the groups' d0_g [NG, H, 2K, V] (what each
+    group's own cotangents send to its initial pair when nothing arrives at its end).
+    D[plan.root_idx] is then what every sequence's tokens send to its initial pair."""
+    Ds = d0g.new_empty((plan.num_nodes,) + tuple(d0g.shape[1:]))
+    Ds[:plan.num_groups] = d0g
+    for left, right, a, b in plan.levels:
+        Ds[a:b] = _affine(Ts[left].transpose(-1, -2), Ds[right], Ds[left])
+    return Ds
+
+
+def tree_down_grads(Ts: torch.Tensor, Ds: torch.Tensor, plan: GroupPlan,
+                    G_seq_end: torch.Tensor) -> torch.Tensor:
+    """The gradient arriving at every group's end, [NG, H, 2K, V], given the gradient arriving
+    at every local sequence's end from outside, G_seq_end [num_local, H, 2K, V] (the first
+    result of group_end_grads)."""
+    Gs = G_seq_end.new_empty((plan.num_nodes,) + tuple(G_seq_end.shape[1:]))
+    Gs[plan.root_idx] = G_seq_end
+    for left, right, a, b in reversed(plan.levels):
+        Gp = Gs[a:b].clone()
+        Gs[left] = _affine(Ts[right].transpose(-1, -2), Gp, Ds[right])
+        Gs[right] = Gp
+    return Gs[:plan.num_groups]

@@ -70,9 +70,11 @@ def _state_bwd_kernel(
     Y, Z, KG, KM, A_END, G_END, U_END, DW, DS0S, DM0S, DS_FIN, DM_FIN, S0S, M0S,
     DWT, DS_END, DM_END, DS_INIT, DM_INIT, DGATES, OFFSETS, NCH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INIT_ONLY: tl.constexpr,
 ):
     # DGATES [3, NV, NC, H]: this value block's share of dL/da_end, dL/dg_end, dL/du_end.
+    # INIT_ONLY: only the initial pair's gradient (DS_INIT, DM_INIT); nothing per chunk is
+    # stored and S0S, M0S are not read (the other pointers may be dummies).
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -94,20 +96,22 @@ def _state_bwd_kernel(
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         ch = c * H + i_h
-        tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
-        tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
-        s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-        m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-        gofs = i_v * NCH * H + ch
-        tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0, 1), 0))
-        tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0, 1), 0))
-        tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0, 1), 0))
+        if not INIT_ONLY:
+            tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
+            tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
+            s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+            m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+            gofs = i_v * NCH * H + ch
+            tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0, 1), 0))
+            tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0, 1), 0))
+            tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0, 1), 0))
         kg = tl.load(KG + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         km = tl.load(KM + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0).to(tl.float32)
         dw = (dw - tl.dot(kg, ds.to(kg.dtype), input_precision=PREC)
               + tl.dot(km, dm.to(km.dtype), input_precision=PREC))
-        tl.store(DWT + ch * C * V + cv, dw.to(DWT.dtype.element_ty), mask=m_v[None, :])
+        if not INIT_ONLY:
+            tl.store(DWT + ch * C * V + cv, dw.to(DWT.dtype.element_ty), mask=m_v[None, :])
         y_t = tl.load(Y + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         z_t = tl.load(Z + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         a = tl.load(A_END + ch)
@@ -166,25 +170,35 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
 
 
 def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
-                          S0s, M0s, layout, allow_tf32: bool = False):
+                          S0s, M0s, layout, allow_tf32: bool = False, init_only: bool = False):
     """Returns dWt, dS_end, dM_end (in the operand dtype), the initial pair's gradient (fp32 or
-    fp64) and (da_end, dg_end, du_end) [NC, H], reduced in the kernel."""
+    fp64) and (da_end, dg_end, du_end) [NC, H], reduced in the kernel.
+
+    init_only: return only the initial pair's gradient (dS_init, dM_init). The same reverse
+    chain, but nothing per chunk is written and S0s, M0s are not read (they may be None): the
+    traffic drops from ~7 to ~3 [NC, H, K, V]-sized tensors (context parallelism runs this pass
+    first to learn what every group sends back, state_pass_cp)."""
     NC, H, C, V = dW.shape
     K = Y.shape[-1]
     N = layout.num_seqs
     sdt = torch.float64 if dW.dtype == torch.float64 else torch.float32
-    dWt = torch.empty(dW.shape, dtype=Y.dtype, device=dW.device)
-    dS_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
-    dM_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
     dS_init = dW.new_empty(N, H, K, V, dtype=sdt)
     dM_init = dW.new_empty(N, H, K, V, dtype=sdt)
     BK, BV = triton.next_power_of_2(K), _block_v(K, V)
     grid = (triton.cdiv(V, BV), N * H)
-    dgates = dW.new_empty(3, grid[0], NC, H, dtype=sdt)
+    if init_only:   # dummies for the pointers the kernel does not touch
+        dWt = dS_end = dM_end = dgates = S0s = M0s = dW
+    else:
+        dWt = torch.empty(dW.shape, dtype=Y.dtype, device=dW.device)
+        dS_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
+        dM_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
+        dgates = dW.new_empty(3, grid[0], NC, H, dtype=sdt)
     _state_bwd_kernel[grid](
         Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s,
         dWt, dS_end, dM_end, dS_init, dM_init, dgates, layout.seq_chunk_offsets, NC,
-        H=H, K=K, V=V, C=C, BK=BK, BV=BV, PREC=_precision(Y.dtype, allow_tf32), num_warps=4,
-        num_stages=1,
+        H=H, K=K, V=V, C=C, BK=BK, BV=BV, PREC=_precision(Y.dtype, allow_tf32),
+        INIT_ONLY=init_only, num_warps=4, num_stages=1,
     )
+    if init_only:
+        return dS_init, dM_init
     return dWt, dS_end, dM_end, dS_init, dM_init, dgates.sum(1)

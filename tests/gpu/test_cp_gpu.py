@@ -134,3 +134,29 @@ def test_group_map_kernel_against_float64(allow_tf32, tol, record):
     err = rel(got, ref)
     record(f"cp_group_maps_{'bf16' if allow_tf32 else 'fp32'}", dict(rel_err=err))
     assert torch.isfinite(got).all() and err <= tol, err
+
+
+@pytest.mark.parametrize("low", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reverse_pass_init_only_matches_full_kernel(low, record):
+    """The reverse state-pass kernel with init_only (CP's first backward pass: no per-chunk
+    stores) gives the full kernel's initial-pair gradient, at the benchmark shape (Hopper
+    compiles the two variants separately)."""
+    from mdn_kernels.mdn.layout import build_layout
+    from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
+    poison_allocator()
+    g = torch.Generator(device="cuda").manual_seed(7)
+    NC, Nseq = 64, 4
+    layout = build_layout(Nseq, NC // Nseq * C, None, C, torch.device("cuda"))
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    U, Y, Z, Kg, Km = (r(NC, H, C, V) * 0.1).to(low), *((r(NC, H, C, K) * 0.02).to(low) for _ in range(4))
+    a, gg, u = torch.rand(3, NC, H, device="cuda", generator=g)
+    S0, M0 = r(2, Nseq, H, K, V)
+    prec = low != torch.float32
+    _, S0s, M0s, _, _ = state_pass_fwd_triton(U, Y, Z, Kg, Km, a, gg, u, S0, M0, layout, prec)
+    cot = (r(NC, H, C, V).to(low), r(NC, H, K, V).to(low), r(NC, H, K, V).to(low), *r(2, Nseq, H, K, V))
+    full = state_pass_bwd_triton(Y, Z, Kg, Km, a, gg, u, *cot, S0s, M0s, layout, prec)
+    dS, dM = state_pass_bwd_triton(Y, Z, Kg, Km, a, gg, u, *cot, None, None, layout, prec,
+                                   init_only=True)
+    err = max(rel(dS, full[3]), rel(dM, full[4]))
+    record(f"state_pass_bwd_init_only_{'bf16' if prec else 'fp32'}", dict(rel_err=err))
+    assert torch.isfinite(dS).all() and torch.isfinite(dM).all() and err <= 1e-6, err

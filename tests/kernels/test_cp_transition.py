@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mdn_kernels.cp import batched_view, local_cu_seqlens, packed_view, rank_map
+from mdn_kernels.cp.transition import plan_groups
 from mdn_kernels.mdn.chunk_torch import chunk_prepare, state_pass_fwd_torch
 from mdn_kernels.mdn.layout import build_layout
 from mdn_kernels.mdn.naive import l2norm
@@ -100,3 +101,111 @@ def test_host_chunk_offsets_match_the_layout():
     for view, B in ((batched_view(3, 40, 1, 2), 3), (packed_view(torch.tensor([0, 5, 61, 64, 80]), 40, 1, 2), 1)):
         layout = build_layout(B, 40, view.cu_local, 16, torch.device("cpu"))
         assert host_chunk_offsets(view, 16) == layout.seq_chunk_offsets.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tree over groups (what the CP state pass runs) against the serial scans it replaces, and
+# the reverse pass that stores nothing per chunk (init_only) against the torch spec.
+# ---------------------------------------------------------------------------------------------
+
+def _plans():
+    """Plans with 1..7 groups per sequence, several sequences of different lengths."""
+    C = 8
+    out = []
+    for B, T, cu, gc in ((1, 56, None, 1),       # 7 groups: odd counts at two levels
+                         (2, 40, None, 2),       # 3 groups per row
+                         (3, 64, None, 1),       # 8 groups per row: a full binary tree
+                         (1, 96, [0, 8, 9, 40, 96], 1)):   # 1, 1, 4, 7 groups
+        cu_t = None if cu is None else torch.tensor(cu)
+        layout = build_layout(B, T, cu_t, C, torch.device("cpu"))
+        out.append(plan_groups(layout, gc))
+    return out
+
+
+def test_tree_structure():
+    for plan in _plans():
+        # every composed node is made once; each root covers its sequence's groups in order
+        assert plan.num_nodes == 2 * plan.num_groups - len(plan.groups_of_seq)
+        cover = {g: [g] for g in range(plan.num_groups)}
+        for left, right, a, b in plan.levels:
+            assert b - a == left.numel() == right.numel()
+            for i, (l, r) in enumerate(zip(left.tolist(), right.tolist())):
+                assert cover[l][-1] + 1 == cover[r][0]
+                cover[a + i] = cover[l] + cover[r]
+        for s, groups in enumerate(plan.groups_of_seq):
+            assert cover[plan.roots[s]] == groups
+            assert plan.root_idx[s].item() == plan.roots[s]
+        assert len(plan.levels) == max((len(g) - 1).bit_length() for g in plan.groups_of_seq)
+
+
+def _random_maps(NG, H, K, V, seed):
+    g = torch.Generator().manual_seed(seed)
+    eye = torch.eye(2 * K, dtype=torch.float64)
+    T = 0.9 * eye + 0.3 * torch.randn(NG, H, 2 * K, 2 * K, generator=g, dtype=torch.float64) / K ** 0.5
+    B = torch.randn(NG, H, 2 * K, V, generator=g, dtype=torch.float64)
+    return torch.cat([T, B], dim=-1)
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_tree_equals_serial_scans(i):
+    from mdn_kernels.cp.transition import (group_end_grads, group_initial_pairs, tree_down,
+                                           tree_down_grads, tree_up, tree_up_grads, tree_up_T)
+    plan = _plans()[i]
+    H, K, V = 2, 3, 5
+    NG, N = plan.num_groups, len(plan.groups_of_seq)
+    maps = _random_maps(NG, H, K, V, seed=i)
+    g = torch.Generator().manual_seed(10 + i)
+    X_seq = torch.randn(N, H, 2 * K, V, generator=g, dtype=torch.float64)
+    d0g = torch.randn(NG, H, 2 * K, V, generator=g, dtype=torch.float64)
+    G_seq = torch.randn(N, H, 2 * K, V, generator=g, dtype=torch.float64)
+
+    store = torch.empty((plan.num_nodes,) + tuple(maps.shape[1:]), dtype=torch.float64)
+    store[:NG] = maps
+    tree_up(store, plan)
+    # forward: the pair entering every group; the roots are the sequences' whole maps
+    want = group_initial_pairs(maps, plan, X_seq)
+    torch.testing.assert_close(tree_down(store, plan, X_seq), want, rtol=1e-12, atol=1e-12)
+    X_end = group_initial_pairs(maps, plan, X_seq)[plan.last_idx]
+    last = maps[plan.last_idx]
+    X_end = last[..., :2 * K] @ X_end + last[..., 2 * K:]
+    root = store[plan.root_idx]
+    torch.testing.assert_close(root[..., :2 * K] @ X_seq + root[..., 2 * K:], X_end,
+                               rtol=1e-12, atol=1e-12)
+    # backward: gradient arriving at every group's end, and into every sequence's initial pair
+    Tg = maps[..., :2 * K].contiguous()
+    Ts = tree_up_T(Tg, plan)
+    torch.testing.assert_close(Ts, store[..., :2 * K], rtol=1e-12, atol=1e-12)
+    Ds = tree_up_grads(Ts, plan, d0g)
+    Gend_want, Gseq_want = group_end_grads(Tg, plan, d0g, G_seq)
+    torch.testing.assert_close(tree_down_grads(Ts, Ds, plan, G_seq), Gend_want,
+                               rtol=1e-12, atol=1e-12)
+    Tr = Ts[plan.root_idx]
+    torch.testing.assert_close(Ds[plan.root_idx] + Tr.transpose(-1, -2) @ G_seq, Gseq_want,
+                               rtol=1e-12, atol=1e-12)
+    _, d_zero = group_end_grads(Tg, plan, d0g, torch.zeros_like(G_seq))
+    torch.testing.assert_close(Ds[plan.root_idx], d_zero, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cu", [None, [0, 9, 40, 64]])
+def test_state_pass_bwd_init_only(cu):
+    """The Triton reverse pass with init_only (no per-chunk stores, S0s/M0s not read) gives the
+    initial pairs' gradient of the torch spec and of the full kernel (interpreter on CPU)."""
+    from mdn_kernels.mdn.chunk_torch import state_pass_bwd_torch
+    from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
+    B, T, H, K, V, C = (2, 40, 2, 16, 32, 16) if cu is None else (1, 64, 2, 16, 32, 16)
+    cu_t = None if cu is None else torch.tensor(cu)
+    args, layout = prepared(B, T, H, K, V, C, torch.float32, cu=cu_t, seed=3)
+    N, NC = layout.num_seqs, layout.num_chunks
+    g = torch.Generator().manual_seed(4)
+    S0, M0 = torch.randn(2, N, H, K, V, generator=g)
+    _, S0s, M0s, _, _ = state_pass_fwd_triton(*args, S0, M0, layout)
+    dW = torch.randn(NC, H, C, V, generator=g)
+    dS0s, dM0s = torch.randn(2, NC, H, K, V, generator=g)
+    dS_fin, dM_fin = torch.randn(2, N, H, K, V, generator=g)
+    cot = (dW, dS0s, dM0s, dS_fin, dM_fin)
+    dS, dM = state_pass_bwd_triton(*args[1:], *cot, None, None, layout, init_only=True)
+    full = state_pass_bwd_triton(*args[1:], *cot, S0s, M0s, layout)
+    spec = state_pass_bwd_torch(*args[1:], *cot, layout)
+    for got, f, want in ((dS, full[3], spec[3]), (dM, full[4], spec[4])):
+        assert torch.equal(got, f)
+        assert ((got - want).norm() / want.norm()).item() < 1e-5

@@ -44,8 +44,9 @@ def test_refuses_without_cuda(tmp_path):
 @pytest.mark.slow
 def test_cpu_smoke_two_ranks(tmp_path):
     out = tmp_path / "r.json"
+    prof = tmp_path / "profile.txt"
     r = run("-m", "torch.distributed.run", "--nproc-per-node", "2", str(SCRIPT), "--cpu-smoke",
-            "--out", str(out), *TINY)
+            "--out", str(out), "--profile", str(prof), "--profile-steps", "1", *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(out.read_text())
     assert rec["num_gpus"] == 2 and rec["command"].startswith("torchrun --nproc-per-node 2")
@@ -56,3 +57,7 @@ def test_cpu_smoke_two_ranks(tmp_path):
             assert errs["cp_vs_cp1"] <= errs["cp1_vs_fp32"], (mode, name, errs)
         for sec in ("weak", "strong"):
             assert res[sec][mode]["median_ms"] > 0 and res[sec][mode]["efficiency"] > 0
+    table = prof.read_text()
+    for run_name in ("CP=1", "CP=2 allgather", "CP=2 ring"):
+        assert run_name in table and run_name in " ".join(res["profile"])
+    assert "Self CPU time total" in table and "CPStatePass" in table
