@@ -20,12 +20,12 @@ rounding otherwise) and the averaged gradient is the sum the Megatron backend fo
 Checkpoints (``checkpoint.dir``): ``step_XXXXXXXX/`` holds DeepSpeed's own files (written by
 ``engine.save_checkpoint``; the ZeRO partitions of this world size) plus our ``extra/rank_N.pt``
 (RNG, loader position) and ``meta.json`` (step, tokens, schedule, ``"format": "deepspeed"``),
-saved to ``.tmp`` and renamed when complete by checkpoint.save_step, as every save. Resume needs the same
-world size (ZeRO partitions); tools/convert_deepspeed_checkpoint.py turns one into full weights,
-our DCP format or the HF layout. DeepSpeed's resume reads its files with pickle (``torch.load(
-weights_only=False)`` in DeepSpeed 0.19): resume only from checkpoints your own runs wrote.
-``checkpoint.load`` (weights only, from a DeepSpeed checkpoint of any stage and world size, or
-from our DCP format) and the converter read them with ``weights_only=True``
+saved to ``.tmp`` and renamed when complete (checkpoint.save_step, the frame of every save).
+Resume needs the same world size (ZeRO partitions); tools/convert_deepspeed_checkpoint.py turns
+one into full weights, our DCP format or the HF layout. DeepSpeed's resume reads its files with
+pickle (``torch.load(weights_only=False)`` in DeepSpeed 0.19): resume only from checkpoints your
+own runs wrote. ``checkpoint.load`` (weights only, from a DeepSpeed checkpoint of any stage and
+world size, or from our DCP format) and the converter read them with ``weights_only=True``
 (deepspeed_checkpoint.py).
 
 Precision: ``train.precision=bf16`` is DeepSpeed's bf16 mode (bf16 parameters in the forward and
