@@ -366,6 +366,21 @@ def save(directory: str, *, step: int, model, optimizer, scheduler, extra: dict,
          meta: dict, keep_last: int = 0) -> str:
     """Collective: every rank calls it. ``extra`` is this rank's small state (RNG, data loader
     position); ``meta`` the run-level state rank 0 records (consumed tokens, layout...)."""
+
+    def write(tmp):
+        state = {**model_state(model), **optimizer_state(model, optimizer)}
+        dcp.save(state, checkpoint_id=tmp, planner=_SavePlanner())
+        return {"scheduler": scheduler.state_dict() if scheduler else None,
+                "optimizer_step": _optimizer_step_count(optimizer)}
+
+    return save_step(directory, step, write, extra=extra, meta=meta, keep_last=keep_last)
+
+
+def save_step(directory: str, step: int, write, *, extra: dict, meta: dict, keep_last: int = 0) -> str:
+    """Collective: the atomic frame of every checkpoint (either backend's). Every rank calls
+    ``write(tmp)`` into ``step_XXXXXXXX.tmp`` and saves its ``extra``; once all have finished,
+    rank 0 writes meta.json (``meta``, what ``write`` returned, the file sizes), renames the
+    folder, points ``latest`` at it and prunes to ``keep_last``."""
     rank = _rank()
     final = os.path.join(directory, step_dir_name(step))
     tmp = final + ".tmp"
@@ -375,8 +390,7 @@ def save(directory: str, *, step: int, model, optimizer, scheduler, extra: dict,
         os.makedirs(os.path.join(tmp, "extra"))
     _barrier()
 
-    state = {**model_state(model), **optimizer_state(model, optimizer)}
-    dcp.save(state, checkpoint_id=tmp, planner=_SavePlanner())
+    written = write(tmp)
     torch.save(extra, os.path.join(tmp, "extra", f"rank_{rank:05d}.pt"))
     _barrier()
 
@@ -386,8 +400,7 @@ def save(directory: str, *, step: int, model, optimizer, scheduler, extra: dict,
             for n in names:
                 full = os.path.join(root, n)
                 files[os.path.relpath(full, tmp)] = os.path.getsize(full)
-        record = dict(meta, step=step, scheduler=scheduler.state_dict() if scheduler else None,
-                      optimizer_step=_optimizer_step_count(optimizer), files=files,
+        record = dict(meta, step=step, **written, files=files,
                       world_size=dist.get_world_size() if dist.is_initialized() else 1,
                       saved_at=time.time())
         _write_atomic(os.path.join(tmp, META), json.dumps(record, indent=1))

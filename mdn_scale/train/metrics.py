@@ -1,7 +1,7 @@
 """Run logging on rank 0: metrics.jsonl, TensorBoard scalars, a console progress line.
 
 metrics.jsonl has one JSON object per logged step (DESIGN.md §8): step, loss, lr, grad_norm,
-tokens (consumed so far), tokens_per_s, and more (mfu, memory_gb, skipped_steps, ...).
+tokens (consumed so far), tokens_per_s, and more (mfu, memory_gb, host_rss_gb, skipped_steps, ...).
 Validation results are separate lines with ``val_loss``.
 """
 
@@ -33,6 +33,20 @@ def peak_flops(device) -> float | None:
         if key in name:
             return flops
     return None
+
+
+def memory_stats(device) -> dict:
+    """Peak memory of this process so far: ``memory_gb`` is the torch allocator's peak on a GPU
+    (``host_rss_gb`` beside it: the peak resident host memory, where CPU offload lives), the
+    peak resident memory on CPU."""
+    import resource
+
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    if device.type != "cuda":
+        return {"memory_gb": rss_gb}
+    import torch
+
+    return {"memory_gb": torch.cuda.max_memory_allocated(device) / 2**30, "host_rss_gb": rss_gb}
 
 
 class MetricsLogger:

@@ -1,8 +1,11 @@
-"""The training loop: build, resume, step, log, evaluate, checkpoint — one screen of code.
+"""The training loop: build, resume, step, log, evaluate, checkpoint — one screen of code, the
+same for both backends (``train.backend``).
 
 Components live in their own files: config (schema, validation), distributed (process groups),
-batches (data for one step), step (forward/backward), grads (dp×cp reduction, norm, clipping),
-optimizer (AdamW, schedule), checkpoint (DCP, atomic, resharding), metrics (logging).
+batches (data for one step), backend (what the loop asks of a backend: forward/backward, step,
+lr, checkpoint save/load) with megatron_backend (step: forward/backward, grads: dp×cp
+reduction, norm, clipping, optimizer: AdamW, schedule, checkpoint: DCP, atomic, resharding) and
+deepspeed_backend (a DeepSpeed engine), metrics (logging).
 """
 
 from __future__ import annotations
@@ -15,15 +18,13 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .backend import build_backend
 from .batches import StepBatches
 from .config import RunConfig, save_resolved
 from .distributed import Layout, seed_everything
-from .init_from import initialize as initialize_from
-from .grads import clip_, finalize_grads, global_grad_norm
-from .metrics import MetricsLogger, model_flops_per_token, peak_flops
-from .optimizer import build_optimizer, build_scheduler
+from .metrics import MetricsLogger, memory_stats, model_flops_per_token, peak_flops
 from .recompute import enable_layer_recompute
-from .step import count_tokens, evaluate, forward_backward
+from .step import count_tokens
 
 
 class StopFlag:
@@ -69,28 +70,19 @@ def build_model(cfg: RunConfig, layout: Layout):
 
 def train(cfg: RunConfig, layout: Layout) -> dict:
     """Run (or resume) training; returns a summary (final step, last loss, stopped by signal)."""
-    if cfg.train.backend == "deepspeed":  # the same loop around a DeepSpeed engine
-        from .deepspeed_backend import train as train_deepspeed
-
-        return train_deepspeed(cfg, layout)
     t = cfg.train
     log_rank0 = (lambda *a: print(*a, flush=True)) if layout.is_logger else (lambda *a: None)
     seed_everything(cfg.seed, layout)
     model = build_model(cfg, layout)
     dpcp = _dp_cp_group()
-    optimizer = build_optimizer(model, t, distributed=cfg.parallel.distributed_optimizer, group=dpcp)
-    scheduler = build_scheduler(optimizer, t)
     data = StepBatches(cfg, layout)
+    found = ckpt.find_loadable(cfg.checkpoint.dir, log=log_rank0) if cfg.checkpoint.dir else None
+    backend = build_backend(cfg, layout, model, dpcp, resume_from=found, log=log_rank0)
 
     step, consumed_tokens, skipped = 0, 0, 0
-    found = ckpt.find_loadable(cfg.checkpoint.dir, log=log_rank0) if cfg.checkpoint.dir else None
-    if found is None and (cfg.checkpoint.init_from or cfg.checkpoint.load):
-        # A new run from another run's (or an HF model's) weights, e.g. long-context continued
-        # pretraining: step 0, fresh schedule and data; optimizer fresh or kept (init_from.py).
-        initialize_from(cfg, model, optimizer, log=log_rank0)
     if found is not None:
         path, meta = found
-        extra = ckpt.load(path, meta, model=model, optimizer=optimizer, scheduler=scheduler)
+        extra = backend.load(path, meta)
         step, consumed_tokens, skipped = meta["step"], meta["consumed_tokens"], meta["skipped_steps"]
         if extra is not None:  # same world: exact per-rank RNG and loader position
             ckpt.set_rng_state(extra["rng"])
@@ -107,15 +99,14 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
     peak = peak_flops(layout.device)
     tokens_per_step = t.global_batch * t.seq_len
     stop = StopFlag()
-    model.train()
+    backend.model.train()
     last_loss, stopped = float("nan"), False
 
     def save(at_step):
-        ckpt.save(cfg.checkpoint.dir, step=at_step, model=model, optimizer=optimizer,
-                  scheduler=scheduler, keep_last=cfg.checkpoint.keep_last,
-                  extra={"rng": ckpt.rng_state(), "data": data.state_dict()},
-                  meta={"consumed_tokens": consumed_tokens, "skipped_steps": skipped,
-                        "data": data.state_dict(), "layout": layout.as_dict()})
+        backend.save(cfg.checkpoint.dir, step=at_step, keep_last=cfg.checkpoint.keep_last,
+                     extra={"rng": ckpt.rng_state(), "data": data.state_dict()},
+                     meta={"consumed_tokens": consumed_tokens, "skipped_steps": skipped,
+                           "data": data.state_dict(), "layout": layout.as_dict()})
         log_rank0(f"[checkpoint] saved step {at_step} to {cfg.checkpoint.dir}")
 
     try:
@@ -123,19 +114,12 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
         while step < t.steps:
             microbatches = data.next_step()
             global_tokens = count_tokens(microbatches, dpcp, layout.device)
-            optimizer.zero_grad(set_to_none=False)
-            loss = forward_backward(model, microbatches, global_tokens=global_tokens,
-                                    precision=t.precision, device=layout.device, loss_group=dpcp)
-            finalize_grads(model)
-            grad_norm = global_grad_norm(model)
-            if t.skip_nonfinite and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            loss = backend.forward_backward(microbatches, global_tokens)
+            grad_norm, applied = backend.step(loss)
+            if not applied:
                 skipped += 1
                 log_rank0(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}: "
                           f"update skipped ({skipped} so far)")
-            else:
-                clip_(model, t.grad_clip, grad_norm)
-                scheduler.step(1)  # the lr of this update
-                optimizer.step()
             step += 1
             consumed_tokens += tokens_per_step
             window_tokens += tokens_per_step
@@ -144,24 +128,17 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
             if step % cfg.logging.interval == 0 or step == t.steps:
                 elapsed = max(time.time() - window_start, 1e-9)
                 tps = window_tokens / elapsed
-                record = {"loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                          "grad_norm": grad_norm, "tokens": consumed_tokens,
-                          "tokens_per_s": tps, "skipped_steps": skipped,
+                record = {"loss": loss, "lr": backend.lr, "grad_norm": grad_norm,
+                          "tokens": consumed_tokens, "tokens_per_s": tps, "skipped_steps": skipped,
                           "step_time_s": elapsed * tokens_per_step / window_tokens}
                 if peak:
                     record["mfu"] = tps * flops_per_token / (peak * layout.world)
-                if layout.device.type == "cuda":
-                    record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                else:  # peak resident memory of this process (Linux reports KiB)
-                    import resource
-
-                    record["memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                record.update(memory_stats(layout.device))
                 logger.log(step, record)
                 window_start, window_tokens = time.time(), 0
 
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == t.steps):
-                val = evaluate(model, data.validation_batches(cfg.eval.batches),
-                               precision=t.precision, device=layout.device, loss_group=dpcp)
+                val = backend.evaluate(data.validation_batches(cfg.eval.batches))
                 logger.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50))})
 
             stopped = stop.agreed(layout.device)
