@@ -122,20 +122,12 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
         window_start, window_tokens = time.time(), 0
         while step < t.steps:
             microbatches = data.next_step()
-            global_tokens = count_tokens(microbatches, dpcp, layout.device)
-            optimizer.zero_grad(set_to_none=False)
-            loss = forward_backward(model, microbatches, global_tokens=global_tokens,
-                                    precision=t.precision, device=layout.device, loss_group=dpcp)
-            finalize_grads(model)
-            grad_norm = global_grad_norm(model)
-            if t.skip_nonfinite and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            loss, grad_norm, applied = train_step(model, optimizer, scheduler, microbatches, t=t,
+                                                  device=layout.device, dpcp=dpcp)
+            if not applied:
                 skipped += 1
                 log_rank0(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}: "
                           f"update skipped ({skipped} so far)")
-            else:
-                clip_(model, t.grad_clip, grad_norm)
-                scheduler.step(1)  # the lr of this update
-                optimizer.step()
             step += 1
             consumed_tokens += tokens_per_step
             window_tokens += tokens_per_step
@@ -177,6 +169,27 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
         logger.close()
         data.close()
     return {"step": step, "loss": last_loss, "stopped": stopped, "skipped_steps": skipped}
+
+
+def train_step(model, optimizer, scheduler, microbatches: list[dict], *, t, device, dpcp):
+    """One optimizer step on this rank's (CP-sliced) microbatches: forward/backward, gradient
+    reduction over dp×cp, global norm, clipping, lr schedule and update (tools/bench_model.py
+    times exactly this). ``model``: a module, or a list of pipeline model chunks (interleaved
+    schedule). Returns (loss, grad_norm, applied); a step with a non-finite loss or norm is not
+    applied when ``t.skip_nonfinite``."""
+    owner = torch.nn.ModuleList(model) if isinstance(model, (list, tuple)) else model
+    global_tokens = count_tokens(microbatches, dpcp, device)
+    optimizer.zero_grad(set_to_none=False)
+    loss = forward_backward(model, microbatches, global_tokens=global_tokens,
+                            precision=t.precision, device=device, loss_group=dpcp)
+    finalize_grads(owner)
+    grad_norm = global_grad_norm(owner)
+    if t.skip_nonfinite and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return loss, grad_norm, False
+    clip_(owner, t.grad_clip, grad_norm)
+    scheduler.step(1)  # the lr of this update
+    optimizer.step()
+    return loss, grad_norm, True
 
 
 def _dp_cp_group():
