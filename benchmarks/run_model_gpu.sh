@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Whole-model training benchmark (issue 9: tools/bench_model.py) in one device call on a 4-GPU
+# machine. Usage (repo root, .whl carried with megatron-core 0.16.1, fla-core 0.6.0 and the
+# trainer's needs, as for run_validation_gpu.sh):
+#   bash benchmarks/run_model_gpu.sh "$OUT"
+# Phases (PHASES="single scale pp" by default, in that order):
+#   single  1-GPU cases side by side on the 4 GPUs (CUDA_VISIBLE_DEVICES): MDN, GDN (our layer,
+#           momentum off), Megatron-core's GatedDeltaNet (FLA) and a Transformer at 400M, then
+#           MDN, GDN, Megatron GDN at 1.3B and the 24-layer PP = 1 reference; all at 4K tokens.
+#   scale   DP = 2 and TP = 2 (400M), CP weak scaling of the whole model: seq_len = R·4096 with
+#           CP = R (so each GPU holds 4K tokens of every sequence, as CP = 1 at 4096 does), R = 2
+#           (400M and 1.3B side by side), R = 4 (400M, then 1.3B).
+#   pp      PP = 2 with 1F1B and interleaved (vp 2) side by side, then PP = 4 1F1B: 24 layers
+#           (21 do not split), 8 microbatches; losses against the PP = 1 reference of `single`.
+# Every case has a time limit, and no case starts with less than MIN_LEFT seconds of the
+# DEADLINE (540 s from the start) left, so the call ends inside the tool's 10 minutes.
+# Everything lands in $OUT/model_bench.tar.gz, re-made after every round (the tool returns at
+# most 8 files; a cut call keeps what finished). tools/summarize_model_bench.py prints the table.
+set -uo pipefail
+OUT=${1:-/tmp/out}
+R=$OUT/model_bench
+mkdir -p "$R"
+START=$SECONDS
+DEADLINE=${DEADLINE:-540}
+MIN_LEFT=${MIN_LEFT:-75}
+T_CASE=${T_CASE:-200}
+STEPS=${STEPS:-5}
+WARMUP=${WARMUP:-3}
+. benchmarks/gpu_env.sh
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$R/versions.txt"
+python3 -c "import fla; print('fla', fla.__version__)" >>"$R/versions.txt" 2>&1
+
+M400=configs/mdn_400m.yaml; G400=configs/gdn_400m.yaml; T400=configs/transformer_400m.yaml
+M13=configs/mdn_1.3b.yaml
+
+left() { echo $((DEADLINE - (SECONDS - START))); }
+
+case_() {  # case_ NAME GPUS ARGS... : tools/bench_model.py under torchrun on GPUS, in the background
+  local name=$1 gpus=$2; shift 2
+  local n; n=$(awk -F, '{print NF}' <<<"$gpus")
+  local limit; limit=$(( $(left) - 10 )); [ "$limit" -gt "$T_CASE" ] && limit=$T_CASE
+  if [ "$(left)" -lt "$MIN_LEFT" ]; then echo "skip $name: $(left) s left" | tee "$R/$name.log"; return; fi
+  ( export CUDA_VISIBLE_DEVICES=$gpus
+    timeout "$limit" python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+      tools/bench_model.py --out "$R/$name.json" --steps "$STEPS" --warmup "$WARMUP" "$@" \
+      >"$R/$name.log" 2>&1
+    echo "exit $? after $((SECONDS - START)) s" >>"$R/$name.log" ) &
+}
+
+round_done() {  # wait for the round's cases, then pack everything so far
+  wait
+  tar -czf "$OUT/model_bench.tar.gz" -C "$OUT" model_bench
+  echo "== round done at $((SECONDS - START)) s: $(ls "$R"/*.json 2>/dev/null | wc -l) results"
+}
+
+PP_ARGS=(--micro-batch 1 --microbatches 8 model.num_layers=24)
+for phase in ${PHASES:-single scale pp}; do
+  case $phase in
+  single)
+    case_ mdn_400m 0 --config $M400 --micro-batch 4
+    case_ gdn_400m 1 --config $G400 --micro-batch 4
+    case_ megatron_gdn_400m 2 --config $G400 --mixer megatron_gdn --micro-batch 4
+    case_ transformer_400m 3 --config $T400 --micro-batch 4
+    round_done
+    case_ mdn_1p3b 0 --config $M13 --micro-batch 2 --microbatches 2
+    case_ gdn_1p3b 1 --config $M13 --mixer gdn --micro-batch 2 --microbatches 2
+    case_ megatron_gdn_1p3b 2 --config $M13 --mixer megatron_gdn --micro-batch 2 --microbatches 2
+    case_ pp1_400m_24l 3 --config $M400 "${PP_ARGS[@]}"
+    round_done ;;
+  scale)
+    case_ dp2_400m 0,1 --config $M400 --micro-batch 4
+    case_ tp2_400m 2,3 --config $M400 --micro-batch 4 --tp 2
+    round_done
+    case_ cp2_400m 0,1 --config $M400 --micro-batch 4 --cp 2 --seq-len 8192
+    case_ cp2_1p3b 2,3 --config $M13 --micro-batch 2 --microbatches 2 --cp 2 --seq-len 8192
+    round_done
+    case_ cp4_400m 0,1,2,3 --config $M400 --micro-batch 4 --cp 4 --seq-len 16384
+    round_done
+    case_ cp4_1p3b 0,1,2,3 --config $M13 --micro-batch 2 --microbatches 2 --cp 4 --seq-len 16384
+    round_done ;;
+  pp)
+    case_ pp2_1f1b_400m_24l 0,1 --config $M400 --pp 2 "${PP_ARGS[@]}"
+    case_ pp2_vp2_400m_24l 2,3 --config $M400 --pp 2 --vp 2 "${PP_ARGS[@]}"
+    round_done
+    case_ pp4_1f1b_400m_24l 0,1,2,3 --config $M400 --pp 4 "${PP_ARGS[@]}"
+    round_done ;;
+  esac
+done
+python3 tools/summarize_model_bench.py "$R" | tee "$R/summary.txt"
+tar -czf "$OUT/model_bench.tar.gz" -C "$OUT" model_bench
