@@ -121,3 +121,34 @@ def test_cpu_smoke_layouts_agree(tmp_path):
     assert recs["dp2"]["layout"]["dp"] == 2 and recs["tp2"]["layout"]["tp"] == 2
     for name in ("dp2", "tp2"):
         assert recs[name]["losses"] == pytest.approx(recs["one"]["losses"], rel=1e-5), name
+
+
+def test_packed_gdn_unpacks_equal_sequences(monkeypatch):
+    """PackedGatedDeltaNet hands Megatron's forward a batch [L, n, d] and packs its output back."""
+    from types import SimpleNamespace
+
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from mdn_scale.model import megatron_gdn
+
+    seen = []
+
+    def fake_forward(self, hidden_states, attention_mask, *args, **kwargs):
+        assert "packed_seq_params" not in kwargs
+        seen.append(hidden_states.clone())
+        return hidden_states * 2, None
+
+    monkeypatch.setattr(megatron_gdn.GatedDeltaNet, "forward", fake_forward)
+    layer = object.__new__(megatron_gdn.PackedGatedDeltaNet)
+    object.__setattr__(layer, "__dict__", {"config": SimpleNamespace(context_parallel_size=1,
+                                                                     sequence_parallel=False),
+                                           "sp_size": 1})
+    L, n, d = 5, 3, 4
+    x = torch.randn(n * L, 1, d)
+    cu = torch.arange(n + 1, dtype=torch.int32) * L
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=L,
+                          max_seqlen_kv=L)
+    out, _ = megatron_gdn.PackedGatedDeltaNet.forward(layer, x, None, packed_seq_params=psp)
+    assert seen[0].shape == (L, n, d)
+    assert torch.equal(seen[0][:, 1], x[L:2 * L, 0])  # column i is sequence i
+    assert torch.equal(out, 2 * x)
