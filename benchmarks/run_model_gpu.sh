@@ -10,7 +10,8 @@
 #   scale   DP = 2 and TP = 2 (400M; TP = 4 does not divide 6 heads), then CP weak scaling of
 #           the whole model: seq_len = 4·4096 with CP = 4 (each GPU holds 4K tokens of every
 #           sequence, as CP = 1 at 4096 does), 400M, then 1.3B.
-#   pp      PP = 2 with 1F1B and interleaved (vp 2) side by side, then PP = 4 1F1B: 24 layers
+#   pp      PP = 2 with 1F1B and interleaved (vp 2) side by side, then PP = 4 1F1B, then PP = 4
+#           interleaved (vp 2) if time is left: 24 layers
 #           (21 do not split), 8 microbatches; losses against the PP = 1 reference of `single`.
 #   scale2  CP = 2 weak scaling (400M and 1.3B side by side), DP = 4 (for a second call).
 # Every case has a time limit, and no case starts with less than MIN_LEFT seconds of the
@@ -40,7 +41,8 @@ left() { echo $((DEADLINE - (SECONDS - START))); }
 run_case() {  # run_case NAME GPUS ARGS... : tools/bench_model.py under torchrun on GPUS
   local name=$1 gpus=$2; shift 2
   local n; n=$(awk -F, '{print NF}' <<<"$gpus")
-  local limit; limit=$(( $(left) - 10 )); [ "$limit" -gt "$T_CASE" ] && limit=$T_CASE
+  local cap=${CASE_LIMIT:-$T_CASE}
+  local limit; limit=$(( $(left) - 10 )); [ "$limit" -gt "$cap" ] && limit=$cap
   if [ "$(left)" -lt "$MIN_LEFT" ]; then echo "skip $name: $(left) s left" | tee "$R/$name.log"; return; fi
   ( export CUDA_VISIBLE_DEVICES=$gpus
     timeout "$limit" python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
@@ -66,8 +68,8 @@ for phase in ${PHASES:-single scale pp}; do
     ( run_case gdn_400m 1 --config $G400 --micro-batch 4
       run_case gdn_1p3b 1 --config $M13 --mixer gdn --micro-batch 2 --microbatches 2
       run_case transformer_400m 1 --config $T400 --micro-batch 4 ) &
-    case_ megatron_gdn_400m 2 --config $G400 --mixer megatron_gdn --micro-batch 4
-    case_ megatron_gdn_1p3b 3 --config $M13 --mixer megatron_gdn --micro-batch 2 --microbatches 2
+    CASE_LIMIT=${T_FLA:-300} case_ megatron_gdn_400m 2 --config $G400 --mixer megatron_gdn --micro-batch 4
+    CASE_LIMIT=${T_FLA:-300} case_ megatron_gdn_1p3b 3 --config $M13 --mixer megatron_gdn --micro-batch 2 --microbatches 2
     round_done ;;
   scale)
     case_ dp2_400m 0,1 --config $M400 --micro-batch 4
@@ -88,6 +90,8 @@ for phase in ${PHASES:-single scale pp}; do
     case_ pp2_vp2_400m_24l 2,3 --config $M400 --pp 2 --vp 2 "${PP_ARGS[@]}"
     round_done
     case_ pp4_1f1b_400m_24l 0,1,2,3 --config $M400 --pp 4 "${PP_ARGS[@]}"
+    round_done
+    case_ pp4_vp2_400m_24l 0,1,2,3 --config $M400 --pp 4 --vp 2 "${PP_ARGS[@]}"   # if time is left
     round_done ;;
   esac
 done
