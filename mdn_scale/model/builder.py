@@ -12,12 +12,15 @@ from .specs import block_spec
 
 def build_model(cfg: ModelConfig, *, pre_process: Optional[bool] = None,
                 post_process: Optional[bool] = None,
-                config=None, vp_stage: Optional[int] = None, **config_overrides) -> GPTModel:
+                config=None, vp_stage: Optional[int] = None, block_spec_fn=None,
+                **config_overrides) -> GPTModel:
     """The model of this rank's pipeline stage. parallel_state must be initialised by the caller
     (its TP/PP/CP sizes are used). `config`: a TransformerConfig to use instead of deriving one
     (then config_overrides must be empty). pre_process / post_process (embedding / final norm,
     LM head and loss on this stage) default to whether this is the first / last pipeline stage; config_overrides go to to_transformer_config
-    (e.g. sequence_parallel=True, params_dtype=torch.bfloat16, bf16=True).
+    (e.g. sequence_parallel=True, params_dtype=torch.bfloat16, bf16=True). block_spec_fn: a
+    replacement for specs.block_spec with its signature (a benchmark peer's layers, e.g.
+    megatron_gdn.block_spec).
 
     No positional embedding at the model level (MDN needs none; softmax-attention layers apply
     RoPE in their core attention). Untied LM head. Forward is GPTModel's:
@@ -42,7 +45,7 @@ def build_model(cfg: ModelConfig, *, pre_process: Optional[bool] = None,
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-    spec = block_spec(cfg, config, vp_stage=vp_stage,
+    spec = (block_spec_fn or block_spec)(cfg, config, vp_stage=vp_stage,
                       pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     return GPTModel(
         config=config,

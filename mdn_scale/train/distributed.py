@@ -42,9 +42,11 @@ def world_size_from_env() -> int:
     return 1
 
 
-def init_distributed(*, tensor: int, pipeline: int, context: int, timeout_min: int = 30) -> Layout:
+def init_distributed(*, tensor: int, pipeline: int, context: int, timeout_min: int = 30,
+                     virtual_pipeline: int | None = None) -> Layout:
     """Start torch.distributed from torchrun's environment (or a single process without one)
-    and build Megatron's groups. NCCL when CUDA GPUs are present, gloo otherwise."""
+    and build Megatron's groups. NCCL when CUDA GPUs are present, gloo otherwise.
+    virtual_pipeline: model chunks per pipeline rank (Megatron's interleaved schedule; None = 1)."""
     from megatron.core import parallel_state as ps
 
     use_cuda = torch.cuda.is_available()
@@ -75,6 +77,7 @@ def init_distributed(*, tensor: int, pipeline: int, context: int, timeout_min: i
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
             context_parallel_size=context, order="tp-cp-ep-dp-pp",
+            virtual_pipeline_model_parallel_size=virtual_pipeline,
             create_gloo_process_groups=False)
     return Layout(
         world=dist.get_world_size(), rank=dist.get_rank(), tp=tensor, pp=pipeline, cp=context,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from . import checkpoint as ckpt
 from .backend import Backend
 from .grads import clip_, finalize_grads, global_grad_norm
@@ -24,10 +26,13 @@ class MegatronBackend(Backend):
     name = "megatron"
 
     def __init__(self, cfg, layout, model, dpcp, *, resume_from, log):
+        """``model``: the model, or the list of its pipeline chunks (interleaved schedule, as
+        tools/bench_model.py builds it); gradients, norm and optimizer then span all chunks."""
         super().__init__(cfg, layout, model, dpcp)
+        self.owner = torch.nn.ModuleList(model) if isinstance(model, (list, tuple)) else model
         self.eval_precision = cfg.train.precision  # bf16 autocast over fp32 parameters
-        self.optimizer = build_optimizer(model, cfg.train, distributed=cfg.parallel.distributed_optimizer,
-                                         group=dpcp)
+        self.optimizer = build_optimizer(self.owner, cfg.train,
+                                         distributed=cfg.parallel.distributed_optimizer, group=dpcp)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         if resume_from is None and (cfg.checkpoint.init_from or cfg.checkpoint.load):
             # A new run from another run's (or an HF model's) weights, e.g. long-context continued
@@ -39,14 +44,14 @@ class MegatronBackend(Backend):
         loss = forward_backward(self.model, microbatches, global_tokens=global_tokens,
                                 precision=self.cfg.train.precision, device=self.layout.device,
                                 loss_group=self.dpcp)
-        finalize_grads(self.model)
+        finalize_grads(self.owner)
         return loss
 
     def step(self, loss):
-        grad_norm = global_grad_norm(self.model)
+        grad_norm = global_grad_norm(self.owner)
         if self.cfg.train.skip_nonfinite and not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return grad_norm, False
-        clip_(self.model, self.cfg.train.grad_clip, grad_norm)
+        clip_(self.owner, self.cfg.train.grad_clip, grad_norm)
         self.scheduler.step(1)  # the lr of this update
         self.optimizer.step()
         return grad_norm, True

@@ -56,13 +56,19 @@ def count_tokens(microbatches: list[dict], group, device: torch.device) -> float
 def forward_backward(model, microbatches: list[dict], *, global_tokens: float, precision: str,
                      device: torch.device, loss_group) -> float:
     """Accumulate gradients of sum(loss)/global_tokens over ``microbatches`` (already CP-sliced);
-    return the token-weighted mean loss over the whole dp×cp group."""
+    return the token-weighted mean loss over the whole dp×cp group. ``model``: the module of this
+    pipeline stage, or a list of model chunks (interleaved pipeline schedule: one chunk per
+    virtual stage, in order)."""
     from megatron.core import parallel_state as ps
 
     denom = max(global_tokens, 1.0)
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        total = _forward_backward_pipelined(model, microbatches, denom, precision, device)
+        total = _forward_backward_pipelined(chunks, microbatches, denom, precision, device)
     else:
+        if len(chunks) != 1:
+            raise ValueError("several model chunks need pipeline parallelism (parallel.pipeline > 1)")
+        model = chunks[0]
         total = torch.zeros((), dtype=torch.float64, device=device)
         for mb in microbatches:
             inputs = to_model_inputs(mb, device)
@@ -74,19 +80,20 @@ def forward_backward(model, microbatches: list[dict], *, global_tokens: float, p
     return float(total.item()) / denom
 
 
-def _forward_backward_pipelined(model, microbatches, denom, precision, device) -> torch.Tensor:
+def _forward_backward_pipelined(chunks, microbatches, denom, precision, device) -> torch.Tensor:
     """Pipeline parallelism (GPU only): Megatron's 1F1B schedule runs the microbatches through
-    the stages. Each last-stage microbatch returns its loss sum / global tokens with
+    the stages (its interleaved schedule when ``chunks`` holds several virtual stages; each chunk
+    reads the same microbatches in order). Each last-stage microbatch returns its loss sum / global tokens with
     ``calculate_per_token_loss`` so the schedule applies no further scaling; gradient reduction
     over dp×cp stays ours (grads.finalize_grads). Returns this rank's loss sum (the last stage's,
     shared over the pipeline group so every rank can log it)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    config = model.config
-    config.calculate_per_token_loss = True
-    config.pipeline_dtype = config.params_dtype
-    config.finalize_model_grads_func = None
+    for config in {id(c.config): c.config for c in chunks}.values():
+        config.calculate_per_token_loss = True
+        config.pipeline_dtype = config.params_dtype
+        config.finalize_model_grads_func = None
     sums = []
 
     def forward_step(data_iterator, model):
@@ -104,8 +111,9 @@ def _forward_backward_pipelined(model, microbatches, denom, precision, device) -
         return output, loss_func
 
     tokens_per_mb = microbatches[0]["tokens"].numel()  # B·T / cp on this rank
+    data = iter(microbatches) if len(chunks) == 1 else [iter(microbatches) for _ in chunks]
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        forward_step_func=forward_step, data_iterator=data, model=chunks,
         num_microbatches=len(microbatches),
         seq_length=tokens_per_mb * ps.get_context_parallel_world_size(),
         micro_batch_size=1, forward_only=False)
