@@ -1,0 +1,191 @@
+"""The GPU suite in device calls of at most ~10 minutes: phases run one after another; within a
+phase, lanes run side by side on disjoint GPUs; within a lane, jobs run in order. Every job has a
+time limit, and none runs past the call's deadline (its process group is stopped), so one slow
+case costs its lane, not the call.
+
+    python3 benchmarks/suite.py --plan a --out "$OUT"      # run through run_suite_gpu.sh
+    python3 benchmarks/suite.py --plan a --out /tmp/x --dry-run   # print the plan
+
+Plans (a 4-GPU H100 machine, nvidia-h100-x4):
+  a  GPU tests the CPU suite cannot run (model PP/SP, trainer layouts, DeepSpeed resume, kernel
+     exactness incl. the pair-recompute modes), the kernel benchmark against FLA GDN, 1-GPU
+     whole-model throughput (MDN / GDN mode / Transformer, 400M and 1.3B), the long-context
+     memory estimate on 2 GPUs; then the CP op benchmark at R = 4 with a profile.
+  b  DeepSpeed against the Megatron backend (1.3B) on 1, 2 and 4 GPUs beside Megatron's own
+     GDN layer and the 1-GPU memory estimates; then the whole-model CP / DP / TP / PP cases; then
+     the longest 1.3B context on 4 GPUs.
+Every job writes under --out/suite/<job>/ (its tool's JSON) and --out/suite/<job>.log;
+--out/suite.tar.gz is re-made after every phase (the device tool returns at most 8 files, and
+a cut call keeps the phases that ended). --out/suite/suite.json lists every job with its
+command, GPUs, exit status and wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+# A job: (name, time limit in s, shell command). {R} is the job's result folder.
+PT = "python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short"
+M400, G400, T400, M13 = ("configs/mdn_400m.yaml", "configs/gdn_400m.yaml",
+                         "configs/transformer_400m.yaml", "configs/mdn_1.3b.yaml")
+
+
+def bench_model(n: int, args: str) -> str:
+    return (f"python3 -m torch.distributed.run --standalone --nproc-per-node {n} tools/bench_model.py "
+            f"--steps 5 --warmup 3 --out {{R}}/result.json {args}")
+
+
+PP = "--micro-batch 1 --microbatches 8 model.num_layers=24"
+LONGCTX_SEARCH = ("python3 benchmarks/longctx_search.py --model configs/mdn_1.3b.yaml --gpus {n} "
+                  "--out {{R}}/search.json --max-attempts {att} --timeout {t} --budget-s {b} "
+                  "--loss-chunk-tokens 4096")
+
+PLANS = {
+    "a": [
+        ("single", 430, [
+            ("0", [("kernel_tests", 150, "MDN_RESULTS_DIR={R} " + PT + " --timeout 140 "
+                    "tests/gpu/test_kernels_gpu.py tests/gpu/test_fused_local_gpu.py"),
+                   ("kernel_bench", 280, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_RECOMPUTE_PAIRS=1 --variant MDN_RECOMPUTE_PAIRS=2 "
+                    "--out {R}/result.json")]),
+            ("1", [("mdn_400m", 100, bench_model(1, f"--config {M400} --micro-batch 4")),
+                   ("gdn_400m", 80, bench_model(1, f"--config {G400} --micro-batch 4")),
+                   ("transformer_400m", 70, bench_model(1, f"--config {T400} --micro-batch 4")),
+                   ("mdn_1p3b", 90, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2")),
+                   ("gdn_1p3b", 80, bench_model(1, f"--config {M13} --mixer gdn --micro-batch 2 "
+                                                   "--microbatches 2"))]),
+            ("2,3", [("model_tests", 150, "MDN_COMPILE=0 " + PT + " --timeout 140 tests/gpu/test_model_gpu.py"),
+                     ("train_tests", 200, "MDN_COMPILE=0 " + PT + " --timeout 100 tests/gpu/test_train_gpu.py"),
+                     ("ds_resume_test", 80, "MDN_COMPILE=0 " + PT + " --timeout 75 "
+                      "tests/gpu/test_deepspeed_gpu.py -k resume")]),
+        ]),
+        ("cp4", 130, [
+            ("0,1,2,3", [("cp_r4", 125, "python3 -m torch.distributed.run --standalone --nproc-per-node 4 "
+                          "tools/bench_cp.py --skip fla,strong --out {R}/result.json "
+                          "--profile {R}/profile.txt")]),
+        ]),
+    ],
+    "b": [
+        ("one_gpu", 200, [
+            ("0,1", [("deepspeed_1gpu", 195, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                      "--cases megatron_1,ds_z3_offload_1 --steps 5 --warmup 2 --case-timeout 190")]),
+            ("2", [("megatron_gdn_400m", 195, bench_model(1, f"--config {G400} --mixer megatron_gdn "
+                                                           "--micro-batch 4"))]),
+            ("3", [("longctx_mem_1gpu", 195, "MDN_RESULTS_DIR={R} " + PT + " -s "
+                    "tests/gpu/test_longctx_memory_gpu.py -k 1gpu")]),
+        ]),
+        ("two_gpu", 110, [
+            ("0,1", [("deepspeed_2gpu", 105, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                      "--cases megatron_2,ds_z3_2 --steps 5 --warmup 2 --case-timeout 100 --sequential")]),
+            ("2,3", [("pp2_1f1b_400m_24l", 50, bench_model(2, f"--config {M400} --pp 2 {PP}")),
+                     ("pp1_400m_24l_on2", 50, bench_model(1, f"--config {M400} {PP}"))]),
+        ]),
+        ("four_gpu", 260, [
+            ("0,1,2,3", [("deepspeed_4gpu", 100, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                          "--cases megatron_4,ds_z3_4 --steps 5 --warmup 2 --case-timeout 95 --sequential"),
+                         ("cp4_1p3b", 70, bench_model(4, f"--config {M13} --micro-batch 2 --microbatches 2 "
+                                                         "--cp 4 --seq-len 16384")),
+                         ("longctx_search_g4", 90, LONGCTX_SEARCH.format(n=4, att=1, t=80, b=80))]),
+        ]),
+    ],
+}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class Suite:
+    def __init__(self, out: str, deadline: float, dry: bool):
+        self.root = os.path.join(out, "suite")
+        self.out, self.deadline, self.dry = out, deadline, dry
+        self.records: list[dict] = []
+        self.lock = threading.Lock()
+        os.makedirs(self.root, exist_ok=True)
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def run_job(self, gpus: str, name: str, limit: float, cmd: str) -> None:
+        res = os.path.join(self.root, name)
+        os.makedirs(res, exist_ok=True)
+        cmd = cmd.replace("{R}", res)
+        budget = min(limit, self.left() - 5)
+        rec = {"job": name, "gpus": gpus, "command": cmd, "limit_s": round(budget), "start_utc": now()}
+        if self.dry or budget < 15:
+            rec["status"] = "dry-run" if self.dry else f"skipped: {self.left():.0f} s left in the call"
+            print(f"[suite] {name} on GPU {gpus}: {rec['status']}: {cmd}", flush=True)
+        else:
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+            t0 = time.time()
+            with open(os.path.join(self.root, name + ".log"), "w") as log:
+                log.write(f"[{now()}] CUDA_VISIBLE_DEVICES={gpus} {cmd}\n")
+                log.flush()
+                p = subprocess.Popen(["bash", "-c", cmd], stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+                try:
+                    rc = p.wait(timeout=budget)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    try:
+                        p.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(p.pid, signal.SIGKILL)
+                        p.wait()
+                    rc = "timeout"
+            rec.update(status="ok" if rc == 0 else f"exit {rc}", wall_s=round(time.time() - t0, 1))
+            print(f"[suite] {name} on GPU {gpus}: {rec['status']} in {rec['wall_s']} s", flush=True)
+        with self.lock:
+            self.records.append(rec)
+
+    def run_phase(self, name: str, limit: float, lanes) -> None:
+        end = min(self.deadline, time.time() + limit)
+        print(f"[suite] phase {name}: {len(lanes)} lanes, {end - time.time():.0f} s", flush=True)
+        saved, self.deadline = self.deadline, end
+
+        def lane(gpus, jobs):
+            for job, lim, cmd in jobs:
+                self.run_job(gpus, job, lim, cmd)
+
+        threads = [threading.Thread(target=lane, args=l) for l in lanes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.deadline = saved
+        self.pack()
+
+    def pack(self) -> None:
+        with open(os.path.join(self.root, "suite.json"), "w") as f:
+            json.dump({"date_utc": now(), "command": " ".join(sys.argv), "jobs": self.records}, f, indent=1)
+        if not self.dry:
+            with tarfile.open(os.path.join(self.out, "suite.tar.gz"), "w:gz") as tar:
+                tar.add(self.root, arcname="suite")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plan", choices=sorted(PLANS), required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=570, help="the whole call's deadline")
+    ap.add_argument("--phases", default="", help="comma list of this plan's phases (default all)")
+    ap.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
+    a = ap.parse_args(argv)
+    suite = Suite(a.out, time.time() + a.budget_s, a.dry_run)
+    pick = set(a.phases.split(",")) if a.phases else None
+    for name, limit, lanes in PLANS[a.plan]:
+        if pick is None or name in pick:
+            suite.run_phase(name, limit, lanes)
+    print(json.dumps([(r["job"], r["status"], r.get("wall_s")) for r in suite.records]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
