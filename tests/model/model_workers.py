@@ -180,3 +180,32 @@ def pp_worker(rank, world, cfg, ids, labels, ref_weights):
     else:
         layout["loss"] = res
     return layout
+
+
+def chunked_loss_worker(rank, world, tp, cfg, ids, labels, token_weights, chunks):
+    """TP=tp: the per-token loss and every parameter's gradient of sum(weights · loss) for
+    (a) a float64 cross entropy of the (TP-gathered) logits, (b) Megatron's unchunked output
+    layer + vocab-parallel cross entropy, (c) the chunked loss at each chunk size. Gradients are
+    this rank's shards (the three paths share one model, so shards line up)."""
+    init_parallel(tp=tp)
+    g = ps.get_tensor_model_parallel_group()
+    model = make_model(cfg, seed=0)
+
+    def grads():
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    out = model(ids, None, None)  # logits [B, S, V/TP]
+    if g.size() > 1:
+        out = all_gather_sequence(out.movedim(-1, 0).contiguous(), g).movedim(0, -1)
+    ce = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1),
+                                           reduction="none").view(labels.shape)
+    ((ce * token_weights).sum() / g.size()).backward()
+    res = {"ref": (ce.detach(), grads())}
+    for chunk in (0, *chunks):
+        model.loss_chunk_tokens = chunk
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, None, None, labels=labels)
+        (loss * token_weights).sum().backward()
+        res["megatron" if chunk == 0 else chunk] = (loss.detach(), grads())
+    return res
