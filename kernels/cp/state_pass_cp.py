@@ -214,6 +214,9 @@ class CPStatePass(torch.autograd.Function):
                 for p, i in enumerate(view.out_seq):
                     G_seq[i] = G[p]
             if r < R - 1 or plan.num_groups > view.num_local:
+                # Drop the first pass's per-chunk cotangents (as large as W and the pairs) before
+                # the second pass makes them again: only d0g is needed from it.
+                res = None
                 Gend, _ = group_end_grads(Tg, plan, d0g, G_seq)
                 res = _bwd(saved, cot[:3] + [dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]],
                            S0s, M0s, plan.layout, ctx.backend, ctx.allow_tf32)
