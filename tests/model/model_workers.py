@@ -209,3 +209,31 @@ def chunked_loss_worker(rank, world, tp, cfg, ids, labels, token_weights, chunks
         (loss * token_weights).sum().backward()
         res["megatron" if chunk == 0 else chunk] = (loss.detach(), grads())
     return res
+
+
+def saved_bytes_worker(rank, world, cfg, runs):
+    """Bytes autograd saves for the backward (unique storages, parameters excluded) in one
+    forward with labels under bf16 autocast, for each (num_layers, T, loss_chunk_tokens) run."""
+    init_parallel()  # TP = 1 (any world size: each rank counts the same thing)
+    out = {}
+    for num_layers, T, chunk in runs:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**dict(cfg, num_layers=num_layers, loss_chunk_tokens=chunk)),
+                            use_cpu_initialization=True)
+        g = torch.Generator().manual_seed(T)
+        ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=g)
+        labels = torch.randint(0, cfg["vocab_size"], (1, T), generator=g)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(ids, None, None, labels=labels, packed_seq_params=packed_params([0, T]))
+        out[(num_layers, T, chunk)] = sum(seen.values())
+    return out
