@@ -182,17 +182,19 @@ def pp_worker(rank, world, cfg, ids, labels, ref_weights):
     return layout
 
 
-def chunked_loss_worker(rank, world, tp, cfg, ids, labels, token_weights, chunks):
+def chunked_loss_worker(rank, world, tp, cfg, ids, labels, token_weights, chunks, sequence_parallel=False):
     """TP=tp: the per-token loss and every parameter's gradient of sum(weights · loss) for
     (a) a float64 cross entropy of the (TP-gathered) logits, (b) Megatron's unchunked output
     layer + vocab-parallel cross entropy, (c) the chunked loss at each chunk size. Gradients are
     this rank's shards (the three paths share one model, so shards line up)."""
     init_parallel(tp=tp)
     g = ps.get_tensor_model_parallel_group()
-    model = make_model(cfg, seed=0)
+    dev = device()
+    model = make_model(cfg, seed=0, **({"sequence_parallel": True} if sequence_parallel else {})).to(dev)
+    ids, labels, token_weights = ids.to(dev), labels.to(dev), token_weights.to(dev)
 
     def grads():
-        return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        return {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
 
     model.zero_grad(set_to_none=True)
     out = model(ids, None, None)  # logits [B, S, V/TP]
@@ -201,13 +203,13 @@ def chunked_loss_worker(rank, world, tp, cfg, ids, labels, token_weights, chunks
     ce = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1),
                                            reduction="none").view(labels.shape)
     ((ce * token_weights).sum() / g.size()).backward()
-    res = {"ref": (ce.detach(), grads())}
+    res = {"ref": (ce.detach().cpu(), grads())}
     for chunk in (0, *chunks):
         model.loss_chunk_tokens = chunk
         model.zero_grad(set_to_none=True)
         loss = model(ids, None, None, labels=labels)
         (loss * token_weights).sum().backward()
-        res["megatron" if chunk == 0 else chunk] = (loss.detach(), grads())
+        res["megatron" if chunk == 0 else chunk] = (loss.detach().cpu(), grads())
     return res
 
 

@@ -195,14 +195,17 @@ def test_measure_script_cpu_smoke(tmp_path):
 
 
 def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
-    """benchmarks/longctx_search.py with a fake attempt that fits below 100K tokens: it brackets
-    the boundary and records every attempt."""
+    """benchmarks/longctx_search.py with a fake attempt that fits below 100K tokens: it walks the
+    ladder 2^k, 3·2^(k−1) down from the start (or up), stops when a fit and a failure are
+    neighbours, and records every attempt."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import longctx_search
 
+    assert longctx_search.ladder(2048, 200_000) == [2048, 4096, 6144, 8192, 12288, 16384, 24576, 32768,
+                                                     49152, 65536, 98304, 131072, 196608]
     calls = []
 
-    def fake(model, gpus, seq_len, tp, cp, rc, timeout):
+    def fake(model, gpus, seq_len, tp, cp, rc, timeout, **kw):
         calls.append(seq_len)
         if seq_len > 100_000:
             return {"seq_len": seq_len, "oom": True}
@@ -211,8 +214,12 @@ def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
     monkeypatch.setattr(longctx_search, "attempt", fake)
     out = tmp_path / "s.json"
     assert longctx_search.main(["--model", str(ROOT / "configs" / "mdn_1.3b.yaml"), "--gpus", "2",
-                                "--out", str(out), "--start", "131072", "--max-attempts", "6"]) == 0
+                                "--out", str(out), "--start", "140000", "--max-attempts", "6"]) == 0
     recs = json.loads(out.read_text())
-    assert [r["seq_len"] for r in recs] == calls and calls[0] == 131072 and recs[0]["oom"]
-    fitting = [s for s in calls if s <= 100_000]
-    assert fitting and max(fitting) > 90_000  # within 10% of the boundary after 6 attempts
+    assert [r["seq_len"] for r in recs] == calls == [131072, 98304]
+    assert recs[0]["oom"] and not recs[1]["oom"]
+    calls.clear()
+    out2 = tmp_path / "s2.json"
+    assert longctx_search.main(["--model", str(ROOT / "configs" / "mdn_1.3b.yaml"), "--gpus", "2",
+                                "--out", str(out2), "--start", "40000", "--max-attempts", "6"]) == 0
+    assert calls == [32768, 49152, 65536, 98304, 131072]
