@@ -88,14 +88,15 @@ class ChunkedLMLoss(torch.autograd.Function):
             hc = h[s:e].to(cdt)
             p = (hc @ w.t()).to(sdt).sub_(lse[s:e, None]).exp_()  # softmax over the whole vocabulary
             t = labels[s:e] - vocab_start
-            inside = ((t >= 0) & (t < Vl)).nonzero().squeeze(1)
-            p[inside, t[inside]] -= 1.0
+            outside = (t < 0) | (t >= Vl)
+            # − onehot(target) where the target is in this rank's shard (no host sync)
+            p.scatter_add_(1, t.masked_fill(outside, 0)[:, None], (outside.to(sdt) - 1.0)[:, None])
             g = p.mul_(dloss[s:e, None]).to(cdt)
             del p
             if need_h:
                 dh[s:e] = (g @ w).to(h.dtype)
             if need_w:
-                dw += (g.t() @ hc).to(sdt)
+                dw.add_(g.t() @ hc)  # fp32 accumulation of the chunk's bf16 product, no fp32 copy
         return dh, (dw.to(weight.dtype) if need_w else None), None, None, None, None
 
 
