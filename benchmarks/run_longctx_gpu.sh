@@ -69,7 +69,7 @@ for phase in ${PHASES:-a b}; do
   a)
     TA=${T_A:-250}
     job mem_1gpu 0 "$TA" python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_longctx_memory_gpu.py -k 1gpu
-    [ "$NGPU" -ge 2 ] && search search_g1 1 1 "${ATT1:-2}" "${T_ATT1:-120}" $((TA - 15)) "${START1:-}"
+    [ "$NGPU" -ge 2 ] && search search_g1 1 1 "${ATT1:-2}" "${T_ATT1:-150}" $((TA - 15)) "${START1:-}"
     [ "$NGPU" -ge 4 ] && job mem_2gpu 2,3 "$TA" python3 -m pytest -q -s -p no:cacheprovider \
       tests/gpu/test_longctx_memory_gpu.py -k 2gpu
     wait ;;
