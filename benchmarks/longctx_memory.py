@@ -2,13 +2,14 @@
 
     torchrun --standalone --nproc-per-node N benchmarks/longctx_memory.py \\
         --model configs/mdn_1.3b.yaml --seq-len 131072 --tp 1 --cp 4 [--recompute] [--steps 2] \\
-        [--json out.json]
+        [--loss-chunk-tokens 4096] [--json out.json]
 
 Runs the real trainer (trainer.train: the model, bf16 autocast, AdamW, CP, recompute) for
 --steps optimizer steps of micro_batch 1 on random tokens (one document per sequence), then
 reports per rank torch.cuda.max_memory_allocated and the estimate of mdn_scale/train/memory.py
-('allocated': the same quantity), as one JSON object (printed, and written to --json). A CUDA
-out-of-memory error is reported as {"oom": true} with exit code 0, so that a search can go on.
+('allocated': the same quantity, and its three moments), as one JSON object (printed, and
+written to --json) with the card, versions, date and command. A CUDA out-of-memory error is
+reported as {"oom": true} with exit code 0, so that a search can go on.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class RandomTokens:
         self.n = s["n"]
 
 
+def _version(dist_name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist_name)
+    except PackageNotFoundError:
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a YAML with a model: section")
@@ -56,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--distributed-optimizer", action="store_true", help="ZeRO-1 over dp×cp")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--reserve-gib", type=float, default=3.0)
+    ap.add_argument("--loss-chunk-tokens", type=int, default=None,
+                    help="model.loss_chunk_tokens (default: the model config's; 0 = Megatron's loss)")
     ap.add_argument("--json")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run the same logic on CPU in fp32 (no memory figures): checks the script")
@@ -85,6 +97,8 @@ def main(argv=None) -> int:
         "parallel.distributed_optimizer": a.distributed_optimizer,
         "logging.dir": log_dir, "logging.tensorboard": False, "checkpoint.interval": 0,
         "eval.interval": 0}.items()]
+    if a.loss_chunk_tokens is not None:
+        model_section = dict(model_section, loss_chunk_tokens=a.loss_chunk_tokens)
     overrides += [f"model.{k}={json.dumps(v)}" for k, v in model_section.items()]
     overrides.append(f"model.seq_len={max(a.seq_len, int(model_section.get('seq_len', 0)))}")
     cfg = load_config(None, overrides, foreign={"model": ModelConfig, "data": dict})
@@ -100,23 +114,51 @@ def main(argv=None) -> int:
     est = estimate(cfg.model, Layout(tp=a.tp, cp=a.cp, dp=dp, seq_len=a.seq_len, precision=precision,
                                      recompute=a.recompute, distributed_optimizer=a.distributed_optimizer),
                    reserve_gib=a.reserve_gib)
+    import datetime
+    import platform
+
+    import triton
+
     result = {"seq_len": a.seq_len, "tp": a.tp, "cp": a.cp, "dp": dp, "recompute": a.recompute,
               "distributed_optimizer": a.distributed_optimizer,
+              "loss_chunk_tokens": cfg.model.loss_chunk_tokens, "model": a.model,
               "gpus": world, "card": "cpu" if a.cpu_smoke else torch.cuda.get_device_name(),
-              "estimate_allocated_gib": est["allocated"] / GIB, "estimate_total_gib": est["total"] / GIB}
+              "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+              "megatron_core": _version("megatron-core"),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+              "env": {k: os.environ[k] for k in ("MDN_FUSED_LOCAL", "MDN_COMPILE", "MDN_LOWP_MM")
+                      if k in os.environ},
+              "estimate_allocated_gib": est["allocated"] / GIB, "estimate_total_gib": est["total"] / GIB,
+              "estimate_peak_at": est["peak_at"],
+              "estimate_moments_gib": {k: v / GIB for k, v in est["moments"].items()}}
     oom = False
     t0 = time.time()
     try:
         summary = trainer.train(cfg, layout)
         result["loss"] = summary["loss"]
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as e:
         oom = True
+        if world > 1:
+            # The other ranks may be waiting in a collective this rank will never join: report
+            # and leave with an error, so torchrun stops them all now instead of at a timeout.
+            result.update(oom=True, rank=dist.get_rank(), seconds=time.time() - t0,
+                          oom_message=str(e)[:300])
+            print("LONGCTX_MEMORY " + json.dumps(result), flush=True)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(result, f, indent=1)
+            os._exit(3)
     result["seconds"] = time.time() - t0
     flag = torch.tensor([1.0 if oom else 0.0], device=layout.device)
     peak = torch.tensor([0.0 if a.cpu_smoke else torch.cuda.max_memory_allocated() / GIB], device=layout.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     result["oom"] = bool(flag.item())
+    if not a.cpu_smoke:
+        reserved = torch.tensor([torch.cuda.max_memory_reserved() / GIB], device=layout.device)
+        dist.all_reduce(reserved, op=dist.ReduceOp.MAX)
+        result["measured_reserved_gib"] = float(reserved.item())
     if not result["oom"] and not a.cpu_smoke:
         result["measured_peak_gib"] = float(peak.item())
         result["error"] = (result["estimate_allocated_gib"] - result["measured_peak_gib"]) / result["measured_peak_gib"]

@@ -7,9 +7,11 @@
     # --json for machine-readable output
 
 The formulas are in mdn_scale/train/memory.py (parameters, gradients, optimizer, activations
-including the MDN op's per-chunk state pairs, recurrent states, CP buffers); `allocated` is
-what torch.cuda.max_memory_allocated measures, `total` adds a constant reserve (CUDA context,
-NCCL, allocator slack: --reserve-gib).
+including the MDN op's per-chunk state pairs and its backward workspace, the LM-head loss
+(model.loss_chunk_tokens), recurrent states, CP buffers). Components are listed, then the three
+moments of a step whose largest sets the peak; `allocated` (static + that moment) is what
+torch.cuda.max_memory_allocated measures, `total` adds a constant reserve (CUDA context, NCCL,
+allocator slack: --reserve-gib). Put key=value overrides before --longest/--gpus.
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ def format_estimate(est: dict) -> str:
 
     lines = [f"{'component':<28}{'GiB':>10}"]
     for k, v in est.items():
-        if k in ("params_on_rank", "tokens_per_rank", "allocated", "reserve", "total"):
+        if k in ("params_on_rank", "tokens_per_rank", "allocated", "reserve", "total", "moments", "peak_at"):
             continue
         lines.append(f"{k:<28}{v / GIB:>10.3f}")
+    lines.append("peak = static + the largest moment:")
+    for k, v in est["moments"].items():
+        lines.append(f"  {k:<26}{v / GIB:>10.3f}" + ("   <- peak" if k == est["peak_at"] else ""))
     lines += [f"{'allocated':<28}{est['allocated'] / GIB:>10.3f}",
               f"{'reserve':<28}{est['reserve'] / GIB:>10.3f}",
               f"{'total':<28}{est['total'] / GIB:>10.3f}",

@@ -24,6 +24,7 @@ LENGTHS = {"32k": 32768, "128k": 131072, "512k": 524288, "1m": 1048576}
 GPUS = (1, 2, 4, 8)
 CARD_GIB = 79.1
 TOKENS_PER_STEP = 1 << 20  # about 1M tokens per optimizer step
+LOSS_CHUNK_TOKENS = 4096  # chunked LM-head loss (mdn_scale/model/loss.py): no [T, vocab] logits
 
 
 def _model_section(name: str) -> dict:
@@ -62,6 +63,7 @@ def render(model_name: str, length_name: str) -> str:
     model = dict(_model_section(model_name))
     seq_len = LENGTHS[length_name]
     model["seq_len"] = seq_len
+    model["loss_chunk_tokens"] = LOSS_CHUNK_TOKENS
     cfg = ModelConfig.from_dict(model)
     gpus, tp, cp, rc, est, fits = choose_layout(cfg, seq_len)
     dp = gpus // (tp * cp)
@@ -70,8 +72,8 @@ def render(model_name: str, length_name: str) -> str:
     note = (f"estimated {est['total'] / GIB:.1f} GiB per GPU (tools/estimate_memory.py), fits an 80 GB H100"
             if fits else
             f"DOES NOT FIT 8 x 80 GB by the estimate ({est['total'] / GIB:.1f} GiB per GPU at the best layout): "
-            "the LM head's logits and the rebuilt layer dominate; needs a chunked LM-head loss "
-            "(not built yet) or more GPUs (larger parallel.context, several nodes)")
+            "the rebuilt layer and the MDN op's backward (per-chunk state pairs and their gradients) "
+            "dominate; needs more GPUs (larger parallel.context, several nodes)")
     doc = {
         "seed": 1234,
         "parallel": {"tensor": tp, "pipeline": 1, "context": cp, "distributed_optimizer": True},

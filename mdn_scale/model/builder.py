@@ -10,6 +10,27 @@ from .config import ModelConfig, to_transformer_config
 from .specs import block_spec
 
 
+class MDNGPTModel(GPTModel):
+    """GPTModel whose loss (forward with labels) can run chunked over the sequence
+    (`loss_chunk_tokens` > 0: mdn_scale/model/loss.py), so the [T, vocab] logits never exist at
+    once. Everything else, the logits path (no labels) included, is GPTModel's."""
+
+    def __init__(self, *args, loss_chunk_tokens: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_chunk_tokens = int(loss_chunk_tokens)
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        chunked = (self.loss_chunk_tokens > 0 and labels is not None and self.post_process
+                   and self.config.mtp_num_layers is None and not kwargs.get("mtp_in_postprocess")
+                   and not self.share_embeddings_and_output_weights
+                   and (kwargs.get("inference_context") is None or self.training))
+        if not chunked:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        from .loss import chunked_lm_loss
+
+        return chunked_lm_loss(hidden_states, self.output_layer, labels, self.loss_chunk_tokens)
+
+
 def build_model(cfg: ModelConfig, *, pre_process: Optional[bool] = None,
                 post_process: Optional[bool] = None,
                 config=None, vp_stage: Optional[int] = None, block_spec_fn=None,
@@ -47,7 +68,8 @@ def build_model(cfg: ModelConfig, *, pre_process: Optional[bool] = None,
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     spec = (block_spec_fn or block_spec)(cfg, config, vp_stage=vp_stage,
                       pp_rank=parallel_state.get_pipeline_model_parallel_rank())
-    return GPTModel(
+    return MDNGPTModel(
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
         config=config,
         transformer_layer_spec=spec,
         vocab_size=cfg.padded_vocab_size(tp),

@@ -40,6 +40,10 @@ class ModelConfig:
     vocab_pad_multiple: the embedding and LM head are padded to a multiple of this (and of the
         TP size) so that they split evenly across TP ranks; logits beyond vocab_size are padding.
     chunk_size, backend: passed to mdn_chunk.
+    loss_chunk_tokens: compute the LM head and the cross entropy this many tokens at a time
+        (mdn_scale/model/loss.py), never holding the whole sequence's logits; 0 = off (Megatron's
+        output layer + vocab-parallel cross entropy over all tokens at once). Long-context
+        configs turn it on: at 256K tokens per GPU the logits alone are tens of GiB.
     """
 
     mixer: str = "mdn"
@@ -64,6 +68,7 @@ class ModelConfig:
     seq_len: int = 4096
     chunk_size: int = 64
     backend: str = "auto"
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -113,6 +118,9 @@ class ModelConfig:
             bad("chunk_size", "must be >= 16 for backend 'triton'")
         if self.backend not in ("auto", "triton", "torch"):
             bad("backend", "must be 'auto', 'triton' or 'torch'")
+        if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int) \
+                or self.loss_chunk_tokens < 0:
+            bad("loss_chunk_tokens", "must be an integer >= 0 (0 = off)")
 
     # ---- derived sizes ------------------------------------------------------------------
     @property

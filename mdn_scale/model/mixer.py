@@ -15,6 +15,7 @@ heads) is replicated; its gradient is summed over TP in the forward graph (see _
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -271,14 +272,23 @@ class MDNMixer(MegatronModule):
                 raise ValueError(f"packed_seq_params needs micro-batch size 1, got B={B}")
         H, K, V = self.heads, self.K, self.V
         qkv = F.silu(self._conv_qkv(proj[..., :H * (2 * K + V)], cu_seqlens))
+        # Under autocast the conv (fp32 weights) promotes to fp32; hand the op 16-bit q, k, v as
+        # a 16-bit layer would, so it takes its 16-bit path (fused local kernels, bf16 per-chunk
+        # operands and pairs, fp32 state) instead of an fp32 op whose matmuls autocast re-casts.
+        dev = qkv.device.type
+        autocast_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if autocast_dtype is not None:
+            qkv = qkv.to(autocast_dtype)
         q, k, v = torch.split(qkv, [H * K, H * K, H * V], -1)
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
         log_alpha, log_mu, beta, eta = self.gates(pieces["a"], pieces["b"], pieces.get("m"), pieces["e"])
         q = q - (self.D_log.exp()[:, None] * k).to(q.dtype)  # output correction, before l2 norm
         cp_group = self.cp_group if self.cp_group.size() > 1 else None
-        o, _ = mdn_chunk(q, k, v, log_alpha, log_mu, beta, eta, cu_seqlens=cu_seqlens,
-                         use_qk_l2norm=True, cp_group=cp_group, backend=self.cfg.backend,
-                         chunk_size=self.cfg.chunk_size)
+        # The op picks its own precision from its inputs' dtypes (DESIGN §9): no autocast inside.
+        with torch.autocast(dev, enabled=False) if autocast_dtype is not None else _nullcontext():
+            o, _ = mdn_chunk(q, k, v, log_alpha, log_mu, beta, eta, cu_seqlens=cu_seqlens,
+                             use_qk_l2norm=True, cp_group=cp_group, backend=self.cfg.backend,
+                             chunk_size=self.cfg.chunk_size)
         o = self._gated_norm(o, pieces["g"].reshape(B, T, H, V))
         out, bias = self.out_proj(o.reshape(B, T, H * V).transpose(0, 1).contiguous())
         return out, bias

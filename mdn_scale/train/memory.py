@@ -1,56 +1,79 @@
 """Per-GPU memory of a training config, and the longest context that fits (tools/estimate_memory.py).
 
 An itemised model of what our trainer keeps on one GPU: every term is a count of stored tensors
-times their width and element size, written out below so that it can be checked by hand and
-against measured peaks (tests/gpu/test_longctx_memory_gpu.py). Sizes in bytes.
+times their width and element size, written out below so that it can be checked by hand, against
+the bytes autograd saves (tests/tools/test_estimate_memory.py counts them with saved-tensor
+hooks on a tiny model, bf16 autocast, the Triton path under the interpreter) and against measured
+peaks (tests/gpu/test_longctx_memory_gpu.py). Sizes in bytes.
 
 Notation (per rank): d hidden size, L_s layers on the heaviest pipeline stage, H_l = H/TP heads,
-K, V head dims, F_l = F/TP MLP width, Vp_l = padded vocab/TP, C chunk size, g = 4 gate
-projections with momentum (3 without), T_l = micro_batch · seq_len / CP tokens per rank,
-a = 2 (bf16) or 4 (fp32) activation bytes, N = segments per micro-batch (documents + rows).
+K, V head dims, P_qkv = H_l(2K + V), F_l = F/TP MLP width, Vp_l = padded vocab/TP, C chunk size,
+W conv width, T_l = micro_batch · seq_len / CP tokens per rank, c = model.loss_chunk_tokens,
+N = segments per micro-batch (documents + rows).
 
 Static
     parameters   4 · P_l              fp32 weights (P_l: this rank's parameters, below)
-    gradients    4 · P_l              fp32 .grad
+    gradients    4 · P_l              fp32 .grad (kept between steps: zero_grad(set_to_none=False))
     optimizer    8 · P_l              AdamW exp_avg and exp_avg_sq, fp32; with
                  / (DP · CP)          parallel.distributed_optimizer (ZeRO-1 over dp×cp) each rank
                                       keeps its share
-    autocast     2 · P_l (bf16 only)  autocast's bf16 copies of the weights, cached for the step
   P_l = L_s · (matmul params of a layer / TP + 2d + per-head params/TP + convs/TP + V)
         + Vp_l · d (embedding, first stage) + Vp_l · d + d (head and final norm, last stage);
         the heaviest stage holds both ends when PP = 1.
 
-Activations kept for the backward, per token of one MDN layer
-  around the op        d(4 + a)          norm input (fp32 residual) and output
-                       (2H_lK + 2H_lV + g·H_l) · a     in_proj output (q, k, v, gates are views)
-                       2 (2H_lK + H_lV) · a            conv outputs and their SiLU
-                       H_l K · a                       q after the output correction
-                       16 · 4 · H_l                    gate math in fp32 ([T, H] tensors)
-                       H_l V (2a + 12)                 op output, gated RMSNorm (fp32 x, y, σ(g))
-                       d(4 + a) + 4 F_l · a            second norm; SwiGLU fc1 (2F), act, silu
-  the MDN op (kernels/mdn/chunk.py; fp32 compute dtype), per token and head
-                       4 · (4K + (2K + V))             l2-normalised q, k (in and out), chunk copies
-                       4 · 13 C                        C×C per chunk: decays, Γ, Γ⁻, A, (I+A)⁻¹, q kᵀ…
-                       4 · (2(V + 2K) + 2K + V + 2K + V) (I+A)⁻¹ rhs and solution (U, Y, Z),
-                                                       Kg, Km, W, chunk_output's e^{la}q, γq, o
-                       a' · (4K + C + 2(V + 2K))       bf16 operand copies (a' = 2 when bf16, else 0):
-                                                       StatePass's Y, Z, Kg, Km and the products'
-                       4 · 2 K V / C                   S0s, M0s: the (S, M) pair entering each chunk
-  (The pair term dominates at large K·V: 1.3B, K=256, V=512, C=64 → 16 KiB per token and head.)
+Saved for the backward, per token of one recurrent layer, bf16 (autocast over fp32 weights; the
+residual stream is bf16 after the first layer: Megatron's bias-dropout-add casts the residual to
+the layer output's dtype)
+  each RMSNorm (2)     10d + 4         fp32 copy of the bf16 input, rsqrt, x·rsqrt, bf16 output
+  causal conv          2 P_qkv + 2W    the zero-padded bf16 input copy, the document mask
+                       + 4 P_qkv       its fp32 output (fp32 weights promote), kept by the SiLU
+  q, k, v to bf16      2 P_qkv         the op's bf16 inputs (kept whole: k is saved by the q
+                                       correction), and the op's contiguous copy of v: 2 H_l V
+  gates                15 · 4 H_l      fp32 [T, H] tensors of the gate math and the op's 4 inputs
+                                       (12 for GDN: no momentum gate)
+  the MDN op, fused 16-bit path (kernels/mdn/chunk_local_fused.py LocalPrepare / LocalOutput and
+  kernels/mdn/chunk.py StatePass), per token and head:
+                       4 · 2K          q̂, k̂ chunks (fp32)
+                       2 · 4K          Y, Z, Kg, Km (bf16, the state pass's operands)
+                       4 · 2C          (I + A)⁻¹ and Γ (fp32 C×C per chunk)
+                       4 · 7           e^{le}, γ⁻, l2norm scales, η, log α cumsum, g0 (fp32)
+                       2 V             W (bf16)
+                       2 · 2KV / C     S0s, M0s: the pair entering each chunk (bf16)
+                       12 / C (+ 16/C per token: chunk bounds)
+  gated RMSNorm        18 H_l V + 4 H_l   fp32 o, rsqrt, y, y·w, σ(g); bf16 output (out_proj input)
+  SwiGLU MLP           10 F_l          bf16 fc1 output (2F), x_lin + offset, silu, product
+  (1.3B, K = 256, V = 512, C = 64: the op keeps 13.5 KiB per token and head, 8 KiB of it the pairs.)
+fp32 (no autocast; the op's torch path): the earlier, coarser count (not checked against the
+  saved-tensor count): norms d(4 + 4), projections and convs as above in fp32, the op
+  4(4K + 2K + V) + 4·13C + 4(2(V + 2K) + 2K + V + 2K + V) + 4·2KV/C per token and head.
 
-Recompute (train.recompute: every layer keeps only its input)
-    kept         L_s · T_l · 4d            the fp32 layer inputs
-    rebuilt      one layer's activations above, during that layer's backward
-  without recompute: L_s · T_l · (per-layer activations).
-Backward workspace: one layer's op gradients at a time ≈ its op activations (the state pass's
-  dS_end, dM_end mirror S0s, M0s; dW, dU, dY… mirror the chunk tensors).
-Loss (last stage): T_l · Vp_l · (a + 4 + 4): logits (a), the fp32 copy and the softmax Megatron's
-  vocab-parallel cross entropy keeps; plus T_l · d · 4 for the embedding output (first stage).
-Recurrent states: 2 · 2 · N · H_l · K · V · 4 (initial and final pairs, and their gradients) per layer
-  in flight (one layer).
-CP (R = CP ranks; DESIGN §5): per layer kept for the backward (R − 1) · H_l · (2K)² · 4 (the later
-  ranks' maps and this rank's), all layers without recompute; the all-gather buffer
-  R · H_l · 2K (2K + V) · 4 once (transient).
+Backward workspace of the op (bf16, one layer at a time), per token and head, alive together
+inside StatePass.backward: LocalOutput's input gradients 4·2K + 12 + 4C + 2V + 2·2KV/C, the
+state pass's dW̃, dS_end, dM_end 2V + 2·2KV/C, and state_pass_grads' fp32 dU, dY, dZ, dKg, dKm
+4V + 4·4K. By then the layer's tensors after the op (gated norm, MLP, second norm) are freed.
+
+Peak: the static memory plus the largest of three moments of a step (each adds to what is kept):
+  forward end   autocast's bf16 weight copies (2 · P_l, cached until autocast exits) and the
+                loss's forward transients;
+  loss backward the loss's backward transients;
+  layer backward the last layer's tensors up to the op, its backward workspace, two [T, d] fp32
+                gradients at the layer boundary; under CP the group maps and their gradients.
+Kept across layers: with train.recompute every layer keeps only its input, T_l · (4d + (L_s − 1)
+  · 2d) (the first is the fp32 embedding output) and the last layer is rebuilt during the
+  backward; without, every layer's saved tensors. Plus the final norm (10d + 4) and the loss's
+  saved tensors.
+Loss (last stage):
+  Megatron's (model.loss_chunk_tokens = 0): kept T_l · Vp_l · 4 (the fp32 softmax) + 9 T_l;
+    forward and backward transients T_l · Vp_l · 2 (the bf16 logits, then the bf16 gradient).
+  chunked (c > 0, mdn_scale/model/loss.py): kept 12 T_l (labels, log-sum-exp); forward 2 Vp_l d
+    (bf16 weight) + c · Vp_l · 6 (a chunk's bf16 and fp32 logits); backward 8 Vp_l d (bf16
+    weight, fp32 dW, a chunk's bf16 dW) + c · Vp_l · 8 + 2 T_l d (dh).
+Recurrent states: 2 · 2 · N · H_l · K · V · 4 (initial and final pairs) per layer in flight.
+CP (R = CP ranks, all-gather mode, kernels/cp/state_pass_cp.py), per layer kept for the backward:
+  the later ranks' maps, (R − 2) · H_l · (2K)² · 4 at most (rank 0), and every local group's map
+  H_l (2K)² · 4 per group of G = C · ⌈16K / C⌉ tokens; the backward's group gradients (12 fp32
+  [groups, H_l, K, V] tensors at most) in the layer-backward moment; the all-gather buffer
+  R · H_l · 2K (2K + V) · 4 once.
 Reserve: CUDA context, NCCL buffers and allocator slack, a constant (default 3 GiB); measured
   peaks (torch.cuda.max_memory_allocated) leave it out, so `allocated` is what to compare them with.
 
@@ -58,7 +81,8 @@ What this does not model: softmax-attention layers' activations beyond the proje
 stacks are estimated as if every layer were recurrent, with the attention layers' own
 parameters), pipeline microbatches in flight (1F1B keeps up to PP microbatches on stage 0:
 multiplied in as `in_flight`), ZeRO-1's uneven split (parameters are not cut: a share is whole
-tensors, so the largest rank's share can exceed 1/(DP·CP)).
+tensors, so the largest rank's share can exceed 1/(DP·CP)), the optimizer step's temporaries
+(after the activations are freed), sequence parallelism's split of the norms.
 """
 
 from __future__ import annotations
@@ -117,25 +141,53 @@ def rank_params(cfg, lay: Layout) -> int:
 
 
 def layer_activation_terms(cfg, lay: Layout) -> dict:
-    """Bytes per token of one recurrent layer, split into 'around_op' and 'op'."""
+    """Bytes per token of one recurrent layer, saved for the backward: 'around_op' (norms,
+    projections, conv, gates, gated norm, MLP; 'after_op' is the part freed before the op's
+    backward runs), 'op_chunk_tensors' and 'op_state_pairs' (the op's own), and the op's
+    backward workspace ('op_backward'). See the module docstring."""
     a = _act_bytes(lay.precision)
-    low = 2 if lay.precision == "bf16" else 0
-    d, K, V, C = cfg.hidden_size, cfg.head_k_dim, cfg.head_v_dim, cfg.chunk_size
+    d, K, V, C, W = cfg.hidden_size, cfg.head_k_dim, cfg.head_v_dim, cfg.chunk_size, cfg.conv_size
     H_l = cfg.num_heads // lay.tp
     F_l = cfg.ffn_size // lay.tp
-    g = 4 if cfg.momentum else 3
-    around = (d * (4 + a) + (2 * H_l * K + 2 * H_l * V + g * H_l) * a
-              + 2 * (2 * H_l * K + H_l * V) * a + H_l * K * a + 16 * 4 * H_l
-              + H_l * V * (2 * a + 12) + d * (4 + a) + 4 * F_l * a)
-    per_head = (4 * (4 * K + 2 * K + V) + 4 * 13 * C
-                + 4 * (2 * (V + 2 * K) + 2 * K + V + 2 * K + V)
-                + low * (4 * K + C + 2 * (V + 2 * K)))
-    pair = 4 * 2 * K * V / C
-    return {"around_op": around, "op_chunk_tensors": H_l * per_head, "op_state_pairs": H_l * pair}
+    P_qkv = H_l * (2 * K + V)
+    if lay.precision == "bf16":
+        norm = 10 * d + 4
+        gates = (15 if cfg.momentum else 12) * 4 * H_l
+        before = norm + (2 * P_qkv + 2 * W) + 4 * P_qkv + 2 * P_qkv + 2 * H_l * V + gates
+        after = (18 * H_l * V + 4 * H_l) + norm + 10 * F_l
+        chunk = H_l * (4 * 2 * K + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C) + 16 / C
+        pairs = H_l * 2 * 2 * K * V / C
+        backward = H_l * ((4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C)
+                          + (2 * V + 2 * 2 * K * V / C) + (4 * V + 4 * 4 * K))
+    else:  # the torch path's coarser count (module docstring)
+        g = 4 if cfg.momentum else 3
+        before = (d * 8 + (2 * H_l * K + 2 * H_l * V + g * H_l) * a + 2 * P_qkv * a
+                  + H_l * K * a + 16 * 4 * H_l)
+        after = H_l * V * (2 * a + 12) + d * 8 + 4 * F_l * a
+        chunk = H_l * (4 * (4 * K + 2 * K + V) + 4 * 13 * C
+                       + 4 * (2 * (V + 2 * K) + 2 * K + V + 2 * K + V))
+        pairs = H_l * 4 * 2 * K * V / C
+        backward = chunk + pairs
+    return {"around_op": before + after, "after_op": after, "op_chunk_tensors": chunk,
+            "op_state_pairs": pairs, "op_backward": backward}
+
+
+def _loss_terms(cfg, lay: Layout, T_l: int, Vp_l: int) -> dict:
+    """The LM head + cross entropy (last stage): kept, forward and backward transients."""
+    d, c = cfg.hidden_size, min(cfg.loss_chunk_tokens, T_l)
+    if c > 0:
+        w16 = 2 * Vp_l * d if lay.precision == "bf16" else 0
+        return {"kept": 12 * T_l, "forward": w16 + c * Vp_l * 6,
+                "backward": w16 + 4 * Vp_l * d + (2 * Vp_l * d if w16 else 4 * Vp_l * d)
+                + c * Vp_l * 8 + T_l * d * _act_bytes(lay.precision)}
+    a = _act_bytes(lay.precision)
+    return {"kept": T_l * Vp_l * 4 + 9 * T_l, "forward": T_l * Vp_l * a,
+            "backward": T_l * Vp_l * a + 4 * Vp_l * d}
 
 
 def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
-    """Per-GPU bytes by component; 'allocated' (what max_memory_allocated measures) and 'total'."""
+    """Per-GPU bytes by component; 'allocated' (what max_memory_allocated measures: the static
+    memory plus the largest moment, named in 'peak_at') and 'total' (plus the reserve)."""
     for k in ("tp", "pp", "cp", "dp", "micro_batch", "seq_len"):
         if getattr(lay, k) < 1:
             raise ValueError(f"{k} must be >= 1 (got {getattr(lay, k)})")
@@ -143,43 +195,68 @@ def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
         raise ValueError(f"micro_batch × seq_len = {lay.micro_batch * lay.seq_len} is not divisible by cp = {lay.cp}")
     if cfg.num_heads % lay.tp:
         raise ValueError(f"num_heads = {cfg.num_heads} is not divisible by tp = {lay.tp}")
-    a = _act_bytes(lay.precision)
+    bf16 = _act_bytes(lay.precision) == 2
     T_l = lay.tokens_per_rank
-    d, K, V = cfg.hidden_size, cfg.head_k_dim, cfg.head_v_dim
+    d, K, V, C = cfg.hidden_size, cfg.head_k_dim, cfg.head_v_dim, cfg.chunk_size
     H_l = cfg.num_heads // lay.tp
     L_s = -(-cfg.num_layers // lay.pp)
     Vp_l = cfg.padded_vocab_size(lay.tp) // lay.tp
     P_l = rank_params(cfg, lay)
     terms = layer_activation_terms(cfg, lay)
-    per_layer_tok = sum(terms.values())
-    op_tok = terms["op_chunk_tensors"] + terms["op_state_pairs"]
+    layer_tok = terms["around_op"] + terms["op_chunk_tensors"] + terms["op_state_pairs"]
     in_flight = lay.pp  # 1F1B: stage 0 holds up to PP microbatches' activations
     N = lay.segments or lay.micro_batch
     R = lay.cp
-    cp_kept = (R - 1) * H_l * (2 * K) ** 2 * 4 if R > 1 else 0
+    group_tokens = C * -(-16 * K // C)  # kernels/cp/transition.default_group_chunks
+    groups = -(-T_l // group_tokens)
+    cp_layer = ((max(R - 2, 0) * H_l * (2 * K) ** 2 * 4 + groups * H_l * (2 * K) ** 2 * 4)
+                if R > 1 else 0)
+    cp_backward = 12 * groups * H_l * K * V * 4 if R > 1 else 0
+    loss = _loss_terms(cfg, lay, T_l, Vp_l)
+    final_norm = T_l * (10 * d + 4 if bf16 else 8 * d + 4)
     out = {
         "parameters": 4 * P_l,
         "gradients": 4 * P_l,
         "optimizer": 8 * P_l / (lay.dp * lay.cp if lay.distributed_optimizer else 1),
-        "autocast_weight_copies": 2 * P_l if lay.precision == "bf16" else 0,
     }
     if lay.recompute:
-        out["activations_kept"] = in_flight * L_s * T_l * 4 * d
-        out["activations_rebuilt_layer"] = T_l * per_layer_tok
-        out["cp_maps_kept"] = cp_kept
+        inputs = T_l * (4 * d + (L_s - 1) * (2 if bf16 else 4) * d)
+        out["activations_kept"] = in_flight * inputs
+        out["activations_rebuilt_layer"] = T_l * layer_tok
+        out["cp_maps_kept"] = cp_layer
+        kept = out["activations_kept"]
+        at_layer_backward = T_l * (layer_tok - terms["after_op"])
     else:
-        out["activations_kept"] = in_flight * L_s * T_l * per_layer_tok
+        out["activations_kept"] = in_flight * L_s * T_l * layer_tok
         out["activations_rebuilt_layer"] = 0
-        out["cp_maps_kept"] = in_flight * L_s * cp_kept
-    out["backward_workspace"] = T_l * op_tok
-    out["loss_logits"] = T_l * Vp_l * (a + 8) + T_l * d * 4
+        out["cp_maps_kept"] = in_flight * L_s * cp_layer
+        kept = out["activations_kept"] + out["cp_maps_kept"]
+        at_layer_backward = -T_l * terms["after_op"]
+    out["final_norm_and_loss_kept"] = final_norm + loss["kept"]
+    out["backward_workspace"] = T_l * terms["op_backward"] + 2 * T_l * d * 4 + cp_backward
     out["recurrent_states"] = 2 * 2 * N * H_l * K * V * 4
     out["cp_allgather_buffer"] = R * H_l * 2 * K * (2 * K + V) * 4 if R > 1 else 0
+    static = out["parameters"] + out["gradients"] + out["optimizer"]
+    common = kept + out["final_norm_and_loss_kept"]
+    moments = {
+        "forward_end": common + (2 * P_l if bf16 else 0) + loss["forward"],
+        "loss_backward": common + loss["backward"],
+        # the loss's and the final norm's saved tensors are freed by then
+        "layer_backward": (kept + at_layer_backward + out["backward_workspace"]
+                           + (cp_layer if lay.recompute else 0) + out["recurrent_states"]
+                           + out["cp_allgather_buffer"]),
+    }
+    out["autocast_weight_copies"] = 2 * P_l if bf16 else 0
+    out["loss_forward_transient"] = loss["forward"]
+    out["loss_backward_transient"] = loss["backward"]
     out = {k: int(v) for k, v in out.items()}
-    allocated = sum(out.values())
+    peak_at = max(moments, key=moments.get)
+    allocated = int(static + moments[peak_at])
     out["allocated"] = allocated
     out["reserve"] = int(reserve_gib * GIB)
     out["total"] = allocated + out["reserve"]
+    out["moments"] = {k: int(static + v) for k, v in moments.items()}
+    out["peak_at"] = peak_at
     out["params_on_rank"] = P_l
     out["tokens_per_rank"] = T_l
     return out

@@ -94,3 +94,28 @@ def test_pp2_megatron_schedule_matches_pp1():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # Megatron's CE runs in fp32
     for k, v in ref["grads"].items():
         torch.testing.assert_close(got[0]["grads"][k], v, rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_chunked_loss_sequence_parallel_tp2():
+    """The chunked LM-head loss under TP = 2 with sequence parallelism (the hidden states are
+    gathered over the sequence first, their gradient reduce-scattered): the same per-token loss
+    and gradients as a float64 cross entropy of the logits, chunk sizes not dividing T
+    (tests/model/test_chunked_loss.py covers TP = 1, 2 without SP on CPU)."""
+    import model_workers as w
+    from model_dist import run_ranks
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 61, (2, 16), generator=g)
+    labels = torch.randint(0, 61, (2, 16), generator=g)
+    tw = torch.rand(2, 16, generator=g, dtype=torch.float64)
+    chunks = (5, 7, 32)
+    got = run_ranks(w.chunked_loss_worker, 2, 2, TINY, ids, labels, tw, chunks, True, backend="nccl")
+    for rank, r in enumerate(got):
+        ref_loss, ref_grads = r["ref"]
+        for chunk in chunks:
+            loss, grads = r[chunk]
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+            for name, gr in ref_grads.items():
+                torch.testing.assert_close(grads[name], gr, rtol=1e-9, atol=1e-12,
+                                           msg=lambda m: f"rank {rank} chunk {chunk} {name}: {m}")

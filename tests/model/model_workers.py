@@ -180,3 +180,62 @@ def pp_worker(rank, world, cfg, ids, labels, ref_weights):
     else:
         layout["loss"] = res
     return layout
+
+
+def chunked_loss_worker(rank, world, tp, cfg, ids, labels, token_weights, chunks, sequence_parallel=False):
+    """TP=tp: the per-token loss and every parameter's gradient of sum(weights · loss) for
+    (a) a float64 cross entropy of the (TP-gathered) logits, (b) Megatron's unchunked output
+    layer + vocab-parallel cross entropy, (c) the chunked loss at each chunk size. Gradients are
+    this rank's shards (the three paths share one model, so shards line up)."""
+    init_parallel(tp=tp)
+    g = ps.get_tensor_model_parallel_group()
+    dev = device()
+    model = make_model(cfg, seed=0, **({"sequence_parallel": True} if sequence_parallel else {})).to(dev)
+    ids, labels, token_weights = ids.to(dev), labels.to(dev), token_weights.to(dev)
+
+    def grads():
+        return {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    out = model(ids, None, None)  # logits [B, S, V/TP]
+    if g.size() > 1:
+        out = all_gather_sequence(out.movedim(-1, 0).contiguous(), g).movedim(0, -1)
+    ce = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1),
+                                           reduction="none").view(labels.shape)
+    ((ce * token_weights).sum() / g.size()).backward()
+    res = {"ref": (ce.detach().cpu(), grads())}
+    for chunk in (0, *chunks):
+        model.loss_chunk_tokens = chunk
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, None, None, labels=labels)
+        (loss * token_weights).sum().backward()
+        res["megatron" if chunk == 0 else chunk] = (loss.detach().cpu(), grads())
+    return res
+
+
+def saved_bytes_worker(rank, world, cfg, runs):
+    """Bytes autograd saves for the backward (unique storages, parameters excluded) in one
+    forward with labels under bf16 autocast, for each (num_layers, T, loss_chunk_tokens) run."""
+    init_parallel()  # TP = 1 (any world size: each rank counts the same thing)
+    out = {}
+    for num_layers, T, chunk in runs:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**dict(cfg, num_layers=num_layers, loss_chunk_tokens=chunk)),
+                            use_cpu_initialization=True)
+        g = torch.Generator().manual_seed(T)
+        ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=g)
+        labels = torch.randint(0, cfg["vocab_size"], (1, T), generator=g)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(ids, None, None, labels=labels, packed_seq_params=packed_params([0, T]))
+        out[(num_layers, T, chunk)] = sum(seen.values())
+    return out

@@ -12,7 +12,7 @@ import yaml
 
 from mdn_scale.model import ModelConfig
 from mdn_scale.model.stats import model_stats
-from mdn_scale.train.memory import GIB, Layout, estimate, longest_context, rank_params
+from mdn_scale.train.memory import GIB, Layout, estimate, layer_activation_terms, longest_context, rank_params
 
 ROOT = Path(__file__).resolve().parents[2]
 # d=64, 2 layers, H=2, K=16, V=32, F=128, vocab 257 padded to 320 (at every TP size), conv 4, C=64
@@ -42,31 +42,83 @@ def test_estimate_by_hand_fp32_cp2():
     assert est["autocast_weight_copies"] == 0
     zero = estimate(TINY, Layout(tp=1, cp=2, seq_len=1024, precision="fp32", distributed_optimizer=True))
     assert zero["optimizer"] == 8 * P // 2  # ZeRO-1 over dp×cp = 2 ranks
+    # fp32 (torch path) counts: d=64, H=2, K=16, V=32, C=64, F=128, Vp=320, a=4
     around = 64 * 8 + (64 + 128 + 8) * 4 + 2 * (64 + 64) * 4 + 32 * 4 + 16 * 4 * 2 + 64 * 20 + 64 * 8 + 4 * 128 * 4
     assert around == 6432
+    after = 64 * 20 + 64 * 8 + 4 * 128 * 4  # gated norm, second norm, MLP: freed before the op's backward
     op_head = 4 * (64 + 32 + 32) + 4 * 13 * 64 + 4 * (2 * 64 + 32 + 32 + 32 + 32)  # = 4864
     pairs = 2 * (4 * 2 * 16 * 32 / 64)  # S0s, M0s per token: 2 heads × 64 bytes
-    assert est["activations_kept"] == 2 * T_l * (around + 2 * op_head + pairs)
-    assert est["backward_workspace"] == T_l * (2 * op_head + pairs)
-    assert est["loss_logits"] == T_l * 320 * (4 + 8) + T_l * 64 * 4
+    layer = around + 2 * op_head + pairs
+    assert est["activations_kept"] == 2 * T_l * layer
+    # CP: groups of 64 · ⌈16·16/64⌉ = 256 tokens → 2 groups, each a 2K×2K fp32 map per head;
+    # no later ranks' maps at R = 2
+    cp_layer = 2 * 2 * 32 ** 2 * 4
+    assert est["cp_maps_kept"] == 2 * cp_layer
+    cp_backward = 12 * 2 * 2 * 16 * 32 * 4
+    assert est["backward_workspace"] == T_l * (2 * op_head + pairs) + 2 * T_l * 64 * 4 + cp_backward
+    assert est["final_norm_and_loss_kept"] == T_l * (8 * 64 + 4) + T_l * 320 * 4 + 9 * T_l
+    assert est["loss_forward_transient"] == T_l * 320 * 4
+    assert est["loss_backward_transient"] == T_l * 320 * 4 + 4 * 320 * 64
     assert est["recurrent_states"] == 2 * 2 * 1 * 2 * 16 * 32 * 4
-    assert est["cp_maps_kept"] == 2 * (1 * 2 * 32 ** 2 * 4)
     assert est["cp_allgather_buffer"] == 2 * 2 * 32 * (32 + 32) * 4
-    parts = [k for k in est if k not in ("allocated", "reserve", "total", "params_on_rank", "tokens_per_rank")]
-    assert est["allocated"] == sum(est[k] for k in parts)
+    static = 16 * P
+    kept = 2 * T_l * layer + 2 * cp_layer
+    loss_kept = T_l * (8 * 64 + 4) + T_l * 320 * 4 + 9 * T_l
+    moments = {"forward_end": static + kept + loss_kept + T_l * 320 * 4,
+               "loss_backward": static + kept + loss_kept + T_l * 320 * 4 + 4 * 320 * 64,
+               "layer_backward": static + kept - T_l * after + est["backward_workspace"]
+               + est["recurrent_states"] + est["cp_allgather_buffer"]}
+    assert est["moments"] == {k: int(v) for k, v in moments.items()}
+    assert est["peak_at"] == "layer_backward"
+    assert est["allocated"] == int(moments["layer_backward"])
     assert est["total"] == est["allocated"] + GIB
+
+
+def test_estimate_by_hand_bf16_recompute_chunked_loss():
+    """The bf16 counts (checked against autograd's saved tensors in tests/model/test_chunked_loss.py)
+    by hand for the tiny model, recompute on, chunked loss."""
+    cfg = ModelConfig(**{**TINY.to_dict(), "loss_chunk_tokens": 100})
+    T_l, P, d, Vp = 1024, 125336, 64, 320
+    est = estimate(cfg, Layout(seq_len=T_l, precision="bf16", recompute=True), reserve_gib=0)
+    t = layer_activation_terms(cfg, Layout(precision="bf16"))
+    # P_qkv = 2·(32 + 32) = 128; before the op: norm 10d + 4 = 644, conv 2·128 + 2·4 + 4·128,
+    # bf16 q|k|v 2·128, v copy 2·2·32, gates 15·4·2
+    before = 644 + (256 + 8 + 512) + 256 + 128 + 120
+    after = (18 * 64 + 8) + 644 + 10 * 128  # gated norm, second norm, MLP
+    assert (t["around_op"], t["after_op"]) == (before + after, after) == (1924 + 3084, 3084)
+    # op per head (C = 64): q̂ k̂ 8K + Y Z Kg Km 8K + (I+A)⁻¹ Γ 8C + 28 + W 2V + 12/C; chunk bounds 16/C
+    assert t["op_chunk_tensors"] == 2 * (128 + 128 + 512 + 28 + 64 + 12 / 64) + 16 / 64 == 1720.625
+    assert t["op_state_pairs"] == 2 * 2 * 2 * 16 * 32 / 64 == 64
+    # backward: LocalOutput grads 8K + 12 + 4C + 2V + 4KV/C, state pass 2V + 4KV/C, fp32 4V + 16K
+    assert t["op_backward"] == 2 * ((128 + 12 + 256 + 64 + 32) + (64 + 32) + (128 + 256)) == 1944
+    layer = 1924 + 3084 + 1720.625 + 64
+    assert est["autocast_weight_copies"] == 2 * P
+    assert est["activations_kept"] == T_l * (4 * d + 1 * 2 * d)  # fp32 embedding output, one bf16 input
+    assert est["activations_rebuilt_layer"] == int(T_l * layer)
+    assert est["final_norm_and_loss_kept"] == T_l * 644 + 12 * T_l
+    assert est["loss_forward_transient"] == 2 * Vp * d + 100 * Vp * 6
+    assert est["loss_backward_transient"] == 2 * Vp * d + 4 * Vp * d + 2 * Vp * d + 100 * Vp * 8 + T_l * d * 2
+    assert est["backward_workspace"] == T_l * 1944 + 2 * T_l * d * 4
+    kept = T_l * 6 * d
+    layer_backward = 16 * P + kept + T_l * (layer - after) + T_l * 1944 + 2 * T_l * d * 4 + est["recurrent_states"]
+    assert est["moments"]["layer_backward"] == int(layer_backward)
+    assert est["allocated"] == max(est["moments"].values())
 
 
 def test_recompute_bf16_and_scaling():
     base = Layout(seq_len=4096, precision="bf16", recompute=True)
     est = estimate(TINY, base, reserve_gib=0)
     assert est["autocast_weight_copies"] == 2 * 125336
-    assert est["activations_kept"] == 2 * 4096 * 4 * 64  # the fp32 layer inputs only
+    assert est["activations_kept"] == 4096 * (4 * 64 + 2 * 64)  # the layer inputs only
     assert est["activations_rebuilt_layer"] > 0 and est["cp_maps_kept"] == 0
     # activations are linear in the tokens per rank: CP = 4 on 4× the tokens keeps them equal
     cp4 = estimate(TINY, Layout(seq_len=4 * 4096, cp=4, precision="bf16", recompute=True), reserve_gib=0)
-    for k in ("activations_kept", "activations_rebuilt_layer", "backward_workspace", "loss_logits"):
+    for k in ("activations_kept", "activations_rebuilt_layer", "final_norm_and_loss_kept"):
         assert cp4[k] == est[k], k
+    assert cp4["backward_workspace"] > est["backward_workspace"]  # + the CP group gradients
+    # the chunked loss removes the [T, vocab] terms
+    chunked = estimate(ModelConfig(**{**TINY.to_dict(), "loss_chunk_tokens": 256}), base, reserve_gib=0)
+    assert chunked["final_norm_and_loss_kept"] < est["final_norm_and_loss_kept"]
     with pytest.raises(ValueError, match="not divisible by cp"):
         estimate(TINY, Layout(seq_len=1000, cp=3))
     with pytest.raises(ValueError, match="num_heads = 2 is not divisible by tp = 4"):
@@ -143,14 +195,17 @@ def test_measure_script_cpu_smoke(tmp_path):
 
 
 def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
-    """benchmarks/longctx_search.py with a fake attempt that fits below 100K tokens: it brackets
-    the boundary and records every attempt."""
+    """benchmarks/longctx_search.py with a fake attempt that fits below 100K tokens: it walks the
+    ladder 2^k, 3·2^(k−1) down from the start (or up), stops when a fit and a failure are
+    neighbours, and records every attempt."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import longctx_search
 
+    assert longctx_search.ladder(2048, 200_000) == [2048, 4096, 6144, 8192, 12288, 16384, 24576, 32768,
+                                                     49152, 65536, 98304, 131072, 196608]
     calls = []
 
-    def fake(model, gpus, seq_len, tp, cp, rc, timeout):
+    def fake(model, gpus, seq_len, tp, cp, rc, timeout, **kw):
         calls.append(seq_len)
         if seq_len > 100_000:
             return {"seq_len": seq_len, "oom": True}
@@ -159,8 +214,12 @@ def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
     monkeypatch.setattr(longctx_search, "attempt", fake)
     out = tmp_path / "s.json"
     assert longctx_search.main(["--model", str(ROOT / "configs" / "mdn_1.3b.yaml"), "--gpus", "2",
-                                "--out", str(out), "--start", "131072", "--max-attempts", "6"]) == 0
+                                "--out", str(out), "--start", "140000", "--max-attempts", "6"]) == 0
     recs = json.loads(out.read_text())
-    assert [r["seq_len"] for r in recs] == calls and calls[0] == 131072 and recs[0]["oom"]
-    fitting = [s for s in calls if s <= 100_000]
-    assert fitting and max(fitting) > 90_000  # within 10% of the boundary after 6 attempts
+    assert [r["seq_len"] for r in recs] == calls == [131072, 98304]
+    assert recs[0]["oom"] and not recs[1]["oom"]
+    calls.clear()
+    out2 = tmp_path / "s2.json"
+    assert longctx_search.main(["--model", str(ROOT / "configs" / "mdn_1.3b.yaml"), "--gpus", "2",
+                                "--out", str(out2), "--start", "40000", "--max-attempts", "6"]) == 0
+    assert calls == [32768, 49152, 65536, 98304, 131072]
