@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole GPU suite, one device call per plan on a 4-GPU H100 machine (nvidia-h100-x4), with
+# .whl carried (megatron-core 0.16.1, webdataset, deepspeed 0.19.8 and their needs, fla-core
+# 0.6.0, einops; see run_deepspeed_gpu.sh for how they are built):
+#   bash benchmarks/run_suite_gpu.sh a "$OUT"
+#   bash benchmarks/run_suite_gpu.sh b "$OUT"
+# benchmarks/suite.py holds the plans; results come back in $OUT/suite.tar.gz.
+set -uo pipefail
+PLAN=${1:?plan: a or b}
+OUT=${2:-/tmp/out}
+mkdir -p "$OUT"
+. benchmarks/gpu_env.sh
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+export TRITON_CACHE_AUTOTUNING=1                                   # FLA's autotuning once per machine
+export PATH=/tmp/site/bin:$PATH TORCH_EXTENSIONS_DIR=/tmp/torch_extensions   # DeepSpeed's JIT ops
+python3 benchmarks/suite.py --plan "$PLAN" --out "$OUT" --budget-s "${BUDGET_S:-570}" ${PHASES:+--phases $PHASES}
