@@ -9,7 +9,8 @@ allocated, so every allocation, its dtype and its lifetime are exactly those of 
 (kernel numbers are garbage, which no allocation depends on). It reports
 
   * every tensor saved for backward (torch.autograd.graph.saved_tensors_hooks, deduplicated by
-    storage; the op's inputs marked as such: they exist anyway),
+    storage; the op's inputs marked as such: they exist anyway), and all memory held between
+    forward and backward (this also sees tensors kept as ctx attributes, which the hooks miss),
   * the live bytes after every aten op (a TorchDispatchMode, storages tracked by weak
     reference), the peak of forward and of backward, and the tensors alive at the peak with the
     line of kernels/ that made them.
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import linecache
 import sys
-import traceback
 from collections import defaultdict
 
 import torch
@@ -35,18 +36,33 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 MiB = 2 ** 20
 
 
+def _no_launch(self, grid):
+    return lambda *a, **k: None
+
+
+def launch_classes():
+    """The classes whose kernel[grid] launches: JITFunction, and InterpretedFunction (what
+    @triton.jit makes under TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    return [JITFunction, InterpretedFunction]
+
+
 def stub_triton_launches():
     """kernel[grid](...) becomes a no-op for every @triton.jit kernel."""
-    from triton.runtime.jit import JITFunction
-    JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: None)
+    for cls in launch_classes():
+        cls.__getitem__ = _no_launch
 
 
 def _where() -> str:
-    """The innermost frame in kernels/ (or tools/) that led to an allocation."""
-    for fr in reversed(traceback.extract_stack()[:-3]):
-        f = fr.filename.replace("\\", "/")
-        if "/kernels/" in f or f.endswith("mem_accounting.py"):
-            return f"{f.split('/')[-1]}:{fr.lineno} {fr.line.strip()[:60]}"
+    """The innermost frame in kernels/ (or this file) that led to an allocation."""
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename.replace("\\", "/")
+        if "/kernels/" in name or name.endswith("mem_accounting.py"):
+            line = linecache.getline(name, f.f_lineno).strip()[:60]
+            return f"{name.split('/')[-1]}:{f.f_lineno} {line}"
+        f = f.f_back
     return "?"
 
 
@@ -106,6 +122,7 @@ def account(B, T, H, K, V, dtype, chunk_size=64, verbose=True):
     with mode:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             o, _ = mdn_chunk(*xs, backend="triton")
+        held = mode._bytes() - o.untyped_storage().nbytes()
         mode.phase = "backward"
         torch.autograd.backward(o, do)
         mode.phase = "after"
@@ -113,6 +130,7 @@ def account(B, T, H, K, V, dtype, chunk_size=64, verbose=True):
     res = dict(
         saved=sorted(saved.values(), key=lambda r: -r[0]),
         saved_bytes=sum(r[0] for r in saved.values() if r[3] is None),
+        held_bytes=held,
         peak_fwd=mode.peaks["forward"][0], peak_bwd=mode.peaks["backward"][0],
         peak_fwd_live=mode.peaks["forward"][1], peak_bwd_live=mode.peaks["backward"][1],
     )
@@ -128,6 +146,8 @@ def account(B, T, H, K, V, dtype, chunk_size=64, verbose=True):
             print(f"  {n / MiB:9.2f} MiB  {str(shape):26s} {str(dt)[6:]:9s} {tag}")
         print(f"  {sum(r[0] for r in small) / MiB:9.2f} MiB  in {len(small)} tensors < 0.5 MiB")
         print(f"  total beyond inputs: {res['saved_bytes'] / MiB:.1f} MiB")
+        print(f"held between forward and backward (all live storages after the forward but o: "
+              f"saved tensors, tensors kept on ctx, final states): {held / MiB:.1f} MiB")
         for ph in ("forward", "backward"):
             peak, live = mode.peaks[ph]
             print(f"\npeak live in {ph}: {peak / MiB:.1f} MiB; tensors alive then (≥ 1 MiB):")
