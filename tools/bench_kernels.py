@@ -1,9 +1,14 @@
 """Benchmark: mdn_chunk against FLA's chunk_gated_delta_rule (GDN), side by side in one process.
 
     python tools/bench_kernels.py --out benchmarks/results/kernels_h100.json
+    python tools/bench_kernels.py --shapes 0 --variant MDN_RECOMPUTE_PAIRS=1 \
+        --variant MDN_RECOMPUTE_PAIRS=2 --out ...   # default and variants side by side
 
 Forward and forward+backward times (median of triton.testing.do_bench), peak memory of a
-forward+backward above the inputs, and the first call's time (compilation). FLA 0.6.0 refuses
+forward+backward above the inputs, and the first call's time (compilation). Each --variant
+(environment assignments joined by '+', set in this process for that run only) is timed beside
+the default in the same process, with its outputs and gradients compared to the default's
+(relative difference; 0.0 means bitwise equal). FLA 0.6.0 refuses
 its gated backward on Hopper with Triton < 3.7.1 (FLA issue #640, a miscompile); the lent GPU has
 Triton 3.6.0, so --lift-fla-guard (default on) disables that check FOR TIMING ONLY: FLA's
 gradients in this run are not trusted and not used.
@@ -66,6 +71,15 @@ def bench_one(name, fwd, inputs, do):
     return res
 
 
+GRAD_NAMES = ["o", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta"]
+
+
+def outputs_and_grads(fwd, inputs, do):
+    o = fwd(*inputs)
+    grads = torch.autograd.grad(o, inputs, do)
+    return [o.detach()] + list(grads)
+
+
 def profile_table(fwd, inputs, do, path, shape):
     from torch.profiler import ProfilerActivity, profile
 
@@ -87,7 +101,10 @@ def main():
     ap.add_argument("--no-fla", action="store_true", help="skip the FLA GDN peer")
     ap.add_argument("--shapes", default="all", help="'all' or comma list of indices into SHAPES")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of MDN fwd+bwd here")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="MDN_X=v[+MDN_Y=w]: also time mdn_chunk under these settings (repeatable)")
     args = ap.parse_args()
+    variants = [dict(kv.split("=", 1) for kv in v.split("+")) for v in args.variant]
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU (run it on the lent device machine)")
     dtype = getattr(torch, args.dtype)
@@ -128,6 +145,30 @@ def main():
         row["mdn"] = bench_one("MDN", mdn, xs, do)
         if args.profile:
             profile_table(mdn, xs, do, args.profile, sh)
+        if variants:
+            ref = outputs_and_grads(mdn, xs, do)
+        for var in variants:
+            name = "+".join(f"{k}={v}" for k, v in var.items())
+            old = {k: os.environ.get(k) for k in var}
+            os.environ.update(var)
+            try:
+                res = bench_one(name, mdn, xs, do)
+                got = outputs_and_grads(mdn, xs, do)
+                res["rel_diff_vs_default"] = {
+                    n: ((a.double() - b.double()).norm() / b.double().norm()).item()
+                    for n, a, b in zip(GRAD_NAMES, got, ref)}
+                print(f"    vs default: " + " ".join(
+                    f"{n} {e:.1e}" for n, e in res["rel_diff_vs_default"].items()), flush=True)
+                row[f"mdn[{name}]"] = res
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            del got
+        if variants:
+            del ref
         if chunk_gdn is not None:
             gin = [q, k, v, la, beta]
 
@@ -140,6 +181,15 @@ def main():
             row["ratio_peak_mem"] = row["mdn"]["peak_mem_fwd_bwd_mib"] / row["fla_gdn"]["peak_mem_fwd_bwd_mib"]
             print(f"  MDN/GDN: fwd {row['ratio_fwd']:.2f}x  fwd+bwd {row['ratio_fwd_bwd']:.2f}x  "
                   f"peak mem {row['ratio_peak_mem']:.2f}x", flush=True)
+            g = row["fla_gdn"]
+            for key in [k for k in row if k.startswith("mdn[")]:
+                m = row[key]
+                m["ratios_vs_gdn"] = dict(fwd=m["fwd_ms"] / g["fwd_ms"],
+                                          fwd_bwd=m["fwd_bwd_ms"] / g["fwd_bwd_ms"],
+                                          peak_mem=m["peak_mem_fwd_bwd_mib"] / g["peak_mem_fwd_bwd_mib"])
+                r = m["ratios_vs_gdn"]
+                print(f"  {key}/GDN: fwd {r['fwd']:.2f}x  fwd+bwd {r['fwd_bwd']:.2f}x  "
+                      f"peak mem {r['peak_mem']:.2f}x", flush=True)
         results.append(row)
         save()
         del xs, q, k, v, la, lm, beta, eta, do

@@ -39,8 +39,9 @@ def arg_types():
     return types
 
 
-def compile_one(fn, consts: dict, num_warps: int, arch: int = 90) -> dict:
+def compile_one(fn, consts: dict, num_warps: int, arch: int = 90, override=None) -> dict:
     types = arg_types()
+    types.update(override or {})
     names = fn.arg_names
     sig = {n: ("constexpr" if n in consts else types.get(n, "*fp32")) for n in names}
     src = ASTSource(fn=fn, signature=sig,
@@ -78,7 +79,46 @@ def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee"):
                                                     **gates, **mm), nw),
         "bwd_decay": (fused._prepare_bwd_decay_kernel, dict(H=6, C=C, F32P=f32p, **gates), nw),
         "out_fwd": (fused._output_fwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
-        "out_bwd": (fused._output_bwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
+        "out_bwd": (fused._output_bwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV,
+                                                   PAIR_GRAD=True, STORE_DW=True, **mm), nw,
+                    dict(W="*bf16", S0S="*bf16", M0S="*bf16", DW="*bf16", DS0S="*bf16",
+                         DM0S="*bf16")),
+        # MDN_RECOMPUTE_PAIRS: bf16 state-pass operands out of LocalPrepare; mode 2's kernels
+        "prepare_a_bf16op": (fused._prepare_a_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True,
+                                                           EPS=1e-6, F32P=f32p, **gates, **mm),
+                             nw, dict(KGO="*bf16", KMO="*bf16")),
+        "prepare_c_bf16op": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm),
+                             nw, dict(UO="*bf16", YO="*bf16", ZO="*bf16")),
+        "bwd_t_bf16op": (fused._prepare_bwd_t_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV,
+                                                           DAP="tf32", **mm), nw,
+                         dict(DU="*bf16", DY="*bf16", DZ="*bf16")),
+        "out_bwd_rest": (fused._output_bwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV,
+                                                        PAIR_GRAD=False, STORE_DW=False, **mm), nw,
+                         dict(W="*bf16", S0S="*bf16", M0S="*bf16", DW="*bf16", DS0S="*bf16",
+                              DM0S="*bf16")),
+        "out_bwd_dw": (fused._output_bwd_dw_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm),
+                       nw, dict(DW="*bf16")),
+        **state_jobs(K, V, C),
+    }
+
+
+def state_jobs(K: int, V: int, C: int = 64):
+    """The state pass's kernels as 16-bit models launch them (bf16 operands, tf32 products)."""
+    from mdn_kernels.mdn import state_pass as sp
+    BK, BV = triton.next_power_of_2(K), sp._block_v(K, V)
+    bf = {n: "*bf16" for n in ("U", "Y", "Z", "KG", "KM", "W", "S0S", "M0S", "DW", "DS0S", "DM0S",
+                               "DWT", "DS_END", "DM_END", "DO")}
+    bf.update(OFFSETS="*i64", NCH="i32")
+    base = dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, PREC="tf32")
+    bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False)
+    return {
+        "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True), 4, bf),
+        "state_bwd": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
+                                                 OPREC="ieee"), 4, bf),
+        "state_bwd_fused": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=True, OMMDT=tl.bfloat16,
+                                                       OPREC="tf32"), 8, bf),
+        "state_bwd_init_only": (sp._state_bwd_kernel, dict(bwd, INIT_ONLY=True, FUSE_OUT=False,
+                                                           OMMDT=tl.float32, OPREC="ieee"), 4, bf),
     }
 
 
@@ -97,11 +137,11 @@ def main(argv=None):
     unknown = set(args.kernels) - set(all_jobs)
     if unknown:
         sys.exit(f"unknown kernel names {sorted(unknown)}; known: {sorted(all_jobs)}")
-    for name, (fn, consts, nw) in all_jobs.items():
+    for name, (fn, consts, nw, *override) in all_jobs.items():
         if args.kernels and name not in args.kernels:
             continue
         try:
-            table[name] = res = compile_one(fn, consts, nw)
+            table[name] = res = compile_one(fn, consts, nw, override=override[0] if override else None)
             print(f"{name:10s} warps {nw} regs {res['registers']:3d} spill "
                   f"{res['spill_stores']:5d}/{res['spill_loads']:5d} B  shared "
                   f"{res['shared_bytes']:6d} B", flush=True)

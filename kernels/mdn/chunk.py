@@ -66,6 +66,120 @@ class StatePass(torch.autograd.Function):
         return (*grads, dS_i, dM_i, None, None, None)
 
 
+class StateOutput(torch.autograd.Function):
+    """StatePass (Triton) followed by the fused LocalOutput as one autograd node that keeps no
+    per-chunk quantity of the state pass (MDN_RECOMPUTE_PAIRS=1 or 2, see recompute_pairs_mode).
+
+    Forward: W, S0s, M0s are made, used for o and dropped; saved are the state pass's inputs
+    (U too, in the operand dtype) and the output's chunk quantities. Backward re-runs the state
+    pass forward (the same kernel on the same operands: bitwise the same W, S0s, M0s), then the
+    output's and the state pass's backward, freeing every per-chunk [NC, H, K, V] tensor as soon
+    as its last product is done, dWt written over dW. Results are those of StatePass + LocalOutput
+    exactly; peak memory and the memory kept between forward and backward drop.
+
+    fuse_pair_grads (MDN_RECOMPUTE_PAIRS=2): the output's share of the pair cotangents
+    (dS0s, dM0s [NC, H, K, V]) is made inside the state pass's backward kernel instead of being
+    stored by the output's backward and read back: 2·NC·H·K·V fewer elements in memory, the
+    same products and roundings (to float rounding of the product order: the tiles differ)."""
+
+    @staticmethod
+    def forward(ctx, qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init,
+                layout: ChunkLayout, scale: float, mm_dtype, out_shape: tuple,
+                out_dtype: torch.dtype, allow_tf32: bool, fuse_pair_grads: bool = False):
+        from .chunk_local_fused import chunk_bounds, output_forward
+        from .state_pass import state_pass_fwd_triton
+        low = torch.bfloat16 if allow_tf32 else U.dtype
+        sp = [t.to(low).contiguous() for t in (U, Y, Z, Kg, Km)]   # no-ops when already so
+        sp += [t.contiguous() for t in (a_end, g_end, u_end)]
+        if S_init is not None:  # None: zero initial pair (not stored)
+            S_init, M_init = S_init.contiguous(), M_init.contiguous()
+        loc = [t.contiguous() for t in (qc, kc, et, la, g0, gam)]
+        cs, cl = chunk_bounds(layout.dest, layout.num_chunks, layout.chunk_size)
+        W, S0s, M0s, S, M = state_pass_fwd_triton(*sp, S_init, M_init, layout, allow_tf32)
+        o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape, out_dtype)
+        del W, S0s, M0s
+        # U is needed only to recompute the pass: kept out of save_for_backward so the backward
+        # can drop it as soon as the recompute is done (a backward runs once: no retain_graph).
+        ctx.U = sp[0]
+        ctx.save_for_backward(*loc, *sp[1:], S_init, M_init, cs, cl)
+        ctx.layout, ctx.allow_tf32, ctx.scale, ctx.mm_dtype = layout, allow_tf32, scale, mm_dtype
+        ctx.out_shape = out_shape
+        ctx.in_dtypes = [t.dtype for t in (U, Y, Z, Kg, Km)]
+        ctx.fuse_pair_grads = fuse_pair_grads
+        ctx.fin_shape = S.shape
+        # unused outputs' cotangents stay None (no [N, H, K, V] zeros for an unused final pair)
+        ctx.set_materialize_grads(False)
+        return o, S, M
+
+    @staticmethod
+    def backward(ctx, do, dS_fin, dM_fin):
+        from .chunk_local_fused import output_backward, output_backward_dw
+        from .state_pass import state_pass_bwd_triton, state_pass_fwd_triton
+        saved = list(ctx.saved_tensors)
+        if getattr(ctx, "U", None) is None:
+            raise RuntimeError("StateOutput's backward runs once (MDN_RECOMPUTE_PAIRS: no "
+                               "retain_graph / double backward through mdn_chunk)")
+        loc, sp = saved[:6], [ctx.U] + saved[6:13]
+        ctx.U = None
+        S_init, M_init, cs, cl = saved[13:]
+        qc, kc, et, la, g0, gam = loc
+        Y, Z, Kg, Km, a_end, g_end, u_end = sp[1:]
+        layout, tf32, fuse = ctx.layout, ctx.allow_tf32, ctx.fuse_pair_grads
+        do = (torch.zeros(ctx.out_shape, dtype=qc.dtype, device=qc.device) if do is None
+              else do.contiguous())
+        if (dS_fin is None) != (dM_fin is None):
+            zero = lambda: torch.zeros(ctx.fin_shape, dtype=torch.float32, device=qc.device)  # noqa: E731
+            dS_fin = zero() if dS_fin is None else dS_fin
+            dM_fin = zero() if dM_fin is None else dM_fin
+        if dS_fin is not None:
+            dS_fin, dM_fin = dS_fin.contiguous(), dM_fin.contiguous()
+        init_grad = S_init is not None and (ctx.needs_input_grad[14] or ctx.needs_input_grad[15])
+        W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(*sp, S_init, M_init, layout, tf32)
+        del sp, S_fin, M_fin    # U freed here
+        if fuse:
+            # dW first; the output's other gradients after the pairs' cotangents are freed
+            dW = output_backward_dw(qc, kc, et, gam, cs, cl, do, ctx.scale, ctx.mm_dtype, W.dtype)
+            dS0s = dM0s = None
+            fuse_out = (qc, la, g0, do, cs, cl, ctx.scale, ctx.mm_dtype)
+        else:
+            dqc, dkc, det, dla, dg0, dgam, dW, dS0s, dM0s = output_backward(
+                *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype)
+            fuse_out = None
+        dWt, dS_end, dM_end, dS_i, dM_i, (da, dg, du) = state_pass_bwd_triton(
+            Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s,
+            layout, tf32, dWt_out=dW, fuse_out=fuse_out, init_grad=init_grad)
+        del dS0s, dM0s
+        # state_pass_grads' products, each pair's inputs freed after its last use
+        dKg = (W @ dS_end.transpose(-1, -2)).neg_()
+        del dS_end
+        dKm = W @ dM_end.transpose(-1, -2)
+        del dM_end
+        if fuse:
+            # dW (now overwritten by dWt) is not made again: only the other gradients
+            dqc, dkc, det, dla, dg0, dgam, _, _, _ = output_backward(
+                *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype, pair_grads=False,
+                dW=dWt)
+        del W
+        dY = dWt @ S0s.transpose(-1, -2)
+        dZ = (dWt @ M0s.transpose(-1, -2)).neg_()
+        del S0s, M0s
+        dsp = [g.to(dt) for g, dt in zip((dWt, dY, dZ, dKg, dKm), ctx.in_dtypes)]
+        return (dqc, dkc, det, dla, dg0, dgam, *dsp, da, dg, du, dS_i, dM_i,
+                None, None, None, None, None, None, None)
+
+
+def recompute_pairs_mode() -> int:
+    """MDN_RECOMPUTE_PAIRS: 0 (default) StatePass + LocalOutput; 1 the lean path (StateOutput,
+    bf16 state-pass operands written by LocalPrepare); 2 the lean path with the output's pair
+    cotangents fused into the state pass's backward. Applies with the fused chunk-local kernels,
+    the Triton state pass and no CP. Off by default until the H100 run checks it (tests/gpu
+    parametrize all three)."""
+    mode = os.environ.get("MDN_RECOMPUTE_PAIRS", "0")
+    if mode not in ("0", "1", "2"):
+        raise ValueError(f"MDN_RECOMPUTE_PAIRS must be 0, 1 or 2, got {mode!r}")
+    return int(mode)
+
+
 def _local_prepare(q, k, v, log_alpha, log_mu, beta, eta, dest, num_chunks: int, chunk_size: int,
                    cdt: torch.dtype, use_qk_l2norm: bool, p_times_alpha: bool, mm_dtype):
     """Token layout [B, T, H, ·] → normalised chunks and chunk_prepare's quantities."""
@@ -141,21 +255,38 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     mm_dtype = torch.bfloat16 if (low_precision and k.is_cuda and
                                   os.environ.get("MDN_LOWP_MM", "1") != "0") else None
     layout = build_layout(B, T, cu_seqlens, chunk_size, k.device)
-    if fused_local_enabled(backend, cdt, chunk_size, low_precision):
+    fused = fused_local_enabled(backend, cdt, chunk_size, low_precision)
+    lean = False
+    recompute = recompute_pairs_mode()
+    if fused and state_pass is None and recompute:
+        from .state_pass import fits_shared_memory
+        op_dtype = torch.bfloat16 if low_precision else cdt   # StatePass's operand dtype
+        lean = fits_shared_memory(K, op_dtype, chunk_size)
+    if fused:
         from .chunk_local_fused import LocalOutput, LocalPrepare
         local_prepare, local_output = LocalPrepare.apply, LocalOutput.apply
     else:
         local_prepare = _maybe_compiled(_local_prepare, k.device)
         local_output = _maybe_compiled(_local_output, k.device)
-    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end) = local_prepare(
-        q, k, v, log_alpha, log_mu, beta, eta, layout.dest, layout.num_chunks, chunk_size, cdt,
-        use_qk_l2norm, p_times_alpha, mm_dtype)
+    prep_args = (q, k, v, log_alpha, log_mu, beta, eta, layout.dest, layout.num_chunks,
+                 chunk_size, cdt, use_qk_l2norm, p_times_alpha, mm_dtype)
+    if lean:
+        prep_args += (op_dtype,)
+    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end) = local_prepare(*prep_args)
     N = layout.num_seqs
     if initial_state is None:
-        S_init = k.new_zeros(N, H, K, V, dtype=cdt)
-        M_init = k.new_zeros(N, H, K, V, dtype=cdt)
+        if lean:  # StateOutput runs a zero initial pair without storing one
+            S_init = M_init = None
+        else:
+            S_init = k.new_zeros(N, H, K, V, dtype=cdt)
+            M_init = k.new_zeros(N, H, K, V, dtype=cdt)
     else:
         S_init, M_init = (s.to(cdt) for s in initial_state)
+    if lean:
+        o, S, M = StateOutput.apply(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
+                                    S_init, M_init, layout, scale, mm_dtype, (B, T, H, V), v.dtype,
+                                    low_precision, recompute == 2)
+        return o, ((S, M) if output_final_state else None)
     W, S0s, M0s, S, M = (state_pass or StatePass.apply)(
         U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, backend, low_precision)
     o = local_output(qc, kc, et, la, g0, gam, W, S0s, M0s, layout.dest, scale, mm_dtype,

@@ -211,8 +211,8 @@ def _prepare_a_kernel(
         ck = (cck + r) * K + o_k[None, :]
         tl.store(QC + ck, qn, mask=mk[None, :])
         tl.store(KC + ck, kn, mask=mk[None, :])
-        tl.store(KGO + ck, cg[:, None] * kn, mask=mk[None, :])
-        tl.store(KMO + ck, cm[:, None] * kn, mask=mk[None, :])
+        tl.store(KGO + ck, (cg[:, None] * kn).to(KGO.dtype.element_ty), mask=mk[None, :])
+        tl.store(KMO + ck, (cm[:, None] * kn).to(KMO.dtype.element_ty), mask=mk[None, :])
     tl.store(AMAT + cck * C + r * C + c, gam_r * p * eta[None, :])
 
 
@@ -313,7 +313,7 @@ def _prepare_c_kernel(
         vb = tl.load(VV + g_off[:, None] * V + o_v[None, :], mask=m_t[:, None] & mv[None, :],
                      other=0.0).to(tl.float32)
         ub = tl.dot(tmm, (-vb).to(MMDT), input_precision=MMPREC)
-        tl.store(UO + (cck + r) * V + o_v[None, :], ub, mask=mv[None, :])
+        tl.store(UO + (cck + r) * V + o_v[None, :], ub.to(UO.dtype.element_ty), mask=mv[None, :])
     ele = tl.load(ELE + cck + o_t)
     g0r = tl.load(G0R + cck + o_t)
     for k0 in range(0, K, BK):
@@ -321,10 +321,10 @@ def _prepare_c_kernel(
         mk = o_k < K
         ck = (cck + r) * K + o_k[None, :]
         kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
-        tl.store(YO + ck, tl.dot(tmm, (ele[:, None] * kn).to(MMDT), input_precision=MMPREC),
-                 mask=mk[None, :])
-        tl.store(ZO + ck, tl.dot(tmm, (g0r[:, None] * kn).to(MMDT), input_precision=MMPREC),
-                 mask=mk[None, :])
+        tl.store(YO + ck, tl.dot(tmm, (ele[:, None] * kn).to(MMDT),
+                                 input_precision=MMPREC).to(YO.dtype.element_ty), mask=mk[None, :])
+        tl.store(ZO + ck, tl.dot(tmm, (g0r[:, None] * kn).to(MMDT),
+                                 input_precision=MMPREC).to(ZO.dtype.element_ty), mask=mk[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ def _prepare_bwd_t_kernel(
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         mv = o_v < V
-        du = tl.load(DU + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0)
+        du = tl.load(DU + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
         vb_t = tl.load(VV + g_off[None, :] * V + o_v[:, None], mask=mv[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)
         dtm += tl.dot(du.to(MMDT), (-vb_t).to(MMDT), input_precision=MMPREC)
@@ -377,8 +377,8 @@ def _prepare_bwd_t_kernel(
         ck = (cck + r) * K + o_k[None, :]
         kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
         kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
-        dy = tl.load(DY + ck, mask=mk[None, :], other=0.0)
-        dz = tl.load(DZ + ck, mask=mk[None, :], other=0.0)
+        dy = tl.load(DY + ck, mask=mk[None, :], other=0.0).to(tl.float32)
+        dz = tl.load(DZ + ck, mask=mk[None, :], other=0.0).to(tl.float32)
         dtm += tl.dot(dy.to(MMDT), (kn_t * ele[None, :]).to(MMDT), input_precision=MMPREC)
         dtm += tl.dot(dz.to(MMDT), (kn_t * g0r[None, :]).to(MMDT), input_precision=MMPREC)
         dry = tl.dot(t_t_mm, dy.to(MMDT), input_precision=MMPREC)
@@ -441,8 +441,8 @@ def _prepare_bwd_k_kernel(
         kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
         kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
         p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision=MMPREC)
-        kdkg += tl.sum(kn * tl.load(DKG + ck, mask=mk[None, :], other=0.0), axis=1)
-        kdkm += tl.sum(kn * tl.load(DKM + ck, mask=mk[None, :], other=0.0), axis=1)
+        kdkg += tl.sum(kn * tl.load(DKG + ck, mask=mk[None, :], other=0.0).to(tl.float32), axis=1)
+        kdkm += tl.sum(kn * tl.load(DKM + ck, mask=mk[None, :], other=0.0).to(tl.float32), axis=1)
         qdq += tl.sum(tl.load(QC + ck, mask=mk[None, :], other=0.0)
                       * tl.load(DQC + ck, mask=mk[None, :], other=0.0), axis=1)
 
@@ -480,8 +480,8 @@ def _prepare_bwd_k_kernel(
         dkn = (tl.load(DKN + ck, mask=mk[None, :], other=0.0)
                + tl.dot(dp_mm, kn_mm, input_precision=MMPREC)
                + tl.dot(dp_t_mm, kn_mm, input_precision=MMPREC)
-               + cg[:, None] * tl.load(DKG + ck, mask=mk[None, :], other=0.0)
-               + cm[:, None] * tl.load(DKM + ck, mask=mk[None, :], other=0.0))
+               + cg[:, None] * tl.load(DKG + ck, mask=mk[None, :], other=0.0).to(tl.float32)
+               + cm[:, None] * tl.load(DKM + ck, mask=mk[None, :], other=0.0).to(tl.float32))
         dqn = tl.load(DQC + ck, mask=mk[None, :], other=0.0)
         if NORM:
             qn = tl.load(QC + ck, mask=mk[None, :], other=0.0)
@@ -626,7 +626,10 @@ def _output_bwd_kernel(
     DQC, DKC, DETC, DLAC, DG0C, DGAM, DW, DS0S, DM0S,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
+    PAIR_GRAD: tl.constexpr, STORE_DW: tl.constexpr,
 ):
+    # PAIR_GRAD False: dS0s, dM0s are left to the state pass's backward kernel (FUSE_OUT).
+    # STORE_DW False: dW was made earlier by _output_bwd_dw_kernel (the same expressions).
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
@@ -674,8 +677,9 @@ def _output_bwd_kernel(
         wb_t = tl.load(W + (cck + c) * V + o_v[:, None], mask=mv[:, None], other=0.0).to(MMDT)
         dat -= tl.dot(dob, wb_t, input_precision=MMPREC)
         dat_t -= tl.dot(wb, dob_t, input_precision=MMPREC)
-        dwb = -tl.dot(attn_t, dob, input_precision=MMPREC)
-        tl.store(DW + (cck + r) * V + o_v[None, :], dwb, mask=mv[None, :])
+        if STORE_DW:
+            dwb = -tl.dot(attn_t, dob, input_precision=MMPREC)
+            tl.store(DW + (cck + r) * V + o_v[None, :], dwb, mask=mv[None, :])
     dat = tl.where(incl, dat, 0.0)
     dat_t = tl.where(r <= c, dat_t, 0.0)
     tl.store(DGAM + cck * C + r * C + c, dat * p * eta[None, :])
@@ -708,10 +712,11 @@ def _output_bwd_kernel(
             m0_t = tl.load(M0S + kv_t, mask=mkv_t, other=0.0).to(MMDT)
             dqs += tl.dot(dob, s0_t, input_precision=MMPREC)
             dqm += tl.dot(dob, m0_t, input_precision=MMPREC)
-            kv = ch * K * V + o_k[:, None] * V + o_v[None, :]
-            mkv = mk[:, None] & mv[None, :]
-            tl.store(DS0S + kv, tl.dot(qa_t, dob, input_precision=MMPREC), mask=mkv)
-            tl.store(DM0S + kv, -tl.dot(qg_t, dob, input_precision=MMPREC), mask=mkv)
+            if PAIR_GRAD:
+                kv = ch * K * V + o_k[:, None] * V + o_v[None, :]
+                mkv = mk[:, None] & mv[None, :]
+                tl.store(DS0S + kv, tl.dot(qa_t, dob, input_precision=MMPREC), mask=mkv)
+                tl.store(DM0S + kv, -tl.dot(qg_t, dob, input_precision=MMPREC), mask=mkv)
         dqb = (e_la[:, None] * dqs - g0[:, None] * dqm
                + tl.dot(dp, kb.to(MMDT), input_precision=MMPREC))
         dkb = tl.dot(dp_t, qb.to(MMDT), input_precision=MMPREC)
@@ -721,6 +726,47 @@ def _output_bwd_kernel(
         tl.store(DKC + ck, dkb, mask=mk[None, :])
     tl.store(DLAC + cck + o_t, dla)
     tl.store(DG0C + cck + o_t, dg0)
+
+
+@triton.jit
+def _output_bwd_dw_kernel(
+    QC, KC, ETC, GAM, CS, CL, DO, scale, DW,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
+):
+    """dW = −attnᵀ dO alone, exactly as _output_bwd_kernel makes it: the state pass's backward
+    needs dW first, the rest of the output's gradients can wait until its per-chunk pairs'
+    cotangents are freed (chunk.StateOutput)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(CS + i_c).to(tl.int64)
+    length = tl.load(CL + i_c)
+    ch = i_c * H + i_h
+    cck = ch * C
+    o_t = tl.arange(0, C)
+    m_t = o_t < length
+    tok_row = (start + o_t) * H + i_h
+    r = o_t[:, None]
+    c = o_t[None, :]
+    eta = tl.load(ETC + cck + o_t)
+    gam_t = tl.load(GAM + cck * C + c * C + r)
+    p_t = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        mk = o_k < K
+        ck = (cck + r) * K + o_k[None, :]
+        ckt = (cck + c) * K + o_k[:, None]
+        kb = tl.load(KC + ck, mask=mk[None, :], other=0.0).to(MMDT)
+        qb_t = tl.load(QC + ckt, mask=mk[:, None], other=0.0).to(MMDT)
+        p_t += tl.dot(kb, qb_t, input_precision=MMPREC)
+    attn_t = tl.where(r <= c, gam_t * p_t * eta[:, None], 0.0).to(MMDT)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        mv = o_v < V
+        dob = (scale * tl.load(DO + tok_row[:, None] * V + o_v[None, :],
+                               mask=m_t[:, None] & mv[None, :], other=0.0).to(tl.float32)).to(MMDT)
+        dwb = -tl.dot(attn_t, dob, input_precision=MMPREC)
+        tl.store(DW + (cck + r) * V + o_v[None, :], dwb, mask=mv[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,12 +840,17 @@ class LocalPrepare(torch.autograd.Function):
     (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end).
 
     Saved for backward: the raw v and gates, the outputs q̂, k̂, (I + A)⁻¹ [NC, H, C, C] fp32,
-    and per-token vectors (e^{le}, γ⁻, the l2norm scales)."""
+    and per-token vectors (e^{le}, γ⁻, the l2norm scales).
+
+    `op_dtype` (an extra last argument, default fp32): the dtype of the state-pass operands
+    U, Y, Z, Kg, Km. bf16 there writes them straight in the dtype the state pass stores them in
+    for 16-bit models (the same rounding as its `.to(bfloat16)`, without the fp32 copies), and
+    their cotangents come back in bf16 as well."""
 
     @staticmethod
     def forward(ctx, q, k, v, log_alpha, log_mu, beta, eta, dest, num_chunks: int,
                 chunk_size: int, cdt: torch.dtype, use_qk_l2norm: bool, p_times_alpha: bool,
-                mm_dtype):
+                mm_dtype, op_dtype=None):
         _check_cdt(cdt)
         _check_chunk(chunk_size)
         B, T, H, K = k.shape
@@ -809,10 +860,15 @@ class LocalPrepare(torch.autograd.Function):
         gates = [g.reshape(B * T, H).contiguous() for g in (log_alpha, log_mu, beta, eta)]
         cs, cl = chunk_bounds(dest, NC, C)
         new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=k.device)  # noqa: E731
-        qc, kc, Y, Z, Kg, Km = (new(NC, H, C, K) for _ in range(6))
+        op_dtype = op_dtype or torch.float32
+        if op_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"op_dtype must be float32 or bfloat16, got {op_dtype}")
+        op = lambda *shape: torch.empty(*shape, dtype=op_dtype, device=k.device)  # noqa: E731
+        qc, kc = new(NC, H, C, K), new(NC, H, C, K)
+        Y, Z, Kg, Km = (op(NC, H, C, K) for _ in range(4))
         et, la, g0, ele, g0r, rq, rk = (new(NC, H, C) for _ in range(7))
         gam, amat, tmat = (new(NC, H, C, C) for _ in range(3))
-        U = new(NC, H, C, V)
+        U = op(NC, H, C, V)
         a_end, g_end, u_end = (new(NC, H) for _ in range(3))
         BK, BV = _blocks(K, V)
         mmdt = _tl_mm(mm_dtype)
@@ -829,9 +885,10 @@ class LocalPrepare(torch.autograd.Function):
             _prepare_c_kernel[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
                 MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw, num_stages=1)
+        del amat
         ctx.save_for_backward(v, *gates, cs, cl, qc, kc, tmat, ele, g0r, rq, rk)
         ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt)
-        ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
+        ctx.q_dtype, ctx.k_dtype, ctx.op_dtype = q.dtype, k.dtype, op_dtype
         return qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end
 
     @staticmethod
@@ -841,9 +898,11 @@ class LocalPrepare(torch.autograd.Function):
         shapes = [(NC, H, C, K), (NC, H, C, K), (NC, H, C), (NC, H, C), (NC, H, C),
                   (NC, H, C, C), (NC, H, C, V), (NC, H, C, K), (NC, H, C, K), (NC, H, C, K),
                   (NC, H, C, K), (NC, H), (NC, H), (NC, H)]
+        # U, Y, Z, Kg, Km (outputs 6..10) may be bf16 (op_dtype): their cotangents stay so.
+        dts = [ctx.op_dtype if 6 <= i <= 10 else torch.float32 for i in range(len(shapes))]
         (dqc, dkc, detc, dlac, dg0c, dgam, dU, dY, dZ, dKg, dKm, da_end, dg_end, du_end) = (
-            torch.zeros(s, dtype=torch.float32, device=v.device) if g is None
-            else g.to(torch.float32).contiguous() for g, s in zip(cots, shapes))
+            torch.zeros(s, dtype=dt, device=v.device) if g is None
+            else g.to(dt).contiguous() for g, s, dt in zip(cots, shapes, dts))
         dq = torch.empty(B * T, H, K, dtype=ctx.q_dtype, device=v.device)
         dk = torch.empty(B * T, H, K, dtype=ctx.k_dtype, device=v.device)
         dv = torch.empty_like(v)
@@ -871,7 +930,62 @@ class LocalPrepare(torch.autograd.Function):
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
         dgates = [g.view(B, T, H) for g in dgates]
-        return (dq, dk, dv, *dgates) + (None,) * 7
+        return (dq, dk, dv, *dgates) + (None,) * 8
+
+
+def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, mm_dtype,
+                   out_shape: tuple, out_dtype: torch.dtype):
+    """o [B, T, H, V] from the chunk quantities and the per-chunk pairs (contiguous inputs)."""
+    NC, H, C, K = qc.shape
+    V = W.shape[-1]
+    _check_cdt(qc.dtype)
+    for t in (W, S0s, M0s):  # the state pass hands these over in bf16 for 16-bit models
+        if t.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"W, S0s, M0s must be float32 or bfloat16, got {t.dtype}")
+    o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
+    BK, BV = _blocks(K, V)
+    mmdt = _tl_mm(mm_dtype)
+    if NC > 0:
+        _output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
+            qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, o, float(scale), H=H, K=K, V=V, C=C,
+            BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=_num_warps(C), num_stages=1)
+    return o
+
+
+def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dtype):
+    """dW alone (see _output_bwd_dw_kernel); pass it to output_backward(dW=...)."""
+    NC, H, C, K = qc.shape
+    V = do.shape[-1]
+    dW = torch.empty(NC, H, C, V, dtype=w_dtype, device=qc.device)
+    BK, BV = _blocks(K, V)
+    mmdt = _tl_mm(mm_dtype)
+    if NC > 0:
+        _output_bwd_dw_kernel[(NC, H)](
+            qc, kc, et, gam, cs, cl, do.contiguous(), float(scale), dW, H=H, K=K, V=V, C=C,
+            BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=_num_warps(C), num_stages=1)
+    return dW
+
+
+def output_backward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale: float, mm_dtype,
+                    pair_grads: bool = True, dW=None):
+    """Gradients of (qc, kc, et, la, g0, gam, W, S0s, M0s), each in its input's dtype; with
+    pair_grads False the last two are None (the state pass's backward makes them, fused); with
+    dW given (output_backward_dw's) it is returned as is and not made again."""
+    NC, H, C, K = qc.shape
+    V = W.shape[-1]
+    do = do.contiguous()
+    grads = [torch.empty_like(t) for t in (qc, kc, et, la, g0, gam)]
+    grads += [torch.empty_like(W) if dW is None else dW]
+    grads += [torch.empty_like(t) if pair_grads else None for t in (S0s, M0s)]
+    ptrs = grads[:7] + ([grads[7], grads[8]] if pair_grads else [grads[6], grads[6]])
+    BK, BV = _blocks(K, V)
+    mmdt = _tl_mm(mm_dtype)
+    if NC > 0:
+        _output_bwd_kernel[(NC, H)](
+            qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, float(scale), *ptrs,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
+            PAIR_GRAD=pair_grads, STORE_DW=dW is None, num_warps=_num_warps(C), num_stages=1)
+    return grads
 
 
 class LocalOutput(torch.autograd.Function):
@@ -880,36 +994,14 @@ class LocalOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qc, kc, et, la, g0, gam, W, S0s, M0s, dest, scale: float, mm_dtype,
                 out_shape: tuple, out_dtype: torch.dtype):
-        NC, H, C, K = qc.shape
-        V = W.shape[-1]
-        _check_cdt(qc.dtype)
-        for t in (W, S0s, M0s):  # the state pass hands these over in bf16 for 16-bit models
-            if t.dtype not in (torch.float32, torch.bfloat16):
-                raise ValueError(f"W, S0s, M0s must be float32 or bfloat16, got {t.dtype}")
         args = [t.contiguous() for t in (qc, kc, et, la, g0, gam, W, S0s, M0s)]
-        cs, cl = chunk_bounds(dest, NC, C)
-        o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
-        BK, BV = _blocks(K, V)
-        mmdt = _tl_mm(mm_dtype)
-        if NC > 0:
-            _output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
-                *args, cs, cl, o, float(scale), H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt,
-                MMPREC=_prec(mmdt), num_warps=_num_warps(C), num_stages=1)
+        cs, cl = chunk_bounds(dest, qc.shape[0], qc.shape[2])
+        o = output_forward(*args, cs, cl, scale, mm_dtype, out_shape, out_dtype)
         ctx.save_for_backward(*args, cs, cl)
-        ctx.meta = (NC, H, C, K, V, float(scale), mmdt)
+        ctx.scale, ctx.mm_dtype = float(scale), mm_dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl = ctx.saved_tensors
-        NC, H, C, K, V, scale, mmdt = ctx.meta
-        do = do.contiguous()
-        grads = [torch.empty_like(t) for t in (qc, kc, et, la, g0, gam, W, S0s, M0s)]
-        BK, BV = _blocks(K, V)
-        if NC > 0:
-            _output_bwd_kernel[(NC, H)](
-                qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale, *grads,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
-                num_warps=_num_warps(C),
-                num_stages=1)
+        grads = output_backward(*ctx.saved_tensors, do, ctx.scale, ctx.mm_dtype)
         return (*grads, None, None, None, None, None)

@@ -69,12 +69,19 @@ def _state_fwd_kernel(
 def _state_bwd_kernel(
     Y, Z, KG, KM, A_END, G_END, U_END, DW, DS0S, DM0S, DS_FIN, DM_FIN, S0S, M0S,
     DWT, DS_END, DM_END, DS_INIT, DM_INIT, DGATES, OFFSETS, NCH,
+    QC, LAC, G0C, DO, CS, CL, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INIT_ONLY: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    FUSE_OUT: tl.constexpr, OMMDT: tl.constexpr, OPREC: tl.constexpr,
+    HAS_DFIN: tl.constexpr, STORE_DINIT: tl.constexpr, INIT_ONLY: tl.constexpr,
 ):
     # DGATES [3, NV, NC, H]: this value block's share of dL/da_end, dL/dg_end, dL/du_end.
     # INIT_ONLY: only the initial pair's gradient (DS_INIT, DM_INIT); nothing per chunk is
     # stored and S0S, M0S are not read (the other pointers may be dummies).
+    # FUSE_OUT: the output's share of the pair cotangents, dS0s = scale·(e^{la} Q̂)ᵀ dO and
+    # dM0s = −scale·(γ Q̂)ᵀ dO, is made here per chunk (operands and rounding as
+    # chunk_local_fused._output_bwd_kernel's, then rounded to the pair dtype as its stores are)
+    # instead of being read from DS0S / DM0S.
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -91,8 +98,12 @@ def _state_bwd_kernel(
     ck = o_c[:, None] * K + o_k[None, :]
     kc = o_c[None, :] * K + o_k[:, None]
     cv = o_c[:, None] * V + o_v[None, :]
-    ds = tl.load(DS_FIN + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-    dm = tl.load(DM_FIN + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+    if HAS_DFIN:
+        ds = tl.load(DS_FIN + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+        dm = tl.load(DM_FIN + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+    else:  # the final pair's cotangent is zero (unused final state)
+        ds = tl.zeros([BK, BV], dtype=tl.float32)
+        dm = tl.zeros([BK, BV], dtype=tl.float32)
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         ch = c * H + i_h
@@ -117,13 +128,29 @@ def _state_bwd_kernel(
         a = tl.load(A_END + ch)
         g = tl.load(G_END + ch)
         uu = tl.load(U_END + ch)
-        ds_prev = a * ds + tl.dot(y_t, dw.to(y_t.dtype), input_precision=PREC) + tl.load(
-            DS0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-        dm = (uu * dm - g * ds - tl.dot(z_t, dw.to(z_t.dtype), input_precision=PREC)
-              + tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32))
+        if FUSE_OUT:
+            start = tl.load(CS + c).to(tl.int64)
+            length = tl.load(CL + c)
+            m_t = o_c < length
+            q_t = tl.load(QC + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+            e_la = tl.exp(tl.load(LAC + ch * C + o_c))
+            g0 = tl.load(G0C + ch * C + o_c)
+            dob = scale * tl.load(DO + ((start + o_c) * H + i_h)[:, None] * V + o_v[None, :],
+                                  mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            dob = dob.to(OMMDT)
+            ds0 = tl.dot((q_t * e_la[None, :]).to(OMMDT), dob, input_precision=OPREC)
+            dm0 = -tl.dot((q_t * g0[None, :]).to(OMMDT), dob, input_precision=OPREC)
+            ds0 = ds0.to(DS_END.dtype.element_ty).to(tl.float32)
+            dm0 = dm0.to(DS_END.dtype.element_ty).to(tl.float32)
+        else:
+            ds0 = tl.load(DS0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+            dm0 = tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+        ds_prev = a * ds + tl.dot(y_t, dw.to(y_t.dtype), input_precision=PREC) + ds0
+        dm = uu * dm - g * ds - tl.dot(z_t, dw.to(z_t.dtype), input_precision=PREC) + dm0
         ds = ds_prev
-    tl.store(DS_INIT + i_nh * K * V + kv, ds, mask=m_kv)
-    tl.store(DM_INIT + i_nh * K * V + kv, dm, mask=m_kv)
+    if STORE_DINIT:
+        tl.store(DS_INIT + i_nh * K * V + kv, ds, mask=m_kv)
+        tl.store(DM_INIT + i_nh * K * V + kv, dm, mask=m_kv)
 
 
 def _block_v(K: int, V: int) -> int:
@@ -170,9 +197,17 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
 
 
 def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
-                          S0s, M0s, layout, allow_tf32: bool = False, init_only: bool = False):
+                          S0s, M0s, layout, allow_tf32: bool = False, dWt_out=None,
+                          fuse_out=None, init_grad: bool = True, init_only: bool = False):
     """Returns dWt, dS_end, dM_end (in the operand dtype), the initial pair's gradient (fp32 or
-    fp64) and (da_end, dg_end, du_end) [NC, H], reduced in the kernel.
+    fp64) and (da_end, dg_end, du_end) [NC, H], reduced in the kernel. `dWt_out` (optional, may
+    be dW itself: every program reads its tile of dW once, before writing the same tile of dWt)
+    receives dWt.
+
+    fuse_out = (qc, la, g0, do, cs, cl, scale, mm_dtype): the output's pair cotangents are made in
+    the kernel (dS0s, dM0s are not read and may be None; see _state_bwd_kernel).
+    dS_fin = dM_fin = None: the final pair's cotangent is zero. init_grad False: the initial
+    pair's gradient is neither made nor returned (None, None).
 
     init_only: return only the initial pair's gradient (dS_init, dM_init). The same reverse
     chain, but nothing per chunk is written and S0s, M0s are not read (they may be None): the
@@ -182,22 +217,54 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     K = Y.shape[-1]
     N = layout.num_seqs
     sdt = torch.float64 if dW.dtype == torch.float64 else torch.float32
-    dS_init = dW.new_empty(N, H, K, V, dtype=sdt)
-    dM_init = dW.new_empty(N, H, K, V, dtype=sdt)
-    BK, BV = triton.next_power_of_2(K), _block_v(K, V)
-    grid = (triton.cdiv(V, BV), N * H)
     if init_only:   # dummies for the pointers the kernel does not touch
-        dWt = dS_end = dM_end = dgates = S0s = M0s = dW
-    else:
+        if fuse_out is not None or not init_grad:
+            raise ValueError("init_only makes the initial pair's gradient alone (no fuse_out)")
+        dWt = dW
+    elif dWt_out is None:
         dWt = torch.empty(dW.shape, dtype=Y.dtype, device=dW.device)
+    else:
+        if dWt_out.shape != dW.shape or dWt_out.dtype != Y.dtype or not dWt_out.is_contiguous():
+            raise ValueError("dWt_out must be a contiguous tensor of dW's shape in the operand dtype")
+        dWt = dWt_out
+    if init_only:
+        dS_end = dM_end = S0s = M0s = dW
+    else:
         dS_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
         dM_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
-        dgates = dW.new_empty(3, grid[0], NC, H, dtype=sdt)
+    if init_grad:
+        dS_init = dW.new_empty(N, H, K, V, dtype=sdt)
+        dM_init = dW.new_empty(N, H, K, V, dtype=sdt)
+    else:
+        dS_init = dM_init = None
+    has_dfin = dS_fin is not None
+    if has_dfin != (dM_fin is not None):
+        raise ValueError("dS_fin and dM_fin must both be given or both be None")
+    BK, BV = triton.next_power_of_2(K), _block_v(K, V)
+    grid = (triton.cdiv(V, BV), N * H)
+    dgates = dW if init_only else dW.new_empty(3, grid[0], NC, H, dtype=sdt)
+    if fuse_out is None:
+        qc, la, g0, do, cs, cl, scale = Y, a_end, a_end, dW, layout.seq_chunk_offsets, \
+            layout.seq_chunk_offsets, 1.0
+        ommdt, oprec = tl.float32, "ieee"
+    else:
+        from .chunk_local_fused import _prec, _tl_mm
+        qc, la, g0, do, cs, cl, scale, mm_dtype = fuse_out
+        ommdt = _tl_mm(mm_dtype)
+        oprec = _prec(ommdt)
+        dS0s = dM0s = dW  # not read
     _state_bwd_kernel[grid](
-        Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s,
-        dWt, dS_end, dM_end, dS_init, dM_init, dgates, layout.seq_chunk_offsets, NC,
+        Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s,
+        dS_fin if has_dfin else dW, dM_fin if has_dfin else dW, S0s, M0s,
+        dWt, dS_end, dM_end, dS_init if init_grad else dW, dM_init if init_grad else dW,
+        dgates, layout.seq_chunk_offsets, NC,
+        qc, la, g0, do, cs, cl, float(scale),
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, PREC=_precision(Y.dtype, allow_tf32),
-        INIT_ONLY=init_only, num_warps=4, num_stages=1,
+        FUSE_OUT=fuse_out is not None, OMMDT=ommdt, OPREC=oprec, HAS_DFIN=has_dfin,
+        STORE_DINIT=init_grad, INIT_ONLY=init_only,
+        # 8 warps with FUSE_OUT: ptxas (tools/compile_fused_sm90.py, sm_90, bf16) reports 48 B of
+        # spill at K=128 against 556 B at 4 warps
+        num_warps=8 if fuse_out is not None else 4, num_stages=1,
     )
     if init_only:
         return dS_init, dM_init

@@ -16,24 +16,41 @@ from .conftest import NAMES, SHAPES, grads, poison_allocator, rel, requires_cuda
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 
+_REF: dict = {}
+
+
+def _reference(shape, xs):
+    """float64 references for the inputs of `shape` (seed 1), made once per shape: shared by
+    the MDN_RECOMPUTE_PAIRS modes."""
+    if shape not in _REF:
+        x64 = [x.detach().double().requires_grad_() for x in xs]
+        with torch.no_grad():
+            ref_o, (ref_S, ref_M) = mdn_recurrent_reference(*x64, output_final_state=True)
+        ref = grads(lambda x: mdn_chunk(*x, output_final_state=True, backend="torch"), x64)
+        _REF.clear()  # one shape at a time (fp64 copies of a K=256 shape are GBs)
+        _REF[shape] = (ref, ref_o, ref_S, ref_M)
+    return _REF[shape]
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_forward_and_backward_real_shape(shape, dtype, record):
+@pytest.mark.parametrize("recompute", ["0", "1", "2"])
+def test_forward_and_backward_real_shape(shape, dtype, recompute, record, monkeypatch):
+    """recompute: MDN_RECOMPUTE_PAIRS (0 the default path; 1, 2 chunk.StateOutput)."""
+    monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", recompute)
     B, T, H, K, V = SHAPES[shape]
     xs = random_inputs(B, T, H, K, V, dtype=dtype, device="cuda", seed=1, requires_grad=True)
+    ref, ref_o, ref_S, ref_M = _reference(shape, xs)
     poison_allocator()
     out = grads(lambda x: mdn_chunk(*x, output_final_state=True, backend="triton"), xs)
-    x64 = [x.detach().double().requires_grad_() for x in xs]
-    with torch.no_grad():
-        ref_o, (ref_S, ref_M) = mdn_recurrent_reference(*x64, output_final_state=True)
-    ref = grads(lambda x: mdn_chunk(*x, output_final_state=True, backend="torch"), x64)
     errs = {n: rel(a, b) for n, a, b in zip(NAMES, out, ref)}
     errs["o_vs_token_loop"] = rel(out[0], ref_o)
     errs["S_vs_token_loop"] = rel(out[1], ref_S)
     errs["M_vs_token_loop"] = rel(out[2], ref_M)
     errs["torch64_o_vs_token_loop"] = rel(ref[0], ref_o)
-    record(f"chunk_{shape}_{dtype}", errs)
-    print(shape, {k: f"{v:.1e}" for k, v in errs.items()})
+    suffix = "" if recompute == "0" else f"_recompute{recompute}"
+    record(f"chunk_{shape}_{dtype}{suffix}", errs)
+    print(shape, recompute, {k: f"{v:.1e}" for k, v in errs.items()})
     for n, a in zip(NAMES, out):
         assert torch.isfinite(a).all(), n
     assert errs["torch64_o_vs_token_loop"] < 1e-10
@@ -42,7 +59,14 @@ def test_forward_and_backward_real_shape(shape, dtype, record):
         assert e < 1e-2, f"{n}: {e:.2e}"
 
 
-def test_packed_documents_with_initial_states_fp32(record):
+@pytest.mark.parametrize("recompute", ["0", "2"])
+def test_packed_documents_with_initial_states_fp32(recompute, record, monkeypatch):
+    """recompute "2": MDN_RECOMPUTE_PAIRS=2 with the fused chunk-local kernels forced on (the
+    lean path needs them; fp32 inputs default to the torch ops)."""
+    from mdn_kernels.mdn import chunk as chunk_mod
+    monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", recompute)
+    if recompute != "0":
+        monkeypatch.setattr(chunk_mod, "_FUSED_LOCAL", True)
     lens = [1000, 64, 3000, 1, 2047, 1080]
     T, H, K, V = sum(lens), 4, 128, 256
     cu = torch.tensor([0] + lens, device="cuda").cumsum(0)
@@ -56,7 +80,7 @@ def test_packed_documents_with_initial_states_fp32(record):
     ref = grads(lambda x: fn(x, "torch"), x64)
     names = NAMES + ["dS0", "dM0"]
     errs = {n: rel(a, b) for n, a, b in zip(names, out, ref)}
-    record("chunk_packed_fp32", errs)
+    record("chunk_packed_fp32" + ("" if recompute == "0" else f"_recompute{recompute}"), errs)
     print({k: f"{v:.1e}" for k, v in errs.items()})
     for n, e in errs.items():
         assert e < 1e-4, f"{n}: {e:.2e}"

@@ -1,0 +1,166 @@
+"""MDN_RECOMPUTE_PAIRS=1 and 2 (chunk.StateOutput, LocalPrepare's op_dtype, the state pass's
+backward making the output's pair cotangents): the same numbers as the default path, bit for bit
+where the kernels are the same (mode 1; fp32 under TRITON_INTERPRET=1; the bf16 state pass is
+checked on the GPU, tests/gpu/test_kernels_gpu.py), and less memory (tools/mem_accounting.py's
+accounting at a small shape)."""
+import pytest
+import torch
+
+from mdn_kernels import mdn_chunk
+from mdn_kernels.mdn import chunk
+from mdn_kernels.mdn import chunk_local_fused as fused
+from mdn_kernels.mdn.layout import build_layout
+from mdn_kernels.mdn.testing import random_inputs
+
+NAMES = ["o", "S", "M", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta", "dS0", "dM0"]
+
+
+@pytest.fixture
+def fused_on():
+    chunk.use_fused_local(True)
+    yield
+    chunk.use_fused_local(None)
+
+
+def _run(xs, cu, mode, monkeypatch, **kw):
+    monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", str(mode))
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    o, (S, M) = mdn_chunk(*xs[:7], initial_state=(xs[7], xs[8]), output_final_state=True,
+                          cu_seqlens=cu, backend="triton", chunk_size=16, **kw)
+    g = torch.Generator().manual_seed(3)
+    cots = [torch.randn(t.shape, dtype=t.dtype, generator=g) for t in (o, S, M)]
+    loss = sum((t * c).sum() for t, c in zip((o, S, M), cots))
+    return [o, S, M, *torch.autograd.grad(loss, xs)]
+
+
+CASES = [  # B, T, lens (None: batched), mdn_chunk options
+    (2, 45, None, dict()),                                             # ragged: 45 = 2·16 + 13
+    (1, 61, [5, 21, 1, 34], dict()),                                   # packed documents
+    (1, 40, None, dict(p_times_alpha=False, use_qk_l2norm=False)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["batched-ragged", "packed", "no-pta-no-norm"])
+def test_recompute_pairs_matches_the_default_path(case, fused_on, monkeypatch):
+    """Mode 1 runs the same kernels on the same operands: bitwise equal to mode 0. Mode 2 makes
+    dS0s, dM0s in other tiles (same products, fp32 here): equal to float rounding. Initial
+    states given (their gradients checked); without them, see the next test."""
+    B, T, lens, opts = case
+    H, K, V = 2, 16, 32
+    cu = None if lens is None else torch.tensor([0] + lens).cumsum(0)
+    N = B if lens is None else len(lens)
+    xs = random_inputs(B, T, H, K, V, dtype=torch.float32, seed=31, with_state=True,
+                       num_states=N)
+    base = _run(xs, cu, 0, monkeypatch, **opts)
+    for mode in (1, 2):
+        lean = _run(xs, cu, mode, monkeypatch, **opts)
+        for n, a, b in zip(NAMES, lean, base):
+            assert a.dtype == b.dtype and a.shape == b.shape, (mode, n)
+            if mode == 1:
+                assert torch.equal(a, b), f"{n}: max diff {(a - b).abs().max().item():.3e}"
+            else:
+                err = ((a - b).double().norm() / b.double().norm()).item()
+                assert err < 1e-6, f"mode 2, {n}: relative difference {err:.2e}"
+
+
+def test_recompute_pairs_without_initial_state_or_final_cotangent(fused_on, monkeypatch):
+    """No initial pair (StateOutput runs a zero one without storing it) and only o used (the
+    final pair's cotangent stays None): the same gradients as the default path."""
+    xs = random_inputs(1, 40, 2, 16, 32, dtype=torch.float32, seed=5)
+    res = {}
+    for mode in (0, 1, 2):
+        monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", str(mode))
+        x = [t.detach().clone().requires_grad_() for t in xs]
+        o, _ = mdn_chunk(*x, backend="triton", chunk_size=16)
+        g = torch.Generator().manual_seed(1)
+        res[mode] = [o.detach(), *torch.autograd.grad(o, x, torch.randn(o.shape, generator=g))]
+    for a, b in zip(res[1], res[0]):
+        assert torch.equal(a, b)
+    for a, b in zip(res[2], res[0]):
+        assert ((a - b).double().norm() / b.double().norm()).item() < 1e-6
+
+
+def test_recompute_pairs_uses_state_output(fused_on, monkeypatch):
+    """The flag routes through StateOutput (and only with the flag, and never with a CP state
+    pass, which keeps the default path)."""
+    calls = []
+    orig = chunk.StateOutput.apply
+    monkeypatch.setattr(chunk.StateOutput, "apply",
+                        staticmethod(lambda *a: calls.append(1) or orig(*a)))
+    xs = random_inputs(1, 32, 1, 16, 16, dtype=torch.float32, seed=1, with_state=True)
+    _run(xs, None, 0, monkeypatch)
+    assert calls == []
+    _run(xs, None, 1, monkeypatch)
+    assert calls == [1]
+    monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", "yes")
+    with pytest.raises(ValueError, match="MDN_RECOMPUTE_PAIRS"):
+        chunk.recompute_pairs_mode()
+
+
+def test_prepare_bf16_operands_are_the_rounded_fp32_ones():
+    """LocalPrepare with op_dtype=bf16 writes U, Y, Z, Kg, Km as the fp32 path's values rounded
+    to bf16 (what StatePass's .to(bfloat16) made), and its backward with bf16 cotangents equals
+    the fp32 path's backward given the same (bf16-valued) cotangents. Compiled Triton rounds
+    fp32 → bf16 to nearest even (as torch); its CPU interpreter truncates (runtime/interpreter.py
+    cast_impl passes no rounding mode), so under TRITON_INTERPRET=1 the expected values are the
+    truncated ones."""
+    import os
+
+    def to_bf16(x):
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            x = (x.contiguous().view(torch.int32) & -65536).view(torch.float32)
+        return x.to(torch.bfloat16)
+
+    B, T, H, K, V = 2, 45, 2, 16, 32
+    xs = random_inputs(B, T, H, K, V, dtype=torch.float32, seed=4)
+    layout = build_layout(B, T, None, 16, torch.device("cpu"))
+    args = (layout.dest, layout.num_chunks, 16, torch.float32, True, True, None)
+
+    def run(op_dtype):
+        x = [t.detach().clone().requires_grad_() for t in xs]
+        extra = () if op_dtype is None else (op_dtype,)
+        return fused.LocalPrepare.apply(*x, *args, *extra), x
+
+    ref, x_ref = run(None)
+    low, x_low = run(torch.bfloat16)
+    for i, (a, b) in enumerate(zip(low, ref)):
+        if 6 <= i <= 10:
+            assert a.dtype == torch.bfloat16 and torch.equal(a, to_bf16(b.detach())), i
+        else:
+            assert a.dtype == b.dtype and torch.equal(a, b), i
+    g = torch.Generator().manual_seed(9)
+    cots = [torch.randn(t.shape, generator=g).to(t.dtype) for t in low]
+    g_low = torch.autograd.grad(low, x_low, cots)
+    g_ref = torch.autograd.grad(ref, x_ref, [c.float() for c in cots])
+    for a, b in zip(g_low, g_ref):
+        assert torch.equal(a, b)
+
+
+def test_memory_accounting_recompute_pairs_saves_memory(monkeypatch):
+    """tools/mem_accounting.py on the bf16 fused path at a small shape: the flag keeps less for
+    backward and peaks lower (the accounting stubs the kernels, so bf16 is fine on CPU)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "mem_accounting.py")
+    spec = importlib.util.spec_from_file_location("mem_accounting", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for cls in mod.launch_classes():
+        monkeypatch.setattr(cls, "__getitem__", mod._no_launch)
+    shape = (1, 4096, 2, 64, 128)
+    res = {}
+    for flag in ("0", "1", "2"):
+        monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", flag)
+        r = mod.account(*shape, torch.bfloat16, verbose=False)
+        res[flag] = (r["held_bytes"], max(r["peak_fwd"], r["peak_bwd"]))
+    assert res["1"][0] < 0.85 * res["0"][0] and res["2"][0] == res["1"][0]
+    assert res["2"][1] < res["1"][1] < 0.85 * res["0"][1]
+
+
+def test_recompute_pairs_backward_runs_once(fused_on, monkeypatch):
+    monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", "1")
+    xs = [x.requires_grad_() for x in random_inputs(1, 32, 1, 16, 16, dtype=torch.float32, seed=2)]
+    o, _ = mdn_chunk(*xs, backend="triton", chunk_size=16)
+    o.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        o.sum().backward()
