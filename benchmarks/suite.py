@@ -51,7 +51,8 @@ PLANS = {
     "a": [
         ("single", 430, [
             ("0", [("kernel_tests", 150, "MDN_RESULTS_DIR={R} " + PT + " --timeout 140 "
-                    "tests/gpu/test_kernels_gpu.py tests/gpu/test_fused_local_gpu.py"),
+                    "tests/gpu/test_kernels_gpu.py tests/gpu/test_cp_gpu.py "
+                    "-k 'K128_V256 or packed or init_only'"),
                    ("kernel_bench", 280, "python3 tools/bench_kernels.py --shapes 0 "
                     "--variant MDN_RECOMPUTE_PAIRS=1 --variant MDN_RECOMPUTE_PAIRS=2 "
                     "--out {R}/result.json")]),
