@@ -11,8 +11,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      exactness incl. the pair-recompute modes), the kernel benchmark against FLA GDN, 1-GPU
      whole-model throughput (MDN / GDN mode / Transformer, 400M and 1.3B), the long-context
      memory estimate on 2 GPUs; then the CP op benchmark at R = 4 with a profile.
-  b  DeepSpeed against the Megatron backend (1.3B) on 1, 2 and 4 GPUs beside Megatron's own
-     GDN layer and the long-context memory estimates (1 and 2 GPUs); then one attempt at the
+  b  DeepSpeed against the Megatron backend (1.3B) on 1, 2 and 4 GPUs beside the long-context
+     memory estimates (1 and 2 GPUs) and MDN / GDN-mode 400M throughput; then one attempt at the
      longest 1.3B context on 4 GPUs (the estimator's length).
 Every job writes under --out/suite/<job>/ (its tool's JSON) and --out/suite/<job>.log;
 --out/suite.tar.gz is re-made after every phase (the device tool returns at most 8 files, and
@@ -74,24 +74,24 @@ PLANS = {
         ]),
     ],
     "b": [
-        ("one_gpu", 200, [
-            ("0,1", [("deepspeed_1gpu", 195, "python3 tools/bench_deepspeed.py --out {R}/result.json "
-                      "--cases megatron_1,ds_z3_offload_1 --steps 5 --warmup 2 --case-timeout 190")]),
-            ("2", [("megatron_gdn_400m", 195, bench_model(1, f"--config {G400} --mixer megatron_gdn "
-                                                           "--micro-batch 4"))]),
-            ("3", [("longctx_mem_1gpu", 195, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=90 " + PT + " -s "
+        ("one_gpu", 210, [
+            ("0,1", [("deepspeed_1gpu", 205, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                      "--cases megatron_1,ds_z3_offload_1 --steps 4 --warmup 1 --case-timeout 200")]),
+            ("2", [("longctx_mem_1gpu", 205, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=80 " + PT + " -s "
                     "tests/gpu/test_longctx_memory_gpu.py -k 1gpu")]),
+            ("3", [("mdn_400m", 105, bench_model(1, f"--config {M400} --micro-batch 4")),
+                   ("gdn_400m", 100, bench_model(1, f"--config {G400} --micro-batch 4"))]),
         ]),
         ("two_gpu", 120, [
             ("0,1", [("deepspeed_2gpu", 115, "python3 tools/bench_deepspeed.py --out {R}/result.json "
-                      "--cases megatron_2,ds_z3_2 --steps 5 --warmup 2 --case-timeout 55 --sequential")]),
+                      "--cases megatron_2,ds_z3_2 --steps 4 --warmup 1 --case-timeout 55 --sequential")]),
             ("2,3", [("longctx_mem_2gpu", 115, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=110 " + PT + " -s "
                       "tests/gpu/test_longctx_memory_gpu.py -k 2gpu")]),
         ]),
-        ("four_gpu", 250, [
-            ("0,1,2,3", [("deepspeed_4gpu", 100, "python3 tools/bench_deepspeed.py --out {R}/result.json "
-                          "--cases megatron_4,ds_z3_4 --steps 5 --warmup 2 --case-timeout 48 --sequential"),
-                         ("longctx_search_g4", 148, LONGCTX_SEARCH.format(n=4, att=1, t=140, b=140))]),
+        ("four_gpu", 240, [
+            ("0,1,2,3", [("deepspeed_4gpu", 95, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                          "--cases megatron_4,ds_z3_4 --steps 4 --warmup 1 --case-timeout 45 --sequential"),
+                         ("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=130, b=130))]),
         ]),
     ],
 }

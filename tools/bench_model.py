@@ -159,7 +159,10 @@ def run_config(a, world: int, has_cuda: bool):
           f"train.global_batch={a.micro_batch * a.microbatches * dp}",
           f"train.steps={a.warmup + a.steps}", f"train.precision={a.precision}",
           f"train.recompute={str(a.recompute).lower()}", "eval.interval=0", "checkpoint.interval=0",
-          "checkpoint.dir=null", "logging.tensorboard=false"]
+          "checkpoint.dir=null", "logging.tensorboard=false",
+          # model-only configs (configs/mdn_400m.yaml) name no data; the tokens are synthetic
+          # (SyntheticTokens), so the data section is never read
+          "data.datasets=[synthetic]"]
     if model_mixer:
         ov.append(f"model.mixer={model_mixer}")
     if a.backend:

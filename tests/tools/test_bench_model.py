@@ -48,6 +48,21 @@ def test_arguments():
             bm.parse_args(["--out", "x.json", *bad])
 
 
+@pytest.mark.parametrize("config, extra", [
+    ("configs/mdn_400m.yaml", []), ("configs/gdn_400m.yaml", []),
+    ("configs/transformer_400m.yaml", []), ("configs/mdn_1.3b.yaml", ["--mixer", "gdn"]),
+])
+def test_run_config_of_model_only_configs(config, extra):
+    """The model configs name no data (the benchmark's tokens are synthetic): the run config
+    still builds and validates, with the layout and batch the arguments ask for."""
+    bm = bench_module()
+    a = bm.parse_args(["--config", str(ROOT / config), "--out", "x.json", "--micro-batch", "2",
+                       "--microbatches", "2", *extra])
+    cfg = bm.run_config(a, 1, True)
+    assert cfg.train.global_batch == 4 and cfg.train.seq_len == 4096
+    assert cfg.model.mixer == ("gdn" if extra else cfg.model.mixer)
+
+
 def test_synthetic_tokens_split_over_dp():
     """The global batch of a step is the same under any DP split, and steps differ."""
     bm = bench_module()
