@@ -14,6 +14,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   b  DeepSpeed against the Megatron backend (1.3B) on 1, 2 and 4 GPUs beside the long-context
      memory estimates (1 and 2 GPUs) and MDN / GDN-mode 400M throughput; then one attempt at the
      longest 1.3B context on 4 GPUs (the estimator's length).
+  c  the cases plan b's first run cut short: ZeRO 3 on 2 GPUs, Megatron and ZeRO 3 on 4 GPUs, the
+     400M 64K memory estimate.
 Every job writes under --out/suite/<job>/ (its tool's JSON) and --out/suite/<job>.log;
 --out/suite.tar.gz is re-made after every phase (the device tool returns at most 8 files, and
 a cut call keeps the phases that ended). --out/suite/suite.json lists every job with its
@@ -91,7 +93,19 @@ PLANS = {
         ("four_gpu", 240, [
             ("0,1,2,3", [("deepspeed_4gpu", 95, "python3 tools/bench_deepspeed.py --out {R}/result.json "
                           "--cases megatron_4,ds_z3_4 --steps 4 --warmup 1 --case-timeout 45 --sequential"),
-                         ("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=130, b=130))]),
+                         ("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=130, b=135))]),
+        ]),
+    ],
+    "c": [  # what plan b's first run (2026-11-27) cut short: ZeRO 3 on 2 GPUs, both backends on 4
+        ("two_gpu", 80, [
+            ("0,1", [("deepspeed_z3_2gpu", 78, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                      "--cases ds_z3_2 --steps 4 --warmup 1 --case-timeout 75")]),
+            ("2", [("longctx_mem_400m_64k", 78, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=75 " + PT +
+                    " -s tests/gpu/test_longctx_memory_gpu.py -k '1gpu and 400m and 65536'")]),
+        ]),
+        ("four_gpu", 150, [
+            ("0,1,2,3", [("deepspeed_4gpu", 148, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                          "--cases megatron_4,ds_z3_4 --steps 4 --warmup 1 --case-timeout 72 --sequential")]),
         ]),
     ],
 }
