@@ -11,11 +11,13 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      exactness incl. the pair-recompute modes), the kernel benchmark against FLA GDN, 1-GPU
      whole-model throughput (MDN / GDN mode / Transformer, 400M and 1.3B), the long-context
      memory estimate on 2 GPUs; then the CP op benchmark at R = 4 with a profile.
-  b  DeepSpeed against the Megatron backend (1.3B) on 1, 2 and 4 GPUs beside the long-context
-     memory estimates (1 and 2 GPUs) and MDN / GDN-mode 400M throughput; then one attempt at the
-     longest 1.3B context on 4 GPUs (the estimator's length).
-  c  the cases plan b's first run cut short: ZeRO 3 on 2 GPUs, Megatron and ZeRO 3 on 4 GPUs, the
-     400M 64K memory estimate.
+  b  DeepSpeed against the Megatron backend (1.3B) on 1 and 2 GPUs beside the long-context
+     memory estimates (1 and 2 GPUs) and MDN / GDN-mode 400M throughput (with a profile); then
+     one attempt at the longest 1.3B context on 4 GPUs (the estimator's length).
+  c  both backends on 4 GPUs; the longest 1.3B context on 1 GPU beside the Transformer, 1.3B
+     MDN / GDN-mode and Megatron-core GDN (FLA) peers and the 1-GPU references of plan d.
+  d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
+     per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
 Every job writes under --out/suite/<job>/ (its tool's JSON) and --out/suite/<job>.log;
 --out/suite.tar.gz is re-made after every phase (the device tool returns at most 8 files, and
 a cut call keeps the phases that ended). --out/suite/suite.json lists every job with its
@@ -36,6 +38,7 @@ import time
 
 # A job: (name, time limit in s, shell command). {R} is the job's result folder.
 PT = "python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short"
+PP = "--micro-batch 1 --microbatches 8 model.num_layers=24"   # 24 layers split over 2 and 4 stages
 M400, G400, T400, M13 = ("configs/mdn_400m.yaml", "configs/gdn_400m.yaml",
                          "configs/transformer_400m.yaml", "configs/mdn_1.3b.yaml")
 
@@ -65,7 +68,7 @@ PLANS = {
                    ("gdn_1p3b", 80, bench_model(1, f"--config {M13} --mixer gdn --micro-batch 2 "
                                                    "--microbatches 2"))]),
             ("2,3", [("model_tests", 150, "MDN_COMPILE=0 " + PT + " --timeout 140 tests/gpu/test_model_gpu.py"),
-                     ("train_tests", 200, "MDN_COMPILE=0 " + PT + " --timeout 100 tests/gpu/test_train_gpu.py"),
+                     ("train_tests", 200, "MDN_COMPILE=0 " + PT + " --timeout 190 tests/gpu/test_train_gpu.py"),
                      ("ds_resume_test", 80, "MDN_COMPILE=0 " + PT + " --timeout 75 "
                       "tests/gpu/test_deepspeed_gpu.py -k resume")]),
         ]),
@@ -75,37 +78,57 @@ PLANS = {
                           "--profile {R}/profile.txt")]),
         ]),
     ],
-    "b": [
+    "b": [  # case times: 1.3B steps as measured on 2026-11-27 (megatron_1 82 s, ds_z3_offload_1 106 s,
+        #        megatron_2 51 s of wall each, start-up included)
         ("one_gpu", 210, [
             ("0,1", [("deepspeed_1gpu", 205, "python3 tools/bench_deepspeed.py --out {R}/result.json "
                       "--cases megatron_1,ds_z3_offload_1 --steps 4 --warmup 1 --case-timeout 200")]),
-            ("2", [("longctx_mem_1gpu", 205, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=80 " + PT + " -s "
+            ("2", [("longctx_mem_1gpu", 205, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=100 " + PT + " -s "
                     "tests/gpu/test_longctx_memory_gpu.py -k 1gpu")]),
-            ("3", [("mdn_400m", 105, bench_model(1, f"--config {M400} --micro-batch 4")),
+            ("3", [("mdn_400m", 105, bench_model(1, f"--config {M400} --micro-batch 4 --profile {{R}}/profile.txt")),
                    ("gdn_400m", 100, bench_model(1, f"--config {G400} --micro-batch 4"))]),
         ]),
-        ("two_gpu", 120, [
-            ("0,1", [("deepspeed_2gpu", 115, "python3 tools/bench_deepspeed.py --out {R}/result.json "
-                      "--cases megatron_2,ds_z3_2 --steps 4 --warmup 1 --case-timeout 55 --sequential")]),
-            ("2,3", [("longctx_mem_2gpu", 115, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=110 " + PT + " -s "
+        ("two_gpu", 220, [
+            ("0,1", [("deepspeed_2gpu", 215, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                      "--cases megatron_2,ds_z3_2 --steps 4 --warmup 1 --case-timeout 105 --sequential")]),
+            ("2,3", [("longctx_mem_2gpu", 215, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=105 " + PT + " -s "
                       "tests/gpu/test_longctx_memory_gpu.py -k 2gpu")]),
         ]),
-        ("four_gpu", 240, [
-            ("0,1,2,3", [("deepspeed_4gpu", 95, "python3 tools/bench_deepspeed.py --out {R}/result.json "
-                          "--cases megatron_4,ds_z3_4 --steps 4 --warmup 1 --case-timeout 45 --sequential"),
-                         ("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=130, b=135))]),
+        ("four_gpu", 140, [
+            ("0,1,2,3", [("longctx_search_g4", 138, LONGCTX_SEARCH.format(n=4, att=1, t=130, b=135))]),
         ]),
     ],
-    "c": [  # what plan b's first run (2026-11-27) cut short: ZeRO 3 on 2 GPUs, both backends on 4
-        ("two_gpu", 80, [
-            ("0,1", [("deepspeed_z3_2gpu", 78, "python3 tools/bench_deepspeed.py --out {R}/result.json "
-                      "--cases ds_z3_2 --steps 4 --warmup 1 --case-timeout 75")]),
-            ("2", [("longctx_mem_400m_64k", 78, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=75 " + PT +
-                    " -s tests/gpu/test_longctx_memory_gpu.py -k '1gpu and 400m and 65536'")]),
+    "c": [  # both backends on 4 GPUs, the 1-GPU context search, then whole-model peers and layouts
+        ("four_gpu", 250, [
+            ("0,1,2,3", [("deepspeed_4gpu", 248, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                          "--cases megatron_4,ds_z3_4 --steps 4 --warmup 1 --case-timeout 120 --sequential")]),
         ]),
-        ("four_gpu", 150, [
-            ("0,1,2,3", [("deepspeed_4gpu", 148, "python3 tools/bench_deepspeed.py --out {R}/result.json "
-                          "--cases megatron_4,ds_z3_4 --steps 4 --warmup 1 --case-timeout 72 --sequential")]),
+        ("one_gpu", 310, [
+            ("0", [("longctx_search_g1", 300, LONGCTX_SEARCH.format(n=1, att=2, t=140, b=295))]),
+            ("1", [("transformer_400m", 100, bench_model(1, f"--config {T400} --micro-batch 4")),
+                   ("mdn_1p3b", 100, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2")),
+                   ("gdn_1p3b", 100, bench_model(1, f"--config {M13} --mixer gdn --micro-batch 2 "
+                                                   "--microbatches 2"))]),
+            ("2", [("megatron_gdn_400m", 300, bench_model(1, f"--config {G400} --mixer megatron_gdn "
+                                                           "--micro-batch 4"))]),
+            ("3", [("cp1_400m_4k", 100, bench_model(1, f"--config {M400} --micro-batch 1 --microbatches 4")),
+                   ("pp1_400m_24l", 100, bench_model(1, f"--config {M400} {PP}"))]),
+        ]),
+    ],
+    "d": [  # whole-model layouts: DP, TP, CP weak scaling (4K tokens per GPU), PP 1F1B / interleaved
+        ("two_gpu", 150, [
+            ("0,1", [("dp2_400m", 70, bench_model(2, f"--config {M400} --micro-batch 4")),
+                     ("pp2_1f1b_400m_24l", 75, bench_model(2, f"--config {M400} --pp 2 {PP}"))]),
+            ("2,3", [("tp2_400m", 70, bench_model(2, f"--config {M400} --micro-batch 4 --tp 2")),
+                     ("pp2_vp2_400m_24l", 75, bench_model(2, f"--config {M400} --pp 2 --vp 2 {PP}"))]),
+        ]),
+        ("four_gpu", 400, [
+            ("0,1,2,3", [("cp4_400m_16k", 90, bench_model(4, f"--config {M400} --micro-batch 1 "
+                                                             "--microbatches 4 --cp 4 --seq-len 16384")),
+                         ("cp4_1p3b_16k", 110, bench_model(4, f"--config {M13} --micro-batch 1 "
+                                                              "--microbatches 4 --cp 4 --seq-len 16384")),
+                         ("pp4_1f1b_400m_24l", 90, bench_model(4, f"--config {M400} --pp 4 {PP}")),
+                         ("pp4_vp2_400m_24l", 100, bench_model(4, f"--config {M400} --pp 4 --vp 2 {PP}"))]),
         ]),
     ],
 }
