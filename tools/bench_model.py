@@ -317,7 +317,7 @@ def profile_run(a, layout, cuda: bool, one_step, data) -> dict:
                 f"timed ones; command: {' '.join(sys.argv)}; tables of rank 0"]
         for k, v in per_rank.items():
             text.append(f"  {k:>15} per step, per rank: " + ", ".join(f"{x:.3f}" for x in v))
-        text += profile_tables(prof, cuda, rows=40)
+        text += profile_tables(prof, cuda, rows=40, ranges=("bench.", "mdn."))
         os.makedirs(os.path.dirname(os.path.abspath(a.profile)) or ".", exist_ok=True)
         with open(a.profile, "w") as f:
             f.write("\n".join(text) + "\n")
@@ -370,8 +370,12 @@ def main(argv=None):
     step_ms, losses, grad_norms, applied_all, warm_losses, first_step_s = [], [], [], [], [], None
 
     def one_step(microbatches):
-        loss = backend.forward_backward(microbatches, count_tokens(microbatches, dpcp, layout.device))
-        return (loss, *backend.step(loss))
+        from torch.profiler import record_function  # ranges in the --profile tables
+
+        with record_function("bench.forward_backward"):
+            loss = backend.forward_backward(microbatches, count_tokens(microbatches, dpcp, layout.device))
+        with record_function("bench.grad_norm_clip_adamw"):
+            return (loss, *backend.step(loss))
 
     for i in range(a.warmup + a.steps):
         microbatches = data.next_step()

@@ -179,6 +179,9 @@ def test_cpu_smoke_profile(tmp_path):
     text = prof.read_text()
     assert "top 40 by self CPU time" in text and "wall_ms per step" in text
     assert "aten::mm" in text  # the ops' table
+    for rng in ("bench.forward_backward", "bench.grad_norm_clip_adamw", "mdn.conv_silu", "mdn.op",
+                "mdn.gated_norm"):
+        assert rng in text, rng
     rec = json.loads(out.read_text())["profile"]
     assert rec["steps"] == 1 and rec["wall_ms"] > 0 and rec["cpu_self_ms"] > 0
     assert rec["device_events"] == 0 and rec["per_rank"]["wall_ms"] == [rec["wall_ms"]]
