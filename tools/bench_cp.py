@@ -40,6 +40,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+if TOOLS not in sys.path:  # tools/profiling.py (also when imported by the tests)
+    sys.path.append(TOOLS)
+
 SECTIONS = ("exact", "weak", "strong", "fla")
 SMOKE = False   # --cpu-smoke: CPU tensors, gloo, the torch backend, a wall-clock timer
 
@@ -348,31 +352,19 @@ def _sync():
 
 def _profile_one(fn, steps):
     """(profiler, wall ms per step) of `steps` calls after 2 warm-up calls."""
-    import time
-    from torch.profiler import ProfilerActivity, profile
+    from profiling import profile_steps
     for _ in range(2):
         fn()
     _sync()
     dist.barrier()
-    acts = [ProfilerActivity.CPU] + ([] if SMOKE else [ProfilerActivity.CUDA])
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        _sync()
-        wall = (time.perf_counter() - t0) * 1e3 / steps
-    return prof, wall
+    return profile_steps(fn, steps, cuda=not SMOKE)
 
 
 def _profile_summary(prof, steps):
     """Per step: GPU-busy ms (sum of kernel/memcpy self time), device events (kernel launches,
-    copies, collectives), self CPU ms of the ops."""
-    from torch.autograd import DeviceType
-    dev = [e for e in prof.events() if e.device_type != DeviceType.CPU]
-    cpu_self = sum(e.self_cpu_time_total for e in prof.key_averages())
-    return {"gpu_busy_ms": sum(e.self_device_time_total for e in dev) / 1e3 / steps,
-            "device_events": len(dev) / steps,
-            "cpu_self_ms": cpu_self / 1e3 / steps}
+    copies, collectives), self CPU ms of the ops (tools/profiling.py)."""
+    from profiling import profile_summary
+    return profile_summary(prof, steps)
 
 
 def section_profile(a, rank, world, dtype, path):

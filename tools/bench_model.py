@@ -59,6 +59,9 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+TOOLS = os.path.join(ROOT, "tools")
+if TOOLS not in sys.path:  # tools/profiling.py (also when imported by the tests)
+    sys.path.append(TOOLS)
 
 MIXERS = ("mdn", "gdn", "transformer", "megatron_gdn")
 H100_SXM_BF16_TFLOPS = 989.5
@@ -107,6 +110,11 @@ def parse_args(argv=None):
     p.add_argument("--cpu-smoke", action="store_true",
                    help="check the script on CPU: gloo, torch backend, fp32, 2 steps, tiny config "
                         "by default; the numbers mean nothing")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="after the timed steps, profile --profile-steps more steps with "
+                        "torch.profiler and write the tables (top 40 by self CUDA and by self CPU "
+                        "time, per-step wall, GPU-busy ms, device events) to PATH (rank 0)")
+    p.add_argument("--profile-steps", type=int, default=2, help="profiled steps (--profile)")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     a = p.parse_intermixed_args(argv)  # overrides may come before or between options
     if a.cpu_smoke:
@@ -123,7 +131,8 @@ def parse_args(argv=None):
     a.precision = a.precision or "bf16"
     if a.microbatches is None:
         a.microbatches = 2 * a.pp if a.pp > 1 else 1
-    for name in ("seq_len", "micro_batch", "microbatches", "tp", "cp", "pp", "vp", "steps"):
+    for name in ("seq_len", "micro_batch", "microbatches", "tp", "cp", "pp", "vp", "steps",
+                 "profile_steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.warmup < 0:
@@ -287,6 +296,34 @@ def versions(extra: dict) -> dict:
     return out
 
 
+def profile_run(a, layout, cuda: bool, one_step, data) -> dict:
+    """--profile: --profile-steps more whole steps (new data, after the timed ones) under
+    torch.profiler; every rank profiles, rank 0 writes its tables to a.profile. Returns rank 0's
+    per-step summary (wall ms, GPU-busy ms, device events, self CPU ms) and every rank's."""
+    from profiling import profile_steps, profile_summary, profile_tables
+
+    steps = [data.next_step() for _ in range(a.profile_steps)]
+    it = iter(steps)
+    dist.barrier()
+    prof, wall = profile_steps(lambda: one_step(next(it)), a.profile_steps, cuda)
+    s = profile_summary(prof, a.profile_steps)
+    s["wall_ms"] = wall
+    mine = torch.tensor([s[k] for k in sorted(s)], dtype=torch.float64, device=layout.device)
+    gathered = [torch.zeros_like(mine) for _ in range(layout.world)]
+    dist.all_gather(gathered, mine)
+    per_rank = {k: [g[i].item() for g in gathered] for i, k in enumerate(sorted(s))}
+    if layout.is_logger:
+        text = [f"tools/bench_model.py --profile: {a.profile_steps} whole optimizer steps after the "
+                f"timed ones; command: {' '.join(sys.argv)}; tables of rank 0"]
+        for k, v in per_rank.items():
+            text.append(f"  {k:>15} per step, per rank: " + ", ".join(f"{x:.3f}" for x in v))
+        text += profile_tables(prof, cuda, rows=40, ranges=("bench.", "mdn."))
+        os.makedirs(os.path.dirname(os.path.abspath(a.profile)) or ".", exist_ok=True)
+        with open(a.profile, "w") as f:
+            f.write("\n".join(text) + "\n")
+    return {"path": a.profile, "steps": a.profile_steps, **s, "per_rank": per_rank}
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.cpu_smoke:
@@ -331,14 +368,22 @@ def main(argv=None):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     step_ms, losses, grad_norms, applied_all, warm_losses, first_step_s = [], [], [], [], [], None
+
+    def one_step(microbatches):
+        from torch.profiler import record_function  # ranges in the --profile tables
+
+        with record_function("bench.forward_backward"):
+            loss = backend.forward_backward(microbatches, count_tokens(microbatches, dpcp, layout.device))
+        with record_function("bench.grad_norm_clip_adamw"):
+            return (loss, *backend.step(loss))
+
     for i in range(a.warmup + a.steps):
         microbatches = data.next_step()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         w0 = time.perf_counter()
-        loss = backend.forward_backward(microbatches, count_tokens(microbatches, dpcp, layout.device))
-        gnorm, applied = backend.step(loss)
+        loss, gnorm, applied = one_step(microbatches)
         if cuda:
             end.record()
             torch.cuda.synchronize()
@@ -359,6 +404,7 @@ def main(argv=None):
 
     # per-rank figures to rank 0: step time (the slowest rank's median counts) and peak memory
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    profile = profile_run(a, layout, cuda, one_step, data) if a.profile else None
     med = statistics.median(step_ms)
     mine = torch.tensor([med, mem], dtype=torch.float64, device=layout.device)
     gathered = [torch.zeros_like(mine) for _ in range(layout.world)]
@@ -419,6 +465,7 @@ def main(argv=None):
             "peak_memory_gib_per_rank": [r[1] for r in per_rank] if cuda else None,
             "losses": losses, "warmup_losses": warm_losses, "grad_norms": grad_norms,
             "all_steps_applied": all(applied_all),
+            "profile": profile,
         }
         os.makedirs(os.path.dirname(os.path.abspath(a.out)) or ".", exist_ok=True)
         tmp = a.out + ".tmp"

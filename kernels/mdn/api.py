@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .chunk import chunk_mdn
+from .layout import host_cu_seqlens
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch")
@@ -25,7 +26,7 @@ def check_cu_seqlens(cu_seqlens, B: int, total: int, what: str, end_rule: str) -
         raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if B != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need B == 1, got B={B}")
-    cs = cu_seqlens.detach().cpu()
+    cs = host_cu_seqlens(cu_seqlens)  # one device-to-host copy per cu tensor, not per call
     if int(cs[0]) != 0 or int(cs[-1]) != total:
         raise ValueError(f"cu_seqlens {end_rule}, got {int(cs[0])}..{int(cs[-1])}")
     if bool((cs[1:] <= cs[:-1]).any()):

@@ -7,6 +7,7 @@ they leave the state pair untouched: a sequence need not be a multiple of the ch
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -45,26 +46,57 @@ def from_chunks(y: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     return y[dest]
 
 
+_HOST_CU: dict = {}
+_HOST_CU_MAX = 64
+
+
+def host_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """An int64 CPU copy of `cu_seqlens`, made once per tensor: every layer of a model receives
+    the same cu_seqlens tensor (Megatron's PackedSeqParams), and without this each layer's
+    validation and layout paid device-to-host copies (host syncs) of it. The copy is reused
+    while the tensor object is alive and unmodified (same object, same version counter);
+    a CPU tensor is just converted."""
+    if not cu_seqlens.is_cuda:
+        return cu_seqlens.detach().to(torch.int64)
+    key = id(cu_seqlens)
+    hit = _HOST_CU.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    host = cu_seqlens.detach().to("cpu", torch.int64)
+    if len(_HOST_CU) >= _HOST_CU_MAX:
+        _HOST_CU.clear()
+    _HOST_CU[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, host)
+    return host
+
+
 def build_layout(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, chunk_size: int,
                  device: torch.device) -> ChunkLayout:
+    """No host sync: the sizes (total tokens, chunks, longest sequence's chunks) come from the
+    shapes, or from the host copy of cu_seqlens (host_cu_seqlens: one copy per cu tensor)."""
     if cu_seqlens is None:
+        cu_host = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int64)
         cu = torch.arange(0, (batch + 1) * seqlen, seqlen, device=device, dtype=torch.int64)
     else:
+        cu_host = host_cu_seqlens(cu_seqlens)
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    lens_host = cu_host[1:] - cu_host[:-1]
+    nch_host = (lens_host + chunk_size - 1) // chunk_size
+    total = int(cu_host[-1])
+    num_chunks = int(nch_host.sum())
+    max_chunks = int(nch_host.max()) if len(lens_host) else 0
     lens = cu[1:] - cu[:-1]
     nch = (lens + chunk_size - 1) // chunk_size
     offsets = torch.zeros(len(lens) + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(nch, 0)
-    total = int(cu[-1].item())
     seq_id = torch.repeat_interleave(torch.arange(len(lens), device=device), lens, output_size=total)
     pos = torch.arange(total, device=device) - cu[:-1][seq_id]
     dest = (offsets[:-1][seq_id] + pos // chunk_size) * chunk_size + pos % chunk_size
     return ChunkLayout(
         num_seqs=len(lens),
-        num_chunks=int(offsets[-1].item()),
+        num_chunks=num_chunks,
         chunk_size=chunk_size,
         total_tokens=total,
         dest=dest,
         seq_chunk_offsets=offsets,
-        max_chunks=int(nch.max().item()) if len(lens) else 0,
+        max_chunks=max_chunks,
     )

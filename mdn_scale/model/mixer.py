@@ -45,6 +45,14 @@ PER_HEAD_PARAMS = ("A_log", "dt_bias", "log_factor", "D_log", "Mu_log", "mu_bias
 MOMENTUM_ONLY = ("Mu_log", "mu_bias", "m")
 
 
+def _profile_range(name: str):
+    """A torch.profiler range (record_function) while a profiler runs (tools/bench_model.py
+    --profile: forward time per part of the mixer), else a no-op context."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return _nullcontext()
+
+
 def _no_init(weight: torch.Tensor) -> None:
     """Megatron init_method that leaves the weight alone (reset_parameters fills it)."""
 
@@ -261,7 +269,9 @@ class MDNMixer(MegatronModule):
         if inference_context is not None:
             raise NotImplementedError("MDNMixer: Megatron inference contexts are not supported; "
                                       "decode with the exported HF model")
-        proj, _ = self.in_proj(hidden_states)  # [S, B, P_local] (SP: gathered over TP)
+        rf = _profile_range
+        with rf("mdn.in_proj"):
+            proj, _ = self.in_proj(hidden_states)  # [S, B, P_local] (SP: gathered over TP)
         proj = proj.transpose(0, 1)  # [B, S, P]
         B, T, _ = proj.shape
         pieces = dict(zip([n for n, _ in self.parts], torch.split(proj, [r for _, r in self.parts], -1)))
@@ -271,7 +281,8 @@ class MDNMixer(MegatronModule):
             if B != 1:
                 raise ValueError(f"packed_seq_params needs micro-batch size 1, got B={B}")
         H, K, V = self.heads, self.K, self.V
-        qkv = F.silu(self._conv_qkv(proj[..., :H * (2 * K + V)], cu_seqlens))
+        with rf("mdn.conv_silu"):
+            qkv = F.silu(self._conv_qkv(proj[..., :H * (2 * K + V)], cu_seqlens))
         # Under autocast the conv (fp32 weights) promotes to fp32; hand the op 16-bit q, k, v as
         # a 16-bit layer would, so it takes its 16-bit path (fused local kernels, bf16 per-chunk
         # operands and pairs, fp32 state) instead of an fp32 op whose matmuls autocast re-casts.
@@ -281,16 +292,20 @@ class MDNMixer(MegatronModule):
             qkv = qkv.to(autocast_dtype)
         q, k, v = torch.split(qkv, [H * K, H * K, H * V], -1)
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
-        log_alpha, log_mu, beta, eta = self.gates(pieces["a"], pieces["b"], pieces.get("m"), pieces["e"])
-        q = q - (self.D_log.exp()[:, None] * k).to(q.dtype)  # output correction, before l2 norm
+        with rf("mdn.gates"):
+            log_alpha, log_mu, beta, eta = self.gates(pieces["a"], pieces["b"], pieces.get("m"), pieces["e"])
+            q = q - (self.D_log.exp()[:, None] * k).to(q.dtype)  # output correction, before l2 norm
         cp_group = self.cp_group if self.cp_group.size() > 1 else None
         # The op picks its own precision from its inputs' dtypes (DESIGN §9): no autocast inside.
-        with torch.autocast(dev, enabled=False) if autocast_dtype is not None else _nullcontext():
+        with torch.autocast(dev, enabled=False) if autocast_dtype is not None else _nullcontext(), \
+                rf("mdn.op"):
             o, _ = mdn_chunk(q, k, v, log_alpha, log_mu, beta, eta, cu_seqlens=cu_seqlens,
                              use_qk_l2norm=True, cp_group=cp_group, backend=self.cfg.backend,
                              chunk_size=self.cfg.chunk_size)
-        o = self._gated_norm(o, pieces["g"].reshape(B, T, H, V))
-        out, bias = self.out_proj(o.reshape(B, T, H * V).transpose(0, 1).contiguous())
+        with rf("mdn.gated_norm"):
+            o = self._gated_norm(o, pieces["g"].reshape(B, T, H, V))
+        with rf("mdn.out_proj"):
+            out, bias = self.out_proj(o.reshape(B, T, H * V).transpose(0, 1).contiguous())
         return out, bias
 
     # ---- checkpoint layout --------------------------------------------------------------

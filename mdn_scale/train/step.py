@@ -23,8 +23,9 @@ def to_model_inputs(mb: dict, device: torch.device) -> dict:
     tokens = mb["tokens"].reshape(1, -1).to(device, non_blocking=True)
     labels = mb["labels"].reshape(1, -1).to(device, non_blocking=True)
     mask = mb["loss_mask"].reshape(1, -1).to(device, dtype=torch.float32, non_blocking=True)
-    cu = mb["cu_seqlens"].to(device=device, dtype=torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    cu_host = mb["cu_seqlens"]
+    max_len = int((cu_host[1:] - cu_host[:-1]).max()) if cu_host.numel() > 1 else 0  # before the copy: no device sync
+    cu = cu_host.to(device=device, dtype=torch.int32)
     psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
     return {"tokens": tokens, "labels": labels, "loss_mask": mask, "packed_seq_params": psp}

@@ -167,3 +167,22 @@ def test_packed_gdn_unpacks_equal_sequences(monkeypatch):
     assert seen[0].shape == (L, n, d)
     assert torch.equal(seen[0][:, 1], x[L:2 * L, 0])  # column i is sequence i
     assert torch.equal(out, 2 * x)
+
+
+def test_cpu_smoke_profile(tmp_path):
+    """--profile: the profiled steps' tables and per-step summary (rank 0) land in the file and
+    the JSON (one process, one timed step, one profiled step: kept fast)."""
+    out, prof = tmp_path / "r.json", tmp_path / "prof.txt"
+    r = torchrun(1, "--out", str(out), "--steps", "1", "--warmup", "0", "--profile", str(prof),
+                 "--profile-steps", "1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    text = prof.read_text()
+    assert "top 40 by self CPU time" in text and "wall_ms per step" in text
+    assert "aten::mm" in text  # the ops' table
+    for rng in ("bench.forward_backward", "bench.grad_norm_clip_adamw", "mdn.conv_silu", "mdn.op",
+                "mdn.gated_norm"):
+        assert rng in text, rng
+    rec = json.loads(out.read_text())["profile"]
+    assert rec["steps"] == 1 and rec["wall_ms"] > 0 and rec["cpu_self_ms"] > 0
+    assert rec["device_events"] == 0 and rec["per_rank"]["wall_ms"] == [rec["wall_ms"]]
+    assert len(json.loads(out.read_text())["losses"]) == 1

@@ -59,3 +59,38 @@ def test_no_weight_decay_groups():
     opt = build_optimizer(m, t)
     build_scheduler(opt, t).step(1)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def _adamw_run(model, t, foreach, steps=4):
+    opt = build_optimizer(model, t, foreach=foreach)
+    sched = build_scheduler(opt, t)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * 1e-2
+        sched.step(1)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def test_foreach_default_cpu_loop_and_same_updates():
+    """CPU keeps the per-parameter loop (foreach=False); the multi-tensor path (CUDA's default)
+    gives the same parameters bit for bit here too (tests/gpu/test_optimizer_gpu.py on CUDA)."""
+    from mdn_scale.train.optimizer import use_foreach
+
+    t = TrainConfig(steps=10, lr=1e-2, warmup_steps=2, weight_decay=0.1, adam_eps=1e-15)
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+        m[0].weight._no_weight_decay = True
+        return m
+
+    m = model()
+    assert not use_foreach(m)
+    assert build_optimizer(m, t).defaults["foreach"] is False
+    loop, _ = _adamw_run(model(), t, None)
+    multi, opt = _adamw_run(model(), t, True)
+    assert opt.defaults["foreach"] is True
+    for a, b in zip(loop, multi):
+        assert torch.equal(a, b)

@@ -1,0 +1,76 @@
+"""build_layout takes its sizes from the shapes or from one host copy of cu_seqlens
+(host_cu_seqlens), with the same layout as the device formula it replaced."""
+import torch
+
+from mdn_kernels.mdn import layout as L
+from mdn_kernels.mdn.api import check_cu_seqlens
+
+
+def reference_layout(batch, seqlen, cu_seqlens, chunk_size):
+    """The former build_layout (sizes read back with .item())."""
+    if cu_seqlens is None:
+        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int64)
+    else:
+        cu = cu_seqlens.to(dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    nch = (lens + chunk_size - 1) // chunk_size
+    offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(nch, 0)
+    total = int(cu[-1].item())
+    seq_id = torch.repeat_interleave(torch.arange(len(lens)), lens, output_size=total)
+    pos = torch.arange(total) - cu[:-1][seq_id]
+    dest = (offsets[:-1][seq_id] + pos // chunk_size) * chunk_size + pos % chunk_size
+    return dict(num_seqs=len(lens), num_chunks=int(offsets[-1].item()), total_tokens=total,
+                dest=dest, seq_chunk_offsets=offsets, max_chunks=int(nch.max().item()))
+
+
+def test_build_layout_matches_reference():
+    cases = [(3, 100, None, 16), (1, 4096, None, 64), (2, 5, None, 64),
+             (1, 203, torch.tensor([0, 1, 64, 65, 203], dtype=torch.int32), 64),
+             (1, 200, torch.tensor([0, 50, 150, 200]), 16),
+             (1, 16384, torch.arange(5, dtype=torch.int32) * 4096, 64)]
+    for B, T, cu, C in cases:
+        got = L.build_layout(B, T, cu, C, torch.device("cpu"))
+        ref = reference_layout(B, T, cu, C)
+        assert got.chunk_size == C
+        for k, v in ref.items():
+            g = getattr(got, k)
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(g, v), (B, T, k)
+            else:
+                assert g == v, (B, T, k)
+
+
+def test_host_copy_cached_and_invalidated(monkeypatch):
+    """The cache path is CUDA-only: on CPU, `cu` poses as a CUDA tensor (is_cuda) and the
+    device-to-host copies are counted through Tensor.to."""
+    calls = []
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: self is cu or self.device.type == "cuda"))
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *a, **k):
+        if self is cu or (self.dtype == torch.int32 and self.data_ptr() == cu.data_ptr()):
+            calls.append(1)
+        return real_to(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    L._HOST_CU.clear()
+    h1 = L.host_cu_seqlens(cu)
+    h2 = L.host_cu_seqlens(cu)
+    assert h1 is h2 and h1.tolist() == [0, 3, 7] and h1.dtype == torch.int64 and len(calls) == 1
+    cu[2] = 9  # an in-place change bumps the version: a fresh copy
+    h3 = L.host_cu_seqlens(cu)
+    assert h3.tolist() == [0, 3, 9] and len(calls) == 2
+    other = torch.tensor([0, 3, 7], dtype=torch.int32)  # another tensor: not the cached copy
+    assert L.host_cu_seqlens(other).tolist() == [0, 3, 7]
+    L._HOST_CU.clear()
+
+
+def test_check_cu_seqlens_still_refuses():
+    import pytest
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_cu_seqlens(torch.tensor([0, 5, 5, 9]), 1, 9, "offsets", "must end at 9")
+    with pytest.raises(ValueError, match="must end at 9"):
+        check_cu_seqlens(torch.tensor([0, 5, 8]), 1, 9, "offsets", "must end at 9")
+    assert check_cu_seqlens(torch.tensor([0, 5, 9], dtype=torch.int32), 1, 9, "o", "e") == 2

@@ -1,0 +1,59 @@
+"""torch.profiler helpers shared by the benchmark scripts (tools/bench_cp.py, tools/bench_model.py).
+
+profile_steps(fn, steps, cuda): run `fn` `steps` times under torch.profiler (CPU and, on CUDA,
+device activity); returns (profiler, wall ms per step).
+profile_summary(prof, steps): per step, GPU-busy ms (the sum of the device events' self time:
+kernels, copies), the number of device events (kernel launches, copies, collectives) and the
+self CPU ms of the ops.
+profile_tables(prof, cuda, rows, ranges): the key_averages tables, by self CUDA time (on CUDA)
+and by self CPU time; with `ranges` (name prefixes of record_function ranges, e.g. "mdn."), a
+table of those ranges first (calls, CPU total and device total of the kernels inside them).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def profile_steps(fn, steps: int, cuda: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    return prof, wall
+
+
+def profile_summary(prof, steps: int) -> dict:
+    from torch.autograd import DeviceType
+
+    dev = [e for e in prof.events() if e.device_type != DeviceType.CPU]
+    cpu_self = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {"gpu_busy_ms": sum(e.self_device_time_total for e in dev) / 1e3 / steps,
+            "device_events": len(dev) / steps,
+            "cpu_self_ms": cpu_self / 1e3 / steps}
+
+
+def profile_tables(prof, cuda: bool, rows: int = 40, width: int = 70, ranges=()) -> list[str]:
+    ka = prof.key_averages()
+    out = []
+    if ranges:
+        picked = sorted((e for e in ka if e.key.startswith(tuple(ranges))), key=lambda e: e.key)
+        out.append("ranges (record_function; totals over the profiled steps; device total = "
+                   "kernels launched inside the range, forward only for model ranges)")
+        out.append(f"{'name':<40} {'calls':>7} {'CPU total ms':>13} {'device total ms':>16}")
+        for e in picked:
+            out.append(f"{e.key:<40} {e.count:>7} {e.cpu_time_total / 1e3:>13.3f} "
+                       f"{getattr(e, 'device_time_total', 0.0) / 1e3:>16.3f}")
+    if cuda:
+        out += [f"top {rows} by self CUDA time (totals over the profiled steps)",
+                ka.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=width)]
+    out += [f"top {rows} by self CPU time (totals over the profiled steps)",
+            ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=width)]
+    return out
