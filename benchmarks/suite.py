@@ -112,7 +112,11 @@ PLANS = {
             ("2", [("megatron_gdn_400m", 300, bench_model(1, f"--config {G400} --mixer megatron_gdn "
                                                            "--micro-batch 4"))]),
             ("3", [("cp1_400m_4k", 100, bench_model(1, f"--config {M400} --micro-batch 1 --microbatches 4")),
-                   ("pp1_400m_24l", 100, bench_model(1, f"--config {M400} {PP}"))]),
+                   ("pp1_400m_24l", 100, bench_model(1, f"--config {M400} {PP}")),
+                   ("mdn_400m_chunked_loss", 90, bench_model(1, f"--config {M400} --micro-batch 4 "
+                                                               f"--profile {{R}}/profile.txt "
+                                                               "model.loss_chunk_tokens=4096")),
+                   ("optimizer_test", 15, PT + " tests/gpu/test_optimizer_gpu.py")]),
         ]),
     ],
     "d": [  # whole-model layouts: DP, TP, CP weak scaling (4K tokens per GPU), PP 1F1B / interleaved
