@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "bench_cp.py"
@@ -23,11 +24,7 @@ def run(*args, timeout=300):
 
 
 def test_arguments():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_cp
-    finally:
-        sys.path.pop(0)
+    bench_cp = load_tool("bench_cp")
     a = bench_cp.parse_args(["--out", "x.json", "--modes", "ring", "--skip", "strong,fla"])
     assert a.modes == ["ring"] and a.skip == {"strong", "fla"} and a.weak_tokens == 32768
     for bad in (["--modes", "tree"], ["--skip", "everything"], ["--heads", "0"], []):

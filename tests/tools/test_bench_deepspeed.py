@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tool_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "bench_deepspeed.py"
@@ -15,12 +16,7 @@ SCRIPT = ROOT / "tools" / "bench_deepspeed.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_deepspeed
-    finally:
-        sys.path.pop(0)
-    return bench_deepspeed
+    return load_tool("bench_deepspeed")
 
 
 def test_arguments(bench):

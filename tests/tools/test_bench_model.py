@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "bench_model.py"
@@ -20,12 +21,7 @@ FIELDS = ("card", "torch", "triton", "megatron_core", "command", "date_utc", "mi
 
 
 def bench_module():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_model
-    finally:
-        sys.path.pop(0)
-    return bench_model
+    return load_tool("bench_model")
 
 
 def torchrun(nproc, *args, timeout=180):
