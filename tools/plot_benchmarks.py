@@ -56,20 +56,92 @@ def plot_kernels(out):
     return out
 
 
+CP_RUNS = [("v3", "cp_h100x4_r4.json"), ("v4", "cp_h100x4_v4_r4.json"), ("v5", "cp_h100x4_v5_r4.json")]
+
+
 def plot_cp(out):
-    d = _load("cp_h100x4_r4.json")
-    if not d:
+    """Weak scaling at R = 4 per version of the op: ms per rank of CP=1 and each mode."""
+    runs = [(label, d["results"]["weak"]) for label, name in CP_RUNS if (d := _load(name))]
+    if not runs:
         return None
-    weak = d["results"]["weak"]
-    names = ["cp1", "allgather", "ring"]
-    ms = [weak[n]["median_ms"] for n in names]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(["CP=1\n(32K tokens)", "CP=4 all-gather\n(per rank)", "CP=4 ring\n(per rank)"], ms,
-           color=["gray", "tab:blue", "tab:orange"])
-    for i, n in enumerate(names[1:], 1):
-        ax.text(i, ms[i], f"eff {weak[n]['efficiency']:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("fwd+bwd ms")
+    names = [("cp1", "CP=1 (32K tokens)", "gray"), ("allgather", "CP=4 all-gather", "tab:blue"),
+             ("ring", "CP=4 ring", "tab:orange")]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(names)
+    for j, (key, label, color) in enumerate(names):
+        xs = [i + (j - 1) * width for i in range(len(runs))]
+        ms = [w[key]["median_ms"] for _, w in runs]
+        ax.bar(xs, ms, width, label=label, color=color)
+        if key != "cp1":
+            for x, (_, w) in zip(xs, runs):
+                ax.text(x, w[key]["median_ms"], f"{w[key]['efficiency']:.2f}", ha="center",
+                        va="bottom", fontsize=7)
+    ax.set_xticks(range(len(runs)), [f"op {label}" for label, _ in runs])
+    ax.set_ylabel("fwd+bwd ms per rank (labels: efficiency)")
     ax.set_title("MDN op weak scaling, 4 H100, bf16, 32K tokens/GPU", fontsize=9)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
+    ax.legend(fontsize=7, loc="upper left", ncol=3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def plot_memory_estimate(out):
+    """Estimated against measured peak memory of the trainer (tests/gpu/test_longctx_memory_gpu)."""
+    rows = []
+    for name in ("longctx_memory_h100_1gpu.json", "longctx_memory_h100_1gpu_400m_64k.json"):
+        d = _load(name)
+        if not d:
+            continue
+        for r in (d["results"].values() if "results" in d else [d]):
+            if r.get("measured_peak_gib") is None:
+                continue
+            model = os.path.basename(r["model"]).replace("mdn_", "").replace(".yaml", "")
+            rows.append((f"{model}\n{r['seq_len'] // 1024}K", r["estimate_allocated_gib"],
+                         r["measured_peak_gib"], r["error"]))
+    if not rows:
+        return None
+    rows = sorted(set(rows))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="estimate", color="tab:blue")
+    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="measured peak", color="gray")
+    for x, r in zip(xs, rows):
+        ax.text(x, max(r[1], r[2]), f"{100 * r[3]:+.1f}%", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [r[0] for r in rows])
+    ax.set_ylabel("GiB per GPU")
+    ax.set_title("Memory estimate vs measured peak, one H100, bf16 (target ±15%)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def plot_deepspeed(out):
+    """DeepSpeed ZeRO against the Megatron backend, 1.3B: tokens/s per GPU and GPU / host peaks."""
+    cases = {}
+    for name in ("deepspeed_1p3b_h100_1gpu.json", "deepspeed_1p3b_h100_2gpu.json"):
+        d = _load(name)
+        for case, r in (d or {}).get("results", {}).items():
+            if r.get("rc") == 0 and r.get("tokens_per_s_per_gpu"):
+                cases[case] = r
+    if not cases:
+        return None
+    names = sorted(cases, key=lambda c: (cases[c]["gpus"], c))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.5))
+    a1.bar(names, [cases[c]["tokens_per_s_per_gpu"] for c in names], color="tab:blue")
+    a1.set_ylabel("tokens/s per GPU")
+    xs = range(len(names))
+    a2.bar([x - 0.2 for x in xs], [cases[c]["torch_peak_allocated_gb_rank0"] for c in names], 0.4,
+           label="GPU (allocated)", color="tab:green")
+    a2.bar([x + 0.2 for x in xs], [cases[c]["host_rss_peak_gb_rank0"] for c in names], 0.4,
+           label="host RSS", color="gray")
+    a2.set_xticks(list(xs), names)
+    a2.set_ylabel("GB, rank 0")
+    a2.legend(fontsize=7)
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+    fig.suptitle("1.3B MDN, bf16, 4096 tokens, global batch 8, H100", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out
@@ -79,7 +151,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
     a = ap.parse_args()
-    for fn, name in ((plot_kernels, "kernels_vs_gdn.png"), (plot_cp, "cp_weak_scaling.png")):
+    for fn, name in ((plot_kernels, "kernels_vs_gdn.png"), (plot_cp, "cp_weak_scaling.png"),
+                     (plot_memory_estimate, "memory_estimate_vs_measured.png"),
+                     (plot_deepspeed, "deepspeed_vs_megatron_1p3b.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
