@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The whole GPU suite, one device call per plan on a 4-GPU H100 machine (nvidia-h100-x4), with
-# .whl carried (megatron-core 0.16.1, webdataset, deepspeed 0.19.8 and their needs, fla-core
-# 0.6.0, einops; see run_deepspeed_gpu.sh for how they are built):
+# The whole GPU suite, one device call per plan on a 4-GPU H100 machine (nvidia-h100-x4). The
+# machine has no network: carry .whl/ with megatron-core 0.16.1, webdataset 1.0.2, braceexpand,
+# fla-core 0.6.0, einops, hjson, pydantic, pydantic-core (the cp312 manylinux wheel),
+# annotated-types, typing-inspection (`pip download --no-deps --only-binary=:all:
+# --python-version 3.12 ...`) and deepspeed 0.19.8 (`DS_BUILD_OPS=0 pip wheel --no-deps -w .whl
+# deepspeed==0.19.8`; its ops JIT-compile there with the image's ninja and nvcc):
 #   bash benchmarks/run_suite_gpu.sh a "$OUT"
 #   bash benchmarks/run_suite_gpu.sh b "$OUT"
 # benchmarks/suite.py holds the plans; results come back in $OUT/suite.tar.gz.

@@ -28,7 +28,8 @@ A case ends at ``--case-timeout`` seconds, or earlier at ``--deadline`` (epoch s
 one device call ends in time; its process group is then stopped (SIGTERM, then SIGKILL), and the
 steps it logged still count. The JSON (card, driver, versions, git commit, date, the commands
 of every invocation) is rewritten after every case, and an existing ``--out`` is extended, so
-one file gathers the phases of run_deepspeed_gpu.sh and a call cut short keeps what finished.
+one file gathers several invocations (benchmarks/suite.py's phases) and a call cut short keeps
+what finished.
 
 Optimizer under offload: ``ds_z3_offload_1`` hands DeepSpeed torch's AdamW (optimizer.py; no
 compiled op, the Megatron backend's update), which DeepSpeed runs on the CPU partitions

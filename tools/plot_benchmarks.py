@@ -19,6 +19,15 @@ RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
 KERNEL_RUNS = [("v3", "kernels_h100_v3.json"), ("v4 fused", "kernels_h100_v4_fused.json")]
 
 
+def _finish(fig, ax, out, ylabel, title):
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def _load(name):
     path = os.path.join(RESULTS, name)
     return json.load(open(path)) if os.path.exists(path) else None
@@ -48,12 +57,8 @@ def plot_kernels(out):
     ax.axhline(1.5, color="k", ls="--", lw=1, label="target: 1.5x (time)")
     ax.axhline(1.3, color="gray", ls=":", lw=1, label="target: 1.3x (memory)")
     ax.set_xticks(list(x), labels)
-    ax.set_ylabel("MDN / FLA GDN (same run)")
-    ax.set_title("mdn_chunk vs FLA GDN, H100 bf16, B=8 T=4096 H=6 K=128 V=256", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    return _finish(fig, ax, out, "MDN / FLA GDN (same run)",
+                   "mdn_chunk vs FLA GDN, H100 bf16, B=8 T=4096 H=6 K=128 V=256")
 
 
 CP_RUNS = [("v3", "cp_h100x4_r4.json"), ("v4", "cp_h100x4_v4_r4.json"), ("v5", "cp_h100x4_v5_r4.json")]
@@ -109,12 +114,8 @@ def plot_memory_estimate(out):
     for x, r in zip(xs, rows):
         ax.text(x, max(r[1], r[2]), f"{100 * r[3]:+.1f}%", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [r[0] for r in rows])
-    ax.set_ylabel("GiB per GPU")
-    ax.set_title("Memory estimate vs measured peak, one H100, bf16 (target ±15%)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    return _finish(fig, ax, out, "GiB per GPU",
+                   "Memory estimate vs measured peak, one H100, bf16 (target ±15%)")
 
 
 def plot_deepspeed(out):

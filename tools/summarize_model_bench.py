@@ -21,7 +21,9 @@ import os
 def load(paths):
     recs = {}
     for p in paths:
-        files = sorted(glob.glob(os.path.join(p, "*.json"))) if os.path.isdir(p) else [p]
+        # a folder: its JSON files, and benchmarks/suite.py's per-job folders (JOB/result.json)
+        files = (sorted(glob.glob(os.path.join(p, "*.json")) + glob.glob(os.path.join(p, "*", "result.json")))
+                 if os.path.isdir(p) else [p])
         for f in files:
             try:
                 with open(f) as fh:

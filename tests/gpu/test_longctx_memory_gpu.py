@@ -5,7 +5,7 @@ time of writing.
 
     MDN_RESULTS_DIR=$OUT python -m pytest -q tests/gpu/test_longctx_memory_gpu.py [-k 1gpu]
 
-Case ids say the GPUs they need (1gpu / 2gpu), so benchmarks/run_longctx_gpu.sh runs them side
+Case ids say the GPUs they need (1gpu / 2gpu), so benchmarks/suite.py runs them side
 by side on disjoint GPUs (CUDA_VISIBLE_DEVICES + -k). Each case writes its result to
 $MDN_RESULTS_DIR/longctx_<id>.json as soon as it ends; MDN_LONGCTX_TIMEOUT (seconds, default 540)
 bounds one case, and a case past it is stopped with all its processes.
