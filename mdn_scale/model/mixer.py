@@ -108,6 +108,17 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, padded: Optional[torch
     return y
 
 
+def seq_first(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] -> [T, B, D] with dense strides. Why not transpose(0, 1).contiguous(): at B = 1
+    (the trainer's packed stream) that is already "contiguous" yet keeps dim 1's stride T·D, so
+    torch.matmul in the out-projection cannot fold [T, 1, D] into one GEMM and runs T batched
+    1-row GEMMs instead (measured on an H100: 5.9 ms instead of ~0.1 ms per 400M layer)."""
+    B, T, D = x.shape
+    if B == 1:
+        return x.contiguous().view(T, 1, D)
+    return x.transpose(0, 1).contiguous()
+
+
 @dataclass
 class MDNMixerSubmodules:
     in_proj: Union[ModuleSpec, type] = ColumnParallelLinear
@@ -305,7 +316,7 @@ class MDNMixer(MegatronModule):
         with rf("mdn.gated_norm"):
             o = self._gated_norm(o, pieces["g"].reshape(B, T, H, V))
         with rf("mdn.out_proj"):
-            out, bias = self.out_proj(o.reshape(B, T, H * V).transpose(0, 1).contiguous())
+            out, bias = self.out_proj(seq_first(o.reshape(B, T, H * V)))
         return out, bias
 
     # ---- checkpoint layout --------------------------------------------------------------

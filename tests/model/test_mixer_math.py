@@ -123,3 +123,25 @@ def test_init_ranges(results):
         assert bool(((dt >= 1e-3 * (1 - 1e-9)) & (dt <= 1e-1 * (1 + 1e-9))).all()), name
     assert torch.equal(P["o_norm_weight"], torch.ones_like(P["o_norm_weight"]))
     assert "Mu_log" not in results["gdn"]["params"]
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_out_proj_input_is_one_gemm(B):
+    """seq_first hands the out-projection dense [T, B, D] strides, so torch.matmul folds it into
+    one GEMM (aten::mm); at B = 1, transpose(0, 1).contiguous() did not (T batched 1-row GEMMs)."""
+    from torch.profiler import profile
+    from mdn_scale.model.mixer import seq_first
+
+    x = torch.randn(B, 12, 8)
+    y = seq_first(x)
+    assert torch.equal(y, x.transpose(0, 1))
+    assert y.stride() == (B * 8, 8, 1)
+    w = torch.randn(5, 8)
+    with profile() as prof:
+        torch.matmul(y, w.t())
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mm" in ops and "aten::bmm" not in ops, ops
+    if B == 1:  # the layout it replaces really is the slow one
+        with profile() as prof:
+            torch.matmul(x.transpose(0, 1).contiguous(), w.t())
+        assert "aten::bmm" in {e.key for e in prof.key_averages()}
