@@ -16,6 +16,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      one attempt at the longest 1.3B context on 4 GPUs (the estimator's length).
   c  both backends on 4 GPUs; the longest 1.3B context on 1 GPU beside the Transformer, 1.3B
      MDN / GDN-mode and Megatron-core GDN (FLA) peers and the 1-GPU references of plan d.
+  e  the DeepSpeed cases b and c left unmeasured (2 and 4 GPUs) beside the PP train tests.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
 Every job writes under --out/suite/<job>/ (its tool's JSON) and --out/suite/<job>.log;
@@ -133,6 +134,19 @@ PLANS = {
                                                               "--microbatches 4 --cp 4 --seq-len 16384")),
                          ("pp4_1f1b_400m_24l", 90, bench_model(4, f"--config {M400} --pp 4 {PP}")),
                          ("pp4_vp2_400m_24l", 100, bench_model(4, f"--config {M400} --pp 4 --vp 2 {PP}"))]),
+        ]),
+    ],
+    "e": [  # the DeepSpeed cases plans b/c left unmeasured, beside the pipeline-parallel train tests
+        ("two_gpu", 220, [
+            ("0,1", [("deepspeed_2gpu", 215, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                      "--cases megatron_2,ds_z3_2 --steps 4 --warmup 1 --case-timeout 105 --sequential")]),
+            ("2,3", [("train_tests_pp", 190, "MDN_COMPILE=0 " + PT + " --timeout 185 "
+                      "tests/gpu/test_train_gpu.py -k pp2"),
+                     ("optimizer_test", 25, PT + " tests/gpu/test_optimizer_gpu.py")]),
+        ]),
+        ("four_gpu", 250, [
+            ("0,1,2,3", [("deepspeed_4gpu", 248, "python3 tools/bench_deepspeed.py --out {R}/result.json "
+                          "--cases megatron_4,ds_z3_4 --steps 4 --warmup 1 --case-timeout 120 --sequential")]),
         ]),
     ],
 }
