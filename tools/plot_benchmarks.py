@@ -121,7 +121,10 @@ def plot_memory_estimate(out):
 def plot_deepspeed(out):
     """DeepSpeed ZeRO against the Megatron backend, 1.3B: tokens/s per GPU and GPU / host peaks."""
     cases = {}
-    for name in ("deepspeed_1p3b_h100_1gpu.json", "deepspeed_1p3b_h100_2gpu.json"):
+    # later files win for a case measured twice (the 2-GPU Megatron case was rerun with both
+    # 2-GPU DeepSpeed cases after the out-projection fix: deepspeed_1p3b_h100_2gpu_v2.json)
+    for name in ("deepspeed_1p3b_h100_1gpu.json", "deepspeed_1p3b_h100_2gpu.json",
+                 "deepspeed_1p3b_h100_2gpu_v2.json", "deepspeed_1p3b_h100_4gpu.json"):
         d = _load(name)
         for case, r in (d or {}).get("results", {}).items():
             if r.get("rc") == 0 and r.get("tokens_per_s_per_gpu"):

@@ -18,6 +18,18 @@ class MDNGPTModel(GPTModel):
     def __init__(self, *args, loss_chunk_tokens: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_chunk_tokens = int(loss_chunk_tokens)
+        cfg = self.config
+        if cfg.perform_initialization and cfg.use_cpu_initialization:
+            # The embedding and the LM head live on the first and last stage: drawn from the
+            # RNG stream they would get there, they would differ between PP layouts (the decoder
+            # layers are keyed in specs.SeededTransformerLayer), so they are redrawn keyed too.
+            from .init import reinit_vocab_parallel
+            if self.pre_process:
+                reinit_vocab_parallel(self.embedding.word_embeddings.weight, self.vocab_size,
+                                      "embedding", cfg.init_method, cfg.params_dtype)
+            if self.post_process:
+                reinit_vocab_parallel(self.output_layer.weight, self.vocab_size, "output_layer",
+                                      cfg.init_method, cfg.params_dtype)
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
         chunked = (self.loss_chunk_tokens > 0 and labels is not None and self.post_process

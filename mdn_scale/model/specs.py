@@ -26,10 +26,31 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from megatron.core import parallel_state
+
 from .attention import SDPACoreAttention
 from .config import ModelConfig
+from .init import keyed_cpu_rng
 from .mixer import MDNMixer, MDNMixerSubmodules
 from .norm import RMSNorm
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """Megatron's TransformerLayer, its weights drawn from the CPU RNG seeded by (the run's seed,
+    the global layer number). Why: Megatron's CPU init draws every layer from one RNG stream, so a
+    pipeline stage that does not build the layers before its own draws other weights than PP = 1
+    would (the trainer's PP = 2 losses differed from one GPU's from step 1, H100, 2026-11-27).
+    Keyed per layer, the model is the same function under any TP / PP / VP layout."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, vp_stage=None,
+                 pg_collection=None, **kwargs):
+        pp_group = getattr(pg_collection, "pp", None) if pg_collection is not None else None
+        pp_rank = (pp_group.rank() if pp_group is not None
+                   else parallel_state.get_pipeline_model_parallel_rank())
+        global_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
+        with keyed_cpu_rng("decoder.layer", global_number):
+            super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage,
+                             pg_collection=pg_collection, **kwargs)
 
 
 def mlp_spec() -> ModuleSpec:
@@ -69,7 +90,7 @@ def layer_spec(cfg: ModelConfig, layer_type: str) -> ModuleSpec:
     else:
         raise ValueError(f"unknown layer type {layer_type!r}")
     return ModuleSpec(
-        module=TransformerLayer,
+        module=SeededTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=mixer,

@@ -153,8 +153,10 @@ def cp_worker(rank, world, cases, refs, tp=1):
 
 def pp_worker(rank, world, cfg, ids, labels, ref_weights):
     """PP=world: where each layer / embedding / head lives, and a hand-driven forward
-    (activations sent rank to rank) that must give the PP=1 loss."""
+    (activations sent rank to rank) that must give the PP=1 loss. Also the stages' own fresh
+    weights at the reference's seed (init must not depend on the layout)."""
     init_parallel(pp=world)
+    fresh = gather_full_state_dict(make_model(cfg, seed=0))
     model = make_model(cfg, seed=1)
     sd_keys = sorted(sh.key for sh in flat_sharded_tensors(model.sharded_state_dict()))
     layout = dict(
@@ -164,6 +166,7 @@ def pp_worker(rank, world, cfg, ids, labels, ref_weights):
         output_layer=hasattr(model, "output_layer"),
         final_norm=getattr(model.decoder, "final_layernorm", None) is not None,
         keys=sd_keys,
+        fresh=fresh,
     )
     load_full_state_dict(model, ref_weights)
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()

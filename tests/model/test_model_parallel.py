@@ -152,3 +152,14 @@ def test_pp2_stage_assignment_and_loss(refs, two_ranks):
     assert not set(s0["keys"]) & set(s1["keys"])
     assert any(k.startswith("decoder.layers.3.") for k in s1["keys"])
     _close_loss(s1["loss"], ref["loss"], "PP=2 loss")
+
+
+def test_pp2_init_equals_pp1(refs, two_ranks):
+    """The two stages, built fresh at the reference's seed, hold exactly the PP=1 weights: every
+    layer, the embedding and the LM head draw from an RNG keyed by their global name, not from
+    the stream of whatever the stage built before (specs.SeededTransformerLayer)."""
+    name = _pp_case()[0]
+    fresh, ref = two_ranks["pp"][0]["fresh"], refs[name]["weights"]
+    assert fresh.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(fresh[k], ref[k]), k
