@@ -109,6 +109,15 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, padded: Optional[torch
     return y
 
 
+def gated_rmsnorm(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of o over its last dim, times w, times sigmoid(g), in >= fp32, output in o's dtype
+    (the eager reference of the fused path, mixer_kernels.gated_rmsnorm_fla)."""
+    dt = _at_least_fp32(o.dtype)
+    of = o.to(dt)
+    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * w.to(dt) * torch.sigmoid(g.to(dt))).to(o.dtype)
+
+
 def seq_first(x: torch.Tensor) -> torch.Tensor:
     """[B, T, D] -> [T, B, D] with dense strides. Why not transpose(0, 1).contiguous(): at B = 1
     (the trainer's packed stream) that is already "contiguous" yet keeps dim 1's stride T·D, so
@@ -286,10 +295,7 @@ class MDNMixer(MegatronModule):
             # One kernel each way, fp32 inside; saves o, a contiguous g and the rstd instead of
             # the eager path's five fp32 [T, H, V] tensors (mdn_scale/train/memory.py).
             return mk.gated_rmsnorm_fla(o, g, w, self.config.layernorm_epsilon)
-        dt = _at_least_fp32(o.dtype)
-        of = o.to(dt)
-        y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.config.layernorm_epsilon)
-        return (y * w.to(dt) * torch.sigmoid(g.to(dt))).to(o.dtype)
+        return gated_rmsnorm(o, g, w, self.config.layernorm_epsilon)
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None,
                 packed_seq_params=None, **_unused):
