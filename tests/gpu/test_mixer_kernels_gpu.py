@@ -56,7 +56,7 @@ def _mixer_worker(rank, world, cfg, docs):
         poison_allocator(0.3)  # an output the kernels never write shows up as NaN
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             y, _ = mixer(xi, packed_seq_params=psp)
-        (y.float() * ct.to(dev)).sum().backward()
+        (y.double() * ct.to(dev, torch.float64)).sum().backward()
         out = {"y": y.detach(), "dx": xi.grad}
         out.update({f"d{n}": p.grad for n, p in mixer.named_parameters()})
         return {k: v.double().cpu() for k, v in out.items()}
