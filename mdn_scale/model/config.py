@@ -44,6 +44,10 @@ class ModelConfig:
         (mdn_scale/model/loss.py), never holding the whole sequence's logits; 0 = off (Megatron's
         output layer + vocab-parallel cross entropy over all tokens at once). Long-context
         configs turn it on: at 256K tokens per GPU the logits alone are tens of GiB.
+    mixer_kernels: "auto" | "fla" | "eager": who runs the mixer's conv + SiLU and gated output
+        norm (mdn_scale/model/mixer_kernels.py): FLA's fused Triton kernels or the eager PyTorch
+        reference; "auto" takes FLA on CUDA when fla-core imports. "fla" where it cannot run is
+        an error when the model is built.
     """
 
     mixer: str = "mdn"
@@ -69,6 +73,7 @@ class ModelConfig:
     chunk_size: int = 64
     backend: str = "auto"
     loss_chunk_tokens: int = 0
+    mixer_kernels: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -121,6 +126,9 @@ class ModelConfig:
         if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int) \
                 or self.loss_chunk_tokens < 0:
             bad("loss_chunk_tokens", "must be an integer >= 0 (0 = off)")
+        from .mixer_kernels import MIXER_KERNELS
+        if self.mixer_kernels not in MIXER_KERNELS:
+            bad("mixer_kernels", f"must be one of {MIXER_KERNELS}")
 
     # ---- derived sizes ------------------------------------------------------------------
     @property

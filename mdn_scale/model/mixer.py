@@ -36,6 +36,7 @@ from megatron.core.transformer.utils import (
 
 from mdn_kernels import mdn_chunk
 
+from . import mixer_kernels as mk
 from .config import ModelConfig
 from .sharding import split_sharded_tensor
 
@@ -108,6 +109,15 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, padded: Optional[torch
     return y
 
 
+def gated_rmsnorm(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of o over its last dim, times w, times sigmoid(g), in >= fp32, output in o's dtype
+    (the eager reference of the fused path, mixer_kernels.gated_rmsnorm_fla)."""
+    dt = _at_least_fp32(o.dtype)
+    of = o.to(dt)
+    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * w.to(dt) * torch.sigmoid(g.to(dt))).to(o.dtype)
+
+
 def seq_first(x: torch.Tensor) -> torch.Tensor:
     """[B, T, D] -> [T, B, D] with dense strides. Why not transpose(0, 1).contiguous(): at B = 1
     (the trainer's packed stream) that is already "contiguous" yet keeps dim 1's stride T·D, so
@@ -157,6 +167,8 @@ class MDNMixer(MegatronModule):
         self.K, self.V = cfg.head_k_dim, cfg.head_v_dim
         self.parts = in_proj_parts(cfg, self.heads)
         self.tau = math.sqrt(cfg.hidden_size / cfg.tau_factor)
+        # Forced FLA where it cannot run fails here, at build time, not in the first forward.
+        mk.check_fla_usable(cfg.mixer_kernels, cuda=torch.cuda.is_available())
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         dtype = config.params_dtype
 
@@ -253,16 +265,25 @@ class MDNMixer(MegatronModule):
         return log_alpha, log_mu, beta, eta
 
     def _conv_qkv(self, qkv, cu_seqlens):
-        """One depthwise conv over the adjacent q|k|v columns of the projection (one CP halo
-        exchange instead of three). qkv: [B, T, 2·H_l·K + H_l·V]."""
+        """SiLU of one depthwise conv over the adjacent q|k|v columns of the projection (one CP
+        halo exchange instead of three). qkv: [B, T, 2·H_l·K + H_l·V]."""
         weight = torch.cat([self.q_conv_weight, self.k_conv_weight, self.v_conv_weight], 0)
         if self.cp_group.size() == 1:
-            return causal_conv(qkv, weight, cu_seqlens=cu_seqlens)
+            if mk.use_fla(self.cfg.mixer_kernels, qkv):
+                # qkv is the in-projection's output dtype (the autocast dtype under autocast);
+                # the weights stay as they are (fp32): see conv_silu_fla.
+                return mk.conv_silu_fla(qkv, weight, cu_seqlens)
+            return F.silu(causal_conv(qkv, weight, cu_seqlens=cu_seqlens))
+        # Under CP the conv stays eager whatever model.mixer_kernels says. FLA's `initial_state`
+        # ([N, D, W], slot 0 unused, per document, with its gradient dh0) could carry the halo,
+        # but only into the first local document, and only the halo tokens of that document
+        # (a document may start inside the W−1 halo tokens): the eager mask does both exactly,
+        # and CP runs are long-context runs where the MDN op, not the conv, dominates.
         from mdn_kernels.cp import conv_halo  # the CP branch's halo exchange (DESIGN §5)
         padded = conv_halo(qkv, weight.shape[1], self.cp_group)
         # Slices are equal and in rank order, so this rank's first token is rank·T in the stream.
-        return causal_conv(qkv, weight, padded=padded, cu_seqlens=cu_seqlens,
-                           token_offset=self.cp_group.rank() * qkv.shape[1])
+        return F.silu(causal_conv(qkv, weight, padded=padded, cu_seqlens=cu_seqlens,
+                                  token_offset=self.cp_group.rank() * qkv.shape[1]))
 
     def _gated_norm(self, o, g):
         # o_norm_weight is replicated across TP but each rank only sees its own heads: summing
@@ -270,10 +291,11 @@ class MDNMixer(MegatronModule):
         w = self.o_norm_weight
         if self.tp_size > 1:
             w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
-        dt = _at_least_fp32(o.dtype)
-        of = o.to(dt)
-        y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.config.layernorm_epsilon)
-        return (y * w.to(dt) * torch.sigmoid(g.to(dt))).to(o.dtype)
+        if mk.use_fla(self.cfg.mixer_kernels, o):
+            # One kernel each way, fp32 inside; saves o, a contiguous g and the rstd instead of
+            # the eager path's five fp32 [T, H, V] tensors (mdn_scale/train/memory.py).
+            return mk.gated_rmsnorm_fla(o, g, w, self.config.layernorm_epsilon)
+        return gated_rmsnorm(o, g, w, self.config.layernorm_epsilon)
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None,
                 packed_seq_params=None, **_unused):
@@ -293,8 +315,9 @@ class MDNMixer(MegatronModule):
                 raise ValueError(f"packed_seq_params needs micro-batch size 1, got B={B}")
         H, K, V = self.heads, self.K, self.V
         with rf("mdn.conv_silu"):
-            qkv = F.silu(self._conv_qkv(proj[..., :H * (2 * K + V)], cu_seqlens))
-        # Under autocast the conv (fp32 weights) promotes to fp32; hand the op 16-bit q, k, v as
+            qkv = self._conv_qkv(proj[..., :H * (2 * K + V)], cu_seqlens)
+        # Under autocast the eager conv (fp32 weights) promotes to fp32 (FLA's returns the input
+        # dtype, so this is a no-op there); hand the op 16-bit q, k, v as
         # a 16-bit layer would, so it takes its 16-bit path (fused local kernels, bf16 per-chunk
         # operands and pairs, fp32 state) instead of an fp32 op whose matmuls autocast re-casts.
         dev = qkv.device.type

@@ -27,6 +27,10 @@ the layer output's dtype)
   each RMSNorm (2)     10d + 4         fp32 copy of the bf16 input, rsqrt, x·rsqrt, bf16 output
   causal conv          2 P_qkv + 2W    the zero-padded bf16 input copy, the document mask
                        + 4 P_qkv       its fp32 output (fp32 weights promote), kept by the SiLU
+    fused (FLA)        2 P_in          FLA's CausalConv1dFunction saves its input x (and the
+                                       weight): a strided view of the bf16 in-projection output,
+                                       which keeps all of it, P_in = P_qkv + H_l V + (4 | 3) H_l;
+                                       its output is already the op's bf16 q|k|v (next line)
   q, k, v to bf16      2 P_qkv         the op's bf16 inputs (kept whole: k is saved by the q
                                        correction), and the op's contiguous copy of v: 2 H_l V
   gates                15 · 4 H_l      fp32 [T, H] tensors of the gate math and the op's 4 inputs
@@ -41,10 +45,17 @@ the layer output's dtype)
                        2 · 2KV / C     S0s, M0s: the pair entering each chunk (bf16)
                        12 / C (+ 16/C per token: chunk bounds)
   gated RMSNorm        18 H_l V + 4 H_l   fp32 o, rsqrt, y, y·w, σ(g); bf16 output (out_proj input)
+    fused (FLA)        6 H_l V + 4 H_l    its LayerNormGatedFunction saves bf16 o, a contiguous
+                                          copy of g (input_guard), the fp32 rstd; bf16 output
   SwiGLU MLP           10 F_l          bf16 fc1 output (2F), x_lin + offset, silu, product
   (1.3B, K = 256, V = 512, C = 64: the op keeps 13.5 KiB per token and head, 8 KiB of it the pairs.)
+The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_kernels.py) and CP
+  = 1 (the conv stays eager under CP; the fused norm is used at any CP): Layout.fused_mixer, or by
+  default 'fla' → fused, 'eager' → eager, 'auto' → fused when fla-core imports in the environment
+  doing the estimate (the one that trains, for the GPU tools).
 fp32 (no autocast; the op's torch path): the earlier, coarser count (not checked against the
-  saved-tensor count): norms d(4 + 4), projections and convs as above in fp32, the op
+  saved-tensor count; the eager conv and norm whatever the kernels): norms d(4 + 4), projections
+  and convs as above in fp32, the op
   4(4K + 2K + V) + 4·13C + 4(2(V + 2K) + 2K + V + 2K + V) + 4·2KV/C per token and head.
 
 Backward workspace of the op (bf16, one layer at a time), per token and head, alive together
@@ -88,6 +99,7 @@ tensors, so the largest rank's share can exceed 1/(DP·CP)), the optimizer step'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -105,6 +117,7 @@ class Layout:
     recompute: bool = False
     segments: int = 0  # N: segments per micro-batch (0: one per sequence)
     distributed_optimizer: bool = False  # ZeRO-1: Adam moments sharded over dp×cp
+    fused_mixer: Optional[bool] = None  # FLA's conv/gated norm (None: from model.mixer_kernels)
 
     @property
     def tokens_per_rank(self) -> int:
@@ -140,6 +153,18 @@ def rank_params(cfg, lay: Layout) -> int:
     return sum(layers) + ends
 
 
+def fused_mixer(cfg, lay: Layout) -> bool:
+    """Whether the run being estimated takes FLA's fused conv and gated norm (module docstring)."""
+    if lay.fused_mixer is not None:
+        return bool(lay.fused_mixer)
+    choice = getattr(cfg, "mixer_kernels", "eager")
+    if choice == "auto":
+        from mdn_scale.model.mixer_kernels import fla_import_error
+
+        return fla_import_error() is None
+    return choice == "fla"
+
+
 def layer_activation_terms(cfg, lay: Layout) -> dict:
     """Bytes per token of one recurrent layer, saved for the backward: 'around_op' (norms,
     projections, conv, gates, gated norm, MLP; 'after_op' is the part freed before the op's
@@ -150,11 +175,18 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
     H_l = cfg.num_heads // lay.tp
     F_l = cfg.ffn_size // lay.tp
     P_qkv = H_l * (2 * K + V)
+    fused = fused_mixer(cfg, lay)
+    fused_conv = fused and lay.cp == 1  # mixer._conv_qkv: eager under CP
     if lay.precision == "bf16":
         norm = 10 * d + 4
         gates = (15 if cfg.momentum else 12) * 4 * H_l
-        before = norm + (2 * P_qkv + 2 * W) + 4 * P_qkv + 2 * P_qkv + 2 * H_l * V + gates
-        after = (18 * H_l * V + 4 * H_l) + norm + 10 * F_l
+        if fused_conv:
+            conv = 2 * (P_qkv + H_l * V + (4 if cfg.momentum else 3) * H_l)
+        else:
+            conv = (2 * P_qkv + 2 * W) + 4 * P_qkv
+        gated_norm = (6 if fused else 18) * H_l * V + 4 * H_l
+        before = norm + conv + 2 * P_qkv + 2 * H_l * V + gates
+        after = gated_norm + norm + 10 * F_l
         chunk = H_l * (4 * 2 * K + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C) + 16 / C
         pairs = H_l * 2 * 2 * K * V / C
         backward = H_l * ((4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C)

@@ -15,9 +15,11 @@ from mdn_scale.model.stats import model_stats
 from mdn_scale.train.memory import GIB, Layout, estimate, layer_activation_terms, longest_context, rank_params
 
 ROOT = Path(__file__).resolve().parents[2]
-# d=64, 2 layers, H=2, K=16, V=32, F=128, vocab 257 padded to 320 (at every TP size), conv 4, C=64
+# d=64, 2 layers, H=2, K=16, V=32, F=128, vocab 257 padded to 320 (at every TP size), conv 4, C=64;
+# the eager conv and gated norm's counts, whether or not fla-core is installed here
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, head_k_dim=16, expand_v=2,
-                   ffn_hidden_size=128, vocab_size=257, vocab_pad_multiple=64, chunk_size=64)
+                   ffn_hidden_size=128, vocab_size=257, vocab_pad_multiple=64, chunk_size=64,
+                   mixer_kernels="eager")
 
 
 def test_parameters_by_hand():
@@ -76,7 +78,8 @@ def test_estimate_by_hand_fp32_cp2():
 
 def test_estimate_by_hand_bf16_recompute_chunked_loss():
     """The bf16 counts (checked against autograd's saved tensors in tests/model/test_chunked_loss.py)
-    by hand for the tiny model, recompute on, chunked loss."""
+    by hand for the tiny model, recompute on, chunked loss; the eager conv and gated norm (the
+    fused ones: tests/model/test_mixer_kernels.py)."""
     cfg = ModelConfig(**{**TINY.to_dict(), "loss_chunk_tokens": 100})
     T_l, P, d, Vp = 1024, 125336, 64, 320
     est = estimate(cfg, Layout(seq_len=T_l, precision="bf16", recompute=True), reserve_gib=0)

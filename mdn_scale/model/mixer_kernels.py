@@ -1,0 +1,89 @@
+"""Which kernels run the mixer's elementwise blocks (model.mixer_kernels), and the FLA calls.
+
+Two blocks of the mixer are memory-bound elementwise code that eager PyTorch runs as many
+kernels with fp32 intermediates (H100 profile of the 400M step,
+benchmarks/results/model_h100_mdn_400m_v2_profile.txt): the q|k|v causal conv + SiLU and the
+gated output norm RMSNorm(o)·w·σ(g). fla-core (optional dependency, import name `fla`) has fused
+Triton kernels for both; benchmarks/results/conv_h100.json measured the conv at 3.2× the eager
+speed with the same error against float64. The eager code in mixer.py stays the reference and the
+CPU path: FLA's kernels autotune, which asks Triton's driver, so they cannot run on CPU even under
+the interpreter (DESIGN §9).
+
+  eager  always the eager code;
+  fla    FLA's kernels (an error where they cannot run: no `fla`, no CUDA, float64);
+  auto   FLA's kernels on CUDA in 16/32-bit when `fla` imports, else eager.
+Under context parallelism the conv stays eager whatever the setting (see _use_fla_conv in mixer.py).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+MIXER_KERNELS = ("auto", "fla", "eager")
+_FLA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def fla_import_error() -> Optional[str]:
+    """None when FLA's conv and gated norm import, else why not (a real import: a present but
+    broken install, e.g. without einops, must not pass)."""
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d  # noqa: F401
+        from fla.modules.norm.fused_norm_gate import rms_norm_gated  # noqa: F401
+    except Exception as e:  # ImportError, or anything FLA's import-time setup raises
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_fla_usable(choice: str, *, cuda: bool) -> None:
+    """Raise ValueError naming model.mixer_kernels when 'fla' is forced where it cannot run."""
+    if choice != "fla":
+        return
+    err = fla_import_error()
+    if err is not None:
+        raise ValueError("model.mixer_kernels=fla needs fla-core (`pip install fla-core`, import "
+                         f"name `fla`), which does not import here ({err}); use 'auto' or 'eager'")
+    if not cuda:
+        raise ValueError("model.mixer_kernels=fla needs CUDA: FLA's Triton kernels cannot run on "
+                         "CPU (they autotune, which needs a GPU driver); use 'auto' or 'eager'")
+
+
+def use_fla(choice: str, x: torch.Tensor) -> bool:
+    """Whether this call runs FLA's kernels for input x (see the module docstring)."""
+    if choice == "eager":
+        return False
+    ok = x.is_cuda and x.dtype in _FLA_DTYPES and fla_import_error() is None
+    if choice == "fla" and not ok:
+        check_fla_usable("fla", cuda=x.is_cuda)
+        raise ValueError(f"model.mixer_kernels=fla: FLA's kernels take float32/16-bit inputs, got "
+                         f"{x.dtype}; use 'auto' (eager for other dtypes) or 'eager'")
+    return ok
+
+
+def conv_silu_fla(x: torch.Tensor, weight: torch.Tensor,
+                  cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """SiLU(causal depthwise conv) by FLA's Triton kernel: mixer.causal_conv + F.silu.
+
+    x: [B, T, C] (a strided view of the in-projection is fine: the kernel takes strides);
+    weight: [C, W] in its own dtype: the kernel reads it as fp32 and returns its gradient in the
+    weight's dtype from an fp32 sum, so fp32 weights under bf16 autocast keep the eager path's
+    fp32 weight math and fp32 weight gradient (casting them to bf16 would round both).
+    cu_seqlens: document offsets (B == 1); they must end at T: FLA writes only tokens inside
+    documents (the trainer's segments always cover the stream). Output in x's dtype.
+    """
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    y, _ = causal_conv1d(x, weight, activation="silu", cu_seqlens=cu_seqlens)
+    return y
+
+
+def gated_rmsnorm_fla(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of o, times weight, times sigmoid(g), by FLA's fused kernel:
+    y = o · rsqrt(mean(o²) + eps) · w · σ(g) in fp32, output in o's dtype (the formula of
+    mixer._gated_norm; FLA's activation "sigmoid", not its default "swish" = g·σ(g))."""
+    from fla.modules.norm.fused_norm_gate import rms_norm_gated
+
+    return rms_norm_gated(o, g.to(o.dtype), weight, None, activation="sigmoid", eps=eps)
