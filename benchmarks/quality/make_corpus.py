@@ -251,8 +251,13 @@ def build(out: str, budget_mb: float, valid_fraction: float, shard_size_mb: floa
             os.replace(tmp, path)  # unchanged text keeps its mtime; make_shards hashes contents anyway
         else:
             os.remove(tmp)
-        manifest = make_shards([path], os.path.join(out, part), shard_size_mb=shard_size_mb,
-                               overwrite=True, progress=not quiet)
+        try:  # the same corpus again: nothing to do; another one: replace the old shards
+            manifest = make_shards([path], os.path.join(out, part), shard_size_mb=shard_size_mb, progress=not quiet)
+        except ValueError as e:
+            if "holds a different build" not in str(e):
+                raise
+            manifest = make_shards([path], os.path.join(out, part), shard_size_mb=shard_size_mb,
+                                   overwrite=True, progress=not quiet)
         with open(manifest) as f:
             m = json.load(f)
         summary["splits"][part] = {"documents": m["documents"], "tokens": m["tokens"],
