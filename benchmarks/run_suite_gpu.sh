@@ -7,9 +7,11 @@
 # deepspeed==0.19.8`; its ops JIT-compile there with the image's ninja and nvcc):
 #   bash benchmarks/run_suite_gpu.sh a "$OUT"
 #   bash benchmarks/run_suite_gpu.sh b "$OUT"
+#   bash benchmarks/run_suite_gpu.sh q "$OUT"    # carry .whl and data/quality (the quality run's
+#                                                # shards: python benchmarks/quality/make_corpus.py)
 # benchmarks/suite.py holds the plans; results come back in $OUT/suite.tar.gz.
 set -uo pipefail
-PLAN=${1:?plan: a or b}
+PLAN=${1:?plan: a, b, c, d or q}
 OUT=${2:-/tmp/out}
 mkdir -p "$OUT"
 . benchmarks/gpu_env.sh

@@ -19,6 +19,12 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   e  the DeepSpeed cases b and c left unmeasured (2 and 4 GPUs) beside the PP train tests.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
+  q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
+     side on GPUs 0, 1, 2 on the same tokens (configs/quality/*.yaml; byte tokens of the offline
+     corpus in data/quality, made by benchmarks/quality/make_corpus.py and carried with the
+     call), then tools/plot_quality.py: validation loss against tokens (quality.png), the table
+     (quality.md) and the record (quality.json) in the plot job's folder. Extra overrides for
+     every training: $QUALITY_OVERRIDES (a CPU check of the plan uses a tiny model).
 Every job writes under --out/suite/<job>/ (its tool's JSON) and --out/suite/<job>.log;
 --out/suite.tar.gz is re-made after every phase (the device tool returns at most 8 files, and
 a cut call keeps the phases that ended). --out/suite/suite.json lists every job with its
@@ -52,6 +58,26 @@ def bench_model(n: int, args: str) -> str:
 LONGCTX_SEARCH = ("python3 benchmarks/longctx_search.py --model configs/mdn_1.3b.yaml --gpus {n} "
                   "--out {{R}}/search.json --max-attempts {att} --timeout {t} --budget-s {b} "
                   "--loss-chunk-tokens 4096")
+
+QUALITY_DATA = "data/quality"   # carried to the GPU machine (benchmarks/quality/make_corpus.py)
+# TensorBoard events where torch's writer imports (the GPU image may lack the package);
+# metrics.jsonl, which the plot reads, is written either way
+TB_IF_THERE = ("logging.tensorboard=$(python3 -c 'from torch.utils.tensorboard import SummaryWriter' "
+               "2>/dev/null && echo true || echo false)")
+
+
+def quality_train(model: str) -> str:
+    return (f"test -f {QUALITY_DATA}/train/manifest.json -a -f {QUALITY_DATA}/valid/manifest.json || "
+            f"{{ echo 'no shards in {QUALITY_DATA}: run benchmarks/quality/make_corpus.py and carry "
+            f"{QUALITY_DATA}'; exit 2; }}; "
+            "python3 -m torch.distributed.run --standalone --nproc-per-node 1 launch/pretrain.py "
+            f"--config configs/quality/{model}.yaml 'data.datasets=[{QUALITY_DATA}/train]' "
+            f"'data.valid_datasets=[{QUALITY_DATA}/valid]' logging.dir={{R}} checkpoint.dir=null "
+            f"{TB_IF_THERE} $QUALITY_OVERRIDES")
+
+
+QUALITY_PLOT = ("python3 tools/plot_quality.py {R}/../q_mdn {R}/../q_gdn {R}/../q_transformer "
+                "--suite {R}/../suite.json --out {R}/quality")
 
 PLANS = {
     "a": [
@@ -147,6 +173,16 @@ PLANS = {
         ("four_gpu", 250, [
             ("0,1,2,3", [("deepspeed_4gpu", 248, "python3 tools/bench_deepspeed.py --out {R}/result.json "
                           "--cases megatron_4,ds_z3_4 --steps 4 --warmup 1 --case-timeout 120 --sequential")]),
+        ]),
+    ],
+    "q": [  # ~26M tokens each; expected ~200 s of training at >= 150K tokens/s, start-up ~1 min
+        ("train", 480, [
+            ("0", [("q_mdn", 475, quality_train("mdn"))]),
+            ("1", [("q_gdn", 475, quality_train("gdn"))]),
+            ("2", [("q_transformer", 475, quality_train("transformer"))]),
+        ]),
+        ("plot", 60, [
+            ("0", [("q_plot", 55, QUALITY_PLOT)]),
         ]),
     ],
 }
