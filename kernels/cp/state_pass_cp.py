@@ -84,14 +84,17 @@ from .transition import (
     tree_store,
     tree_up,
     tree_up_grads,
-    tree_up_T,
+    _affine,
 )
 
 
-def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t.contiguous(), group=group)
-    return out
+def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    """[R, *t.shape]: every rank's t, in rank order (one collective into one buffer)."""
+    t = t.contiguous()
+    R = dist.get_world_size(group)
+    out = t.new_empty((R * t.shape[0],) + tuple(t.shape[1:]))   # gloo wants the ranks along dim 0
+    dist.all_gather_into_tensor(out, t, group=group)
+    return out.view((R,) + tuple(t.shape))
 
 
 def _fwd(args, S_init, M_init, layout, backend, allow_tf32):
@@ -231,19 +234,21 @@ class CPStatePass(torch.autograd.Function):
                 else:  # nobody reads the last rank's map (the forward folds j < r; backward
                     #     needs 𝒯_j only for j < R − 1, since G_R = 0): send zeros
                     TB = S_init.new_zeros(P, H, 2 * K, 2 * K + V)
-                gathered = _all_gather(TB, group) if R > 1 else [TB]
-                X = TB.new_zeros(TB.shape[:-1] + (TB.shape[-1] - 2 * K,))
+                gathered = _all_gather(TB, group) if R > 1 else TB[None]
+                X = None       # the fold of ranks 0..r−1 from a zero pair (rank 0's ℬ first)
                 for j in range(r):
-                    X = compose_apply(gathered[j], X)
-                # Backward needs 𝒯_j for r < j < R − 1, and every group's 𝒯_g (the tree's
-                # composed 𝒯 are rebuilt from them): keep copies so the wide maps can be freed.
-                ctx.later_T = [m[..., :2 * K].clone() for m in gathered[r + 1:R - 1]]
-                ctx.Tg = store[:NG, ..., :2 * K].clone() if split else None
+                    X = gathered[j, ..., 2 * K:] if X is None else compose_apply(gathered[j], X)
+                # Backward needs 𝒯_j for r < j < R − 1, and the 𝒯 part of every tree node:
+                # keep copies so the wide maps can be freed (the composed nodes' 𝒯 are
+                # (NG − num_local) 2K×2K per head: 24 MB at the benchmark shape, and keeping
+                # them saves rebuilding them in backward, ~14 small ops).
+                ctx.later_T = gathered[r + 1:R - 1, ..., :2 * K].clone() if r + 1 < R - 1 else None
+                ctx.Ts = store[..., :2 * K].clone() if split else None
                 ctx.plan, ctx.vi = plan, vi
                 # The pair entering every local sequence, then every group (tree top down),
                 # then all groups' state passes in parallel.
                 X_seq = _pairs(S_init, M_init)
-                if vi.has_in:
+                if vi.has_in and X is not None:
                     X_seq[vi.in_rows] = X[vi.in_slots].to(X_seq.dtype)
                 Xg = tree_down(store, plan, X_seq.to(store.dtype)) if split else X_seq
                 del store, gathered
@@ -288,7 +293,7 @@ class CPStatePass(torch.autograd.Function):
             if split or send:
                 d0g = _bwd_init_only(saved, cot[:3] + [dSg, dMg], plan.layout, ctx.backend,
                                      ctx.allow_tf32)
-                Ts = tree_up_T(ctx.Tg, plan) if split else None
+                Ts = ctx.Ts
                 Ds = tree_up_grads(Ts, plan, d0g) if split else d0g
             # (2) One all-gather of d0 (zeros where nothing is carried in), the fold of ranks
             # R−1..r+1 gives G_{r+1}, the gradient arriving at the carried-out pairs.
@@ -301,7 +306,7 @@ class CPStatePass(torch.autograd.Function):
                 if r < R - 1:
                     G = d0s[R - 1]   # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
                     for j in range(R - 2, r, -1):
-                        G = d0s[j] + ctx.later_T[j - r - 1].transpose(-1, -2) @ G
+                        G = _affine(ctx.later_T[j - r - 1].transpose(-1, -2), G, d0s[j])
                     G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
                     G_seq[vi.out_rows] = G
                     Gend = G_seq
@@ -342,6 +347,6 @@ class CPStatePass(torch.autograd.Function):
 
 
 def compose_apply(TB: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """[𝒯 | ℬ] applied to X: 𝒯 X + ℬ (per slot and head)."""
+    """[𝒯 | ℬ] applied to X: 𝒯 X + ℬ (per slot and head; one batched product with the add)."""
     twoK = TB.shape[-2]
-    return TB[..., :twoK] @ X + TB[..., twoK:]
+    return _affine(TB[..., :twoK], X, TB[..., twoK:])
