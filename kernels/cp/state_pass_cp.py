@@ -228,7 +228,7 @@ class CPStatePass(torch.autograd.Function):
                 if r < R - 1 or split:
                     # group maps → tree (composed pairs of consecutive groups, log2 G levels)
                     store = tree_up(tree_store(args, plan, backend=backend, allow_tf32=allow_tf32),
-                                    plan)
+                                    plan, backend)
                 if r < R - 1:
                     TB = rank_map_from_tree(store, plan, view, S_init, M_init, vi.rank_map)
                 else:  # nobody reads the last rank's map (the forward folds j < r; backward
@@ -250,7 +250,7 @@ class CPStatePass(torch.autograd.Function):
                 X_seq = _pairs(S_init, M_init)
                 if vi.has_in and X is not None:
                     X_seq[vi.in_rows] = X[vi.in_slots].to(X_seq.dtype)
-                Xg = tree_down(store, plan, X_seq.to(store.dtype)) if split else X_seq
+                Xg = tree_down(store, plan, X_seq.to(store.dtype), backend) if split else X_seq
                 del store, gathered
                 W, S0s, M0s, Sg, Mg = _fwd(args, Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous(),
                                            plan.layout, backend, allow_tf32)
@@ -294,7 +294,7 @@ class CPStatePass(torch.autograd.Function):
                 d0g = _bwd_init_only(saved, cot[:3] + [dSg, dMg], plan.layout, ctx.backend,
                                      ctx.allow_tf32)
                 Ts = ctx.Ts
-                Ds = tree_up_grads(Ts, plan, d0g) if split else d0g
+                Ds = tree_up_grads(Ts, plan, d0g, ctx.backend) if split else d0g
             # (2) One all-gather of d0 (zeros where nothing is carried in), the fold of ranks
             # R−1..r+1 gives G_{r+1}, the gradient arriving at the carried-out pairs.
             Gend = None
@@ -315,7 +315,7 @@ class CPStatePass(torch.autograd.Function):
             if split:
                 if Gend is None:
                     Gend = cot[3].new_zeros((view.num_local, H, 2 * K, V))
-                Gend = tree_down_grads(Ts, Ds, plan, Gend.to(Ds.dtype))
+                Gend = tree_down_grads(Ts, Ds, plan, Gend.to(Ds.dtype), ctx.backend)
             if Gend is not None:
                 dSg, dMg = dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]
             dWt, dS_end, dM_end, dS_g, dM_g, dgates = _bwd(
