@@ -51,16 +51,16 @@ forward and once backward: latency-bound, with ~1/3 of the H100's SMs busy.
                                      dS_end, dM_end)
   (the CP = 1 serial passes: the same 52 + 52 GFLOP and ~2.4 GB, but 48 programs × 512 steps)
 
-Host side: torch ops inside CPStatePass forward+backward at G = 16 (counted with a dispatch
-counter on CPU, R = 2 and 4): ~170 now (forward ~75, backward ~97; plus 4 Triton launches)
-against ~435 before the tree (the serial scans were 3 × G steps of ~7 small ops, each a few µs
-of GPU work behind 10–20 µs of Python and dispatch, so the GPU waited on the host), and no
-host→device copy (each waits for the stream) inside the op. Ranking before this change: (a)
-host-bound scans and a mid-forward stream wait (~3 × 16 × 7 ops at 10–20 µs: several ms, most
-of it exposed), (b) group maps (~0.5–1.5 ms), (c) the second full reverse pass (~1.6 GB, ~0.5 ms,
-now a 0.7 GB init_only pass), then the fp32 tree work (18 GFLOP on CUDA cores, ~0.4 ms; a
-candidate for TF32 under 16-bit models once checked on the GPU). `bench_cp.py --profile` shows
-the measured breakdown.
+Host side (tools/bench_cp.py --count: aten ops and Triton launches per rank, R = 4, G = 16,
+interpreted-Triton path as on the GPU): the whole op went from ~324 aten ops + 12 launches per
+rank to ~132 + 28 (CP = 1: 84 + 10). The tree walks take one Triton launch per level
+(transition._level_affine) instead of ~5 ops; the composed nodes' 𝒯 are kept from the forward
+(no tree_up_T in backward); the agreement check in api.py runs its collective and its one
+device→host copy on a side stream, so it no longer drains the GPU queue on every call. What
+differs between ranks is only the folds (rank r: r − 1 products 2K×2K by 2K×V forward, R − 2 − r
+backward; ~0.2 GFLOP each at the benchmark shape): the extra per-rank GPU time seen in the v5
+profile is the NCCL kernels' wait for the slowest rank (profile_summary now reports it apart,
+gpu_comm_ms). `bench_cp.py --profile` shows the measured breakdown.
 """
 from __future__ import annotations
 
