@@ -77,6 +77,14 @@ def parse_args(argv=None):
     p.add_argument("--cpu-smoke", action="store_true",
                    help="check the script's logic on CPU (gloo, torch backend, wall-clock timer, "
                         "no memory figures): use tiny shapes; the numbers mean nothing")
+    p.add_argument("--count", default=None, metavar="PATH",
+                   help="with --cpu-smoke: count aten ops, Triton launches and FLOPs per rank "
+                        "and category (CP = 1 and CP = R per mode, one forward+backward at the "
+                        "weak shape) and write a table to PATH (+ .json beside it)")
+    p.add_argument("--count-backend", choices=("torch", "triton"), default="torch",
+                   help="backend of --count (triton: under TRITON_INTERPRET=1)")
+    p.add_argument("--count-group-chunks", type=int, default=None,
+                   help="--count: chunks per group of the CP state pass (default: the op's)")
     a = p.parse_args(argv)
     a.modes = [m for m in a.modes.split(",") if m]
     a.skip = {s for s in a.skip.split(",") if s}
@@ -401,6 +409,199 @@ def section_profile(a, rank, world, dtype, path):
     return summary
 
 
+# ---------------------------------------------------------------------------------------------
+# count (CPU): host-side op counts and FLOPs per rank, by where in kernels/ they come from
+# ---------------------------------------------------------------------------------------------
+#
+# `--count PATH` (with --cpu-smoke, under torchrun with R processes, gloo): one forward+backward
+# of the op at CP = 1 (this rank's tokens alone) and at CP = R per mode, under a
+# TorchDispatchMode that counts every aten op (each is one host dispatch, and on CUDA mostly
+# one kernel launch) and the FLOPs of the matrix products, attributed to the innermost function
+# of kernels/ on the Python stack ("file:function"; "autograd" when none: derivatives of torch
+# ops). Triton launches are counted too (backend "triton" under TRITON_INTERPRET=1: the same
+# launches the GPU makes; their FLOPs are not visible, use backend "torch" for FLOPs). Ops that
+# read a device value on the host (item, nonzero, is_nonzero, equal) are listed as host syncs.
+
+_MM_OPS = {"mm": 0, "bmm": 0, "addmm": 1, "baddbmm": 1}
+_SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "item")
+
+
+def _category():
+    """The innermost frame of the kernels package on the stack, as 'file:function'."""
+    f = sys._getframe(2)
+    while f is not None:
+        fn = f.f_code.co_filename.replace(os.sep, "/")
+        if "/kernels/" in fn and "/site-packages/" not in fn:
+            return fn.rsplit("/", 1)[-1][:-3] + ":" + f.f_code.co_name
+        f = f.f_back
+    return "autograd"
+
+
+def _mm_flops(name, args, out):
+    """2·m·n·k (× batch) of a matrix product; 0 for anything else."""
+    if name not in _MM_OPS:
+        return 0
+    a = args[_MM_OPS[name]]
+    return 2 * out.numel() * a.shape[-1]
+
+
+class OpCounter:
+    """Counts aten ops (and Triton launches) per (phase, category); FLOPs of the products."""
+
+    def __init__(self):
+        from collections import defaultdict
+        self.ops = defaultdict(int)
+        self.flops = defaultdict(int)
+        self.launches = defaultdict(int)
+        self.syncs = defaultdict(int)
+        self.phase = "fwd"
+        self.in_kernel = False   # inside an interpreted Triton launch: its host work is not counted
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if counter.in_kernel:
+                    return out
+                name = func.overloadpacket.__name__
+                if name in ("detach", "alias", "view", "_unsafe_view", "as_strided",
+                            "t", "transpose", "expand", "slice", "select", "unsqueeze",
+                            "squeeze", "permute", "split", "split_with_sizes", "unbind"):
+                    return out  # views: no kernel launch
+                key = (counter.phase, _category())
+                counter.ops[key] += 1
+                counter.flops[key] += _mm_flops(name, args, out)
+                if name in _SYNC_OPS:
+                    counter.syncs[key + (name,)] += 1
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        self._unpatch = self._patch_triton()
+        return self
+
+    def __exit__(self, *exc):
+        self._unpatch()
+        return self._mode.__exit__(*exc)
+
+    def _patch_triton(self):
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except Exception:  # noqa: BLE001 - no Triton: nothing to count
+            return lambda: None
+        orig, counter = InterpretedFunction.run, self
+
+        def run(fn_self, *args, **kwargs):
+            counter.launches[(counter.phase, fn_self.fn.__name__)] += 1
+            counter.in_kernel = True
+            try:
+                return orig(fn_self, *args, **kwargs)
+            finally:
+                counter.in_kernel = False
+        InterpretedFunction.run = run
+
+        def undo():
+            InterpretedFunction.run = orig
+        return undo
+
+    def summary(self) -> dict:
+        def total(d, phase):
+            return sum(v for (p, *_), v in d.items() if p == phase)
+        cats = sorted({c for _, c in self.ops})
+        return {
+            "aten_ops": {ph: total(self.ops, ph) for ph in ("fwd", "bwd")},
+            "triton_launches": {ph: total(self.launches, ph) for ph in ("fwd", "bwd")},
+            "mm_gflop": {ph: total(self.flops, ph) / 1e9 for ph in ("fwd", "bwd")},
+            "host_syncs": {f"{p} {c} {n}": v for (p, c, n), v in sorted(self.syncs.items())},
+            "by_category": {c: {"ops_fwd": self.ops.get(("fwd", c), 0),
+                                "ops_bwd": self.ops.get(("bwd", c), 0),
+                                "mflop_fwd": self.flops.get(("fwd", c), 0) / 1e6,
+                                "mflop_bwd": self.flops.get(("bwd", c), 0) / 1e6} for c in cats},
+            "triton_by_kernel": {f"{p} {k}": v for (p, k), v in sorted(self.launches.items())},
+        }
+
+
+def count_step(xs, do, a, backend, group=None, mode="allgather", group_chunks=None):
+    """One forward+backward under an OpCounter (after one uncounted warm-up: plans, caches)."""
+    from mdn_kernels import mdn_chunk
+    from mdn_kernels.cp import mdn_chunk_cp
+
+    def run(counter=None):
+        leaves = [x.detach().requires_grad_() for x in xs]
+        if group is None:
+            o, _ = mdn_chunk(*leaves, backend=backend, chunk_size=a.chunk_size)
+        else:
+            o, _ = mdn_chunk_cp(*leaves, scale=None, initial_state=None, output_final_state=False,
+                                cu_seqlens=None, use_qk_l2norm=True, p_times_alpha=True,
+                                cp_group=group, cp_mode=mode, backend=backend,
+                                chunk_size=a.chunk_size, group_chunks=group_chunks)
+        if counter is not None:
+            counter.phase = "bwd"
+        o.backward(do)
+
+    run()
+    with OpCounter() as c:
+        run(c)
+    return c.summary()
+
+
+def section_count(a, rank, world, path):
+    """Op and launch counts, FLOPs per category, per rank (see OpCounter); writes JSON + text."""
+    if "TRITON_INTERPRET" not in os.environ and a.count_backend == "triton":
+        raise SystemExit("--count-backend triton on CPU needs TRITON_INTERPRET=1")
+    n = a.weak_tokens
+    dtype = torch.float32   # CPU: the fp32 torch path / the interpreted kernels
+    xs, do = make_inputs(n * world, a, dtype, a.seed + 1)
+    mine = local_slice(xs, rank, n)
+    do_mine = do[:, rank * n:(rank + 1) * n].contiguous()
+    gc = a.count_group_chunks
+    runs = {"CP=1": count_step(mine, do_mine, a, a.count_backend)}
+    for mode in a.modes:
+        runs[f"CP={world} {mode}"] = count_step(mine, do_mine, a, a.count_backend,
+                                                dist.group.WORLD, mode, gc)
+    every = [None] * world
+    dist.all_gather_object(every, runs)
+    if rank != 0:
+        return None
+    chunks = -(-n // a.chunk_size)
+    text = [f"tools/bench_cp.py --count: {n} tokens per rank ({chunks} chunks of {a.chunk_size}, "
+            f"groups of {gc} chunks), H={a.heads} K={a.dk} V={a.dv}, fp32, backend "
+            f"{a.count_backend}, world {world}; one forward+backward; per rank"]
+    for name in runs:
+        text.append("=" * 100)
+        text.append(name)
+        for key in ("aten_ops", "triton_launches", "mm_gflop"):
+            text.append(f"  {key:>16} fwd / bwd per rank: " + ", ".join(
+                f"{every[r][name][key]['fwd']:.4g} / {every[r][name][key]['bwd']:.4g}"
+                for r in range(world)))
+        syncs = [sum(every[r][name]["host_syncs"].values()) for r in range(world)]
+        text.append(f"  {'host_syncs':>16} per rank: {syncs}  (rank 0: {every[0][name]['host_syncs']})")
+        cats = sorted({c for r in range(world) for c in every[r][name]["by_category"]})
+        text.append(f"  {'category':<44} " + " ".join(f"{'r' + str(r) + ' ops f/b':>13} {'MFLOP f/b':>15}"
+                                                       for r in range(world)))
+        for c in cats:
+            cells = []
+            for r in range(world):
+                d = every[r][name]["by_category"].get(c, {"ops_fwd": 0, "ops_bwd": 0,
+                                                          "mflop_fwd": 0, "mflop_bwd": 0})
+                cells.append(f"{d['ops_fwd']:>6}/{d['ops_bwd']:<6} "
+                             f"{d['mflop_fwd']:>7.3g}/{d['mflop_bwd']:<7.3g}")
+            text.append(f"  {c[:44]:<44} " + " ".join(cells))
+    body = "\n".join(text) + "\n"
+    print(body)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(body)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump({"world": world, "tokens_per_rank": n, "backend": a.count_backend,
+                   "group_chunks": gc, "per_rank": every}, f, indent=1)
+    return {name: {"aten_ops_per_rank": [every[r][name]["aten_ops"] for r in range(world)]}
+            for name in runs}
+
+
 def main(argv=None):
     global SMOKE
     a = parse_args(argv)
@@ -426,6 +627,10 @@ def main(argv=None):
         results["strong"] = section_scaling(a, rank, world, dtype, a.strong_tokens // world, "strong")
     if a.profile:
         results["profile"] = section_profile(a, rank, world, dtype, a.profile)
+    if a.count:
+        if not SMOKE:
+            sys.exit("--count runs on CPU: add --cpu-smoke")
+        results["count"] = section_count(a, rank, world, a.count)
     if a.fla_peer and "fla" not in a.skip and not SMOKE:
         results["fla_gdn"] = section_fla(a, rank, world, dtype)
     if rank == 0:

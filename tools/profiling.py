@@ -3,7 +3,8 @@
 profile_steps(fn, steps, cuda): run `fn` `steps` times under torch.profiler (CPU and, on CUDA,
 device activity); returns (profiler, wall ms per step).
 profile_summary(prof, steps): per step, GPU-busy ms (the sum of the device events' self time:
-kernels, copies), the number of device events (kernel launches, copies, collectives) and the
+kernels, copies; also split into NCCL kernels, gpu_comm_ms, which include the time spent
+waiting for the other ranks, and the rest, gpu_compute_ms), the number of device events (kernel launches, copies, collectives) and the
 self CPU ms of the ops.
 profile_tables(prof, cuda, rows, ranges): the key_averages tables, by self CUDA time (on CUDA)
 and by self CPU time; with `ranges` (name prefixes of record_function ranges, e.g. "mdn."), a
@@ -35,7 +36,14 @@ def profile_summary(prof, steps: int) -> dict:
 
     dev = [e for e in prof.events() if e.device_type != DeviceType.CPU]
     cpu_self = sum(e.self_cpu_time_total for e in prof.key_averages())
+    # NCCL kernels spin on the GPU until every rank has reached the collective: their time is
+    # mostly waiting for the slowest rank, not work. Reported apart so that a rank that waits
+    # does not look busier than one that computes.
+    comm = sum(e.self_device_time_total for e in dev if "nccl" in e.name.lower())
     return {"gpu_busy_ms": sum(e.self_device_time_total for e in dev) / 1e3 / steps,
+            "gpu_comm_ms": comm / 1e3 / steps,
+            "gpu_compute_ms": sum(e.self_device_time_total for e in dev
+                                  if "nccl" not in e.name.lower()) / 1e3 / steps,
             "device_events": len(dev) / steps,
             "cpu_self_ms": cpu_self / 1e3 / steps}
 

@@ -24,6 +24,8 @@ ranks that disagree fail with a message instead of hanging or returning garbage.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext as _nullcontext
+
 import torch
 import torch.distributed as dist
 
@@ -74,24 +76,43 @@ def _local_checks(q, k, v, log_alpha, log_mu, beta, eta, initial_state, cu_seqle
     return backend, N
 
 
+_SIDE: dict = {}
+
+
+def _side_stream(device):
+    """One side stream per CUDA device for the agreement collective (nothing is queued on it
+    but that collective and its copies)."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device=key)
+    return _SIDE[key]
+
+
 def _agree(fields: list[int], device, group, rank: int, world: int, local_error):
-    """All-gather the agreement vector and raise ValueError (on every rank) on any mismatch."""
-    mine = torch.tensor(fields, dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine, group=group)
-    every = torch.stack(every).cpu()
-    bad = (every[:, 0] != 0).nonzero()[:, 0].tolist()
+    """All-gather the agreement vector and raise ValueError (on every rank) on any mismatch.
+
+    One collective and one device→host copy. On CUDA both run on a side stream: the host then
+    waits only for the other ranks to reach this call, not for the GPU work already queued on
+    the current stream (a copy on the current stream would drain it on every call, so the host
+    could never launch ahead of the GPU)."""
+    side = _side_stream(device) if device.type == "cuda" else None
+    with (torch.cuda.stream(side) if side is not None else _nullcontext()):
+        mine = torch.tensor(fields, dtype=torch.int64).to(device, non_blocking=False)
+        every = mine.new_empty(world * mine.numel())
+        dist.all_gather_into_tensor(every, mine, group=group)
+        every = every.view(world, -1).tolist()
+    bad = [r for r in range(world) if every[r][0] != 0]
     if bad:
         if local_error is not None:
             raise local_error
         raise ValueError(f"mdn_chunk under context parallelism: the inputs of cp_group rank(s) "
                          f"{bad} are invalid (see the error raised there)")
     for i, name in enumerate(_FIELDS[1:], start=1):
-        col = every[:, i]
-        if bool((col != col[0]).any()):
-            j = int((col != col[0]).nonzero()[0, 0])
-            raise ValueError(f"cp_group ranks disagree on {name}: rank 0 has {int(col[0])}, "
-                             f"rank {j} has {int(col[j])} (this is rank {rank} of {world})")
+        col = [row[i] for row in every]
+        if any(c != col[0] for c in col):
+            j = next(j for j, c in enumerate(col) if c != col[0])
+            raise ValueError(f"cp_group ranks disagree on {name}: rank 0 has {col[0]}, "
+                             f"rank {j} has {col[j]} (this is rank {rank} of {world})")
 
 
 def mdn_chunk_cp(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state,

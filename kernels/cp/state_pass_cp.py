@@ -51,16 +51,16 @@ forward and once backward: latency-bound, with ~1/3 of the H100's SMs busy.
                                      dS_end, dM_end)
   (the CP = 1 serial passes: the same 52 + 52 GFLOP and ~2.4 GB, but 48 programs × 512 steps)
 
-Host side: torch ops inside CPStatePass forward+backward at G = 16 (counted with a dispatch
-counter on CPU, R = 2 and 4): ~170 now (forward ~75, backward ~97; plus 4 Triton launches)
-against ~435 before the tree (the serial scans were 3 × G steps of ~7 small ops, each a few µs
-of GPU work behind 10–20 µs of Python and dispatch, so the GPU waited on the host), and no
-host→device copy (each waits for the stream) inside the op. Ranking before this change: (a)
-host-bound scans and a mid-forward stream wait (~3 × 16 × 7 ops at 10–20 µs: several ms, most
-of it exposed), (b) group maps (~0.5–1.5 ms), (c) the second full reverse pass (~1.6 GB, ~0.5 ms,
-now a 0.7 GB init_only pass), then the fp32 tree work (18 GFLOP on CUDA cores, ~0.4 ms; a
-candidate for TF32 under 16-bit models once checked on the GPU). `bench_cp.py --profile` shows
-the measured breakdown.
+Host side (tools/bench_cp.py --count: aten ops and Triton launches per rank, R = 4, G = 16,
+interpreted-Triton path as on the GPU): the whole op went from ~324 aten ops + 12 launches per
+rank to ~132 + 28 (CP = 1: 84 + 10). The tree walks take one Triton launch per level
+(transition._level_affine) instead of ~5 ops; the composed nodes' 𝒯 are kept from the forward
+(no tree_up_T in backward); the agreement check in api.py runs its collective and its one
+device→host copy on a side stream, so it no longer drains the GPU queue on every call. What
+differs between ranks is only the folds (rank r: r − 1 products 2K×2K by 2K×V forward, R − 2 − r
+backward; ~0.2 GFLOP each at the benchmark shape): the extra per-rank GPU time seen in the v5
+profile is the NCCL kernels' wait for the slowest rank (profile_summary now reports it apart,
+gpu_comm_ms). `bench_cp.py --profile` shows the measured breakdown.
 """
 from __future__ import annotations
 
@@ -84,14 +84,17 @@ from .transition import (
     tree_store,
     tree_up,
     tree_up_grads,
-    tree_up_T,
+    _affine,
 )
 
 
-def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t.contiguous(), group=group)
-    return out
+def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    """[R, *t.shape]: every rank's t, in rank order (one collective into one buffer)."""
+    t = t.contiguous()
+    R = dist.get_world_size(group)
+    out = t.new_empty((R * t.shape[0],) + tuple(t.shape[1:]))   # gloo wants the ranks along dim 0
+    dist.all_gather_into_tensor(out, t, group=group)
+    return out.view((R,) + tuple(t.shape))
 
 
 def _fwd(args, S_init, M_init, layout, backend, allow_tf32):
@@ -225,27 +228,29 @@ class CPStatePass(torch.autograd.Function):
                 if r < R - 1 or split:
                     # group maps → tree (composed pairs of consecutive groups, log2 G levels)
                     store = tree_up(tree_store(args, plan, backend=backend, allow_tf32=allow_tf32),
-                                    plan)
+                                    plan, backend)
                 if r < R - 1:
                     TB = rank_map_from_tree(store, plan, view, S_init, M_init, vi.rank_map)
                 else:  # nobody reads the last rank's map (the forward folds j < r; backward
                     #     needs 𝒯_j only for j < R − 1, since G_R = 0): send zeros
                     TB = S_init.new_zeros(P, H, 2 * K, 2 * K + V)
-                gathered = _all_gather(TB, group) if R > 1 else [TB]
-                X = TB.new_zeros(TB.shape[:-1] + (TB.shape[-1] - 2 * K,))
+                gathered = _all_gather(TB, group) if R > 1 else TB[None]
+                X = None       # the fold of ranks 0..r−1 from a zero pair (rank 0's ℬ first)
                 for j in range(r):
-                    X = compose_apply(gathered[j], X)
-                # Backward needs 𝒯_j for r < j < R − 1, and every group's 𝒯_g (the tree's
-                # composed 𝒯 are rebuilt from them): keep copies so the wide maps can be freed.
-                ctx.later_T = [m[..., :2 * K].clone() for m in gathered[r + 1:R - 1]]
-                ctx.Tg = store[:NG, ..., :2 * K].clone() if split else None
+                    X = gathered[j, ..., 2 * K:] if X is None else compose_apply(gathered[j], X)
+                # Backward needs 𝒯_j for r < j < R − 1, and the 𝒯 part of every tree node:
+                # keep copies so the wide maps can be freed (the composed nodes' 𝒯 are
+                # (NG − num_local) 2K×2K per head: 24 MB at the benchmark shape, and keeping
+                # them saves rebuilding them in backward, ~14 small ops).
+                ctx.later_T = gathered[r + 1:R - 1, ..., :2 * K].clone() if r + 1 < R - 1 else None
+                ctx.Ts = store[..., :2 * K].clone() if split else None
                 ctx.plan, ctx.vi = plan, vi
                 # The pair entering every local sequence, then every group (tree top down),
                 # then all groups' state passes in parallel.
                 X_seq = _pairs(S_init, M_init)
-                if vi.has_in:
+                if vi.has_in and X is not None:
                     X_seq[vi.in_rows] = X[vi.in_slots].to(X_seq.dtype)
-                Xg = tree_down(store, plan, X_seq.to(store.dtype)) if split else X_seq
+                Xg = tree_down(store, plan, X_seq.to(store.dtype), backend) if split else X_seq
                 del store, gathered
                 W, S0s, M0s, Sg, Mg = _fwd(args, Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous(),
                                            plan.layout, backend, allow_tf32)
@@ -288,8 +293,8 @@ class CPStatePass(torch.autograd.Function):
             if split or send:
                 d0g = _bwd_init_only(saved, cot[:3] + [dSg, dMg], plan.layout, ctx.backend,
                                      ctx.allow_tf32)
-                Ts = tree_up_T(ctx.Tg, plan) if split else None
-                Ds = tree_up_grads(Ts, plan, d0g) if split else d0g
+                Ts = ctx.Ts
+                Ds = tree_up_grads(Ts, plan, d0g, ctx.backend) if split else d0g
             # (2) One all-gather of d0 (zeros where nothing is carried in), the fold of ranks
             # R−1..r+1 gives G_{r+1}, the gradient arriving at the carried-out pairs.
             Gend = None
@@ -301,7 +306,7 @@ class CPStatePass(torch.autograd.Function):
                 if r < R - 1:
                     G = d0s[R - 1]   # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
                     for j in range(R - 2, r, -1):
-                        G = d0s[j] + ctx.later_T[j - r - 1].transpose(-1, -2) @ G
+                        G = _affine(ctx.later_T[j - r - 1].transpose(-1, -2), G, d0s[j])
                     G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
                     G_seq[vi.out_rows] = G
                     Gend = G_seq
@@ -310,7 +315,7 @@ class CPStatePass(torch.autograd.Function):
             if split:
                 if Gend is None:
                     Gend = cot[3].new_zeros((view.num_local, H, 2 * K, V))
-                Gend = tree_down_grads(Ts, Ds, plan, Gend.to(Ds.dtype))
+                Gend = tree_down_grads(Ts, Ds, plan, Gend.to(Ds.dtype), ctx.backend)
             if Gend is not None:
                 dSg, dMg = dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]
             dWt, dS_end, dM_end, dS_g, dM_g, dgates = _bwd(
@@ -342,6 +347,6 @@ class CPStatePass(torch.autograd.Function):
 
 
 def compose_apply(TB: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """[𝒯 | ℬ] applied to X: 𝒯 X + ℬ (per slot and head)."""
+    """[𝒯 | ℬ] applied to X: 𝒯 X + ℬ (per slot and head; one batched product with the add)."""
     twoK = TB.shape[-2]
-    return TB[..., :twoK] @ X + TB[..., twoK:]
+    return _affine(TB[..., :twoK], X, TB[..., twoK:])

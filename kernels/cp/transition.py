@@ -74,6 +74,7 @@ class GroupPlan:
     # right node ids, first new id, end): nodes [first, end) are the compositions of left[i]
     # then right[i] (consecutive ranges of one sequence, left before right).
     levels: list
+    level_nodes: list                # per level: torch.arange(first, end) (the new node ids)
     num_nodes: int
     root_idx: torch.Tensor           # [num_local] the node covering all of each sequence's groups
     roots: list[int]                 # the same, on the host
@@ -130,7 +131,8 @@ def plan_groups(layout: ChunkLayout, group_chunks: int,
     return GroupPlan(layout=glayout, groups_of_seq=groups_of_seq, g_start=g_off[:-1],
                      g_len=g_off[1:] - g_off[:-1], first_idx=idx([g[0] for g in groups_of_seq]),
                      last_idx=idx([g[-1] for g in groups_of_seq]), fwd_steps=fwd, bwd_steps=bwd,
-                     levels=levels, num_nodes=nid, root_idx=idx(roots), roots=roots)
+                     levels=levels, level_nodes=[torch.arange(a, b, device=dev) for _, _, a, b in levels],
+                     num_nodes=nid, root_idx=idx(roots), roots=roots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +381,95 @@ def group_end_grads(Tg, plan: GroupPlan, d0g, G_seq_end):
 # forward). Top down from the gradient arriving at each sequence's end: G_end(r) = G_end(node),
 # G_end(l) = D_r + T_rᵀ G_end(node) (tree_down_grads).
 
+# One Triton launch per tree level (the torch path above each level is ~5 ops: two gathers,
+# the product, the add, a copy). Every walk is, per level, for i over the level's pairs:
+#     OUT[o_i] = op(A[a_i]) X[x_i] + ADD[d_i]     (op: the 2K×2K 𝒯 block, or its transpose;
+#                                                 ADD only on columns ≥ add_from)
+#     OUT[c_i] = X[x_i]                           (tree_down / tree_down_grads: the child that
+#                                                 takes its parent's value unchanged)
+# The products accumulate in fp32 with IEEE fp32 inputs (input_precision "ieee"), as the torch
+# path's fp32 matmul: the maps stay fp32 (DESIGN §5). Outputs are children or parents of the
+# nodes read, never the same rows, so one launch per level reads and writes without a race.
+
+def _use_triton(t: torch.Tensor, backend: str) -> bool:
+    return backend == "triton" and triton is not None and t.dtype == torch.float32
+
+
+if triton is not None:
+    @triton.jit
+    def _level_affine_kernel(
+        A, X, ADD, OUT, A_IDX, X_IDX, D_IDX, O_IDX, C_IDX,
+        sA, sX, sD, sO, N, ADD_FROM,
+        H: tl.constexpr, TWO_K: tl.constexpr, TRANS_A: tl.constexpr, HAS_COPY: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):
+        # program (column block, pair·H + head, row block); sA, sX, sD, sO: row strides (the
+        # matrices are [2K, ncols] per (node, head), rows contiguous, heads 2K rows apart)
+        i_n = tl.program_id(0)
+        i_ih = tl.program_id(1)
+        i_m = tl.program_id(2)
+        i = i_ih // H
+        h = i_ih % H
+        a_node = tl.load(A_IDX + i).to(tl.int64)
+        x_node = tl.load(X_IDX + i).to(tl.int64)
+        d_node = tl.load(D_IDX + i).to(tl.int64)
+        o_node = tl.load(O_IDX + i).to(tl.int64)
+        o_m = i_m * BM + tl.arange(0, BM)
+        o_n = i_n * BN + tl.arange(0, BN)
+        m_m = o_m < TWO_K
+        m_n = o_n < N
+        a_base = A + (a_node * H + h) * TWO_K * sA
+        x_base = X + (x_node * H + h) * TWO_K * sX
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, TWO_K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < TWO_K
+            if TRANS_A:   # op(A)[m, k] = A[k, m], loaded transposed (no tl.trans, DESIGN §9)
+                a = tl.load(a_base + o_k[None, :] * sA + o_m[:, None],
+                            mask=m_m[:, None] & m_k[None, :], other=0.0)
+            else:
+                a = tl.load(a_base + o_m[:, None] * sA + o_k[None, :],
+                            mask=m_m[:, None] & m_k[None, :], other=0.0)
+            x = tl.load(x_base + o_k[:, None] * sX + o_n[None, :],
+                        mask=m_k[:, None] & m_n[None, :], other=0.0)
+            acc += tl.dot(a, x, input_precision="ieee")
+        m_add = m_m[:, None] & (m_n & (o_n >= ADD_FROM))[None, :]
+        d = tl.load(ADD + (d_node * H + h) * TWO_K * sD + o_m[:, None] * sD + o_n[None, :],
+                    mask=m_add, other=0.0)
+        m_out = m_m[:, None] & m_n[None, :]
+        tl.store(OUT + (o_node * H + h) * TWO_K * sO + o_m[:, None] * sO + o_n[None, :],
+                 acc + d, mask=m_out)
+        if HAS_COPY:
+            c_node = tl.load(C_IDX + i).to(tl.int64)
+            xm = tl.load(x_base + o_m[:, None] * sX + o_n[None, :], mask=m_out, other=0.0)
+            tl.store(OUT + (c_node * H + h) * TWO_K * sO + o_m[:, None] * sO + o_n[None, :],
+                     xm, mask=m_out)
+
+
+def _level_affine(A, a_idx, X, x_idx, o_idx, *, add, add_idx, add_from: int = 0,
+                  trans_a: bool = False, copy_to=None):
+    """One level of a tree walk in one launch (see above). A: [nodes, H, 2K, ≥ 2K] (its first 2K
+    columns are 𝒯); X, the output (X itself: OUT = X) and `add`: [nodes, H, 2K, N]-shaped views
+    whose rows may be strided (slices of the store); index tensors on the device."""
+    nodes, H, twoK, N = X.shape
+    for t in (A, X, add):
+        assert t.stride(-1) == 1 and t.stride(1) == twoK * t.stride(-2) and \
+            t.stride(0) == H * t.stride(1), "rows must be the only stride"
+    n = o_idx.numel()
+    if n == 0:
+        return
+    BM = min(64, max(16, triton.next_power_of_2(twoK)))
+    BN = min(64, max(16, triton.next_power_of_2(N)))
+    BK = min(32, max(16, triton.next_power_of_2(twoK)))
+    grid = (triton.cdiv(N, BN), n * H, triton.cdiv(twoK, BM))
+    _level_affine_kernel[grid](
+        A, X, add, X, a_idx, x_idx, add_idx, o_idx, copy_to if copy_to is not None else o_idx,
+        A.stride(-2), X.stride(-2), add.stride(-2), X.stride(-2), N, add_from,
+        H=H, TWO_K=twoK, TRANS_A=trans_a, HAS_COPY=copy_to is not None,
+        BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=2,
+    )
+
+
 def tree_store(prep_args, plan: GroupPlan, *, backend: str, allow_tf32: bool) -> torch.Tensor:
     """A [num_nodes, H, 2K, 2K + V] store holding the group maps in its first NG rows (the rest
     is filled by tree_up)."""
@@ -397,9 +488,14 @@ def _affine(T: torch.Tensor, X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return out.view(*X.shape[:-2], *out.shape[-2:])
 
 
-def tree_up(store: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+def tree_up(store: torch.Tensor, plan: GroupPlan, backend: str = "torch") -> torch.Tensor:
     """Fill the composed nodes of `store` in place: node (l, r) = [T_r T_l | T_r B_l + B_r]."""
     twoK = store.shape[-2]
+    if _use_triton(store, backend):
+        for (left, right, a, b), nodes in zip(plan.levels, plan.level_nodes):
+            _level_affine(store, right, store, left, nodes, add=store, add_idx=right,
+                          add_from=twoK)
+        return store
     for left, right, a, b in plan.levels:
         ml, mr = store[left], store[right]
         torch.matmul(mr[..., :twoK], ml, out=store[a:b])
@@ -407,12 +503,18 @@ def tree_up(store: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     return store
 
 
-def tree_down(store: torch.Tensor, plan: GroupPlan, X_seq: torch.Tensor) -> torch.Tensor:
+def tree_down(store: torch.Tensor, plan: GroupPlan, X_seq: torch.Tensor,
+              backend: str = "torch") -> torch.Tensor:
     """The pair entering every group, [NG, H, 2K, V], from the pair entering every local sequence
     X_seq [num_local, H, 2K, V] (what group_initial_pairs computes serially)."""
     twoK = store.shape[-2]
     Xs = X_seq.new_empty((plan.num_nodes,) + tuple(X_seq.shape[1:]))
     Xs[plan.root_idx] = X_seq
+    if _use_triton(store, backend):   # right child: T_l X + B_l; left child: X (copied)
+        for (left, right, a, b), nodes in reversed(list(zip(plan.levels, plan.level_nodes))):
+            _level_affine(store, left, Xs, nodes, right, add=store[..., twoK:], add_idx=left,
+                          copy_to=left)
+        return Xs[:plan.num_groups]
     for left, right, a, b in reversed(plan.levels):
         Xp = Xs[a:b].clone()  # index_put refuses a source inside its destination
         ml = store[left]
@@ -430,24 +532,34 @@ def tree_up_T(Tg: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     return Ts
 
 
-def tree_up_grads(Ts: torch.Tensor, plan: GroupPlan, d0g: torch.Tensor) -> torch.Tensor:
+def tree_up_grads(Ts: torch.Tensor, plan: GroupPlan, d0g: torch.Tensor,
+                  backend: str = "torch") -> torch.Tensor:
     """D of every node [num_nodes, H, 2K, V] from the groups' d0_g [NG, H, 2K, V] (what each
     group's own cotangents send to its initial pair when nothing arrives at its end).
     D[plan.root_idx] is then what every sequence's tokens send to its initial pair."""
     Ds = d0g.new_empty((plan.num_nodes,) + tuple(d0g.shape[1:]))
     Ds[:plan.num_groups] = d0g
+    if _use_triton(Ds, backend):
+        for (left, right, a, b), nodes in zip(plan.levels, plan.level_nodes):
+            _level_affine(Ts, left, Ds, right, nodes, add=Ds, add_idx=left, trans_a=True)
+        return Ds
     for left, right, a, b in plan.levels:
         Ds[a:b] = _affine(Ts[left].transpose(-1, -2), Ds[right], Ds[left])
     return Ds
 
 
 def tree_down_grads(Ts: torch.Tensor, Ds: torch.Tensor, plan: GroupPlan,
-                    G_seq_end: torch.Tensor) -> torch.Tensor:
+                    G_seq_end: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """The gradient arriving at every group's end, [NG, H, 2K, V], given the gradient arriving
     at every local sequence's end from outside, G_seq_end [num_local, H, 2K, V] (the first
     result of group_end_grads)."""
     Gs = G_seq_end.new_empty((plan.num_nodes,) + tuple(G_seq_end.shape[1:]))
     Gs[plan.root_idx] = G_seq_end
+    if _use_triton(Gs, backend):   # left child: T_rᵀ G + D_r; right child: G (copied)
+        for (left, right, a, b), nodes in reversed(list(zip(plan.levels, plan.level_nodes))):
+            _level_affine(Ts, right, Gs, nodes, left, add=Ds, add_idx=right, trans_a=True,
+                          copy_to=right)
+        return Gs[:plan.num_groups]
     for left, right, a, b in reversed(plan.levels):
         Gp = Gs[a:b].clone()
         Gs[left] = _affine(Ts[right].transpose(-1, -2), Gp, Ds[right])

@@ -69,10 +69,29 @@ def host_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return host
 
 
+_BATCHED: dict = {}
+
+
 def build_layout(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, chunk_size: int,
                  device: torch.device) -> ChunkLayout:
     """No host sync: the sizes (total tokens, chunks, longest sequence's chunks) come from the
-    shapes, or from the host copy of cu_seqlens (host_cu_seqlens: one copy per cu tensor)."""
+    shapes, or from the host copy of cu_seqlens (host_cu_seqlens: one copy per cu tensor).
+    Without cu_seqlens the layout depends only on the shape: built once per (batch, seqlen,
+    chunk_size, device) and shared (its index tensors are read-only), which saves ~25 small
+    device ops per call of the op."""
+    if cu_seqlens is None:
+        key = (batch, seqlen, chunk_size, str(torch.device(device)))
+        hit = _BATCHED.get(key)
+        if hit is None:
+            if len(_BATCHED) >= 64:
+                _BATCHED.clear()
+            hit = _BATCHED[key] = _build_layout(batch, seqlen, None, chunk_size, device)
+        return hit
+    return _build_layout(batch, seqlen, cu_seqlens, chunk_size, device)
+
+
+def _build_layout(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, chunk_size: int,
+                  device: torch.device) -> ChunkLayout:
     if cu_seqlens is None:
         cu_host = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int64)
         cu = torch.arange(0, (batch + 1) * seqlen, seqlen, device=device, dtype=torch.int64)

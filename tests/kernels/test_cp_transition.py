@@ -209,3 +209,30 @@ def test_state_pass_bwd_init_only(cu):
     for got, f, want in ((dS, full[3], spec[3]), (dM, full[4], spec[4])):
         assert torch.equal(got, f)
         assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_tree_walks_triton_equal_torch(i):
+    """The Triton walks (one launch per level, TRITON_INTERPRET=1 on CPU) against the torch
+    walks, fp32, on the same plans (odd counts, several sequences, packed)."""
+    from mdn_kernels.cp.transition import tree_down, tree_down_grads, tree_up, tree_up_grads
+    plan = _plans()[i]
+    H, K, V = 2, 8, 24          # 2K = 16 and 2K + V = 40: partial column blocks
+    NG, N = plan.num_groups, len(plan.groups_of_seq)
+    maps = _random_maps(NG, H, K, V, seed=i).float()
+    g = torch.Generator().manual_seed(20 + i)
+    X_seq = torch.randn(N, H, 2 * K, V, generator=g)
+    d0g = torch.randn(NG, H, 2 * K, V, generator=g)
+    G_seq = torch.randn(N, H, 2 * K, V, generator=g)
+    store = torch.empty((plan.num_nodes,) + tuple(maps.shape[1:]))
+    store[:NG] = maps
+    want = tree_up(store.clone(), plan)
+    got = tree_up(store.clone(), plan, "triton")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tree_down(want, plan, X_seq, "triton"),
+                               tree_down(want, plan, X_seq), rtol=1e-5, atol=1e-5)
+    Ts = want[..., :2 * K].contiguous()
+    Ds = tree_up_grads(Ts, plan, d0g)
+    torch.testing.assert_close(tree_up_grads(Ts, plan, d0g, "triton"), Ds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tree_down_grads(Ts, Ds, plan, G_seq, "triton"),
+                               tree_down_grads(Ts, Ds, plan, G_seq), rtol=1e-5, atol=1e-5)
