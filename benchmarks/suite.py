@@ -17,6 +17,12 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   c  both backends on 4 GPUs; the longest 1.3B context on 1 GPU beside the Transformer, 1.3B
      MDN / GDN-mode and Megatron-core GDN (FLA) peers and the 1-GPU references of plan d.
   e  the DeepSpeed cases b and c left unmeasured (2 and 4 GPUs) beside the PP train tests.
+  f  after session 3's changes: PP train tests, kernel bench (lean default vs the old), 400M /
+     1.3B throughput with the fused mixer, the fused mixer's GPU tests, the long-context estimate
+     (1 and 2 GPUs), mode-2 triage; then the CP op at R = 4 with FLA's CP GDN peer.
+  g  the quality run (plan q's trainings) beside the 1-GPU context search and Megatron-core's
+     GDN peer; then the longest context on 4 GPUs; then the quality plot.
+  q  the quality run alone.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -184,6 +190,51 @@ PLANS = {
         ("plot", 60, [
             ("0", [("q_plot", 55, QUALITY_PLOT)]),
         ]),
+    ],
+    "f": [  # session 3 after the mixer fixes, the lean op default and the CP host-work cut
+        ("one_gpu", 270, [
+            ("0,1", [("train_tests_pp", 125, "MDN_COMPILE=0 " + PT + " --timeout 120 "
+                      "tests/gpu/test_train_gpu.py -k pp2"),
+                     ("kernel_bench", 140, "python3 tools/bench_kernels.py --shapes 0 "
+                      "--variant MDN_RECOMPUTE_PAIRS=0 --out {R}/result.json")]),
+            ("2", [("mdn_400m", 85, bench_model(1, f"--config {M400} --micro-batch 4 --profile {{R}}/profile.txt")),
+                   ("gdn_400m", 65, bench_model(1, f"--config {G400} --micro-batch 4")),
+                   ("transformer_400m", 65, bench_model(1, f"--config {T400} --micro-batch 4")),
+                   ("optimizer_test", 25, PT + " -s tests/gpu/test_optimizer_gpu.py")]),
+            ("3", [("mdn_1p3b", 95, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2")),
+                   ("gdn_1p3b", 95, bench_model(1, f"--config {M13} --mixer gdn --micro-batch 2 "
+                                                   "--microbatches 2")),
+                   ("mixer_kernels_test", 70, "MDN_RESULTS_DIR={R} " + PT + " --timeout 65 "
+                    "tests/gpu/test_mixer_kernels_gpu.py")]),
+        ]),
+        ("two_gpu", 170, [
+            ("0", [("longctx_mem_1gpu", 165, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=80 " + PT + " -s "
+                    "tests/gpu/test_longctx_memory_gpu.py -k '1gpu and 65536'")]),
+            ("1", [("mode2_triage", 165, "bash benchmarks/run_mode2_triage_gpu.sh {R} "
+                    "trans-w8-halfbv trans-w4-halfbv strided-w4")]),
+            ("2,3", [("longctx_mem_2gpu", 165, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=80 " + PT + " -s "
+                      "tests/gpu/test_longctx_memory_gpu.py -k 2gpu")]),
+        ]),
+        ("four_gpu", 145, [
+            ("0,1,2,3", [("cp_r4", 140, "python3 -m torch.distributed.run --standalone --nproc-per-node 4 "
+                          "tools/bench_cp.py --skip strong --modes allgather --fla-peer "
+                          "--out {R}/result.json --profile {R}/profile.txt")]),
+        ]),
+    ],
+    "g": [  # the quality run beside the 1-GPU context search and Megatron-core's GDN peer;
+        #     then the longest context on 4 GPUs
+        ("train", 300, [
+            ("0", [("q_mdn", 295, quality_train("mdn"))]),
+            ("1", [("q_gdn", 295, quality_train("gdn"))]),
+            ("2", [("q_transformer", 295, quality_train("transformer"))]),
+            ("3", [("longctx_search_g1", 140, LONGCTX_SEARCH.format(n=1, att=1, t=130, b=135)),
+                   ("megatron_gdn_400m", 150, bench_model(1, f"--config {G400} --mixer megatron_gdn "
+                                                           "--micro-batch 4"))]),
+        ]),
+        ("four_gpu", 145, [
+            ("0,1,2,3", [("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=130, b=135))]),
+        ]),
+        ("plot", 30, [("0", [("q_plot", 28, QUALITY_PLOT)])]),
     ],
 }
 
