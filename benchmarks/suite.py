@@ -92,7 +92,7 @@ PLANS = {
                     "tests/gpu/test_kernels_gpu.py tests/gpu/test_cp_gpu.py "
                     "-k 'K128_V256 or packed or init_only'"),
                    ("kernel_bench", 280, "python3 tools/bench_kernels.py --shapes 0 "
-                    "--variant MDN_RECOMPUTE_PAIRS=1 --variant MDN_RECOMPUTE_PAIRS=2 "
+                    "--variant MDN_RECOMPUTE_PAIRS=0 --variant MDN_RECOMPUTE_PAIRS=2 "
                     "--out {R}/result.json")]),
             ("1", [("mdn_400m", 100, bench_model(1, f"--config {M400} --micro-batch 4")),
                    ("gdn_400m", 80, bench_model(1, f"--config {G400} --micro-batch 4")),

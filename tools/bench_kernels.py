@@ -1,8 +1,12 @@
 """Benchmark: mdn_chunk against FLA's chunk_gated_delta_rule (GDN), side by side in one process.
 
     python tools/bench_kernels.py --out benchmarks/results/kernels_h100.json
-    python tools/bench_kernels.py --shapes 0 --variant MDN_RECOMPUTE_PAIRS=1 \
-        --variant MDN_RECOMPUTE_PAIRS=2 --out ...   # default and variants side by side
+    python tools/bench_kernels.py --shapes 0 --variant MDN_RECOMPUTE_PAIRS=0 \
+        --variant MDN_RECOMPUTE_PAIRS=2+MDN_FUSE_VARIANT=trans-w8-halfbv --out ...
+                                                # default and variants side by side
+
+The default path is the environment's (MDN_RECOMPUTE_PAIRS unset: mode 1, the lean path; the
+JSON's meta records the mode in effect); MDN_RECOMPUTE_PAIRS=0 records the earlier default.
 
 Forward and forward+backward times (median of triton.testing.do_bench), peak memory of a
 forward+backward above the inputs, and the first call's time (compilation). Each --variant
@@ -28,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mdn_kernels import mdn_chunk  # noqa: E402
+from mdn_kernels.mdn.chunk import recompute_pairs_mode  # noqa: E402
 from mdn_kernels.mdn.testing import random_inputs  # noqa: E402
 
 SHAPES = [dict(B=8, T=4096, H=6, K=128, V=256), dict(B=8, T=4096, H=6, K=256, V=512)]
@@ -122,6 +127,7 @@ def main():
         fla=__import__("fla").__version__ if chunk_gdn is not None else None,
         python=platform.python_version(), dtype=args.dtype, command=" ".join(sys.argv),
         env={k: v for k, v in os.environ.items() if k.startswith("MDN_")},
+        recompute_pairs_mode=recompute_pairs_mode(),  # the default path's (unset env: 1)
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         note="FLA's Hopper guard (Triton < 3.7.1, FLA #640) lifted for timing only",
     )

@@ -3,6 +3,7 @@ report registers, spills and shared memory per kernel (Triton's own compiler and
 ships; no CUDA driver needed).
 
     python tools/compile_fused_sm90.py [--K 128 --V 256] [--json out.json] [kernel names ...]
+    python tools/compile_fused_sm90.py --fuse-variants   # the state backward's FUSE_OUT variants
 
 It catches what the interpreter cannot: compile errors of the real Triton pipeline, and
 register spills (a spilling kernel is correct but slow). Exit status 1 when a kernel fails to
@@ -58,6 +59,7 @@ def compile_one(fn, consts: dict, num_warps: int, arch: int = 90, override=None)
     info = run.stderr
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, info)) else None  # noqa: E731
     return dict(registers=num(r"Used (\d+) registers"),
+                stack_frame=num(r"(\d+) bytes stack frame"),
                 spill_stores=num(r"(\d+) bytes spill stores"),
                 spill_loads=num(r"(\d+) bytes spill loads"),
                 shared_bytes=ck.metadata.shared, num_warps=num_warps)
@@ -102,24 +104,45 @@ def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee"):
     }
 
 
+def _state_bf16_args():
+    bf = {n: "*bf16" for n in ("U", "Y", "Z", "KG", "KM", "W", "S0S", "M0S", "DW", "DS0S", "DM0S",
+                               "DWT", "DS_END", "DM_END", "DO")}
+    bf.update(OFFSETS="*i64", NCH="i32")
+    return bf
+
+
 def state_jobs(K: int, V: int, C: int = 64):
     """The state pass's kernels as 16-bit models launch them (bf16 operands, tf32 products)."""
     from mdn_kernels.mdn import state_pass as sp
     BK, BV = triton.next_power_of_2(K), sp._block_v(K, V)
-    bf = {n: "*bf16" for n in ("U", "Y", "Z", "KG", "KM", "W", "S0S", "M0S", "DW", "DS0S", "DM0S",
-                               "DWT", "DS_END", "DM_END", "DO")}
-    bf.update(OFFSETS="*i64", NCH="i32")
+    bf = _state_bf16_args()
     base = dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, PREC="tf32")
-    bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False)
+    bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FV="strided")
     return {
         "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True), 4, bf),
         "state_bwd": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
                                                  OPREC="ieee"), 4, bf),
-        "state_bwd_fused": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=True, OMMDT=tl.bfloat16,
-                                                       OPREC="tf32"), 8, bf),
+        # MDN_RECOMPUTE_PAIRS=2's kernel as launched by default (sp.DEFAULT_FUSE_VARIANT)
+        "state_bwd_fused": fuse_variant_job(K, V, C, sp.DEFAULT_FUSE_VARIANT),
         "state_bwd_init_only": (sp._state_bwd_kernel, dict(bwd, INIT_ONLY=True, FUSE_OUT=False,
                                                            OMMDT=tl.float32, OPREC="ieee"), 4, bf),
     }
+
+
+def fuse_variant_job(K: int, V: int, C: int, name: str):
+    """The state backward with FUSE_OUT as state_pass_bwd_triton launches FUSE_VARIANTS[name]."""
+    from mdn_kernels.mdn import state_pass as sp
+    BK, BV = triton.next_power_of_2(K), sp._block_v(K, V)
+    fv, num_warps, bv_div = sp.FUSE_VARIANTS[name]
+    consts = dict(H=6, K=K, V=V, C=C, BK=BK, BV=max(16, BV // bv_div), PREC="tf32",
+                  HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FUSE_OUT=True,
+                  OMMDT=tl.bfloat16, OPREC="tf32", FV=fv)
+    return sp._state_bwd_kernel, consts, num_warps, _state_bf16_args()
+
+
+def fuse_variant_jobs(K: int, V: int, C: int = 64):
+    from mdn_kernels.mdn import state_pass as sp
+    return {f"fused:{n}": fuse_variant_job(K, V, C, n) for n in sp.FUSE_VARIANTS}
 
 
 def main(argv=None):
@@ -130,10 +153,14 @@ def main(argv=None):
     ap.add_argument("--fp32-dot", default="ieee", choices=["ieee", "tf32x3"],
                     help="precision of the fp32 products (MDN_FUSED_FP32_DOT)")
     ap.add_argument("--json", default=None, help="write the table here")
+    ap.add_argument("--fuse-variants", action="store_true",
+                    help="compile the state backward's FUSE_OUT variants (state_pass.FUSE_VARIANTS, "
+                         "MDN_RECOMPUTE_PAIRS=2) instead of the kernels")
     ap.add_argument("kernels", nargs="*", help="names to compile (default: all)")
     args = ap.parse_args(argv)
     table, failed = {}, []
-    all_jobs = jobs(args.K, args.V, f32p=args.fp32_dot)
+    all_jobs = (fuse_variant_jobs(args.K, args.V) if args.fuse_variants
+                else jobs(args.K, args.V, f32p=args.fp32_dot))
     unknown = set(args.kernels) - set(all_jobs)
     if unknown:
         sys.exit(f"unknown kernel names {sorted(unknown)}; known: {sorted(all_jobs)}")
@@ -143,8 +170,8 @@ def main(argv=None):
         try:
             table[name] = res = compile_one(fn, consts, nw, override=override[0] if override else None)
             print(f"{name:10s} warps {nw} regs {res['registers']:3d} spill "
-                  f"{res['spill_stores']:5d}/{res['spill_loads']:5d} B  shared "
-                  f"{res['shared_bytes']:6d} B", flush=True)
+                  f"{res['spill_stores']:5d}/{res['spill_loads']:5d} B  stack "
+                  f"{res['stack_frame']:5d} B  shared {res['shared_bytes']:6d} B", flush=True)
         except Exception as e:  # report every kernel, then fail
             failed.append(name)
             print(f"{name:10s} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)

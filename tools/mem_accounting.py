@@ -1,7 +1,9 @@
 """Exact memory accounting of one mdn_chunk forward+backward, on CPU, at any shape.
 
     python tools/mem_accounting.py                       # the bench shape, 16-bit fused path
-    MDN_RECOMPUTE_PAIRS=1 python tools/mem_accounting.py # a variant (any MDN_* flag)
+    MDN_RECOMPUTE_PAIRS=0 python tools/mem_accounting.py # a variant (any MDN_* flag)
+    python tools/mem_accounting.py --modes 0,1,2         # each MDN_RECOMPUTE_PAIRS mode, and a
+                                                         # summary table of them at the end
 
 Runs the real Python driver (chunk.py, chunk_local_fused.py, state_pass.py) on CPU tensors with
 every Triton kernel launch replaced by a no-op: the kernels only fill tensors the Python side
@@ -135,8 +137,10 @@ def account(B, T, H, K, V, dtype, chunk_size=64, verbose=True):
         peak_fwd_live=mode.peaks["forward"][1], peak_bwd_live=mode.peaks["backward"][1],
     )
     if verbose:
+        from mdn_kernels.mdn.chunk import recompute_pairs_mode
         print(f"B={B} T={T} H={H} K={K} V={V} {dtype}  flags "
-              f"{ {k: v for k, v in os.environ.items() if k.startswith('MDN_')} }")
+              f"{ {k: v for k, v in os.environ.items() if k.startswith('MDN_')} }  "
+              f"MDN_RECOMPUTE_PAIRS in effect: {recompute_pairs_mode()}")
         print("\nsaved for backward (dedup by storage; inputs marked):")
         small = [r for r in res["saved"] if r[0] < MiB / 2]
         for n, shape, dt, inp, where in res["saved"]:
@@ -164,11 +168,26 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="8,4096,6,128,256", help="B,T,H,K,V")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--modes", default=None,
+                    help="comma-separated MDN_RECOMPUTE_PAIRS modes to account one after the other "
+                         "(default: the environment's, 1 when unset)")
     args = ap.parse_args()
     B, T, H, K, V = (int(x) for x in args.shape.split(","))
     stub_triton_launches()
-    torch.manual_seed(0)
-    account(B, T, H, K, V, getattr(torch, args.dtype))
+    modes = args.modes.split(",") if args.modes else [None]
+    summary = []
+    for m in modes:
+        if m is not None:
+            os.environ["MDN_RECOMPUTE_PAIRS"] = m
+            print(f"\n===== MDN_RECOMPUTE_PAIRS={m} =====")
+        torch.manual_seed(0)
+        r = account(B, T, H, K, V, getattr(torch, args.dtype))
+        summary.append((m, r))
+    if len(summary) > 1:
+        print("\nmode  held fwd→bwd  peak fwd  peak bwd  (MiB)")
+        for m, r in summary:
+            print(f"{m:>4}  {r['held_bytes'] / MiB:12.1f}  {r['peak_fwd'] / MiB:8.1f}  "
+                  f"{r['peak_bwd'] / MiB:8.1f}")
 
 
 if __name__ == "__main__":

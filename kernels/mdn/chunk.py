@@ -3,6 +3,9 @@
 The chunk-parallel parts (chunk_torch.chunk_prepare / chunk_output) are batched tensor ops and
 differentiate by autograd; the sequential pass over chunks is `StatePass`, whose forward and
 backward run as Triton kernels (backend "triton") or as the torch loops that specify them.
+Where the fused chunk-local kernels run without CP, `StateOutput` (state pass + output as one
+node that recomputes the per-chunk pairs in its backward) is the default instead: see
+recompute_pairs_mode.
 """
 from __future__ import annotations
 
@@ -68,7 +71,8 @@ class StatePass(torch.autograd.Function):
 
 class StateOutput(torch.autograd.Function):
     """StatePass (Triton) followed by the fused LocalOutput as one autograd node that keeps no
-    per-chunk quantity of the state pass (MDN_RECOMPUTE_PAIRS=1 or 2, see recompute_pairs_mode).
+    per-chunk quantity of the state pass (the default, MDN_RECOMPUTE_PAIRS=1; 2 opt-in; see
+    recompute_pairs_mode).
 
     Forward: W, S0s, M0s are made, used for o and dropped; saved are the state pass's inputs
     (U too, in the operand dtype) and the output's chunk quantities. Backward re-runs the state
@@ -169,12 +173,16 @@ class StateOutput(torch.autograd.Function):
 
 
 def recompute_pairs_mode() -> int:
-    """MDN_RECOMPUTE_PAIRS: 0 (default) StatePass + LocalOutput; 1 the lean path (StateOutput,
-    bf16 state-pass operands written by LocalPrepare); 2 the lean path with the output's pair
-    cotangents fused into the state pass's backward. Applies with the fused chunk-local kernels,
-    the Triton state pass and no CP. Off by default until the H100 run checks it (tests/gpu
-    parametrize all three)."""
-    mode = os.environ.get("MDN_RECOMPUTE_PAIRS", "0")
+    """MDN_RECOMPUTE_PAIRS: 1 (default) the lean path (StateOutput, bf16 state-pass operands
+    written by LocalPrepare): the per-chunk pairs are recomputed in the backward instead of kept;
+    0 the earlier path, StatePass + LocalOutput (kept selectable to compare against); 2 the lean
+    path with the output's pair cotangents fused into the state pass's backward (opt-in: it hit
+    an illegal shared-memory access on the H100, BENCHMARKS.md). Modes 1 and 2 apply with the
+    fused chunk-local kernels, the Triton state pass and no CP; everything else runs mode 0's
+    path whatever the flag. MDN_FUSE_VARIANT picks mode 2's kernel variant
+    (state_pass.FUSE_VARIANTS). Mode 1 was checked on the H100 against mode 0 (same o, dq, dv and
+    gate gradients, dk to 1.1e-5) with 23% less peak memory and 5% less time."""
+    mode = os.environ.get("MDN_RECOMPUTE_PAIRS", "1")
     if mode not in ("0", "1", "2"):
         raise ValueError(f"MDN_RECOMPUTE_PAIRS must be 0, 1 or 2, got {mode!r}")
     return int(mode)

@@ -10,6 +10,8 @@ accumulation, fp32 state), as FLA's GDN kernels do; fp32 inputs keep fp32 operan
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -74,6 +76,7 @@ def _state_bwd_kernel(
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     FUSE_OUT: tl.constexpr, OMMDT: tl.constexpr, OPREC: tl.constexpr,
     HAS_DFIN: tl.constexpr, STORE_DINIT: tl.constexpr, INIT_ONLY: tl.constexpr,
+    FV: tl.constexpr = "strided",
 ):
     # DGATES [3, NV, NC, H]: this value block's share of dL/da_end, dL/dg_end, dL/du_end.
     # INIT_ONLY: only the initial pair's gradient (DS_INIT, DM_INIT); nothing per chunk is
@@ -82,6 +85,10 @@ def _state_bwd_kernel(
     # dM0s = −scale·(γ Q̂)ᵀ dO, is made here per chunk (operands and rounding as
     # chunk_local_fused._output_bwd_kernel's, then rounded to the pair dtype as its stores are)
     # instead of being read from DS0S / DM0S.
+    # FV: how FUSE_OUT forms those two products (FUSE_VARIANTS; the same values, other codegen):
+    # "strided" loads Q̂ᵀ [BK, C] through transposed pointers and runs two dots (the pattern
+    # that faulted on the H100); "trans" loads Q̂ [C, BK] row by row and tl.trans'es the loaded
+    # tile (not a dot result, DESIGN §9); "stack" runs one dot on [e^{la} Q̂ᵀ; −γ Q̂ᵀ] [2BK, C].
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -132,14 +139,25 @@ def _state_bwd_kernel(
             start = tl.load(CS + c).to(tl.int64)
             length = tl.load(CL + c)
             m_t = o_c < length
-            q_t = tl.load(QC + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+            if FV == "trans":
+                q_t = tl.trans(tl.load(QC + ch * C * K + ck, mask=m_k[None, :], other=0.0))
+            else:
+                q_t = tl.load(QC + ch * C * K + kc, mask=m_k[:, None], other=0.0)
             e_la = tl.exp(tl.load(LAC + ch * C + o_c))
             g0 = tl.load(G0C + ch * C + o_c)
             dob = scale * tl.load(DO + ((start + o_c) * H + i_h)[:, None] * V + o_v[None, :],
                                   mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
             dob = dob.to(OMMDT)
-            ds0 = tl.dot((q_t * e_la[None, :]).to(OMMDT), dob, input_precision=OPREC)
-            dm0 = -tl.dot((q_t * g0[None, :]).to(OMMDT), dob, input_precision=OPREC)
+            if FV == "stack":
+                # rows [0, BK): e^{la} Q̂ᵀ, rows [BK, 2BK): −γ Q̂ᵀ (negating before the rounding
+                # is exact: the same bf16 values as −round(γ Q̂ᵀ)); one product, then split
+                a2 = tl.join((q_t * e_la[None, :]).to(OMMDT), (q_t * -g0[None, :]).to(OMMDT))
+                a2 = tl.reshape(tl.permute(a2, (2, 0, 1)), (2 * BK, C))
+                p2 = tl.dot(a2, dob, input_precision=OPREC)
+                ds0, dm0 = tl.split(tl.permute(tl.reshape(p2, (2, BK, BV)), (1, 2, 0)))
+            else:
+                ds0 = tl.dot((q_t * e_la[None, :]).to(OMMDT), dob, input_precision=OPREC)
+                dm0 = -tl.dot((q_t * g0[None, :]).to(OMMDT), dob, input_precision=OPREC)
             ds0 = ds0.to(DS_END.dtype.element_ty).to(tl.float32)
             dm0 = dm0.to(DS_END.dtype.element_ty).to(tl.float32)
         else:
@@ -151,6 +169,37 @@ def _state_bwd_kernel(
     if STORE_DINIT:
         tl.store(DS_INIT + i_nh * K * V + kv, ds, mask=m_kv)
         tl.store(DM_INIT + i_nh * K * V + kv, dm, mask=m_kv)
+
+
+# How the state pass's backward makes the output's pair cotangents with fuse_out
+# (MDN_RECOMPUTE_PAIRS=2): name → (the kernel's FV, num_warps, BV divisor). The first one faulted
+# on the H100 (illegal shared-memory access at the FUSE_OUT products, Triton 3.6.0); the others
+# are candidates for a GPU triage (tools/check_recompute_pairs_gpu.py --fuse-variant). ptxas
+# (tools/compile_fused_sm90.py --fuse-variants, sm_90, bf16, K=128, V=256) reports spills and
+# shared memory for each. "halfbv": half the value block (more programs, each with half the
+# registers for its state tiles).
+FUSE_VARIANTS = {
+    "strided-w8": ("strided", 8, 1),
+    "strided-w4": ("strided", 4, 1),
+    "strided-w8-halfbv": ("strided", 8, 2),
+    "trans-w8": ("trans", 8, 1),
+    "trans-w4": ("trans", 4, 1),
+    "trans-w8-halfbv": ("trans", 8, 2),
+    "trans-w4-halfbv": ("trans", 4, 2),
+    "stack-w8": ("stack", 8, 1),
+    "stack-w8-halfbv": ("stack", 8, 2),
+}
+# The default: no spills and the least shared memory of the candidates at K=128 (43 KiB, under
+# the 48 KiB that needs no opt-in), and Q̂ read by rows instead of the transposed gather.
+DEFAULT_FUSE_VARIANT = "trans-w8-halfbv"
+
+
+def fuse_variant(name: str | None = None) -> str:
+    """The FUSE_VARIANTS name to use: `name`, else MDN_FUSE_VARIANT, else the default."""
+    name = name or os.environ.get("MDN_FUSE_VARIANT") or DEFAULT_FUSE_VARIANT
+    if name not in FUSE_VARIANTS:
+        raise ValueError(f"fuse variant must be one of {sorted(FUSE_VARIANTS)}, got {name!r}")
+    return name
 
 
 def _block_v(K: int, V: int) -> int:
@@ -198,14 +247,17 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
 
 def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
                           S0s, M0s, layout, allow_tf32: bool = False, dWt_out=None,
-                          fuse_out=None, init_grad: bool = True, init_only: bool = False):
+                          fuse_out=None, init_grad: bool = True, init_only: bool = False,
+                          fuse_variant_name: str | None = None):
     """Returns dWt, dS_end, dM_end (in the operand dtype), the initial pair's gradient (fp32 or
     fp64) and (da_end, dg_end, du_end) [NC, H], reduced in the kernel. `dWt_out` (optional, may
     be dW itself: every program reads its tile of dW once, before writing the same tile of dWt)
     receives dWt.
 
     fuse_out = (qc, la, g0, do, cs, cl, scale, mm_dtype): the output's pair cotangents are made in
-    the kernel (dS0s, dM0s are not read and may be None; see _state_bwd_kernel).
+    the kernel (dS0s, dM0s are not read and may be None; see _state_bwd_kernel), the way
+    `fuse_variant_name` says (FUSE_VARIANTS; default: MDN_FUSE_VARIANT, else
+    DEFAULT_FUSE_VARIANT).
     dS_fin = dM_fin = None: the final pair's cotangent is zero. init_grad False: the initial
     pair's gradient is neither made nor returned (None, None).
 
@@ -241,6 +293,10 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     if has_dfin != (dM_fin is not None):
         raise ValueError("dS_fin and dM_fin must both be given or both be None")
     BK, BV = triton.next_power_of_2(K), _block_v(K, V)
+    fv, num_warps = "strided", 4
+    if fuse_out is not None:
+        fv, num_warps, bv_div = FUSE_VARIANTS[fuse_variant(fuse_variant_name)]
+        BV = max(16, BV // bv_div)
     grid = (triton.cdiv(V, BV), N * H)
     dgates = dW if init_only else dW.new_empty(3, grid[0], NC, H, dtype=sdt)
     if fuse_out is None:
@@ -261,10 +317,7 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
         qc, la, g0, do, cs, cl, float(scale),
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, PREC=_precision(Y.dtype, allow_tf32),
         FUSE_OUT=fuse_out is not None, OMMDT=ommdt, OPREC=oprec, HAS_DFIN=has_dfin,
-        STORE_DINIT=init_grad, INIT_ONLY=init_only,
-        # 8 warps with FUSE_OUT: ptxas (tools/compile_fused_sm90.py, sm_90, bf16) reports 48 B of
-        # spill at K=128 against 556 B at 4 warps
-        num_warps=8 if fuse_out is not None else 4, num_stages=1,
+        STORE_DINIT=init_grad, INIT_ONLY=init_only, FV=fv, num_warps=num_warps, num_stages=1,
     )
     if init_only:
         return dS_init, dM_init

@@ -35,20 +35,23 @@ the layer output's dtype)
                                        correction), and the op's contiguous copy of v: 2 H_l V
   gates                15 · 4 H_l      fp32 [T, H] tensors of the gate math and the op's 4 inputs
                                        (12 for GDN: no momentum gate)
-  the MDN op, fused 16-bit path (kernels/mdn/chunk_local_fused.py LocalPrepare / LocalOutput and
-  kernels/mdn/chunk.py StatePass), per token and head:
+  the MDN op, fused 16-bit path (kernels/mdn/chunk_local_fused.py LocalPrepare and
+  kernels/mdn/chunk.py StateOutput, the default MDN_RECOMPUTE_PAIRS=1; under CP the op runs
+  StatePass + LocalOutput, which keeps the pairs), per token and head:
                        4 · 2K          q̂, k̂ chunks (fp32)
                        2 · 4K          Y, Z, Kg, Km (bf16, the state pass's operands)
                        4 · 2C          (I + A)⁻¹ and Γ (fp32 C×C per chunk)
                        4 · 7           e^{le}, γ⁻, l2norm scales, η, log α cumsum, g0 (fp32)
-                       2 V             W (bf16)
-                       2 · 2KV / C     S0s, M0s: the pair entering each chunk (bf16)
+                       2 V             U (bf16, kept to recompute the state pass; a ctx attribute,
+                                       which saved-tensor hooks do not see) — under CP W instead
                        12 / C (+ 16/C per token: chunk bounds)
+                       CP only: 2 · 2KV / C   S0s, M0s: the pair entering each chunk (bf16)
   gated RMSNorm        18 H_l V + 4 H_l   fp32 o, rsqrt, y, y·w, σ(g); bf16 output (out_proj input)
     fused (FLA)        6 H_l V + 4 H_l    its LayerNormGatedFunction saves bf16 o, a contiguous
                                           copy of g (input_guard), the fp32 rstd; bf16 output
   SwiGLU MLP           10 F_l          bf16 fc1 output (2F), x_lin + offset, silu, product
-  (1.3B, K = 256, V = 512, C = 64: the op keeps 13.5 KiB per token and head, 8 KiB of it the pairs.)
+  (1.3B, K = 256, V = 512, C = 64: the op keeps 5.5 KiB per token and head; under CP 13.5 KiB,
+  8 KiB of it the pairs.)
 The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_kernels.py) and CP
   = 1 (the conv stays eager under CP; the fused norm is used at any CP): Layout.fused_mixer, or by
   default 'fla' → fused, 'eager' → eager, 'auto' → fused when fla-core imports in the environment
@@ -59,9 +62,12 @@ fp32 (no autocast; the op's torch path): the earlier, coarser count (not checked
   4(4K + 2K + V) + 4·13C + 4(2(V + 2K) + 2K + V + 2K + V) + 4·2KV/C per token and head.
 
 Backward workspace of the op (bf16, one layer at a time), per token and head, alive together
-inside StatePass.backward: LocalOutput's input gradients 4·2K + 12 + 4C + 2V + 2·2KV/C, the
-state pass's dW̃, dS_end, dM_end 2V + 2·2KV/C, and state_pass_grads' fp32 dU, dY, dZ, dKg, dKm
-4V + 4·4K. By then the layer's tensors after the op (gated norm, MLP, second norm) are freed.
+at the peak of StateOutput.backward (tools/mem_accounting.py lists them): LocalOutput's input
+gradients 4·2K + 12 + 4C + 2V + 2·2KV/C, the recomputed S0s, M0s 2·2KV/C (the recomputed W takes
+the place of U, freed after the recompute) and the state pass's dS_end, dM_end 2·2KV/C. Under
+CP, inside StatePass.backward: the same input gradients, the state pass's dW̃, dS_end, dM_end
+2V + 2·2KV/C and state_pass_grads' fp32 dU, dY, dZ, dKg, dKm 4V + 4·4K. By then the layer's
+tensors after the op (gated norm, MLP, second norm) are freed.
 
 Peak: the static memory plus the largest of three moments of a step (each adds to what is kept):
   forward end   autocast's bf16 weight copies (2 · P_l, cached until autocast exits) and the
@@ -187,10 +193,15 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         gated_norm = (6 if fused else 18) * H_l * V + 4 * H_l
         before = norm + conv + 2 * P_qkv + 2 * H_l * V + gates
         after = gated_norm + norm + 10 * F_l
+        # 2V in the op's chunk terms: U (StateOutput, recomputes the pairs) or W (StatePass under CP)
         chunk = H_l * (4 * 2 * K + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C) + 16 / C
-        pairs = H_l * 2 * 2 * K * V / C
-        backward = H_l * ((4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C)
-                          + (2 * V + 2 * 2 * K * V / C) + (4 * V + 4 * 4 * K))
+        out_grads = 4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C
+        if lay.cp > 1:  # CP keeps StatePass + LocalOutput (kernels/cp/state_pass_cp.py)
+            pairs = H_l * 2 * 2 * K * V / C
+            backward = H_l * (out_grads + (2 * V + 2 * 2 * K * V / C) + (4 * V + 4 * 4 * K))
+        else:           # StateOutput: the pairs are recomputed in the backward
+            pairs = 0
+            backward = H_l * (out_grads + 2 * 2 * K * V / C + 2 * 2 * K * V / C)
     else:  # the torch path's coarser count (module docstring)
         g = 4 if cfg.momentum else 3
         before = (d * 8 + (2 * H_l * K + 2 * H_l * V + g * H_l) * a + 2 * P_qkv * a

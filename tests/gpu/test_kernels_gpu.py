@@ -36,7 +36,8 @@ def _reference(shape, xs):
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("recompute", ["0", "1", "2"])
 def test_forward_and_backward_real_shape(shape, dtype, recompute, record, monkeypatch):
-    """recompute: MDN_RECOMPUTE_PAIRS (0 the default path; 1, 2 chunk.StateOutput)."""
+    """recompute: MDN_RECOMPUTE_PAIRS (1 the default, chunk.StateOutput; 0 the earlier
+    StatePass + LocalOutput path; 2 StateOutput with the fused pair cotangents, opt-in)."""
     monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", recompute)
     B, T, H, K, V = SHAPES[shape]
     xs = random_inputs(B, T, H, K, V, dtype=dtype, device="cuda", seed=1, requires_grad=True)

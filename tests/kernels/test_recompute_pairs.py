@@ -164,3 +164,39 @@ def test_recompute_pairs_backward_runs_once(fused_on, monkeypatch):
     o.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once"):
         o.sum().backward()
+
+
+def _distinct_fuse_variants():
+    """One FUSE_VARIANTS name per kernel code path (num_warps does not change the interpreter's
+    results)."""
+    from mdn_kernels.mdn.state_pass import FUSE_VARIANTS
+    seen = {}
+    for name, (fv, _, bv_div) in sorted(FUSE_VARIANTS.items()):
+        seen.setdefault((fv, bv_div), name)
+    return sorted(seen.values())
+
+
+@pytest.mark.parametrize("variant", _distinct_fuse_variants())
+def test_fuse_variants_match_the_default_path(variant, fused_on, monkeypatch):
+    """Every way of forming the fused pair cotangents (state_pass.FUSE_VARIANTS, picked by
+    MDN_FUSE_VARIANT for a GPU triage): the same numbers as mode 0 to float rounding, with an
+    initial pair, packed documents and a value block split in two (V = 32, halfbv: BV = 16)."""
+    xs = random_inputs(1, 61, 2, 16, 32, dtype=torch.float32, seed=31, with_state=True,
+                       num_states=4)
+    cu = torch.tensor([0, 5, 21, 1, 34]).cumsum(0)
+    base = _run(xs, cu, 0, monkeypatch)
+    monkeypatch.setenv("MDN_FUSE_VARIANT", variant)
+    got = _run(xs, cu, 2, monkeypatch)
+    for n, a, b in zip(NAMES, got, base):
+        err = ((a - b).double().norm() / b.double().norm()).item()
+        assert err < 1e-6, f"{variant}, {n}: relative difference {err:.2e}"
+
+
+def test_fuse_variant_name_is_checked(monkeypatch):
+    from mdn_kernels.mdn import state_pass
+    monkeypatch.setenv("MDN_FUSE_VARIANT", "nope")
+    with pytest.raises(ValueError, match="fuse variant"):
+        state_pass.fuse_variant()
+    assert state_pass.fuse_variant("trans-w4") == "trans-w4"
+    monkeypatch.delenv("MDN_FUSE_VARIANT")
+    assert state_pass.fuse_variant() == state_pass.DEFAULT_FUSE_VARIANT

@@ -239,6 +239,18 @@ def saved_bytes_worker(rank, world, cfg, runs):
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                model(ids, None, None, labels=labels, packed_seq_params=packed_params([0, T]))
+                loss = model(ids, None, None, labels=labels, packed_seq_params=packed_params([0, T]))
+        # tensors a custom Function keeps as ctx attributes (the MDN op's StateOutput keeps U so
+        # that its backward can free it early): held for the backward, unseen by the hooks
+        todo, done = [loss.grad_fn], set()
+        while todo:
+            node = todo.pop()
+            if node is None or node in done:
+                continue
+            done.add(node)
+            for v in getattr(node, "__dict__", {}).values():
+                if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in params:
+                    seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+            todo += [f for f, _ in node.next_functions]
         out[(num_layers, T, chunk)] = sum(seen.values())
     return out

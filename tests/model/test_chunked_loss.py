@@ -120,8 +120,9 @@ def test_layer_saved_bytes_match_the_estimate(counts):
     assert (layer[64] - layer[32]) / 32 == per_token
     # by hand for this model (d=64, H=2, K=16, V=32, C=16, F=128, W=4, P_qkv=128): norms 2·644,
     # conv 2·128 + 8 + 4·128, bf16 q|k|v 256, v copy 128, gates 120, gated norm 18·64 + 8,
-    # MLP 1280; the op per head 8K + 8K + 8C + 28 + 2V + 12/C = 476.75 (+ 16/C), pairs 2·128
-    assert per_token == 2 * 644 + 776 + 256 + 128 + 120 + 1160 + 1280 + 2 * 476.75 + 1 + 256 == 6218.5
+    # MLP 1280; the op per head 8K + 8K + 8C + 28 + 2V (U, a ctx attribute) + 12/C = 476.75
+    # (+ 16/C); no per-chunk pairs (StateOutput recomputes them)
+    assert per_token == 2 * 644 + 776 + 256 + 128 + 120 + 1160 + 1280 + 2 * 476.75 + 1 == 5962.5
 
 
 def test_loss_saved_bytes_match_the_estimate(counts):

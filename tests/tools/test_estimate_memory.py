@@ -91,19 +91,24 @@ def test_estimate_by_hand_bf16_recompute_chunked_loss():
     assert (t["around_op"], t["after_op"]) == (before + after, after) == (1924 + 3084, 3084)
     # op per head (C = 64): q̂ k̂ 8K + Y Z Kg Km 8K + (I+A)⁻¹ Γ 8C + 28 + W 2V + 12/C; chunk bounds 16/C
     assert t["op_chunk_tensors"] == 2 * (128 + 128 + 512 + 28 + 64 + 12 / 64) + 16 / 64 == 1720.625
-    assert t["op_state_pairs"] == 2 * 2 * 2 * 16 * 32 / 64 == 64
-    # backward: LocalOutput grads 8K + 12 + 4C + 2V + 4KV/C, state pass 2V + 4KV/C, fp32 4V + 16K
-    assert t["op_backward"] == 2 * ((128 + 12 + 256 + 64 + 32) + (64 + 32) + (128 + 256)) == 1944
-    layer = 1924 + 3084 + 1720.625 + 64
+    # the pairs are recomputed in the backward (StateOutput), kept only under CP
+    assert t["op_state_pairs"] == 0
+    cp2 = layer_activation_terms(cfg, Layout(precision="bf16", cp=2))
+    assert cp2["op_state_pairs"] == 2 * 2 * 2 * 16 * 32 / 64 == 64
+    # backward: LocalOutput grads 8K + 12 + 4C + 2V + 4KV/C, the recomputed S0s, M0s 4KV/C,
+    # dS_end, dM_end 4KV/C; under CP the state pass's 2V + 4KV/C and fp32 4V + 16K instead
+    assert t["op_backward"] == 2 * ((128 + 12 + 256 + 64 + 32) + 32 + 32) == 1112
+    assert cp2["op_backward"] == 2 * ((128 + 12 + 256 + 64 + 32) + (64 + 32) + (128 + 256)) == 1944
+    layer = 1924 + 3084 + 1720.625 + 0
     assert est["autocast_weight_copies"] == 2 * P
     assert est["activations_kept"] == T_l * (4 * d + 1 * 2 * d)  # fp32 embedding output, one bf16 input
     assert est["activations_rebuilt_layer"] == int(T_l * layer)
     assert est["final_norm_and_loss_kept"] == T_l * 644 + 12 * T_l
     assert est["loss_forward_transient"] == 2 * Vp * d + 100 * Vp * 6
     assert est["loss_backward_transient"] == 2 * Vp * d + 4 * Vp * d + 2 * Vp * d + 100 * Vp * 8 + T_l * d * 2
-    assert est["backward_workspace"] == T_l * 1944 + 2 * T_l * d * 4
+    assert est["backward_workspace"] == T_l * 1112 + 2 * T_l * d * 4
     kept = T_l * 6 * d
-    layer_backward = 16 * P + kept + T_l * (layer - after) + T_l * 1944 + 2 * T_l * d * 4 + est["recurrent_states"]
+    layer_backward = 16 * P + kept + T_l * (layer - after) + T_l * 1112 + 2 * T_l * d * 4 + est["recurrent_states"]
     assert est["moments"]["layer_backward"] == int(layer_backward)
     assert est["allocated"] == max(est["moments"].values())
 
@@ -114,10 +119,15 @@ def test_recompute_bf16_and_scaling():
     assert est["autocast_weight_copies"] == 2 * 125336
     assert est["activations_kept"] == 4096 * (4 * 64 + 2 * 64)  # the layer inputs only
     assert est["activations_rebuilt_layer"] > 0 and est["cp_maps_kept"] == 0
-    # activations are linear in the tokens per rank: CP = 4 on 4× the tokens keeps them equal
-    cp4 = estimate(TINY, Layout(seq_len=4 * 4096, cp=4, precision="bf16", recompute=True), reserve_gib=0)
-    for k in ("activations_kept", "activations_rebuilt_layer", "final_norm_and_loss_kept"):
+    # activations are linear in the tokens per rank: CP = 4 on 4× the tokens keeps them equal,
+    # but for the per-chunk pairs, which only the CP path keeps (StatePass)
+    cp4_lay = Layout(seq_len=4 * 4096, cp=4, precision="bf16", recompute=True)
+    cp4 = estimate(TINY, cp4_lay, reserve_gib=0)
+    for k in ("activations_kept", "final_norm_and_loss_kept"):
         assert cp4[k] == est[k], k
+    pairs = layer_activation_terms(TINY, cp4_lay)["op_state_pairs"]
+    assert pairs > 0
+    assert cp4["activations_rebuilt_layer"] == est["activations_rebuilt_layer"] + int(4096 * pairs)
     assert cp4["backward_workspace"] > est["backward_workspace"]  # + the CP group gradients
     # the chunked loss removes the [T, vocab] terms
     chunked = estimate(ModelConfig(**{**TINY.to_dict(), "loss_chunk_tokens": 256}), base, reserve_gib=0)
