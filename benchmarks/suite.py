@@ -20,8 +20,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   f  after session 3's changes: PP train tests, kernel bench (lean default vs the old), 400M /
      1.3B throughput with the fused mixer, the fused mixer's GPU tests, the long-context estimate
      (1 and 2 GPUs), mode-2 triage; then the CP op at R = 4 with FLA's CP GDN peer.
-  g  the quality run (plan q's trainings) beside the 1-GPU context search and Megatron-core's
-     GDN peer; then the longest context on 4 GPUs; then the quality plot.
+  g  the quality run (plan q's trainings) beside MDN's 400M and 1.3B throughput; then the
+     longest context on 4 GPUs; then the quality plot.
   q  the quality run alone.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
@@ -221,15 +221,15 @@ PLANS = {
                           "--out {R}/result.json --profile {R}/profile.txt")]),
         ]),
     ],
-    "g": [  # the quality run beside the 1-GPU context search and Megatron-core's GDN peer;
-        #     then the longest context on 4 GPUs
+    "g": [  # the quality run beside MDN's own 400M / 1.3B throughput (plan f's MDN jobs spent their
+        #     limits in FLA's first-call autotuning: limits here include it); then the longest
+        #     context on 4 GPUs; then the quality plot
         ("train", 300, [
             ("0", [("q_mdn", 295, quality_train("mdn"))]),
             ("1", [("q_gdn", 295, quality_train("gdn"))]),
             ("2", [("q_transformer", 295, quality_train("transformer"))]),
-            ("3", [("longctx_search_g1", 140, LONGCTX_SEARCH.format(n=1, att=1, t=130, b=135)),
-                   ("megatron_gdn_400m", 150, bench_model(1, f"--config {G400} --mixer megatron_gdn "
-                                                           "--micro-batch 4"))]),
+            ("3", [("mdn_400m", 150, bench_model(1, f"--config {M400} --micro-batch 4 --profile {{R}}/profile.txt")),
+                   ("mdn_1p3b", 140, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
         ]),
         ("four_gpu", 145, [
             ("0,1,2,3", [("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=130, b=135))]),
