@@ -2,7 +2,7 @@
 
     python tools/bench_kernels.py --out benchmarks/results/kernels_h100.json
     python tools/bench_kernels.py --shapes 0 --variant MDN_RECOMPUTE_PAIRS=0 \
-        --variant MDN_RECOMPUTE_PAIRS=2+MDN_FUSE_VARIANT=trans-w8-halfbv --out ...
+        --variant MDN_RECOMPUTE_PAIRS=2+MDN_FUSE_VARIANT=trans-w4-halfbv --out ...
                                                 # default and variants side by side
 
 The default path is the environment's (MDN_RECOMPUTE_PAIRS unset: mode 1, the lean path; the

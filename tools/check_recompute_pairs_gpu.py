@@ -3,7 +3,7 @@ compared with the earlier path (mode 0) in the same process: the GPU triage of t
 Run it under CUDA_LAUNCH_BLOCKING=1 or compute-sanitizer to find the launch that fails.
 
     MDN_RECOMPUTE_PAIRS=2 CUDA_LAUNCH_BLOCKING=1 python tools/check_recompute_pairs_gpu.py --B 8 --T 4096
-    MDN_RECOMPUTE_PAIRS=2 python tools/check_recompute_pairs_gpu.py --fuse-variant trans-w8-halfbv
+    MDN_RECOMPUTE_PAIRS=2 python tools/check_recompute_pairs_gpu.py --fuse-variant trans-w4-halfbv
 
 --fuse-variant picks how mode 2's state backward makes the pair cotangents
 (mdn_kernels.mdn.state_pass.FUSE_VARIANTS; sets MDN_FUSE_VARIANT). A variant that faults breaks
