@@ -61,6 +61,8 @@ def bench_model(n: int, args: str) -> str:
             f"--steps 5 --warmup 3 --out {{R}}/result.json {args}")
 
 
+# b (--budget-s) must cover the search's own start (imports, the estimate: ~10 s) plus one
+# attempt of t (--timeout) s, else the search refuses its first attempt (plans b and g did so).
 LONGCTX_SEARCH = ("python3 benchmarks/longctx_search.py --model configs/mdn_1.3b.yaml --gpus {n} "
                   "--out {{R}}/search.json --max-attempts {att} --timeout {t} --budget-s {b} "
                   "--loss-chunk-tokens 4096")
@@ -128,7 +130,7 @@ PLANS = {
                       "tests/gpu/test_longctx_memory_gpu.py -k 2gpu")]),
         ]),
         ("four_gpu", 140, [
-            ("0,1,2,3", [("longctx_search_g4", 138, LONGCTX_SEARCH.format(n=4, att=1, t=130, b=135))]),
+            ("0,1,2,3", [("longctx_search_g4", 138, LONGCTX_SEARCH.format(n=4, att=1, t=115, b=138))]),
         ]),
     ],
     "c": [  # both backends on 4 GPUs, the 1-GPU context search, then whole-model peers and layouts
@@ -232,7 +234,7 @@ PLANS = {
                    ("mdn_1p3b", 140, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
         ]),
         ("four_gpu", 145, [
-            ("0,1,2,3", [("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=130, b=135))]),
+            ("0,1,2,3", [("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=115, b=138))]),
         ]),
         ("plot", 30, [("0", [("q_plot", 28, QUALITY_PLOT)])]),
     ],
