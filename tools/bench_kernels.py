@@ -30,6 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/fla_peer.py
 
 from mdn_kernels import mdn_chunk  # noqa: E402
 from mdn_kernels.mdn.chunk import recompute_pairs_mode  # noqa: E402
@@ -116,9 +117,9 @@ def main():
     dev = "cuda"
     chunk_gdn = None
     if not args.no_fla:
-        import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk_gdn
-        fla_chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only: see the module docstring
+        from fla_peer import lift_fla_guard
+        lift_fla_guard()  # timing only: see the module docstring
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     import triton
     results = []

@@ -219,26 +219,6 @@ class SyntheticTokens:
         pass
 
 
-def lift_fla_guard() -> dict:
-    """FLA 0.6.0's gated backward refuses Hopper with Triton < 3.7.1 (FLA #640): lift it for
-    timing (as tools/bench_kernels.py does). Returns what was done, for the JSON."""
-    import fla
-
-    info = {"fla": getattr(fla, "__version__", "?"), "fla_guard_lifted": False}
-    try:
-        import fla.ops.common.chunk_o as chunk_o
-
-        if hasattr(chunk_o, "TRITON_ABOVE_3_7_1"):
-            info["fla_guard_was"] = bool(chunk_o.TRITON_ABOVE_3_7_1)
-            chunk_o.TRITON_ABOVE_3_7_1 = True
-            info["fla_guard_lifted"] = True
-            info["note"] = ("FLA's Hopper guard (Triton < 3.7.1, FLA #640) lifted for timing only: "
-                            "megatron_gdn's gradients and losses in this run are not trusted")
-    except ImportError as e:
-        info["fla_guard_error"] = repr(e)
-    return info
-
-
 def build_chunks(cfg, a, layout):
     """The trainer's model for this rank: one GPTModel, or --vp chunks (interleaved)."""
     from megatron.core import parallel_state as ps
@@ -342,6 +322,7 @@ def main(argv=None):
     cfg = run_config(a, world, has_cuda)
     extra = {}
     if a.mixer == "megatron_gdn" and not a.no_lift_fla_guard:
+        from fla_peer import lift_fla_guard
         extra = lift_fla_guard()
     layout = init_distributed(tensor=a.tp, pipeline=a.pp, context=a.cp,
                               virtual_pipeline=a.vp if a.vp > 1 else None)
