@@ -54,6 +54,9 @@ def test_cpu_smoke_two_ranks(tmp_path):
             assert errs["cp_vs_cp1"] <= errs["cp1_vs_fp32"], (mode, name, errs)
         for sec in ("weak", "strong"):
             assert res[sec][mode]["median_ms"] > 0 and res[sec][mode]["efficiency"] > 0
+            assert res[sec][mode]["efficiency_vs_mode0"] > 0
+        for sec in ("weak", "strong"):
+            assert res[sec]["cp1_mode0"]["median_ms"] > 0
     table = prof.read_text()
     for run_name in ("CP=1", "CP=2 allgather", "CP=2 ring"):
         assert run_name in table and run_name in " ".join(res["profile"])
