@@ -22,6 +22,11 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      (1 and 2 GPUs), mode-2 triage; then the CP op at R = 4 with FLA's CP GDN peer.
   g  the quality run (plan q's trainings) beside MDN's 400M and 1.3B throughput; then the
      longest context on 4 GPUs; then the quality plot.
+  h  what session 3 could not fit: the fused mixer's GPU tests, the kernel bench with FLA and
+     modes 0/2, the long-context estimate (1.3B/400M 64K, TP = 2), Megatron-core's GDN peer,
+     one 1-GPU context attempt, the PP=2→TP=2 resume; the CP op with FLA's CP peer.
+  i  plan d's whole-model layouts (DP, TP, PP 1F1B / interleaved, CP = 4) and one attempt at
+     the longest 4-GPU context.
   q  the quality run alone.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
@@ -237,6 +242,45 @@ PLANS = {
             ("0,1,2,3", [("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=115, b=138))]),
         ]),
         ("plot", 30, [("0", [("q_plot", 28, QUALITY_PLOT)])]),
+    ],
+    "h": [  # what session 3 could not fit (each FLA-first job's limit includes ~90 s of autotuning)
+        ("one_gpu", 300, [
+            ("0", [("mixer_kernels_test", 200, "MDN_RESULTS_DIR={R} " + PT + " --timeout 195 "
+                    "tests/gpu/test_mixer_kernels_gpu.py"),
+                   ("optimizer_test", 25, PT + " -s tests/gpu/test_optimizer_gpu.py")]),
+            ("1", [("kernel_bench", 295, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_RECOMPUTE_PAIRS=0 --variant MDN_RECOMPUTE_PAIRS=2 --out {R}/result.json")]),
+            ("2", [("longctx_mem_1gpu", 295, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=140 " + PT + " -s "
+                    "tests/gpu/test_longctx_memory_gpu.py -k '1gpu and 65536'")]),
+            ("3", [("megatron_gdn_400m", 150, bench_model(1, f"--config {G400} --mixer megatron_gdn "
+                                                           "--micro-batch 4")),
+                   ("longctx_search_g1", 145, LONGCTX_SEARCH.format(n=1, att=1, t=125, b=143))]),
+        ]),
+        ("two_gpu", 150, [
+            ("0,1", [("longctx_mem_2gpu", 145, "MDN_RESULTS_DIR={R} MDN_LONGCTX_TIMEOUT=140 " + PT + " -s "
+                      "tests/gpu/test_longctx_memory_gpu.py -k '2gpu and tp2'")]),
+            ("2,3", [("train_tests_resume", 145, "MDN_COMPILE=0 " + PT + " --timeout 140 "
+                      "tests/gpu/test_train_gpu.py -k resume")]),
+        ]),
+        ("four_gpu", 120, [
+            ("0,1,2,3", [("cp_r4", 118, "python3 -m torch.distributed.run --standalone --nproc-per-node 4 "
+                          "tools/bench_cp.py --skip strong,exact --modes allgather --fla-peer "
+                          "--out {R}/result.json --profile {R}/profile.txt")]),
+        ]),
+    ],
+    "i": [  # whole-model layouts (plan d's, never run) and the longest contexts on 2 and 4 GPUs
+        ("two_gpu", 160, [
+            ("0,1", [("dp2_400m", 80, bench_model(2, f"--config {M400} --micro-batch 4")),
+                     ("pp2_1f1b_400m_24l", 75, bench_model(2, f"--config {M400} --pp 2 {PP}"))]),
+            ("2,3", [("tp2_400m", 80, bench_model(2, f"--config {M400} --micro-batch 4 --tp 2")),
+                     ("pp2_vp2_400m_24l", 75, bench_model(2, f"--config {M400} --pp 2 --vp 2 {PP}"))]),
+        ]),
+        ("four_gpu", 400, [
+            ("0,1,2,3", [("cp4_400m_16k", 110, bench_model(4, f"--config {M400} --micro-batch 1 "
+                                                              "--microbatches 4 --cp 4 --seq-len 16384")),
+                         ("pp4_vp2_400m_24l", 100, bench_model(4, f"--config {M400} --pp 4 --vp 2 {PP}")),
+                         ("longctx_search_g4", 185, LONGCTX_SEARCH.format(n=4, att=1, t=165, b=183))]),
+        ]),
     ],
 }
 
