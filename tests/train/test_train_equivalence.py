@@ -59,12 +59,16 @@ def test_microbatch_split_and_recompute_give_the_same_losses(reference):
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_counted(reference):
-    """lr = 1e30 blows the weights up in step 1; every later step's loss is not finite, so its
-    update is skipped (counted, logged as null) and the run goes on."""
+    """lr = 1e30 blows the weights up in step 1; in every later step the loss or the gradient
+    norm is not finite, so its update is skipped (counted; a non-finite loss is logged as null)
+    and the run goes on. Which of the two overflows depends on the weights: the RMSNorms' x²
+    overflows to inf and zeroes the normalised activations, after which the logits may tie
+    (a finite loss of log V, only the gradients non-finite; so with the layout-keyed init of
+    session 3) or not (a non-finite loss; so before)."""
     _, ref, one = reference
     losses, summary = one["nonfinite"], one["nonfinite.summary"]
     assert losses["1"] == pytest.approx(ref["1"], rel=1e-6)  # step 1 itself was normal
-    assert all(losses[str(s)] is None for s in range(2, STEPS + 1)), losses
+    assert sorted(losses) == [str(s) for s in range(1, STEPS + 1)], losses  # the run went on
     assert summary["skipped_steps"] == STEPS - 1 and summary["skipped_by_step"] == STEPS - 1
 
 
