@@ -151,13 +151,52 @@ def plot_deepspeed(out):
     return out
 
 
+# (label, file) of the whole-model runs (tools/bench_model.py), one H100 each, in the order shown
+MODEL_RUNS = [
+    ("MDN 400M\nsession 2", "model_h100_mdn_400m.json"),
+    ("GDN 400M\nsession 2", "model_h100_gdn_400m.json"),
+    ("MDN 400M", "model_h100_mdn_400m_v3.json"),
+    ("GDN 400M", "model_h100_gdn_400m_v2.json"),
+    ("Transformer\n400M", "model_h100_transformer_400m.json"),
+    ("MDN 1.3B", "model_h100_mdn_1p3b.json"),
+    ("GDN 1.3B", "model_h100_gdn_1p3b.json"),
+]
+
+
+def plot_model(out):
+    """Whole-model training throughput (tokens/s per GPU) and MFU per recorded run."""
+    rows = []
+    for label, name in MODEL_RUNS:
+        d = _load(name)
+        if d and d.get("tokens_per_s_per_gpu"):
+            rows.append((label, d["tokens_per_s_per_gpu"], 100 * d["mfu"]))
+    if not rows:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    xs = range(len(rows))
+    colors = ["lightgray" if "session 2" in r[0] else "tab:blue" for r in rows]
+    a1.bar(xs, [r[1] for r in rows], color=colors)
+    a1.set_ylabel("tokens/s per GPU")
+    a2.bar(xs, [r[2] for r in rows], color=colors)
+    a2.set_ylabel("MFU, %")
+    for ax in (a1, a2):
+        ax.set_xticks(list(xs), [r[0].replace("\n", " ") for r in rows], rotation=30, ha="right")
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Whole-model training step, one H100, bf16, 16K tokens per step "
+                 "(gray: before the out-projection and fused-mixer fixes)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
     a = ap.parse_args()
     for fn, name in ((plot_kernels, "kernels_vs_gdn.png"), (plot_cp, "cp_weak_scaling.png"),
                      (plot_memory_estimate, "memory_estimate_vs_measured.png"),
-                     (plot_deepspeed, "deepspeed_vs_megatron_1p3b.png")):
+                     (plot_deepspeed, "deepspeed_vs_megatron_1p3b.png"),
+                     (plot_model, "model_throughput.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
