@@ -97,10 +97,9 @@ MEM = dict(hidden_size=64, num_heads=2, head_k_dim=16, expand_v=2, ffn_hidden_si
 
 
 def _saved_bytes_worker(rank, world, cfg, kernels):
-    """Bytes autograd saves (unique storages, parameters excluded) in one forward with labels
-    under bf16 autocast, per (num_layers, T) (as model_workers.saved_bytes_worker, on CUDA)."""
+    """model_workers.count_saved_bytes on CUDA, per (num_layers, T)."""
     from mdn_scale.model import ModelConfig, build_model
-    from model_workers import init_parallel, packed_params
+    from model_workers import count_saved_bytes, init_parallel, packed_params
 
     init_parallel()
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -114,19 +113,7 @@ def _saved_bytes_worker(rank, world, cfg, kernels):
         labels = torch.randint(0, cfg["vocab_size"], (1, T), generator=g).to(dev)
         psp = packed_params([0, T])
         psp.cu_seqlens_q = psp.cu_seqlens_kv = psp.cu_seqlens_q.to(dev)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                model(ids, None, None, labels=labels, packed_seq_params=psp)
-        out[(num_layers, T)] = sum(seen.values())
+        out[(num_layers, T)] = count_saved_bytes(model, ids, labels, psp, "cuda")
     return out
 
 

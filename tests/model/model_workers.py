@@ -216,9 +216,38 @@ def chunked_loss_worker(rank, world, tp, cfg, ids, labels, token_weights, chunks
     return res
 
 
+def count_saved_bytes(model, ids, labels, packed, device_type: str) -> int:
+    """Bytes autograd holds for the backward after one forward with labels under bf16 autocast:
+    unique storages, parameters excluded; the saved tensors (hooks) and the tensors a custom
+    Function keeps as ctx attributes (the MDN op's StateOutput keeps U so that its backward can
+    free it early: held for the backward, unseen by the hooks)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            loss = model(ids, None, None, labels=labels, packed_seq_params=packed)
+    todo, done = [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in done:
+            continue
+        done.add(node)
+        for v in getattr(node, "__dict__", {}).values():
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in params:
+                seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        todo += [f for f, _ in node.next_functions]
+    return sum(seen.values())
+
+
 def saved_bytes_worker(rank, world, cfg, runs):
-    """Bytes autograd saves for the backward (unique storages, parameters excluded) in one
-    forward with labels under bf16 autocast, for each (num_layers, T, loss_chunk_tokens) run."""
+    """count_saved_bytes on the CPU for each (num_layers, T, loss_chunk_tokens) run."""
     init_parallel()  # TP = 1 (any world size: each rank counts the same thing)
     out = {}
     for num_layers, T, chunk in runs:
@@ -228,29 +257,5 @@ def saved_bytes_worker(rank, world, cfg, runs):
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=g)
         labels = torch.randint(0, cfg["vocab_size"], (1, T), generator=g)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(ids, None, None, labels=labels, packed_seq_params=packed_params([0, T]))
-        # tensors a custom Function keeps as ctx attributes (the MDN op's StateOutput keeps U so
-        # that its backward can free it early): held for the backward, unseen by the hooks
-        todo, done = [loss.grad_fn], set()
-        while todo:
-            node = todo.pop()
-            if node is None or node in done:
-                continue
-            done.add(node)
-            for v in getattr(node, "__dict__", {}).values():
-                if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in params:
-                    seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-            todo += [f for f, _ in node.next_functions]
-        out[(num_layers, T, chunk)] = sum(seen.values())
+        out[(num_layers, T, chunk)] = count_saved_bytes(model, ids, labels, packed_params([0, T]), "cpu")
     return out
