@@ -26,20 +26,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mdn_scale.model.mixer import causal_conv, gated_rmsnorm  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import peak_mib  # noqa: E402  (one peak-memory helper for the bench tools)
+
 # [B, T, C] of the 400M and 1.3B mixers' q|k|v block (C = H·(2K + V)) at 16K tokens per step.
 SHAPES = [dict(B=4, T=4096, C=3072, W=4), dict(B=2, T=4096, C=6144, W=4)]
 # the gated norm's [tokens, H, V] of the same two models
 NORM_SHAPES = [dict(T=16384, H=6, V=256), dict(T=8192, H=6, V=512)]
 EPS = 1e-6
-
-
-def peak_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def doc_bounds(total: int, gen: torch.Generator) -> torch.Tensor:
