@@ -69,25 +69,34 @@ def host_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return host
 
 
-_BATCHED: dict = {}
+_LAYOUTS: dict = {}
+_LAYOUTS_MAX = 64
 
 
 def build_layout(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, chunk_size: int,
                  device: torch.device) -> ChunkLayout:
     """No host sync: the sizes (total tokens, chunks, longest sequence's chunks) come from the
     shapes, or from the host copy of cu_seqlens (host_cu_seqlens: one copy per cu tensor).
-    Without cu_seqlens the layout depends only on the shape: built once per (batch, seqlen,
-    chunk_size, device) and shared (its index tensors are read-only), which saves ~25 small
-    device ops per call of the op."""
+
+    Built once and shared (its index tensors are read-only): per (batch, seqlen, chunk_size,
+    device) without cu_seqlens, and per cu_seqlens tensor with them — the same object, unmodified
+    (version counter), as host_cu_seqlens keys its copy: every layer of a model receives the same
+    cu_seqlens, so the layout's ~25 small device ops run once per micro-batch, not once per layer.
+    An entry goes when its cu_seqlens tensor is freed."""
+    dev = str(torch.device(device))
     if cu_seqlens is None:
-        key = (batch, seqlen, chunk_size, str(torch.device(device)))
-        hit = _BATCHED.get(key)
-        if hit is None:
-            if len(_BATCHED) >= 64:
-                _BATCHED.clear()
-            hit = _BATCHED[key] = _build_layout(batch, seqlen, None, chunk_size, device)
-        return hit
-    return _build_layout(batch, seqlen, cu_seqlens, chunk_size, device)
+        key, owner = (batch, seqlen, chunk_size, dev), None
+    else:
+        key, owner = (id(cu_seqlens), cu_seqlens._version, batch, seqlen, chunk_size, dev), cu_seqlens
+    hit = _LAYOUTS.get(key)
+    if hit is not None and (owner is None or hit[0]() is owner):
+        return hit[1]
+    layout = _build_layout(batch, seqlen, cu_seqlens, chunk_size, device)
+    if len(_LAYOUTS) >= _LAYOUTS_MAX:
+        _LAYOUTS.clear()
+    ref = None if owner is None else weakref.ref(owner, lambda _r, k=key: _LAYOUTS.pop(k, None))
+    _LAYOUTS[key] = (ref, layout)
+    return layout
 
 
 def _build_layout(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, chunk_size: int,

@@ -74,3 +74,24 @@ def test_check_cu_seqlens_still_refuses():
     with pytest.raises(ValueError, match="must end at 9"):
         check_cu_seqlens(torch.tensor([0, 5, 8]), 1, 9, "offsets", "must end at 9")
     assert check_cu_seqlens(torch.tensor([0, 5, 9], dtype=torch.int32), 1, 9, "o", "e") == 2
+
+
+def test_layout_built_once_per_cu_tensor():
+    """One layout per cu_seqlens tensor (every layer passes the same one): reused while the tensor
+    lives unmodified, rebuilt after an in-place change, dropped when the tensor is freed."""
+    import gc
+
+    cu = torch.tensor([0, 5, 40], dtype=torch.int32)
+    a = L.build_layout(1, 40, cu, 16, torch.device("cpu"))
+    assert L.build_layout(1, 40, cu, 16, torch.device("cpu")) is a
+    assert L.build_layout(1, 40, cu.clone(), 16, torch.device("cpu")) is not a  # another tensor
+    cu[1] = 9  # in place: the version counter moves
+    b = L.build_layout(1, 40, cu, 16, torch.device("cpu"))
+    assert b is not a and b.num_chunks == 3 and a.num_chunks == 4
+    ref = reference_layout(1, 40, cu, 16)
+    assert torch.equal(b.dest, ref["dest"]) and torch.equal(b.seq_chunk_offsets, ref["seq_chunk_offsets"])
+    n = len(L._LAYOUTS)
+    del cu
+    gc.collect()
+    assert len(L._LAYOUTS) < n  # its entries went with it
+    assert L.build_layout(2, 8, None, 4, torch.device("cpu")) is L.build_layout(2, 8, None, 4, torch.device("cpu"))
