@@ -25,8 +25,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   h  what session 3 could not fit: the fused mixer's GPU tests, the kernel bench with FLA and
      modes 0/2, the long-context estimate (1.3B/400M 64K, TP = 2), Megatron-core's GDN peer,
      one 1-GPU context attempt, the PP=2→TP=2 resume; the CP op with FLA's CP peer.
-  i  plan d's whole-model layouts (DP, TP, PP 1F1B / interleaved, CP = 4) and one attempt at
-     the longest 4-GPU context.
+  i  plan d's whole-model layouts (DP, TP, PP 1F1B / interleaved, CP = 4 with its 1-GPU
+     reference) and one attempt at the longest 4-GPU context.
   q  the quality run alone.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
@@ -272,8 +272,12 @@ PLANS = {
         ("two_gpu", 160, [
             ("0,1", [("dp2_400m", 80, bench_model(2, f"--config {M400} --micro-batch 4")),
                      ("pp2_1f1b_400m_24l", 75, bench_model(2, f"--config {M400} --pp 2 {PP}"))]),
+            # the CP = 4 job's 1-GPU reference (the same 4K tokens per GPU per micro-batch, 4
+            # micro-batches) for the whole model's weak-scaling efficiency; PP = 2 interleaved
+            # gave way to it (PP = 4 interleaved runs below)
             ("2,3", [("tp2_400m", 80, bench_model(2, f"--config {M400} --micro-batch 4 --tp 2")),
-                     ("pp2_vp2_400m_24l", 75, bench_model(2, f"--config {M400} --pp 2 --vp 2 {PP}"))]),
+                     ("cp1_400m_4k", 75, bench_model(1, f"--config {M400} --micro-batch 1 "
+                                                        "--microbatches 4 --seq-len 4096"))]),
         ]),
         ("four_gpu", 400, [
             ("0,1,2,3", [("cp4_400m_16k", 110, bench_model(4, f"--config {M400} --micro-batch 1 "
