@@ -69,6 +69,10 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-chunk-tokens", type=int, default=None,
                     help="model.loss_chunk_tokens (default: the model config's; 0 = Megatron's loss)")
     ap.add_argument("--json")
+    ap.add_argument("--peak-breakdown", action="store_true",
+                    help="record the CUDA allocator's history (Python stacks) from the model's "
+                         "build on and add to the JSON what was live at the allocated-bytes peak, "
+                         "by allocation site (tools/profiling.py peak_breakdown; rank 0)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run the same logic on CPU in fp32 (no memory figures): checks the script")
     a = ap.parse_args(argv)
@@ -132,6 +136,8 @@ def main(argv=None) -> int:
               "estimate_allocated_gib": est["allocated"] / GIB, "estimate_total_gib": est["total"] / GIB,
               "estimate_peak_at": est["peak_at"],
               "estimate_moments_gib": {k: v / GIB for k, v in est["moments"].items()}}
+    if a.peak_breakdown and not a.cpu_smoke:
+        torch.cuda.memory._record_memory_history(max_entries=5_000_000, stacks="python")
     oom = False
     t0 = time.time()
     try:
@@ -159,6 +165,15 @@ def main(argv=None) -> int:
         reserved = torch.tensor([torch.cuda.max_memory_reserved() / GIB], device=layout.device)
         dist.all_reduce(reserved, op=dist.ReduceOp.MAX)
         result["measured_reserved_gib"] = float(reserved.item())
+    if a.peak_breakdown and not a.cpu_smoke and layout.is_logger:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+        from profiling import peak_breakdown
+
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        bd = peak_breakdown(snap["device_traces"][torch.cuda.current_device()])
+        bd["sites"] = [dict(s, gib=s["bytes"] / GIB) for s in bd["sites"]]
+        result["peak_breakdown"] = bd
     if not result["oom"] and not a.cpu_smoke:
         result["measured_peak_gib"] = float(peak.item())
         result["error"] = (result["estimate_allocated_gib"] - result["measured_peak_gib"]) / result["measured_peak_gib"]

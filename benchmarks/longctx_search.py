@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 
 def attempt(model: str, gpus: int, seq_len: int, tp: int, cp: int, recompute: bool, timeout: int,
-            loss_chunk_tokens: int = 4096) -> dict:
+            loss_chunk_tokens: int = 4096, log_path: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            os.path.join(ROOT, "benchmarks", "longctx_memory.py"), "--model", model,
            "--seq-len", str(seq_len), "--tp", str(tp), "--cp", str(cp), "--steps", "2",
@@ -54,6 +54,7 @@ def attempt(model: str, gpus: int, seq_len: int, tp: int, cp: int, recompute: bo
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
+    out = ""
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -63,6 +64,9 @@ def attempt(model: str, gpus: int, seq_len: int, tp: int, cp: int, recompute: bo
                 "wall_s": time.time() - t0, "tail": (out or "")[-2000:]}
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if log_path:  # every rank's whole output: the record keeps only its tail
+            with open(log_path, "w") as f:
+                f.write(" ".join(cmd) + "\n" + (out or ""))
     reports = [json.loads(ln[len("LONGCTX_MEMORY "):]) for ln in out.splitlines()
                if ln.startswith("LONGCTX_MEMORY ")]
     if reports:
@@ -123,7 +127,8 @@ def main(argv=None) -> int:
         if a.budget_s and time.time() - t_start + a.timeout > a.budget_s:
             print(f"budget: {a.budget_s} s would not cover another attempt of up to {a.timeout} s", flush=True)
             break
-        rec = attempt(a.model, a.gpus, seq, tp, cp, rc, a.timeout, loss_chunk_tokens=a.loss_chunk_tokens)
+        rec = attempt(a.model, a.gpus, seq, tp, cp, rc, a.timeout, loss_chunk_tokens=a.loss_chunk_tokens,
+                      log_path=f"{os.path.splitext(a.out)[0]}_{seq}.log")
         rec.update(estimated_longest=best["seq_len"], search_card_gib=a.card_gib)
         records.append(rec)
         with open(a.out, "w") as f:

@@ -115,6 +115,11 @@ def parse_args(argv=None):
                         "torch.profiler and write the tables (top 40 by self CUDA and by self CPU "
                         "time, per-step wall, GPU-busy ms, device events) to PATH (rank 0)")
     p.add_argument("--profile-steps", type=int, default=2, help="profiled steps (--profile)")
+    p.add_argument("--cprofile", default=None, metavar="PATH",
+                   help="after the timed steps (and --profile), run --profile-steps more steps "
+                        "under Python's cProfile and write rank 0's top 50 functions by own time "
+                        "and by cumulative time to PATH: where the host's time goes when a step "
+                        "is bound by Python and kernel launches rather than the GPU")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     a = p.parse_intermixed_args(argv)  # overrides may come before or between options
     if a.cpu_smoke:
@@ -304,6 +309,39 @@ def profile_run(a, layout, cuda: bool, one_step, data) -> dict:
     return {"path": a.profile, "steps": a.profile_steps, **s, "per_rank": per_rank}
 
 
+def cprofile_run(a, layout, cuda: bool, one_step, data) -> None:
+    """--cprofile: --profile-steps more steps under cProfile (every rank runs them: collectives);
+    rank 0 writes its tables. Host time only: CUDA kernels run asynchronously, so a function's
+    time is its Python and launch cost, plus any wait on the device it makes (syncs)."""
+    import cProfile
+    import io
+    import pstats
+
+    steps = [data.next_step() for _ in range(a.profile_steps)]
+    dist.barrier()
+    if cuda:
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for mb in steps:
+        one_step(mb)
+    prof.disable()
+    if cuda:
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3 / a.profile_steps
+    if layout.is_logger:
+        buf = io.StringIO()
+        buf.write(f"tools/bench_model.py --cprofile: {a.profile_steps} steps, wall {wall:.1f} ms per "
+                  f"step (host and device); command: {' '.join(sys.argv)}; rank 0\n")
+        for key in ("tottime", "cumulative"):
+            buf.write(f"\n=== top 50 by {key} (totals over the {a.profile_steps} steps) ===\n")
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(50)
+        os.makedirs(os.path.dirname(os.path.abspath(a.cprofile)) or ".", exist_ok=True)
+        with open(a.cprofile, "w") as f:
+            f.write(buf.getvalue())
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.cpu_smoke:
@@ -386,6 +424,8 @@ def main(argv=None):
     # per-rank figures to rank 0: step time (the slowest rank's median counts) and peak memory
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     profile = profile_run(a, layout, cuda, one_step, data) if a.profile else None
+    if a.cprofile:
+        cprofile_run(a, layout, cuda, one_step, data)
     med = statistics.median(step_ms)
     mine = torch.tensor([med, mem], dtype=torch.float64, device=layout.device)
     gathered = [torch.zeros_like(mine) for _ in range(layout.world)]

@@ -9,6 +9,8 @@ self CPU ms of the ops.
 profile_tables(prof, cuda, rows, ranges): the key_averages tables, by self CUDA time (on CUDA)
 and by self CPU time; with `ranges` (name prefixes of record_function ranges, e.g. "mdn."), a
 table of those ranges first (calls, CPU total and device total of the kernels inside them).
+peak_breakdown(events, top): from a recorded CUDA allocator trace, the allocated-bytes peak and
+what was live at that moment, grouped by the model-code line that allocated it.
 """
 from __future__ import annotations
 
@@ -65,3 +67,61 @@ def profile_tables(prof, cuda: bool, rows: int = 40, width: int = 70, ranges=())
     out += [f"top {rows} by self CPU time (totals over the profiled steps)",
             ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=width)]
     return out
+
+
+OWN_CODE = ("/mdn_scale/", "/kernels/", "/fla/", "/megatron/", "/benchmarks/", "/tools/")
+
+
+def _site(frames) -> str:
+    """The innermost frame of a Python stack that is ours or a library's model code (torch's own
+    frames skipped): where an allocation came from, as 'path:line function'."""
+    for fr in frames or ():
+        fn = fr.get("filename", "")
+        if any(p in fn for p in OWN_CODE):
+            for p in OWN_CODE:
+                if p in fn:
+                    fn = p.strip("/") + "/" + fn.split(p, 1)[1]
+                    break
+            return f"{fn}:{fr.get('line')} {fr.get('name')}"
+    return "(no model frame)"
+
+
+def peak_breakdown(events, top: int = 30) -> dict:
+    """Replay a CUDA caching-allocator trace (torch.cuda.memory._snapshot()["device_traces"][i],
+    recorded with torch.cuda.memory._record_memory_history) and describe the moment the
+    allocated bytes peaked: the peak, how many tensors were live, and the live bytes grouped by
+    allocation site (_site), largest first. 'alloc' adds a block, 'free_requested' removes it
+    (the allocated-bytes counter drops there, as torch.cuda.memory_allocated does). Blocks
+    allocated before recording started are unknown: `unmatched_frees` counts frees of them,
+    and the peak is then a lower bound."""
+    cur = peak = 0
+    peak_at, unmatched, live = -1, 0, {}
+    for i, e in enumerate(events):
+        act = e.get("action")
+        if act == "alloc":
+            live[e["addr"]] = e["size"]
+            cur += e["size"]
+            if cur > peak:
+                peak, peak_at = cur, i
+        elif act == "free_requested":
+            if live.pop(e["addr"], None) is None:
+                unmatched += 1
+            else:
+                cur -= e["size"]
+    at_peak = {}
+    for e in events[:peak_at + 1]:
+        act = e.get("action")
+        if act == "alloc":
+            at_peak[e["addr"]] = e
+        elif act == "free_requested":
+            at_peak.pop(e["addr"], None)
+    sites: dict[str, list] = {}
+    for e in at_peak.values():
+        s = sites.setdefault(_site(e.get("frames")), [0, 0])
+        s[0] += e["size"]
+        s[1] += 1
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])
+    return {"peak_bytes": peak, "event_index": peak_at, "events": len(events),
+            "live_tensors": len(at_peak), "unmatched_frees": unmatched,
+            "sites": [{"site": k, "bytes": b, "tensors": n} for k, (b, n) in ranked[:top]],
+            "other_bytes": sum(b for _, (b, _) in ranked[top:])}

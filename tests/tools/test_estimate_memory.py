@@ -236,3 +236,41 @@ def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
     assert longctx_search.main(["--model", str(ROOT / "configs" / "mdn_1.3b.yaml"), "--gpus", "2",
                                 "--out", str(out2), "--start", "40000", "--max-attempts", "6"]) == 0
     assert calls == [32768, 49152, 65536, 98304, 131072]
+
+
+def test_peak_breakdown_replays_an_allocator_trace():
+    """tools/profiling.py peak_breakdown (what benchmarks/longctx_memory.py --peak-breakdown
+    reports from a real CUDA allocator trace) on a trace written here: the peak is the largest
+    running total of alloc − free_requested, the live set is the one at that event, grouped by the
+    innermost model-code frame; frees of blocks allocated before recording are counted."""
+    from tests.tools.tool_loader import load_tool
+
+    prof = load_tool("profiling")
+    torch_frame = {"filename": "/x/torch/nn/functional.py", "line": 9, "name": "linear"}
+
+    def fr(path, line, name):
+        return [torch_frame, {"filename": "/site" + path, "line": line, "name": name}]
+
+    a = fr("/mdn_scale/model/mixer.py", 10, "forward")
+    b = fr("/kernels/mdn/chunk.py", 20, "state_pass")
+    events = [
+        {"action": "free_requested", "addr": 99, "size": 7},            # from before recording
+        {"action": "alloc", "addr": 1, "size": 100, "frames": a},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": b},
+        {"action": "segment_alloc", "addr": 0, "size": 4096},           # not a tensor: ignored
+        {"action": "free_requested", "addr": 2, "size": 50},
+        {"action": "free_completed", "addr": 2, "size": 50},            # already counted at the request
+        {"action": "alloc", "addr": 3, "size": 70, "frames": b},
+        {"action": "alloc", "addr": 4, "size": 30, "frames": a},        # peak: 100 + 70 + 30 = 200
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 5, "size": 90, "frames": [torch_frame]},  # 190 < 200
+    ]
+    r = prof.peak_breakdown(events, top=1)
+    assert r["peak_bytes"] == 200 and r["event_index"] == 7 and r["live_tensors"] == 3
+    assert r["unmatched_frees"] == 1 and r["events"] == len(events)
+    assert r["sites"] == [{"site": "mdn_scale/model/mixer.py:10 forward", "bytes": 130, "tensors": 2}]
+    assert r["other_bytes"] == 70  # the chunk.py site, beyond top=1
+    full = prof.peak_breakdown(events)
+    assert {s["site"]: s["bytes"] for s in full["sites"]} == {
+        "mdn_scale/model/mixer.py:10 forward": 130, "kernels/mdn/chunk.py:20 state_pass": 70}
+    assert prof._site([torch_frame]) == "(no model frame)"
