@@ -8,15 +8,16 @@ at each packed document and continue across CP ranks.
 
 Packed documents (varlen): consecutive documents are grouped, and each group is one SDPA call
 with an additive mask (0 where query i may see key j: same document and j <= offset + i, −inf
-elsewhere: what SDPA makes of a boolean mask, but built once per cu_seqlens tensor in the
-attention dtype and shared by every layer, so no layer converts or copies it — the
-memory-efficient kernel keeps a view of it for backward). A group grows
-while its mask has at most MAX_MASK_ELEMENTS entries, so a 2K–8K-token sequence of many short
-documents is one call per layer (no Python loop over documents, no host sync per layer: the
-host copy of cu_seqlens is host_cu_seqlens's, made once per tensor). A group of a single document (a long one, or one left alone by
-the bound) takes the unmasked causal path — SDPA's lower-right causal bias when the document began
-on an earlier CP rank — which can use the flash kernel. MAX_MASK_ELEMENTS = 0 gives one call per
-document, as attend_per_document, the reference loop the tests compare against.
+elsewhere). That is what SDPA makes of a boolean mask, but it is built once per cu_seqlens
+tensor in the attention dtype and shared by every layer, so no layer converts or copies it (the
+memory-efficient kernel keeps a view of it for backward). A group grows while its mask has at
+most MAX_MASK_ELEMENTS entries, so a 2K–8K-token sequence of many short documents is one call
+per layer, with no Python loop over documents and no host sync per layer (the host copy of
+cu_seqlens is host_cu_seqlens's, made once per tensor). A group of a single document (a long
+one, or one the bound leaves alone) takes the unmasked causal path — SDPA's lower-right causal
+bias when the document began on an earlier CP rank — which can use the flash kernel.
+MAX_MASK_ELEMENTS = 0 gives one call per document, as attend_per_document: the loop this
+replaced, kept as the reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -223,7 +224,8 @@ class SDPACoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, h, S, D]
         if cu is None:
             # Keys of this rank and the ranks before it; later ones are all masked.
-            out = causal_attention(q, k[:, :, :offset + S], v[:, :, :offset + S], self.softmax_scale)
+            out = causal_attention(q, k[:, :, :offset + S], v[:, :, :offset + S],
+                                   self.softmax_scale)
         else:
             out = attend_varlen(q, k, v, cu, offset, self.softmax_scale)
         out = out.permute(2, 0, 1, 3)  # [S, B, h, D]
