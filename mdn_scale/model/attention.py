@@ -18,6 +18,10 @@ one, or one the bound leaves alone) takes the unmasked causal path — SDPA's lo
 bias when the document began on an earlier CP rank — which can use the flash kernel.
 MAX_MASK_ELEMENTS = 0 gives one call per document, as attend_per_document: the loop this
 replaced, kept as the reference the tests compare against.
+
+Masked groups compute their fully masked blocks too (SDPA's masked kernels skip none); torch's
+flex_attention with a document BlockMask would skip them, but its backward does not run on CPU
+(torch 2.13: NotImplementedError), so it is not offered here untested.
 """
 from __future__ import annotations
 
