@@ -259,3 +259,28 @@ def saved_bytes_worker(rank, world, cfg, runs):
         labels = torch.randint(0, cfg["vocab_size"], (1, T), generator=g)
         out[(num_layers, T, chunk)] = count_saved_bytes(model, ids, labels, packed_params([0, T]), "cpu")
     return out
+
+
+def attention_cp_worker(rank, world, cases):
+    """SDPACoreAttention alone under CP=world (thd inputs, float64): each rank its contiguous
+    slice of the packed stream. cases: [(name, cu list, q, k, v, grad_out, limits)] with full
+    [T, h, D] tensors; per (name, limit) of MAX_MASK_ELEMENTS: this rank's output and the
+    gradients of its q, k, v slices."""
+    from types import SimpleNamespace
+    from mdn_scale.model import attention as attn
+    cp = SimpleNamespace(cp=dist.group.WORLD)
+    default, out = attn.MAX_MASK_ELEMENTS, {}
+    try:
+        for name, cu, q, k, v, grad, limits in cases:
+            S = q.shape[0] // world
+            sl = slice(rank * S, rank * S + S)
+            for limit in limits:
+                attn.MAX_MASK_ELEMENTS = default if limit is None else limit
+                core = attn.SDPACoreAttention(None, pg_collection=cp)
+                qs, ks, vs = (t[sl].clone().requires_grad_() for t in (q, k, v))
+                y = core(qs, ks, vs, None, packed_seq_params=packed_params(cu))
+                y.backward(grad[sl])
+                out[(name, limit)] = dict(out=y.detach(), dq=qs.grad, dk=ks.grad, dv=vs.grad)
+    finally:
+        attn.MAX_MASK_ELEMENTS = default
+    return out
