@@ -27,6 +27,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      one 1-GPU context attempt, the PP=2→TP=2 resume; the CP op with FLA's CP peer.
   i  plan d's whole-model layouts (DP, TP, PP 1F1B / interleaved, CP = 4 with its 1-GPU
      reference) and one attempt at the longest 4-GPU context.
+  j  session 4's diagnostics: cProfile and torch.profiler of the CP = 1 and CP = 4 400M steps at
+     4K tokens per micro-batch (host-bound), the 400M 64K peak broken down by allocation site,
+     the kernel bench with FLA, Megatron-core's GDN, the Transformer's quality run with grouped
+     varlen attention, the 4-GPU longest context.
   q  the quality run alone.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
@@ -284,6 +288,34 @@ PLANS = {
                                                               "--microbatches 4 --cp 4 --seq-len 16384")),
                          ("pp4_vp2_400m_24l", 100, bench_model(4, f"--config {M400} --pp 4 --vp 2 {PP}")),
                          ("longctx_search_g4", 185, LONGCTX_SEARCH.format(n=4, att=1, t=165, b=183))]),
+        ]),
+    ],
+    "j": [  # session 4's diagnostics: why 4K-token micro-batches are host-bound (the CP = 4 and
+            # CP = 1 references of plan i with torch.profiler and cProfile), what is live at the
+            # 400M 64K peak (the estimate's 21% gap), the kernel bench with FLA, Megatron-core's
+            # GDN, the Transformer's quality run with grouped varlen attention; then the CP = 4
+            # model and the 4-GPU longest context (each attempt's whole log kept).
+        ("one_gpu", 300, [
+            ("0", [("cp1_400m_4k", 200, bench_model(1, f"--config {M400} --micro-batch 1 "
+                                                       "--microbatches 4 --seq-len 4096 "
+                                                       "--profile {R}/profile.txt --cprofile {R}/cprofile.txt")),
+                   ("megatron_gdn_400m", 95, bench_model(1, f"--config {G400} --mixer megatron_gdn "
+                                                            "--micro-batch 4"))]),
+            ("1", [("longctx_400m_64k_peak", 150, "python3 -m torch.distributed.run --standalone "
+                    "--nproc-per-node 1 benchmarks/longctx_memory.py --model configs/mdn_400m.yaml "
+                    "--seq-len 65536 --recompute --loss-chunk-tokens 4096 --steps 2 --peak-breakdown "
+                    "--json {R}/result.json"),
+                   ("mixer_kernels_test", 145, "MDN_RESULTS_DIR={R} " + PT + " --timeout 140 "
+                    "tests/gpu/test_mixer_kernels_gpu.py")]),
+            ("2", [("kernel_bench", 295, "python3 tools/bench_kernels.py --shapes 0 --out {R}/result.json")]),
+            ("3", [("q_transformer", 295, quality_train("transformer"))]),
+        ]),
+        ("four_gpu", 265, [
+            ("0,1,2,3", [("cp4_400m_16k", 120, bench_model(4, f"--config {M400} --micro-batch 1 "
+                                                              "--microbatches 4 --cp 4 --seq-len 16384 "
+                                                              "--profile {R}/profile.txt "
+                                                              "--cprofile {R}/cprofile.txt")),
+                         ("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=120, b=138))]),
         ]),
     ],
 }
