@@ -246,7 +246,8 @@ class MDNMixer(MegatronModule):
 
     # ---- forward ------------------------------------------------------------------------
     def gates(self, a, b, m, e):
-        """[B, T, H_l] projections -> (log_alpha, log_mu, beta, eta) in >= fp32, DESIGN §6."""
+        """[B, T, H_l] projections -> (log_alpha, log_mu, beta, eta) in >= fp32, DESIGN §6.
+        The eager reference and CPU path; CUDA runs gate_kernels.gates_triton (see _gates)."""
         f = lambda t: t.to(_at_least_fp32(t.dtype))  # noqa: E731
         a, b, e = f(a), f(b), f(e)
         A_log, dt_bias, log_factor = f(self.A_log), f(self.dt_bias), f(self.log_factor)
@@ -263,6 +264,19 @@ class MDNMixer(MegatronModule):
         beta = beta * x2 / (1.0 + x2)
         log_alpha = log_alpha - torch.log1p(x2)
         return log_alpha, log_mu, beta, eta
+
+    def _gates(self, a, b, m, e):
+        """gates() by the fused Triton kernels where mixer_kernels.use_fused_gates says so."""
+        names = per_head_param_names(self.cfg)
+        params = [getattr(self, n) for n in names if n != "D_log"]
+        if mk.use_fused_gates(self.cfg.mixer_kernels, a, params):
+            from .gate_kernels import gates_triton
+
+            mom = self.cfg.momentum
+            return gates_triton(a, b, m if mom else None, e, self.A_log, self.dt_bias,
+                                self.Mu_log if mom else None, self.mu_bias if mom else None,
+                                self.log_factor, tau=self.tau, min_log_mu=self.cfg.min_log_mu)
+        return self.gates(a, b, m, e)
 
     def _conv_qkv(self, qkv, cu_seqlens):
         """SiLU of one depthwise conv over the adjacent q|k|v columns of the projection (one CP
@@ -327,7 +341,7 @@ class MDNMixer(MegatronModule):
         q, k, v = torch.split(qkv, [H * K, H * K, H * V], -1)
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
         with rf("mdn.gates"):
-            log_alpha, log_mu, beta, eta = self.gates(pieces["a"], pieces["b"], pieces.get("m"), pieces["e"])
+            log_alpha, log_mu, beta, eta = self._gates(pieces["a"], pieces["b"], pieces.get("m"), pieces["e"])
             q = q - (self.D_log.exp()[:, None] * k).to(q.dtype)  # output correction, before l2 norm
         cp_group = self.cp_group if self.cp_group.size() > 1 else None
         # The op picks its own precision from its inputs' dtypes (DESIGN §9): no autocast inside.

@@ -13,6 +13,13 @@ the interpreter (DESIGN §9).
   fla    FLA's kernels (an error where they cannot run: no `fla`, no CUDA, float64);
   auto   FLA's kernels on CUDA in 16/32-bit when `fla` imports, else eager.
 Under context parallelism the conv stays eager whatever the setting (see _use_fla_conv in mixer.py).
+
+The gates (MDNMixer.gates: log α, log μ, β, η from the a, b, m, e projections) have our own fused
+Triton kernel pair (gate_kernels.py; eager, they are ~20 kernels forward and ~40 backward per
+layer for a few hundred KB). It needs no FLA and runs on CUDA wherever the setting is not
+'eager', for 16/32-bit projections and fp32 gate parameters (use_fused_gates); float64 and CPU
+take the eager code, which stays the reference (the CPU tests run the kernels under
+TRITON_INTERPRET=1 against it).
 """
 from __future__ import annotations
 
@@ -87,3 +94,12 @@ def gated_rmsnorm_fla(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
 
     return rms_norm_gated(o, g.to(o.dtype), weight, None, activation="sigmoid", eps=eps)
+
+
+def use_fused_gates(choice: str, x: torch.Tensor, params) -> bool:
+    """Whether MDNMixer's gates run the Triton kernel pair (gate_kernels.gates_triton) for
+    projection x and the per-head gate parameters ``params`` (module docstring)."""
+    from .gate_kernels import INPUT_DTYPES
+
+    return (choice != "eager" and x.is_cuda and x.dtype in INPUT_DTYPES
+            and all(p.dtype == torch.float32 for p in params))

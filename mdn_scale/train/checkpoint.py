@@ -51,6 +51,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from .optimizer import step_tensor
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 LATEST = "latest"
@@ -244,7 +246,7 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
         for p in group["params"]:
             st = optimizer.state[p]
             if "exp_avg" not in st:
-                st["step"] = torch.tensor(0.0)
+                st["step"] = step_tensor(group, p)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     out = {}
@@ -267,7 +269,7 @@ def _set_optimizer_step_count(optimizer, value: float) -> None:
     optimizer = getattr(optimizer, "optim", optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
-            optimizer.state[p]["step"] = torch.tensor(float(value))
+            optimizer.state[p]["step"] = step_tensor(group, p, value)
 
 
 # ---------------------------------------------------------------- safe metadata reading

@@ -46,7 +46,7 @@ from . import checkpoint as ckpt
 from .backend import Backend
 from .config import RunConfig
 from .distributed import Layout
-from .optimizer import build_optimizer, build_scheduler, param_groups
+from .optimizer import build_optimizer, build_scheduler, param_groups, use_fused
 from .step import to_model_inputs
 
 FORMAT = "deepspeed"
@@ -134,7 +134,10 @@ def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module):
         optimizer = DeepSpeedCPUAdam(param_groups(model), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                      eps=t.adam_eps, weight_decay=t.weight_decay, adamw_mode=True)
     else:
-        optimizer = build_optimizer(model, t)
+        # The multi-tensor foreach path on CUDA, as before the Megatron backend moved to fused
+        # AdamW: DeepSpeed steps the client optimizer on its own fp32 partitions (in CPU memory
+        # with offload_optimizer), and fused AdamW is untested there.
+        optimizer = build_optimizer(model, t, foreach=use_fused(model))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, layout),
         mpu=DataParallelOverDpCp(), dist_init_required=False)

@@ -35,6 +35,8 @@ the layer output's dtype)
                                        correction), and the op's contiguous copy of v: 2 H_l V
   gates                15 · 4 H_l      fp32 [T, H] tensors of the gate math and the op's 4 inputs
                                        (12 for GDN: no momentum gate)
+    fused (Triton)     4 · 4 H_l       the op's 4 fp32 inputs, and the kernel's packed bf16 copy
+                       + 2 · 4 H_l     of a | b | e | m (3 H_l for GDN; mdn_scale/model/gate_kernels.py)
   the MDN op, fused 16-bit path (kernels/mdn/chunk_local_fused.py LocalPrepare and
   kernels/mdn/chunk.py StateOutput, the default MDN_RECOMPUTE_PAIRS=1; under CP the op runs
   StatePass + LocalOutput, which keeps the pairs), per token and head:
@@ -55,7 +57,10 @@ the layer output's dtype)
 The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_kernels.py) and CP
   = 1 (the conv stays eager under CP; the fused norm is used at any CP): Layout.fused_mixer, or by
   default 'fla' → fused, 'eager' → eager, 'auto' → fused when fla-core imports in the environment
-  doing the estimate (the one that trains, for the GPU tools).
+  doing the estimate (the one that trains, for the GPU tools). The fused gates row applies where
+  the mixer runs its Triton gate kernels (mixer_kernels.use_fused_gates: CUDA, any setting but
+  'eager'; no FLA needed): Layout.fused_gates, or by default 'eager' → eager, 'fla' → fused,
+  'auto' → fused when CUDA is available where the estimate runs.
 fp32 (no autocast; the op's torch path): the earlier, coarser count (not checked against the
   saved-tensor count; the eager conv and norm whatever the kernels): norms d(4 + 4), projections
   and convs as above in fp32, the op
@@ -124,6 +129,7 @@ class Layout:
     segments: int = 0  # N: segments per micro-batch (0: one per sequence)
     distributed_optimizer: bool = False  # ZeRO-1: Adam moments sharded over dp×cp
     fused_mixer: Optional[bool] = None  # FLA's conv/gated norm (None: from model.mixer_kernels)
+    fused_gates: Optional[bool] = None  # the Triton gate kernels (None: from model.mixer_kernels)
 
     @property
     def tokens_per_rank(self) -> int:
@@ -171,6 +177,18 @@ def fused_mixer(cfg, lay: Layout) -> bool:
     return choice == "fla"
 
 
+def fused_gates(cfg, lay: Layout) -> bool:
+    """Whether the run being estimated takes the Triton gate kernels (module docstring)."""
+    if lay.fused_gates is not None:
+        return bool(lay.fused_gates)
+    choice = getattr(cfg, "mixer_kernels", "eager")
+    if choice == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return choice == "fla"
+
+
 def layer_activation_terms(cfg, lay: Layout) -> dict:
     """Bytes per token of one recurrent layer, saved for the backward: 'around_op' (norms,
     projections, conv, gates, gated norm, MLP; 'after_op' is the part freed before the op's
@@ -185,7 +203,10 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
     fused_conv = fused and lay.cp == 1  # mixer._conv_qkv: eager under CP
     if lay.precision == "bf16":
         norm = 10 * d + 4
-        gates = (15 if cfg.momentum else 12) * 4 * H_l
+        if fused_gates(cfg, lay):
+            gates = 4 * 4 * H_l + 2 * (4 if cfg.momentum else 3) * H_l
+        else:
+            gates = (15 if cfg.momentum else 12) * 4 * H_l
         if fused_conv:
             conv = 2 * (P_qkv + H_l * V + (4 if cfg.momentum else 3) * H_l)
         else:

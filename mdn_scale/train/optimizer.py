@@ -27,33 +27,51 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
             {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"}]
 
 
-def use_foreach(model: torch.nn.Module) -> bool:
-    """AdamW's multi-tensor (foreach) path on CUDA parameters, the per-parameter loop elsewhere.
+def use_fused(model: torch.nn.Module) -> bool:
+    """AdamW's fused path (``fused=True``: one multi-tensor kernel per device and dtype) on CUDA
+    parameters, the per-parameter loop elsewhere.
 
     The per-parameter loop launches ~10 kernels per parameter (about 3.5K per step for the 400M
-    model's ~340 tensors), which leaves the GPU idle behind the host. The foreach path runs
-    the same elementwise operations in the same order (lerp, mul/addcmul, sqrt, div, add,
-    addcdiv with the same Python-float scalars) over lists of tensors, so each element's update
-    is the same arithmetic whatever the grouping; tests/gpu/test_optimizer_gpu.py checks that
-    the two agree bit for bit on CUDA. On CPU the loop stays (what the CPU layout-equivalence
-    tests were written against)."""
+    model's ~340 tensors), which leaves the GPU idle behind the host; the foreach path groups
+    them into ~10 multi-tensor launches but still makes one pass over memory per operation. The
+    fused kernel reads each parameter, gradient and moment once and applies the whole AdamW
+    update in fp32 registers. It is not bit-identical to the loop (its operation order and
+    fused multiply-adds differ), so tests/gpu/test_optimizer_gpu.py bounds the difference to
+    float32 rounding of the update. On CPU the loop stays (what the CPU layout-equivalence
+    tests were written against, bit for bit)."""
     p = next((p for p in model.parameters() if p.requires_grad), None)
     return p is not None and p.is_cuda
 
 
+def step_tensor(group: dict, p: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """AdamW's ``state["step"]`` as torch itself creates it for this group: fused (and
+    capturable) groups keep it as an fp32 tensor on the parameter's device (the fused kernel
+    reads it there), the others as a CPU tensor."""
+    if group.get("fused") or group.get("capturable"):
+        return torch.tensor(float(value), dtype=torch.float32, device=p.device)
+    return torch.tensor(float(value))
+
+
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, *, distributed: bool = False,
-                    group=None, foreach: bool | None = None) -> torch.optim.Optimizer:
+                    group=None, foreach: bool | None = None,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW; with ``distributed`` the optimizer state is sharded over ``group`` (the dp×cp
     ranks, ZeRO stage 1): each rank keeps and updates the moments of its share of the
-    parameters and broadcasts the updated values (torch's ZeroRedundancyOptimizer). The
-    update is the same arithmetic, so losses match the plain optimizer exactly."""
-    # foreach (default: use_foreach): the multi-tensor path on CUDA, the per-parameter loop on
-    # CPU; both give bit-identical updates whatever the parameter grouping, which the
-    # layout-equivalence tests compare.
-    if foreach is None:
-        foreach = use_foreach(model)
+    parameters and broadcasts the updated values (torch's ZeroRedundancyOptimizer, which passes
+    these keyword arguments, ``fused`` included, to its inner AdamW). The update is the same
+    arithmetic, so losses match the plain optimizer exactly.
+
+    Implementation (torch's AdamW flags): by default ``fused`` on CUDA parameters
+    (use_fused) and the per-parameter loop on CPU. ``foreach=True`` asks for the multi-tensor
+    foreach path instead (fused then defaults off); ``fused=False`` alone gives the loop. The
+    CPU default, the loop, gives the bit-identical updates whatever the parameter grouping that
+    the layout-equivalence tests compare."""
+    if fused is None:
+        fused = not foreach and use_fused(model)
+    if fused and foreach:
+        raise ValueError("build_optimizer: fused and foreach are exclusive (torch's AdamW)")
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                  weight_decay=t.weight_decay, foreach=bool(foreach))
+                  weight_decay=t.weight_decay, foreach=bool(foreach), fused=bool(fused))
     if not distributed:
         return torch.optim.AdamW(param_groups(model), **kwargs)
     from torch.distributed.optim import ZeroRedundancyOptimizer

@@ -246,6 +246,19 @@ def count_saved_bytes(model, ids, labels, packed, device_type: str) -> int:
     return sum(seen.values())
 
 
+def saved_bytes_fused_gates_worker(rank, world, cfg, runs):
+    """saved_bytes_worker with the mixer's Triton gate kernels (gate_kernels.py, under
+    TRITON_INTERPRET=1), which the model takes on CUDA only: use_fused_gates forced on."""
+    from mdn_scale.model import mixer_kernels as mk
+
+    orig = mk.use_fused_gates
+    mk.use_fused_gates = lambda choice, x, params: True
+    try:
+        return saved_bytes_worker(rank, world, cfg, runs)
+    finally:
+        mk.use_fused_gates = orig
+
+
 def saved_bytes_worker(rank, world, cfg, runs):
     """count_saved_bytes on the CPU for each (num_layers, T, loss_chunk_tokens) run."""
     init_parallel()  # TP = 1 (any world size: each rank counts the same thing)

@@ -39,6 +39,7 @@ def spawned():
     w = torch.rand(2, 16, generator=g, dtype=torch.float64)
     jobs = [(workers.chunked_loss_worker, (tp, TINY, ids, labels, w, CHUNKS)) for tp in (1, 2)]
     jobs.append((workers.saved_bytes_worker, (MEM, RUNS)))
+    jobs.append((workers.saved_bytes_fused_gates_worker, (MEM, RUNS[:4])))
     return run_jobs(2, jobs)
 
 
@@ -50,6 +51,11 @@ def results(spawned):
 @pytest.fixture(scope="module")
 def counts(spawned):
     return spawned[2][0]
+
+
+@pytest.fixture(scope="module")
+def counts_fused_gates(spawned):
+    return spawned[3][0]
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -123,6 +129,18 @@ def test_layer_saved_bytes_match_the_estimate(counts):
     # MLP 1280; the op per head 8K + 8K + 8C + 28 + 2V (U, a ctx attribute) + 12/C = 476.75
     # (+ 16/C); no per-chunk pairs (StateOutput recomputes them)
     assert per_token == 2 * 644 + 776 + 256 + 128 + 120 + 1160 + 1280 + 2 * 476.75 + 1 == 5962.5
+
+
+def test_layer_saved_bytes_fused_gates_match_the_estimate(counts_fused_gates):
+    """The Triton gate kernels (gate_kernels.py, as CUDA runs them; here under the interpreter):
+    the op's 4 fp32 inputs and the kernel's bf16 copy of a | b | e | m, 16·2 + 8·2 = 48 bytes per
+    token instead of the eager gate math's 120."""
+    counts = counts_fused_gates
+    cfg = ModelConfig(**dict(MEM, num_layers=2))
+    t = layer_activation_terms(cfg, Layout(precision="bf16", fused_mixer=False, fused_gates=True))
+    per_token = t["around_op"] + t["op_chunk_tensors"] + t["op_state_pairs"]
+    layer = {T: counts[(2, T, 16)] - counts[(1, T, 16)] for T in (32, 64)}
+    assert (layer[64] - layer[32]) / 32 == per_token == 5962.5 - 120 + 48
 
 
 def test_loss_saved_bytes_match_the_estimate(counts):

@@ -112,6 +112,25 @@ def test_estimate_fused_vs_eager_by_hand():
     assert e["activations_kept"] - f["activations_kept"] == 2 * 1024 * (376 + 768)
 
 
+def test_estimate_fused_gates_by_hand():
+    """The Triton gates keep the op's 4 fp32 inputs and a bf16 copy of a | b | e | m (measured
+    on CPU in tests/model/test_chunked_loss.py, on the GPU in tests/gpu/test_mixer_kernels_gpu.py)
+    instead of the eager math's 15 fp32 [T, H] tensors (12 for GDN)."""
+    from mdn_scale.train.memory import fused_gates
+
+    bf16 = dict(precision="bf16", fused_mixer=False)
+    for mixer, eager_gates, fused in (("mdn", 15 * 4 * 2, 16 * 2 + 8 * 2), ("gdn", 12 * 4 * 2, 16 * 2 + 6 * 2)):
+        cfg = ModelConfig(**{**EST.to_dict(), "mixer": mixer})
+        e = layer_activation_terms(cfg, Layout(**bf16, fused_gates=False))
+        f = layer_activation_terms(cfg, Layout(**bf16, fused_gates=True))
+        assert e["around_op"] - f["around_op"] == eager_gates - fused, mixer
+        assert e["after_op"] == f["after_op"]
+    for kernels, want in (("eager", False), ("fla", True)):
+        assert fused_gates(ModelConfig(**{**EST.to_dict(), "mixer_kernels": kernels}), Layout()) is want
+    assert fused_gates(EST, Layout()) is torch.cuda.is_available()  # auto: where CUDA runs
+    assert fused_gates(EST, Layout(fused_gates=True)) is True  # explicit wins
+
+
 def test_estimate_follows_the_config(monkeypatch):
     lay = Layout(precision="bf16")
     for kernels, want in (("eager", False), ("fla", True)):

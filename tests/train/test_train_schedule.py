@@ -74,9 +74,10 @@ def _adamw_run(model, t, foreach, steps=4):
 
 
 def test_foreach_default_cpu_loop_and_same_updates():
-    """CPU keeps the per-parameter loop (foreach=False); the multi-tensor path (CUDA's default)
-    gives the same parameters bit for bit here too (tests/gpu/test_optimizer_gpu.py on CUDA)."""
-    from mdn_scale.train.optimizer import use_foreach
+    """CPU keeps the per-parameter loop (foreach=False, fused=False); the multi-tensor foreach
+    path gives the same parameters bit for bit here (CUDA's default, fused AdamW, is compared
+    with the loop to rounding by tests/gpu/test_optimizer_gpu.py)."""
+    from mdn_scale.train.optimizer import use_fused
 
     t = TrainConfig(steps=10, lr=1e-2, warmup_steps=2, weight_decay=0.1, adam_eps=1e-15)
 
@@ -87,10 +88,13 @@ def test_foreach_default_cpu_loop_and_same_updates():
         return m
 
     m = model()
-    assert not use_foreach(m)
+    assert not use_fused(m)
     assert build_optimizer(m, t).defaults["foreach"] is False
+    assert build_optimizer(m, t).defaults["fused"] is False
+    with pytest.raises(ValueError, match="exclusive"):
+        build_optimizer(m, t, foreach=True, fused=True)
     loop, _ = _adamw_run(model(), t, None)
     multi, opt = _adamw_run(model(), t, True)
-    assert opt.defaults["foreach"] is True
+    assert opt.defaults["foreach"] is True and opt.defaults["fused"] is False
     for a, b in zip(loop, multi):
         assert torch.equal(a, b)
