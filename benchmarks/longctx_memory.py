@@ -137,7 +137,9 @@ def main(argv=None) -> int:
               "estimate_peak_at": est["peak_at"],
               "estimate_moments_gib": {k: v / GIB for k, v in est["moments"].items()}}
     if a.peak_breakdown and not a.cpu_smoke:
-        torch.cuda.memory._record_memory_history(max_entries=5_000_000, stacks="python")
+        # stacks at allocation only: with free stacks too ("all"), a Megatron autograd Function
+        # failed inside the recorder on the H100 (SystemError from Function.apply, plan j)
+        torch.cuda.memory._record_memory_history(max_entries=5_000_000, context="alloc", stacks="python")
     oom = False
     t0 = time.time()
     try:

@@ -31,6 +31,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      4K tokens per micro-batch (host-bound), the 400M 64K peak broken down by allocation site,
      the kernel bench with FLA, Megatron-core's GDN, the Transformer's quality run with grouped
      varlen attention, the 4-GPU longest context.
+  k  session 4's fused gates and AdamW: their GPU tests, the 400M step before and after in one
+     call, CP = 1 / CP = 4 at 4K tokens per micro-batch, the Transformer's quality row at 640
+     steps, the 64K peak broken down; the 4-GPU 512K fault with CUDA_LAUNCH_BLOCKING, then 384K.
   q  the quality run alone.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
@@ -316,6 +319,36 @@ PLANS = {
                                                               "--profile {R}/profile.txt "
                                                               "--cprofile {R}/cprofile.txt")),
                          ("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=120, b=138))]),
+        ]),
+    ],
+    "k": [  # session 4's fused gates and AdamW on the GPU: their tests, the 400M step before
+            # (MDN_GATES=eager MDN_ADAMW=foreach) and after in the same call, the 4K-token
+            # micro-batch CP = 1 and CP = 4 references, the Transformer's quality row at the
+            # other rows' 640 steps, the 64K peak broken down; then 4-GPU context at 384K.
+        ("one_gpu", 330, [
+            ("0", [("gates_optimizer_tests", 170, PT + " --timeout 160 tests/gpu/test_gate_kernels_gpu.py "
+                    "tests/gpu/test_optimizer_gpu.py"),
+                   ("mdn_400m_fused", 150, bench_model(1, f"--config {M400} --micro-batch 4"))]),
+            ("1", [("q_transformer", 325, quality_train("transformer") + " train.steps=640")]),
+            ("2", [("mdn_400m_before", 170, "MDN_GATES=eager MDN_ADAMW=foreach "
+                    + bench_model(1, f"--config {M400} --micro-batch 4")),
+                   ("longctx_400m_64k_peak", 150, "python3 -m torch.distributed.run --standalone "
+                    "--nproc-per-node 1 benchmarks/longctx_memory.py --model configs/mdn_400m.yaml "
+                    "--seq-len 65536 --recompute --loss-chunk-tokens 4096 --steps 2 --peak-breakdown "
+                    "--json {R}/result.json")]),
+            ("3", [("cp1_400m_4k", 170, bench_model(1, f"--config {M400} --micro-batch 1 "
+                                                       "--microbatches 4 --seq-len 4096")),
+                   ("mixer_kernels_test", 155, "MDN_RESULTS_DIR={R} " + PT + " --timeout 150 "
+                    "tests/gpu/test_mixer_kernels_gpu.py")]),
+        ]),
+        # 1.3B at 512K tokens on 4 GPUs (131K per rank) hit an illegal memory access in plan j
+        # (surfaced at the CP tree kernel's load, so raised by an earlier kernel): once with
+        # CUDA_LAUNCH_BLOCKING=1 to name the kernel, then 384K tokens (98K per rank)
+        ("four_gpu", 250, [
+            ("0,1,2,3", [("longctx_g4_512k_blocking", 100, "CUDA_LAUNCH_BLOCKING=1 "
+                          + LONGCTX_SEARCH.format(n=4, att=1, t=85, b=98) + " --start 524288"),
+                         ("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=120, b=138)
+                          + " --start 393216")]),
         ]),
     ],
 }

@@ -19,11 +19,13 @@ Triton kernel pair (gate_kernels.py; eager, they are ~20 kernels forward and ~40
 layer for a few hundred KB). It needs no FLA and runs on CUDA wherever the setting is not
 'eager', for 16/32-bit projections and fp32 gate parameters (use_fused_gates); float64 and CPU
 take the eager code, which stays the reference (the CPU tests run the kernels under
-TRITON_INTERPRET=1 against it).
+TRITON_INTERPRET=1 against it). MDN_GATES=eager keeps the eager gates while the rest follows
+model.mixer_kernels (benchmarks compare the two in one run).
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -101,5 +103,7 @@ def use_fused_gates(choice: str, x: torch.Tensor, params) -> bool:
     projection x and the per-head gate parameters ``params`` (module docstring)."""
     from .gate_kernels import INPUT_DTYPES
 
+    if os.environ.get("MDN_GATES", "") == "eager":  # benchmarks' A/B switch (eager gates only)
+        return False
     return (choice != "eager" and x.is_cuda and x.dtype in INPUT_DTYPES
             and all(p.dtype == torch.float32 for p in params))

@@ -9,6 +9,8 @@ how the no-decay group stays at zero.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .config import TrainConfig
@@ -65,7 +67,13 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, *, distributed: bool
     (use_fused) and the per-parameter loop on CPU. ``foreach=True`` asks for the multi-tensor
     foreach path instead (fused then defaults off); ``fused=False`` alone gives the loop. The
     CPU default, the loop, gives the bit-identical updates whatever the parameter grouping that
-    the layout-equivalence tests compare."""
+    the layout-equivalence tests compare. ``MDN_ADAMW=fused|foreach|loop`` overrides the default
+    where the caller passes neither flag (benchmarks compare the implementations in one run)."""
+    env = os.environ.get("MDN_ADAMW", "")  # benchmarks' A/B switch: the implementation only
+    if env not in ("", "fused", "foreach", "loop"):
+        raise ValueError(f"MDN_ADAMW must be fused, foreach or loop, got {env!r}")
+    if env and foreach is None and fused is None:
+        foreach, fused = env == "foreach", env == "fused"
     if fused is None:
         fused = not foreach and use_fused(model)
     if fused and foreach:
