@@ -139,15 +139,20 @@ def plan_groups(layout: ChunkLayout, group_chunks: int,
 # Group recurrences: torch (spec, CPU) and Triton (GPU, or the interpreter)
 # ---------------------------------------------------------------------------------------------
 
-def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len):
+def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, compute_dtype=None):
     """[𝒯_g | ℬ_g] for every group g (ℬ_g: its final pair from a zero pair): [NG, H, 2K, 2K + V].
 
     U [NC, H, C, V]; Y, Z, Kg, Km [NC, H, C, K]; a_end, g_end, u_end [NC, H]; g_start, g_len
-    [NG] int64: each group's first chunk and chunk count."""
+    [NG] int64: each group's first chunk and chunk count. compute_dtype (default: the operands'):
+    the dtype of the maps and of every product; each step's operands are cast as they are
+    gathered (16-bit operands, fp32 maps: the Triton kernel's arithmetic, without fp32 copies
+    of the whole operands)."""
     NG = g_start.numel()
     H, K = Y.shape[1], Y.shape[-1]
     V = U.shape[-1]
-    dt, dev = U.dtype, U.device
+    dt, dev = compute_dtype or U.dtype, U.device
+    if compute_dtype is not None:
+        U, Y, Z, Kg, Km, a_end, g_end, u_end = (_Cast(t, dt) for t in (U, Y, Z, Kg, Km, a_end, g_end, u_end))
     eye = torch.eye(K, dtype=dt, device=dev)
     zk = torch.zeros(K, K, dtype=dt, device=dev)
     # Columns [0, K): the S-part of 𝒯; [K, 2K): the M-part; [2K, 2K+V): ℬ.
@@ -166,6 +171,16 @@ def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len):
         S = S.index_put((act,), S_new)
         M = M.index_put((act,), M_new)
     return torch.cat([S, M], dim=-2)
+
+
+class _Cast:
+    """t[idx] in another dtype: casts only the gathered rows (group_maps_torch's operands)."""
+
+    def __init__(self, t: torch.Tensor, dtype: torch.dtype):
+        self.t, self.dtype = t, dtype
+
+    def __getitem__(self, idx):
+        return self.t[idx].to(self.dtype)
 
 
 if triton is not None:
@@ -267,6 +282,12 @@ def tree_compose(maps: torch.Tensor) -> torch.Tensor:
     return maps[:, 0]
 
 
+# _group_map_kernel hit an illegal memory access on the H100 (Triton 3.6) at K = 256 (the 1.3B
+# model; CP = 4 at 32K and 512K tokens, session 4, CUDA_LAUNCH_BLOCKING=1 named it); at K = 128
+# it ran and matched CP = 1 (cp_h100x4_v6_r4.json). Above this K the maps take the torch path.
+GROUP_MAP_KERNEL_MAX_K = 128
+
+
 def maps_dtype(U: torch.Tensor, backend: str) -> torch.dtype:
     """The dtype group_maps returns: fp32 from Triton, the operands' dtype from torch."""
     return torch.float32 if (backend == "triton" and U.dtype != torch.float64) else U.dtype
@@ -278,7 +299,11 @@ def group_maps(prep_args, plan: GroupPlan, *, backend: str, allow_tf32: bool,
     dtype maps_dtype)."""
     U = prep_args[0]
     if backend == "triton" and U.dtype != torch.float64:
-        return group_maps_triton(*prep_args, plan.g_start, plan.g_len, allow_tf32, out=out)
+        if prep_args[1].shape[-1] <= GROUP_MAP_KERNEL_MAX_K:
+            return group_maps_triton(*prep_args, plan.g_start, plan.g_len, allow_tf32, out=out)
+        # Larger K: the same recurrence in batched torch products, fp32 like the kernel
+        maps = group_maps_torch(*prep_args, plan.g_start, plan.g_len, compute_dtype=torch.float32)
+        return maps if out is None else out.copy_(maps)
     maps = group_maps_torch(*prep_args, plan.g_start, plan.g_len)
     if out is None:
         return maps

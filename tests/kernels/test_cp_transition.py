@@ -236,3 +236,27 @@ def test_tree_walks_triton_equal_torch(i):
     torch.testing.assert_close(tree_up_grads(Ts, plan, d0g, "triton"), Ds, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tree_down_grads(Ts, Ds, plan, G_seq, "triton"),
                                tree_down_grads(Ts, Ds, plan, G_seq), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_group_maps_above_the_kernels_k_take_the_torch_path(dtype, tol, monkeypatch):
+    """Above GROUP_MAP_KERNEL_MAX_K (the Triton group-map kernel faulted on the H100 at K = 256)
+    the triton backend computes the maps with batched torch products in fp32, casting each
+    step's operands as gathered: fp32 maps equal to the float64 spec on the same (rounded)
+    operands, written into the fp32 store; at or below it the kernel still runs."""
+    from mdn_kernels.cp import transition as tr
+
+    args64, layout = prepared(1, 64, 2, 16, 32, 8, torch.float64, seed=4)   # 8 chunks
+    plan = plan_groups(layout, 3)
+    low = [t.to(dtype) if i < 5 else t.float() for i, t in enumerate(args64)]
+    want = tr.group_maps_torch(*[t.double() for t in low], plan.g_start, plan.g_len)
+    calls = []
+    monkeypatch.setattr(tr, "group_maps_triton", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(tr, "GROUP_MAP_KERNEL_MAX_K", 8)          # K = 16 > 8: the torch path
+    out = torch.empty(plan.num_groups, 2, 32, 64, dtype=torch.float32)
+    got = tr.group_maps(low, plan, backend="triton", allow_tf32=False, out=out)
+    assert not calls and got is out and got.dtype == torch.float32
+    assert ((got.double() - want).norm() / want.norm()).item() < tol
+    monkeypatch.setattr(tr, "GROUP_MAP_KERNEL_MAX_K", 16)         # K = 16: the kernel
+    tr.group_maps(low, plan, backend="triton", allow_tf32=False, out=out)
+    assert calls == [1]
