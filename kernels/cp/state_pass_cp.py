@@ -216,6 +216,7 @@ class CPStatePass(torch.autograd.Function):
         ctx.layout, ctx.backend, ctx.allow_tf32 = layout, backend, allow_tf32
         ctx.view, ctx.group, ctx.mode = view, group, mode
         ctx.compute_dtype = dt if dt == torch.float64 else torch.float32
+        later_T = Ts = None   # the allgather mode's kept 𝒯 parts (see below)
         with torch.no_grad():
             if mode == "allgather":
                 if group_chunks is None:
@@ -242,8 +243,8 @@ class CPStatePass(torch.autograd.Function):
                 # keep copies so the wide maps can be freed (the composed nodes' 𝒯 are
                 # (NG − num_local) 2K×2K per head: 24 MB at the benchmark shape, and keeping
                 # them saves rebuilding them in backward, ~14 small ops).
-                ctx.later_T = gathered[r + 1:R - 1, ..., :2 * K].clone() if r + 1 < R - 1 else None
-                ctx.Ts = store[..., :2 * K].clone() if split else None
+                later_T = gathered[r + 1:R - 1, ..., :2 * K].clone() if r + 1 < R - 1 else None
+                Ts = store[..., :2 * K].clone() if split else None
                 ctx.plan, ctx.vi = plan, vi
                 # The pair entering every local sequence, then every group (tree top down),
                 # then all groups' state passes in parallel.
@@ -264,12 +265,15 @@ class CPStatePass(torch.autograd.Function):
                 W, S0s, M0s, S, M = _fwd(args, S_in, M_in, layout, backend, allow_tf32)
                 if r < R - 1:
                     dist.send(_take(S, M, view.out_seq).contiguous(), group_dst=r + 1, group=group)
-        ctx.save_for_backward(*args[1:], W, S0s, M0s)
+        # Every tensor the backward needs goes through save_for_backward, none on ctx: under
+        # activation recompute (non-reentrant checkpoint) only saved tensors are dropped after
+        # the forward and rebuilt, a tensor on ctx would stay alive for every layer.
+        ctx.save_for_backward(*args[1:], W, S0s, M0s, later_T, Ts)
         return W, S0s, M0s, S, M
 
     @staticmethod
     def backward(ctx, dW, dS0s, dM0s, dS_fin, dM_fin):
-        Y, Z, Kg, Km, a_end, g_end, u_end, W, S0s, M0s = ctx.saved_tensors
+        Y, Z, Kg, Km, a_end, g_end, u_end, W, S0s, M0s, later_T, Ts = ctx.saved_tensors
         saved = (Y, Z, Kg, Km, a_end, g_end, u_end)
         view, group = ctx.view, ctx.group
         r, R = view.rank, view.world
@@ -293,7 +297,6 @@ class CPStatePass(torch.autograd.Function):
             if split or send:
                 d0g = _bwd_init_only(saved, cot[:3] + [dSg, dMg], plan.layout, ctx.backend,
                                      ctx.allow_tf32)
-                Ts = ctx.Ts
                 Ds = tree_up_grads(Ts, plan, d0g, ctx.backend) if split else d0g
             # (2) One all-gather of d0 (zeros where nothing is carried in), the fold of ranks
             # R−1..r+1 gives G_{r+1}, the gradient arriving at the carried-out pairs.
@@ -306,7 +309,7 @@ class CPStatePass(torch.autograd.Function):
                 if r < R - 1:
                     G = d0s[R - 1]   # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
                     for j in range(R - 2, r, -1):
-                        G = _affine(ctx.later_T[j - r - 1].transpose(-1, -2), G, d0s[j])
+                        G = _affine(later_T[j - r - 1].transpose(-1, -2), G, d0s[j])
                     G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
                     G_seq[vi.out_rows] = G
                     Gend = G_seq

@@ -102,10 +102,11 @@ class StateOutput(torch.autograd.Function):
         W, S0s, M0s, S, M = state_pass_fwd_triton(*sp, S_init, M_init, layout, allow_tf32)
         o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape, out_dtype)
         del W, S0s, M0s
-        # U is needed only to recompute the pass: kept out of save_for_backward so the backward
-        # can drop it as soon as the recompute is done (a backward runs once: no retain_graph).
-        ctx.U = sp[0]
-        ctx.save_for_backward(*loc, *sp[1:], S_init, M_init, cs, cl)
+        # Every tensor through save_for_backward, none on ctx: under activation recompute
+        # (non-reentrant checkpoint) saved tensors are dropped after the forward and rebuilt in
+        # the backward, a tensor on ctx is not — U held on ctx stayed alive for every layer
+        # (4 GiB of the 400M model at 64K tokens, session 4's peak breakdown on the H100).
+        ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl)
         ctx.layout, ctx.allow_tf32, ctx.scale, ctx.mm_dtype = layout, allow_tf32, scale, mm_dtype
         ctx.out_shape = out_shape
         ctx.in_dtypes = [t.dtype for t in (U, Y, Z, Kg, Km)]
@@ -120,12 +121,8 @@ class StateOutput(torch.autograd.Function):
         from .chunk_local_fused import output_backward, output_backward_dw
         from .state_pass import state_pass_bwd_triton, state_pass_fwd_triton
         saved = list(ctx.saved_tensors)
-        if getattr(ctx, "U", None) is None:
-            raise RuntimeError("StateOutput's backward runs once (MDN_RECOMPUTE_PAIRS: no "
-                               "retain_graph / double backward through mdn_chunk)")
-        loc, sp = saved[:6], [ctx.U] + saved[6:13]
-        ctx.U = None
-        S_init, M_init, cs, cl = saved[13:]
+        loc, sp = saved[:6], saved[6:14]
+        S_init, M_init, cs, cl = saved[14:]
         qc, kc, et, la, g0, gam = loc
         Y, Z, Kg, Km, a_end, g_end, u_end = sp[1:]
         layout, tf32, fuse = ctx.layout, ctx.allow_tf32, ctx.fuse_pair_grads
@@ -139,7 +136,7 @@ class StateOutput(torch.autograd.Function):
             dS_fin, dM_fin = dS_fin.contiguous(), dM_fin.contiguous()
         init_grad = S_init is not None and (ctx.needs_input_grad[14] or ctx.needs_input_grad[15])
         W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(*sp, S_init, M_init, layout, tf32)
-        del sp, S_fin, M_fin    # U freed here
+        del sp, S_fin, M_fin
         if fuse:
             # dW first; the output's other gradients after the pairs' cotangents are freed
             dW = output_backward_dw(qc, kc, et, gam, cs, cl, do, ctx.scale, ctx.mm_dtype, W.dtype)

@@ -51,3 +51,22 @@ def random_inputs(B, T, H, K, V, *, dtype=torch.float32, device="cpu", seed=0,
     if requires_grad:
         out = [t.requires_grad_() for t in out]
     return out
+
+
+def tensors_on_ctx(out: torch.Tensor) -> list[str]:
+    """'Node.attr' for every tensor (or list/tuple holding one) that a node of out's autograd
+    graph keeps as a plain attribute (a custom Function's ctx is its node). Activation recompute
+    (non-reentrant checkpoint) drops and rebuilds only save_for_backward's tensors, so the op's
+    Functions must keep none on ctx; the tests assert this list is empty."""
+    found, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        for k, v in getattr(n, "__dict__", {}).items():
+            vals = v if isinstance(v, (list, tuple)) else [v]
+            if any(isinstance(t, torch.Tensor) for t in vals):
+                found.append(f"{type(n).__name__}.{k}")
+        stack += [f for f, _ in n.next_functions]
+    return found

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from mdn_kernels import mdn_chunk
 from mdn_kernels.cp import conv_halo, mdn_chunk_cp
-from mdn_kernels.mdn.testing import random_inputs
+from mdn_kernels.mdn.testing import random_inputs, tensors_on_ctx
 
 TOL = 1e-5
 H, K, V, C = 2, 8, 16, 16
@@ -88,9 +88,11 @@ def case_inputs(R, B, T, cu, Kd, seed, dtype=torch.float32):
     return xs, (cot_o, cot_S, cot_M)
 
 
-def run_case(xs, cots, fn):
+def run_case(xs, cots, fn, ctx_report=None):
     xs = [x.detach().clone().requires_grad_() for x in xs]
     o, (S, M) = fn(xs)
+    if ctx_report is not None:
+        ctx_report += tensors_on_ctx(o)
     loss = (o * cots[0]).sum() + (S * cots[1]).sum() + (M * cots[2]).sum()
     grads = torch.autograd.grad(loss, xs)
     return {"o": o, "S": S, "M": M, **{"d" + n: g for n, g in zip(INPUTS + ["S0", "M0"], grads)}}
@@ -127,7 +129,8 @@ def worker(rank, R, port, outdir):
                                 output_final_state=True, cu_seqlens=cu_t, use_qk_l2norm=True,
                                 p_times_alpha=True, cp_group=group, cp_mode=mode,
                                 backend=backend, chunk_size=C, **extra)
-        results[name] = run_case(local, (cots[0][:, sl], cots[1], cots[2]), fn)
+        on_ctx = results.setdefault("tensors_on_ctx", {}).setdefault(name, [])
+        results[name] = run_case(local, (cots[0][:, sl], cots[1], cots[2]), fn, on_ctx)
     # Conv halo, forward and backward.
     T = 12
     x, w, cot = halo_inputs(R, T)
@@ -207,6 +210,15 @@ def test_cp_equals_single_process(world):
                 got = torch.cat(parts, dim=1)
             err = rel_err(got, want)
             assert err <= tol, f"R={R} {name} ({mode}, {backend}): {key} relative error {err:.2e}"
+
+
+def test_no_tensor_kept_on_ctx(world):
+    """The CP op's Functions keep their tensors through save_for_backward only: under activation
+    recompute a tensor on ctx (the kept 𝒯 parts did) stays alive for every layer."""
+    R, ranks = world
+    for rank, r in enumerate(ranks):
+        for name, found in r["tensors_on_ctx"].items():
+            assert not found, f"R={R} rank {rank} {name}: {found}"
 
 
 def test_final_state_lives_where_the_sequence_ends(world):

@@ -10,7 +10,7 @@ from mdn_kernels import mdn_chunk
 from mdn_kernels.mdn import chunk
 from mdn_kernels.mdn import chunk_local_fused as fused
 from mdn_kernels.mdn.layout import build_layout
-from mdn_kernels.mdn.testing import random_inputs
+from mdn_kernels.mdn.testing import random_inputs, tensors_on_ctx
 
 NAMES = ["o", "S", "M", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta", "dS0", "dM0"]
 
@@ -157,13 +157,26 @@ def test_memory_accounting_recompute_pairs_saves_memory(monkeypatch):
     assert res["2"][1] < res["1"][1] < 0.85 * res["0"][1]
 
 
-def test_recompute_pairs_backward_runs_once(fused_on, monkeypatch):
+def test_recompute_pairs_keeps_no_tensor_on_ctx(fused_on, monkeypatch):
+    """StateOutput saves every tensor through save_for_backward (activation recompute drops and
+    rebuilds only those: U held on ctx stayed alive across every checkpointed layer, 4 GiB of
+    the 400M model at 64K tokens on the H100), so its backward can also run twice."""
     monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", "1")
     xs = [x.requires_grad_() for x in random_inputs(1, 32, 1, 16, 16, dtype=torch.float32, seed=2)]
     o, _ = mdn_chunk(*xs, backend="triton", chunk_size=16)
-    o.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="runs once"):
-        o.sum().backward()
+    assert tensors_on_ctx(o) == []
+    names, stack, seen = set(), [o.grad_fn], set()
+    while stack:
+        n = stack.pop()
+        if n is not None and id(n) not in seen:
+            seen.add(id(n))
+            names.add(type(n).__name__)
+            stack += [f for f, _ in n.next_functions]
+    assert "StateOutputBackward" in names, names  # the mode-1 Function is among those checked
+    first = torch.autograd.grad(o.sum(), xs, retain_graph=True)
+    second = torch.autograd.grad(o.sum(), xs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 def _distinct_fuse_variants():

@@ -218,9 +218,9 @@ def chunked_loss_worker(rank, world, tp, cfg, ids, labels, token_weights, chunks
 
 def count_saved_bytes(model, ids, labels, packed, device_type: str) -> int:
     """Bytes autograd holds for the backward after one forward with labels under bf16 autocast:
-    unique storages, parameters excluded; the saved tensors (hooks) and the tensors a custom
-    Function keeps as ctx attributes (the MDN op's StateOutput keeps U so that its backward can
-    free it early: held for the backward, unseen by the hooks)."""
+    unique storages, parameters excluded; the saved tensors (hooks) and any tensor a custom
+    Function keeps as a ctx attribute (held for the backward, unseen by the hooks; the MDN op's
+    Functions keep none since session 4: under recompute such a tensor outlives the layer)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
