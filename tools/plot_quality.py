@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run logging dirs (config.yaml + metrics.jsonl)")
     ap.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.png, OUT.md")
+    ap.add_argument("--card", help="the card the runs trained on, when plotting elsewhere (default: "
+                    "this machine's; 'card' and 'versions' then describe the plotting machine)")
     ap.add_argument("--suite", help="benchmarks/suite.py's suite.json: commands, status, wall time per job")
     ap.add_argument("--title", default="Validation loss, same tokens (held-out documents)")
     a = ap.parse_args(argv)
@@ -201,7 +203,8 @@ def main(argv=None) -> int:
     first = runs[0]["config"]
     rec = {
         "benchmark": "quality: validation loss of same-size models on the same tokens (issue 9)",
-        "card": card(), "versions": versions(), "git_commit": git_commit(),
+        "card": a.card or card(), "versions": versions(), "git_commit": git_commit(),
+        "versions_of": "the plotting machine" if a.card else "this machine (where the runs were plotted)",
         "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "data": first.get("data"), "train": first.get("train"), "seed": first.get("seed"),
