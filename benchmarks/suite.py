@@ -34,6 +34,11 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   k  session 4's fused gates and AdamW: their GPU tests, the 400M step before and after in one
      call, CP = 1 / CP = 4 at 4K tokens per micro-batch, the Transformer's quality row at 640
      steps, the 64K peak broken down; the 4-GPU 512K fault with CUDA_LAUNCH_BLOCKING, then 384K.
+  l  to verify session 4's last fixes: the 64K peaks (400M, 1.3B) without the op's leaked U, the
+     1.3B CP = 4 run on the torch group maps and the 4-GPU longest context, the mixer's FLA test
+     (-x), K = 256 against FLA's GDN, MDN and Megatron GDN 400M and MDN 1.3B in one call.
+  m  the whole-model layouts (DP, TP, PP 1F1B, PP 4 interleaved, CP = 4 and its 1-GPU reference)
+     with limits that cover a cold machine.
   q  the quality run alone.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
@@ -349,6 +354,53 @@ PLANS = {
                           + LONGCTX_SEARCH.format(n=4, att=1, t=85, b=98) + " --start 524288"),
                          ("longctx_search_g4", 140, LONGCTX_SEARCH.format(n=4, att=1, t=120, b=138)
                           + " --start 393216")]),
+        ]),
+    ],
+    "l": [  # to verify session 4's last fixes (no device time was left): the op's U no longer
+            # outlives checkpointed layers (400M and 1.3B at 64K against the estimate), the
+            # K = 256 CP group maps on the torch path (1.3B, CP = 4, 32K tokens, then the 4-GPU
+            # longest context from 512K), the mixer's FLA test with -x (its failure printed),
+            # K = 256 against FLA's GDN, MDN and Megatron-core's GDN in one call. Limits
+            # include a cold machine's compile and FLA autotuning (60-150 s per process).
+        ("one_gpu", 300, [
+            ("0", [("mixer_kernels_test", 200, "MDN_RESULTS_DIR={R} " + PT + " -x --timeout 195 "
+                    "tests/gpu/test_mixer_kernels_gpu.py"),
+                   ("megatron_gdn_400m", 95, bench_model(1, f"--config {G400} --mixer megatron_gdn "
+                                                            "--micro-batch 4"))]),
+            ("1", [("longctx_400m_64k_peak", 140, "python3 -m torch.distributed.run --standalone "
+                    "--nproc-per-node 1 benchmarks/longctx_memory.py --model configs/mdn_400m.yaml "
+                    "--seq-len 65536 --recompute --loss-chunk-tokens 4096 --steps 2 --peak-breakdown "
+                    "--json {R}/result.json"),
+                   ("longctx_1p3b_64k", 155, "python3 -m torch.distributed.run --standalone "
+                    "--nproc-per-node 1 benchmarks/longctx_memory.py --model configs/mdn_1.3b.yaml "
+                    "--seq-len 65536 --recompute --loss-chunk-tokens 4096 --steps 2 "
+                    "--json {R}/result.json")]),
+            ("2", [("kernel_bench_k256", 295, "python3 tools/bench_kernels.py --shapes 1 --out {R}/result.json")]),
+            ("3", [("mdn_400m", 150, bench_model(1, f"--config {M400} --micro-batch 4")),
+                   ("mdn_1p3b", 145, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
+        ]),
+        ("four_gpu", 270, [
+            ("0,1,2,3", [("cp4_1p3b_32k", 120, "python3 -m torch.distributed.run --standalone "
+                          "--nproc-per-node 4 benchmarks/longctx_memory.py --model configs/mdn_1.3b.yaml "
+                          "--seq-len 32768 --cp 4 --recompute --distributed-optimizer "
+                          "--loss-chunk-tokens 4096 --steps 2 --json {R}/result.json"),
+                         ("longctx_search_g4", 145, LONGCTX_SEARCH.format(n=4, att=1, t=125, b=143)
+                          + " --start 524288")]),
+        ]),
+    ],
+    "m": [  # the whole-model layouts plan i could not finish (its 75-80 s limits went to the
+            # cold machine's compile and FLA autotuning), with the CP = 4 job's 1-GPU reference
+        ("two_gpu", 300, [
+            ("0,1", [("dp2_400m", 150, bench_model(2, f"--config {M400} --micro-batch 4")),
+                     ("pp2_1f1b_400m_24l", 145, bench_model(2, f"--config {M400} --pp 2 {PP}"))]),
+            ("2,3", [("tp2_400m", 150, bench_model(2, f"--config {M400} --micro-batch 4 --tp 2")),
+                     ("cp1_400m_4k", 145, bench_model(1, f"--config {M400} --micro-batch 1 "
+                                                         "--microbatches 4 --seq-len 4096"))]),
+        ]),
+        ("four_gpu", 270, [
+            ("0,1,2,3", [("cp4_400m_16k", 120, bench_model(4, f"--config {M400} --micro-batch 1 "
+                                                              "--microbatches 4 --cp 4 --seq-len 16384")),
+                         ("pp4_vp2_400m_24l", 145, bench_model(4, f"--config {M400} --pp 4 --vp 2 {PP}"))]),
         ]),
     ],
 }
