@@ -69,7 +69,8 @@ def profile_tables(prof, cuda: bool, rows: int = 40, width: int = 70, ranges=())
     return out
 
 
-OWN_CODE = ("/mdn_scale/", "/kernels/", "/fla/", "/megatron/", "/benchmarks/", "/tools/")
+# the benchmarks import the op as mdn_kernels (a link to kernels/ on the GPU machine)
+OWN_CODE = ("/mdn_scale/", "/kernels/", "/mdn_kernels/", "/fla/", "/megatron/", "/benchmarks/", "/tools/")
 
 
 def _site(frames) -> str:

@@ -274,3 +274,5 @@ def test_peak_breakdown_replays_an_allocator_trace():
     assert {s["site"]: s["bytes"] for s in full["sites"]} == {
         "mdn_scale/model/mixer.py:10 forward": 130, "kernels/mdn/chunk.py:20 state_pass": 70}
     assert prof._site([torch_frame]) == "(no model frame)"
+    shim = [{"filename": "/tmp/shim/mdn_kernels/mdn/chunk.py", "line": 7, "name": "forward"}]
+    assert prof._site(shim) == "mdn_kernels/mdn/chunk.py:7 forward"  # the GPU machine's link
