@@ -16,7 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
-KERNEL_RUNS = [("v3", "kernels_h100_v3.json"), ("v4 fused", "kernels_h100_v4_fused.json")]
+KERNEL_RUNS = [("v3", "kernels_h100_v3.json"), ("v4 fused", "kernels_h100_v4_fused.json"),
+               ("v7 mode 1", "kernels_h100_v7_fla_same_run.json")]
 
 
 def _finish(fig, ax, out, ylabel, title):
@@ -160,6 +161,9 @@ MODEL_RUNS = [
     ("Transformer\n400M", "model_h100_transformer_400m.json"),
     ("MDN 1.3B", "model_h100_mdn_1p3b.json"),
     ("GDN 1.3B", "model_h100_gdn_1p3b.json"),
+    ("MDN 400M, eager gates\nsession 4 (A)", "model_h100_mdn_400m_v4_before_eager_gates_foreach.json"),
+    ("MDN 400M, fused gates\n+ AdamW, session 4 (B)", "model_h100_mdn_400m_v4_fused_gates_adamw.json"),
+    ("Megatron GDN\n400M (FLA)", "model_h100_megatron_gdn_400m.json"),
 ]
 
 
