@@ -7,7 +7,8 @@ gated output norm RMSNorm(o)·w·σ(g). fla-core (optional dependency, import na
 Triton kernels for both; benchmarks/results/conv_h100.json measured the conv at 3.2× the eager
 speed with the same error against float64. The eager code in mixer.py stays the reference and the
 CPU path: FLA's kernels autotune, which asks Triton's driver, so they cannot run on CPU even under
-the interpreter (DESIGN §9).
+the interpreter (DESIGN §9). Only tests/model/test_mixer_kernels_fla.py runs them there, with each
+autotuner pinned to one config, against the eager code (skipped where `fla` does not import).
 
   eager  always the eager code;
   fla    FLA's kernels (an error where they cannot run: no `fla`, no CUDA, float64);
