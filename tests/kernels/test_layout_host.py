@@ -95,3 +95,34 @@ def test_layout_built_once_per_cu_tensor():
     gc.collect()
     assert len(L._LAYOUTS) < n  # its entries went with it
     assert L.build_layout(2, 8, None, 4, torch.device("cpu")) is L.build_layout(2, 8, None, 4, torch.device("cpu"))
+
+
+def test_chunk_bounds_made_once_per_dest():
+    """chunk_bounds (each chunk's first token and length) is made once per dest tensor, as the
+    layout that owns it: equal to a fresh computation, reused while dest lives unmodified,
+    rebuilt after an in-place change, dropped when dest is freed."""
+    import gc
+
+    from mdn_kernels.mdn import chunk_local_fused as F
+
+    def fresh(dest, nc, c):
+        first = torch.arange(nc, dtype=dest.dtype) * c
+        s, e = torch.searchsorted(dest, first), torch.searchsorted(dest, first + c)
+        return s.to(torch.int32), (e - s).to(torch.int32)
+
+    lay = L.build_layout(1, 61, torch.tensor([0, 5, 26, 27, 61]), 16, torch.device("cpu"))
+    dest = lay.dest.clone()
+    got = F.chunk_bounds(dest, lay.num_chunks, 16)
+    want = fresh(dest, lay.num_chunks, 16)
+    assert all(torch.equal(g, w) and g.dtype == torch.int32 for g, w in zip(got, want))
+    again = F.chunk_bounds(dest, lay.num_chunks, 16)
+    assert again[0] is got[0] and again[1] is got[1]
+    assert F.chunk_bounds(dest.clone(), lay.num_chunks, 16)[0] is not got[0]  # another tensor
+    dest[-1] += 3  # in place: the version counter moves, the bounds are made again
+    moved = F.chunk_bounds(dest, lay.num_chunks, 16)
+    assert moved[0] is not got[0]
+    assert all(torch.equal(g, w) for g, w in zip(moved, fresh(dest, lay.num_chunks, 16)))
+    n = len(F._BOUNDS)
+    del dest
+    gc.collect()
+    assert len(F._BOUNDS) < n  # its entries went with it
