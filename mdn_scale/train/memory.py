@@ -44,9 +44,10 @@ the layer output's dtype)
                        2 · 4K          Y, Z, Kg, Km (bf16, the state pass's operands)
                        4 · 2C          (I + A)⁻¹ and Γ (fp32 C×C per chunk)
                        4 · 7           e^{le}, γ⁻, l2norm scales, η, log α cumsum, g0 (fp32)
-                       2 V             U (bf16, kept to recompute the state pass; a ctx attribute,
-                                       which saved-tensor hooks do not see) — under CP W instead
-                       12 / C (+ 16/C per token: chunk bounds)
+                       2 V             U (bf16, kept to recompute the state pass) — under CP W
+                                       instead
+                       12 / C          (the chunk bounds, 8 bytes per chunk, are made once per
+                                       micro-batch and shared by the layers: not counted)
                        CP only: 2 · 2KV / C   S0s, M0s: the pair entering each chunk (bf16)
   gated RMSNorm        18 H_l V + 4 H_l   fp32 o, rsqrt, y, y·w, σ(g); bf16 output (out_proj input)
     fused (FLA)        6 H_l V + 4 H_l    its LayerNormGatedFunction saves bf16 o, a contiguous
@@ -215,7 +216,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         before = norm + conv + 2 * P_qkv + 2 * H_l * V + gates
         after = gated_norm + norm + 10 * F_l
         # 2V in the op's chunk terms: U (StateOutput, recomputes the pairs) or W (StatePass under CP)
-        chunk = H_l * (4 * 2 * K + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C) + 16 / C
+        chunk = H_l * (4 * 2 * K + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C)
         out_grads = 4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C
         if lay.cp > 1:  # CP keeps StatePass + LocalOutput (kernels/cp/state_pass_cp.py)
             pairs = H_l * 2 * 2 * K * V / C
