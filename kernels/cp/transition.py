@@ -159,17 +159,19 @@ def group_maps_torch(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len, compu
     zv = torch.zeros(NG, H, K, V, dtype=dt, device=dev)
     S = torch.cat([eye.expand(NG, H, K, K), zk.expand(NG, H, K, K), zv], dim=-1)
     M = torch.cat([zk.expand(NG, H, K, K), eye.expand(NG, H, K, K), zv], dim=-1)
-    max_len = int(g_len.max().item()) if NG else 0
+    max_len = int(g_len.max().item()) if NG else 0   # the one host sync
+    last = (g_len - 1).clamp_min(0)
     for s in range(max_len):  # all groups advance together: one batched step per chunk position
-        act = (g_len > s).nonzero()[:, 0]
-        ci = g_start[act] + s
-        Sa, Ma = S[act], M[act]
-        W = Y[ci] @ Sa - Z[ci] @ Ma
+        # every group computes (a finished one on its last chunk again) and keeps the result
+        # only while active: no per-step host sync to find the active groups
+        ci = g_start + torch.clamp(last, max=s)
+        active = (g_len > s)[:, None, None, None]
+        W = Y[ci] @ S - Z[ci] @ M
         W[..., 2 * K:] += U[ci]
-        S_new = a_end[ci][..., None, None] * Sa - g_end[ci][..., None, None] * Ma - Kg[ci].transpose(-1, -2) @ W
-        M_new = u_end[ci][..., None, None] * Ma + Km[ci].transpose(-1, -2) @ W
-        S = S.index_put((act,), S_new)
-        M = M.index_put((act,), M_new)
+        S_new = a_end[ci][..., None, None] * S - g_end[ci][..., None, None] * M - Kg[ci].transpose(-1, -2) @ W
+        M_new = u_end[ci][..., None, None] * M + Km[ci].transpose(-1, -2) @ W
+        S = torch.where(active, S_new, S)
+        M = torch.where(active, M_new, M)
     return torch.cat([S, M], dim=-2)
 
 
