@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 MIXERS = ("mdn", "gdn", "transformer")
+NORM_KERNELS = ("eager", "triton")
 
 
 @dataclass
@@ -48,6 +49,11 @@ class ModelConfig:
         norm (mdn_scale/model/mixer_kernels.py): FLA's fused Triton kernels or the eager PyTorch
         reference; "auto" takes FLA on CUDA when fla-core imports. "fla" where it cannot run is
         an error when the model is built.
+    norm_kernel: "eager" | "triton": who runs the block RMSNorms (each layer's input_layernorm
+        and pre_mlp_layernorm, the final norm): the eager PyTorch rms_norm (mdn_scale/model/norm.py,
+        the default) or one Triton kernel each way (mdn_scale/model/norm_kernels.py), which
+        applies to CUDA fp32 / bf16 / fp16 inputs with hidden_size <= 8192 (anything else runs
+        eager whatever this says). Opt-in: not yet verified on a GPU in a whole-model run.
     """
 
     mixer: str = "mdn"
@@ -74,6 +80,7 @@ class ModelConfig:
     backend: str = "auto"
     loss_chunk_tokens: int = 0
     mixer_kernels: str = "auto"
+    norm_kernel: str = "eager"
 
     def __post_init__(self):
         self.validate()
@@ -129,6 +136,8 @@ class ModelConfig:
         from .mixer_kernels import MIXER_KERNELS
         if self.mixer_kernels not in MIXER_KERNELS:
             bad("mixer_kernels", f"must be one of {MIXER_KERNELS}")
+        if self.norm_kernel not in NORM_KERNELS:
+            bad("norm_kernel", f"must be one of {NORM_KERNELS}")
 
     # ---- derived sizes ------------------------------------------------------------------
     @property

@@ -3,6 +3,10 @@
 Megatron-core's local `WrappedTorchNorm` refuses sequence parallelism; this one supports it the
 Megatron way: under SP each TP rank normalises different tokens, so the weight is marked
 `sequence_parallel` and Megatron's finalize_model_grads all-reduces its gradient over TP.
+
+The block norms take model.norm_kernel through their spec (specs.norm_spec): "triton" runs
+norm_kernels.rms_norm_triton where it applies (CUDA, fp32 / bf16 / fp16, d <= 8192), the eager
+rms_norm everywhere else; the same math and the same parameter either way.
 """
 from __future__ import annotations
 
@@ -19,11 +23,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Megatron norm interface: RMSNorm(config, hidden_size, eps)."""
+    """Megatron norm interface: RMSNorm(config, hidden_size, eps); `kernel` is model.norm_kernel
+    ("eager" | "triton"), given by the spec (specs.norm_spec)."""
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_unused):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, kernel: str = "eager",
+                 **_unused):
         super().__init__()
+        from .config import NORM_KERNELS
+        if kernel not in NORM_KERNELS:
+            raise ValueError(f"model.norm_kernel: must be one of {NORM_KERNELS} (got {kernel!r})")
         self.eps = eps
+        self.kernel = kernel
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype,
                                               device=None if config.use_cpu_initialization
                                               else torch.cuda.current_device()))
@@ -31,4 +41,8 @@ class RMSNorm(nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton":
+            from .norm_kernels import rms_norm_triton, use_triton_norm
+            if use_triton_norm(self.kernel, x, self.weight):
+                return rms_norm_triton(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)

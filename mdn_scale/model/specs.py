@@ -53,6 +53,12 @@ class SeededTransformerLayer(TransformerLayer):
                              pg_collection=pg_collection, **kwargs)
 
 
+def norm_spec(cfg: ModelConfig) -> ModuleSpec:
+    """The block RMSNorm (input_layernorm, pre_mlp_layernorm, final norm), its kernel from
+    model.norm_kernel (a spec param: Megatron builds norms from the TransformerConfig alone)."""
+    return ModuleSpec(module=RMSNorm, params={"kernel": cfg.norm_kernel})
+
+
 def mlp_spec() -> ModuleSpec:
     """SwiGLU MLP (gated_linear_unit + silu come from the TransformerConfig)."""
     return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
@@ -92,10 +98,10 @@ def layer_spec(cfg: ModelConfig, layer_type: str) -> ModuleSpec:
     return ModuleSpec(
         module=SeededTransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=norm_spec(cfg),
             self_attention=mixer,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=norm_spec(cfg),
             mlp=mlp_spec(),
             mlp_bda=get_bias_dropout_add,
         ),
@@ -114,4 +120,4 @@ def block_spec(cfg: ModelConfig, config, vp_stage: Optional[int] = None,
     """Per-layer specs of this pipeline stage (hybrid stacks mix layer types) + final RMSNorm."""
     types = cfg.layer_types()
     specs = [layer_spec(cfg, types[i]) for i in stage_layer_ids(config, vp_stage, pp_rank)]
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm_spec(cfg))
