@@ -39,6 +39,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      (-x, 285 s), K = 256 against FLA's GDN, MDN and Megatron GDN 400M in one call.
   m  the whole-model layouts (DP, TP, PP 1F1B, PP 4 interleaved, CP = 4 and its 1-GPU reference)
      with limits that cover a cold machine.
+  n  the opt-in Triton RMSNorm: its GPU test, the 400M step with and without it in one call.
   q  the quality run alone.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
@@ -402,6 +403,19 @@ PLANS = {
             ("0,1,2,3", [("cp4_400m_16k", 120, bench_model(4, f"--config {M400} --micro-batch 1 "
                                                               "--microbatches 4 --cp 4 --seq-len 16384")),
                          ("pp4_vp2_400m_24l", 145, bench_model(4, f"--config {M400} --pp 4 --vp 2 {PP}"))]),
+        ]),
+    ],
+    "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
+            # step with the eager norm and with the kernels, side by side in one call
+        ("one_gpu", 300, [
+            ("0", [("norm_kernels_test", 200, "MDN_RESULTS_DIR={R} " + PT + " -x --timeout 195 "
+                    "tests/gpu/test_norm_kernels_gpu.py")]),
+            ("1", [("mdn_400m_eager_norm", 200, bench_model(1, f"--config {M400} --micro-batch 4"))]),
+            ("2", [("mdn_400m_triton_norm", 200, bench_model(1, f"--config {M400} --micro-batch 4 "
+                                                                "model.norm_kernel=triton"))]),
+            ("3", [("mdn_400m_mb1x4_triton_norm", 200, bench_model(1, f"--config {M400} --micro-batch 1 "
+                                                                      "--microbatches 4 --seq-len 4096 "
+                                                                      "model.norm_kernel=triton"))]),
         ]),
     ],
 }
