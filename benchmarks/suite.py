@@ -79,6 +79,13 @@ def bench_model(n: int, args: str) -> str:
             f"--steps 5 --warmup 3 --out {{R}}/result.json {args}")
 
 
+def longctx_mem(n: int, model: str, seq_len: int, args: str = "") -> str:
+    """benchmarks/longctx_memory.py on n GPUs: 2 steps with recompute and the chunked loss."""
+    return (f"python3 -m torch.distributed.run --standalone --nproc-per-node {n} "
+            f"benchmarks/longctx_memory.py --model {model} --seq-len {seq_len} --recompute "
+            f"--loss-chunk-tokens 4096 --steps 2 --json {{R}}/result.json {args}").rstrip()
+
+
 # b (--budget-s) must cover the search's own start (imports, the estimate: ~10 s) plus one
 # attempt of t (--timeout) s, else the search refuses its first attempt (plans b and g did so).
 LONGCTX_SEARCH = ("python3 benchmarks/longctx_search.py --model configs/mdn_1.3b.yaml --gpus {n} "
@@ -310,10 +317,7 @@ PLANS = {
                                                        "--profile {R}/profile.txt --cprofile {R}/cprofile.txt")),
                    ("megatron_gdn_400m", 95, bench_model(1, f"--config {G400} --mixer megatron_gdn "
                                                             "--micro-batch 4"))]),
-            ("1", [("longctx_400m_64k_peak", 150, "python3 -m torch.distributed.run --standalone "
-                    "--nproc-per-node 1 benchmarks/longctx_memory.py --model configs/mdn_400m.yaml "
-                    "--seq-len 65536 --recompute --loss-chunk-tokens 4096 --steps 2 --peak-breakdown "
-                    "--json {R}/result.json"),
+            ("1", [("longctx_400m_64k_peak", 150, longctx_mem(1, M400, 65536, "--peak-breakdown")),
                    ("mixer_kernels_test", 145, "MDN_RESULTS_DIR={R} " + PT + " --timeout 140 "
                     "tests/gpu/test_mixer_kernels_gpu.py")]),
             ("2", [("kernel_bench", 295, "python3 tools/bench_kernels.py --shapes 0 --out {R}/result.json")]),
@@ -338,10 +342,7 @@ PLANS = {
             ("1", [("q_transformer", 325, quality_train("transformer") + " train.steps=640")]),
             ("2", [("mdn_400m_before", 170, "MDN_GATES=eager MDN_ADAMW=foreach "
                     + bench_model(1, f"--config {M400} --micro-batch 4")),
-                   ("longctx_400m_64k_peak", 150, "python3 -m torch.distributed.run --standalone "
-                    "--nproc-per-node 1 benchmarks/longctx_memory.py --model configs/mdn_400m.yaml "
-                    "--seq-len 65536 --recompute --loss-chunk-tokens 4096 --steps 2 --peak-breakdown "
-                    "--json {R}/result.json")]),
+                   ("longctx_400m_64k_peak", 150, longctx_mem(1, M400, 65536, "--peak-breakdown"))]),
             ("3", [("cp1_400m_4k", 170, bench_model(1, f"--config {M400} --micro-batch 1 "
                                                        "--microbatches 4 --seq-len 4096")),
                    ("mixer_kernels_test", 155, "MDN_RESULTS_DIR={R} " + PT + " --timeout 150 "
@@ -368,24 +369,15 @@ PLANS = {
             # its first test: plans j and k cut it at 140-150 s, which printed its F
             ("0", [("mixer_kernels_test", 295, "MDN_RESULTS_DIR={R} " + PT + " -x --durations=0 "
                     "--timeout 285 tests/gpu/test_mixer_kernels_gpu.py")]),
-            ("1", [("longctx_400m_64k_peak", 140, "python3 -m torch.distributed.run --standalone "
-                    "--nproc-per-node 1 benchmarks/longctx_memory.py --model configs/mdn_400m.yaml "
-                    "--seq-len 65536 --recompute --loss-chunk-tokens 4096 --steps 2 --peak-breakdown "
-                    "--json {R}/result.json"),
-                   ("longctx_1p3b_64k", 155, "python3 -m torch.distributed.run --standalone "
-                    "--nproc-per-node 1 benchmarks/longctx_memory.py --model configs/mdn_1.3b.yaml "
-                    "--seq-len 65536 --recompute --loss-chunk-tokens 4096 --steps 2 "
-                    "--json {R}/result.json")]),
+            ("1", [("longctx_400m_64k_peak", 140, longctx_mem(1, M400, 65536, "--peak-breakdown")),
+                   ("longctx_1p3b_64k", 155, longctx_mem(1, M13, 65536))]),
             ("2", [("kernel_bench_k256", 295, "python3 tools/bench_kernels.py --shapes 1 --out {R}/result.json")]),
             ("3", [("mdn_400m", 150, bench_model(1, f"--config {M400} --micro-batch 4")),
                    ("megatron_gdn_400m", 145, bench_model(1, f"--config {G400} --mixer megatron_gdn "
                                                              "--micro-batch 4"))]),
         ]),
         ("four_gpu", 270, [
-            ("0,1,2,3", [("cp4_1p3b_32k", 120, "python3 -m torch.distributed.run --standalone "
-                          "--nproc-per-node 4 benchmarks/longctx_memory.py --model configs/mdn_1.3b.yaml "
-                          "--seq-len 32768 --cp 4 --recompute --distributed-optimizer "
-                          "--loss-chunk-tokens 4096 --steps 2 --json {R}/result.json"),
+            ("0,1,2,3", [("cp4_1p3b_32k", 120, longctx_mem(4, M13, 32768, "--cp 4 --distributed-optimizer")),
                          ("longctx_search_g4", 145, LONGCTX_SEARCH.format(n=4, att=1, t=125, b=143)
                           + " --start 524288")]),
         ]),
