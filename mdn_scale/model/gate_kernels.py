@@ -61,14 +61,10 @@ def _load_tile(X, sb, st, rows, T, cols, mask):
 
 
 @triton.jit
-def _gates_fwd_kernel(
-    A, Bp, M, E, sa_b, sa_t, sb_b, sb_t, sm_b, sm_t, se_b, se_t,
-    A_LOG, DT_BIAS, MU_LOG, MU_BIAS, LOG_FACTOR,
-    LOG_ALPHA, LOG_MU, BETA, ETA, PACK,
-    N, T, H: tl.constexpr, BH: tl.constexpr, BLOCK: tl.constexpr,
-    inv_tau, min_log_mu, MOMENTUM: tl.constexpr, G: tl.constexpr,
-):
-    pid = tl.program_id(0)
+def _tile(pid, A, Bp, E, sa_b, sa_t, sb_b, sb_t, se_b, se_t, A_LOG, DT_BIAS, LOG_FACTOR,
+          N, T, H: tl.constexpr, BH: tl.constexpr, BLOCK: tl.constexpr):
+    # what both kernels start from: this program's BLOCK tokens × all heads, the per-head
+    # parameters and the a, b, e tiles in fp32
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, BH)
     m_h = cols < H
@@ -80,14 +76,36 @@ def _gates_fwd_kernel(
     b = _load_tile(Bp, sb_b, sb_t, rows, T, cols, mask)
     e = _load_tile(E, se_b, se_t, rows, T, cols, mask)
     out = rows[:, None].to(tl.int64) * H + cols[None, :]
+    return rows, cols, m_h, mask, out, A_exp, dt_bias, factor, a, b, e
+
+
+@triton.jit
+def _eta_x2(e, factor, inv_tau):
+    # η = tanh(e/τ) + 1 as 2σ(2e/τ) (no cancellation where tanh → −1) and x² = (η·e^{log_factor})²,
+    # shared by the forward and the backward's recompute
+    eta = 2.0 * tl.sigmoid(2.0 * e * inv_tau)
+    x = eta * factor[None, :]
+    return eta, x, x * x
+
+
+@triton.jit
+def _gates_fwd_kernel(
+    A, Bp, M, E, sa_b, sa_t, sb_b, sb_t, sm_b, sm_t, se_b, se_t,
+    A_LOG, DT_BIAS, MU_LOG, MU_BIAS, LOG_FACTOR,
+    LOG_ALPHA, LOG_MU, BETA, ETA, PACK,
+    N, T, H: tl.constexpr, BH: tl.constexpr, BLOCK: tl.constexpr,
+    inv_tau, min_log_mu, MOMENTUM: tl.constexpr, G: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows, cols, m_h, mask, out, A_exp, dt_bias, factor, a, b, e = _tile(
+        pid, A, Bp, E, sa_b, sa_t, sb_b, sb_t, se_b, se_t, A_LOG, DT_BIAS, LOG_FACTOR,
+        N, T, H, BH, BLOCK)
     pack = rows[:, None].to(tl.int64) * (G * H) + cols[None, :]
     tl.store(PACK + pack, a.to(PACK.dtype.element_ty), mask=mask)
     tl.store(PACK + pack + H, b.to(PACK.dtype.element_ty), mask=mask)
     tl.store(PACK + pack + 2 * H, e.to(PACK.dtype.element_ty), mask=mask)
 
-    eta = 2.0 * tl.sigmoid(2.0 * e * inv_tau)  # = tanh(e/τ) + 1, without its cancellation
-    x = eta * factor[None, :]
-    x2 = x * x
+    eta, x, x2 = _eta_x2(e, factor, inv_tau)
     beta = tl.sigmoid(b) * x2 / (1.0 + x2)
     log_alpha = -A_exp[None, :] * _softplus(a + dt_bias[None, :]) - _log1p(x2)
     if MOMENTUM:
@@ -114,25 +132,15 @@ def _gates_bwd_kernel(
     inv_tau, min_log_mu, MOMENTUM: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, BH)
-    m_h = cols < H
-    mask = (rows < N)[:, None] & m_h[None, :]
-    A_exp = tl.exp(tl.load(A_LOG + cols, mask=m_h, other=0.0))
-    dt_bias = tl.load(DT_BIAS + cols, mask=m_h, other=0.0)
-    factor = tl.exp(tl.load(LOG_FACTOR + cols, mask=m_h, other=0.0))
-    a = _load_tile(A, sa_b, sa_t, rows, T, cols, mask)
-    b = _load_tile(Bp, sb_b, sb_t, rows, T, cols, mask)
-    e = _load_tile(E, se_b, se_t, rows, T, cols, mask)
-    out = rows[:, None].to(tl.int64) * H + cols[None, :]
+    rows, cols, m_h, mask, out, A_exp, dt_bias, factor, a, b, e = _tile(
+        pid, A, Bp, E, sa_b, sa_t, sb_b, sb_t, se_b, se_t, A_LOG, DT_BIAS, LOG_FACTOR,
+        N, T, H, BH, BLOCK)
     g_la = tl.load(G_LA + out, mask=mask, other=0.0)
     g_beta = tl.load(G_BETA + out, mask=mask, other=0.0)
     g_eta = tl.load(G_ETA + out, mask=mask, other=0.0)
 
     # forward, recomputed
-    eta = 2.0 * tl.sigmoid(2.0 * e * inv_tau)
-    x = eta * factor[None, :]
-    x2 = x * x
+    eta, x, x2 = _eta_x2(e, factor, inv_tau)
     sb = tl.sigmoid(b)
     sa = a + dt_bias[None, :]
     la0 = -A_exp[None, :] * _softplus(sa)
