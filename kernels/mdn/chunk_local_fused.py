@@ -37,11 +37,12 @@ by default; MDN_FUSED_FP32_DOT=tf32x3 puts them on tensor cores at about fp32 ac
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import triton
 import triton.language as tl
+
+from .layout import PerTensorCache
 
 LOG_FLOOR = -1e4          # as chunk.py: a finite floor for log α, log μ (μ ≡ 0 is GDN mode)
 L2NORM_EPS = 1e-6         # as naive.l2norm
@@ -774,30 +775,22 @@ def _output_bwd_dw_kernel(
 # Python side
 # ---------------------------------------------------------------------------------------------
 
-_BOUNDS: dict = {}
-_BOUNDS_MAX = 64
+_BOUNDS = PerTensorCache()
 
 
 def chunk_bounds(dest: torch.Tensor, num_chunks: int, chunk_size: int):
     """First token and token count of every chunk, from layout.dest (monotone: chunks hold
     consecutive tokens of one sequence). int32 [NC] each; no host sync.
 
-    Made once per dest tensor (the same object, unmodified: version counter), as build_layout
-    caches the layout that owns it: every layer, forward and backward, of a micro-batch asks
-    for the same bounds, which cost ~7 small device ops each time (host-bound small
-    micro-batches, BENCHMARKS.md). Read-only; an entry goes when its dest tensor is freed."""
-    key = (id(dest), dest._version, num_chunks, chunk_size)
-    hit = _BOUNDS.get(key)
-    if hit is not None and hit[0]() is dest:
-        return hit[1]
-    first_slot = torch.arange(num_chunks, device=dest.device, dtype=dest.dtype) * chunk_size
-    start = torch.searchsorted(dest, first_slot)
-    end = torch.searchsorted(dest, first_slot + chunk_size)
-    out = start.to(torch.int32), (end - start).to(torch.int32)
-    if len(_BOUNDS) >= _BOUNDS_MAX:
-        _BOUNDS.clear()
-    _BOUNDS[key] = (weakref.ref(dest, lambda _r, k=key: _BOUNDS.pop(k, None)), out)
-    return out
+    Made once per dest tensor (PerTensorCache), as build_layout caches the layout that owns it:
+    every layer, forward and backward, of a micro-batch asks for the same bounds, which cost ~7
+    small device ops each time (host-bound small micro-batches, BENCHMARKS.md)."""
+    def build():
+        first_slot = torch.arange(num_chunks, device=dest.device, dtype=dest.dtype) * chunk_size
+        start = torch.searchsorted(dest, first_slot)
+        end = torch.searchsorted(dest, first_slot + chunk_size)
+        return start.to(torch.int32), (end - start).to(torch.int32)
+    return _BOUNDS.get(dest, (num_chunks, chunk_size), build)
 
 
 def _blocks(K: int, V: int):

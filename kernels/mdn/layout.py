@@ -46,31 +46,51 @@ def from_chunks(y: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     return y[dest]
 
 
-_HOST_CU: dict = {}
-_HOST_CU_MAX = 64
+class PerTensorCache:
+    """Values derived from a tensor, made once per tensor object while it is unmodified: keyed
+    by the object (id, checked against a weak reference) and its version counter, plus any extra
+    key; an entry goes when its tensor is freed, and the cache is emptied past `max_entries`.
+    Every layer of a model receives the same cu_seqlens tensor (Megatron's PackedSeqParams), so
+    what depends only on it — its host copy, the chunk layout, the chunks' bounds, the attention
+    masks — is made once per micro-batch instead of once per layer. Values are shared: read-only."""
+
+    def __init__(self, max_entries: int = 64):
+        self.entries: dict = {}
+        self.max_entries = max_entries
+
+    def get(self, owner: torch.Tensor, extra: tuple, build):
+        key = (id(owner), owner._version) + tuple(extra)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0]() is owner:
+            return hit[1]
+        value = build()
+        if len(self.entries) >= self.max_entries:
+            self.entries.clear()
+        entries = self.entries
+        self.entries[key] = (weakref.ref(owner, lambda _r, k=key: entries.pop(k, None)), value)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+_HOST_CU = PerTensorCache()
 
 
 def host_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """An int64 CPU copy of `cu_seqlens`, made once per tensor: every layer of a model receives
-    the same cu_seqlens tensor (Megatron's PackedSeqParams), and without this each layer's
-    validation and layout paid device-to-host copies (host syncs) of it. The copy is reused
-    while the tensor object is alive and unmodified (same object, same version counter);
-    a CPU tensor is just converted."""
+    """An int64 CPU copy of `cu_seqlens`, made once per tensor (PerTensorCache): without it each
+    layer's validation and layout paid device-to-host copies (host syncs) of it. A CPU tensor
+    is just converted."""
     if not cu_seqlens.is_cuda:
         return cu_seqlens.detach().to(torch.int64)
-    key = id(cu_seqlens)
-    hit = _HOST_CU.get(key)
-    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
-        return hit[2]
-    host = cu_seqlens.detach().to("cpu", torch.int64)
-    if len(_HOST_CU) >= _HOST_CU_MAX:
-        _HOST_CU.clear()
-    _HOST_CU[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, host)
-    return host
+    return _HOST_CU.get(cu_seqlens, (), lambda: cu_seqlens.detach().to("cpu", torch.int64))
 
 
-_LAYOUTS: dict = {}
-_LAYOUTS_MAX = 64
+_LAYOUTS = PerTensorCache()
+_BATCHED_LAYOUTS: dict = {}
 
 
 def build_layout(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, chunk_size: int,
@@ -79,23 +99,18 @@ def build_layout(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, chunk
     shapes, or from the host copy of cu_seqlens (host_cu_seqlens: one copy per cu tensor).
 
     Built once and shared (its index tensors are read-only): per (batch, seqlen, chunk_size,
-    device) without cu_seqlens, and per cu_seqlens tensor with them — the same object, unmodified
-    (version counter), as host_cu_seqlens keys its copy: every layer of a model receives the same
-    cu_seqlens, so the layout's ~25 small device ops run once per micro-batch, not once per layer.
-    An entry goes when its cu_seqlens tensor is freed."""
+    device) without cu_seqlens, and per cu_seqlens tensor with them (PerTensorCache), so the
+    layout's ~25 small device ops run once per micro-batch, not once per layer."""
     dev = str(torch.device(device))
-    if cu_seqlens is None:
-        key, owner = (batch, seqlen, chunk_size, dev), None
-    else:
-        key, owner = (id(cu_seqlens), cu_seqlens._version, batch, seqlen, chunk_size, dev), cu_seqlens
-    hit = _LAYOUTS.get(key)
-    if hit is not None and (owner is None or hit[0]() is owner):
-        return hit[1]
-    layout = _build_layout(batch, seqlen, cu_seqlens, chunk_size, device)
-    if len(_LAYOUTS) >= _LAYOUTS_MAX:
-        _LAYOUTS.clear()
-    ref = None if owner is None else weakref.ref(owner, lambda _r, k=key: _LAYOUTS.pop(k, None))
-    _LAYOUTS[key] = (ref, layout)
+    if cu_seqlens is not None:
+        return _LAYOUTS.get(cu_seqlens, (batch, seqlen, chunk_size, dev),
+                            lambda: _build_layout(batch, seqlen, cu_seqlens, chunk_size, device))
+    key = (batch, seqlen, chunk_size, dev)
+    layout = _BATCHED_LAYOUTS.get(key)
+    if layout is None:
+        if len(_BATCHED_LAYOUTS) >= 64:
+            _BATCHED_LAYOUTS.clear()
+        layout = _BATCHED_LAYOUTS[key] = _build_layout(batch, seqlen, None, chunk_size, device)
     return layout
 
 

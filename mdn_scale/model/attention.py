@@ -25,7 +25,6 @@ flex_attention with a document BlockMask would skip them, but its backward does 
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch.nn.attention.bias import causal_lower_right
 from megatron.core.transformer.module import MegatronModule
-from mdn_kernels.mdn.layout import host_cu_seqlens
+from mdn_kernels.mdn.layout import PerTensorCache, host_cu_seqlens
 
 # Largest mask (query × key entries) of one grouped call. 2^26 = 8K × 8K: the mask is cached
 # in the attention dtype (128 MiB in bf16, 256 MiB in fp32) for the micro-batch, shared by every
@@ -153,27 +152,19 @@ def _group_mask(cu, q0: int, q1: int, k0: int, dtype, device) -> torch.Tensor:
     return store[:, :nk].masked_fill_(allowed, 0.0)
 
 
-_PLANS: dict = {}
-_PLANS_MAX = 64
+_PLANS = PerTensorCache()
 
 
 def varlen_plan(cu: torch.Tensor, offset: int, S: int, dtype, device, max_elements: int):
     """[(q0, q1, k0, mask or None)] (global positions) for this rank's S queries at offset, built
-    once per cu_seqlens tensor (same object, unmodified: version counter), as build_layout keys
-    its layouts: every attention layer receives the same cu_seqlens, so the masks are built once
-    per micro-batch and shared. An entry goes when its cu_seqlens tensor is freed."""
-    key = (id(cu), cu._version, offset, S, dtype, str(torch.device(device)), max_elements,
-           torch.is_inference_mode_enabled())
-    hit = _PLANS.get(key)
-    if hit is not None and hit[0]() is cu:
-        return hit[1]
-    bounds = host_cu_seqlens(cu).tolist()
-    plan = [(q0, q1, k0, _group_mask(cu, q0, q1, k0, dtype, device) if n > 1 else None)
-            for q0, q1, k0, n in _group_documents(bounds, offset, S, max_elements)]
-    if len(_PLANS) >= _PLANS_MAX:
-        _PLANS.clear()
-    _PLANS[key] = (weakref.ref(cu, lambda _r, k=key: _PLANS.pop(k, None)), plan)
-    return plan
+    once per cu_seqlens tensor (PerTensorCache, as the op's layouts): every attention layer
+    receives the same cu_seqlens, so the masks are built once per micro-batch and shared."""
+    def build():
+        bounds = host_cu_seqlens(cu).tolist()
+        return [(q0, q1, k0, _group_mask(cu, q0, q1, k0, dtype, device) if n > 1 else None)
+                for q0, q1, k0, n in _group_documents(bounds, offset, S, max_elements)]
+    return _PLANS.get(cu, (offset, S, dtype, str(torch.device(device)), max_elements,
+                           torch.is_inference_mode_enabled()), build)
 
 
 def attend_varlen(q, k, v, cu, offset: int, scale=None, max_elements: Optional[int] = None):
