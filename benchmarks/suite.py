@@ -397,6 +397,26 @@ PLANS = {
                          ("pp4_vp2_400m_24l", 145, bench_model(4, f"--config {M400} --pp 4 --vp 2 {PP}"))]),
         ]),
     ],
+    "o": [  # session 5: plan l found whole-model CP gradients wrong on the GPU (400M CP = 4: grad
+            # norm 6e6 → 2e10; 1.3B CP = 4: NaN) while the op's CP tests pass. The trainer's model
+            # step at CP = 2 and 4 against CP = 1 with the GPU-only parts switched off one at a
+            # time, and the op's CP test with bf16 packed documents (the trainer's case)
+        ("two_by_two", 300, [
+            ("0,1", [("model_cp2_test", 295, "MDN_RESULTS_DIR={R} " + PT + " -x --durations=0 --timeout 285 "
+                      "'tests/gpu/test_model_cp_gpu.py::test_model_cp_matches_cp1[2]'")]),
+            ("2,3", [("cp_op_r2_test", 160, "MDN_RESULTS_DIR={R} " + PT + " --durations=0 --timeout 155 "
+                      "'tests/gpu/test_cp_gpu.py::test_cp_matches_cp1_on_gpus[1]' "
+                      "'tests/gpu/test_cp_gpu.py::test_cp_matches_cp1_on_gpus[2]'"),
+                     # the trainer's step (DDP reduction, grad norm): CP = 2's grad norms
+                     ("bench_cp2_400m_2l", 130, bench_model(2, f"--config {M400} --cp 2 --seq-len 8192 "
+                                                               "--micro-batch 1 --microbatches 2 "
+                                                               "model.num_layers=2"))]),
+        ]),
+        ("four_gpu", 250, [
+            ("0,1,2,3", [("model_cp4_test", 245, "MDN_RESULTS_DIR={R} " + PT + " --durations=0 --timeout 240 "
+                          "'tests/gpu/test_model_cp_gpu.py::test_model_cp_matches_cp1[4]'")]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [

@@ -31,6 +31,8 @@ CASES = {  # name → (dtype, global cu_seqlens or None)
     "fp32": (torch.float32, None),
     "fp32_packed": (torch.float32, [0, 3000, 5000, 5001, T_TOTAL]),
     "bf16": (torch.bfloat16, None),
+    # the trainer's case (packed documents, 16-bit): whole-model CP runs gave NaN / 1e6 gradients
+    "bf16_packed": (torch.bfloat16, [0, 3000, 5000, 5001, T_TOTAL]),
 }
 
 
