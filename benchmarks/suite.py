@@ -79,6 +79,10 @@ def bench_model(n: int, args: str) -> str:
             f"--steps 5 --warmup 3 --out {{R}}/result.json {args}")
 
 
+# the whole-model CP checks' trainer step: 2 layers, 2 sequences of 8192 tokens
+CP_2L = "--seq-len 8192 --micro-batch 1 --microbatches 2 model.num_layers=2"
+
+
 def longctx_mem(n: int, model: str, seq_len: int, args: str = "") -> str:
     """benchmarks/longctx_memory.py on n GPUs: 2 steps with recompute and the chunked loss."""
     return (f"python3 -m torch.distributed.run --standalone --nproc-per-node {n} "
@@ -415,6 +419,27 @@ PLANS = {
         ("four_gpu", 250, [
             ("0,1,2,3", [("model_cp4_test", 245, "MDN_RESULTS_DIR={R} " + PT + " --durations=0 --timeout 240 "
                           "'tests/gpu/test_model_cp_gpu.py::test_model_cp_matches_cp1[4]'")]),
+        ]),
+    ],
+    "p": [  # plan o's model test put CP's gradient errors in layer 0's per-head gate parameters
+            # (Triton op, bf16) and the 2-layer CP = 2 bench at grad norm 7.5e3, without a CP = 1
+            # baseline. Now: the model test against the fp32 model (CP's rounding against CP = 1's)
+            # and the trainer's step at CP = 1, CP = 2 and CP = 2 with the torch op, 400M and 1.3B
+            # mixers (2 layers), in one call
+        ("two_by_two", 280, [
+            ("0,1", [("model_cp2_test", 275, "MDN_CP_VARIANTS=default,eager_mixer_kernels,torch_op,fp32 "
+                      "MDN_RESULTS_DIR={R} " + PT + " -x --durations=0 --timeout 270 "
+                      "'tests/gpu/test_model_cp_gpu.py::test_model_cp_matches_cp1[2]'")]),
+            ("2,3", [("bench_cp2_400m_2l", 90, bench_model(2, f"--config {M400} --cp 2 {CP_2L}")),
+                     ("bench_cp1_400m_2l", 80, bench_model(1, f"--config {M400} {CP_2L}")),
+                     ("bench_cp2_torch_400m_2l", 100, bench_model(2, f"--config {M400} --cp 2 {CP_2L} "
+                                                                     "model.backend=torch"))]),
+        ]),
+        ("two_by_two_1p3b", 190, [
+            ("0,1", [("bench_cp2_1p3b_2l", 100, bench_model(2, f"--config {M13} --cp 2 {CP_2L}")),
+                     ("bench_cp1_1p3b_2l", 85, bench_model(1, f"--config {M13} {CP_2L}"))]),
+            ("2,3", [("bench_cp2_torch_1p3b_2l", 185, bench_model(2, f"--config {M13} --cp 2 {CP_2L} "
+                                                                     "model.backend=torch"))]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M

@@ -70,18 +70,28 @@ def _worker(rank, world, variants, docs, cfg=CFG):
         torch.manual_seed(0)
         return build_model(ModelConfig(**dict(cfg, **overrides)), use_cpu_initialization=True).to(dev)
 
+    def grads_of(model):
+        return {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+
     out = {}
-    for vname in variants:
-        overrides, env, autocast = VARIANTS[vname]
-        saved_env = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            for dname, cu in docs.items():
+    for dname, cu in docs.items():
+        # the fp32 model at CP = 1 (default kernels): what every variant's rounding is measured against
+        ps.initialize_model_parallel(context_parallel_size=1)
+        model = build({})
+        loss32 = _step(model, ids, labels, cu, False)
+        ref32 = grads_of(model)
+        del model
+        ps.destroy_model_parallel()
+        for vname in variants:
+            overrides, env, autocast = VARIANTS[vname]
+            saved_env = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
                 poison(0.3)
                 ps.initialize_model_parallel(context_parallel_size=1)
                 model = build(overrides)
                 loss1 = _step(model, ids, labels, cu, autocast)
-                ref = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+                ref = grads_of(model)
                 del model
                 ps.destroy_model_parallel()
 
@@ -92,33 +102,37 @@ def _worker(rank, world, variants, docs, cfg=CFG):
                 n = T // world
                 sl = slice(rank * n, (rank + 1) * n)
                 loss = _step(model, ids[:, sl].contiguous(), labels[:, sl].contiguous(), cu, autocast)
-                errs, nonfinite = {}, []
-                for name, p in model.named_parameters():
-                    gr = p.grad.detach().float().clone()
+                got = grads_of(model)
+                for gr in got.values():
                     dist.all_reduce(gr, group=cpg)
-                    if not torch.isfinite(gr).all():
-                        nonfinite.append(name)
-                    errs[name] = rel(gr, ref[name])
                 parts = [torch.empty_like(loss) for _ in range(world)]
                 dist.all_gather(parts, loss.contiguous(), group=cpg)
-                loss_err = rel(torch.cat(parts, 1), loss1)
-                out[(vname, dname)] = dict(loss_err=loss_err, grad_errs=errs, nonfinite=nonfinite,
-                                           ref_grad_norm=float(sum(t.double().norm() ** 2 for t in ref.values()) ** 0.5))
+                loss_cp = torch.cat(parts, 1)
+                out[(vname, dname)] = dict(
+                    loss=dict(cp_vs_cp1=rel(loss_cp, loss1), cp1_vs_fp32=rel(loss1, loss32),
+                              cp_vs_fp32=rel(loss_cp, loss32)),
+                    grads={name: dict(cp_vs_cp1=rel(got[name], ref[name]),
+                                      cp1_vs_fp32=rel(ref[name], ref32[name]),
+                                      cp_vs_fp32=rel(got[name], ref32[name]),
+                                      norm_fp32=float(ref32[name].norm()), norm_cp=float(got[name].norm()))
+                           for name in ref32},
+                    nonfinite=[name for name, gr in got.items() if not torch.isfinite(gr).all()])
                 del model
                 ps.destroy_model_parallel()
-        finally:
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            finally:
+                for k, v in saved_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
     return out
 
 
 @pytest.mark.parametrize("R", [2, 4])
 def test_model_cp_matches_cp1(R, record):
-    """CP = R of the trainer's model step gives CP = 1's per-token loss and gradients (bf16:
-    within 5e-2 relative, the bf16 run's own rounding; fp32: 1e-3), finite, for every variant."""
+    """CP = R of the trainer's model step is as close to the fp32 model (CP = 1) as CP = 1 is:
+    per-token loss and every parameter's gradient (CP's relative error at most 1.5× CP = 1's
+    plus 1e-3 in bf16, 5e-5 in fp32: plan o measured 1.4e-5 for fp32 CP = 4), all finite, for every variant."""
     if torch.cuda.device_count() < R:
         pytest.skip(f"needs {R} GPUs, found {torch.cuda.device_count()}")
     from model_dist import run_jobs
@@ -127,13 +141,16 @@ def test_model_cp_matches_cp1(R, record):
     res = run_jobs(R, [(_worker, (variants, DOCS))], backend="nccl")[0][0]
     failures = []
     for (vname, dname), r in res.items():
-        worst = sorted(r["grad_errs"].items(), key=lambda kv: -kv[1])[:4]
-        record(f"model_cp{R}_{vname}_{dname}", dict(loss_err=r["loss_err"], worst_grads=worst,
-                                                   nonfinite=r["nonfinite"], ref_grad_norm=r["ref_grad_norm"],
-                                                   grad_errs=r["grad_errs"]))
-        print(f"CP={R} {vname:20s} {dname:8s} loss {r['loss_err']:.1e} worst {worst} "
-              f"nonfinite {r['nonfinite'][:4]}", flush=True)
-        tol = 5e-2 if VARIANTS[vname][2] else 1e-3
-        if r["nonfinite"] or r["loss_err"] > tol or worst[0][1] > tol:
-            failures.append((vname, dname, r["loss_err"], worst[0], r["nonfinite"][:3]))
+        g = r["grads"]
+        # CP's error against the fp32 model may exceed CP = 1's by half (and rounding-size slack)
+        excess = {n: e["cp_vs_fp32"] - 1.5 * e["cp1_vs_fp32"] for n, e in g.items()}
+        worst = sorted(excess, key=lambda n: -excess[n])[:3]
+        record(f"model_cp{R}_{vname}_{dname}", r)
+        print(f"CP={R} {vname:20s} {dname:8s} loss {r['loss']} nonfinite {r['nonfinite'][:4]}", flush=True)
+        for n in worst:
+            print(f"    {n}: {g[n]}", flush=True)
+        slack = 1e-3 if VARIANTS[vname][2] else 5e-5
+        bad = [n for n in g if excess[n] > slack]
+        if r["nonfinite"] or bad or r["loss"]["cp_vs_fp32"] > 1.5 * r["loss"]["cp1_vs_fp32"] + slack:
+            failures.append((vname, dname, r["loss"], bad[:3], r["nonfinite"][:3]))
     assert not failures, failures
