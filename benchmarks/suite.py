@@ -442,6 +442,22 @@ PLANS = {
                                                                      "model.backend=torch"))]),
         ]),
     ],
+    "r": [  # plan p: the 16-bit Triton CP path is wrong on the GPU (CP = 1 and the torch op
+            # are right; the CPU interpreter, bf16 dots fixed, is right at the real shapes with
+            # the model's own layer-0 inputs). Which part: the torch chunk-local ops instead of
+            # the fused kernels, the CP pass with fp32 operands, or the fp32 op under CP
+        ("two_by_two", 260, [
+            ("0,1", [("model_cp2_diag", 255, "MDN_CP_DOCS=one_doc MDN_CP_VARIANTS=default,fused_local_off,"
+                      "cp_pass_fp32,cp_upcast MDN_RESULTS_DIR={R} " + PT + " --durations=0 --timeout 250 "
+                      "'tests/gpu/test_model_cp_gpu.py::test_model_cp_matches_cp1[2]'")]),
+            ("2,3", [("bench_cp2_400m_2l_fused_local_off", 85, "MDN_FUSED_LOCAL=0 "
+                      + bench_model(2, f"--config {M400} --cp 2 {CP_2L}")),
+                     ("bench_cp2_400m_2l_cp_pass_fp32", 85, "MDN_CP_PASS_FP32=1 "
+                      + bench_model(2, f"--config {M400} --cp 2 {CP_2L}")),
+                     ("bench_cp2_1p3b_2l_fused_local_off", 85, "MDN_FUSED_LOCAL=0 "
+                      + bench_model(2, f"--config {M13} --cp 2 {CP_2L}"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [

@@ -34,6 +34,11 @@ VARIANTS = {
     "eager_mixer_kernels": ({"mixer_kernels": "eager"}, {}, True),
     "torch_op": ({"mixer_kernels": "eager", "backend": "torch"}, {}, True),
     "fp32": ({}, {}, False),
+    # session 5's diagnostics of the 16-bit Triton CP error: the torch chunk-local ops instead
+    # of the fused kernels; the CP state pass with fp32 operands; q, k, v upcast under CP
+    "fused_local_off": ({}, {"MDN_FUSED_LOCAL": "0"}, True),
+    "cp_pass_fp32": ({}, {"MDN_CP_PASS_FP32": "1"}, True),
+    "cp_upcast": ({}, {"MDN_CP_UPCAST": "1"}, True),
 }
 
 
@@ -138,7 +143,8 @@ def test_model_cp_matches_cp1(R, record):
     from model_dist import run_jobs
 
     variants = os.environ.get("MDN_CP_VARIANTS", ",".join(VARIANTS)).split(",")
-    res = run_jobs(R, [(_worker, (variants, DOCS))], backend="nccl")[0][0]
+    docs = {d: DOCS[d] for d in os.environ.get("MDN_CP_DOCS", ",".join(DOCS)).split(",")}
+    res = run_jobs(R, [(_worker, (variants, docs))], backend="nccl")[0][0]
     failures = []
     for (vname, dname), r in res.items():
         g = r["grads"]
