@@ -458,6 +458,16 @@ PLANS = {
                       + bench_model(2, f"--config {M13} --cp 2 {CP_2L}"))]),
         ]),
     ],
+    "s": [  # plan r: the trainer's CP step is right with the torch chunk-local ops; they are now
+            # the CP default. The new default (400M, 1.3B) and the old one forced back on
+            # (MDN_FUSED_LOCAL=1), side by side
+        ("two_by_two", 140, [
+            ("0,1", [("bench_cp2_400m_2l", 70, bench_model(2, f"--config {M400} --cp 2 {CP_2L}")),
+                     ("bench_cp2_1p3b_2l", 70, bench_model(2, f"--config {M13} --cp 2 {CP_2L}"))]),
+            ("2,3", [("bench_cp2_400m_2l_fused_local_on", 80, "MDN_FUSED_LOCAL=1 "
+                      + bench_model(2, f"--config {M400} --cp 2 {CP_2L}"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
