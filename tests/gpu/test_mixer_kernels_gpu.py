@@ -82,9 +82,11 @@ def test_fla_mixer_matches_eager(record):
         between = {k: rel(paths["fla"][k], paths["eager"][k]) for k in ref}
         record(f"mixer_kernels_{case}", {"vs_fp64": errs, "fla_vs_eager": between})
         print(case, {k: f"fla {errs['fla'][k]:.1e} eager {errs['eager'][k]:.1e}" for k in ref})
-        # bf16: q|k|v and the op run in bf16 either way (errors ~1e-3); fp32: fp32 rounding and
-        # the op's fp32 path. FLA must be no worse than eager beyond rounding-size slack.
-        tol, floor = (2e-2, 5e-3) if case == "bf16" else (1e-4, 1e-5)
+        # bf16: q|k|v and the op run in bf16 either way (errors ~1e-3 to 2e-2: the per-head
+        # D_log gradient, a sum over every token, measured 2.0e-2 for eager and FLA alike on the
+        # H100, plan l); fp32: fp32 rounding and the op's fp32 path. The absolute bound is a
+        # sanity bound; the test is that FLA is no worse than eager beyond rounding-size slack.
+        tol, floor = (5e-2, 5e-3) if case == "bf16" else (1e-4, 1e-5)
         for k in ref:
             assert torch.isfinite(paths["fla"][k]).all(), (case, k)
             assert errs["fla"][k] < tol, (case, k, errs["fla"][k])
