@@ -64,8 +64,6 @@ gpu_comm_ms). `bench_cp.py --profile` shows the measured breakdown.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -205,8 +203,6 @@ class CPStatePass(torch.autograd.Function):
     def forward(ctx, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, backend,
                 allow_tf32, view, group, mode, group_chunks):
         K, V, dt = Y.shape[-1], U.shape[-1], U.dtype
-        if backend == "triton" and allow_tf32 and os.environ.get("MDN_CP_PASS_FP32") == "1":
-            allow_tf32 = False   # diagnostic (session 5): the CP pass with fp32 operands
         if backend == "triton":  # the operand precision of mdn.chunk.StatePass, for the same numbers
             from mdn_kernels.mdn.state_pass import fits_shared_memory
             low = torch.bfloat16 if allow_tf32 else U.dtype

@@ -37,9 +37,11 @@ def _decay(la_row: torch.Tensor, la_col: torch.Tensor, mask: torch.Tensor) -> to
 
 def _mm(a: torch.Tensor, b: torch.Tensor, mm_dtype) -> torch.Tensor:
     """a @ b, with operands rounded to mm_dtype (bf16 for 16-bit models, as FLA's GDN kernels do:
-    fp32 accumulation) when given; the result stays in the compute dtype."""
+    fp32 accumulation) when given; the result stays in the compute dtype. Without mm_dtype, a b
+    in a narrower dtype (the Triton state pass hands W, S0s, M0s over in bf16 for 16-bit inputs)
+    is widened to a's, exactly."""
     if mm_dtype is None:
-        return a @ b
+        return a @ (b if b.dtype == a.dtype else b.to(a.dtype))
     return (a.to(mm_dtype) @ b.to(mm_dtype)).to(a.dtype)
 
 

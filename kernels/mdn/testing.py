@@ -70,3 +70,35 @@ def tensors_on_ctx(out: torch.Tensor) -> list[str]:
                 found.append(f"{type(n).__name__}.{k}")
         stack += [f for f, _ in n.next_functions]
     return found
+
+
+def patch_interpreter_bf16_dot() -> None:
+    """Make Triton's CPU interpreter multiply bf16 tiles correctly (tests only).
+
+    Triton 3.6's interpreter keeps bf16 tensors as their raw 16-bit patterns in numpy (which has
+    no bf16) and its tl.dot multiplies those integers: a bf16 dot is garbage there (1e10 where
+    the answer is ~1), while compiled Triton multiplies bf16 exactly into fp32. This widens bf16
+    operands to fp32 before the interpreter's dot (exact: a bf16 is the high half of an fp32), so
+    the 16-bit paths of the kernels can be tested on CPU. Idempotent; a no-op when the
+    interpreter is not importable. (Its fp32 → bf16 casts still truncate where compiled Triton
+    rounds to nearest: expect somewhat larger bf16 errors on CPU than on the GPU.)"""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    except Exception:  # pragma: no cover - no Triton / another interpreter layout
+        return
+    if getattr(InterpreterBuilder.create_dot, "_mdn_bf16", False):
+        return
+    original = InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar == tl.bfloat16:
+            return TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return x
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._mdn_bf16 = True
+    InterpreterBuilder.create_dot = create_dot

@@ -19,8 +19,6 @@ from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -340,8 +338,6 @@ class MDNMixer(MegatronModule):
         autocast_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         if autocast_dtype is not None:
             qkv = qkv.to(autocast_dtype)
-        if self.cp_group.size() > 1 and os.environ.get("MDN_CP_UPCAST") == "1":
-            qkv = qkv.float()   # diagnostic (session 5): the fp32 op under CP
         q, k, v = torch.split(qkv, [H * K, H * K, H * V], -1)
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
         with rf("mdn.gates"):
