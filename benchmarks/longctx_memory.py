@@ -145,6 +145,9 @@ def main(argv=None) -> int:
     try:
         summary = trainer.train(cfg, layout)
         result["loss"] = summary["loss"]
+        # steps whose loss or grad norm was not finite (the trainer skips their update): a run
+        # that fits in memory but skips steps did not train (session 5: CP runs with NaN grads)
+        result["skipped_steps"] = summary["skipped_steps"]
     except torch.cuda.OutOfMemoryError as e:
         oom = True
         if world > 1:

@@ -133,11 +133,13 @@ def main(argv=None) -> int:
         records.append(rec)
         with open(a.out, "w") as f:
             json.dump(records, f, indent=1)
-        ok = not (rec.get("oom") or rec.get("failed") or rec.get("timeout"))
+        ok = not (rec.get("oom") or rec.get("failed") or rec.get("timeout") or rec.get("skipped_steps"))
         print(f"gpus={a.gpus} seq_len={seq:,} tp={tp} cp={cp} recompute={rc}: "
               + (f"fits, peak {rec['measured_peak_gib']:.1f} GiB (estimate {rec['estimate_allocated_gib']:.1f})"
                  if ok else "does not fit (out of memory)" if rec.get("oom") else
-                 "timeout" if rec.get("timeout") else "failed"), flush=True)
+                 "timeout" if rec.get("timeout") else
+                 f"non-finite loss or gradients ({rec['skipped_steps']} steps skipped): did not train"
+                 if rec.get("skipped_steps") else "failed"), flush=True)
         if ok:
             fits = max(fits, seq)
             nxt = [v for v in rungs if v > seq and (fails is None or v < fails)]

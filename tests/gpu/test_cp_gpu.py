@@ -33,6 +33,8 @@ CASES = {  # name → (dtype, global cu_seqlens or None)
     "bf16": (torch.bfloat16, None),
     # the trainer's case (packed documents, 16-bit): whole-model CP runs gave NaN / 1e6 gradients
     "bf16_packed": (torch.bfloat16, [0, 3000, 5000, 5001, T_TOTAL]),
+    # and the model's dtypes: bf16 q, k, v with fp32 gates (the gate kernels' output)
+    "bf16_fp32_gates": ((torch.bfloat16, torch.float32), [0, 3000, 5000, 5001, T_TOTAL]),
 }
 
 
@@ -42,10 +44,12 @@ def rel(a, b):
 
 
 def inputs(dtype, seed=0):
+    """dtype, or (q/k/v dtype, gate dtype)."""
+    dtype, gate_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
     xs = random_inputs(1, T_TOTAL, H, K, V, dtype=torch.float32, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(1, T_TOTAL, H, V, generator=g)
-    return [x.to(dtype) for x in xs], do.to(dtype)
+    return [x.to(dtype if i < 3 else gate_dtype) for i, x in enumerate(xs)], do.to(dtype)
 
 
 def run(xs, do, **kw):
