@@ -206,6 +206,7 @@ def test_measure_script_cpu_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert res["cp"] == 2 and res["recompute"] and res["distributed_optimizer"] and not res["oom"]
     assert res["estimate_allocated_gib"] > 0 and res["loss"] == res["loss"]  # finite, not NaN
+    assert res["skipped_steps"] == 0   # every step's loss and grad norm finite: it trained
 
 
 def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
@@ -237,6 +238,20 @@ def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
     assert longctx_search.main(["--model", str(ROOT / "configs" / "mdn_1.3b.yaml"), "--gpus", "2",
                                 "--out", str(out2), "--start", "40000", "--max-attempts", "6"]) == 0
     assert calls == [32768, 49152, 65536, 98304, 131072]
+    # a run that fits in memory but skips steps (non-finite loss or gradients) did not train:
+    # the search treats it as a failure and steps down
+    calls.clear()
+
+    def fits_but_nan_above_50k(model, gpus, seq_len, tp, cp, rc, timeout, **kw):
+        calls.append(seq_len)
+        return {"seq_len": seq_len, "oom": False, "measured_peak_gib": 1.0,
+                "estimate_allocated_gib": 1.0, "skipped_steps": 2 if seq_len > 50_000 else 0}
+
+    monkeypatch.setattr(longctx_search, "attempt", fits_but_nan_above_50k)
+    assert longctx_search.main(["--model", str(ROOT / "configs" / "mdn_1.3b.yaml"), "--gpus", "2",
+                                "--out", str(tmp_path / "s3.json"), "--start", "70000",
+                                "--max-attempts", "6"]) == 0
+    assert calls == [65536, 49152]
 
 
 def test_peak_breakdown_replays_an_allocator_trace():
