@@ -95,7 +95,10 @@ def plot_cp(out):
 def plot_memory_estimate(out):
     """Estimated against measured peak memory of the trainer (tests/gpu/test_longctx_memory_gpu)."""
     rows = []
-    for name in ("longctx_memory_h100_1gpu.json", "longctx_memory_h100_1gpu_400m_64k.json"):
+    # session 2's runs, then session 5's after the op stopped keeping U on ctx (s5)
+    for name, tag in (("longctx_memory_h100_1gpu.json", ""), ("longctx_memory_h100_1gpu_400m_64k.json", ""),
+                      ("longctx_memory_h100_1gpu_400m_64k_v4_u_fix.json", " s5"),
+                      ("longctx_memory_h100_1gpu_1p3b_64k.json", " s5")):
         d = _load(name)
         if not d:
             continue
@@ -103,7 +106,7 @@ def plot_memory_estimate(out):
             if r.get("measured_peak_gib") is None:
                 continue
             model = os.path.basename(r["model"]).replace("mdn_", "").replace(".yaml", "")
-            rows.append((f"{model}\n{r['seq_len'] // 1024}K", r["estimate_allocated_gib"],
+            rows.append((f"{model}\n{r['seq_len'] // 1024}K{tag}", r["estimate_allocated_gib"],
                          r["measured_peak_gib"], r["error"]))
     if not rows:
         return None
@@ -193,6 +196,42 @@ def plot_model(out):
     return out
 
 
+def plot_cp_model(out):
+    """Grad norms of the trainer's step at CP = 1 and CP = 2 (2 layers, 2 x 8192 tokens), the
+    16-bit CP bug and its workaround (cp_model_h100x4.json, session 5)."""
+    d = _load("cp_model_h100x4.json")
+    if not d:
+        return None
+    runs = [("CP = 1", "p", "bench_cp1_{}_2l", "black", "-"),
+            ("CP = 2, fused chunk-local kernels (old default)", "p", "bench_cp2_{}_2l", "tab:red", "-"),
+            ("CP = 2, torch op", "p", "bench_cp2_torch_{}_2l", "tab:green", "--"),
+            ("CP = 2, torch chunk-local ops (new CP default)", "r", "bench_cp2_{}_2l_fused_local_off",
+             "tab:blue", ":")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, model in zip(axes, ("400m", "1p3b")):
+        for label, plan, job, color, ls in runs:
+            rec = d["plans"].get(plan, {}).get("jobs", {}).get(job.format(model))
+            if not rec or not rec.get("grad_norms"):
+                continue
+            g = rec["grad_norms"]
+            steps = range(1, len(g) + 1)
+            finite = [x if x == x else None for x in g]
+            if all(x is None for x in finite):
+                ax.plot([], [], color=color, ls=ls, label=label + ": NaN at every step")
+                continue
+            ax.plot(steps, [x if x is not None else float("nan") for x in finite], color=color,
+                    ls=ls, marker="o", ms=3, label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("timed step")
+        ax.set_ylabel("grad norm")
+        ax.set_title(("400M" if model == "400m" else "1.3B") + " mixer, 2 layers", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle("Trainer step under CP on 2 H100s against CP = 1 (bf16)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -200,7 +239,7 @@ def main():
     for fn, name in ((plot_kernels, "kernels_vs_gdn.png"), (plot_cp, "cp_weak_scaling.png"),
                      (plot_memory_estimate, "memory_estimate_vs_measured.png"),
                      (plot_deepspeed, "deepspeed_vs_megatron_1p3b.png"),
-                     (plot_model, "model_throughput.png")):
+                     (plot_model, "model_throughput.png"), (plot_cp_model, "cp_model_grad_norms.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
