@@ -445,7 +445,8 @@ PLANS = {
     "r": [  # plan p: the 16-bit Triton CP path is wrong on the GPU (CP = 1 and the torch op
             # are right; the CPU interpreter, bf16 dots fixed, is right at the real shapes with
             # the model's own layer-0 inputs). Which part: the torch chunk-local ops instead of
-            # the fused kernels, the CP pass with fp32 operands, or the fp32 op under CP
+            # the fused kernels, the CP pass with fp32 operands, or the fp32 op under CP. (A record:
+            # its diagnostic switches and variants were removed after it ran; rerun at ada0b71.)
         ("two_by_two", 260, [
             ("0,1", [("model_cp2_diag", 255, "MDN_CP_DOCS=one_doc MDN_CP_VARIANTS=default,fused_local_off,"
                       "cp_pass_fp32,cp_upcast MDN_RESULTS_DIR={R} " + PT + " --durations=0 --timeout 250 "

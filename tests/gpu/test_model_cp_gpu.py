@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -56,7 +57,8 @@ def _step(model, ids, labels, cu, autocast):
 
 def _worker(rank, world, variants, docs, cfg=CFG):
     """Per (variant, documents): CP = world against CP = 1 (every rank runs the reference).
-    Runs on CPU with gloo as well (the harness's own check, tests/model)."""
+    Runs on CPU with gloo as well (the harness's own check:
+    tests/model/test_model_parallel.py::test_gpu_cp_model_harness_on_cpu)."""
     from megatron.core import parallel_state as ps
     import torch.distributed as dist
     from mdn_scale.model import ModelConfig, build_model
@@ -73,61 +75,46 @@ def _worker(rank, world, variants, docs, cfg=CFG):
         torch.manual_seed(0)
         return build_model(ModelConfig(**dict(cfg, **overrides)), use_cpu_initialization=True).to(dev)
 
-    def grads_of(model):
-        return {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+    def run(cp, cu, overrides, autocast):
+        """One model step at CP = cp: the per-token loss [1, T] (gathered over CP) and every
+        parameter's gradient (summed over CP)."""
+        poison(0.3)
+        ps.initialize_model_parallel(context_parallel_size=cp)
+        try:
+            group = ps.get_context_parallel_group()
+            model = build(overrides)
+            n = T // cp
+            sl = slice(group.rank() * n, (group.rank() + 1) * n)
+            loss = _step(model, ids[:, sl].contiguous(), labels[:, sl].contiguous(), cu, autocast)
+            grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters()}
+            if cp > 1:
+                for gr in grads.values():
+                    dist.all_reduce(gr, group=group)
+                parts = [torch.empty_like(loss) for _ in range(cp)]
+                dist.all_gather(parts, loss.contiguous(), group=group)
+                loss = torch.cat(parts, 1)
+            return loss, grads
+        finally:
+            ps.destroy_model_parallel()
 
     out = {}
     for dname, cu in docs.items():
         # the fp32 model at CP = 1 (default kernels): what every variant's rounding is measured against
-        ps.initialize_model_parallel(context_parallel_size=1)
-        model = build({})
-        loss32 = _step(model, ids, labels, cu, False)
-        ref32 = grads_of(model)
-        del model
-        ps.destroy_model_parallel()
+        loss32, ref32 = run(1, cu, {}, False)
         for vname in variants:
             overrides, env, autocast = VARIANTS[vname]
-            saved_env = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                poison(0.3)
-                ps.initialize_model_parallel(context_parallel_size=1)
-                model = build(overrides)
-                loss1 = _step(model, ids, labels, cu, autocast)
-                ref = grads_of(model)
-                del model
-                ps.destroy_model_parallel()
-
-                poison(0.3)
-                ps.initialize_model_parallel(context_parallel_size=world)
-                cpg = ps.get_context_parallel_group()
-                model = build(overrides)
-                n = T // world
-                sl = slice(rank * n, (rank + 1) * n)
-                loss = _step(model, ids[:, sl].contiguous(), labels[:, sl].contiguous(), cu, autocast)
-                got = grads_of(model)
-                for gr in got.values():
-                    dist.all_reduce(gr, group=cpg)
-                parts = [torch.empty_like(loss) for _ in range(world)]
-                dist.all_gather(parts, loss.contiguous(), group=cpg)
-                loss_cp = torch.cat(parts, 1)
-                out[(vname, dname)] = dict(
-                    loss=dict(cp_vs_cp1=rel(loss_cp, loss1), cp1_vs_fp32=rel(loss1, loss32),
-                              cp_vs_fp32=rel(loss_cp, loss32)),
-                    grads={name: dict(cp_vs_cp1=rel(got[name], ref[name]),
-                                      cp1_vs_fp32=rel(ref[name], ref32[name]),
-                                      cp_vs_fp32=rel(got[name], ref32[name]),
-                                      norm_fp32=float(ref32[name].norm()), norm_cp=float(got[name].norm()))
-                           for name in ref32},
-                    nonfinite=[name for name, gr in got.items() if not torch.isfinite(gr).all()])
-                del model
-                ps.destroy_model_parallel()
-            finally:
-                for k, v in saved_env.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+            with mock.patch.dict(os.environ, env):
+                loss1, ref = run(1, cu, overrides, autocast)
+                loss_cp, got = run(world, cu, overrides, autocast)
+            out[(vname, dname)] = dict(
+                loss=dict(cp_vs_cp1=rel(loss_cp, loss1), cp1_vs_fp32=rel(loss1, loss32),
+                          cp_vs_fp32=rel(loss_cp, loss32)),
+                grads={name: dict(cp_vs_cp1=rel(got[name], ref[name]),
+                                  cp1_vs_fp32=rel(ref[name], ref32[name]),
+                                  cp_vs_fp32=rel(got[name], ref32[name]),
+                                  norm_fp32=float(ref32[name].norm()), norm_cp=float(got[name].norm()))
+                       for name in ref32},
+                nonfinite=[name for name, gr in got.items() if not torch.isfinite(gr).all()])
     return out
 
 

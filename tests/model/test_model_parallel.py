@@ -163,3 +163,19 @@ def test_pp2_init_equals_pp1(refs, two_ranks):
     assert fresh.keys() == ref.keys()
     for k in ref:
         assert torch.equal(fresh[k], ref[k]), k
+
+
+def test_gpu_cp_model_harness_on_cpu():
+    """tests/gpu/test_model_cp_gpu.py's worker (the trainer's model at CP = 2 against CP = 1 and
+    the fp32 model) on gloo with a tiny fp32 model: the harness itself is right, so a failure on
+    the GPU is the GPU path's."""
+    from tests.gpu.test_model_cp_gpu import _worker
+    docs = {"one_doc": [0, 64], "docs": [0, 5, 33, 34, 64]}
+    res = run_jobs(2, [(_worker, (["fp32"], docs, dict(TINY)))])[0]
+    assert res[0].keys() == {("fp32", "one_doc"), ("fp32", "docs")}
+    for rank_out in res:
+        for key, r in rank_out.items():
+            assert r["nonfinite"] == [], key
+            assert r["loss"]["cp_vs_cp1"] < 1e-6 and r["loss"]["cp1_vs_fp32"] == 0, (key, r["loss"])
+            for name, e in r["grads"].items():
+                assert e["cp_vs_cp1"] < 1e-5 and e["norm_cp"] > 0, (key, name, e)
