@@ -267,10 +267,10 @@ def test_rejects_bad_fp32_dot_setting(monkeypatch):
 
 def test_16bit_operands_no_worse_than_torch_path():
     """mm_dtype (16-bit operands, fp32 accumulation) through both parts, forward and backward.
-    fp16 stands in for the GPU's bf16 here (the interpreter truncates fp32 → bf16 where compiled
-    Triton rounds, so bf16 would not compare like with like against torch's rounding; its bf16
-    tl.dot itself is fixed in tests, conftest.py): against float64, the fused kernels must be about as accurate as the torch
-    path rounding the same operands."""
+    fp16 stands in for the GPU's bf16 here: the interpreter truncates fp32 → bf16 where compiled
+    Triton and torch round, so bf16 would not compare like with like (its bf16 tl.dot is fixed
+    in tests, conftest.py). Against float64, the fused kernels must be about as accurate as the
+    torch path rounding the same operands."""
     B, T, H, K, V = 2, 45, 2, 32, 32
     mm = torch.float16
     xs64, layout = _inputs(B, T, H, K, V, None, seed=1)

@@ -217,7 +217,8 @@ def test_cp_equals_single_process(world):
         dtype, gdt = extra.get("dtype", torch.float32), extra.get("gate_dtype")
         tol = 1e-12 if dtype == torch.float64 else TOL
         ref = reference(R, B, T, cu, backend, Kd, seed_of(name), dtype, gdt)
-        exact = reference(R, B, T, cu, backend, Kd, seed_of(name), dtype, gdt, upcast=True)
+        if dtype == torch.bfloat16:
+            exact = reference(R, B, T, cu, backend, Kd, seed_of(name), dtype, gdt, upcast=True)
         for key, want in ref.items():
             parts = [r[name][key] for r in ranks]
             if key in ("S", "M", "dS0", "dM0"):

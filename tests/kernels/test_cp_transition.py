@@ -265,18 +265,16 @@ def test_group_maps_above_the_kernels_k_take_the_torch_path(dtype, tol, monkeypa
 @pytest.mark.parametrize("K", [16, 32])
 def test_group_map_kernel_bf16_operands(K):
     """The Triton group-map kernel with bf16 operands (16-bit models, allow_tf32) against the
-    float64 spec on the same rounded operands: as close as the fp32 torch maps are (the kernel
-    also rounds its running map to bf16 for each product). Needs the interpreter's bf16 dot
-    fixed (mdn_kernels.mdn.testing.patch_interpreter_bf16_dot, tests/conftest.py): unfixed,
-    the maps came out at 1e10."""
+    float64 spec on the same rounded operands. The kernel also rounds its running map to bf16
+    for each product, so the bound is bf16-sized (measured 3.7e-3 at K = 16). Needs the
+    interpreter's bf16 dot fixed (mdn_kernels.mdn.testing.patch_interpreter_bf16_dot,
+    tests/conftest.py): unfixed, the maps came out at 1e10."""
     from mdn_kernels.cp.transition import group_maps_torch, group_maps_triton
     args64, layout = prepared(1, 8 * 16, 2, K, 2 * K, 16, torch.float64, seed=3)   # 8 chunks
     plan = plan_groups(layout, 2)
     low = [t.to(torch.bfloat16).contiguous() if i < 5 else t.float().contiguous()
            for i, t in enumerate(args64)]
     want = group_maps_torch(*[t.double() for t in low], plan.g_start, plan.g_len)
-    fp32 = group_maps_torch(*low, plan.g_start, plan.g_len, compute_dtype=torch.float32)
     got = group_maps_triton(*low, plan.g_start, plan.g_len, True)
     err = ((got.double() - want).norm() / want.norm()).item()
-    err32 = ((fp32.double() - want).norm() / want.norm()).item()
-    assert torch.isfinite(got).all() and err <= 2 * err32 + 1e-2, (err, err32)
+    assert torch.isfinite(got).all() and err <= 1e-2, err
