@@ -459,28 +459,31 @@ PLANS = {
                       + bench_model(2, f"--config {M13} --cp 2 {CP_2L}"))]),
         ]),
     ],
-    "s": [  # for session 6 (no device time was left in session 5): CP with the torch chunk-local
-            # ops (the new CP default) at the op, the model and the trainer step, CP = 2 and 4;
-            # the old default forced back on (MDN_FUSED_LOCAL=1) beside it, the op test too (does the
-            # op alone, with the model's bf16 q/k/v + fp32 gates, reproduce it?); then the 4-GPU
-            # longest 1.3B context from 512K (a run that skips steps no longer counts as trained)
-        ("two_by_two", 290, [
-            ("0,1", [("model_cp2_test", 285, "MDN_CP_VARIANTS=default,torch_op,fp32 MDN_RESULTS_DIR={R} "
-                      + PT + " --durations=0 --timeout 280 "
-                      "'tests/gpu/test_model_cp_gpu.py::test_model_cp_matches_cp1[2]'")]),
-            ("2,3", [("bench_cp2_400m_2l", 75, bench_model(2, f"--config {M400} --cp 2 {CP_2L}")),
+    "s": [  # session 6. CP's default is now the torch chunk-local ops: the model test and the
+            # trainer step under that name, CP = 2 and 4. Where the fused path's fault lies: under
+            # CP it runs LocalPrepare -> state pass -> LocalOutput, while CP = 1 runs the lean
+            # StateOutput path. Variant fused_local_mode0 makes CP = 1 run CP's kernels
+            # (MDN_RECOMPUTE_PAIRS=0); the op test with the fused path forced on has the model's
+            # dtypes (bf16 q/k/v, fp32 gates) at R = 1 (CP code, one rank) and 2. Then the 400M
+            # step at CP = 4 and DP = 2 with right gradients (plan m's layouts, never timed)
+        ("two_by_two", 300, [
+            ("0,1", [("model_cp2_test", 190, "MDN_CP_DOCS=docs MDN_CP_VARIANTS=default,fused_local_mode0,"
+                      "fused_local_on MDN_RESULTS_DIR={R} " + PT + " --durations=0 --timeout 185 "
+                      "'tests/gpu/test_model_cp_gpu.py::test_model_cp_matches_cp1[2]'"),
+                     ("dp2_400m", 105, bench_model(2, f"--config {M400} --micro-batch 4"))]),
+            ("2,3", [("cp_op_fused_local_on", 150, "MDN_FUSED_LOCAL=1 MDN_RESULTS_DIR={R} " + PT
+                      + " --durations=0 --timeout 145 'tests/gpu/test_cp_gpu.py::test_cp_matches_cp1_on_gpus[1]' "
+                      "'tests/gpu/test_cp_gpu.py::test_cp_matches_cp1_on_gpus[2]'"),
+                     ("bench_cp2_400m_2l", 70, bench_model(2, f"--config {M400} --cp 2 {CP_2L}")),
                      ("bench_cp2_400m_2l_fused_local_on", 70, "MDN_FUSED_LOCAL=1 "
-                      + bench_model(2, f"--config {M400} --cp 2 {CP_2L}")),
-                     ("cp_op_r2_fused_local_on", 140, "MDN_FUSED_LOCAL=1 MDN_RESULTS_DIR={R} " + PT
-                      + " --durations=0 --timeout 135 'tests/gpu/test_cp_gpu.py::test_cp_matches_cp1_on_gpus[2]'")]),
+                      + bench_model(2, f"--config {M400} --cp 2 {CP_2L}"))]),
         ]),
-        ("four_gpu", 270, [
-            # plan l's 512K attempt needed 126 s (2 steps: 103 s): t = 140
-            ("0,1,2,3", [("model_cp4_test", 110, "MDN_CP_DOCS=one_doc MDN_CP_VARIANTS=default "
-                          "MDN_RESULTS_DIR={R} " + PT + " --durations=0 --timeout 105 "
+        ("four_gpu", 262, [
+            ("0,1,2,3", [("model_cp4_test", 105, "MDN_CP_DOCS=docs MDN_CP_VARIANTS=default "
+                          "MDN_RESULTS_DIR={R} " + PT + " --durations=0 --timeout 100 "
                           "'tests/gpu/test_model_cp_gpu.py::test_model_cp_matches_cp1[4]'"),
-                         ("longctx_search_g4", 158, LONGCTX_SEARCH.format(n=4, att=1, t=140, b=156)
-                          + " --start 524288")]),
+                         ("cp4_400m_16k", 150, bench_model(4, f"--config {M400} --micro-batch 1 "
+                                                              "--microbatches 4 --cp 4 --seq-len 16384"))]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
