@@ -486,6 +486,27 @@ PLANS = {
                                                               "--microbatches 4 --cp 4 --seq-len 16384"))]),
         ]),
     ],
+    "t": [  # session 6, after plan s: the fused chunk-local path under CP passed this time (model
+            # test CP = 2 with it forced on; the trainer step's grad norms = CP = 1's), as in plan r,
+            # where plans o and p, on the same code for this path, failed bit-identically. The
+            # configurations that failed before, with it forced on: the 1.3B CP = 2 step (NaN in
+            # plan p), the 400M CP = 4 step (grad norms 6e6 in plan k), the 1.3B at 512K on 4 GPUs
+            # (NaN in plan l); the 1.3B CP = 2 step on the default beside it; TP = 2 and PP = 2 (never timed)
+        ("two_by_two", 285, [
+            ("0,1", [("bench_cp2_1p3b_2l_fused_local_on", 100, "MDN_FUSED_LOCAL=1 "
+                      + bench_model(2, f"--config {M13} --cp 2 {CP_2L}")),
+                     ("tp2_400m", 180, bench_model(2, f"--config {M400} --micro-batch 4 --tp 2"))]),
+            ("2,3", [("bench_cp2_1p3b_2l", 110, bench_model(2, f"--config {M13} --cp 2 {CP_2L}")),
+                     ("pp2_1f1b_400m_24l", 170, bench_model(2, f"--config {M400} --pp 2 {PP}"))]),
+        ]),
+        ("four_gpu", 270, [
+            ("0,1,2,3", [("cp4_400m_16k_fused_local_on", 90, "MDN_FUSED_LOCAL=1 "
+                          + bench_model(4, f"--config {M400} --micro-batch 1 --microbatches 4 --cp 4 "
+                                           "--seq-len 16384")),
+                         ("cp4_1p3b_512k_fused_local_on", 175, "MDN_FUSED_LOCAL=1 "
+                          + longctx_mem(4, M13, 524288, "--cp 4 --distributed-optimizer"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
