@@ -465,7 +465,9 @@ PLANS = {
             # StateOutput path. Variant fused_local_mode0 makes CP = 1 run CP's kernels
             # (MDN_RECOMPUTE_PAIRS=0); the op test with the fused path forced on has the model's
             # dtypes (bf16 q/k/v, fp32 gates) at R = 1 (CP code, one rank) and 2. Then the 400M
-            # step at CP = 4 and DP = 2 with right gradients (plan m's layouts, never timed)
+            # step at CP = 4 and DP = 2 with right gradients (plan m's layouts, never timed). (A record,
+            # run at 5ad72d3: the fused path is CP's default again since, so the model test's
+            # fused_local_on variant, equal to default now, was removed.)
         ("two_by_two", 300, [
             ("0,1", [("model_cp2_test", 190, "MDN_CP_DOCS=docs MDN_CP_VARIANTS=default,fused_local_mode0,"
                       "fused_local_on MDN_RESULTS_DIR={R} " + PT + " --durations=0 --timeout 185 "

@@ -28,7 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mdn_kernels import mdn_chunk  # noqa: E402
 from mdn_kernels.cp import mdn_chunk_cp  # noqa: E402
-from mdn_kernels.mdn.testing import random_inputs  # noqa: E402
+from mdn_kernels.mdn.testing import patch_interpreter_bf16_dot, random_inputs  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    patch_interpreter_bf16_dot()   # on CPU: the interpreter's bf16 dot is wrong without it
 
 NAMES = ("o", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta")
 

@@ -197,16 +197,22 @@ def plot_model(out):
 
 
 def plot_cp_model(out):
-    """Grad norms of the trainer's step at CP = 1 and CP = 2 (2 layers, 2 x 8192 tokens), the
-    16-bit CP bug and its workaround (cp_model_h100x4.json, session 5)."""
+    """Grad norms of the trainer's step at CP = 1 and CP = 2 (2 layers, 2 x 8192 tokens) on the
+    machines where 16-bit CP was wrong (plans p, t) and right (r, s): the same paths fail or hold
+    by machine (cp_model_h100x4.json, sessions 5 and 6)."""
     d = _load("cp_model_h100x4.json")
     if not d:
         return None
-    runs = [("CP = 1", "p", "bench_cp1_{}_2l", "black", "-"),
-            ("CP = 2, fused chunk-local kernels (old default)", "p", "bench_cp2_{}_2l", "tab:red", "-"),
-            ("CP = 2, torch op", "p", "bench_cp2_torch_{}_2l", "tab:green", "--"),
-            ("CP = 2, torch chunk-local ops (new CP default)", "r", "bench_cp2_{}_2l_fused_local_off",
-             "tab:blue", ":")]
+    runs = [("CP = 1 (p)", "p", "bench_cp1_{}_2l", "black", "-"),
+            ("CP = 2 fused chunk-local, wrong machine (p)", "p", "bench_cp2_{}_2l", "tab:red", "-"),
+            ("CP = 2 fused chunk-local, wrong machine (t)", "t", "bench_cp2_{}_2l_fused_local_on",
+             "tab:red", "--"),
+            ("CP = 2 torch chunk-local, wrong machine (t)", "t", "bench_cp2_{}_2l", "tab:orange", "--"),
+            ("CP = 2 torch op, wrong machine (p)", "p", "bench_cp2_torch_{}_2l", "tab:green", "--"),
+            ("CP = 2 torch chunk-local, right machine (r)", "r", "bench_cp2_{}_2l_fused_local_off",
+             "tab:blue", ":"),
+            ("CP = 2 fused chunk-local, right machine (s)", "s", "bench_cp2_{}_2l_fused_local_on",
+             "tab:purple", ":")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, model in zip(axes, ("400m", "1p3b")):
         for label, plan, job, color, ls in runs:
@@ -226,7 +232,7 @@ def plot_cp_model(out):
         ax.set_ylabel("grad norm")
         ax.set_title(("400M" if model == "400m" else "1.3B") + " mixer, 2 layers", fontsize=9)
         ax.legend(fontsize=6)
-    fig.suptitle("Trainer step under CP on 2 H100s against CP = 1 (bf16)", fontsize=9)
+    fig.suptitle("Trainer step under CP on 2 H100s against CP = 1 (bf16), by lent machine", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out

@@ -226,17 +226,18 @@ def use_fused_local(flag: bool | None) -> None:
 
 
 def fused_local_enabled(backend: str, cdt: torch.dtype, chunk_size: int,
-                        low_precision: bool = False, cp: bool = False) -> bool:
-    """`cp`: the call runs under context parallelism. There the fused kernels are off unless
-    asked for (MDN_FUSED_LOCAL=1 or use_fused_local(True)): on the H100 the 16-bit CP op with
-    them gave wrong gradients in the whole model (fp32 gates, bf16 q/k/v: the 400M's trainer
-    step at CP = 2 had grad norm 7.6e3 against CP = 1's 7.4; the 1.3B's NaN), while the torch
-    chunk-local ops matched CP = 1 (benchmarks/results/cp_model_h100x4.json). The cause is not
-    found: the CPU interpreter runs the same kernels right at the same shapes and inputs."""
+                        low_precision: bool = False) -> bool:
+    """Whether this call runs the fused chunk-local kernels (see use_fused_local).
+
+    Under CP too (session 5 had switched them off there; session 6 withdrew that): the 16-bit
+    whole-model CP step gave wrong gradients on some lent H100 machines and right ones on others
+    with the same code, and on a wrong machine the torch chunk-local ops failed as well (1.3B,
+    CP = 2: NaN with both), so switching them off fixed nothing and cost 13-22% per CP step and
+    more memory (BENCHMARKS.md, session 6; benchmarks/results/cp_model_h100x4.json)."""
     flag = _FUSED_LOCAL
     if flag is None:
         env = os.environ.get("MDN_FUSED_LOCAL")
-        flag = (low_precision and not cp) if env is None else env == "1"
+        flag = low_precision if env is None else env == "1"
     return (bool(flag) and backend == "triton" and cdt == torch.float32
             and chunk_size in (16, 32, 64))
 
@@ -266,7 +267,7 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     mm_dtype = torch.bfloat16 if (low_precision and k.is_cuda and
                                   os.environ.get("MDN_LOWP_MM", "1") != "0") else None
     layout = build_layout(B, T, cu_seqlens, chunk_size, k.device)
-    fused = fused_local_enabled(backend, cdt, chunk_size, low_precision, cp=state_pass is not None)
+    fused = fused_local_enabled(backend, cdt, chunk_size, low_precision)
     lean = False
     recompute = recompute_pairs_mode()
     if fused and state_pass is None and recompute:

@@ -188,19 +188,16 @@ def fused_on():
 
 
 def test_switch_defaults(monkeypatch):
-    """Unset: fused for 16-bit inputs (checked on the H100), torch ops for fp32 inputs and
-    under CP (the 16-bit CP op with them was wrong on the H100); MDN_FUSED_LOCAL=1 forces them."""
+    """Unset: fused for 16-bit inputs (checked on the H100), torch ops for fp32 inputs."""
     from mdn_kernels.mdn import chunk
     monkeypatch.delenv("MDN_FUSED_LOCAL", raising=False)
     assert not chunk.fused_local_enabled("triton", torch.float32, 64)
     assert chunk.fused_local_enabled("triton", torch.float32, 64, low_precision=True)
-    assert not chunk.fused_local_enabled("triton", torch.float32, 64, low_precision=True, cp=True)
     assert not chunk.fused_local_enabled("torch", torch.float32, 64, low_precision=True)
     monkeypatch.setenv("MDN_FUSED_LOCAL", "0")
     assert not chunk.fused_local_enabled("triton", torch.float32, 64, low_precision=True)
     monkeypatch.setenv("MDN_FUSED_LOCAL", "1")
     assert chunk.fused_local_enabled("triton", torch.float32, 64)
-    assert chunk.fused_local_enabled("triton", torch.float32, 64, low_precision=True, cp=True)
     assert not chunk.fused_local_enabled("torch", torch.float32, 64)
     assert not chunk.fused_local_enabled("triton", torch.float64, 64)
     chunk.use_fused_local(False)
