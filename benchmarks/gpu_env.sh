@@ -10,3 +10,13 @@ export TRITON_CACHE_DIR=/tmp/triton_cache
 # NVLink multicast off (the lent multi-GPU machines require it; harmless elsewhere)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+# Which machine this is (16-bit whole-model CP was wrong on some lent machines and right on
+# others with the same code, session 6): host, GPU serials and UUIDs, topology, clocks, ECC.
+# run_suite_gpu.sh and run_cp_kernels_gpu.sh keep it in $OUT/machine.txt.
+machine_identity() {
+  echo "host $(hostname) kernel $(uname -r) date $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=index,uuid,serial,pci.bus_id,vbios_version,clocks.max.sm,clocks.max.mem,ecc.mode.current,ecc.errors.uncorrected.volatile.total,power.limit --format=csv
+  nvidia-smi topo -m 2>/dev/null
+  python3 -c "import torch; print('nccl', torch.cuda.nccl.version(), 'cuda', torch.version.cuda)" 2>/dev/null
+  env | grep -E '^(NCCL|CUDA|TORCH|PYTORCH|TRITON)_' | sort
+}

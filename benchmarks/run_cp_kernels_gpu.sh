@@ -8,6 +8,7 @@ set -uo pipefail
 OUT=${1:-/tmp/out}/cp_kernels
 mkdir -p "$OUT"
 . benchmarks/gpu_env.sh
+machine_identity > "$OUT/machine.txt" 2>&1
 NGPU=$(nvidia-smi -L | wc -l)
 TR="python3 -m torch.distributed.run --standalone"
 run() {  # name limit command...

@@ -15,6 +15,7 @@ PLAN=${1:?plan: a, b, c, d or q}
 OUT=${2:-/tmp/out}
 mkdir -p "$OUT"
 . benchmarks/gpu_env.sh
+machine_identity > "$OUT/machine.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 export TRITON_CACHE_AUTOTUNING=1                                   # FLA's autotuning once per machine
 export PATH=/tmp/site/bin:$PATH TORCH_EXTENSIONS_DIR=/tmp/torch_extensions   # DeepSpeed's JIT ops
