@@ -54,6 +54,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     recompute: bool = False  # full activation recomputation of every layer
     skip_nonfinite: bool = True  # a step whose loss or gradient norm is not finite is not applied
+    # under CP, before step 1: layer 0 under CP against one rank (train/cp_check.py); a machine
+    # where CP is wrong stops the run with an error naming the worst parameter
+    cp_check: bool = True
     backend: Literal["megatron", "deepspeed"] = "megatron"  # deepspeed: deepspeed_backend.py
 
 

@@ -74,6 +74,8 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
     log_rank0 = (lambda *a: print(*a, flush=True)) if layout.is_logger else (lambda *a: None)
     seed_everything(cfg.seed, layout)
     model = build_model(cfg, layout)
+    if t.cp_check and layout.cp > 1:
+        _check_cp(cfg, layout, model, log_rank0)
     dpcp = _dp_cp_group()
     data = StepBatches(cfg, layout)
     found = ckpt.find_loadable(cfg.checkpoint.dir, log=log_rank0) if cfg.checkpoint.dir else None
@@ -154,6 +156,20 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
         logger.close()
         data.close()
     return {"step": step, "loss": last_loss, "stopped": stopped, "skipped_steps": skipped}
+
+
+def _check_cp(cfg: RunConfig, layout: Layout, model, log) -> None:
+    from megatron.core import parallel_state as ps
+
+    from .cp_check import check_cp_layer, check_tokens
+
+    tokens = check_tokens(cfg.train.seq_len, layout.cp, cfg.model.chunk_size)
+    rep = check_cp_layer(model, ps.get_context_parallel_group(), tokens=tokens,
+                         vocab_size=cfg.model.vocab_size, precision=cfg.train.precision,
+                         device=layout.device, seed=cfg.seed)
+    log(f"[cp-check] layer 0 under CP = {layout.cp} against one rank, {tokens} tokens: worst "
+        f"relative gradient error {rep['world_worst_error']:.2e} (bound {rep['tolerance']:g})"
+        + ("" if rep["world_worst_error"] >= 0 else " (no MDN layer 0: not checked)"))
 
 
 def _dp_cp_group():

@@ -1,0 +1,146 @@
+"""A startup check of context parallelism on this machine: the first MDN layer of the model under
+CP against the same layer with the whole sequence on one rank, before any training step.
+
+Why: on some lent H100 machines every 16-bit whole-model CP run gave wrong gradients (grad norm
+6e6 or NaN where CP = 1 gives ~5) while on others every one was right, with the same code; the
+cause is not found (BENCHMARKS.md, sessions 5 and 6). The error sat in layer 0 (the layer fed
+by the embedding), so this check runs what failed there: embedding → decoder layer 0 on random
+tokens, forward and backward under the run's precision, CP-sliced on every CP rank (gradients
+summed over the group) and whole on every rank with the layer's CP turned off. A run on a
+machine where CP is wrong stops here with an error that names the worst parameter, instead of
+training on wrong gradients. It costs one layer's forward and backward on `tokens` tokens.
+
+Bounds: bf16 CP against bf16 CP = 1 differs by bf16 rounding (worst parameter 0.016 in the
+whole-model GPU test on the right machines, 0.06 to 4.6 on the wrong ones): 0.05. fp32: 1e-3
+(2.5e-5 measured). Only the first pipeline stage holds the embedding; the other stages join the
+final agreement (one all-reduce over the world) so every rank raises or none does.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+TOLERANCE = {"bf16": 5e-2, "fp32": 1e-3}
+
+
+class CPCheckError(RuntimeError):
+    """Context parallelism gives other gradients than one rank on this machine."""
+
+
+class _OneRank:
+    """Stands in for a CP group of one: MDNMixer then runs its layer without CP (it asks the
+    group only for size() and rank())."""
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
+def _unwrap(model):
+    model = model[0] if isinstance(model, (list, tuple)) else model
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def first_mdn_layer(model):
+    """(gpt_model, decoder layer 0) when this stage has the embedding and layer 0 is an MDN
+    layer; None otherwise."""
+    from mdn_scale.model.mixer import MDNMixer
+
+    m = _unwrap(model)
+    if not getattr(m, "pre_process", False) or not len(getattr(m.decoder, "layers", [])):
+        return None
+    layer = m.decoder.layers[0]
+    return (m, layer) if isinstance(getattr(layer, "self_attention", None), MDNMixer) else None
+
+
+@contextlib.contextmanager
+def _without_cp(mixer):
+    saved = mixer.cp_group
+    mixer.cp_group = _OneRank()
+    try:
+        yield
+    finally:
+        mixer.cp_group = saved
+
+
+def _layer_grads(m, layer, ids, precision: str) -> dict:
+    from .step import autocast
+
+    params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    for p in m.parameters():
+        p.grad = None
+    with autocast(precision, ids.device):
+        h = m.embedding(input_ids=ids, position_ids=None)
+        out = layer(hidden_states=h, attention_mask=None)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().pow(2).sum().backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in params if p.grad is not None}
+    for p in m.parameters():
+        p.grad = None
+    return grads
+
+
+def check_tokens(seq_len: int, cp: int, chunk_size: int, cap: int = 8192) -> int:
+    """The check's sequence: the run's seq_len up to `cap` (whole-model CP went wrong at 8192
+    tokens), a multiple of cp × chunk_size."""
+    unit = cp * chunk_size
+    return max(unit, min(seq_len, cap) // unit * unit)
+
+
+def check_cp_layer(model, cp_group, *, tokens: int, vocab_size: int, precision: str,
+                   device: torch.device, seed: int = 0, tolerance: float | None = None) -> dict:
+    """Run the check on every rank of the world (collective); returns {"checked", "worst",
+    "worst_error", "tolerance", "tokens"} and raises CPCheckError when CP's gradients of layer 0
+    differ from one rank's by more than `tolerance` (default TOLERANCE[precision]) on any rank.
+
+    tokens: the whole check sequence, a multiple of the CP size (and of the MDN chunk size per
+    rank: the caller's job, as for training)."""
+    R = cp_group.size()
+    if tokens % R:
+        raise ValueError(f"cp check: tokens = {tokens} is not divisible by the CP size {R}")
+    tol = TOLERANCE[precision] if tolerance is None else tolerance
+    found = first_mdn_layer(model)
+    worst_name, worst = None, -1.0
+    if found is not None:
+        m, layer = found
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab_size, (1, tokens), generator=g).to(device)
+        n = tokens // R
+        r = cp_group.rank()
+        got = _layer_grads(m, layer, ids[:, r * n:(r + 1) * n].contiguous(), precision)
+        for gr in got.values():
+            dist.all_reduce(gr, group=cp_group)
+        with _without_cp(layer.self_attention):
+            ref = _layer_grads(m, layer, ids, precision)
+        if got.keys() != ref.keys():
+            raise CPCheckError(f"cp check: CP and one rank gave gradients for different parameters "
+                               f"({sorted(got.keys() ^ ref.keys())})")
+        for name in ref:
+            a, b = got[name].double(), ref[name].double()
+            err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+            if err != err or not torch.isfinite(a).all():
+                err = float("inf")
+            if err > worst:
+                worst_name, worst = name, err
+    # every rank of the world agrees (stages without the embedding send -1)
+    t = torch.tensor([worst], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    world_worst = float(t.item())
+    report = {"checked": found is not None, "worst": worst_name, "worst_error": worst,
+              "world_worst_error": world_worst, "tolerance": tol, "tokens": tokens}
+    if world_worst > tol:
+        where = (f"worst here: {worst_name} at {worst:.3g}" if found is not None
+                 else "on another pipeline stage's ranks")
+        raise CPCheckError(
+            f"context parallelism gives other gradients than one rank on this machine: layer 0's "
+            f"relative error {world_worst:.3g} > {tol:g} ({precision}, {tokens} tokens over "
+            f"{R} ranks; {where}). On some H100 machines 16-bit CP is wrong with the same code "
+            f"(BENCHMARKS.md, session 6): train without CP or on another machine; "
+            f"train.cp_check=false skips this check.")
+    return report
