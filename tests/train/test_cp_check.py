@@ -1,14 +1,14 @@
 """train/cp_check.py (the startup check of CP on this machine) in real gloo processes: it passes
 where CP is right (fp32, the model's own CP path), stops every rank with an error naming a
 parameter when the CP path is broken (the conv halo replaced by zeros: rank 1 loses rank 0's
-last tokens), and leaves no gradient behind. The trainer runs it under CP (its log line), and
+last tokens) or the CP ranks hold different weights, and leaves no gradient behind. The trainer runs it under CP (its log line), and
 the CP = 2 trainer run of test_train_equivalence.py still matches one process to 1e-6."""
 import json
 
 from train_dist_util import run_workers, tiny_run_config, train_with_synthetic_data
 
 
-def _check(rank, world, out, broken):
+def _check(rank, world, out, broken, weights_differ=False):
     import torch
     from megatron.core import parallel_state as ps
 
@@ -20,6 +20,9 @@ def _check(rank, world, out, broken):
     layout = init_distributed(tensor=1, pipeline=1, context=2)
     trainer.seed_everything(cfg.seed, layout)   # as the trainer: the same weights on every CP rank
     model = trainer.build_model(cfg, layout)
+    if weights_differ and rank == 1:   # e.g. an init that is not the same on every CP rank
+        with torch.no_grad():
+            model.decoder.layers[0].self_attention.A_log.add_(0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     if broken:   # what a wrong CP path looks like: the halo exchange returns zeros
         import mdn_kernels.cp as cp
@@ -41,8 +44,8 @@ def _check(rank, world, out, broken):
     ps.destroy_model_parallel()
 
 
-def _results(tmp_path, broken):
-    run_workers(_check, 2, str(tmp_path), broken)
+def _results(tmp_path, broken, weights_differ=False):
+    run_workers(_check, 2, str(tmp_path), broken, weights_differ)
     return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
 
 
@@ -61,6 +64,11 @@ def test_stops_every_rank_when_cp_is_wrong(tmp_path):
         assert "train.cp_check=false" in r["error"]
     # rank 0's own slice needs no halo, yet it stops too (one agreement over the world)
     assert "decoder.layers.0" in res[1]["error"] or "worst here" in res[1]["error"]
+
+
+def test_stops_when_cp_ranks_hold_different_weights(tmp_path):
+    for r in _results(tmp_path, broken=False, weights_differ=True):
+        assert "context parallelism gives other gradients than one rank" in r["error"], r
 
 
 def test_check_tokens():
