@@ -105,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_TFLOPS,
                    help="dense bf16 peak per GPU for MFU (989.5 = H100 SXM)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-cp-check", action="store_true",
+                   help="skip the CP startup check (mdn_scale/train/cp_check.py) that --cp > 1 runs "
+                        "and records under 'cp_check'")
     p.add_argument("--no-lift-fla-guard", action="store_true",
                    help="megatron_gdn: keep FLA's Hopper guard (its backward then refuses to run)")
     p.add_argument("--cpu-smoke", action="store_true",
@@ -378,6 +381,18 @@ def main(argv=None):
                              dp_rank=layout.dp_rank, dp=layout.dp)
     data = StepBatches(cfg, layout, loader=loader)
     model = chunks if len(chunks) > 1 else chunks[0]
+    cp_check = None
+    if layout.cp > 1 and not a.no_cp_check:   # the trainer's startup check, recorded, not fatal
+        from mdn_scale.train.cp_check import check_cp_layer, check_tokens
+
+        cp_check = check_cp_layer(model, ps.get_context_parallel_group(),
+                                  tokens=check_tokens(t.seq_len, layout.cp, cfg.model.chunk_size),
+                                  vocab_size=cfg.model.vocab_size, precision=t.precision,
+                                  device=layout.device, seed=cfg.seed, raise_on_failure=False)
+        if layout.is_logger:
+            print(f"[cp-check] {'passed' if cp_check['passed'] else 'FAILED'}: worst relative "
+                  f"gradient error {cp_check['world_worst_error']:.2e} (bound {cp_check['tolerance']:g})",
+                  flush=True)
     backend = MegatronBackend(cfg, layout, model, dpcp, resume_from=None, log=print)
     params = count_params(owner, layout.device)
     for m in chunks:
@@ -486,6 +501,7 @@ def main(argv=None):
             "peak_memory_gib_per_rank": [r[1] for r in per_rank] if cuda else None,
             "losses": losses, "warmup_losses": warm_losses, "grad_norms": grad_norms,
             "all_steps_applied": all(applied_all),
+            "cp_check": cp_check,
             "profile": profile,
         }
         os.makedirs(os.path.dirname(os.path.abspath(a.out)) or ".", exist_ok=True)

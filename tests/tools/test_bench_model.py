@@ -112,8 +112,10 @@ def test_megatron_gdn_peer_runs():
 
 @pytest.mark.slow
 def test_cpu_smoke_layouts_agree(tmp_path):
-    """1 process (2 microbatches) against DP = 2 and TP = 2: same global batch, same losses."""
-    runs = {"one": (1, ["--microbatches", "2"]), "dp2": (2, []), "tp2": (2, ["--tp", "2", "--microbatches", "2"])}
+    """1 process (2 microbatches) against DP = 2, TP = 2 and CP = 2: same global batch, same
+    losses; the CP run records its startup check (mdn_scale/train/cp_check.py), passed."""
+    runs = {"one": (1, ["--microbatches", "2"]), "dp2": (2, []), "tp2": (2, ["--tp", "2", "--microbatches", "2"]),
+            "cp2": (2, ["--cp", "2", "--microbatches", "2"])}
     recs = {}
     for name, (n, args) in runs.items():
         out = tmp_path / f"{name}.json"
@@ -130,7 +132,10 @@ def test_cpu_smoke_layouts_agree(tmp_path):
         assert rec["tokens_per_s_per_gpu"] > 0 and rec["mfu"] > 0 and rec["all_steps_applied"]
         assert rec["params_counted"] == rec["params_stats"]
     assert recs["dp2"]["layout"]["dp"] == 2 and recs["tp2"]["layout"]["tp"] == 2
-    for name in ("dp2", "tp2"):
+    assert recs["cp2"]["layout"]["cp"] == 2 and recs["one"]["cp_check"] is None
+    check = recs["cp2"]["cp_check"]
+    assert check["passed"] and check["checked"] and 0 <= check["world_worst_error"] < 1e-5, check
+    for name in ("dp2", "tp2", "cp2"):
         assert recs[name]["losses"] == pytest.approx(recs["one"]["losses"], rel=1e-5), name
 
 
