@@ -7,7 +7,7 @@ pass) so they can run under compute-sanitizer in one process:
 
     python tools/check_cp_kernels_gpu.py --K 128 --V 256                      # world 1
     torchrun --nproc-per-node 2 tools/check_cp_kernels_gpu.py --K 256 --V 512   # CP = 2
-    compute-sanitizer --tool memcheck python tools/check_cp_kernels_gpu.py --T 1024 --H 1
+    compute-sanitizer --tool memcheck python tools/check_cp_kernels_gpu.py --T 1024 --H 1 --dist-backend gloo
 
 --group-chunks small splits each rank's tokens into several groups (the tree and the INIT_ONLY
 pass run even at world 1). Runs on CPU too (gloo, TRITON_INTERPRET=1, small shapes). Prints one
@@ -57,6 +57,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--docs", default="0,3000,5000,5001",
                     help="document starts in the whole sequence (packed documents; '' for one)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
+                    help="process group (default: nccl on CUDA, gloo on CPU); gloo on CUDA keeps "
+                         "NCCL out of a compute-sanitizer run (its init hung there in session 6)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -67,8 +70,11 @@ def main(argv=None) -> dict:
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                            **({"device_id": dev} if cuda else {}))
+    backend = args.dist_backend or ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise SystemExit("--dist-backend nccl needs CUDA")
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            **({"device_id": dev} if backend == "nccl" else {}))
     T, H, K, V = args.T, args.H, args.K, args.V
     if T % world:
         raise SystemExit(f"--T {T} must divide by the world size {world}")
