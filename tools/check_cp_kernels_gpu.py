@@ -54,8 +54,9 @@ def main(argv=None) -> dict:
         ap.add_argument(f"--{name}", type=int, default=default, help=f"{name} (T: whole sequence)")
     ap.add_argument("--group-chunks", type=int, default=None,
                     help="chunks per serial group (default: the op's, ~16·K tokens)")
-    ap.add_argument("--docs", default="0,3000,5000,5001",
-                    help="document starts in the whole sequence (packed documents; '' for one)")
+    ap.add_argument("--docs", default=None,
+                    help="document starts in the whole sequence (packed documents; '' for one); "
+                         "default 0,3000,5000,5001 at T = 8192, scaled to T")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
                     help="process group (default: nccl on CUDA, gloo on CPU); gloo on CUDA keeps "
@@ -78,6 +79,9 @@ def main(argv=None) -> dict:
     T, H, K, V = args.T, args.H, args.K, args.V
     if T % world:
         raise SystemExit(f"--T {T} must divide by the world size {world}")
+    if args.docs is None:   # the op GPU test's documents (tests/gpu/test_cp_gpu.py), scaled
+        b = T * 5000 // 8192
+        args.docs = ",".join(str(x) for x in sorted({0, T * 3000 // 8192, b, b + 1}) if x < T)
     starts = [int(s) for s in args.docs.split(",") if s.strip()] or [0]
     if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= T:
         raise SystemExit(f"--docs must start at 0 and increase below T = {T}, got {args.docs!r}")
