@@ -509,6 +509,18 @@ PLANS = {
                           + longctx_mem(4, M13, 524288, "--cp 4 --distributed-optimizer"))]),
         ]),
     ],
+    "u": [  # for session 7 (not run yet): first the machine (is 16-bit CP right here?): the CP
+            # kernel script (machine.txt, the 1.3B CP = 2 step with its startup check, the op alone
+            # at CP = 1/2/4, memcheck / racecheck over gloo); then PP = 2 (1F1B, 24 layers; plan t's
+            # 170 s were not enough) beside the 1.3B step on one GPU (issue 9's MFU goal)
+        ("four_gpu", 330, [
+            ("0,1,2,3", [("cp_kernels", 325, "bash benchmarks/run_cp_kernels_gpu.sh {R}")]),
+        ]),
+        ("two_by_two", 235, [
+            ("0,1", [("pp2_1f1b_400m_24l", 230, bench_model(2, f"--config {M400} --pp 2 {PP}"))]),
+            ("2", [("mdn_1p3b", 150, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
