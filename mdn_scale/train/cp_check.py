@@ -121,10 +121,10 @@ def check_cp_layer(model, cp_group, *, tokens: int, vocab_size: int, precision: 
             dist.all_reduce(gr, group=cp_group)
         with _without_cp(layer.self_attention):
             ref = _layer_grads(m, layer, ids, precision)
-        if got.keys() != ref.keys():
-            raise CPCheckError(f"cp check: CP and one rank gave gradients for different parameters "
-                               f"({sorted(got.keys() ^ ref.keys())})")
-        for name in ref:
+        if got.keys() != ref.keys():   # not raised here: the other stages wait in the agreement
+            worst_name = f"gradients for different parameters: {sorted(got.keys() ^ ref.keys())}"
+            worst = float("inf")
+        for name in ref.keys() & got.keys():
             a, b = got[name].double(), ref[name].double()
             err = float((a - b).norm() / b.norm().clamp_min(1e-30))
             if err != err or not torch.isfinite(a).all():
