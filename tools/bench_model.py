@@ -383,12 +383,9 @@ def main(argv=None):
     model = chunks if len(chunks) > 1 else chunks[0]
     cp_check = None
     if layout.cp > 1 and not a.no_cp_check:   # the trainer's startup check, recorded, not fatal
-        from mdn_scale.train.cp_check import check_cp_layer, check_tokens
+        from mdn_scale.train.cp_check import check_run
 
-        cp_check = check_cp_layer(model, ps.get_context_parallel_group(),
-                                  tokens=check_tokens(t.seq_len, layout.cp, cfg.model.chunk_size),
-                                  vocab_size=cfg.model.vocab_size, precision=t.precision,
-                                  device=layout.device, seed=cfg.seed, raise_on_failure=False)
+        cp_check = check_run(cfg, layout, model, raise_on_failure=False)
         if layout.is_logger:
             print(f"[cp-check] {'passed' if cp_check['passed'] else 'FAILED'}: worst relative "
                   f"gradient error {cp_check['world_worst_error']:.2e} (bound {cp_check['tolerance']:g})",

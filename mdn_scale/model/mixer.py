@@ -15,6 +15,7 @@ heads) is replicated; its gradient is summed over TP in the forward graph (see _
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -75,6 +76,16 @@ def in_proj_parts(cfg: ModelConfig, heads: int) -> list[tuple[str, int]]:
 
 def per_head_param_names(cfg: ModelConfig) -> list[str]:
     return [n for n in PER_HEAD_PARAMS if cfg.momentum or n not in MOMENTUM_ONLY]
+
+
+class _OneRank:
+    """A process group of one, as far as MDNMixer asks (size(), rank())."""
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, padded: Optional[torch.Tensor] = None,
@@ -277,6 +288,18 @@ class MDNMixer(MegatronModule):
                                 self.Mu_log if mom else None, self.mu_bias if mom else None,
                                 self.log_factor, tau=self.tau, min_log_mu=self.cfg.min_log_mu)
         return self.gates(a, b, m, e)
+
+    @contextmanager
+    def without_context_parallel(self):
+        """Run this layer as if CP were off (the whole sequence on this rank): the reference of
+        the CP startup check (mdn_scale/train/cp_check.py). The layer asks its CP group only for
+        size() and rank(), so a group of one stands in."""
+        saved = self.cp_group
+        self.cp_group = _OneRank()
+        try:
+            yield
+        finally:
+            self.cp_group = saved
 
     def _conv_qkv(self, qkv, cu_seqlens):
         """SiLU of one depthwise conv over the adjacent q|k|v columns of the projection (one CP

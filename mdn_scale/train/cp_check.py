@@ -17,8 +17,6 @@ final agreement (one all-reduce over the world) so every rank raises or none doe
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
@@ -27,17 +25,6 @@ TOLERANCE = {"bf16": 5e-2, "fp32": 1e-3}
 
 class CPCheckError(RuntimeError):
     """Context parallelism gives other gradients than one rank on this machine."""
-
-
-class _OneRank:
-    """Stands in for a CP group of one: MDNMixer then runs its layer without CP (it asks the
-    group only for size() and rank())."""
-
-    def size(self) -> int:
-        return 1
-
-    def rank(self) -> int:
-        return 0
 
 
 def _unwrap(model):
@@ -57,16 +44,6 @@ def first_mdn_layer(model):
         return None
     layer = m.decoder.layers[0]
     return (m, layer) if isinstance(getattr(layer, "self_attention", None), MDNMixer) else None
-
-
-@contextlib.contextmanager
-def _without_cp(mixer):
-    saved = mixer.cp_group
-    mixer.cp_group = _OneRank()
-    try:
-        yield
-    finally:
-        mixer.cp_group = saved
 
 
 def _layer_grads(m, layer, ids, precision: str) -> dict:
@@ -119,7 +96,7 @@ def check_cp_layer(model, cp_group, *, tokens: int, vocab_size: int, precision: 
         got = _layer_grads(m, layer, ids[:, r * n:(r + 1) * n].contiguous(), precision)
         for gr in got.values():
             dist.all_reduce(gr, group=cp_group)
-        with _without_cp(layer.self_attention):
+        with layer.self_attention.without_context_parallel():
             ref = _layer_grads(m, layer, ids, precision)
         if got.keys() != ref.keys():   # not raised here: the other stages wait in the agreement
             worst_name = f"gradients for different parameters: {sorted(got.keys() ^ ref.keys())}"
@@ -150,3 +127,13 @@ def check_cp_layer(model, cp_group, *, tokens: int, vocab_size: int, precision: 
         if raise_on_failure:
             raise CPCheckError(report["error"])
     return report
+
+
+def check_run(cfg, layout, model, *, raise_on_failure: bool = True) -> dict:
+    """check_cp_layer for a run config and its layout (the trainer's and bench_model's call)."""
+    from megatron.core import parallel_state as ps
+
+    return check_cp_layer(model, ps.get_context_parallel_group(),
+                          tokens=check_tokens(cfg.train.seq_len, layout.cp, cfg.model.chunk_size),
+                          vocab_size=cfg.model.vocab_size, precision=cfg.train.precision,
+                          device=layout.device, seed=cfg.seed, raise_on_failure=raise_on_failure)

@@ -159,15 +159,10 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
 
 
 def _check_cp(cfg: RunConfig, layout: Layout, model, log) -> None:
-    from megatron.core import parallel_state as ps
+    from .cp_check import check_run
 
-    from .cp_check import check_cp_layer, check_tokens
-
-    tokens = check_tokens(cfg.train.seq_len, layout.cp, cfg.model.chunk_size)
-    rep = check_cp_layer(model, ps.get_context_parallel_group(), tokens=tokens,
-                         vocab_size=cfg.model.vocab_size, precision=cfg.train.precision,
-                         device=layout.device, seed=cfg.seed)
-    log(f"[cp-check] layer 0 under CP = {layout.cp} against one rank, {tokens} tokens: worst "
+    rep = check_run(cfg, layout, model)
+    log(f"[cp-check] layer 0 under CP = {layout.cp} against one rank, {rep['tokens']} tokens: worst "
         f"relative gradient error {rep['world_worst_error']:.2e} (bound {rep['tolerance']:g})"
         + ("" if rep["world_worst_error"] >= 0 else " (no MDN layer 0: not checked)"))
 
