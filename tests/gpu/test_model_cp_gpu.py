@@ -7,9 +7,9 @@ gradients off by up to 4.6× their norm), but it depends on the machine: on some
 machines every 16-bit CP run was wrong, on others every one was right, with the same code
 (session 6; the torch chunk-local ops failed too on a wrong machine). The fp32 model and the
 torch op passed everywhere. This test runs what the trainer runs: the MDN model at the 400M
-mixer's shape (d = 1024, H = 6, K = 128, V = 256; 2 layers, small vocabulary), bf16 autocast over fp32 weights, packed documents, the
-per-token loss summed, gradients summed over the CP group; then the same on one rank with the
-whole sequence. Variants switch the GPU-only parts off one at a time (fused gates, FLA conv /
+mixer's shape (d = 1024, H = 6, K = 128, V = 256; 2 layers, small vocabulary), bf16 autocast
+over fp32 weights, packed documents, the per-token loss summed, gradients summed over the CP
+group; then the same on one rank with the whole sequence. Variants switch the GPU-only parts off one at a time (fused gates, FLA conv /
 norm, the Triton op, autocast), so a failure names the part. Every rank starts from an allocator
 poisoned with NaN.
 """
