@@ -15,7 +15,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # run_suite_gpu.sh and run_cp_kernels_gpu.sh keep it in $OUT/machine.txt.
 machine_identity() {
   echo "host $(hostname) kernel $(uname -r) date $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=index,uuid,serial,pci.bus_id,vbios_version,clocks.max.sm,clocks.max.mem,ecc.mode.current,ecc.errors.uncorrected.volatile.total,power.limit --format=csv
+  nvidia-smi --query-gpu=index,name,driver_version,uuid,serial,pci.bus_id,vbios_version,clocks.max.sm,clocks.max.mem,clocks.sm,ecc.mode.current,ecc.errors.uncorrected.volatile.total,power.limit,persistence_mode,mig.mode.current,compute_mode,pcie.link.gen.current,pcie.link.width.current,temperature.gpu --format=csv
+  nvidia-smi -q | grep -iE "product (name|brand|architecture)|board part|gsp firmware|cuda version|vbios" | sort | uniq -c
+  nvidia-smi nvlink -s -i 0 2>/dev/null | head -20
+  python3 -c "import torch; p = torch.cuda.get_device_properties(0); print('device', p.name, 'sms', p.multi_processor_count, 'mem', p.total_memory, 'l2', getattr(p, 'L2_cache_size', '?'))" 2>/dev/null
+  python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null
   nvidia-smi topo -m 2>/dev/null
   python3 -c "import torch; print('nccl', torch.cuda.nccl.version(), 'cuda', torch.version.cuda)" 2>/dev/null
   env | grep -E '^(NCCL|CUDA|TORCH|PYTORCH|TRITON)_' | sort
