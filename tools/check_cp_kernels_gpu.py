@@ -61,12 +61,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
                     help="process group (default: nccl on CUDA, gloo on CPU); gloo on CUDA keeps "
                          "NCCL out of a compute-sanitizer run (its init hung there in session 6)")
+    ap.add_argument("--no-wgmma", action="append", default=None, metavar="GROUPS",
+                    help="an MDN_NO_WGMMA value (kernel groups compiled without Hopper's wgmma, "
+                         "mdn_kernels.mdn.wgmma); repeat it to run the CP op once per value in "
+                         "one process, one RESULT line each (default: the environment's)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:   # one process: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -95,28 +99,43 @@ def main(argv=None) -> dict:
     n = T // world
     sl = slice(rank * n, (rank + 1) * n)
     kw = dict(use_qk_l2norm=True, chunk_size=args.C)
-    cp = fwd_bwd(lambda x: mdn_chunk_cp(*x, scale=None, initial_state=None, output_final_state=False,
-                                        cu_seqlens=cu, p_times_alpha=True, cp_group=dist.group.WORLD,
-                                        backend="triton", group_chunks=args.group_chunks, **kw),
-                 [x[:, sl] for x in xs], do[:, sl].contiguous())
-    parts = []
-    for t in cp:   # every rank's slice → the whole sequence (dim 1)
-        got = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(got, t.contiguous())
-        parts.append(torch.cat(got, 1))
-    result = None
-    if rank == 0:
+    cp1 = ref = None
+    if rank == 0:   # the references, with the environment's MDN_NO_WGMMA
         cp1 = fwd_bwd(lambda x: mdn_chunk(*x, cu_seqlens=cu, backend="triton", **kw), xs, do)
         ref = fwd_bwd(lambda x: mdn_chunk(*x, cu_seqlens=cu, backend="torch", **kw),
                       [x.double() for x in xs], do.double())
-        result = dict(world=world, T=T, H=H, K=K, V=V, C=args.C, group_chunks=args.group_chunks,
-                      docs=starts, device=torch.cuda.get_device_name(dev) if cuda else "cpu",
-                      errors={name: dict(cp=rel(a, r), cp1=rel(b, r), nonfinite=int((~torch.isfinite(a)).sum()))
-                              for name, a, b, r in zip(NAMES, parts, cp1, ref)})
-        print("RESULT " + json.dumps(result), flush=True)
+    results = []
+    for choice in args.no_wgmma or [None]:
+        if choice is not None:
+            os.environ["MDN_NO_WGMMA"] = choice
+        cp = fwd_bwd(lambda x: mdn_chunk_cp(*x, scale=None, initial_state=None, output_final_state=False,
+                                            cu_seqlens=cu, p_times_alpha=True, cp_group=dist.group.WORLD,
+                                            backend="triton", group_chunks=args.group_chunks, **kw),
+                     [x[:, sl] for x in xs], do[:, sl].contiguous())
+        parts = []
+        for t in cp:   # every rank's slice → the whole sequence (dim 1)
+            got = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(got, t.contiguous())
+            parts.append(torch.cat(got, 1))
+        if rank == 0:
+            result = dict(world=world, T=T, H=H, K=K, V=V, C=args.C, group_chunks=args.group_chunks,
+                          docs=starts, device=torch.cuda.get_device_name(dev) if cuda else "cpu",
+                          no_wgmma=os.environ.get("MDN_NO_WGMMA", "default"),
+                          errors={name: dict(cp=rel(a, r), cp1=rel(b, r),
+                                             nonfinite=int((~torch.isfinite(a)).sum()))
+                                  for name, a, b, r in zip(NAMES, parts, cp1, ref)})
+            print("RESULT " + json.dumps(result), flush=True)
+            results.append(result)
     dist.barrier()
     dist.destroy_process_group()
-    return result
+    return results[0] if len(results) == 1 else (results or None)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

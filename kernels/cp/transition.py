@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from mdn_kernels.mdn.layout import ChunkLayout
+from mdn_kernels.mdn import wgmma
 
 try:  # Triton is optional for the torch path (CPU)
     import triton
@@ -252,7 +253,7 @@ def group_maps_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, g_start, g_len,
     assert out.is_contiguous() and out.shape == (NG, H, 2 * K, ncol) and out.dtype == torch.float32
     BK, BV = triton.next_power_of_2(K), _block_v(K, ncol)
     grid = (triton.cdiv(ncol, BV), NG * H)
-    _group_map_kernel[grid](
+    wgmma.kernel(_group_map_kernel, "group_map")[grid](
         U, Y, Z, Kg, Km, a_end, g_end, u_end, out,
         g_start, g_len, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
         PREC=_precision(Y.dtype, allow_tf32), num_warps=4, num_stages=1,
@@ -489,7 +490,7 @@ def _level_affine(A, a_idx, X, x_idx, o_idx, *, add, add_idx, add_from: int = 0,
     BN = min(64, max(16, triton.next_power_of_2(N)))
     BK = min(32, max(16, triton.next_power_of_2(twoK)))
     grid = (triton.cdiv(N, BN), n * H, triton.cdiv(twoK, BM))
-    _level_affine_kernel[grid](
+    wgmma.kernel(_level_affine_kernel, "level_affine")[grid](
         A, X, add, X, a_idx, x_idx, add_idx, o_idx, copy_to if copy_to is not None else o_idx,
         A.stride(-2), X.stride(-2), add.stride(-2), X.stride(-2), N, add_from,
         H=H, TWO_K=twoK, TRANS_A=trans_a, HAS_COPY=copy_to is not None,

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import wgmma
 from .layout import PerTensorCache
 
 LOG_FLOOR = -1e4          # as chunk.py: a finite floor for log α, log μ (μ ≡ 0 is GDN mode)
@@ -885,15 +886,15 @@ class LocalPrepare(torch.autograd.Function):
         mmdt = _tl_mm(mm_dtype)
         nw = _num_warps(C)
         if NC > 0:
-            _prepare_a_kernel[(NC, H)](
+            wgmma.kernel(_prepare_a_kernel, "prepare")[(NC, H)](
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
                 amat, ele, g0r, rq, rk, H=H, K=K, C=C, BK=BK, NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
                 F32P=_f32p(), num_warps=nw,
                 num_stages=1)
-            _solve_kernel[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
+            wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
                                      num_warps=1 if C == 16 else 2, num_stages=1)
-            _prepare_c_kernel[(NC, H)](
+            wgmma.kernel(_prepare_c_kernel, "prepare")[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
                 MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw, num_stages=1)
         del amat
@@ -925,16 +926,16 @@ class LocalPrepare(torch.autograd.Function):
         BK, BV = _blocks(K, V)
         nw = _num_warps(C)
         if NC > 0:
-            _prepare_bwd_t_kernel[(NC, H)](
+            wgmma.kernel(_prepare_bwd_t_kernel, "prepare_bwd")[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
                 H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
                 DAP=_second_order_prec(mmdt), num_warps=nw, num_stages=1)
-            _prepare_bwd_k_kernel[(NC, H)](
+            wgmma.kernel(_prepare_bwd_k_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
                 dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm,
                 H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
                 FLOOR=LOG_FLOOR, F32P=_f32p(), num_warps=nw, num_stages=1)
-            _prepare_bwd_decay_kernel[(NC, H)](
+            wgmma.kernel(_prepare_bwd_decay_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, dgt, dgr, kdkm, dle, dg0r,
                 dlac, dg0c, da_end, dg_end, du_end, *dgates[:3],
                 H=H, C=C, PTA=pta, FLOOR=LOG_FLOOR, F32P=_f32p(), num_warps=nw, num_stages=1)
@@ -957,7 +958,7 @@ def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, m
     BK, BV = _blocks(K, V)
     mmdt = _tl_mm(mm_dtype)
     if NC > 0:
-        _output_fwd_kernel[(NC, H, triton.cdiv(V, BV))](
+        wgmma.kernel(_output_fwd_kernel, "output_fwd")[(NC, H, triton.cdiv(V, BV))](
             qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, o, float(scale), H=H, K=K, V=V, C=C,
             BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=_num_warps(C), num_stages=1)
     return o
@@ -971,7 +972,7 @@ def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dt
     BK, BV = _blocks(K, V)
     mmdt = _tl_mm(mm_dtype)
     if NC > 0:
-        _output_bwd_dw_kernel[(NC, H)](
+        wgmma.kernel(_output_bwd_dw_kernel, "output_bwd")[(NC, H)](
             qc, kc, et, gam, cs, cl, do.contiguous(), float(scale), dW, H=H, K=K, V=V, C=C,
             BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=_num_warps(C), num_stages=1)
     return dW
@@ -992,7 +993,7 @@ def output_backward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale: flo
     BK, BV = _blocks(K, V)
     mmdt = _tl_mm(mm_dtype)
     if NC > 0:
-        _output_bwd_kernel[(NC, H)](
+        wgmma.kernel(_output_bwd_kernel, "output_bwd")[(NC, H)](
             qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, float(scale), *ptrs,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
             PAIR_GRAD=pair_grads, STORE_DW=dW is None, num_warps=_num_warps(C), num_stages=1)

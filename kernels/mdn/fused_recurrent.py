@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .naive import mdn_recurrent_reference
+from . import wgmma
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def fused_recurrent_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale=None, in
     has_init = initial_state is not None
     S0, M0 = (initial_state[0].contiguous(), initial_state[1].contiguous()) if has_init else (o, o)
     c = [t.contiguous() for t in (q, k, v, log_alpha, log_mu, beta, eta)]
-    _fused_recurrent_kernel[(triton.cdiv(V, BV), N * H)](
+    wgmma.kernel(_fused_recurrent_kernel, "recurrent")[(triton.cdiv(V, BV), N * H)](
         *c, S0, M0, o, S_fin, M_fin, cu_seqlens if cu_seqlens is not None else o,
         T, scale, H=H, K=K, V=V, BK=BK, BV=BV, HAS_INIT=has_init,
         IS_VARLEN=cu_seqlens is not None, L2NORM=use_qk_l2norm, P_ALPHA=p_times_alpha,

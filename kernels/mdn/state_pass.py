@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import wgmma
+
 
 @triton.jit
 def _state_fwd_kernel(
@@ -237,7 +239,7 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     BK, BV = triton.next_power_of_2(K), _block_v(K, V)
     has_init = S_init is not None
     grid = (triton.cdiv(V, BV), N * H)
-    _state_fwd_kernel[grid](
+    wgmma.kernel(_state_fwd_kernel, "state_fwd")[grid](
         U, Y, Z, Kg, Km, a_end, g_end, u_end,
         S_init if has_init else U, M_init if has_init else U,
         W, S0s, M0s, S_fin, M_fin, layout.seq_chunk_offsets,
@@ -311,7 +313,7 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
         ommdt = _tl_mm(mm_dtype)
         oprec = _prec(ommdt)
         dS0s = dM0s = dW  # not read
-    _state_bwd_kernel[grid](
+    wgmma.kernel(_state_bwd_kernel, "state_bwd")[grid](
         Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s,
         dS_fin if has_dfin else dW, dM_fin if has_dfin else dW, S0s, M0s,
         dWt, dS_end, dM_end, dS_init if init_grad else dW, dM_init if init_grad else dW,

@@ -25,18 +25,23 @@ def _run(args, nproc=None):
 
 
 def test_cp2_matches_float64_within_bf16_rounding():
+    # two --no-wgmma choices: one RESULT line each (the interpreter has no MMA, so they agree)
     run = _run(["--T", "256", "--H", "1", "--K", "32", "--V", "32", "--C", "16",
-                "--group-chunks", "2", "--docs", "0,50,150"], nproc=2)
+                "--group-chunks", "2", "--docs", "0,50,150", "--no-wgmma", "none",
+                "--no-wgmma", "state_bwd+group_map"], nproc=2)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-    assert len(line) == 1, run.stdout[-3000:]
-    res = json.loads(line[0][len("RESULT "):])
-    assert res["world"] == 2 and res["docs"] == [0, 50, 150]
-    for name, e in res["errors"].items():
-        assert e["nonfinite"] == 0, name
-        # both are bf16-input results against float64: ~1e-2 here; CP may not add more than half
-        assert 1e-4 < e["cp1"] < 5e-2, (name, e)
-        assert e["cp"] <= 1.5 * e["cp1"] + 1e-3, (name, e)
+    assert len(line) == 2, run.stdout[-3000:]
+    results = [json.loads(x[len("RESULT "):]) for x in line]
+    assert [r["no_wgmma"] for r in results] == ["none", "state_bwd+group_map"]
+    for res in results:
+        assert res["world"] == 2 and res["docs"] == [0, 50, 150]
+        for name, e in res["errors"].items():
+            assert e["nonfinite"] == 0, name
+            # both are bf16-input results against float64: ~1e-2 here; CP may not add more than half
+            assert 1e-4 < e["cp1"] < 5e-2, (name, e)
+            assert e["cp"] <= 1.5 * e["cp1"] + 1e-3, (name, e)
+    assert results[0]["errors"] == results[1]["errors"]
 
 
 def test_bad_docs_refused_by_name():
