@@ -521,6 +521,29 @@ PLANS = {
             ("2", [("mdn_1p3b", 150, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
         ]),
     ],
+    "v": [  # session 7, after the wgmma bisect (benchmarks/run_wgmma_bisect_gpu.sh): the new
+            # default (state_bwd and group_map compiled without wgmma) in the trainer's CP = 2
+            # steps and in the op at CP = 2 beside MDN_NO_WGMMA=none (is this machine wrong?);
+            # then issue 9: PP = 2 (1F1B, 24 layers), the 1.3B step and its GDN mode on one GPU,
+            # the GPU kernel tests under the new default
+        ("cp_default", 250, [
+            ("0,1", [("cp2_1p3b_2l", 150, bench_model(2, f"--config {M13} --cp 2 {CP_2L}")),
+                     ("cp2_400m_2l", 95, bench_model(2, f"--config {M400} --cp 2 {CP_2L}"))]),
+            ("2,3", [("cp_op_k256", 120, "python3 -m torch.distributed.run --standalone --nproc-per-node 2 "
+                      "tools/check_cp_kernels_gpu.py --K 256 --V 512 --no-wgmma default --no-wgmma none"),
+                     ("cp_op_k128", 120, "python3 -m torch.distributed.run --standalone --nproc-per-node 2 "
+                      "tools/check_cp_kernels_gpu.py --K 128 --V 256 --no-wgmma default --no-wgmma none")]),
+        ]),
+        ("issue9", 300, [
+            ("0,1", [("pp2_1f1b_400m_24l", 295, bench_model(2, f"--config {M400} --pp 2 {PP}"))]),
+            ("2", [("mdn_1p3b", 150, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2")),
+                   ("gdn_1p3b", 145, bench_model(1, f"--config {M13} --mixer gdn --micro-batch 2 "
+                                                    "--microbatches 2"))]),
+            ("3", [("wgmma_gpu_test", 60, "MDN_RESULTS_DIR={R} " + PT + " --timeout 55 tests/gpu/test_wgmma_gpu.py"),
+                   ("kernel_tests", 235, "MDN_RESULTS_DIR={R} " + PT + " --timeout 230 "
+                    "tests/gpu/test_kernels_gpu.py -k 'K128_V256 or packed or init_only'")]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [

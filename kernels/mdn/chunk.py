@@ -230,10 +230,10 @@ def fused_local_enabled(backend: str, cdt: torch.dtype, chunk_size: int,
     """Whether this call runs the fused chunk-local kernels (see use_fused_local).
 
     Under CP too (session 5 had switched them off there; session 6 withdrew that): the 16-bit
-    whole-model CP step gave wrong gradients on some lent H100 machines and right ones on others
-    with the same code, and on a wrong machine the torch chunk-local ops failed as well (1.3B,
-    CP = 2: NaN with both), so switching them off fixed nothing and cost 13-22% per CP step and
-    more memory (BENCHMARKS.md, session 6; benchmarks/results/cp_model_h100x4.json)."""
+    whole-model CP step gave wrong gradients on some lent H100 machines with the torch
+    chunk-local ops as well; session 7 found the cause in two other kernels compiled with
+    Hopper's wgmma (mdn_kernels.mdn.wgmma).
+    """
     flag = _FUSED_LOCAL
     if flag is None:
         env = os.environ.get("MDN_FUSED_LOCAL")

@@ -35,7 +35,13 @@ GROUPS = (
     "level_affine",  # cp.transition: _level_affine (the tree walks)
     "recurrent",     # fused_recurrent: the step kernel
 )
-DEFAULT_GROUPS: frozenset = frozenset()   # set from the H100 bisect (BENCHMARKS.md, session 7)
+# From the bisect on a wrong machine (benchmarks/run_wgmma_bisect_gpu.sh, BENCHMARKS.md session 7;
+# benchmarks/results/cp_wgmma_h100x4.json): the op at CP = 2 gave NaN gradients at K = 256 unless
+# state_bwd was MMAv2, and 1.21x CP = 1's error at K = 128 unless group_map was; with both, CP
+# matched CP = 1 (1.01x). No other group changed anything. Without CP, state_bwd as MMAv2 gave
+# bitwise the same results in the same time (8.01 against 8.09 ms forward+backward at K = 128,
+# 22.96 against 23.36 at K = 256); group_map runs only under CP.
+DEFAULT_GROUPS: frozenset = frozenset({"state_bwd", "group_map"})
 
 
 @functools.lru_cache(maxsize=None)

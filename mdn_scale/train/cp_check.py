@@ -2,13 +2,17 @@
 CP against the same layer with the whole sequence on one rank, before any training step.
 
 Why: on some lent H100 machines every 16-bit whole-model CP run gave wrong gradients (grad norm
-6e6 or NaN where CP = 1 gives ~5) while on others every one was right, with the same code; the
-cause is not found (BENCHMARKS.md, sessions 5 and 6). The error sat in layer 0 (the layer fed
-by the embedding), so this check runs what failed there: embedding → decoder layer 0 on random
-tokens, forward and backward under the run's precision, CP-sliced on every CP rank (gradients
-summed over the group) and whole on every rank with the layer's CP turned off. A run on a
-machine where CP is wrong stops here with an error that names the worst parameter, instead of
-training on wrong gradients. It costs one layer's forward and backward on `tokens` tokens.
+6e6 or NaN where CP = 1 gives ~5) while on others every one was right, with the same code
+(BENCHMARKS.md, sessions 5-7). Session 7 traced it to two of our Triton kernels compiled with
+Hopper's asynchronous MMA (wgmma): the state pass's backward and the CP group maps. They now
+compile without it (mdn_kernels.mdn.wgmma, MDN_NO_WGMMA), and the same machine's CP steps were
+right. This check stays as the guard for what is not understood yet: embedding → decoder
+layer 0 on random tokens, forward and backward under the run's precision, CP-sliced on every CP
+rank (gradients summed over the group) and whole on every rank with the layer's CP turned off.
+A run whose CP is wrong stops here with an error that names the worst parameter, instead of
+training on wrong gradients. It costs one layer's forward and backward on `tokens` tokens. It
+is a smoke check, not a proof: on the wrong machine of session 7 it caught the 1.3B fault (inf)
+and passed the 400M one (9.7e-3) whose trainer steps then gave grad norms of 7.7e3.
 
 Bounds: bf16 CP against bf16 CP = 1 differs by bf16 rounding (worst parameter 0.016 in the
 whole-model GPU test on the right machines, 0.06 to 4.6 on the wrong ones): 0.05. fp32: 1e-3
@@ -121,9 +125,10 @@ def check_cp_layer(model, cp_group, *, tokens: int, vocab_size: int, precision: 
         report["error"] = (
             f"context parallelism gives other gradients than one rank on this machine: layer 0's "
             f"relative error {world_worst:.3g} > {tol:g} ({precision}, {tokens} tokens over "
-            f"{R} ranks; {where}). On some H100 machines 16-bit CP is wrong with the same code "
-            f"(BENCHMARKS.md, session 6): train without CP or on another machine; "
-            f"train.cp_check=false skips this check.")
+            f"{R} ranks; {where}). On some H100 machines 16-bit CP was wrong with the same code "
+            f"until two kernels were compiled without Hopper's wgmma (BENCHMARKS.md, session 7): "
+            f"check MDN_NO_WGMMA (unset or 'default', or 'all'), train without CP or on another "
+            f"machine; train.cp_check=false skips this check.")
         if raise_on_failure:
             raise CPCheckError(report["error"])
     return report
