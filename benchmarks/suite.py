@@ -544,6 +544,22 @@ PLANS = {
                     "tests/gpu/test_kernels_gpu.py -k 'K128_V256 or packed or init_only'")]),
         ]),
     ],
+    "w": [  # session 7, after plan v (its machine was wrong with MDN_NO_WGMMA=none; the default
+            # right): CP = 4 with the default (the 400M step at 16K gave grad norms 6e6 on the
+            # wrong machines of plans k and t), the 400M CP = 2 step without and with the default
+            # on one machine (what the MMAv2 kernels cost), and where PP = 2 hangs (silent for
+            # 295 s in plan v: every thread's stack after 120 s, a 4-layer model)
+        ("cp4", 150, [
+            ("0,1,2,3", [("cp4_400m_16k", 145, bench_model(4, f"--config {M400} --micro-batch 1 "
+                                                              "--microbatches 4 --cp 4 --seq-len 16384"))]),
+        ]),
+        ("two_by_two", 175, [
+            ("0,1", [("pp2_400m_4l_hang", 170, "MDN_HANG_DUMP_S=120 " + bench_model(
+                2, f"--config {M400} --pp 2 --micro-batch 1 --microbatches 8 model.num_layers=4"))]),
+            ("2,3", [("cp2_400m_2l_none", 85, "MDN_NO_WGMMA=none " + bench_model(2, f"--config {M400} --cp 2 {CP_2L}")),
+                     ("cp2_400m_2l_default", 85, bench_model(2, f"--config {M400} --cp 2 {CP_2L}"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [

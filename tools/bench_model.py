@@ -347,6 +347,9 @@ def cprofile_run(a, layout, cuda: bool, one_step, data) -> None:
 
 def main(argv=None):
     a = parse_args(argv)
+    if os.environ.get("MDN_HANG_DUMP_S"):   # a run that hangs prints every thread's stack then
+        import faulthandler                   # (PP = 2 sat silent for 295 s in sessions 6 and 7)
+        faulthandler.dump_traceback_later(float(os.environ["MDN_HANG_DUMP_S"]), repeat=True)
     if a.cpu_smoke:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo and CPU tensors even where GPUs exist
     has_cuda = torch.cuda.is_available() and not a.cpu_smoke
