@@ -37,6 +37,20 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def pipeline_dtype(precision: str, params_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the activations (and their gradients) sent between pipeline stages.
+
+    A stage sends its output as it is, but Megatron's schedule receives into buffers of
+    `config.pipeline_dtype`: where the two differ the byte counts differ and NCCL waits forever.
+    Under bf16 autocast over fp32 weights a stage's output is the residual stream, which is bf16
+    after the first layer (Megatron's bias-dropout-add casts the residual to the layer output's
+    dtype), so the receive buffers must be bf16, not the fp32 params_dtype: with params_dtype
+    PP = 2 hung silently on the H100s (sessions 6 and 7; stage 1 in recv_forward, stage 0 in
+    send_forward_recv_backward). tests/model/test_model_pp.py checks a first stage's output
+    dtype against this."""
+    return torch.bfloat16 if precision == "bf16" else params_dtype
+
+
 def forward_loss_sum(model, inputs: dict, precision: str, device: torch.device) -> torch.Tensor:
     with autocast(precision, device):
         per_token = model(inputs["tokens"], None, None, labels=inputs["labels"],
@@ -93,7 +107,7 @@ def _forward_backward_pipelined(chunks, microbatches, denom, precision, device) 
 
     for config in {id(c.config): c.config for c in chunks}.values():
         config.calculate_per_token_loss = True
-        config.pipeline_dtype = config.params_dtype
+        config.pipeline_dtype = pipeline_dtype(precision, config.params_dtype)
         config.finalize_model_grads_func = None
     sums = []
 

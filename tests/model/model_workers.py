@@ -297,3 +297,20 @@ def attention_cp_worker(rank, world, cases):
     finally:
         attn.MAX_MASK_ELEMENTS = default
     return out
+
+
+def stage_output_dtype_worker(rank, world, cfg):
+    """A first pipeline stage (embedding and layers, no head) on one rank: the dtype of what it
+    sends on, under each precision, beside mdn_scale.train.step.pipeline_dtype's receive dtype."""
+    from mdn_scale.train.step import autocast, pipeline_dtype
+    init_parallel()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**cfg), post_process=False, use_cpu_initialization=True)
+    T = cfg["seq_len"]
+    ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for precision in ("bf16", "fp32"):
+        with autocast(precision, torch.device("cpu")):
+            h = model(ids, None, None, packed_seq_params=packed_params([0, T // 3, T]))
+        out[precision] = (h.dtype, tuple(h.shape), pipeline_dtype(precision, model.config.params_dtype))
+    return out
