@@ -560,6 +560,20 @@ PLANS = {
                      ("cp2_400m_2l_default", 85, bench_model(2, f"--config {M400} --cp 2 {CP_2L}"))]),
         ]),
     ],
+    "x": [  # for session 8 (not run yet): PP after the pipeline_dtype fix (bf16 activations
+            # between stages; the step hung before): the bf16 PP = 2 GPU test, then 1F1B PP = 2
+            # and interleaved PP = 4 timings (24 layers) against the 400M step on one GPU
+        ("two_by_two", 280, [
+            ("0,1", [("pp2_bf16_test", 150, PT + " --timeout 145 "
+                      "tests/gpu/test_train_gpu.py -k 'pp2_bf16 or pp2'"),
+                     ("pp2_1f1b_400m_24l", 125, "MDN_HANG_DUMP_S=110 " + bench_model(2, f"--config {M400} --pp 2 {PP}"))]),
+            ("2", [("mdn_400m_mb1x8_24l", 200, bench_model(1, f"--config {M400} {PP}"))]),
+        ]),
+        ("four_gpu", 200, [
+            ("0,1,2,3", [("pp4_vp2_400m_24l", 195, "MDN_HANG_DUMP_S=150 "
+                          + bench_model(4, f"--config {M400} --pp 4 --vp 2 {PP}"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
