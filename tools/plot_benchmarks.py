@@ -167,6 +167,8 @@ MODEL_RUNS = [
     ("MDN 400M, eager gates\nsession 4 (A)", "model_h100_mdn_400m_v4_before_eager_gates_foreach.json"),
     ("MDN 400M, fused gates\n+ AdamW, session 4 (B)", "model_h100_mdn_400m_v4_fused_gates_adamw.json"),
     ("Megatron GDN\n400M (FLA)", "model_h100_megatron_gdn_400m.json"),
+    ("MDN 1.3B\nsession 7", "model_h100_mdn_1p3b_v7.json"),
+    ("GDN 1.3B\nsession 7", "model_h100_gdn_1p3b_v7.json"),
 ]
 
 
@@ -194,6 +196,27 @@ def plot_model(out):
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out
+
+
+def plot_cp_wgmma(out):
+    """Session 7: the 400M trainer step at CP = 2 on a wrong machine with every kernel on wgmma
+    (MDN_NO_WGMMA=none) and with the default (state_bwd, group_map without it), and CP = 4."""
+    d = _load("cp_wgmma_h100x4.json")
+    if not d:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for plan, step, label, style in (
+            ("suite_w", "cp2_400m_2l_none", "CP = 2, MDN_NO_WGMMA=none", "r-o"),
+            ("suite_w", "cp2_400m_2l_default", "CP = 2, default (same machine)", "b-o"),
+            ("suite_w", "cp4_400m_16k", "CP = 4 at 16K, default", "g-s"),
+            ("probe", "cp2_400m_2l", "CP = 2, as is (probe machine)", "m--^")):
+        run = next((r for k, r in d["runs"].items() if k.startswith(plan)), None)
+        norms = (run or {}).get("steps", {}).get(step, {}).get("grad_norms")
+        if norms:
+            ax.semilogy(range(1, len(norms) + 1), norms, style, label=label)
+    ax.set_xlabel("step")
+    return _finish(fig, ax, out, "grad norm (log)",
+                   "400M MDN trainer step on wrong H100 machines, bf16 (session 7)")
 
 
 def plot_cp_model(out):
@@ -245,7 +268,8 @@ def main():
     for fn, name in ((plot_kernels, "kernels_vs_gdn.png"), (plot_cp, "cp_weak_scaling.png"),
                      (plot_memory_estimate, "memory_estimate_vs_measured.png"),
                      (plot_deepspeed, "deepspeed_vs_megatron_1p3b.png"),
-                     (plot_model, "model_throughput.png"), (plot_cp_model, "cp_model_grad_norms.png")):
+                     (plot_model, "model_throughput.png"), (plot_cp_model, "cp_model_grad_norms.png"),
+                     (plot_cp_wgmma, "cp_wgmma_grad_norms.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
