@@ -24,3 +24,20 @@ machine_identity() {
   python3 -c "import torch; print('nccl', torch.cuda.nccl.version(), 'cuda', torch.version.cuda)" 2>/dev/null
   env | grep -E '^(NCCL|CUDA|TORCH|PYTORCH|TRITON)_' | sort
 }
+
+# Job helpers of the session scripts (run_cp_probe_gpu.sh, run_wgmma_bisect_gpu.sh); the caller
+# sets OUT (logs), BUDGET (s) and T0 (start, date +%s).
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# run_job NAME GPUS LIMIT ENV COMMAND...: ENV is "" or VAR=value; the limit is cut to the budget
+# left; prints rc, wall time and the log's RESULT / [cp-check] / tok/s lines
+run_job() {
+  local name=$1 gpus=$2 lim=$3 envs=$4; shift 4
+  local l; l=$(left); (( l - 5 < lim )) && lim=$(( l - 5 ))
+  if (( lim < 20 )); then echo "$name: skipped, $l s left"; return; fi
+  local t0; t0=$(date +%s)
+  ( export CUDA_VISIBLE_DEVICES=$gpus; [ -n "$envs" ] && export "$envs"
+    echo "[$(date -u +%FT%TZ)] CUDA_VISIBLE_DEVICES=$gpus $envs $*"
+    timeout "$lim" "$@" ) > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - t0 )) s: $(grep -ho 'RESULT.*' "$OUT/$name.log" | head -1 | cut -c1-80)$(grep -h '\[cp-check\]\|tok/s/GPU' "$OUT/$name.log" | tail -2 | tr '\n' ' ')"
+}

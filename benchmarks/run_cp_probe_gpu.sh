@@ -32,20 +32,8 @@ TR="python3 -m torch.distributed.run --standalone"
 BM="tools/bench_model.py"
 CP2="--cp 2 --seq-len 8192 --micro-batch 1 --microbatches 2 model.num_layers=2"
 
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 pack() { tar czf "$ROOT/cp_probe.tar.gz" -C "$WORK" cp_probe; }
-# run NAME GPUS LIMIT ENV COMMAND...: ENV is "" or VAR=value; the limit is cut to the call's budget
-run() {
-  local name=$1 gpus=$2 lim=$3 envs=$4; shift 4
-  local l; l=$(left); (( l - 5 < lim )) && lim=$(( l - 5 ))
-  if (( lim < 20 )); then echo "$name: skipped, $l s left"; return; fi
-  local t0; t0=$(date +%s)
-  ( export CUDA_VISIBLE_DEVICES=$gpus; [ -n "$envs" ] && export "$envs"
-    echo "[$(date -u +%FT%TZ)] CUDA_VISIBLE_DEVICES=$gpus $envs $*"
-    timeout "$lim" "$@" ) > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name rc=$rc $(( $(date +%s) - t0 )) s: $(grep -ho 'RESULT.*' "$OUT/$name.log" | cut -c1-80)$(grep -h '\[cp-check\]\|tok/s/GPU' "$OUT/$name.log" | tail -2 | tr '\n' ' ')"
-}
+run() { run_job "$@"; }
 step13() { run "$1" "$2" 150 "$3" $TR --nproc-per-node 2 $BM --steps 3 --warmup 1 --out "$OUT/$1.json" \
   --config configs/mdn_1.3b.yaml $CP2; }
 step400() { run "$1" "$2" 110 "$3" $TR --nproc-per-node 2 $BM --steps 3 --warmup 1 --out "$OUT/$1.json" \

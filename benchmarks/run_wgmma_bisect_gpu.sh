@@ -19,18 +19,8 @@ mkdir -p "$OUT" "$ROOT"
 machine_identity > "$OUT/machine.txt" 2>&1
 TR="python3 -m torch.distributed.run --standalone"
 CP2="--cp 2 --seq-len 8192 --micro-batch 1 --microbatches 2 model.num_layers=2"
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 pack() { tar czf "$ROOT/wgmma.tar.gz" -C "$WORK" wgmma; }
-run() {  # NAME GPUS LIMIT ENV COMMAND...
-  local name=$1 gpus=$2 lim=$3 envs=$4; shift 4
-  local l; l=$(left); (( l - 5 < lim )) && lim=$(( l - 5 ))
-  if (( lim < 20 )); then echo "$name: skipped, $l s left"; return; fi
-  local t0; t0=$(date +%s)
-  ( export CUDA_VISIBLE_DEVICES=$gpus; [ -n "$envs" ] && export "$envs"
-    echo "[$(date -u +%FT%TZ)] CUDA_VISIBLE_DEVICES=$gpus $envs $*"
-    timeout "$lim" "$@" ) > "$OUT/$name.log" 2>&1
-  echo "$name rc=$? $(( $(date +%s) - t0 )) s $(grep -h '\[cp-check\]\|tok/s/GPU' "$OUT/$name.log" | tail -2 | tr '\n' ' ')"
-}
+run() { run_job "$@"; }
 CHOICES=""
 for c in none all state_bwd state_fwd prepare_bwd output_bwd prepare output_fwd level_affine group_map \
          state_fwd+state_bwd prepare_bwd+state_bwd output_bwd+state_bwd; do CHOICES="$CHOICES --no-wgmma $c"; done
