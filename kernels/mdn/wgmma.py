@@ -13,7 +13,9 @@ DISABLE_MMA_V3 is read by Triton's compiler when a kernel is compiled, for the w
 same source, its own in-memory compile cache) whose launches set DISABLE_MMA_V3=1 around the
 call, so the twin's binaries are MMAv2 and everything else (FLA's kernels, torch's) is untouched.
 The variable is one of Triton's cache-invalidating ones, so the twin's binaries get their own
-entries in Triton's on-disk cache.
+entries in Triton's on-disk cache. It is process-wide while a twin launches: a kernel compiled
+on another thread at that moment would see it too (the trainer launches from one thread at a
+time: autograd's backward thread runs while the main thread waits in backward()).
 
 MDN_NO_WGMMA picks the kernel groups: "default" (DEFAULT_GROUPS), "none", "all", or a list of
 GROUPS names joined by "," or "+" (benchmarks and the bisect tool compare choices in one
