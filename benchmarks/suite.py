@@ -562,12 +562,16 @@ PLANS = {
     ],
     "x": [  # for session 8 (not run yet): PP after the pipeline_dtype fix (bf16 activations
             # between stages; the step hung before): the bf16 PP = 2 GPU test, then 1F1B PP = 2
-            # and interleaved PP = 4 timings (24 layers) against the 400M step on one GPU
+            # and interleaved PP = 4 timings (24 layers) against the 400M step on one GPU; a
+            # per-kernel profile of the op and FLA's GDN on the spare GPU
         ("two_by_two", 280, [
             ("0,1", [("pp2_bf16_test", 150, PT + " --timeout 145 "
                       "tests/gpu/test_train_gpu.py -k 'pp2_bf16 or pp2'"),
                      ("pp2_1f1b_400m_24l", 125, "MDN_HANG_DUMP_S=110 " + bench_model(2, f"--config {M400} --pp 2 {PP}"))]),
             ("2", [("mdn_400m_mb1x8_24l", 200, bench_model(1, f"--config {M400} {PP}"))]),
+            # the op's kernels by device time, MDN and FLA GDN side by side (issue 2)
+            ("3", [("kernel_profile", 270, "python3 tools/bench_kernels.py "
+                    "--profile {R}/profile.txt --out {R}/result.json")]),
         ]),
         ("four_gpu", 200, [
             ("0,1,2,3", [("pp4_vp2_400m_24l", 195, "MDN_HANG_DUMP_S=150 "

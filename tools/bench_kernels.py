@@ -86,7 +86,8 @@ def outputs_and_grads(fwd, inputs, do):
     return [o.detach()] + list(grads)
 
 
-def profile_table(fwd, inputs, do, path, shape):
+def profile_table(fwd, inputs, do, path, shape, name="MDN"):
+    """Append a torch.profiler table (kernels by CUDA time) of 3 forward+backward calls to path."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -95,7 +96,7 @@ def profile_table(fwd, inputs, do, path, shape):
             torch.autograd.backward(o, do)
         torch.cuda.synchronize()
     with open(path, "a") as f:
-        f.write(f"== {shape}\n")
+        f.write(f"== {name} {shape}, 3 forward+backward calls\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
         f.write("\n")
 
@@ -106,7 +107,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-fla", action="store_true", help="skip the FLA GDN peer")
     ap.add_argument("--shapes", default="all", help="'all' or comma list of indices into SHAPES")
-    ap.add_argument("--profile", default=None, help="write a torch.profiler table of MDN fwd+bwd here")
+    ap.add_argument("--profile", default=None,
+                    help="append torch.profiler tables of MDN's (and FLA GDN's) fwd+bwd to this file")
     ap.add_argument("--variant", action="append", default=[],
                     help="MDN_X=v[+MDN_Y=w]: also time mdn_chunk under these settings (repeatable)")
     args = ap.parse_args()
@@ -161,6 +163,8 @@ def main():
                 return chunk_gdn(q, k, v, g=g, beta=b, use_qk_l2norm_in_kernel=True)[0]
 
             row["fla_gdn"] = bench_one("FLA GDN", gdn, gin, do)
+            if args.profile:
+                profile_table(gdn, gin, do, args.profile, sh, name="FLA GDN")
             row["ratio_fwd"] = row["mdn"]["fwd_ms"] / row["fla_gdn"]["fwd_ms"]
             row["ratio_fwd_bwd"] = row["mdn"]["fwd_bwd_ms"] / row["fla_gdn"]["fwd_bwd_ms"]
             row["ratio_peak_mem"] = row["mdn"]["peak_mem_fwd_bwd_mib"] / row["fla_gdn"]["peak_mem_fwd_bwd_mib"]
