@@ -79,6 +79,12 @@ def bench_model(n: int, args: str) -> str:
             f"--steps 5 --warmup 3 --out {{R}}/result.json {args}")
 
 
+TUNE = "python3 tools/tune_kernels_gpu.py"
+# bench_kernels.py at one shape with the sweep's winners as a variant beside the defaults and FLA
+BEST = ("spec=$(" + TUNE + " --best-of {{R}}/../{a}/tune.json {{R}}/../{b}/tune.json) && "
+        "echo \"winners: $spec\" && python3 tools/bench_kernels.py --shapes {s} "
+        "--variant \"MDN_LAUNCH=$spec\" --out {{R}}/result.json")
+
 # the whole-model CP checks' trainer step: 2 layers, 2 sequences of 8192 tokens
 CP_2L = "--seq-len 8192 --micro-batch 1 --microbatches 2 model.num_layers=2"
 
@@ -576,6 +582,22 @@ PLANS = {
         ("four_gpu", 200, [
             ("0,1,2,3", [("pp4_vp2_400m_24l", 195, "MDN_HANG_DUMP_S=150 "
                           + bench_model(4, f"--config {M400} --pp 4 --vp 2 {PP}"))]),
+        ]),
+    ],
+    "y": [  # session 8: the op's launch-parameter sweep (tools/tune_kernels_gpu.py, issue 2), two
+            # processes per shape; then each shape's winners (--best-of) timed beside the
+            # defaults and FLA's GDN in one process; the bf16 PP = 2 GPU test alone
+        ("tune", 300, [
+            ("0", [("tune_k128_a", 295, TUNE + " --shape 0 --variants 0-4 --out {R}/tune.json")]),
+            ("1", [("tune_k128_b", 295, TUNE + " --shape 0 --variants 0,5-8 --out {R}/tune.json")]),
+            ("2", [("tune_k256_a", 295, TUNE + " --shape 1 --variants 0-4 --out {R}/tune.json")]),
+            ("3", [("tune_k256_b", 295, TUNE + " --shape 1 --variants 0,5-8 --out {R}/tune.json")]),
+        ]),
+        ("validate", 230, [
+            ("0", [("bench_k128_best", 225, BEST.format(s=0, a="tune_k128_a", b="tune_k128_b"))]),
+            ("1", [("bench_k256_best", 225, BEST.format(s=1, a="tune_k256_a", b="tune_k256_b"))]),
+            ("2,3", [("pp2_bf16_test", 225, PT + " --timeout 220 tests/gpu/test_train_gpu.py "
+                      "-k pp2_bf16")]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M

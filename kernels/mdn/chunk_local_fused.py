@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import wgmma
+from . import launch, wgmma
 from .layout import PerTensorCache
 
 LOG_FLOOR = -1e4          # as chunk.py: a finite floor for log α, log μ (μ ≡ 0 is GDN mode)
@@ -847,6 +847,16 @@ def _num_warps(C: int) -> int:
     return 8 if C >= 64 else 4
 
 
+def _lp(name: str, K: int, V: int, C: int, bk: bool = True, bv: bool = True) -> dict:
+    """Launch parameters of kernel `name` (mdn_kernels.mdn.launch): the K / V blocks it takes,
+    num_warps and num_stages; MDN_LAUNCH may override them."""
+    BK, BV = _blocks(K, V)
+    d = dict(BK=BK) if bk else {}
+    if bv:
+        d["BV"] = BV
+    return launch.params(name, **d, num_warps=_num_warps(C), num_stages=1)
+
+
 class LocalPrepare(torch.autograd.Function):
     """Fused `chunk._local_prepare`: same arguments, same 14 outputs
     (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end).
@@ -882,21 +892,18 @@ class LocalPrepare(torch.autograd.Function):
         gam, amat, tmat = (new(NC, H, C, C) for _ in range(3))
         U = op(NC, H, C, V)
         a_end, g_end, u_end = (new(NC, H) for _ in range(3))
-        BK, BV = _blocks(K, V)
         mmdt = _tl_mm(mm_dtype)
-        nw = _num_warps(C)
         if NC > 0:
             wgmma.kernel(_prepare_a_kernel, "prepare")[(NC, H)](
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
-                amat, ele, g0r, rq, rk, H=H, K=K, C=C, BK=BK, NORM=use_qk_l2norm,
+                amat, ele, g0r, rq, rk, H=H, K=K, C=C, NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
-                F32P=_f32p(), num_warps=nw,
-                num_stages=1)
+                F32P=_f32p(), **_lp("prepare_a", K, V, C, bv=False))
             wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
                                      num_warps=1 if C == 16 else 2, num_stages=1)
             wgmma.kernel(_prepare_c_kernel, "prepare")[(NC, H)](
-                v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=nw, num_stages=1)
+                v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C,
+                MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("prepare_c", K, V, C))
         del amat
         ctx.save_for_backward(v, *gates, cs, cl, qc, kc, tmat, ele, g0r, rq, rk)
         ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt)
@@ -923,22 +930,21 @@ class LocalPrepare(torch.autograd.Function):
         dkn = torch.empty(NC, H, C, K, **f32)
         da, dgt, dgr = (torch.empty(NC, H, C, C, **f32) for _ in range(3))
         kdk, dle, dg0r, kdkm = (torch.empty(NC, H, C, **f32) for _ in range(4))
-        BK, BV = _blocks(K, V)
-        nw = _num_warps(C)
         if NC > 0:
             wgmma.kernel(_prepare_bwd_t_kernel, "prepare_bwd")[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
-                DAP=_second_order_prec(mmdt), num_warps=nw, num_stages=1)
+                H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
+                DAP=_second_order_prec(mmdt), **_lp("prepare_bwd_t", K, V, C))
             wgmma.kernel(_prepare_bwd_k_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
                 dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm,
-                H=H, K=K, C=C, BK=BK, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
-                FLOOR=LOG_FLOOR, F32P=_f32p(), num_warps=nw, num_stages=1)
+                H=H, K=K, C=C, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
+                FLOOR=LOG_FLOOR, F32P=_f32p(), **_lp("prepare_bwd_k", K, V, C, bv=False))
             wgmma.kernel(_prepare_bwd_decay_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, dgt, dgr, kdkm, dle, dg0r,
                 dlac, dg0c, da_end, dg_end, du_end, *dgates[:3],
-                H=H, C=C, PTA=pta, FLOOR=LOG_FLOOR, F32P=_f32p(), num_warps=nw, num_stages=1)
+                H=H, C=C, PTA=pta, FLOOR=LOG_FLOOR, F32P=_f32p(),
+                **_lp("prepare_bwd_decay", K, V, C, bk=False, bv=False))
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
         dgates = [g.view(B, T, H) for g in dgates]
@@ -955,12 +961,12 @@ def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, m
         if t.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"W, S0s, M0s must be float32 or bfloat16, got {t.dtype}")
     o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
-    BK, BV = _blocks(K, V)
     mmdt = _tl_mm(mm_dtype)
+    lp = _lp("output_fwd", K, V, C)
     if NC > 0:
-        wgmma.kernel(_output_fwd_kernel, "output_fwd")[(NC, H, triton.cdiv(V, BV))](
+        wgmma.kernel(_output_fwd_kernel, "output_fwd")[(NC, H, triton.cdiv(V, lp["BV"]))](
             qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, o, float(scale), H=H, K=K, V=V, C=C,
-            BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=_num_warps(C), num_stages=1)
+            MMDT=mmdt, MMPREC=_prec(mmdt), **lp)
     return o
 
 
@@ -969,12 +975,11 @@ def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dt
     NC, H, C, K = qc.shape
     V = do.shape[-1]
     dW = torch.empty(NC, H, C, V, dtype=w_dtype, device=qc.device)
-    BK, BV = _blocks(K, V)
     mmdt = _tl_mm(mm_dtype)
     if NC > 0:
         wgmma.kernel(_output_bwd_dw_kernel, "output_bwd")[(NC, H)](
             qc, kc, et, gam, cs, cl, do.contiguous(), float(scale), dW, H=H, K=K, V=V, C=C,
-            BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt), num_warps=_num_warps(C), num_stages=1)
+            MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("output_bwd_dw", K, V, C))
     return dW
 
 
@@ -990,13 +995,12 @@ def output_backward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale: flo
     grads += [torch.empty_like(W) if dW is None else dW]
     grads += [torch.empty_like(t) if pair_grads else None for t in (S0s, M0s)]
     ptrs = grads[:7] + ([grads[7], grads[8]] if pair_grads else [grads[6], grads[6]])
-    BK, BV = _blocks(K, V)
     mmdt = _tl_mm(mm_dtype)
     if NC > 0:
         wgmma.kernel(_output_bwd_kernel, "output_bwd")[(NC, H)](
             qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, float(scale), *ptrs,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, MMDT=mmdt, MMPREC=_prec(mmdt),
-            PAIR_GRAD=pair_grads, STORE_DW=dW is None, num_warps=_num_warps(C), num_stages=1)
+            H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
+            PAIR_GRAD=pair_grads, STORE_DW=dW is None, **_lp("output_bwd", K, V, C))
     return grads
 
 

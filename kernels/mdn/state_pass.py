@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import wgmma
+from . import launch, wgmma
 
 
 @triton.jit
@@ -236,15 +236,16 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     M0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
     S_fin = U.new_empty(N, H, K, V, dtype=sdt)
     M_fin = U.new_empty(N, H, K, V, dtype=sdt)
-    BK, BV = triton.next_power_of_2(K), _block_v(K, V)
+    BK = triton.next_power_of_2(K)
+    lp = launch.params("state_fwd", BV=_block_v(K, V), num_warps=4, num_stages=1)
     has_init = S_init is not None
-    grid = (triton.cdiv(V, BV), N * H)
+    grid = (triton.cdiv(V, lp["BV"]), N * H)
     wgmma.kernel(_state_fwd_kernel, "state_fwd")[grid](
         U, Y, Z, Kg, Km, a_end, g_end, u_end,
         S_init if has_init else U, M_init if has_init else U,
         W, S0s, M0s, S_fin, M_fin, layout.seq_chunk_offsets,
-        H=H, K=K, V=V, C=C, BK=BK, BV=BV, HAS_INIT=has_init,
-        PREC=_precision(Y.dtype, allow_tf32), num_warps=4, num_stages=1,
+        H=H, K=K, V=V, C=C, BK=BK, HAS_INIT=has_init,
+        PREC=_precision(Y.dtype, allow_tf32), **lp,
     )
     return W, S0s, M0s, S_fin, M_fin
 
@@ -301,7 +302,8 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     if fuse_out is not None:
         fv, num_warps, bv_div = FUSE_VARIANTS[fuse_variant(fuse_variant_name)]
         BV = max(16, BV // bv_div)
-    grid = (triton.cdiv(V, BV), N * H)
+    lp = launch.params("state_bwd", BV=BV, num_warps=num_warps, num_stages=1)
+    grid = (triton.cdiv(V, lp["BV"]), N * H)
     dgates = dW if init_only else dW.new_empty(3, grid[0], NC, H, dtype=sdt)
     if fuse_out is None:
         qc, la, g0, do, cs, cl, scale = Y, a_end, a_end, dW, layout.seq_chunk_offsets, \
@@ -319,9 +321,9 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
         dWt, dS_end, dM_end, dS_init if init_grad else dW, dM_init if init_grad else dW,
         dgates, layout.seq_chunk_offsets, NC,
         qc, la, g0, do, cs, cl, float(scale),
-        H=H, K=K, V=V, C=C, BK=BK, BV=BV, PREC=_precision(Y.dtype, allow_tf32),
+        H=H, K=K, V=V, C=C, BK=BK, PREC=_precision(Y.dtype, allow_tf32),
         FUSE_OUT=fuse_out is not None, OMMDT=ommdt, OPREC=oprec, HAS_DFIN=has_dfin,
-        STORE_DINIT=init_grad, INIT_ONLY=init_only, FV=fv, num_warps=num_warps, num_stages=1,
+        STORE_DINIT=init_grad, INIT_ONLY=init_only, FV=fv, **lp,
     )
     if init_only:
         return dS_init, dM_init

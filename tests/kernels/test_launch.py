@@ -1,0 +1,135 @@
+"""Launch parameters (mdn_kernels.mdn.launch, MDN_LAUNCH): the parser's errors, overrides reaching
+the launch sites, and every tile candidate of tools/tune_kernels_gpu.py giving the defaults'
+results (fp32 under TRITON_INTERPRET=1, where num_warps and num_stages do nothing but the K / V
+block loops and their masks run as on the GPU)."""
+import os
+import sys
+
+import pytest
+import torch
+
+from mdn_kernels import mdn_chunk
+from mdn_kernels.mdn import chunk, launch
+from mdn_kernels.mdn.testing import random_inputs
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+import tune_kernels_gpu as tune  # noqa: E402
+
+
+def test_parse_reads_kernels_and_keys():
+    got = launch.parse(" state_fwd:BV=32, num_warps=8 ; output_fwd:BK=64,num_stages=2;")
+    assert got == {"state_fwd": {"BV": 32, "num_warps": 8}, "output_fwd": {"BK": 64, "num_stages": 2}}
+    assert launch.parse("") == {}
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("state_fwdd:BV=32", "kernel one of"),
+    ("state_fwd BV=32", "kernel one of"),
+    ("state_fwd:BX=32", "key one of"),
+    ("state_fwd:BV=3x", "must be an integer"),
+    ("state_fwd:BV=48", "power of two"),
+    ("state_fwd:BV=8", "power of two"),
+    ("output_fwd:num_warps=3", "num_warps must be"),
+    ("output_fwd:num_stages=0", "num_stages must be"),
+])
+def test_parse_names_what_is_wrong(spec, words):
+    with pytest.raises(ValueError, match=words):
+        launch.parse(spec)
+
+
+def test_params_apply_the_override_and_refuse_keys_a_kernel_lacks(monkeypatch):
+    monkeypatch.setenv("MDN_LAUNCH", "state_fwd:num_warps=8")
+    assert launch.params("state_fwd", BV=32, num_warps=4, num_stages=1) == dict(
+        BV=32, num_warps=8, num_stages=1)
+    assert launch.params("state_bwd", BV=32, num_warps=4, num_stages=1)["num_warps"] == 4
+    monkeypatch.setenv("MDN_LAUNCH", "prepare_a:BV=32")
+    with pytest.raises(ValueError, match="prepare_a takes BK, num_warps, num_stages, not BV"):
+        launch.params("prepare_a", BK=32, num_warps=8, num_stages=1)
+    monkeypatch.delenv("MDN_LAUNCH")
+    assert launch.params("state_fwd", BV=32, num_warps=4, num_stages=1)["num_warps"] == 4
+
+
+def test_tuner_candidates_are_valid_launch_strings():
+    for shape in tune.SHAPES:
+        for i in range(tune.NUM_VARIANTS):
+            spec = tune.launch_spec(tune.variant_configs(i, shape["K"], shape["V"]))
+            parsed = launch.parse(spec)
+            assert set(parsed) == set(tune.CANDIDATES)
+    # variant 0 is the launch sites' defaults
+    assert tune.candidate("state_fwd", 0, 256, 512) == dict(BV=16, num_warps=4, num_stages=1)
+    assert tune.candidate("output_fwd", 2, 128, 256)["BK"] == 64
+
+
+def test_pick_takes_the_fastest_matching_variant():
+    cfg = lambda i: {k: {"i": i} for k in tune.CANDIDATES}  # noqa: E731
+    variants = [
+        dict(index=0, configs=cfg(0), kernel_ms={"state_fwd": 1.0, "output_fwd": 2.0},
+             rel_diff_vs_default={"o": 0.0}),
+        dict(index=1, configs=cfg(1), kernel_ms={"state_fwd": 0.5, "output_fwd": 1.0},
+             rel_diff_vs_default={"o": float("nan")}),          # wrong: not picked
+        dict(index=2, configs=cfg(2), kernel_ms={"state_fwd": 0.8, "output_fwd": 2.5},
+             rel_diff_vs_default={"o": 1e-3}),
+        dict(index=3, configs=cfg(3), error="OutOfResources",   # rerun one kernel at a time
+             kernel_ms={"output_fwd": 1.5},
+             rel_diff_vs_default={"output_fwd:o": 1e-3, "state_fwd:o": 0.5}),
+    ]
+    best = tune.pick(variants)
+    assert best["state_fwd"] == dict(config={"i": 2}, ms=0.8, variant=2, default_ms=1.0)
+    assert best["output_fwd"]["variant"] == 3   # its own rerun matched; state_fwd's did not
+    assert "output_bwd" not in best
+
+
+SMALL = dict(B=2, T=45, H=2, K=48, V=40)    # K, V not powers of two: masked block tails
+
+
+def _op(xs):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    o, (S, M) = mdn_chunk(*xs[:7], initial_state=(xs[7], xs[8]), output_final_state=True,
+                          backend="triton", chunk_size=16)
+    g = torch.Generator().manual_seed(5)
+    loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in (o, S, M))
+    return [o, S, M, *torch.autograd.grad(loss, xs)]
+
+
+@pytest.mark.parametrize("variant", range(1, tune.NUM_VARIANTS))
+def test_every_tile_candidate_gives_the_defaults_results(variant, monkeypatch):
+    """The candidates at the small shape, scaled down so that the blocks cut K and V into
+    several (masked) pieces: the op's outputs, final pair and all gradients equal the defaults'
+    to fp32 rounding (the fused local kernels and the lean path, as on the GPU)."""
+    chunk.use_fused_local(True)
+    try:
+        B, T, H, K, V = SMALL.values()
+        xs = random_inputs(B, T, H, K, V, dtype=torch.float32, seed=11, with_state=True)
+        monkeypatch.delenv("MDN_LAUNCH", raising=False)
+        ref = _op(xs)
+        configs = tune.variant_configs(variant, K, V)
+        for cfg in configs.values():   # the small shape's blocks: at most 32 wide
+            for key in ("BK", "BV"):
+                if key in cfg:
+                    cfg[key] = min(cfg[key], 32)
+        monkeypatch.setenv("MDN_LAUNCH", tune.launch_spec(configs))
+        got = _op(xs)
+    finally:
+        chunk.use_fused_local(None)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max().item()
+
+
+def test_best_spec_keeps_real_gains_from_each_run():
+    shape = dict(B=1, T=64, H=1, K=128, V=256)
+    cfg = lambda i: {k: {"BV": 16 * (i + 1)} for k in tune.CANDIDATES}  # noqa: E731
+    run_a = dict(meta=dict(shape=shape), variants=[
+        dict(index=0, configs=cfg(0), kernel_ms={"state_fwd": 1.0, "output_fwd": 2.0},
+             rel_diff_vs_default={"o": 0.0}),
+        dict(index=1, configs=cfg(1), kernel_ms={"state_fwd": 0.6, "output_fwd": 1.99},
+             rel_diff_vs_default={"o": 1e-3})])
+    run_b = dict(meta=dict(shape=shape), variants=[
+        dict(index=0, configs=cfg(0), kernel_ms={"state_fwd": 1.1, "output_fwd": 2.0},
+             rel_diff_vs_default={"o": 0.0}),
+        dict(index=5, configs=cfg(5), kernel_ms={"state_fwd": 0.55, "output_fwd": 2.1},
+             rel_diff_vs_default={"o": 1e-3})])
+    # state_fwd: run b's 0.55 / 1.1 = 0.50 beats run a's 0.6 / 1.0; output_fwd: 0.5% is noise
+    assert tune.best_spec([run_a, run_b]) == "state_fwd:BV=96"
+    with pytest.raises(ValueError, match="one shape"):
+        tune.best_spec([run_a, dict(run_b, meta=dict(shape=dict(shape, K=256)))])
