@@ -80,6 +80,17 @@ def bench_model(n: int, args: str) -> str:
 
 
 TUNE = "python3 tools/tune_kernels_gpu.py"
+# the launch parameters before launch.TUNED (session 7's defaults), per benchmark shape
+OLD_LAUNCH = [
+    "state_fwd:BV=32,num_warps=4,num_stages=1;state_bwd:BV=32,num_warps=4,num_stages=1;"
+    "output_fwd:BK=32,BV=64,num_warps=8,num_stages=1;output_bwd:BK=32,BV=64,num_warps=8,num_stages=1;"
+    "prepare_c:BK=32,BV=64,num_warps=8,num_stages=1;prepare_bwd_t:BK=32,BV=64,num_warps=8,num_stages=1;"
+    "prepare_a:BK=32,num_warps=8,num_stages=1;prepare_bwd_k:BK=32,num_warps=8,num_stages=1",
+    "state_fwd:BV=16,num_warps=4,num_stages=1;state_bwd:BV=16,num_warps=4,num_stages=1;"
+    "output_fwd:BK=32,BV=64,num_warps=8,num_stages=1;output_bwd:BK=32,BV=64,num_warps=8,num_stages=1;"
+    "prepare_c:BK=32,BV=64,num_warps=8,num_stages=1;prepare_bwd_t:BK=32,BV=64,num_warps=8,num_stages=1;"
+    "prepare_a:BK=32,num_warps=8,num_stages=1;prepare_bwd_k:BK=32,num_warps=8,num_stages=1",
+]
 # bench_kernels.py at one shape with the sweep's winners as a variant beside the defaults and FLA
 BEST = ("spec=$(" + TUNE + " --best-of {{R}}/../{a}/tune.json {{R}}/../{b}/tune.json) && "
         "echo \"winners: $spec\" && python3 tools/bench_kernels.py --shapes {s} "
@@ -598,6 +609,36 @@ PLANS = {
             ("1", [("bench_k256_best", 225, BEST.format(s=1, a="tune_k256_a", b="tune_k256_b"))]),
             ("2,3", [("pp2_bf16_test", 225, PT + " --timeout 220 tests/gpu/test_train_gpu.py "
                       "-k pp2_bf16")]),
+        ]),
+    ],
+    "z": [  # session 8: plan y's winners as the bf16 defaults (launch.TUNED): the GPU kernel tests
+            # against float64 (the default path at both shapes, mode 0 at K = 128), the op
+            # before/after in one process beside FLA's GDN, CP = 2 against CP = 1, the 400M and
+            # 1.3B steps before/after on one GPU each; plan y's variants 5-8 one process each
+            # (variant 5 faulted and took 6-8 down with it)
+        ("check", 260, [
+            ("0", [("kernel_tests", 255, "MDN_RESULTS_DIR={R} " + PT + " --timeout 250 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or 0-dtype0-K128_V256'")]),
+            ("1", [("bench_k128_old", 110, "python3 tools/bench_kernels.py --shapes 0 "
+                    f"--variant 'MDN_LAUNCH={OLD_LAUNCH[0]}' --out {{R}}/result.json"),
+                   ("bench_k256_old", 130, "python3 tools/bench_kernels.py --shapes 1 "
+                    f"--variant 'MDN_LAUNCH={OLD_LAUNCH[1]}' --out {{R}}/result.json")]),
+            ("2,3", [("cp_op_k256", 125, "python3 -m torch.distributed.run --standalone --nproc-per-node 2 "
+                      "tools/check_cp_kernels_gpu.py --K 256 --V 512 --no-wgmma default"),
+                     ("cp_op_k128", 120, "python3 -m torch.distributed.run --standalone --nproc-per-node 2 "
+                      "tools/check_cp_kernels_gpu.py --K 128 --V 256 --no-wgmma default")]),
+        ]),
+        ("model", 200, [
+            ("0", [("mdn_400m_tuned", 95, bench_model(1, f"--config {M400} --micro-batch 4")),
+                   ("mdn_400m_old", 95, f"MDN_LAUNCH='{OLD_LAUNCH[0]}' "
+                    + bench_model(1, f"--config {M400} --micro-batch 4"))]),
+            ("1", [("mdn_1p3b_tuned", 95, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2")),
+                   ("mdn_1p3b_old", 95, f"MDN_LAUNCH='{OLD_LAUNCH[1]}' "
+                    + bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
+            ("2", [(f"tune_k128_v{v}", 48, TUNE + f" --shape 0 --variants {v} --out {{R}}/tune.json")
+                   for v in (5, 6, 7, 8)]),
+            ("3", [(f"tune_k256_v{v}", 48, TUNE + f" --shape 1 --variants {v} --out {{R}}/tune.json")
+                   for v in (5, 6, 7, 8)]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M

@@ -8,7 +8,7 @@ warps and pipeline stages make each kernel fastest at the benchmark shapes.
 Variant i sets candidate i of every tuned kernel at once (mdn_kernels.mdn.launch, MDN_LAUNCH):
 the kernels run one after another inside mdn_chunk's forward+backward, so one profiled run
 times all of them, each from the profiler's device time of its own launches. Variant 0 is the
-defaults, run in the same process as the reference: every variant's output and gradients are
+defaults (launch.TUNED included), run in the same process as the reference: every variant's output and gradients are
 compared with it (relative norm difference; tiles change the order of partial sums only, so
 anything above bf16 rounding — or a NaN — marks a variant wrong). A variant that fails (a tile
 that does not fit, a fault) is rerun one kernel at a time, to tell which candidate failed.
@@ -41,15 +41,19 @@ MAX_REL_DIFF = 2e-2   # bf16 rounding of intermediates moved by other partial-su
 
 
 def defaults(kernel: str, K: int, V: int) -> dict[str, int]:
-    """The launch sites' defaults (state_pass.py, chunk_local_fused.py) at this K, V."""
+    """What the launch sites (state_pass.py, chunk_local_fused.py) use at this K, V for bf16
+    operands: their own defaults with launch.TUNED applied."""
     from mdn_kernels.mdn import chunk_local_fused as clf
+    from mdn_kernels.mdn import launch
     from mdn_kernels.mdn.state_pass import _block_v
     if kernel in ("state_fwd", "state_bwd"):
-        return dict(BV=_block_v(K, V), num_warps=4, num_stages=1)
-    BK, BV = clf._blocks(K, V)
-    d = dict(BK=BK, BV=BV, num_warps=clf._num_warps(CHUNK), num_stages=1)
-    if kernel in ("prepare_a", "prepare_bwd_k"):
-        del d["BV"]
+        d = dict(BV=_block_v(K, V), num_warps=4, num_stages=1)
+    else:
+        BK, BV = clf._blocks(K, V)
+        d = dict(BK=BK, BV=BV, num_warps=clf._num_warps(CHUNK), num_stages=1)
+        if kernel in ("prepare_a", "prepare_bwd_k"):
+            del d["BV"]
+    d.update({k: v for k, v in launch.tuned(kernel, K, V).items() if k in d})
     return d
 
 

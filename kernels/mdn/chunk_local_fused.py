@@ -847,14 +847,16 @@ def _num_warps(C: int) -> int:
     return 8 if C >= 64 else 4
 
 
-def _lp(name: str, K: int, V: int, C: int, bk: bool = True, bv: bool = True) -> dict:
+def _lp(name: str, K: int, V: int, C: int, mmdt, bk: bool = True, bv: bool = True) -> dict:
     """Launch parameters of kernel `name` (mdn_kernels.mdn.launch): the K / V blocks it takes,
-    num_warps and num_stages; MDN_LAUNCH may override them."""
+    num_warps and num_stages; with 16-bit operands at C = 64 the values measured on the H100
+    (launch.TUNED); MDN_LAUNCH may override them."""
     BK, BV = _blocks(K, V)
     d = dict(BK=BK) if bk else {}
     if bv:
         d["BV"] = BV
-    return launch.params(name, **d, num_warps=_num_warps(C), num_stages=1)
+    shape = (K, V) if mmdt in (tl.bfloat16, tl.float16) and C == 64 else None
+    return launch.params(name, shape=shape, **d, num_warps=_num_warps(C), num_stages=1)
 
 
 class LocalPrepare(torch.autograd.Function):
@@ -898,12 +900,12 @@ class LocalPrepare(torch.autograd.Function):
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
                 amat, ele, g0r, rq, rk, H=H, K=K, C=C, NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
-                F32P=_f32p(), **_lp("prepare_a", K, V, C, bv=False))
+                F32P=_f32p(), **_lp("prepare_a", K, V, C, mmdt, bv=False))
             wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
                                      num_warps=1 if C == 16 else 2, num_stages=1)
             wgmma.kernel(_prepare_c_kernel, "prepare")[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C,
-                MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("prepare_c", K, V, C))
+                MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("prepare_c", K, V, C, mmdt))
         del amat
         ctx.save_for_backward(v, *gates, cs, cl, qc, kc, tmat, ele, g0r, rq, rk)
         ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt)
@@ -934,17 +936,17 @@ class LocalPrepare(torch.autograd.Function):
             wgmma.kernel(_prepare_bwd_t_kernel, "prepare_bwd")[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
                 H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
-                DAP=_second_order_prec(mmdt), **_lp("prepare_bwd_t", K, V, C))
+                DAP=_second_order_prec(mmdt), **_lp("prepare_bwd_t", K, V, C, mmdt))
             wgmma.kernel(_prepare_bwd_k_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
                 dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm,
                 H=H, K=K, C=C, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
-                FLOOR=LOG_FLOOR, F32P=_f32p(), **_lp("prepare_bwd_k", K, V, C, bv=False))
+                FLOOR=LOG_FLOOR, F32P=_f32p(), **_lp("prepare_bwd_k", K, V, C, mmdt, bv=False))
             wgmma.kernel(_prepare_bwd_decay_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, dgt, dgr, kdkm, dle, dg0r,
                 dlac, dg0c, da_end, dg_end, du_end, *dgates[:3],
                 H=H, C=C, PTA=pta, FLOOR=LOG_FLOOR, F32P=_f32p(),
-                **_lp("prepare_bwd_decay", K, V, C, bk=False, bv=False))
+                **_lp("prepare_bwd_decay", K, V, C, mmdt, bk=False, bv=False))
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
         dgates = [g.view(B, T, H) for g in dgates]
@@ -962,7 +964,7 @@ def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, m
             raise ValueError(f"W, S0s, M0s must be float32 or bfloat16, got {t.dtype}")
     o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
     mmdt = _tl_mm(mm_dtype)
-    lp = _lp("output_fwd", K, V, C)
+    lp = _lp("output_fwd", K, V, C, mmdt)
     if NC > 0:
         wgmma.kernel(_output_fwd_kernel, "output_fwd")[(NC, H, triton.cdiv(V, lp["BV"]))](
             qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, o, float(scale), H=H, K=K, V=V, C=C,
@@ -979,7 +981,7 @@ def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dt
     if NC > 0:
         wgmma.kernel(_output_bwd_dw_kernel, "output_bwd")[(NC, H)](
             qc, kc, et, gam, cs, cl, do.contiguous(), float(scale), dW, H=H, K=K, V=V, C=C,
-            MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("output_bwd_dw", K, V, C))
+            MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("output_bwd_dw", K, V, C, mmdt))
     return dW
 
 
@@ -1000,7 +1002,7 @@ def output_backward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale: flo
         wgmma.kernel(_output_bwd_kernel, "output_bwd")[(NC, H)](
             qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, float(scale), *ptrs,
             H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
-            PAIR_GRAD=pair_grads, STORE_DW=dW is None, **_lp("output_bwd", K, V, C))
+            PAIR_GRAD=pair_grads, STORE_DW=dW is None, **_lp("output_bwd", K, V, C, mmdt))
     return grads
 
 

@@ -3,12 +3,12 @@ process-wide override for measuring others (tools/tune_kernels_gpu.py) without e
 
     MDN_LAUNCH="state_fwd:BV=32,num_warps=8;output_fwd:BK=64,num_stages=2"
 
-Each launch site calls `params(name, K, V, **defaults)` and launches with what comes back. The
-defaults are fixed per (kernel, K, V), never autotuned: they start fast, run under
-TRITON_INTERPRET=1, and each one was picked from measurements on an H100 (BENCHMARKS.md). The
-values change tile sizes and scheduling only: every output element is the same sum, though the
-order of the partial sums may differ (tiles along a contracted dimension), so results may move
-by float rounding.
+Each launch site calls `params(name, shape=(K, V), **defaults)` and launches with what comes
+back: its own defaults, then the values measured fastest for 16-bit operands at that head size
+(TUNED; the launch site passes shape=None for fp32 operands, whose products need more registers),
+then MDN_LAUNCH. Nothing is autotuned: the values are fixed, start fast and run under
+TRITON_INTERPRET=1. They change tile sizes and scheduling only: every output element is the same
+sum, though the order of its partial sums may differ, so results may move by float rounding.
 
 Names: state_fwd, state_bwd (the state pass), output_fwd, output_bwd, output_bwd_dw (the output
 and its gradients), prepare_a, prepare_c, prepare_bwd_t, prepare_bwd_k, prepare_bwd_decay (the
@@ -23,6 +23,22 @@ KERNELS = ("state_fwd", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw"
            "prepare_c", "prepare_bwd_t", "prepare_bwd_k", "prepare_bwd_decay")
 _KEYS = ("BK", "BV", "num_warps", "num_stages")
 _parsed: tuple[str, dict] | None = None
+
+# The launch-parameter sweep on an H100 (tools/tune_kernels_gpu.py, suite plan y, session 8,
+# benchmarks/results/tune_kernels_h100_v1_k{128,256}.json): per kernel and head size K (the
+# power of two at or above it), the candidates that beat the earlier defaults by at least 3% at
+# B=8, T=4096, H=6, V=2K in bf16 and matched their results. Blocks are cut to the tensor's
+# size at smaller V; other head sizes keep the launch site's defaults.
+TUNED: dict[str, dict[int, dict[str, int]]] = {
+    "state_fwd": {128: dict(BV=64, num_warps=8, num_stages=2), 256: dict(BV=32)},
+    "state_bwd": {128: dict(num_stages=2)},
+    "output_fwd": {128: dict(BK=64, BV=128), 256: dict(BK=64, BV=128)},
+    "output_bwd": {128: dict(BK=64), 256: dict(BK=64, BV=128)},
+    "prepare_bwd_t": {128: dict(BK=64, BV=128), 256: dict(BV=128)},
+    "prepare_bwd_k": {128: dict(BK=64), 256: dict(BK=64)},
+    "prepare_a": {256: dict(BK=64)},
+    "prepare_c": {256: dict(BK=64, BV=128)},
+}
 
 
 def parse(spec: str) -> dict[str, dict[str, int]]:
@@ -68,12 +84,29 @@ def overrides() -> dict[str, dict[str, int]]:
     return _parsed[1]
 
 
-def params(name: str, **defaults: int) -> dict[str, int]:
-    """The launch parameters of kernel `name`: `defaults` with MDN_LAUNCH's values for it. A key
-    the kernel does not take (not among `defaults`) is an error that names it."""
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def tuned(name: str, K: int, V: int) -> dict[str, int]:
+    """TUNED's values for kernel `name` at head sizes K, V (16-bit operands), blocks cut to
+    max(16, the power of two at or above K resp. V); {} where nothing was measured."""
+    got = dict(TUNED.get(name, {}).get(_pow2(K), {}))
+    for key, n in (("BK", K), ("BV", V)):
+        if key in got:
+            got[key] = min(got[key], max(16, _pow2(n)))
+    return got
+
+
+def params(name: str, shape: tuple[int, int] | None = None, **defaults: int) -> dict[str, int]:
+    """The launch parameters of kernel `name`: `defaults`, then tuned(name, *shape) where a
+    shape (K, V) is given, then MDN_LAUNCH's values for it. A key the kernel does not take (not
+    among `defaults`) is an error that names it."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}")
     got = dict(defaults)
+    if shape is not None:
+        got.update({k: v for k, v in tuned(name, *shape).items() if k in defaults})
     for key, v in overrides().get(name, {}).items():
         if key not in defaults:
             raise ValueError(f"MDN_LAUNCH: {name} takes {', '.join(defaults)}, not {key}")

@@ -237,7 +237,8 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     S_fin = U.new_empty(N, H, K, V, dtype=sdt)
     M_fin = U.new_empty(N, H, K, V, dtype=sdt)
     BK = triton.next_power_of_2(K)
-    lp = launch.params("state_fwd", BV=_block_v(K, V), num_warps=4, num_stages=1)
+    lp = launch.params("state_fwd", shape=(K, V) if Y.dtype.itemsize == 2 else None,
+                       BV=_block_v(K, V), num_warps=4, num_stages=1)
     has_init = S_init is not None
     grid = (triton.cdiv(V, lp["BV"]), N * H)
     wgmma.kernel(_state_fwd_kernel, "state_fwd")[grid](
@@ -302,7 +303,9 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     if fuse_out is not None:
         fv, num_warps, bv_div = FUSE_VARIANTS[fuse_variant(fuse_variant_name)]
         BV = max(16, BV // bv_div)
-    lp = launch.params("state_bwd", BV=BV, num_warps=num_warps, num_stages=1)
+    # fuse_out's variants keep their own blocks and warps (FUSE_VARIANTS)
+    tuned_for = (K, V) if Y.dtype.itemsize == 2 and fuse_out is None else None
+    lp = launch.params("state_bwd", shape=tuned_for, BV=BV, num_warps=num_warps, num_stages=1)
     grid = (triton.cdiv(V, lp["BV"]), N * H)
     dgates = dW if init_only else dW.new_empty(3, grid[0], NC, H, dtype=sdt)
     if fuse_out is None:

@@ -55,9 +55,21 @@ def test_tuner_candidates_are_valid_launch_strings():
             spec = tune.launch_spec(tune.variant_configs(i, shape["K"], shape["V"]))
             parsed = launch.parse(spec)
             assert set(parsed) == set(tune.CANDIDATES)
-    # variant 0 is the launch sites' defaults
-    assert tune.candidate("state_fwd", 0, 256, 512) == dict(BV=16, num_warps=4, num_stages=1)
-    assert tune.candidate("output_fwd", 2, 128, 256)["BK"] == 64
+    # variant 0 is what the launch sites use for bf16 (their defaults, launch.TUNED applied)
+    assert tune.candidate("state_fwd", 0, 256, 512) == dict(BV=32, num_warps=4, num_stages=1)
+    assert tune.candidate("state_bwd", 0, 256, 512) == dict(BV=16, num_warps=4, num_stages=1)
+    assert tune.candidate("output_fwd", 0, 128, 256)["BK"] == 64
+    assert tune.candidate("output_fwd", 2, 128, 256)["BK"] == 128
+
+
+def test_tuned_values_by_head_size_cut_to_the_tensor():
+    assert launch.tuned("state_fwd", 128, 256) == dict(BV=64, num_warps=8, num_stages=2)
+    assert launch.tuned("state_fwd", 100, 40) == dict(BV=64, num_warps=8, num_stages=2)  # K → 128
+    assert launch.tuned("output_fwd", 256, 100) == dict(BK=64, BV=128)
+    assert launch.tuned("output_fwd", 128, 20) == dict(BK=64, BV=32)     # V = 20: blocks of 32
+    assert launch.tuned("state_fwd", 64, 128) == {}                      # not measured
+    assert launch.params("prepare_a", shape=(256, 512), BK=32, num_warps=8, num_stages=1)["BK"] == 64
+    assert launch.params("prepare_a", shape=None, BK=32, num_warps=8, num_stages=1)["BK"] == 32
 
 
 def test_pick_takes_the_fastest_matching_variant():
@@ -82,10 +94,10 @@ def test_pick_takes_the_fastest_matching_variant():
 SMALL = dict(B=2, T=45, H=2, K=48, V=40)    # K, V not powers of two: masked block tails
 
 
-def _op(xs):
+def _op(xs, chunk_size=16):
     xs = [x.detach().clone().requires_grad_() for x in xs]
     o, (S, M) = mdn_chunk(*xs[:7], initial_state=(xs[7], xs[8]), output_final_state=True,
-                          backend="triton", chunk_size=16)
+                          backend="triton", chunk_size=chunk_size)
     g = torch.Generator().manual_seed(5)
     loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in (o, S, M))
     return [o, S, M, *torch.autograd.grad(loss, xs)]
@@ -133,3 +145,24 @@ def test_best_spec_keeps_real_gains_from_each_run():
     assert tune.best_spec([run_a, run_b]) == "state_fwd:BV=96"
     with pytest.raises(ValueError, match="one shape"):
         tune.best_spec([run_a, dict(run_b, meta=dict(shape=dict(shape, K=256)))])
+
+
+@pytest.mark.parametrize("K, V", [(128, 256)])
+def test_tuned_blocks_at_their_head_size(K, V, monkeypatch):
+    """The tuned blocks run on the GPU for bf16 only; here the same block sizes (forced through
+    MDN_LAUNCH) at the real head size, fp32 under the interpreter, against the fp32 defaults:
+    chunk 64, two chunks and a ragged tail."""
+    chunk.use_fused_local(True)
+    try:
+        xs = random_inputs(1, 150, 1, K, V, dtype=torch.float32, seed=12, with_state=True)
+        monkeypatch.delenv("MDN_LAUNCH", raising=False)
+        ref = _op(xs, chunk_size=64)
+        blocks = {n: {k: v for k, v in launch.tuned(n, K, V).items() if k in ("BK", "BV")}
+                  for n in launch.TUNED}
+        monkeypatch.setenv("MDN_LAUNCH", tune.launch_spec({n: b for n, b in blocks.items() if b}))
+        got = _op(xs, chunk_size=64)
+    finally:
+        chunk.use_fused_local(None)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max().item()
