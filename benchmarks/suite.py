@@ -641,6 +641,21 @@ PLANS = {
                    for v in (5, 6, 7, 8)]),
         ]),
     ],
+    "z2": [  # session 8, after launch.TUNED: the CP op at R = 4 (weak and strong scaling,
+             # all-gather and ring, exactness, memory, FLA's CP GDN peer), then the 1.3B peers
+             # (Megatron-core's GDN, the GDN mode, MDN) on one GPU each, side by side
+        ("cp", 270, [
+            ("0,1,2,3", [("cp_r4", 268, "python3 -m torch.distributed.run --standalone --nproc-per-node 4 "
+                          "tools/bench_cp.py --fla-peer --out {R}/result.json")]),
+        ]),
+        ("peers_1p3b", 200, [
+            ("0", [("megatron_gdn_1p3b", 198, bench_model(1, f"--config {M13} --mixer megatron_gdn "
+                                                           "--micro-batch 2 --microbatches 2"))]),
+            ("1", [("gdn_1p3b", 150, bench_model(1, f"--config {M13} --mixer gdn --micro-batch 2 "
+                                                  "--microbatches 2"))]),
+            ("2", [("mdn_1p3b", 150, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
