@@ -36,6 +36,7 @@ import os
 import socket
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -636,22 +637,9 @@ def main(argv=None):
     if a.strong_tokens % world:
         sys.exit(f"--strong-tokens {a.strong_tokens} must be divisible by the world size {world}")
     results = {}
-    if "exact" not in a.skip:
-        results["exact"] = section_exact(a, rank, world, dtype)
-    if "weak" not in a.skip:
-        results["weak"] = section_scaling(a, rank, world, dtype, a.weak_tokens, "weak")
-    if "strong" not in a.skip:
-        results["strong"] = section_scaling(a, rank, world, dtype, a.strong_tokens // world, "strong")
-    if a.profile:
-        results["profile"] = section_profile(a, rank, world, dtype, a.profile)
-    if a.count:
-        if not SMOKE:
-            sys.exit("--count runs on CPU: add --cpu-smoke")
-        results["count"] = section_count(a, rank, world, a.count)
-    if a.fla_peer and "fla" not in a.skip and not SMOKE:
-        results["fla_gdn"] = section_fla(a, rank, world, dtype)
-    if rank == 0:
-        record = {
+
+    def record():
+        return {
             "benchmark": "mdn context parallelism (tools/bench_cp.py)",
             "card": "cpu (--cpu-smoke: numbers mean nothing)" if SMOKE else torch.cuda.get_device_name(),
             "num_gpus": world,
@@ -667,10 +655,36 @@ def main(argv=None):
                       "agreed across ranks); forward+backward of one op",
             "results": results,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(record, f, indent=2)
-        print(json.dumps(record, indent=2))
+
+    def run(name, fn, *args):
+        """One section; rank 0 prints a progress line and rewrites the JSON after each, so a run
+        cut short (a device call's limit) keeps the sections it finished."""
+        t0 = time.perf_counter()
+        if rank == 0:
+            print(f"[bench_cp] {name}: started", flush=True)
+        results[name] = fn(*args)
+        if rank == 0:
+            print(f"[bench_cp] {name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:
+                json.dump(record(), f, indent=2)
+
+    if "exact" not in a.skip:
+        run("exact", section_exact, a, rank, world, dtype)
+    if "weak" not in a.skip:
+        run("weak", section_scaling, a, rank, world, dtype, a.weak_tokens, "weak")
+    if "strong" not in a.skip:
+        run("strong", section_scaling, a, rank, world, dtype, a.strong_tokens // world, "strong")
+    if a.profile:
+        run("profile", section_profile, a, rank, world, dtype, a.profile)
+    if a.count:
+        if not SMOKE:
+            sys.exit("--count runs on CPU: add --cpu-smoke")
+        run("count", section_count, a, rank, world, a.count)
+    if a.fla_peer and "fla" not in a.skip and not SMOKE:
+        run("fla_gdn", section_fla, a, rank, world, dtype)
+    if rank == 0:
+        print(json.dumps(record(), indent=2))
     dist.barrier()
     dist.destroy_process_group()
 

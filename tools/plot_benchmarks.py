@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
 KERNEL_RUNS = [("v3", "kernels_h100_v3.json"), ("v4 fused", "kernels_h100_v4_fused.json"),
-               ("v7 mode 1", "kernels_h100_v7_fla_same_run.json")]
+               ("v7 mode 1", "kernels_h100_v7_fla_same_run.json"),
+               ("v12 tuned\nlaunches", "kernels_h100_v12_tuned_vs_old_k128.json")]
 
 
 def _finish(fig, ax, out, ylabel, title):
@@ -169,6 +170,11 @@ MODEL_RUNS = [
     ("Megatron GDN\n400M (FLA)", "model_h100_megatron_gdn_400m.json"),
     ("MDN 1.3B\nsession 7", "model_h100_mdn_1p3b_v7.json"),
     ("GDN 1.3B\nsession 7", "model_h100_gdn_1p3b_v7.json"),
+    ("MDN 400M, tuned\nlaunches, session 8", "model_h100_mdn_400m_tuned_v8.json"),
+    ("MDN 1.3B, tuned\nlaunches, session 8", "model_h100_mdn_1p3b_tuned_v8.json"),
+    ("MDN 1.3B\nsession 8 (z2)", "model_h100_mdn_1p3b_v8_z2.json"),
+    ("GDN 1.3B\nsession 8 (z2)", "model_h100_gdn_1p3b_v8_z2.json"),
+    ("Megatron GDN 1.3B\n(FLA) session 8 (z2)", "model_h100_megatron_gdn_1p3b_v8_z2.json"),
 ]
 
 
@@ -261,6 +267,70 @@ def plot_cp_model(out):
     return out
 
 
+# the op's kernels before (plan y's defaults) and after launch.TUNED (plan z's), per head size
+TUNING_RUNS = {128: ("tune_kernels_h100_v1_k128_a.json", "tune_kernels_h100_v2_k128_v5.json"),
+               256: ("tune_kernels_h100_v1_k256_a.json", "tune_kernels_h100_v2_k256_v5.json")}
+
+
+def plot_kernel_tuning(out):
+    """Device time per forward+backward of each of the op's kernels (torch.profiler, variant 0
+    of tools/tune_kernels_gpu.py runs): session 7's launch parameters against launch.TUNED."""
+    panels = []
+    for K, (before, after) in TUNING_RUNS.items():
+        b, a = _load(before), _load(after)
+        if not (b and a):
+            continue
+        tb = next(v for v in b["variants"] if v["index"] == 0)["kernel_ms"]
+        ta = next(v for v in a["variants"] if v["index"] == 0)["kernel_ms"]
+        panels.append((K, tb, ta))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6))
+    axes = axes if len(panels) > 1 else [axes]
+    for ax, (K, tb, ta) in zip(axes, panels):
+        names = sorted(tb, key=lambda n: -tb[n])
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [tb[n] for n in names], 0.4,
+               label=f"session 7 launches: {sum(tb.values()):.2f} ms")
+        ax.bar([i + 0.2 for i in x], [ta.get(n, 0) for n in names], 0.4,
+               label=f"launch.TUNED: {sum(ta.values()):.2f} ms")
+        ax.set_xticks(list(x), names, rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("ms per forward+backward")
+        ax.set_title(f"K={K}, V={2 * K}, B=8 T=4096 H=6, bf16, one H100", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+# PP = 1, 2, 4 (interleaved) of the same 24-layer 400M step, 8 micro-batches of 1 x 4096 (plan x)
+PP_RUNS = [("PP=1 (1 GPU)", "model_h100x4_mdn_400m_24l_mb1x8_pp1_v8.json"),
+           ("PP=2 1F1B", "model_h100x4_mdn_400m_24l_pp2_1f1b_v8.json"),
+           ("PP=4 interleaved\n(2 chunks per stage)", "model_h100x4_mdn_400m_24l_pp4_vp2_v8.json")]
+
+
+def plot_pp(out):
+    rows = [(label, _load(name)) for label, name in PP_RUNS]
+    rows = [(label, d) for label, d in rows if d]
+    if not rows:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    xs = range(len(rows))
+    a1.bar(xs, [d["step_ms_median"] for _, d in rows])
+    a1.set_ylabel("step, ms (32K tokens)")
+    for label, d in rows:
+        a2.plot(range(1, len(d["losses"]) + 1), d["losses"], marker="o", label=label.replace("\n", " "))
+    a2.set_xlabel("timed step")
+    a2.set_ylabel("loss")
+    a2.legend(fontsize=7)
+    a1.set_xticks(list(xs), [label for label, _ in rows], fontsize=7)
+    fig.suptitle("400M MDN, 24 layers, bf16, 4-H100 machine: pipeline parallel against one GPU "
+                 "(the losses coincide)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -269,7 +339,8 @@ def main():
                      (plot_memory_estimate, "memory_estimate_vs_measured.png"),
                      (plot_deepspeed, "deepspeed_vs_megatron_1p3b.png"),
                      (plot_model, "model_throughput.png"), (plot_cp_model, "cp_model_grad_norms.png"),
-                     (plot_cp_wgmma, "cp_wgmma_grad_norms.png")):
+                     (plot_cp_wgmma, "cp_wgmma_grad_norms.png"),
+                     (plot_kernel_tuning, "kernel_tuning.png"), (plot_pp, "pp_scaling.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 

@@ -25,7 +25,7 @@ _KEYS = ("BK", "BV", "num_warps", "num_stages")
 _parsed: tuple[str, dict] | None = None
 
 # The launch-parameter sweep on an H100 (tools/tune_kernels_gpu.py, suite plan y, session 8,
-# benchmarks/results/tune_kernels_h100_v1_k{128,256}.json): per kernel and head size K (the
+# benchmarks/results/tune_kernels_h100_v1_k{128,256}_{a,b}.json): per kernel and head size K (the
 # power of two at or above it), the candidates that beat the earlier defaults by at least 3% at
 # B=8, T=4096, H=6, V=2K in bf16 and matched their results. Blocks are cut to the tensor's
 # size at smaller V; other head sizes keep the launch site's defaults.
