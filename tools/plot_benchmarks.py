@@ -63,7 +63,8 @@ def plot_kernels(out):
                    "mdn_chunk vs FLA GDN, H100 bf16, B=8 T=4096 H=6 K=128 V=256")
 
 
-CP_RUNS = [("v3", "cp_h100x4_r4.json"), ("v4", "cp_h100x4_v4_r4.json"), ("v5", "cp_h100x4_v5_r4.json")]
+CP_RUNS = [("v3", "cp_h100x4_r4.json"), ("v4", "cp_h100x4_v4_r4.json"), ("v5", "cp_h100x4_v5_r4.json"),
+           ("v6", "cp_h100x4_v6_r4.json"), ("v7 (s8)", "cp_h100x4_v7_r4_weak_tuned.json")]
 
 
 def plot_cp(out):
@@ -76,13 +77,13 @@ def plot_cp(out):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(names)
     for j, (key, label, color) in enumerate(names):
-        xs = [i + (j - 1) * width for i in range(len(runs))]
-        ms = [w[key]["median_ms"] for _, w in runs]
-        ax.bar(xs, ms, width, label=label, color=color)
+        # a run that did not time a mode (v6 and v7: all-gather only) has no bar for it
+        pts = [(i + (j - 1) * width, w[key]) for i, (_, w) in enumerate(runs) if key in w]
+        ax.bar([x for x, _ in pts], [r["median_ms"] for _, r in pts], width, label=label, color=color)
         if key != "cp1":
-            for x, (_, w) in zip(xs, runs):
-                ax.text(x, w[key]["median_ms"], f"{w[key]['efficiency']:.2f}", ha="center",
-                        va="bottom", fontsize=7)
+            for x, r in pts:
+                ax.text(x, r["median_ms"], f"{r['efficiency']:.2f}", ha="center", va="bottom",
+                        fontsize=7)
     ax.set_xticks(range(len(runs)), [f"op {label}" for label, _ in runs])
     ax.set_ylabel("fwd+bwd ms per rank (labels: efficiency)")
     ax.set_title("MDN op weak scaling, 4 H100, bf16, 32K tokens/GPU", fontsize=9)
