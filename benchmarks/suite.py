@@ -656,6 +656,20 @@ PLANS = {
             ("2", [("mdn_1p3b", 150, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
         ]),
     ],
+    "cp8": [  # for session 9 (issue 3's last numbers with the current code): the CP op at R = 4 —
+              # exactness, weak and strong scaling, all-gather and ring — then FLA's CP GDN peer
+              # alone (its first call autotunes); bench_cp.py saves after every section
+        ("cp_r4", 300, [
+            ("0,1,2,3", [("cp_r4_mdn", 200, "python3 -m torch.distributed.run --standalone --nproc-per-node 4 "
+                          "tools/bench_cp.py --skip fla --out {R}/result.json"),
+                         ("cp_r4_fla", 98, "python3 -m torch.distributed.run --standalone --nproc-per-node 4 "
+                          "tools/bench_cp.py --skip exact,weak,strong --fla-peer --out {R}/result.json")]),
+        ]),
+        ("cp_r2", 150, [
+            ("0,1", [("cp_r2_mdn", 148, "python3 -m torch.distributed.run --standalone --nproc-per-node 2 "
+                      "tools/bench_cp.py --skip fla --out {R}/result.json")]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
