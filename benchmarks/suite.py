@@ -72,6 +72,7 @@ PT = "python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short"
 PP = "--micro-batch 1 --microbatches 8 model.num_layers=24"   # 24 layers split over 2 and 4 stages
 M400, G400, T400, M13 = ("configs/mdn_400m.yaml", "configs/gdn_400m.yaml",
                          "configs/transformer_400m.yaml", "configs/mdn_1.3b.yaml")
+T13 = "configs/transformer_1.3b.yaml"
 
 
 def bench_model(n: int, args: str) -> str:
@@ -658,7 +659,8 @@ PLANS = {
     ],
     "cp8": [  # for session 9 (issue 3's last numbers with the current code): the CP op at R = 4 —
               # exactness, weak and strong scaling, all-gather and ring — then FLA's CP GDN peer
-              # alone (its first call autotunes); bench_cp.py saves after every section
+              # alone (its first call autotunes); bench_cp.py saves after every section; R = 2
+              # beside the 1.3B Transformer and MDN steps
         ("cp_r4", 300, [
             ("0,1,2,3", [("cp_r4_mdn", 200, "python3 -m torch.distributed.run --standalone --nproc-per-node 4 "
                           "tools/bench_cp.py --skip fla --out {R}/result.json"),
@@ -668,6 +670,10 @@ PLANS = {
         ("cp_r2", 150, [
             ("0,1", [("cp_r2_mdn", 148, "python3 -m torch.distributed.run --standalone --nproc-per-node 2 "
                       "tools/bench_cp.py --skip fla --out {R}/result.json")]),
+            # issue 9's missing peer, beside MDN 1.3B on the other two GPUs
+            ("2", [("transformer_1p3b", 148, bench_model(1, f"--config {T13} --micro-batch 2 "
+                                                          "--microbatches 2"))]),
+            ("3", [("mdn_1p3b", 148, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M

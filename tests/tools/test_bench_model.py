@@ -47,6 +47,7 @@ def test_arguments():
 @pytest.mark.parametrize("config, extra", [
     ("configs/mdn_400m.yaml", []), ("configs/gdn_400m.yaml", []),
     ("configs/transformer_400m.yaml", []), ("configs/mdn_1.3b.yaml", ["--mixer", "gdn"]),
+    ("configs/transformer_1.3b.yaml", []),
 ])
 def test_run_config_of_model_only_configs(config, extra):
     """The model configs name no data (the benchmark's tokens are synthetic): the run config
