@@ -10,8 +10,11 @@ the kernels run one after another inside mdn_chunk's forward+backward, so one pr
 times all of them, each from the profiler's device time of its own launches. Variant 0 is the
 defaults (launch.TUNED included), run in the same process as the reference: every variant's output and gradients are
 compared with it (relative norm difference; tiles change the order of partial sums only, so
-anything above bf16 rounding — or a NaN — marks a variant wrong). A variant that fails (a tile
-that does not fit, a fault) is rerun one kernel at a time, to tell which candidate failed.
+anything above bf16 rounding — or a NaN — marks a variant wrong). Each variant runs in a process
+of its own (variant 0 beside it, from Triton's cache after the first): an illegal memory access
+kills a CUDA context, which in one process took every later variant down with it (session 8).
+A variant that fails (a tile that does not fit, a fault) is rerun one kernel's candidate at a
+time, each in its own process, to tell which candidate failed. --in-process runs them all in one.
 
 Output: JSON with, per variant, the MDN_LAUNCH string, each kernel's device time per
 forward+backward (ms), the whole op's fwd+bwd time (do_bench median), the differences, and the
@@ -106,6 +109,8 @@ def pick(variants: list[dict], max_rel_diff: float = MAX_REL_DIFF) -> dict:
     for kern in CANDIDATES:
         rows = []
         for v in variants:
+            if kern not in v.get("configs", {}):   # a run of some kernels' candidates only
+                continue
             t = v.get("kernel_ms", {}).get(kern)
             # a failed variant's kernels were rerun alone: their differences are "kernel:name"
             diffs = {n: d for n, d in v.get("rel_diff_vs_default", {}).items()
@@ -146,7 +151,9 @@ def _parse_range(s: str) -> list[int]:
     return out
 
 
-def run(shape: dict, indices: list[int], out_path: str, iters: int = 5) -> dict:
+def run(shape: dict, indices: list[int], out_path: str, iters: int = 5, kernels=None) -> dict:
+    """All the variants in this process (see the module docstring); `kernels`: set only these
+    kernels' candidates (the others keep their defaults)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from triton.testing import do_bench
@@ -209,7 +216,7 @@ def run(shape: dict, indices: list[int], out_path: str, iters: int = 5) -> dict:
 
     ref = None
     for i in sorted(set([0] + indices)):
-        configs = variant_configs(i, K, V)
+        configs = variant_configs(i, K, V, kernels)
         rec = measure(configs)
         rec.update(index=i, configs=configs)
         if "error" in rec:  # which kernel's candidate failed: one kernel at a time
@@ -235,6 +242,74 @@ def run(shape: dict, indices: list[int], out_path: str, iters: int = 5) -> dict:
     return result
 
 
+def _child(shape_index: int, i: int, kernels, out_path: str) -> dict | None:
+    """Variant i (with variant 0 as its reference) in a process of its own: a fault (an illegal
+    memory access kills the CUDA context) then ends only that process. None if it wrote nothing."""
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), "--shape", str(shape_index), "--variants",
+           str(i), "--in-process", "--out", out_path]
+    if kernels:
+        cmd += ["--kernels", ",".join(kernels)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(r.stdout)
+    if r.returncode:
+        sys.stdout.write(r.stderr[-2000:])
+    return json.load(open(out_path)) if os.path.exists(out_path) else None
+
+
+def run_isolated(shape_index: int, indices: list[int], out_path: str, child=_child) -> dict:
+    """Each variant in its own process; a variant that fails or faults is rerun one kernel's
+    candidate at a time, each in its own process, so the failing candidate is named and the
+    others still count. Same JSON as run() (each child's variant 0 is the reference of its own
+    differences; the first one's is recorded as variant 0)."""
+    shape = SHAPES[shape_index]
+    work = os.path.splitext(out_path)[0] + "_runs"
+    os.makedirs(work, exist_ok=True)
+    variants: list[dict] = []
+    result = dict(meta=dict(shape=shape, command=" ".join(sys.argv), isolated=True,
+                            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
+                  variants=variants)
+
+    def save():
+        result["best"] = pick(variants)
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=2)
+
+    def record(res, i):
+        return next((v for v in (res or {}).get("variants", []) if v["index"] == i), None)
+
+    for i in [v for v in indices if v != 0] or [0]:
+        res = child(shape_index, i, None, os.path.join(work, f"v{i}.json"))
+        if res and not variants:
+            result["meta"].update({k: v for k, v in res["meta"].items() if k not in result["meta"]})
+            ref = record(res, 0)
+            if ref is not None:
+                variants.append(ref)
+        rec = record(res, i)
+        # the child reran a failed variant kernel by kernel itself; after a fault (a dead CUDA
+        # context: every rerun failed with a CUDA error) that must happen in fresh processes
+        faulted = rec is None or ("error" in rec and (not rec.get("per_kernel") or any(
+            "CUDA" in str(e) for e in rec["per_kernel"].values())))
+        if i != 0 and faulted:
+            rec = dict(index=i, configs={}, kernel_ms={}, rel_diff_vs_default={}, per_kernel={},
+                       error=(rec or {}).get("error", "the process ended without a result"))
+            for kern in CANDIDATES:
+                one = record(child(shape_index, i, [kern], os.path.join(work, f"v{i}_{kern}.json")), i)
+                if one is None or "error" in one:
+                    rec["per_kernel"][kern] = (one or {}).get("error", "the process ended without a result")
+                    continue
+                rec["per_kernel"][kern] = "ok"
+                rec["configs"][kern] = one["configs"][kern]
+                rec["kernel_ms"][kern] = one["kernel_ms"].get(kern)
+                rec["rel_diff_vs_default"].update(
+                    {f"{kern}:{n}": d for n, d in one.get("rel_diff_vs_default", {}).items()})
+            print(f"[tune] variant {i} one kernel at a time: {rec['per_kernel']}", flush=True)
+        if rec is not None and i != 0:
+            variants.append(rec)
+        save()
+    return result
+
+
 def _rel(a, b) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -246,6 +321,11 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=f"0-{NUM_VARIANTS - 1}", help="e.g. 0-4 or 1,3,5")
     ap.add_argument("--out", default=None, help="JSON to write")
     ap.add_argument("--dry-run", action="store_true", help="print the variants' MDN_LAUNCH and stop")
+    ap.add_argument("--kernels", default=None,
+                    help="comma list: set only these kernels' candidates (the others keep their defaults)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every variant in this process (default: each in its own, so that a "
+                         "fault ends only its own; a failed variant is rerun kernel by kernel)")
     ap.add_argument("--best-of", nargs="+", metavar="JSON",
                     help="print the MDN_LAUNCH of the per-kernel best in these results (one shape) "
                          "and stop")
@@ -270,7 +350,13 @@ def main(argv=None) -> int:
         sys.exit("tune_kernels_gpu.py needs a CUDA GPU (run it on the lent device machine)")
     if not args.out:
         ap.error("--out is required")
-    run(shape, indices, args.out)
+    kernels = args.kernels.split(",") if args.kernels else None
+    if kernels and not set(kernels) <= set(CANDIDATES):
+        ap.error(f"--kernels must name some of {', '.join(CANDIDATES)}")
+    if args.in_process:
+        run(shape, indices, args.out, kernels=kernels)
+    else:
+        run_isolated(args.shape, indices, args.out)
     return 0
 
 

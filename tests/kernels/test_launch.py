@@ -2,6 +2,7 @@
 the launch sites, and every tile candidate of tools/tune_kernels_gpu.py giving the defaults'
 results (fp32 under TRITON_INTERPRET=1, where num_warps and num_stages do nothing but the K / V
 block loops and their masks run as on the GPU)."""
+import json
 import os
 import sys
 
@@ -166,3 +167,44 @@ def test_tuned_blocks_at_their_head_size(K, V, monkeypatch):
     for a, b in zip(got, ref):
         assert torch.isfinite(a).all()
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max().item()
+
+
+def test_isolated_runs_name_the_candidate_that_faults(tmp_path):
+    """run_isolated with a stand-in for the child processes: variant 1 runs; variant 2 faults as
+    a whole (its in-process reruns all hit the dead context) and is rerun one kernel at a time,
+    where only output_fwd's candidate faults; variant 3's process dies without a result."""
+    calls = []
+
+    def child(shape_index, i, kernels, out_path):
+        calls.append((i, tuple(kernels or ())))
+        ref = dict(index=0, configs=tune.variant_configs(0, 128, 256),
+                   kernel_ms={k: 1.0 for k in tune.CANDIDATES}, rel_diff_vs_default={"o": 0.0})
+        meta = dict(shape=tune.SHAPES[shape_index], card="stand-in")
+        cfgs = tune.variant_configs(i, 128, 256, kernels)
+        if i == 1:
+            rec = dict(index=1, configs=cfgs, kernel_ms={k: 0.9 for k in cfgs},
+                       rel_diff_vs_default={"o": 1e-4})
+        elif i == 2 and kernels is None:
+            rec = dict(index=2, configs=cfgs, error="RuntimeError: illegal memory access",
+                       per_kernel={k: "RuntimeError: CUDA error" for k in cfgs})
+        elif i == 2 and kernels == ["output_fwd"]:
+            return None                                    # the process died
+        elif i == 2:
+            rec = dict(index=2, configs=cfgs, kernel_ms={k: 0.5 for k in tune.CANDIDATES},
+                       rel_diff_vs_default={"o": 1e-4})
+        else:
+            return None
+        return dict(meta=meta, variants=[ref, rec])
+
+    out = tmp_path / "tune.json"
+    res = tune.run_isolated(0, [0, 1, 2, 3], str(out), child=child)
+    assert [c for c in calls if not c[1]] == [(1, ()), (2, ()), (3, ())]
+    assert sorted(k for i, (k,) in ((i, k) for i, k in calls if k) if i == 2) == sorted(tune.CANDIDATES)
+    v = {r["index"]: r for r in res["variants"]}
+    assert set(v) == {0, 1, 2, 3} and res["meta"]["card"] == "stand-in"
+    assert v[2]["per_kernel"]["output_fwd"] == "the process ended without a result"
+    assert v[2]["kernel_ms"]["state_fwd"] == 0.5 and "output_fwd" not in v[2]["kernel_ms"]
+    assert v[3]["per_kernel"]["state_fwd"] == "the process ended without a result"
+    best = res["best"]
+    assert best["state_fwd"]["variant"] == 2 and best["output_fwd"]["variant"] == 1
+    assert json.loads(out.read_text())["best"] == best
