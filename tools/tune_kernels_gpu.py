@@ -338,10 +338,13 @@ def main(argv=None) -> int:
     indices = _parse_range(args.variants)
     if any(not 0 <= i < NUM_VARIANTS for i in indices):
         ap.error(f"--variants must lie in 0-{NUM_VARIANTS - 1}, got {args.variants}")
+    kernels = args.kernels.split(",") if args.kernels else None
+    if kernels and not set(kernels) <= set(CANDIDATES):
+        ap.error(f"--kernels must name some of {', '.join(CANDIDATES)}")
     if args.dry_run:
         from mdn_kernels.mdn import launch
         for i in indices:
-            spec = launch_spec(variant_configs(i, shape["K"], shape["V"]))
+            spec = launch_spec(variant_configs(i, shape["K"], shape["V"], kernels))
             launch.parse(spec)  # a candidate the launch sites would refuse fails here
             print(f"{i}: {spec}")
         return 0
@@ -350,9 +353,6 @@ def main(argv=None) -> int:
         sys.exit("tune_kernels_gpu.py needs a CUDA GPU (run it on the lent device machine)")
     if not args.out:
         ap.error("--out is required")
-    kernels = args.kernels.split(",") if args.kernels else None
-    if kernels and not set(kernels) <= set(CANDIDATES):
-        ap.error(f"--kernels must name some of {', '.join(CANDIDATES)}")
     if args.in_process:
         run(shape, indices, args.out, kernels=kernels)
     else:
