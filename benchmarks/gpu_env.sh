@@ -25,8 +25,15 @@ machine_identity() {
   env | grep -E '^(NCCL|CUDA|TORCH|PYTORCH|TRITON)_' | sort
 }
 
-# Job helpers of the session scripts (run_cp_probe_gpu.sh, run_wgmma_bisect_gpu.sh); the caller
-# sets OUT (logs), BUDGET (s) and T0 (start, date +%s).
+# Job helpers of the session scripts (run_cp_probe_gpu.sh, run_wgmma_bisect_gpu.sh).
+# session_start NAME DEFAULT_BUDGET: logs go to OUT=/tmp/NAME_work/NAME (only a tarball of it goes
+# under $OUT: 8 files come back at most), BUDGET = $BUDGET_S or the default (s), T0 = now, and the
+# machine's identity into $OUT/machine.txt.
+session_start() {
+  WORK=/tmp/$1_work OUT=/tmp/$1_work/$1 BUDGET=${BUDGET_S:-$2} T0=$(date +%s)
+  mkdir -p "$OUT"
+  machine_identity > "$OUT/machine.txt" 2>&1
+}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 # run_job NAME GPUS LIMIT ENV COMMAND...: ENV is "" or VAR=value; the limit is cut to the budget
 # left; prints rc, wall time and the log's RESULT / [cp-check] / tok/s lines

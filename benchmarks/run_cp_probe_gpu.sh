@@ -19,13 +19,9 @@
 #     DISABLE_MMA_V3=1 on GPU 3 (what the variant would cost).
 set -uo pipefail
 ROOT=${1:-/tmp/out}
-WORK=/tmp/cp_probe_work           # only the tarball goes under $OUT (8 files come back at most)
-OUT=$WORK/cp_probe
-BUDGET=${BUDGET_S:-560}
-T0=$(date +%s)
-mkdir -p "$OUT" "$ROOT"
+mkdir -p "$ROOT"
 . benchmarks/gpu_env.sh
-machine_identity > "$OUT/machine.txt" 2>&1
+session_start cp_probe 560
 export PATH=/tmp/site/bin:$PATH
 NOMMA3="DISABLE_MMA_V3=1"
 TR="python3 -m torch.distributed.run --standalone"

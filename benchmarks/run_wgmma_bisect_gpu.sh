@@ -10,13 +10,9 @@
 #   (forward+backward, B = 8, T = 4096, K = 128 and 256) with and without it, and the GPU test.
 set -uo pipefail
 ROOT=${1:-/tmp/out}
-WORK=/tmp/wgmma_work
-OUT=$WORK/wgmma
-BUDGET=${BUDGET_S:-540}
-T0=$(date +%s)
-mkdir -p "$OUT" "$ROOT"
+mkdir -p "$ROOT"
 . benchmarks/gpu_env.sh
-machine_identity > "$OUT/machine.txt" 2>&1
+session_start wgmma 540
 TR="python3 -m torch.distributed.run --standalone"
 CP2="--cp 2 --seq-len 8192 --micro-batch 1 --microbatches 2 model.num_layers=2"
 pack() { tar czf "$ROOT/wgmma.tar.gz" -C "$WORK" wgmma; }

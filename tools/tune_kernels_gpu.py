@@ -46,16 +46,11 @@ MAX_REL_DIFF = 2e-2   # bf16 rounding of intermediates moved by other partial-su
 def defaults(kernel: str, K: int, V: int) -> dict[str, int]:
     """What the launch sites (state_pass.py, chunk_local_fused.py) use at this K, V for bf16
     operands: their own defaults with launch.TUNED applied."""
-    from mdn_kernels.mdn import chunk_local_fused as clf
-    from mdn_kernels.mdn import launch
-    from mdn_kernels.mdn.state_pass import _block_v
+    from mdn_kernels.mdn import chunk_local_fused, launch, state_pass
     if kernel in ("state_fwd", "state_bwd"):
-        d = dict(BV=_block_v(K, V), num_warps=4, num_stages=1)
+        d = state_pass.launch_defaults(K, V)
     else:
-        BK, BV = clf._blocks(K, V)
-        d = dict(BK=BK, BV=BV, num_warps=clf._num_warps(CHUNK), num_stages=1)
-        if kernel in ("prepare_a", "prepare_bwd_k"):
-            del d["BV"]
+        d = chunk_local_fused.launch_defaults(kernel, K, V, CHUNK)
     d.update({k: v for k, v in launch.tuned(kernel, K, V).items() if k in d})
     return d
 

@@ -847,16 +847,25 @@ def _num_warps(C: int) -> int:
     return 8 if C >= 64 else 4
 
 
-def _lp(name: str, K: int, V: int, C: int, mmdt, bk: bool = True, bv: bool = True) -> dict:
-    """Launch parameters of kernel `name` (mdn_kernels.mdn.launch): the K / V blocks it takes,
-    num_warps and num_stages; with 16-bit operands at C = 64 the values measured on the H100
-    (launch.TUNED); MDN_LAUNCH may override them."""
+# The kernels without a V block loop, and the one without any block loop.
+_NO_BV = ("prepare_a", "prepare_bwd_k")
+_NO_BLOCKS = ("prepare_bwd_decay",)
+
+
+def launch_defaults(name: str, K: int, V: int, C: int) -> dict:
+    """Kernel `name`'s own launch parameters (before launch.TUNED and MDN_LAUNCH): the K / V
+    blocks it takes, num_warps, num_stages."""
     BK, BV = _blocks(K, V)
-    d = dict(BK=BK) if bk else {}
-    if bv:
-        d["BV"] = BV
+    d = {} if name in _NO_BLOCKS else dict(BK=BK) if name in _NO_BV else dict(BK=BK, BV=BV)
+    return dict(d, num_warps=_num_warps(C), num_stages=1)
+
+
+def _lp(name: str, K: int, V: int, C: int, mmdt) -> dict:
+    """Launch parameters of kernel `name` (mdn_kernels.mdn.launch): launch_defaults, with
+    16-bit operands at C = 64 the values measured on the H100 (launch.TUNED); MDN_LAUNCH may
+    override them."""
     shape = (K, V) if mmdt in (tl.bfloat16, tl.float16) and C == 64 else None
-    return launch.params(name, shape=shape, **d, num_warps=_num_warps(C), num_stages=1)
+    return launch.params(name, shape=shape, **launch_defaults(name, K, V, C))
 
 
 class LocalPrepare(torch.autograd.Function):
@@ -900,7 +909,7 @@ class LocalPrepare(torch.autograd.Function):
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
                 amat, ele, g0r, rq, rk, H=H, K=K, C=C, NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
-                F32P=_f32p(), **_lp("prepare_a", K, V, C, mmdt, bv=False))
+                F32P=_f32p(), **_lp("prepare_a", K, V, C, mmdt))
             wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
                                      num_warps=1 if C == 16 else 2, num_stages=1)
             wgmma.kernel(_prepare_c_kernel, "prepare")[(NC, H)](
@@ -941,12 +950,12 @@ class LocalPrepare(torch.autograd.Function):
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
                 dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm,
                 H=H, K=K, C=C, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
-                FLOOR=LOG_FLOOR, F32P=_f32p(), **_lp("prepare_bwd_k", K, V, C, mmdt, bv=False))
+                FLOOR=LOG_FLOOR, F32P=_f32p(), **_lp("prepare_bwd_k", K, V, C, mmdt))
             wgmma.kernel(_prepare_bwd_decay_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, dgt, dgr, kdkm, dle, dg0r,
                 dlac, dg0c, da_end, dg_end, du_end, *dgates[:3],
                 H=H, C=C, PTA=pta, FLOOR=LOG_FLOOR, F32P=_f32p(),
-                **_lp("prepare_bwd_decay", K, V, C, mmdt, bk=False, bv=False))
+                **_lp("prepare_bwd_decay", K, V, C, mmdt))
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
         dgates = [g.view(B, T, H) for g in dgates]

@@ -212,6 +212,11 @@ def _block_v(K: int, V: int) -> int:
     return max(16, min(triton.next_power_of_2(V), 4096 // bk))
 
 
+def launch_defaults(K: int, V: int) -> dict:
+    """The state-pass kernels' own launch parameters (before launch.TUNED and MDN_LAUNCH)."""
+    return dict(BV=_block_v(K, V), num_warps=4, num_stages=1)
+
+
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (allow_tf32 or dtype != torch.float32) else "ieee"
 
@@ -238,7 +243,7 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     M_fin = U.new_empty(N, H, K, V, dtype=sdt)
     BK = triton.next_power_of_2(K)
     lp = launch.params("state_fwd", shape=(K, V) if Y.dtype.itemsize == 2 else None,
-                       BV=_block_v(K, V), num_warps=4, num_stages=1)
+                       **launch_defaults(K, V))
     has_init = S_init is not None
     grid = (triton.cdiv(V, lp["BV"]), N * H)
     wgmma.kernel(_state_fwd_kernel, "state_fwd")[grid](
