@@ -676,6 +676,18 @@ PLANS = {
             ("3", [("mdn_1p3b", 148, bench_model(1, f"--config {M13} --micro-batch 2 --microbatches 2"))]),
         ]),
     ],
+    "cp9": [  # session 9: FLA's CP GDN peer (issue 3) alone, with the time its first calls autotune
+              # in (plan cp8's 98 s were not enough); each half saved as it ends; R = 2 after R = 4
+              # reuses the autotune cache
+        ("fla_r4", 400, [
+            ("0,1,2,3", [("cp_r4_fla", 398, "python3 -m torch.distributed.run --standalone --nproc-per-node 4 "
+                          "tools/bench_cp.py --skip exact,weak,strong --fla-peer --out {R}/result.json")]),
+        ]),
+        ("fla_r2", 130, [
+            ("0,1", [("cp_r2_fla", 128, "python3 -m torch.distributed.run --standalone --nproc-per-node 2 "
+                      "tools/bench_cp.py --skip exact,weak,strong --fla-peer --out {R}/result.json")]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
