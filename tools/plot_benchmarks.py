@@ -64,7 +64,8 @@ def plot_kernels(out):
 
 
 CP_RUNS = [("v3", "cp_h100x4_r4.json"), ("v4", "cp_h100x4_v4_r4.json"), ("v5", "cp_h100x4_v5_r4.json"),
-           ("v6", "cp_h100x4_v6_r4.json"), ("v7 (s8)", "cp_h100x4_v7_r4_weak_tuned.json")]
+           ("v6", "cp_h100x4_v6_r4.json"), ("v7 (s8)", "cp_h100x4_v7_r4_weak_tuned.json"),
+           ("v8 (s9)", "cp_h100x4_v8_r4.json")]
 
 
 def plot_cp(out):
@@ -89,6 +90,54 @@ def plot_cp(out):
     ax.set_title("MDN op weak scaling, 4 H100, bf16, 32K tokens/GPU", fontsize=9)
     ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
     ax.legend(fontsize=7, loc="upper left", ncol=3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def plot_cp_scaling(out):
+    """Session 9's CP run (plans cp8, cp9): weak scaling of MDN against FLA's CP GDN, strong
+    scaling at 128K tokens and per-rank memory, R = 1, 2, 4."""
+    mdn = {r: _load(f"cp_h100x4_v8_r{r}.json") for r in (2, 4)}
+    fla = {r: _load(f"cp_h100x4_v8_fla_r{r}.json") for r in (2, 4)}
+    if not all(mdn.values()):
+        return None
+    weak = {r: d["results"]["weak"] for r, d in mdn.items()}
+    strong = {r: d["results"]["strong"] for r, d in mdn.items()}
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.8))
+    rs = [1, 2, 4]
+    a1.plot(rs, [weak[4]["cp1"]["median_ms"]] + [weak[r]["allgather"]["median_ms"] for r in (2, 4)],
+            marker="o", label="MDN all-gather")
+    a1.plot(rs, [weak[4]["cp1"]["median_ms"]] + [weak[r]["ring"]["median_ms"] for r in (2, 4)],
+            marker="s", label="MDN ring")
+    if all(fla.values()) and all("median_ms" in f["results"].get("fla_gdn_cp", {}) for f in fla.values()):
+        a1.plot(rs, [fla[4]["results"]["fla_gdn_cp1"]["median_ms"]]
+                + [fla[r]["results"]["fla_gdn_cp"]["median_ms"] for r in (2, 4)],
+                marker="^", label="FLA GDN (fla.ops.cp)")
+    a1.set_xlabel("CP ranks R (32K tokens each)")
+    a1.set_ylabel("fwd+bwd ms per rank")
+    a1.set_title("weak scaling (flat = efficiency 1)", fontsize=9)
+    for key, mark, label in (("allgather", "o", "all-gather"), ("ring", "s", "ring")):
+        a2.plot(rs, [strong[4]["cp1"]["median_ms"]] + [strong[r][key]["median_ms"] for r in (2, 4)],
+                marker=mark, label=label)
+    a2.plot(rs, [strong[4]["cp1"]["median_ms"] / r for r in rs], ls=":", color="gray", label="1/R")
+    a2.set_xlabel("CP ranks R (one 128K sequence)")
+    a2.set_ylabel("fwd+bwd ms per rank")
+    a2.set_title("strong scaling", fontsize=9)
+    gib = 2 ** 30
+    a3.plot(rs, [max(strong[4]["cp1"]["peak_mem_bytes_per_rank"]) / gib]
+            + [max(strong[r]["allgather"]["peak_mem_bytes_per_rank"]) / gib for r in (2, 4)],
+            marker="o", label="all-gather (CP = 1: lean mode 1)")
+    a3.plot(rs, [max(strong[4]["cp1_mode0"]["peak_mem_bytes_per_rank"]) / gib / r for r in rs],
+            ls=":", color="gray", label="mode 0 at CP = 1, / R")
+    a3.set_xlabel("CP ranks R (one 128K sequence)")
+    a3.set_ylabel("peak GiB per rank")
+    a3.set_title("memory per rank", fontsize=9)
+    for ax in (a1, a2, a3):
+        ax.set_xticks(rs)
+        ax.legend(fontsize=7)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
+    fig.suptitle("MDN op under CP, 4 H100s, NCCL, bf16, H=6 K=128 V=256 (session 9)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out
@@ -341,7 +390,8 @@ def main():
                      (plot_deepspeed, "deepspeed_vs_megatron_1p3b.png"),
                      (plot_model, "model_throughput.png"), (plot_cp_model, "cp_model_grad_norms.png"),
                      (plot_cp_wgmma, "cp_wgmma_grad_norms.png"),
-                     (plot_kernel_tuning, "kernel_tuning.png"), (plot_pp, "pp_scaling.png")):
+                     (plot_kernel_tuning, "kernel_tuning.png"), (plot_pp, "pp_scaling.png"),
+                     (plot_cp_scaling, "cp_scaling_v8.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
