@@ -688,6 +688,20 @@ PLANS = {
                       "tools/bench_cp.py --skip exact,weak,strong --fla-peer --out {R}/result.json")]),
         ]),
     ],
+    "lc9": [  # session 9 (issue 8): the longest 1.3B context on 4, 2 and 1 H100s with the CP fix of
+              # session 7 (no valid run exists since): each search tries the estimate's rung, then
+              # the next rung up (fits) or down (out of memory)
+        ("g4", 300, [
+            ("0,1,2,3", [("longctx_search_g4", 298, LONGCTX_SEARCH.format(n=4, att=2, t=145, b=296)
+                          + " --start 524288")]),
+        ]),
+        ("g2_g1", 230, [
+            ("0,1", [("longctx_search_g2", 228, LONGCTX_SEARCH.format(n=2, att=2, t=110, b=226)
+                      + " --start 262144")]),
+            ("2", [("longctx_search_g1", 228, LONGCTX_SEARCH.format(n=1, att=2, t=110, b=226)
+                    + " --start 131072")]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
