@@ -9,11 +9,15 @@ attempt (each a torchrun of benchmarks/longctx_memory.py, 2 optimizer steps).
 
 Each attempt is appended to --out right away (the device's 10-minute calls may cut a search
 short; --start resumes it) with the card, versions, date and command. An attempt that runs past
---timeout is stopped with its whole process group (torchrun and its workers) and counted as not
-fitting; no attempt starts when less than --timeout of --budget-s is left. The layout (TP, CP,
+--timeout is stopped with its whole process group (torchrun and its workers); it counts as
+fitting only if its report (peak memory, no skipped step) came before the stop; no attempt starts when less than --timeout of --budget-s is left. The layout (TP, CP,
 recompute) is the estimator's choice for the start length, kept for the whole search; --cp-only
 forces TP = 1. The optimizer is ZeRO-1 over dp×cp (parallel.distributed_optimizer), as in
 configs/longctx, and the loss is chunked (model.loss_chunk_tokens) unless --loss-chunk-tokens 0.
+
+    # rebuild the records of an earlier search from the attempt logs it saved beside --out
+    # (search_<seq_len>.log), with this version's reading of the output
+    python benchmarks/longctx_search.py --model M --gpus G --out search.json --reparse new.json
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+MARKER = "LONGCTX_MEMORY "
 
 
 def attempt(model: str, gpus: int, seq_len: int, tp: int, cp: int, recompute: bool, timeout: int,
@@ -57,23 +64,84 @@ def attempt(model: str, gpus: int, seq_len: int, tp: int, cp: int, recompute: bo
     out = ""
     try:
         out, _ = p.communicate(timeout=timeout)
+        timed_out = False
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         out, _ = p.communicate()
-        return {**base, "timeout": True, "oom": "out of memory" in (out or "").lower(),
-                "wall_s": time.time() - t0, "tail": (out or "")[-2000:]}
+        timed_out = True
     finally:
         signal.signal(signal.SIGTERM, previous)
         if log_path:  # every rank's whole output: the record keeps only its tail
             with open(log_path, "w") as f:
                 f.write(" ".join(cmd) + "\n" + (out or ""))
-    reports = [json.loads(ln[len("LONGCTX_MEMORY "):]) for ln in out.splitlines()
-               if ln.startswith("LONGCTX_MEMORY ")]
+    return record_from_output(base, out or "", timed_out, p.returncode, time.time() - t0)
+
+
+def reports_in(out: str) -> list[dict]:
+    """Every `LONGCTX_MEMORY {json}` report in a run's output. Ranks that run out of memory
+    print theirs at once, so two reports can share one line: each is decoded where its marker
+    starts, up to the end of its JSON object."""
+    dec, found, i = json.JSONDecoder(), [], out.find(MARKER)
+    while i >= 0:
+        obj, end = dec.raw_decode(out, i + len(MARKER))
+        found.append(obj)
+        i = out.find(MARKER, end)
+    return found
+
+
+def record_from_output(base: dict, out: str, timed_out: bool, returncode, wall_s: float) -> dict:
+    """One attempt's record. A report printed before the timeout stands (the measurement is
+    complete: session 9's 512K run printed its peak after 138 s of training and was stopped
+    while shutting down); `timeout` says the attempt ran past its limit either way."""
+    reports = reports_in(out)
     if reports:
         rec = next((r for r in reports if r.get("oom")), reports[-1])
-        return {**base, **rec, "wall_s": time.time() - t0, "returncode": p.returncode}
-    return {**base, "failed": True, "oom": "out of memory" in out.lower(), "returncode": p.returncode,
-            "wall_s": time.time() - t0, "tail": out[-2000:]}
+        return {**base, **rec, "timeout": timed_out, "wall_s": wall_s, "returncode": returncode}
+    if timed_out:
+        return {**base, "timeout": True, "oom": "out of memory" in out.lower(), "wall_s": wall_s,
+                "tail": out[-2000:]}
+    return {**base, "failed": True, "oom": "out of memory" in out.lower(), "returncode": returncode,
+            "wall_s": wall_s, "tail": out[-2000:]}
+
+
+def reparse(out: str, new_out: str) -> int:
+    """--reparse: each record of `out` rebuilt from its attempt's log (the log's first line is
+    the command), keeping what the log does not hold: the attempt's settings, timeout and wall
+    time."""
+    records = json.load(open(out))
+    rebuilt = []
+    for rec in records:
+        log = f"{os.path.splitext(out)[0]}_{rec['seq_len']}.log"
+        if not os.path.isfile(log):
+            sys.exit(f"--reparse: no log {log} for the attempt at {rec['seq_len']} tokens")
+        text = open(log).read().split("\n", 1)[-1]
+        base = {k: rec[k] for k in ("seq_len", "tp", "cp", "recompute", "gpus", "loss_chunk_tokens",
+                                    "command", "date") if k in rec}
+        new = record_from_output(base, text, bool(rec.get("timeout")), rec.get("returncode"),
+                                 rec["wall_s"])
+        new.update({k: rec[k] for k in ("estimated_longest", "search_card_gib") if k in rec},
+                   reparsed_from=os.path.basename(log))
+        rebuilt.append(new)
+    # attempts whose record was never written (the search stopped while reading their output)
+    import glob
+    stem = os.path.splitext(out)[0]
+    done = {r["seq_len"] for r in records}
+    for log in sorted(glob.glob(f"{stem}_*.log")):
+        seq = log[len(stem) + 1:-len(".log")]
+        if not seq.isdigit() or int(seq) in done:
+            continue
+        command, _, text = open(log).read().partition("\n")
+        new = record_from_output({"seq_len": int(seq), "command": command}, text, False, None, None)
+        new.update(reparsed_from=os.path.basename(log), record_missing=True)
+        rebuilt.append(new)
+    with open(new_out, "w") as f:
+        json.dump(rebuilt, f, indent=1)
+    for r in rebuilt:
+        print(f"{r['seq_len']:,} tokens on {r.get('gpus')} GPU(s): "
+              + ("out of memory" if r.get("oom") else
+                 f"peak {r['measured_peak_gib']:.1f} GiB, {r.get('skipped_steps')} skipped steps"
+                 if "measured_peak_gib" in r else "no report"))
+    return 0
 
 
 def ladder(step: int, upto: int) -> list[int]:
@@ -100,7 +168,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per attempt")
     ap.add_argument("--budget-s", type=int, default=0, help="total seconds (0: no limit)")
     ap.add_argument("--loss-chunk-tokens", type=int, default=4096)
+    ap.add_argument("--reparse", metavar="NEW_OUT", help="rebuild --out's records from their logs "
+                    "into NEW_OUT; runs nothing")
     a = ap.parse_args(argv)
+    if a.reparse:
+        return reparse(a.out, a.reparse)
     t_start = time.time()
 
     import yaml
@@ -133,9 +205,13 @@ def main(argv=None) -> int:
         records.append(rec)
         with open(a.out, "w") as f:
             json.dump(records, f, indent=1)
-        ok = not (rec.get("oom") or rec.get("failed") or rec.get("timeout") or rec.get("skipped_steps"))
+        # fits: a measured peak with no OOM and no skipped step (a report that came before the
+        # attempt's timeout counts: the two steps were done)
+        ok = "measured_peak_gib" in rec and not (rec.get("oom") or rec.get("failed")
+                                                 or rec.get("skipped_steps"))
         print(f"gpus={a.gpus} seq_len={seq:,} tp={tp} cp={cp} recompute={rc}: "
               + (f"fits, peak {rec['measured_peak_gib']:.1f} GiB (estimate {rec['estimate_allocated_gib']:.1f})"
+                 + (" (its shutdown ran past the timeout)" if rec.get("timeout") else "")
                  if ok else "does not fit (out of memory)" if rec.get("oom") else
                  "timeout" if rec.get("timeout") else
                  f"non-finite loss or gradients ({rec['skipped_steps']} steps skipped): did not train"

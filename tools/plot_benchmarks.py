@@ -159,18 +159,24 @@ def plot_memory_estimate(out):
             model = os.path.basename(r["model"]).replace("mdn_", "").replace(".yaml", "")
             rows.append((f"{model}\n{r['seq_len'] // 1024}K{tag}", r["estimate_allocated_gib"],
                          r["measured_peak_gib"], r["error"]))
+    # session 9's longest-context search (the fitting rungs, 1, 2 and 4 GPUs, CP = GPUs)
+    for g in (1, 2, 4):
+        for r in _load(f"longctx_search_h100x4_v9_g{g}.json") or []:
+            if r.get("measured_peak_gib") is not None and not r.get("skipped_steps"):
+                rows.append((f"1.3b {g} GPU\n{r['seq_len'] // 1024}K s9", r["estimate_allocated_gib"],
+                             r["measured_peak_gib"], r["error"]))
     if not rows:
         return None
     rows = sorted(set(rows))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="estimate", color="tab:blue")
     ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="measured peak", color="gray")
     for x, r in zip(xs, rows):
         ax.text(x, max(r[1], r[2]), f"{100 * r[3]:+.1f}%", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), [r[0] for r in rows])
+    ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=7)
     return _finish(fig, ax, out, "GiB per GPU",
-                   "Memory estimate vs measured peak, one H100, bf16 (target ±15%)")
+                   "Memory estimate vs measured peak per GPU, H100, bf16 (target ±15%)")
 
 
 def plot_deepspeed(out):

@@ -254,6 +254,57 @@ def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
     assert calls == [65536, 49152]
 
 
+def test_search_reads_reports_as_the_ranks_print_them():
+    """The attempt's record from its output (benchmarks/longctx_search.record_from_output), as
+    session 9's runs printed it: two out-of-memory ranks' reports on one line (the 2-GPU 384K
+    attempt: json.loads of the line failed with "Extra data" and took the search down), and a
+    complete report followed by a timeout in the shutdown (the 4-GPU 512K attempt, which was
+    recorded as a plain timeout)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import longctx_search as ls
+
+    base = {"seq_len": 393216}
+    r0 = {"oom": True, "rank": 0, "seconds": 61.9}
+    r1 = {"oom": True, "rank": 1, "seconds": 62.0}
+    out = ("step 1 ...\n[rank0]: warning\nLONGCTX_MEMORY " + json.dumps(r0) + "LONGCTX_MEMORY "
+           + json.dumps(r1) + "\nTraceback ...\n")
+    assert ls.reports_in(out) == [r0, r1]
+    rec = ls.record_from_output(base, out, False, 1, 85.0)
+    assert rec["oom"] and rec["rank"] == 0 and not rec["timeout"] and rec["returncode"] == 1
+
+    done = {"oom": False, "skipped_steps": 0, "measured_peak_gib": 66.6,
+            "estimate_allocated_gib": 67.1}
+    out = "step 2/2 | loss 11.2 | gnorm 1.35\nLONGCTX_MEMORY " + json.dumps(done) + "\n[rank1]: Broken pipe\n"
+    rec = ls.record_from_output({"seq_len": 524288}, out, True, None, 167.5)
+    assert rec["timeout"] and rec["measured_peak_gib"] == 66.6 and rec["seq_len"] == 524288
+    # no report before the timeout: a timeout, not a fit
+    rec = ls.record_from_output({"seq_len": 786432}, "step 1/2 ...\n", True, None, 150.0)
+    assert rec["timeout"] and "measured_peak_gib" not in rec and not rec["oom"]
+    rec = ls.record_from_output({"seq_len": 1}, "CUDA out of memory. Tried", False, 1, 3.0)
+    assert rec["failed"] and rec["oom"]
+
+
+def test_search_reparse_rebuilds_records_from_logs(tmp_path):
+    """--reparse: the records of a search rebuilt from the attempt logs it saved, including an
+    attempt whose record the search never wrote (it stopped while reading that output)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import longctx_search as ls
+
+    out = tmp_path / "search.json"
+    out.write_text(json.dumps([{"seq_len": 1024, "tp": 1, "cp": 2, "gpus": 2, "timeout": True,
+                                "wall_s": 9.0, "estimated_longest": 4096}]))
+    fit = {"oom": False, "skipped_steps": 0, "measured_peak_gib": 3.5, "estimate_allocated_gib": 3.4}
+    (tmp_path / "search_1024.log").write_text("torchrun ...\nLONGCTX_MEMORY " + json.dumps(fit) + "\n")
+    (tmp_path / "search_2048.log").write_text("torchrun --seq-len 2048\nLONGCTX_MEMORY "
+                                              + json.dumps({"oom": True, "rank": 1}) + "\n")
+    new = tmp_path / "new.json"
+    assert ls.main(["--model", "m", "--gpus", "2", "--out", str(out), "--reparse", str(new)]) == 0
+    a, b = json.loads(new.read_text())
+    assert a["measured_peak_gib"] == 3.5 and a["timeout"] and a["estimated_longest"] == 4096
+    assert b["seq_len"] == 2048 and b["oom"] and b["record_missing"]
+    assert b["command"] == "torchrun --seq-len 2048"
+
+
 def test_peak_breakdown_replays_an_allocator_trace():
     """tools/profiling.py peak_breakdown (what benchmarks/longctx_memory.py --peak-breakdown
     reports from a real CUDA allocator trace) on a trace written here: the peak is the largest
