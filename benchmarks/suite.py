@@ -702,6 +702,27 @@ PLANS = {
                     + " --start 131072")]),
         ]),
     ],
+    "cpm9": [  # session 9 (issue 9): whole-model CP weak scaling in one call, 16K tokens per GPU
+               # per micro-batch (the 4K-per-GPU runs of sessions 4-7 were host-bound): 400M
+               # (K = 128: Triton group maps) and 1.3B (K = 256: torch group maps, recompute),
+               # CP = 4 first, then CP = 1 and CP = 2 on the same GPUs; the 1.3B pair profiled
+        ("cp4", 290, [
+            ("0,1,2,3", [("cp4_400m_64k", 130, bench_model(4, f"--config {M400} --micro-batch 1 "
+                                                              "--microbatches 2 --cp 4 --seq-len 65536")),
+                         ("cp4_1p3b_64k", 155, bench_model(4, f"--config {M13} --micro-batch 1 --cp 4 "
+                                                              "--seq-len 65536 --recompute --steps 3 "
+                                                              "--warmup 2 --profile {R}/profile.txt"))]),
+        ]),
+        ("cp1_cp2", 160, [
+            ("0", [("cp1_400m_16k", 158, bench_model(1, f"--config {M400} --micro-batch 1 "
+                                                        "--microbatches 2 --seq-len 16384"))]),
+            ("1", [("cp1_1p3b_16k", 158, bench_model(1, f"--config {M13} --micro-batch 1 --seq-len 16384 "
+                                                        "--recompute --steps 3 --warmup 2 "
+                                                        "--profile {R}/profile.txt"))]),
+            ("2,3", [("cp2_400m_32k", 158, bench_model(2, f"--config {M400} --micro-batch 1 "
+                                                          "--microbatches 2 --cp 2 --seq-len 32768"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
