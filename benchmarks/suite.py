@@ -114,6 +114,8 @@ LONGCTX_SEARCH = ("python3 benchmarks/longctx_search.py --model configs/mdn_1.3b
                   "--out {{R}}/search.json --max-attempts {att} --timeout {t} --budget-s {b} "
                   "--loss-chunk-tokens 4096")
 
+GM9_MODEL = f"--config {M13} --micro-batch 1 --cp 2 --seq-len 32768 --recompute --steps 3 --warmup 2"
+
 QUALITY_DATA = "data/quality"   # carried to the GPU machine (benchmarks/quality/make_corpus.py)
 # TensorBoard events where torch's writer imports (the GPU image may lack the package);
 # metrics.jsonl, which the plot reads, is written either way
@@ -721,6 +723,21 @@ PLANS = {
                                                         "--profile {R}/profile.txt"))]),
             ("2,3", [("cp2_400m_32k", 158, bench_model(2, f"--config {M400} --micro-batch 1 "
                                                           "--microbatches 2 --cp 2 --seq-len 32768"))]),
+        ]),
+    ],
+    "gm9": [  # session 9: the Triton group-map kernel at K = 256 (MDN_CP_GROUP_MAP_MAX_K=256; the
+              # torch maps' serial loop is the suspect of the 1.3B CP step's 4.3x, plan cpm9): the
+              # CP op against float64 first, then the 1.3B CP = 2 step with and without it, the
+              # default twice (once beside the check, once beside the kernel's run)
+        ("check", 150, [
+            ("0,1", [("cp_op_k256_gm", 145, "MDN_CP_GROUP_MAP_MAX_K=256 python3 -m torch.distributed.run "
+                      "--standalone --nproc-per-node 2 tools/check_cp_kernels_gpu.py --K 256 --V 512 "
+                      "--group-chunks 16")]),
+            ("2,3", [("cp2_1p3b_32k_default_a", 145, bench_model(2, GM9_MODEL))]),
+        ]),
+        ("model", 150, [
+            ("0,1", [("cp2_1p3b_32k_gm", 145, "MDN_CP_GROUP_MAP_MAX_K=256 " + bench_model(2, GM9_MODEL))]),
+            ("2,3", [("cp2_1p3b_32k_default_b", 145, bench_model(2, GM9_MODEL))]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M

@@ -34,6 +34,7 @@ as their spec) that took G steps of small ops each: same FLOPs, ⌈log2 G⌉ bat
 """
 from __future__ import annotations
 
+import os
 import math
 from dataclasses import dataclass, replace
 
@@ -288,7 +289,21 @@ def tree_compose(maps: torch.Tensor) -> torch.Tensor:
 # _group_map_kernel hit an illegal memory access on the H100 (Triton 3.6) at K = 256 (the 1.3B
 # model; CP = 4 at 32K and 512K tokens, session 4, CUDA_LAUNCH_BLOCKING=1 named it); at K = 128
 # it ran and matched CP = 1 (cp_h100x4_v6_r4.json). Above this K the maps take the torch path.
+# Session 7 found the kernel mis-compiled with Hopper's wgmma and compiles it without since, so
+# the K = 256 fault may be gone; MDN_CP_GROUP_MAP_MAX_K (an integer) moves the limit to try it.
+# The torch path is slow: a serial loop over a group's chunks, ~15 ops each (session 9: the 1.3B
+# CP = 4 step 4.3x the CP = 1 step on the same tokens per GPU, BENCHMARKS.md).
 GROUP_MAP_KERNEL_MAX_K = 128
+
+
+def group_map_kernel_max_k() -> int:
+    env = os.environ.get("MDN_CP_GROUP_MAP_MAX_K")
+    if env is None:
+        return GROUP_MAP_KERNEL_MAX_K
+    if not env.isdigit():
+        raise ValueError(f"MDN_CP_GROUP_MAP_MAX_K must be a non-negative integer (a head size), "
+                         f"got {env!r}")
+    return int(env)
 
 
 def maps_dtype(U: torch.Tensor, backend: str) -> torch.dtype:
@@ -302,7 +317,7 @@ def group_maps(prep_args, plan: GroupPlan, *, backend: str, allow_tf32: bool,
     dtype maps_dtype)."""
     U = prep_args[0]
     if backend == "triton" and U.dtype != torch.float64:
-        if prep_args[1].shape[-1] <= GROUP_MAP_KERNEL_MAX_K:
+        if prep_args[1].shape[-1] <= group_map_kernel_max_k():
             return group_maps_triton(*prep_args, plan.g_start, plan.g_len, allow_tf32, out=out)
         # Larger K: the same recurrence in batched torch products, fp32 like the kernel
         maps = group_maps_torch(*prep_args, plan.g_start, plan.g_len, compute_dtype=torch.float32)

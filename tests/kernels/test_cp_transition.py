@@ -260,6 +260,17 @@ def test_group_maps_above_the_kernels_k_take_the_torch_path(dtype, tol, monkeypa
     monkeypatch.setattr(tr, "GROUP_MAP_KERNEL_MAX_K", 16)         # K = 16: the kernel
     tr.group_maps(low, plan, backend="triton", allow_tf32=False, out=out)
     assert calls == [1]
+    # MDN_CP_GROUP_MAP_MAX_K moves the limit either way; bad values name the variable
+    monkeypatch.setenv("MDN_CP_GROUP_MAP_MAX_K", "8")
+    tr.group_maps(low, plan, backend="triton", allow_tf32=False, out=out)
+    assert calls == [1]
+    monkeypatch.setattr(tr, "GROUP_MAP_KERNEL_MAX_K", 8)
+    monkeypatch.setenv("MDN_CP_GROUP_MAP_MAX_K", "256")
+    tr.group_maps(low, plan, backend="triton", allow_tf32=False, out=out)
+    assert calls == [1, 1]
+    monkeypatch.setenv("MDN_CP_GROUP_MAP_MAX_K", "big")
+    with pytest.raises(ValueError, match="MDN_CP_GROUP_MAP_MAX_K"):
+        tr.group_maps(low, plan, backend="triton", allow_tf32=False, out=out)
 
 
 @pytest.mark.parametrize("K", [16, 32])
@@ -278,3 +289,19 @@ def test_group_map_kernel_bf16_operands(K):
     got = group_maps_triton(*low, plan.g_start, plan.g_len, True)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert torch.isfinite(got).all() and err <= 1e-2, err
+
+
+@pytest.mark.parametrize("low,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_group_map_kernel_at_the_1p3b_head_size(low, tol):
+    """The Triton group-map kernel at K = 256, C = 64 (the 1.3B model's heads, where it faulted
+    on the H100 in session 4 and the torch path runs by default): its indexing and masks are
+    right under the interpreter (fp32 measured 1e-7, bf16 3e-3), so a fault on the GPU is the
+    compiler's (MDN_CP_GROUP_MAP_MAX_K=256 runs it there)."""
+    from mdn_kernels.cp.transition import group_maps_torch, group_maps_triton
+    args64, layout = prepared(1, 3 * 64, 1, 256, 32, 64, torch.float64, seed=3)   # 3 chunks
+    plan = plan_groups(layout, 2)
+    a = [t.to(low).contiguous() if i < 5 else t.float().contiguous() for i, t in enumerate(args64)]
+    want = group_maps_torch(*[t.double() for t in a], plan.g_start, plan.g_len)
+    got = group_maps_triton(*a, plan.g_start, plan.g_len, low == torch.bfloat16)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert torch.isfinite(got).all() and err <= tol, err
