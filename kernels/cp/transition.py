@@ -287,13 +287,15 @@ def tree_compose(maps: torch.Tensor) -> torch.Tensor:
 
 
 # _group_map_kernel hit an illegal memory access on the H100 (Triton 3.6) at K = 256 (the 1.3B
-# model; CP = 4 at 32K and 512K tokens, session 4, CUDA_LAUNCH_BLOCKING=1 named it); at K = 128
-# it ran and matched CP = 1 (cp_h100x4_v6_r4.json). Above this K the maps take the torch path.
-# Session 7 found the kernel mis-compiled with Hopper's wgmma and compiles it without since, so
-# the K = 256 fault may be gone; MDN_CP_GROUP_MAP_MAX_K (an integer) moves the limit to try it.
-# The torch path is slow: a serial loop over a group's chunks, ~15 ops each (session 9: the 1.3B
-# CP = 4 step 4.3x the CP = 1 step on the same tokens per GPU, BENCHMARKS.md).
-GROUP_MAP_KERNEL_MAX_K = 128
+# model; CP = 4 at 32K and 512K tokens, session 4, CUDA_LAUNCH_BLOCKING=1 named it), so K = 256
+# took the torch path below: a serial loop over a group's chunks, ~15 ops each, which made the
+# 1.3B CP = 2 step 2.1x slower than with the kernel (session 9, 3287 vs 1545 ms). Session 7 found
+# the kernel mis-compiled with Hopper's wgmma and compiles it without since; so compiled, it ran
+# at K = 256 in session 9 (plan gm9) with the CP op's errors against float64 equal to CP = 1's at
+# CP = 2, and the whole model's CP startup check as close to CP = 1 as with the torch maps. Above
+# this K (none of our configs) the maps take the torch path; MDN_CP_GROUP_MAP_MAX_K (an integer)
+# moves the limit (128 brings the torch path back at K = 256).
+GROUP_MAP_KERNEL_MAX_K = 256
 
 
 def group_map_kernel_max_k() -> int:

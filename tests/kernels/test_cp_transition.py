@@ -240,8 +240,8 @@ def test_tree_walks_triton_equal_torch(i):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
 def test_group_maps_above_the_kernels_k_take_the_torch_path(dtype, tol, monkeypatch):
-    """Above GROUP_MAP_KERNEL_MAX_K (the Triton group-map kernel faulted on the H100 at K = 256)
-    the triton backend computes the maps with batched torch products in fp32, casting each
+    """Above GROUP_MAP_KERNEL_MAX_K (the Triton group-map kernel faulted on the H100 at K = 256
+    before it was compiled without wgmma; the limit is 256 since session 9) the triton backend computes the maps with batched torch products in fp32, casting each
     step's operands as gathered: fp32 maps equal to the float64 spec on the same (rounded)
     operands, written into the fp32 store; at or below it the kernel still runs."""
     from mdn_kernels.cp import transition as tr
@@ -294,9 +294,8 @@ def test_group_map_kernel_bf16_operands(K):
 @pytest.mark.parametrize("low,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_group_map_kernel_at_the_1p3b_head_size(low, tol):
     """The Triton group-map kernel at K = 256, C = 64 (the 1.3B model's heads, where it faulted
-    on the H100 in session 4 and the torch path runs by default): its indexing and masks are
-    right under the interpreter (fp32 measured 1e-7, bf16 3e-3), so a fault on the GPU is the
-    compiler's (MDN_CP_GROUP_MAP_MAX_K=256 runs it there)."""
+    on the H100 in session 4 under wgmma; the default there since session 9): its indexing and
+    masks are right under the interpreter (fp32 measured 1e-7, bf16 3e-3)."""
     from mdn_kernels.cp.transition import group_maps_torch, group_maps_triton
     args64, layout = prepared(1, 3 * 64, 1, 256, 32, 64, torch.float64, seed=3)   # 3 chunks
     plan = plan_groups(layout, 2)
