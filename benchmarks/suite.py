@@ -740,6 +740,27 @@ PLANS = {
             ("2,3", [("cp2_1p3b_32k_default_b", 145, bench_model(2, GM9_MODEL))]),
         ]),
     ],
+    "cpm10": [  # for session 10: plan cpm9 again after the CP op stopped syncing the host per layer
+                # (kernels/cp/api._local_view) and with the group-map kernel at K = 256; the 400M
+                # CP = 4 step profiled (the 1.3B CP = 4 profile of cpm9 ran past its limit)
+        ("cp4", 300, [
+            ("0,1,2,3", [("cp4_400m_64k", 140, bench_model(4, f"--config {M400} --micro-batch 1 "
+                                                              "--microbatches 2 --cp 4 --seq-len 65536 "
+                                                              "--profile {R}/profile.txt")),
+                         ("cp4_1p3b_64k", 155, bench_model(4, f"--config {M13} --micro-batch 1 --cp 4 "
+                                                              "--seq-len 65536 --recompute --steps 3 "
+                                                              "--warmup 2"))]),
+        ]),
+        ("cp1_cp2", 160, [
+            ("0", [("cp1_400m_16k", 158, bench_model(1, f"--config {M400} --micro-batch 1 "
+                                                        "--microbatches 2 --seq-len 16384 "
+                                                        "--profile {R}/profile.txt"))]),
+            ("1", [("cp1_1p3b_16k", 158, bench_model(1, f"--config {M13} --micro-batch 1 --seq-len 16384 "
+                                                        "--recompute --steps 3 --warmup 2"))]),
+            ("2,3", [("cp2_400m_32k", 158, bench_model(2, f"--config {M400} --micro-batch 1 "
+                                                          "--microbatches 2 --cp 2 --seq-len 32768"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [

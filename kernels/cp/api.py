@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from mdn_kernels.mdn.api import check_cu_seqlens, check_initial_state, validate_inputs
 from mdn_kernels.mdn.chunk import chunk_mdn
+from mdn_kernels.mdn.layout import PerTensorCache, host_cu_seqlens
 
 from .layout import batched_view, packed_view
 from .state_pass_cp import CPStatePass
@@ -77,6 +78,25 @@ def _local_checks(q, k, v, log_alpha, log_mu, beta, eta, initial_state, cu_seqle
 
 
 _SIDE: dict = {}
+_VIEWS = PerTensorCache()
+
+
+def _cu_checksum(cu_seqlens) -> int:
+    c = host_cu_seqlens(cu_seqlens)
+    return int((c * torch.arange(1, c.numel() + 1)).sum() % (2 ** 61 - 1))
+
+
+def _local_view(cu_seqlens, T: int, rank: int, world: int, device):
+    """(CPLocalView, its local offsets on `device` or None) of GLOBAL offsets, made once per
+    cu_seqlens tensor (PerTensorCache): every layer passes the same tensor. Made per call, the
+    host copy of a device cu_seqlens, the local offsets' copy back to the device and the layout
+    the op then builds from that fresh tensor (another host copy) each waited for the GPU queue
+    to drain: four host syncs per layer and forward, which kept the host from running ahead of
+    the GPU (session 9: the whole-model CP step, BENCHMARKS.md). Read-only, shared."""
+    def build():
+        view = packed_view(host_cu_seqlens(cu_seqlens), T, rank, world)
+        return view, (None if view.cu_local is None else view.cu_local.to(device))
+    return _VIEWS.get(cu_seqlens, (T, rank, world, str(device)), build)
 
 
 def _side_stream(device):
@@ -131,10 +151,7 @@ def mdn_chunk_cp(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state,
         local_error = e
     if local_error is None:
         B, T, H, K = k.shape
-        cs = 0
-        if cu_seqlens is not None:
-            c = cu_seqlens.detach().cpu().to(torch.int64)
-            cs = int((c * torch.arange(1, c.numel() + 1)).sum() % (2 ** 61 - 1))
+        cs = 0 if cu_seqlens is None else _cu_checksum(cu_seqlens)
         fields = [0, B, T, H, K, v.shape[-1], _DTYPES.index(v.dtype), N,
                   int(initial_state is not None), int(bool(output_final_state)), chunk_size,
                   CP_MODES.index(cp_mode), ("torch", "triton").index(backend),
@@ -152,10 +169,9 @@ def mdn_chunk_cp(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state,
     if scale is None:
         scale = K ** -0.5
     if cu_seqlens is None:
-        view = batched_view(B, T, rank, world)
+        view, cu_local = batched_view(B, T, rank, world), None
     else:
-        view = packed_view(cu_seqlens.detach().cpu(), T, rank, world)
-    cu_local = None if view.cu_local is None else view.cu_local.to(k.device)
+        view, cu_local = _local_view(cu_seqlens, T, rank, world, k.device)
 
     # Initial pairs of the local sequences: a sequence that starts here reads its global row;
     # carried-in rows are placeholders (CPStatePass fills them and gives them zero gradient).

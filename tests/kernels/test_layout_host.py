@@ -126,3 +126,31 @@ def test_chunk_bounds_made_once_per_dest():
     del dest
     gc.collect()
     assert len(F._BOUNDS) < n  # its entries went with it
+
+
+def test_cp_local_view_made_once_per_cu_tensor(monkeypatch):
+    """mdn_kernels.cp.api._local_view: the CP op's local view of GLOBAL offsets, its device copy
+    of the local offsets and hence the op's layout are made once per cu_seqlens tensor (each was
+    a host sync per layer on the GPU before session 9); a changed or new tensor is rebuilt."""
+    from mdn_kernels.cp import api
+    from mdn_kernels.cp.layout import packed_view
+
+    made = []
+    real = api.packed_view
+    monkeypatch.setattr(api, "packed_view", lambda *a: made.append(1) or real(*a))
+    api._VIEWS.clear()
+    cu = torch.tensor([0, 5, 12, 16], dtype=torch.int32)
+    dev = torch.device("cpu")
+    v1, c1 = api._local_view(cu, 8, 1, 2, dev)
+    v2, c2 = api._local_view(cu, 8, 1, 2, dev)
+    assert v1 is v2 and c1 is c2 and len(made) == 1
+    ref = packed_view(cu, 8, 1, 2)
+    assert (v1.in_seq, v1.out_seq, v1.init_rows) == (ref.in_seq, ref.out_seq, ref.init_rows)
+    assert c1.tolist() == ref.cu_local.tolist() == [0, 4, 8]
+    assert L.build_layout(1, 8, c1, 4, dev) is L.build_layout(1, 8, c2, 4, dev)
+    api._local_view(cu, 8, 0, 2, dev)                 # another rank: its own entry
+    assert len(made) == 2
+    cu[1] = 6                                          # changed in place: rebuilt
+    v3, c3 = api._local_view(cu, 8, 1, 2, dev)
+    assert len(made) == 3 and c3 is not c1
+    api._VIEWS.clear()
