@@ -192,6 +192,107 @@ def _cached_view_index(view, plan, device) -> _ViewIndex:
     return vi
 
 
+def _entering_pairs(args, S_init, M_init, layout, backend, allow_tf32, view, group, group_chunks):
+    """The all-gather mode's forward up to the pair entering every group (the module docstring):
+    group maps → tree → all-gather → fold of the earlier ranks → tree top down.
+
+    Returns (plan, view index, split, Xg [NG or num_local, H, 2K, V] (fp32; the pairs entering
+    the groups, or the sequences where no sequence has more than one group), later_T (the later
+    ranks' 𝒯 the backward needs, or None), Ts (the tree nodes' 𝒯, or None))."""
+    K, V = args[1].shape[-1], args[0].shape[-1]
+    r, R = view.rank, view.world
+    if group_chunks is None:
+        group_chunks = default_group_chunks(K, args[1].shape[2])
+    plan = _cached_plan(layout, view, group_chunks)
+    vi = _cached_view_index(view, plan, args[0].device)
+    P, H, NG = view.num_slots, args[1].shape[1], plan.num_groups
+    split = NG > view.num_local          # some sequence has more than one group
+    store = None
+    if r < R - 1 or split:
+        # group maps → tree (composed pairs of consecutive groups, log2 G levels)
+        store = tree_up(tree_store(args, plan, backend=backend, allow_tf32=allow_tf32),
+                        plan, backend)
+    if r < R - 1:
+        TB = rank_map_from_tree(store, plan, view, S_init, M_init, vi.rank_map)
+    else:  # nobody reads the last rank's map (the forward folds j < r; backward
+        #     needs 𝒯_j only for j < R − 1, since G_R = 0): send zeros
+        TB = S_init.new_zeros(P, H, 2 * K, 2 * K + V)
+    gathered = _all_gather(TB, group) if R > 1 else TB[None]
+    X = None       # the fold of ranks 0..r−1 from a zero pair (rank 0's ℬ first)
+    for j in range(r):
+        X = gathered[j, ..., 2 * K:] if X is None else compose_apply(gathered[j], X)
+    # Backward needs 𝒯_j for r < j < R − 1, and the 𝒯 part of every tree node:
+    # keep copies so the wide maps can be freed (the composed nodes' 𝒯 are
+    # (NG − num_local) 2K×2K per head: 24 MB at the benchmark shape, and keeping
+    # them saves rebuilding them in backward, ~14 small ops).
+    later_T = gathered[r + 1:R - 1, ..., :2 * K].clone() if r + 1 < R - 1 else None
+    Ts = store[..., :2 * K].clone() if split else None
+    # The pair entering every local sequence, then every group (tree top down).
+    X_seq = _pairs(S_init, M_init)
+    if vi.has_in and X is not None:
+        X_seq[vi.in_rows] = X[vi.in_slots].to(X_seq.dtype)
+    Xg = tree_down(store, plan, X_seq.to(store.dtype), backend) if split else X_seq
+    return plan, vi, split, Xg, later_T, Ts
+
+
+def _end_grads(saved, cot, plan, vi, view, group, later_T, Ts, backend, allow_tf32):
+    """The all-gather mode's backward steps (1)–(3) (the module docstring): the cotangents
+    arriving at every group's end (dSg, dMg [NG or num_local, H, K, V], contiguous), for the one
+    full reverse pass. cot: (dW, dS0s, dM0s, dS_fin, dM_fin) of the local sequences."""
+    r, R = view.rank, view.world
+    K = saved[0].shape[-1]
+    P, H, V = view.num_slots, saved[0].shape[1], cot[0].shape[-1]
+    NG = plan.num_groups
+    split = NG > view.num_local
+    # The sequences' own final-state cotangents enter at their last groups.
+    if split:
+        dSg = cot[3].new_zeros((NG, H, K, V)).index_put((plan.last_idx,), cot[3])
+        dMg = cot[4].new_zeros((NG, H, K, V)).index_put((plan.last_idx,), cot[4])
+    else:
+        dSg, dMg = cot[3], cot[4]
+    # (1) What every group's own cotangents send to its initial pair when nothing
+    # arrives at its end (d0_g): a reverse pass that stores nothing per chunk, then the
+    # tree bottom up gives every node's D, the sequences' at the roots. Needed to pass
+    # gradients between groups (split) and to send this rank's d0 to rank r − 1.
+    send = r > 0 and vi.has_in
+    if split or send:
+        d0g = _bwd_init_only(saved, list(cot[:3]) + [dSg, dMg], plan.layout, backend, allow_tf32)
+        Ds = tree_up_grads(Ts, plan, d0g, backend) if split else d0g
+    # (2) One all-gather of d0 (zeros where nothing is carried in), the fold of ranks
+    # R−1..r+1 gives G_{r+1}, the gradient arriving at the carried-out pairs.
+    Gend = None
+    if R > 1:
+        d0 = cot[3].new_zeros(P, H, 2 * K, V)
+        if send:
+            d0[vi.in_slots] = Ds[vi.in_roots].to(d0.dtype)
+        d0s = _all_gather(d0, group)
+        if r < R - 1:
+            G = d0s[R - 1]   # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
+            for j in range(R - 2, r, -1):
+                G = _affine(later_T[j - r - 1].transpose(-1, -2), G, d0s[j])
+            G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
+            G_seq[vi.out_rows] = G
+            Gend = G_seq
+    # (3) The gradient arriving at every group's end (the tree top down); the caller runs the
+    # one full reverse pass with it: every per-chunk cotangent as the serial pass makes it.
+    if split:
+        if Gend is None:
+            Gend = cot[3].new_zeros((view.num_local, H, 2 * K, V))
+        Gend = tree_down_grads(Ts, Ds, plan, Gend.to(Ds.dtype), backend)
+    if Gend is not None:
+        dSg, dMg = dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]
+    return dSg.contiguous(), dMg.contiguous()
+
+
+def _local_init_grads(dS_g, dM_g, plan, vi, split):
+    """The gradient of the local initial pairs from the groups' (first groups of each
+    sequence; zero on the rows of carried-in sequences, whose S_init rows were not used)."""
+    dS_i, dM_i = (dS_g[plan.first_idx], dM_g[plan.first_idx]) if split else (dS_g, dM_g)
+    if vi.has_in:
+        dS_i, dM_i = dS_i.index_fill(0, vi.in_rows, 0), dM_i.index_fill(0, vi.in_rows, 0)
+    return dS_i, dM_i
+
+
 class CPStatePass(torch.autograd.Function):
     """Drop-in for mdn.chunk.StatePass (same inputs and outputs) across a CP group.
 
@@ -219,40 +320,9 @@ class CPStatePass(torch.autograd.Function):
         later_T = Ts = None   # the allgather mode's kept 𝒯 parts (see below)
         with torch.no_grad():
             if mode == "allgather":
-                if group_chunks is None:
-                    group_chunks = default_group_chunks(K, Y.shape[2])
-                plan = _cached_plan(layout, view, group_chunks)
-                vi = _cached_view_index(view, plan, U.device)
-                P, H, NG = view.num_slots, Y.shape[1], plan.num_groups
-                split = NG > view.num_local          # some sequence has more than one group
-                store = None
-                if r < R - 1 or split:
-                    # group maps → tree (composed pairs of consecutive groups, log2 G levels)
-                    store = tree_up(tree_store(args, plan, backend=backend, allow_tf32=allow_tf32),
-                                    plan, backend)
-                if r < R - 1:
-                    TB = rank_map_from_tree(store, plan, view, S_init, M_init, vi.rank_map)
-                else:  # nobody reads the last rank's map (the forward folds j < r; backward
-                    #     needs 𝒯_j only for j < R − 1, since G_R = 0): send zeros
-                    TB = S_init.new_zeros(P, H, 2 * K, 2 * K + V)
-                gathered = _all_gather(TB, group) if R > 1 else TB[None]
-                X = None       # the fold of ranks 0..r−1 from a zero pair (rank 0's ℬ first)
-                for j in range(r):
-                    X = gathered[j, ..., 2 * K:] if X is None else compose_apply(gathered[j], X)
-                # Backward needs 𝒯_j for r < j < R − 1, and the 𝒯 part of every tree node:
-                # keep copies so the wide maps can be freed (the composed nodes' 𝒯 are
-                # (NG − num_local) 2K×2K per head: 24 MB at the benchmark shape, and keeping
-                # them saves rebuilding them in backward, ~14 small ops).
-                later_T = gathered[r + 1:R - 1, ..., :2 * K].clone() if r + 1 < R - 1 else None
-                Ts = store[..., :2 * K].clone() if split else None
+                plan, vi, split, Xg, later_T, Ts = _entering_pairs(
+                    args, S_init, M_init, layout, backend, allow_tf32, view, group, group_chunks)
                 ctx.plan, ctx.vi = plan, vi
-                # The pair entering every local sequence, then every group (tree top down),
-                # then all groups' state passes in parallel.
-                X_seq = _pairs(S_init, M_init)
-                if vi.has_in and X is not None:
-                    X_seq[vi.in_rows] = X[vi.in_slots].to(X_seq.dtype)
-                Xg = tree_down(store, plan, X_seq.to(store.dtype), backend) if split else X_seq
-                del store, gathered
                 W, S0s, M0s, Sg, Mg = _fwd(args, Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous(),
                                            plan.layout, backend, allow_tf32)
                 S, M = (Sg[plan.last_idx], Mg[plan.last_idx]) if split else (Sg, Mg)
@@ -281,52 +351,12 @@ class CPStatePass(torch.autograd.Function):
         cot = [t.contiguous() for t in (dW, dS0s, dM0s, dS_fin, dM_fin)]
         P, H, V = view.num_slots, Y.shape[1], dW.shape[-1]
         if ctx.mode == "allgather":
-            plan, vi, NG = ctx.plan, ctx.vi, ctx.plan.num_groups
-            split = NG > view.num_local
-            # The sequences' own final-state cotangents enter at their last groups.
-            if split:
-                dSg = cot[3].new_zeros((NG, H, K, V)).index_put((plan.last_idx,), cot[3])
-                dMg = cot[4].new_zeros((NG, H, K, V)).index_put((plan.last_idx,), cot[4])
-            else:
-                dSg, dMg = cot[3], cot[4]
-            # (1) What every group's own cotangents send to its initial pair when nothing
-            # arrives at its end (d0_g): a reverse pass that stores nothing per chunk, then the
-            # tree bottom up gives every node's D, the sequences' at the roots. Needed to pass
-            # gradients between groups (split) and to send this rank's d0 to rank r − 1.
-            send = r > 0 and vi.has_in
-            if split or send:
-                d0g = _bwd_init_only(saved, cot[:3] + [dSg, dMg], plan.layout, ctx.backend,
-                                     ctx.allow_tf32)
-                Ds = tree_up_grads(Ts, plan, d0g, ctx.backend) if split else d0g
-            # (2) One all-gather of d0 (zeros where nothing is carried in), the fold of ranks
-            # R−1..r+1 gives G_{r+1}, the gradient arriving at the carried-out pairs.
-            Gend = None
-            if R > 1:
-                d0 = cot[3].new_zeros(P, H, 2 * K, V)
-                if send:
-                    d0[vi.in_slots] = Ds[vi.in_roots].to(d0.dtype)
-                d0s = _all_gather(d0, group)
-                if r < R - 1:
-                    G = d0s[R - 1]   # G_j = d0_j + 𝒯_jᵀ G_{j+1}, G_R = 0
-                    for j in range(R - 2, r, -1):
-                        G = _affine(later_T[j - r - 1].transpose(-1, -2), G, d0s[j])
-                    G_seq = d0.new_zeros((view.num_local, H, 2 * K, V))
-                    G_seq[vi.out_rows] = G
-                    Gend = G_seq
-            # (3) The gradient arriving at every group's end (the tree top down), then the one
-            # full reverse pass with it: every per-chunk cotangent as the serial pass makes it.
-            if split:
-                if Gend is None:
-                    Gend = cot[3].new_zeros((view.num_local, H, 2 * K, V))
-                Gend = tree_down_grads(Ts, Ds, plan, Gend.to(Ds.dtype), ctx.backend)
-            if Gend is not None:
-                dSg, dMg = dSg + Gend[:, :, :K], dMg + Gend[:, :, K:]
+            plan, vi = ctx.plan, ctx.vi
+            dSg, dMg = _end_grads(saved, cot, plan, vi, view, group, later_T, Ts, ctx.backend,
+                                  ctx.allow_tf32)
             dWt, dS_end, dM_end, dS_g, dM_g, dgates = _bwd(
-                saved, cot[:3] + [dSg.contiguous(), dMg.contiguous()], S0s, M0s, plan.layout,
-                ctx.backend, ctx.allow_tf32)
-            dS_i, dM_i = (dS_g[plan.first_idx], dM_g[plan.first_idx]) if split else (dS_g, dM_g)
-            if vi.has_in:  # carried-in rows of S_init / M_init were not used
-                dS_i, dM_i = dS_i.index_fill(0, vi.in_rows, 0), dM_i.index_fill(0, vi.in_rows, 0)
+                saved, cot[:3] + [dSg, dMg], S0s, M0s, plan.layout, ctx.backend, ctx.allow_tf32)
+            dS_i, dM_i = _local_init_grads(dS_g, dM_g, plan, vi, plan.num_groups > view.num_local)
         else:  # ring
             G = cot[3].new_zeros(P, H, 2 * K, V)  # state cotangents: fp32 (W may be bf16)
             if r < R - 1:
