@@ -761,6 +761,24 @@ PLANS = {
                                                           "--microbatches 2 --cp 2 --seq-len 32768"))]),
         ]),
     ],
+    "lean10": [  # for session 10 (issue 3's memory per rank): the opt-in lean CP node
+                 # (MDN_CP_LEAN=1) against float64 at both head sizes, then the R = 4 op benchmark's
+                 # strong-scaling section (peak memory per rank) with and without it
+        ("check", 130, [
+            ("0,1", [("cp_op_k256_lean", 125, "MDN_CP_LEAN=1 python3 -m torch.distributed.run --standalone "
+                      "--nproc-per-node 2 tools/check_cp_kernels_gpu.py --K 256 --V 512 --group-chunks 16")]),
+            ("2,3", [("cp_op_k128_lean", 125, "MDN_CP_LEAN=1 python3 -m torch.distributed.run --standalone "
+                      "--nproc-per-node 2 tools/check_cp_kernels_gpu.py --K 128 --V 256 --group-chunks 16")]),
+        ]),
+        ("bench", 250, [
+            ("0,1,2,3", [("cp_r4_lean", 120, "MDN_CP_LEAN=1 python3 -m torch.distributed.run --standalone "
+                          "--nproc-per-node 4 tools/bench_cp.py --skip fla,exact,weak --modes allgather "
+                          "--out {R}/result.json"),
+                         ("cp_r4_default", 120, "python3 -m torch.distributed.run --standalone "
+                          "--nproc-per-node 4 tools/bench_cp.py --skip fla,exact,weak --modes allgather "
+                          "--out {R}/result.json")]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [

@@ -24,6 +24,7 @@ ranks that disagree fail with a message instead of hanging or returning garbage.
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext as _nullcontext
 
 import torch
@@ -34,7 +35,7 @@ from mdn_kernels.mdn.chunk import chunk_mdn
 from mdn_kernels.mdn.layout import PerTensorCache, host_cu_seqlens
 
 from .layout import batched_view, packed_view
-from .state_pass_cp import CPStatePass
+from .state_pass_cp import CPStateOutput, CPStatePass
 
 CP_MODES = ("allgather", "ring")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -135,6 +136,17 @@ def _agree(fields: list[int], device, group, rank: int, world: int, local_error)
                              f"rank {j} has {col[j]} (this is rank {rank} of {world})")
 
 
+def cp_lean() -> bool:
+    """MDN_CP_LEAN=1: the all-gather mode runs the lean node (state_pass_cp.CPStateOutput: the
+    per-chunk pairs recomputed in the backward instead of kept, as MDN_RECOMPUTE_PAIRS=1 without
+    CP) where the lean path applies (fused 16-bit chunk-local kernels, Triton). Default 0 until
+    it has run on a GPU; equal to the default path on the CPU (tests/kernels/test_cp.py)."""
+    env = os.environ.get("MDN_CP_LEAN", "0")
+    if env not in ("0", "1"):
+        raise ValueError(f"MDN_CP_LEAN must be 0 or 1, got {env!r}")
+    return env == "1"
+
+
 def mdn_chunk_cp(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state,
                  output_final_state, cu_seqlens, use_qk_l2norm, p_times_alpha, cp_group,
                  cp_mode="allgather", backend="auto", chunk_size=64, group_chunks=None):
@@ -188,10 +200,15 @@ def mdn_chunk_cp(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state,
         return CPStatePass.apply(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout,
                                  be, allow_tf32, view, cp_group, cp_mode, group_chunks)
 
+    state_output = None
+    if cp_mode == "allgather" and cp_lean():
+        def state_output(*args):
+            return CPStateOutput.apply(*args, view, cp_group, group_chunks)
+
     o, fin = chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, scale=scale, initial_state=init,
                        output_final_state=output_final_state, cu_seqlens=cu_local,
                        use_qk_l2norm=use_qk_l2norm, p_times_alpha=p_times_alpha, backend=backend,
-                       chunk_size=chunk_size, state_pass=state_pass)
+                       chunk_size=chunk_size, state_pass=state_pass, state_output=state_output)
     if not output_final_state:
         return o, None
     # Local finals → global rows: rows of sequences that end on this rank, zeros elsewhere.

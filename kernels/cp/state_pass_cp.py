@@ -383,3 +383,75 @@ def compose_apply(TB: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """[𝒯 | ℬ] applied to X: 𝒯 X + ℬ (per slot and head; one batched product with the add)."""
     twoK = TB.shape[-2]
     return _affine(TB[..., :twoK], X, TB[..., twoK:])
+
+
+class CPStateOutput(torch.autograd.Function):
+    """The lean node (mdn.chunk.StateOutput) across a CP group, all-gather mode: the CP state
+    pass (the pairs entering every group, as CPStatePass) and the fused output kernel in one
+    node that keeps no per-chunk pair. Saved: the state pass's operands, the output's chunk
+    quantities and the small pairs entering the groups [NG, H, 2K, V]; the backward re-runs the
+    groups' state pass from those (the same kernel on the same operands: bitwise the same W,
+    S0s, M0s), then the output's backward, the CP backward steps (1)–(3) and the one full
+    reverse pass. Results equal CPStatePass + LocalOutput's; the pairs' memory between forward
+    and backward is gone (8 KiB per token and head at K = 256, V = 512, C = 64 in bf16).
+
+    Opt-in (MDN_CP_LEAN=1, mdn_kernels.cp.api): not yet run on a GPU. Triton backend, fused
+    chunk-local kernels, S_init / M_init always given (zeros where no initial state)."""
+
+    @staticmethod
+    def forward(ctx, qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init,
+                layout, scale: float, mm_dtype, out_shape: tuple, out_dtype: torch.dtype,
+                allow_tf32: bool, view, group, group_chunks):
+        from mdn_kernels.mdn.chunk_local_fused import chunk_bounds, output_forward
+        from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
+        K = Y.shape[-1]
+        low = torch.bfloat16 if allow_tf32 else U.dtype
+        sp = [t.to(low).contiguous() for t in (U, Y, Z, Kg, Km)]
+        sp += [t.contiguous() for t in (a_end, g_end, u_end)]
+        loc = [t.contiguous() for t in (qc, kc, et, la, g0, gam)]
+        cs, cl = chunk_bounds(layout.dest, layout.num_chunks, layout.chunk_size)
+        with torch.no_grad():
+            plan, vi, split, Xg, later_T, Ts = _entering_pairs(
+                sp, S_init.contiguous(), M_init.contiguous(), layout, "triton", allow_tf32, view,
+                group, group_chunks)
+            S_in, M_in = Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous()
+            W, S0s, M0s, Sg, Mg = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout, allow_tf32)
+            o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape, out_dtype)
+            del W, S0s, M0s
+            S, M = (Sg[plan.last_idx], Mg[plan.last_idx]) if split else (Sg, Mg)
+        # every tensor through save_for_backward (activation recompute drops only those)
+        ctx.save_for_backward(*loc, *sp, S_in, M_in, cs, cl, later_T, Ts)
+        ctx.plan, ctx.vi, ctx.view, ctx.group = plan, vi, view, group
+        ctx.allow_tf32, ctx.scale, ctx.mm_dtype, ctx.out_shape = allow_tf32, scale, mm_dtype, out_shape
+        ctx.in_dtypes = [t.dtype for t in (U, Y, Z, Kg, Km)]
+        ctx.fin_shape = S.shape
+        ctx.set_materialize_grads(False)
+        return o, S, M
+
+    @staticmethod
+    def backward(ctx, do, dS_fin, dM_fin):
+        from mdn_kernels.mdn.chunk_local_fused import output_backward
+        from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
+        saved = list(ctx.saved_tensors)
+        loc, sp = saved[:6], saved[6:14]
+        S_in, M_in, cs, cl, later_T, Ts = saved[14:]
+        qc = loc[0]
+        plan, vi, view, tf32 = ctx.plan, ctx.vi, ctx.view, ctx.allow_tf32
+        do = (torch.zeros(ctx.out_shape, dtype=qc.dtype, device=qc.device) if do is None
+              else do.contiguous())
+        zero = lambda: torch.zeros(ctx.fin_shape, dtype=torch.float32, device=qc.device)  # noqa: E731
+        dS_fin = zero() if dS_fin is None else dS_fin.contiguous()
+        dM_fin = zero() if dM_fin is None else dM_fin.contiguous()
+        W, S0s, M0s, _, _ = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout, tf32)
+        dqc, dkc, det, dla, dg0, dgam, dW, dS0s, dM0s = output_backward(
+            *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype)
+        ops = sp[1:]   # Y, Z, Kg, Km, a_end, g_end, u_end
+        dSg, dMg = _end_grads(ops, [dW, dS0s, dM0s, dS_fin, dM_fin], plan, vi, view, ctx.group,
+                              later_T, Ts, "triton", tf32)
+        dWt, dS_end, dM_end, dS_g, dM_g, dgates = state_pass_bwd_triton(
+            *ops, dW, dS0s, dM0s, dSg, dMg, S0s, M0s, plan.layout, tf32, dWt_out=dW)
+        del dS0s, dM0s
+        dS_i, dM_i = _local_init_grads(dS_g, dM_g, plan, vi, plan.num_groups > view.num_local)
+        grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates, torch.float32)
+        dsp = [g.to(dt) for g, dt in zip(grads[:5], ctx.in_dtypes)] + list(grads[5:])
+        return (dqc, dkc, det, dla, dg0, dgam, *dsp, dS_i, dM_i) + (None,) * 9

@@ -253,11 +253,15 @@ def _maybe_compiled(fn, device: torch.device):
 
 
 def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, output_final_state,
-              cu_seqlens, use_qk_l2norm, p_times_alpha, backend, chunk_size=64, state_pass=None):
+              cu_seqlens, use_qk_l2norm, p_times_alpha, backend, chunk_size=64, state_pass=None,
+              state_output=None):
     """Chunkwise MDN on validated inputs (see mdn_kernels.mdn_chunk for shapes).
 
     `state_pass` replaces `StatePass.apply` (same arguments and results): context parallelism
     (mdn_kernels.cp) plugs its cross-rank version in here and reuses everything else.
+    `state_output` (with `state_pass`) replaces `StateOutput.apply` where the lean path applies
+    (its arguments up to out_dtype, allow_tf32; a zero initial pair is passed as zeros): CP's
+    opt-in lean node.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -270,7 +274,7 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     fused = fused_local_enabled(backend, cdt, chunk_size, low_precision)
     lean = False
     recompute = recompute_pairs_mode()
-    if fused and state_pass is None and recompute:
+    if fused and (state_pass is None or state_output is not None) and recompute:
         from .state_pass import fits_shared_memory
         op_dtype = torch.bfloat16 if low_precision else cdt   # StatePass's operand dtype
         lean = fits_shared_memory(K, op_dtype, chunk_size)
@@ -287,13 +291,18 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end) = local_prepare(*prep_args)
     N = layout.num_seqs
     if initial_state is None:
-        if lean:  # StateOutput runs a zero initial pair without storing one
+        if lean and state_output is None:  # StateOutput runs a zero initial pair without storing one
             S_init = M_init = None
         else:
             S_init = k.new_zeros(N, H, K, V, dtype=cdt)
             M_init = k.new_zeros(N, H, K, V, dtype=cdt)
     else:
         S_init, M_init = (s.to(cdt) for s in initial_state)
+    if lean and state_output is not None:
+        o, S, M = state_output(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
+                               S_init, M_init, layout, scale, mm_dtype, (B, T, H, V), v.dtype,
+                               low_precision)
+        return o, ((S, M) if output_final_state else None)
     if lean:
         o, S, M = StateOutput.apply(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
                                     S_init, M_init, layout, scale, mm_dtype, (B, T, H, V), v.dtype,

@@ -27,6 +27,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     patch_interpreter_bf16_dot()   # also in the spawned workers, which import this module
 
 TOL = 1e-5
+LEAN_TOL = 1e-6   # the lean node against the default CP path: the same kernels, another graph
 H, K, V, C = 2, 8, 16, 16
 INPUTS = ["q", "k", "v", "log_alpha", "log_mu", "beta", "eta"]
 
@@ -50,6 +51,15 @@ CASES = {
         # document across the boundary: compared with float64 on the same rounded inputs
         "triton_bf16": (1, 64, [0, 20, 128], "allgather", "triton", 16,
                         {"dtype": torch.bfloat16, "gate_dtype": torch.float32, "group_chunks": 2}),
+        # the opt-in lean node (MDN_CP_LEAN=1, state_pass_cp.CPStateOutput) on the same inputs
+        # as the case without the suffix: 16-bit, and fp32 with the fused chunk-local kernels
+        "triton_bf16_lean": (1, 64, [0, 20, 128], "allgather", "triton", 16,
+                             {"dtype": torch.bfloat16, "gate_dtype": torch.float32, "group_chunks": 2,
+                              "env": {"MDN_CP_LEAN": "1"}}),
+        "triton_fused": (1, 32, [0, 9, 64], "allgather", "triton", 16,
+                         {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1"}}),
+        "triton_fused_lean": (1, 32, [0, 9, 64], "allgather", "triton", 16,
+                              {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1"}}),
     },
     3: {
         "rows_init": (2, 20, None, "allgather", "torch", K, {"group_chunks": 1}),
@@ -61,6 +71,11 @@ CASES = {
         # float64 end to end: CP must agree to fp64 rounding, not just to the fp32 tolerance
         "packed_fp64": (1, 40, [0, 7, 90, 120], "allgather", "torch", K,
                         {"dtype": torch.float64, "group_chunks": 1}),
+        # three ranks: rank 0 keeps a later rank's 𝒯 for the backward (the lean node too)
+        "triton_fused": (1, 32, [0, 40, 41, 96], "allgather", "triton", 16,
+                         {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1"}}),
+        "triton_fused_lean": (1, 32, [0, 40, 41, 96], "allgather", "triton", 16,
+                              {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1"}}),
     },
     4: {
         "rows_init": (1, 16, None, "allgather", "torch", K, {}),
@@ -75,8 +90,27 @@ HALO_W = 4
 
 
 def seed_of(name: str) -> int:
-    """The same inputs for a case and its _ring twin."""
-    return zlib.crc32(name.removesuffix("_ring").encode()) % 10_000
+    """The same inputs for a case and its _ring and _lean twins."""
+    return zlib.crc32(name.removesuffix("_ring").removesuffix("_lean").encode()) % 10_000
+
+
+class env_set:
+    """Environment variables set for one case (the op reads them at each call)."""
+
+    def __init__(self, env):
+        self.env, self.old = env or {}, {}
+
+    def __enter__(self):
+        for k, v in self.env.items():
+            self.old[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:
@@ -129,6 +163,7 @@ def worker(rank, R, port, outdir):
     results = {}
     for name, (B, T, cu, mode, backend, Kd, extra) in CASES[R].items():
         extra = dict(extra)
+        env = extra.pop("env", None)
         xs, cots = case_inputs(R, B, T, cu, Kd, seed_of(name), extra.pop("dtype", torch.float32),
                                extra.pop("gate_dtype", None))
         sl = slice(rank * T, (rank + 1) * T)
@@ -141,7 +176,8 @@ def worker(rank, R, port, outdir):
                                 p_times_alpha=True, cp_group=group, cp_mode=mode,
                                 backend=backend, chunk_size=C, **extra)
         on_ctx = results.setdefault("tensors_on_ctx", {}).setdefault(name, [])
-        results[name] = run_case(local, (cots[0][:, sl], cots[1], cots[2]), fn, on_ctx)
+        with env_set(env):
+            results[name] = run_case(local, (cots[0][:, sl], cots[1], cots[2]), fn, on_ctx)
     # Conv halo, forward and backward.
     T = 12
     x, w, cot = halo_inputs(R, T)
@@ -216,7 +252,8 @@ def test_cp_equals_single_process(world):
     for name, (B, T, cu, mode, backend, Kd, extra) in CASES[R].items():
         dtype, gdt = extra.get("dtype", torch.float32), extra.get("gate_dtype")
         tol = 1e-12 if dtype == torch.float64 else TOL
-        ref = reference(R, B, T, cu, backend, Kd, seed_of(name), dtype, gdt)
+        with env_set(extra.get("env")):
+            ref = reference(R, B, T, cu, backend, Kd, seed_of(name), dtype, gdt)
         if dtype == torch.bfloat16:
             exact = reference(R, B, T, cu, backend, Kd, seed_of(name), dtype, gdt, upcast=True)
         for key, want in ref.items():
@@ -268,6 +305,26 @@ def test_ring_equals_allgather(world):
                         continue
                     err = rel_err(t, want)
                     assert err <= TOL, f"{name} {key}: relative error {err:.2e}"
+
+
+def test_lean_node_equals_the_default_path(world):
+    """MDN_CP_LEAN=1 (CPStateOutput: the per-chunk pairs recomputed in the backward) gives the
+    default CP path's (CPStatePass + LocalOutput) output, final pairs and every gradient on the
+    same fp32 inputs, per rank (measured: bitwise, at R = 2 and 3). The 16-bit lean case is held
+    to float64 in test_cp_equals_single_process instead: its chunk-local kernels write the state
+    pass's operands in bf16 where the default path rounds them later, which moves results by
+    bf16 rounding (5e-3 under the interpreter, as mode 1 against mode 0 without CP)."""
+    R, ranks = world
+    lean = [n for n in CASES[R] if n.endswith("_lean") and "dtype" not in CASES[R][n][-1]]
+    for name in lean:
+        for r in ranks:
+            for key, t in r[name].items():
+                want = r[name.removesuffix("_lean")][key]
+                if want.abs().max() == 0:
+                    assert t.abs().max() == 0, f"{name} {key}"
+                    continue
+                err = rel_err(t, want)
+                assert err <= LEAN_TOL, f"R={R} {name} {key}: relative error {err:.2e}"
 
 
 def test_conv_halo_equals_unsplit_conv(world):
