@@ -402,13 +402,12 @@ class CPStateOutput(torch.autograd.Function):
     def forward(ctx, qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init,
                 layout, scale: float, mm_dtype, out_shape: tuple, out_dtype: torch.dtype,
                 allow_tf32: bool, view, group, group_chunks):
+        from mdn_kernels.mdn.chunk import lean_operands, lean_save_ctx
         from mdn_kernels.mdn.chunk_local_fused import chunk_bounds, output_forward
         from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
         K = Y.shape[-1]
-        low = torch.bfloat16 if allow_tf32 else U.dtype
-        sp = [t.to(low).contiguous() for t in (U, Y, Z, Kg, Km)]
-        sp += [t.contiguous() for t in (a_end, g_end, u_end)]
-        loc = [t.contiguous() for t in (qc, kc, et, la, g0, gam)]
+        loc, sp = lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
+                                allow_tf32)
         cs, cl = chunk_bounds(layout.dest, layout.num_chunks, layout.chunk_size)
         with torch.no_grad():
             plan, vi, split, Xg, later_T, Ts = _entering_pairs(
@@ -422,26 +421,21 @@ class CPStateOutput(torch.autograd.Function):
         # every tensor through save_for_backward (activation recompute drops only those)
         ctx.save_for_backward(*loc, *sp, S_in, M_in, cs, cl, later_T, Ts)
         ctx.plan, ctx.vi, ctx.view, ctx.group = plan, vi, view, group
-        ctx.allow_tf32, ctx.scale, ctx.mm_dtype, ctx.out_shape = allow_tf32, scale, mm_dtype, out_shape
-        ctx.in_dtypes = [t.dtype for t in (U, Y, Z, Kg, Km)]
-        ctx.fin_shape = S.shape
-        ctx.set_materialize_grads(False)
+        lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32,
+                      (t.dtype for t in (U, Y, Z, Kg, Km)), S.shape)
         return o, S, M
 
     @staticmethod
     def backward(ctx, do, dS_fin, dM_fin):
+        from mdn_kernels.mdn.chunk import lean_cotangents
         from mdn_kernels.mdn.chunk_local_fused import output_backward
         from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
         saved = list(ctx.saved_tensors)
         loc, sp = saved[:6], saved[6:14]
         S_in, M_in, cs, cl, later_T, Ts = saved[14:]
-        qc = loc[0]
         plan, vi, view, tf32 = ctx.plan, ctx.vi, ctx.view, ctx.allow_tf32
-        do = (torch.zeros(ctx.out_shape, dtype=qc.dtype, device=qc.device) if do is None
-              else do.contiguous())
-        zero = lambda: torch.zeros(ctx.fin_shape, dtype=torch.float32, device=qc.device)  # noqa: E731
-        dS_fin = zero() if dS_fin is None else dS_fin.contiguous()
-        dM_fin = zero() if dM_fin is None else dM_fin.contiguous()
+        # the CP backward always reads the final pairs' cotangents
+        do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, loc[0], both_final=True)
         W, S0s, M0s, _, _ = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout, tf32)
         dqc, dkc, det, dla, dg0, dgam, dW, dS0s, dM0s = output_backward(
             *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype)

@@ -69,6 +69,38 @@ class StatePass(torch.autograd.Function):
         return (*grads, dS_i, dM_i, None, None, None)
 
 
+def lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, allow_tf32: bool):
+    """The lean nodes' saved operands (StateOutput, mdn_kernels.cp's CPStateOutput): the
+    output's chunk quantities `loc` and the state pass's `sp` (U, Y, Z, Kg, Km in the operand
+    dtype: bf16 for 16-bit models; no-ops when already so), contiguous."""
+    low = torch.bfloat16 if allow_tf32 else U.dtype
+    sp = [t.to(low).contiguous() for t in (U, Y, Z, Kg, Km)]
+    sp += [t.contiguous() for t in (a_end, g_end, u_end)]
+    return [t.contiguous() for t in (qc, kc, et, la, g0, gam)], sp
+
+
+def lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32, in_dtypes, fin_shape):
+    """What the lean nodes' backward reads besides the saved tensors."""
+    ctx.allow_tf32, ctx.scale, ctx.mm_dtype, ctx.out_shape = allow_tf32, scale, mm_dtype, out_shape
+    ctx.in_dtypes, ctx.fin_shape = list(in_dtypes), fin_shape
+    # unused outputs' cotangents stay None (no [N, H, K, V] zeros for an unused final pair)
+    ctx.set_materialize_grads(False)
+
+
+def lean_cotangents(ctx, do, dS_fin, dM_fin, like: torch.Tensor, both_final: bool):
+    """do (zeros when o is unused) and the final pair's cotangents: zeros for the one missing
+    when the other is given, or both when `both_final` (else None, None when neither is)."""
+    do = (torch.zeros(ctx.out_shape, dtype=like.dtype, device=like.device) if do is None
+          else do.contiguous())
+    if both_final or (dS_fin is None) != (dM_fin is None):
+        zero = lambda: torch.zeros(ctx.fin_shape, dtype=torch.float32, device=like.device)  # noqa: E731
+        dS_fin = zero() if dS_fin is None else dS_fin
+        dM_fin = zero() if dM_fin is None else dM_fin
+    if dS_fin is not None:
+        dS_fin, dM_fin = dS_fin.contiguous(), dM_fin.contiguous()
+    return do, dS_fin, dM_fin
+
+
 class StateOutput(torch.autograd.Function):
     """StatePass (Triton) followed by the fused LocalOutput as one autograd node that keeps no
     per-chunk quantity of the state pass (the default, MDN_RECOMPUTE_PAIRS=1; 2 opt-in; see
@@ -92,12 +124,10 @@ class StateOutput(torch.autograd.Function):
                 out_dtype: torch.dtype, allow_tf32: bool, fuse_pair_grads: bool = False):
         from .chunk_local_fused import chunk_bounds, output_forward
         from .state_pass import state_pass_fwd_triton
-        low = torch.bfloat16 if allow_tf32 else U.dtype
-        sp = [t.to(low).contiguous() for t in (U, Y, Z, Kg, Km)]   # no-ops when already so
-        sp += [t.contiguous() for t in (a_end, g_end, u_end)]
+        loc, sp = lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
+                                allow_tf32)
         if S_init is not None:  # None: zero initial pair (not stored)
             S_init, M_init = S_init.contiguous(), M_init.contiguous()
-        loc = [t.contiguous() for t in (qc, kc, et, la, g0, gam)]
         cs, cl = chunk_bounds(layout.dest, layout.num_chunks, layout.chunk_size)
         W, S0s, M0s, S, M = state_pass_fwd_triton(*sp, S_init, M_init, layout, allow_tf32)
         o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape, out_dtype)
@@ -107,13 +137,9 @@ class StateOutput(torch.autograd.Function):
         # the backward, a tensor on ctx is not — U held on ctx stayed alive for every layer
         # (4 GiB of the 400M model at 64K tokens, session 4's peak breakdown on the H100).
         ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl)
-        ctx.layout, ctx.allow_tf32, ctx.scale, ctx.mm_dtype = layout, allow_tf32, scale, mm_dtype
-        ctx.out_shape = out_shape
-        ctx.in_dtypes = [t.dtype for t in (U, Y, Z, Kg, Km)]
-        ctx.fuse_pair_grads = fuse_pair_grads
-        ctx.fin_shape = S.shape
-        # unused outputs' cotangents stay None (no [N, H, K, V] zeros for an unused final pair)
-        ctx.set_materialize_grads(False)
+        ctx.layout, ctx.fuse_pair_grads = layout, fuse_pair_grads
+        lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32,
+                      (t.dtype for t in (U, Y, Z, Kg, Km)), S.shape)
         return o, S, M
 
     @staticmethod
@@ -126,14 +152,7 @@ class StateOutput(torch.autograd.Function):
         qc, kc, et, la, g0, gam = loc
         Y, Z, Kg, Km, a_end, g_end, u_end = sp[1:]
         layout, tf32, fuse = ctx.layout, ctx.allow_tf32, ctx.fuse_pair_grads
-        do = (torch.zeros(ctx.out_shape, dtype=qc.dtype, device=qc.device) if do is None
-              else do.contiguous())
-        if (dS_fin is None) != (dM_fin is None):
-            zero = lambda: torch.zeros(ctx.fin_shape, dtype=torch.float32, device=qc.device)  # noqa: E731
-            dS_fin = zero() if dS_fin is None else dS_fin
-            dM_fin = zero() if dM_fin is None else dM_fin
-        if dS_fin is not None:
-            dS_fin, dM_fin = dS_fin.contiguous(), dM_fin.contiguous()
+        do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, qc, both_final=False)
         init_grad = S_init is not None and (ctx.needs_input_grad[14] or ctx.needs_input_grad[15])
         W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(*sp, S_init, M_init, layout, tf32)
         del sp, S_fin, M_fin
