@@ -143,6 +143,38 @@ def plot_cp_scaling(out):
     return out
 
 
+def plot_cp_model_weak(out):
+    """Whole-model CP weak scaling, 16K tokens per GPU per micro-batch (session 9, plans cpm9
+    and gm9): step time per layout, CP = 1 first."""
+    runs = [("400M", [("CP = 1", "cp1_400m_16k"), ("CP = 2", "cp2_400m_32k"),
+                      ("CP = 4", "cp4_400m_64k")]),
+            ("1.3B (recompute; CP = 2 on another machine of the kind)", [("CP = 1", "cp1_1p3b_16k"), ("CP = 2, torch maps",
+                                                               "cp2_1p3b_32k_default_a"),
+                                  ("CP = 2, Triton maps", "cp2_1p3b_32k_gm")])]
+    panels = [(title, [(lab, d) for lab, n in rows
+                       if (d := _load(f"model_h100x4_mdn_{n}_v9.json"))]) for title, rows in runs]
+    if not any(rows for _, rows in panels):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (title, rows) in zip(axes, panels):
+        if not rows:
+            continue
+        base = rows[0][1]["step_ms_median"]
+        ms = [d["step_ms_median"] for _, d in rows]
+        ax.bar(range(len(rows)), ms, color=["gray"] + ["tab:blue"] * (len(rows) - 1))
+        for i, m in enumerate(ms[1:], start=1):
+            ax.text(i, m, f"eff. {base / m:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(rows)), [lab for lab, _ in rows], fontsize=8)
+        ax.set_ylabel("step, ms (16K tokens per GPU per micro-batch)")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, max(ms) * 1.15)
+    fig.suptitle("Whole-model CP weak scaling, H100s, bf16 (efficiency t(CP=1)/t(CP=R); goal 0.9)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def plot_memory_estimate(out):
     """Estimated against measured peak memory of the trainer (tests/gpu/test_longctx_memory_gpu)."""
     rows = []
@@ -231,6 +263,8 @@ MODEL_RUNS = [
     ("MDN 1.3B\nsession 8 (z2)", "model_h100_mdn_1p3b_v8_z2.json"),
     ("GDN 1.3B\nsession 8 (z2)", "model_h100_gdn_1p3b_v8_z2.json"),
     ("Megatron GDN 1.3B\n(FLA) session 8 (z2)", "model_h100_megatron_gdn_1p3b_v8_z2.json"),
+    ("MDN 1.3B\nsession 9 (cp8)", "model_h100_mdn_1p3b_v9_cp8.json"),
+    ("Transformer 1.3B\nsession 9 (cp8)", "model_h100_transformer_1p3b_v9_cp8.json"),
 ]
 
 
@@ -397,7 +431,8 @@ def main():
                      (plot_model, "model_throughput.png"), (plot_cp_model, "cp_model_grad_norms.png"),
                      (plot_cp_wgmma, "cp_wgmma_grad_norms.png"),
                      (plot_kernel_tuning, "kernel_tuning.png"), (plot_pp, "pp_scaling.png"),
-                     (plot_cp_scaling, "cp_scaling_v8.png")):
+                     (plot_cp_scaling, "cp_scaling_v8.png"),
+                     (plot_cp_model_weak, "cp_model_weak_scaling.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
