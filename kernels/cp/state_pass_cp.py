@@ -64,6 +64,9 @@ gpu_comm_ms). `bench_cp.py --profile` shows the measured breakdown.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
@@ -235,13 +238,15 @@ def _entering_pairs(args, S_init, M_init, layout, backend, allow_tf32, view, gro
     return plan, vi, split, Xg, later_T, Ts
 
 
-def _end_grads(saved, cot, plan, vi, view, group, later_T, Ts, backend, allow_tf32):
+def _end_grads(saved, cot, plan, vi, view, group, later_T, Ts, backend, allow_tf32, d0g=None):
     """The all-gather mode's backward steps (1)–(3) (the module docstring): the cotangents
     arriving at every group's end (dSg, dMg [NG or num_local, H, K, V], contiguous), for the one
-    full reverse pass. cot: (dW, dS0s, dM0s, dS_fin, dM_fin) of the local sequences."""
+    full reverse pass. cot: (dW, dS0s, dM0s, dS_fin, dM_fin) of the local sequences. d0g: step
+    (1)'s result [NG, H, 2K, V] made by the caller (the segmented lean node; cot's first three
+    are then not read)."""
     r, R = view.rank, view.world
     K = saved[0].shape[-1]
-    P, H, V = view.num_slots, saved[0].shape[1], cot[0].shape[-1]
+    P, H, V = view.num_slots, saved[0].shape[1], cot[3].shape[-1]
     NG = plan.num_groups
     split = NG > view.num_local
     # The sequences' own final-state cotangents enter at their last groups.
@@ -256,7 +261,9 @@ def _end_grads(saved, cot, plan, vi, view, group, later_T, Ts, backend, allow_tf
     # gradients between groups (split) and to send this rank's d0 to rank r − 1.
     send = r > 0 and vi.has_in
     if split or send:
-        d0g = _bwd_init_only(saved, list(cot[:3]) + [dSg, dMg], plan.layout, backend, allow_tf32)
+        if d0g is None:
+            d0g = _bwd_init_only(saved, list(cot[:3]) + [dSg, dMg], plan.layout, backend,
+                                 allow_tf32)
         Ds = tree_up_grads(Ts, plan, d0g, backend) if split else d0g
     # (2) One all-gather of d0 (zeros where nothing is carried in), the fold of ranks
     # R−1..r+1 gives G_{r+1}, the gradient arriving at the carried-out pairs.
@@ -385,6 +392,119 @@ def compose_apply(TB: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return _affine(TB[..., :twoK], X, TB[..., twoK:])
 
 
+def lean_segment_chunks(chunk_size: int) -> int:
+    """MDN_CP_LEAN_SEGMENT_TOKENS (with MDN_CP_LEAN=1): the lean node runs its state pass and
+    output in segments of whole groups of about this many tokens (at least one group each), one
+    after another, so its per-chunk tensors (the pairs, W, their gradients) exist for one
+    segment at a time. 0 (the default): all groups at once."""
+    env = os.environ.get("MDN_CP_LEAN_SEGMENT_TOKENS", "0")
+    if not env.isdigit():
+        raise ValueError(f"MDN_CP_LEAN_SEGMENT_TOKENS must be a non-negative integer, got {env!r}")
+    return int(env) // chunk_size
+
+
+def _segments(plan, seg_chunks: int) -> list:
+    """[(g0, g1, c0, c1, layout)]: consecutive groups [g0, g1) covering chunks [c0, c1), at most
+    seg_chunks chunks unless one group is longer, and the ChunkLayout of those groups over the
+    sliced chunk tensors. Built once per plan (one host copy of the group starts)."""
+    cache = plan.__dict__.setdefault("_segments", {})
+    segs = cache.get(seg_chunks)
+    if segs is None:
+        starts, lens = plan.g_start.tolist(), plan.g_len.tolist()
+        off = plan.layout.seq_chunk_offsets
+        segs, g0 = [], 0
+        while g0 < len(starts):
+            g1, n = g0 + 1, lens[g0]
+            while g1 < len(starts) and n + lens[g1] <= seg_chunks:
+                n, g1 = n + lens[g1], g1 + 1
+            c0, c1 = starts[g0], starts[g1 - 1] + lens[g1 - 1]
+            lay = replace(plan.layout, num_seqs=g1 - g0, num_chunks=c1 - c0,
+                          seq_chunk_offsets=(off[g0:g1 + 1] - c0).contiguous(),
+                          max_chunks=max(lens[g0:g1]))
+            segs.append((g0, g1, c0, c1, lay))
+            g0 = g1
+        cache[seg_chunks] = segs
+    return segs
+
+
+def _segmented_backward(ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fin, dM_fin, segs):
+    """CPStateOutput's backward one segment of groups at a time (lean_segment_chunks): the same
+    steps and kernels as the unsegmented backward, on slices of the chunk tensors. Pass 1 (where
+    step (1) is needed) recomputes each segment's pairs, runs the output's backward (its chunk
+    gradients kept) and the reverse pass that only returns the groups' d0; then the tree and
+    the all-gather (_end_grads) give the gradient arriving at every group's end; pass 2
+    recomputes each segment again and runs the full reverse pass with it. Costs a second
+    recompute of the state pass and of the output's backward; every per-chunk pair-sized
+    tensor lives for one segment."""
+    from mdn_kernels.mdn.chunk_local_fused import output_backward
+    from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
+    plan, vi, view, tf32 = ctx.plan, ctx.vi, ctx.view, ctx.allow_tf32
+    ops = sp[1:]   # Y, Z, Kg, Km, a_end, g_end, u_end
+    K, H, V = ops[0].shape[-1], ops[0].shape[1], sp[0].shape[-1]
+    NG = plan.num_groups
+    split = NG > view.num_local
+    need_d0 = split or (view.rank > 0 and vi.has_in)
+
+    def pairs_of(seg):
+        g0, g1, c0, c1, lay = seg
+        W, S0s, M0s, _, _ = state_pass_fwd_triton(*(t[c0:c1] for t in sp), S_in[g0:g1],
+                                                  M_in[g0:g1], lay, tf32)
+        return W, S0s, M0s
+
+    def out_grads(seg, W, S0s, M0s):
+        c0, c1 = seg[2], seg[3]
+        return output_backward(*(t[c0:c1] for t in loc), W, S0s, M0s, cs[c0:c1], cl[c0:c1], do,
+                               ctx.scale, ctx.mm_dtype)
+
+    local = [torch.empty_like(t) for t in loc]      # dqc .. dgam
+    d0g = None
+    if need_d0:
+        if split:
+            own_S = dS_fin.new_zeros((NG, H, K, V)).index_put((plan.last_idx,), dS_fin)
+            own_M = dM_fin.new_zeros((NG, H, K, V)).index_put((plan.last_idx,), dM_fin)
+        else:
+            own_S, own_M = dS_fin, dM_fin
+        d0g = dS_fin.new_empty((NG, H, 2 * K, V))
+        for seg in segs:
+            g0, g1, c0, c1, lay = seg
+            W, S0s, M0s = pairs_of(seg)
+            g = out_grads(seg, W, S0s, M0s)
+            del W, S0s, M0s
+            for full, part in zip(local, g[:6]):
+                full[c0:c1] = part
+            dS, dM = state_pass_bwd_triton(*(t[c0:c1] for t in ops), *g[6:],
+                                           own_S[g0:g1].contiguous(), own_M[g0:g1].contiguous(),
+                                           None, None, lay, tf32, init_only=True)
+            d0g[g0:g1] = torch.cat([dS, dM], dim=-2)
+            del g
+    dSg, dMg = _end_grads(ops, [None, None, None, dS_fin, dM_fin], plan, vi, view, ctx.group,
+                          later_T, Ts, "triton", tf32, d0g=d0g)
+    in_dt = ctx.in_dtypes
+    grads = [torch.empty(sp[i].shape, dtype=in_dt[i], device=sp[i].device) for i in range(5)]
+    grads += [torch.empty(sp[i].shape, dtype=torch.float32, device=sp[i].device) for i in (5, 6, 7)]
+    dS_g, dM_g = dS_fin.new_empty((NG, H, K, V)), dM_fin.new_empty((NG, H, K, V))
+    for seg in segs:
+        g0, g1, c0, c1, lay = seg
+        W, S0s, M0s = pairs_of(seg)
+        g = out_grads(seg, W, S0s, M0s)
+        if not need_d0:
+            for full, part in zip(local, g[:6]):
+                full[c0:c1] = part
+        dW, dS0s, dM0s = g[6:]
+        del g
+        dWt, dS_end, dM_end, dSi, dMi, dgates = state_pass_bwd_triton(
+            *(t[c0:c1] for t in ops), dW, dS0s, dM0s, dSg[g0:g1], dMg[g0:g1], S0s, M0s, lay, tf32,
+            dWt_out=dW)
+        del dS0s, dM0s
+        dS_g[g0:g1], dM_g[g0:g1] = dSi, dMi
+        part = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates, torch.float32)
+        for full, p in zip(grads, part):
+            full[c0:c1] = p
+        del W, S0s, M0s, dWt, dS_end, dM_end, part
+    dS_i, dM_i = _local_init_grads(dS_g, dM_g, plan, vi, split)
+    return local, grads, dS_i, dM_i
+
+
 class CPStateOutput(torch.autograd.Function):
     """The lean node (mdn.chunk.StateOutput) across a CP group, all-gather mode: the CP state
     pass (the pairs entering every group, as CPStatePass) and the fused output kernel in one
@@ -409,18 +529,33 @@ class CPStateOutput(torch.autograd.Function):
         loc, sp = lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
                                 allow_tf32)
         cs, cl = chunk_bounds(layout.dest, layout.num_chunks, layout.chunk_size)
+        seg_chunks = lean_segment_chunks(layout.chunk_size)
         with torch.no_grad():
             plan, vi, split, Xg, later_T, Ts = _entering_pairs(
                 sp, S_init.contiguous(), M_init.contiguous(), layout, "triton", allow_tf32, view,
                 group, group_chunks)
             S_in, M_in = Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous()
-            W, S0s, M0s, Sg, Mg = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout, allow_tf32)
-            o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape, out_dtype)
-            del W, S0s, M0s
+            if seg_chunks:
+                segs = _segments(plan, seg_chunks)
+                o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
+                Sg, Mg = torch.empty_like(S_in), torch.empty_like(M_in)
+                for g0, g1, c0, c1, lay in segs:
+                    W, S0s, M0s, Sg[g0:g1], Mg[g0:g1] = state_pass_fwd_triton(
+                        *(t[c0:c1] for t in sp), S_in[g0:g1], M_in[g0:g1], lay, allow_tf32)
+                    output_forward(*(t[c0:c1] for t in loc), W, S0s, M0s, cs[c0:c1], cl[c0:c1],
+                                   scale, mm_dtype, out_shape, out_dtype, out=o)
+                    del W, S0s, M0s
+            else:
+                W, S0s, M0s, Sg, Mg = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout,
+                                                            allow_tf32)
+                o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape,
+                                   out_dtype)
+                del W, S0s, M0s
             S, M = (Sg[plan.last_idx], Mg[plan.last_idx]) if split else (Sg, Mg)
         # every tensor through save_for_backward (activation recompute drops only those)
         ctx.save_for_backward(*loc, *sp, S_in, M_in, cs, cl, later_T, Ts)
         ctx.plan, ctx.vi, ctx.view, ctx.group = plan, vi, view, group
+        ctx.segs = _segments(plan, seg_chunks) if seg_chunks else None
         lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32,
                       (t.dtype for t in (U, Y, Z, Kg, Km)), S.shape)
         return o, S, M
@@ -436,6 +571,10 @@ class CPStateOutput(torch.autograd.Function):
         plan, vi, view, tf32 = ctx.plan, ctx.vi, ctx.view, ctx.allow_tf32
         # the CP backward always reads the final pairs' cotangents
         do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, loc[0], both_final=True)
+        if ctx.segs is not None:
+            local, grads, dS_i, dM_i = _segmented_backward(
+                ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fin, dM_fin, ctx.segs)
+            return (*local, *grads, dS_i, dM_i) + (None,) * 9
         W, S0s, M0s, _, _ = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout, tf32)
         dqc, dkc, det, dla, dg0, dgam, dW, dS0s, dM0s = output_backward(
             *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype)

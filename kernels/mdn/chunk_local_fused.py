@@ -963,15 +963,23 @@ class LocalPrepare(torch.autograd.Function):
 
 
 def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, mm_dtype,
-                   out_shape: tuple, out_dtype: torch.dtype):
-    """o [B, T, H, V] from the chunk quantities and the per-chunk pairs (contiguous inputs)."""
+                   out_shape: tuple, out_dtype: torch.dtype, out: torch.Tensor | None = None):
+    """o [B, T, H, V] from the chunk quantities and the per-chunk pairs (contiguous inputs).
+    `out`: write into it instead (contiguous, out_shape, out_dtype); only the tokens of the given
+    chunks are written (cs holds their absolute first tokens), so a caller may run the chunks
+    in slices (CP's segmented lean node)."""
     NC, H, C, K = qc.shape
     V = W.shape[-1]
     _check_cdt(qc.dtype)
     for t in (W, S0s, M0s):  # the state pass hands these over in bf16 for 16-bit models
         if t.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"W, S0s, M0s must be float32 or bfloat16, got {t.dtype}")
-    o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
+    if out is None:
+        o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
+    else:
+        if tuple(out.shape) != tuple(out_shape) or out.dtype != out_dtype or not out.is_contiguous():
+            raise ValueError("out must be a contiguous tensor of out_shape and out_dtype")
+        o = out
     mmdt = _tl_mm(mm_dtype)
     lp = _lp("output_fwd", K, V, C, mmdt)
     if NC > 0:

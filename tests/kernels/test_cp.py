@@ -60,6 +60,14 @@ CASES = {
                          {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1"}}),
         "triton_fused_lean": (1, 32, [0, 9, 64], "allgather", "triton", 16,
                               {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1"}}),
+        # ... run in segments of groups (one 16-token chunk each: two per rank; the bf16 case:
+        # 3 chunks at most, so its two 2-chunk groups are two segments)
+        "triton_fused_lean_seg": (1, 32, [0, 9, 64], "allgather", "triton", 16,
+                                  {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1",
+                                                              "MDN_CP_LEAN_SEGMENT_TOKENS": "16"}}),
+        "triton_bf16_lean_seg": (1, 64, [0, 20, 128], "allgather", "triton", 16,
+                                 {"dtype": torch.bfloat16, "gate_dtype": torch.float32, "group_chunks": 2,
+                                  "env": {"MDN_CP_LEAN": "1", "MDN_CP_LEAN_SEGMENT_TOKENS": "48"}}),
     },
     3: {
         "rows_init": (2, 20, None, "allgather", "torch", K, {"group_chunks": 1}),
@@ -76,6 +84,9 @@ CASES = {
                          {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1"}}),
         "triton_fused_lean": (1, 32, [0, 40, 41, 96], "allgather", "triton", 16,
                               {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1"}}),
+        "triton_fused_lean_seg": (1, 32, [0, 40, 41, 96], "allgather", "triton", 16,
+                                  {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1",
+                                                              "MDN_CP_LEAN_SEGMENT_TOKENS": "16"}}),
     },
     4: {
         "rows_init": (1, 16, None, "allgather", "torch", K, {}),
@@ -90,8 +101,8 @@ HALO_W = 4
 
 
 def seed_of(name: str) -> int:
-    """The same inputs for a case and its _ring and _lean twins."""
-    return zlib.crc32(name.removesuffix("_ring").removesuffix("_lean").encode()) % 10_000
+    """The same inputs for a case and its _ring and _lean(_seg) twins."""
+    return zlib.crc32(name.removesuffix("_ring").split("_lean")[0].encode()) % 10_000
 
 
 class env_set:
@@ -308,18 +319,19 @@ def test_ring_equals_allgather(world):
 
 
 def test_lean_node_equals_the_default_path(world):
-    """MDN_CP_LEAN=1 (CPStateOutput: the per-chunk pairs recomputed in the backward) gives the
-    default CP path's (CPStatePass + LocalOutput) output, final pairs and every gradient on the
-    same fp32 inputs, per rank (measured: bitwise, at R = 2 and 3). The 16-bit lean case is held
+    """MDN_CP_LEAN=1 (CPStateOutput: the per-chunk pairs recomputed in the backward), and the same
+    in segments of groups (MDN_CP_LEAN_SEGMENT_TOKENS), give the default CP path's (CPStatePass +
+    LocalOutput) output, final pairs and every gradient on the same fp32 inputs, per rank
+    (measured: bitwise, at R = 2 and 3). The 16-bit lean case is held
     to float64 in test_cp_equals_single_process instead: its chunk-local kernels write the state
     pass's operands in bf16 where the default path rounds them later, which moves results by
     bf16 rounding (5e-3 under the interpreter, as mode 1 against mode 0 without CP)."""
     R, ranks = world
-    lean = [n for n in CASES[R] if n.endswith("_lean") and "dtype" not in CASES[R][n][-1]]
+    lean = [n for n in CASES[R] if "_lean" in n and "dtype" not in CASES[R][n][-1]]
     for name in lean:
         for r in ranks:
             for key, t in r[name].items():
-                want = r[name.removesuffix("_lean")][key]
+                want = r[name.split("_lean")[0]][key]
                 if want.abs().max() == 0:
                     assert t.abs().max() == 0, f"{name} {key}"
                     continue

@@ -304,3 +304,25 @@ def test_group_map_kernel_at_the_1p3b_head_size(low, tol):
     got = group_maps_triton(*a, plan.g_start, plan.g_len, low == torch.bfloat16)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert torch.isfinite(got).all() and err <= tol, err
+
+
+def test_lean_segments_cut_whole_groups(monkeypatch):
+    """state_pass_cp._segments: consecutive whole groups of at most seg_chunks chunks (a longer
+    group alone), their chunk ranges and a layout over the sliced chunks whose offsets start at
+    0; cached per plan. MDN_CP_LEAN_SEGMENT_TOKENS is read in tokens and checked."""
+    from mdn_kernels.cp import state_pass_cp as spc
+    _, layout = prepared(1, 9 * 8, 1, 8, 8, 8, torch.float64, cu=torch.tensor([0, 40, 72]))
+    plan = plan_groups(layout, 2)          # sequences of 5 and 4 chunks → groups 2,2,1 | 2,2
+    segs = spc._segments(plan, 3)
+    assert [(g0, g1, c0, c1) for g0, g1, c0, c1, _ in segs] == [(0, 1, 0, 2), (1, 3, 2, 5),
+                                                               (3, 4, 5, 7), (4, 5, 7, 9)]
+    assert [lay.seq_chunk_offsets.tolist() for *_, lay in segs] == [[0, 2], [0, 2, 3], [0, 2], [0, 2]]
+    assert [lay.num_seqs for *_, lay in segs] == [1, 2, 1, 1]
+    assert spc._segments(plan, 3) is segs
+    assert [(s[0], s[1]) for s in spc._segments(plan, 1)] == [(i, i + 1) for i in range(5)]
+    assert len(spc._segments(plan, 100)) == 1
+    monkeypatch.setenv("MDN_CP_LEAN_SEGMENT_TOKENS", "200")
+    assert spc.lean_segment_chunks(64) == 3
+    monkeypatch.setenv("MDN_CP_LEAN_SEGMENT_TOKENS", "2k")
+    with pytest.raises(ValueError, match="MDN_CP_LEAN_SEGMENT_TOKENS"):
+        spc.lean_segment_chunks(64)
