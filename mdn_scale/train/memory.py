@@ -74,6 +74,13 @@ the place of U, freed after the recompute) and the state pass's dS_end, dM_end 2
 CP, inside StatePass.backward: the same input gradients, the state pass's dW̃, dS_end, dM_end
 2V + 2·2KV/C and state_pass_grads' fp32 dU, dY, dZ, dKg, dKm 4V + 4·4K. By then the layer's
 tensors after the op (gated norm, MLP, second norm) are freed.
+CP's lean node (MDN_CP_LEAN=1, Layout.cp_lean; kernels/cp/state_pass_cp.CPStateOutput) keeps no
+pair; its backward holds the output's chunk-input gradients 4·2K + 12 + 4C and, per chunk, the
+recomputed W 2V, dW̃ and the output's pair gradients 2V + 2·2KV/C, the recomputed S0s, M0s and
+dS_end, dM_end 2·2·2KV/C, state_pass_grads' fp32 products 4V + 4·4K + 12. In segments of S
+tokens (MDN_CP_LEAN_SEGMENT_TOKENS, Layout.cp_lean_segment_tokens) the per-chunk part counts
+for a share f = S / T_l, and full-size buffers of the state pass's input gradients (bf16 dU,
+dY..dKm, fp32 gate sums: 2V + 2·4K + 12) are added.
 
 Peak: the static memory plus the largest of three moments of a step (each adds to what is kept):
   forward end   autocast's bf16 weight copies (2 · P_l, cached until autocast exits) and the
@@ -131,6 +138,10 @@ class Layout:
     distributed_optimizer: bool = False  # ZeRO-1: Adam moments sharded over dp×cp
     fused_mixer: Optional[bool] = None  # FLA's conv/gated norm (None: from model.mixer_kernels)
     fused_gates: Optional[bool] = None  # the Triton gate kernels (None: from model.mixer_kernels)
+    # CP's lean op node and its segments (None: MDN_CP_LEAN / MDN_CP_LEAN_SEGMENT_TOKENS, as the
+    # op reads them; mdn_kernels.cp)
+    cp_lean: Optional[bool] = None
+    cp_lean_segment_tokens: Optional[int] = None
 
     @property
     def tokens_per_rank(self) -> int:
@@ -178,6 +189,20 @@ def fused_mixer(cfg, lay: Layout) -> bool:
     return choice == "fla"
 
 
+def cp_lean(lay: Layout) -> tuple[bool, int]:
+    """(lean CP node, its segment in tokens or 0) of the run being estimated: the Layout's
+    values, else the environment the op reads (mdn_kernels.cp.api.cp_lean,
+    state_pass_cp.lean_segment_chunks)."""
+    import os
+
+    lean = lay.cp_lean if lay.cp_lean is not None else os.environ.get("MDN_CP_LEAN", "0") == "1"
+    seg = lay.cp_lean_segment_tokens
+    if seg is None:
+        env = os.environ.get("MDN_CP_LEAN_SEGMENT_TOKENS", "0")
+        seg = int(env) if env.isdigit() else 0
+    return bool(lean) and lay.cp > 1, (int(seg) if lean else 0)
+
+
 def fused_gates(cfg, lay: Layout) -> bool:
     """Whether the run being estimated takes the Triton gate kernels (module docstring)."""
     if lay.fused_gates is not None:
@@ -218,9 +243,21 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         # 2V in the op's chunk terms: U (StateOutput, recomputes the pairs) or W (StatePass under CP)
         chunk = H_l * (4 * 2 * K + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C)
         out_grads = 4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C
-        if lay.cp > 1:  # CP keeps StatePass + LocalOutput (kernels/cp/state_pass_cp.py)
-            pairs = H_l * 2 * 2 * K * V / C
-            backward = H_l * (out_grads + (2 * V + 2 * 2 * K * V / C) + (4 * V + 4 * 4 * K))
+        lean, seg = cp_lean(lay)
+        pair = 2 * 2 * K * V / C
+        if lean:  # CP's lean node (CPStateOutput): no pair kept; in its backward the recomputed
+            #       W, S0s, M0s, the output's gradients, dS_end, dM_end and state_pass_grads'
+            #       fp32 products, the per-chunk ones for one segment (a share f of the rank's
+            #       tokens) when segmented, beside the full-size gradient buffers
+            pairs = 0
+            T_l = lay.tokens_per_rank
+            f = min(1.0, seg / T_l) if seg else 1.0
+            per_chunk = 2 * V + (2 * V + pair) + pair + pair + (4 * V + 4 * 4 * K + 12)
+            full = (4 * 2 * K + 12 + 4 * C) + (2 * V + 2 * 4 * K + 12) if seg else 4 * 2 * K + 12 + 4 * C
+            backward = H_l * (full + f * per_chunk)
+        elif lay.cp > 1:  # CP keeps StatePass + LocalOutput (kernels/cp/state_pass_cp.py)
+            pairs = H_l * pair
+            backward = H_l * (out_grads + (2 * V + pair) + (4 * V + 4 * 4 * K))
         else:           # StateOutput: the pairs are recomputed in the backward
             pairs = 0
             backward = H_l * (out_grads + 2 * 2 * K * V / C + 2 * 2 * K * V / C)

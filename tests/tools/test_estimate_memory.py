@@ -114,6 +114,40 @@ def test_estimate_by_hand_bf16_recompute_chunked_loss():
     assert est["allocated"] == max(est["moments"].values())
 
 
+def test_cp_lean_node_and_segments_by_hand(monkeypatch):
+    """The op's terms under CP, bf16, per token (TINY: H=2, K=16, V=32, C=64; a pair is
+    2·2·K·V/C = 32 bytes per token and head): the default CP path keeps the pairs; the lean
+    node (MDN_CP_LEAN) keeps none and holds its per-chunk backward tensors for one segment
+    (MDN_CP_LEAN_SEGMENT_TOKENS) beside full-size gradient buffers."""
+    monkeypatch.delenv("MDN_CP_LEAN", raising=False)
+    monkeypatch.delenv("MDN_CP_LEAN_SEGMENT_TOKENS", raising=False)
+
+    def terms(**kw):
+        return layer_activation_terms(TINY, Layout(cp=2, seq_len=1024, precision="bf16", **kw))
+    local = 4 * 2 * 16 + 12 + 4 * 64                    # the output's chunk-input gradients: 396
+    default = terms()
+    assert default["op_state_pairs"] == 2 * 32
+    # the output's gradients with its pair gradients, dW̃ + dS_end, dM_end, fp32 products
+    assert default["op_backward"] == 2 * ((local + 2 * 32 + 32) + (2 * 32 + 32) + (4 * 32 + 4 * 4 * 16))
+    # recomputed W, dW and the output's pair gradients, recomputed S0s/M0s, dS_end/dM_end, fp32
+    # products (dU, dY, dZ, dKg, dKm, three gate sums)
+    per_chunk = 2 * 32 + (2 * 32 + 32) + 32 + 32 + (4 * 32 + 4 * 4 * 16 + 12)
+    assert per_chunk == 620
+    lean = terms(cp_lean=True)
+    assert lean["op_state_pairs"] == 0 and lean["op_backward"] == 2 * (local + per_chunk)
+    # 128-token segments of the rank's 512 tokens: a quarter of the per-chunk tensors, plus the
+    # full-size buffers of the state pass's input gradients (bf16 dU, dY..dKm; fp32 gate sums)
+    seg = terms(cp_lean=True, cp_lean_segment_tokens=128)
+    assert seg["op_backward"] == 2 * (local + (2 * 32 + 2 * 4 * 16 + 12) + per_chunk / 4)
+    assert seg["op_backward"] == 1510
+    # the environment, as the op reads it; without CP the lean node does not apply
+    monkeypatch.setenv("MDN_CP_LEAN", "1")
+    monkeypatch.setenv("MDN_CP_LEAN_SEGMENT_TOKENS", "128")
+    assert terms() == seg
+    one = layer_activation_terms(TINY, Layout(cp=1, seq_len=1024, precision="bf16"))
+    assert one == layer_activation_terms(TINY, Layout(cp=1, seq_len=1024, precision="bf16", cp_lean=False))
+
+
 def test_recompute_bf16_and_scaling():
     base = Layout(seq_len=4096, precision="bf16", recompute=True)
     est = estimate(TINY, base, reserve_gib=0)
