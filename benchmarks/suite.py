@@ -779,6 +779,14 @@ PLANS = {
                           "--out {R}/result.json")]),
         ]),
     ],
+    "lc10": [  # for session 10 (issue 8's goal): 1M tokens of the 1.3B model on 4 H100s with the
+               # lean CP node in 16K-token segments and the recomputing conv (estimate 74 GiB);
+               # 768K first (its rung), then up
+        ("g4", 560, [
+            ("0,1,2,3", [("longctx_search_g4_lean", 555, "MDN_CP_LEAN=1 MDN_CP_LEAN_SEGMENT_TOKENS=16384 "
+                          + LONGCTX_SEARCH.format(n=4, att=2, t=270, b=550) + " --start 786432")]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [

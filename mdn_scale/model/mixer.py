@@ -88,6 +88,75 @@ class _OneRank:
         return 0
 
 
+def _conv_mask(T: int, W: int, cu_seqlens: Optional[torch.Tensor], token_offset: int,
+               device, dtype) -> Optional[torch.Tensor]:
+    """[T, W]: 1 where tap j of local token t reads its own document, else 0 (None: no
+    documents)."""
+    if cu_seqlens is None:
+        return None
+    pos = torch.arange(T, device=device) + token_offset
+    cs = cu_seqlens.to(device=device, dtype=torch.long)
+    doc_start = cs[torch.searchsorted(cs, pos, right=True) - 1]
+    # tap j reads global position pos - (W-1) + j
+    src = pos[:, None] - (W - 1) + torch.arange(W, device=device)[None, :]
+    return (src >= doc_start[:, None]).to(dtype)
+
+
+def _conv_terms(padded: torch.Tensor, weight: torch.Tensor, mask: Optional[torch.Tensor], T: int):
+    y = None
+    for j in range(weight.shape[1]):
+        term = padded[:, j:j + T] * weight[:, j]
+        if mask is not None:
+            term = term * mask[:, j, None]
+        y = term if y is None else y + term
+    return y
+
+
+class _CausalConvSilu(torch.autograd.Function):
+    """SiLU(causal_conv(...)) that keeps only the padded input and the document mask for the
+    backward and recomputes the conv there. The composite (causal_conv, then F.silu) keeps the
+    conv's output for SiLU's backward in the promoted dtype: fp32 under autocast over fp32
+    weights, 4 bytes per channel and token (24 KiB per token at 1.3B), for every rebuilt layer
+    that runs the eager conv (always under CP). Same forward values; the input's gradient is
+    summed over the taps in fp32 and rounded once (the composite rounds each tap's share)."""
+
+    @staticmethod
+    def forward(ctx, padded, weight, mask, T: int):
+        y = _conv_terms(padded, weight, mask, T)
+        ctx.save_for_backward(padded, weight, mask)
+        ctx.T = T
+        return F.silu(y)
+
+    @staticmethod
+    def backward(ctx, dout):
+        padded, weight, mask = ctx.saved_tensors
+        T, W = ctx.T, weight.shape[1]
+        with torch.no_grad():
+            y = _conv_terms(padded, weight, mask, T)
+            sig = torch.sigmoid(y)
+            dy = dout * sig * (1 + y * (1 - sig))      # aten's silu_backward
+            del y, sig
+            dpad = torch.zeros(padded.shape, dtype=dy.dtype, device=dy.device)
+            dw = torch.empty(weight.shape, dtype=dy.dtype, device=dy.device)
+            for j in range(W):
+                dterm = dy if mask is None else dy * mask[:, j, None]
+                dpad[:, j:j + T] += dterm * weight[:, j]
+                dw[:, j] = (dterm * padded[:, j:j + T]).sum(dim=(0, 1))
+        return dpad.to(padded.dtype), dw.to(weight.dtype), None, None
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, *, padded: Optional[torch.Tensor] = None,
+                     cu_seqlens: Optional[torch.Tensor] = None, token_offset: int = 0) -> torch.Tensor:
+    """F.silu(causal_conv(x, weight, ...)) (same arguments) as _CausalConvSilu: the eager path
+    of the mixer's conv, keeping the padded input instead of the conv's output."""
+    B, T, C = x.shape
+    W = weight.shape[1]
+    if padded is None:
+        padded = F.pad(x, (0, 0, W - 1, 0))
+    mask = _conv_mask(T, W, cu_seqlens, token_offset, x.device, x.dtype)
+    return _CausalConvSilu.apply(padded, weight, mask, T)
+
+
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, padded: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, token_offset: int = 0) -> torch.Tensor:
     """Depthwise causal conv, no bias: y_t = Σ_j weight[:, j] · x_{t−(W−1)+j}.
@@ -103,21 +172,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, padded: Optional[torch
     W = weight.shape[1]
     if padded is None:
         padded = F.pad(x, (0, 0, W - 1, 0))
-    mask = None
-    if cu_seqlens is not None:
-        pos = torch.arange(T, device=x.device) + token_offset
-        cs = cu_seqlens.to(device=x.device, dtype=torch.long)
-        doc_start = cs[torch.searchsorted(cs, pos, right=True) - 1]
-        # tap j reads global position pos - (W-1) + j
-        src = pos[:, None] - (W - 1) + torch.arange(W, device=x.device)[None, :]
-        mask = (src >= doc_start[:, None]).to(x.dtype)  # [T, W]
-    y = None
-    for j in range(W):
-        term = padded[:, j:j + T] * weight[:, j]
-        if mask is not None:
-            term = term * mask[:, j, None]
-        y = term if y is None else y + term
-    return y
+    return _conv_terms(padded, weight, _conv_mask(T, W, cu_seqlens, token_offset, x.device, x.dtype), T)
 
 
 def gated_rmsnorm(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -310,7 +365,7 @@ class MDNMixer(MegatronModule):
                 # qkv is the in-projection's output dtype (the autocast dtype under autocast);
                 # the weights stay as they are (fp32): see conv_silu_fla.
                 return mk.conv_silu_fla(qkv, weight, cu_seqlens)
-            return F.silu(causal_conv(qkv, weight, cu_seqlens=cu_seqlens))
+            return causal_conv_silu(qkv, weight, cu_seqlens=cu_seqlens)
         # Under CP the conv stays eager whatever model.mixer_kernels says. FLA's `initial_state`
         # ([N, D, W], slot 0 unused, per document, with its gradient dh0) could carry the halo,
         # but only into the first local document, and only the halo tokens of that document
@@ -319,8 +374,8 @@ class MDNMixer(MegatronModule):
         from mdn_kernels.cp import conv_halo  # the CP branch's halo exchange (DESIGN §5)
         padded = conv_halo(qkv, weight.shape[1], self.cp_group)
         # Slices are equal and in rank order, so this rank's first token is rank·T in the stream.
-        return F.silu(causal_conv(qkv, weight, padded=padded, cu_seqlens=cu_seqlens,
-                                  token_offset=self.cp_group.rank() * qkv.shape[1]))
+        return causal_conv_silu(qkv, weight, padded=padded, cu_seqlens=cu_seqlens,
+                                token_offset=self.cp_group.rank() * qkv.shape[1])
 
     def _gated_norm(self, o, g):
         # o_norm_weight is replicated across TP but each rank only sees its own heads: summing

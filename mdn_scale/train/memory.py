@@ -25,8 +25,9 @@ Saved for the backward, per token of one recurrent layer, bf16 (autocast over fp
 residual stream is bf16 after the first layer: Megatron's bias-dropout-add casts the residual to
 the layer output's dtype)
   each RMSNorm (2)     10d + 4         fp32 copy of the bf16 input, rsqrt, x·rsqrt, bf16 output
-  causal conv          2 P_qkv + 2W    the zero-padded bf16 input copy, the document mask
-                       + 4 P_qkv       its fp32 output (fp32 weights promote), kept by the SiLU
+  causal conv + SiLU   2 P_qkv + 2W    the zero-padded bf16 input copy (with the CP halo), the
+                                       document mask (mixer.causal_conv_silu recomputes the conv
+                                       in the backward; the composite kept its fp32 output, 4 P_qkv)
     fused (FLA)        2 P_in          FLA's CausalConv1dFunction saves its input x (and the
                                        weight): a strided view of the bf16 in-projection output,
                                        which keeps all of it, P_in = P_qkv + H_l V + (4 | 3) H_l;
@@ -235,8 +236,8 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
             gates = (15 if cfg.momentum else 12) * 4 * H_l
         if fused_conv:
             conv = 2 * (P_qkv + H_l * V + (4 if cfg.momentum else 3) * H_l)
-        else:
-            conv = (2 * P_qkv + 2 * W) + 4 * P_qkv
+        else:  # mixer.causal_conv_silu: the padded bf16 input and the mask (the conv recomputed)
+            conv = 2 * P_qkv + 2 * W
         gated_norm = (6 if fused else 18) * H_l * V + 4 * H_l
         before = norm + conv + 2 * P_qkv + 2 * H_l * V + gates
         after = gated_norm + norm + 10 * F_l

@@ -84,11 +84,12 @@ def test_estimate_by_hand_bf16_recompute_chunked_loss():
     T_l, P, d, Vp = 1024, 125336, 64, 320
     est = estimate(cfg, Layout(seq_len=T_l, precision="bf16", recompute=True), reserve_gib=0)
     t = layer_activation_terms(cfg, Layout(precision="bf16"))
-    # P_qkv = 2·(32 + 32) = 128; before the op: norm 10d + 4 = 644, conv 2·128 + 2·4 + 4·128,
-    # bf16 q|k|v 2·128, v copy 2·2·32, gates 15·4·2
-    before = 644 + (256 + 8 + 512) + 256 + 128 + 120
+    # P_qkv = 2·(32 + 32) = 128; before the op: norm 10d + 4 = 644, conv + SiLU 2·128 + 2·4
+    # (the padded input and the mask; the conv is recomputed in the backward), bf16 q|k|v 2·128,
+    # v copy 2·2·32, gates 15·4·2
+    before = 644 + (256 + 8) + 256 + 128 + 120
     after = (18 * 64 + 8) + 644 + 10 * 128  # gated norm, second norm, MLP
-    assert (t["around_op"], t["after_op"]) == (before + after, after) == (1924 + 3084, 3084)
+    assert (t["around_op"], t["after_op"]) == (before + after, after) == (1412 + 3084, 3084)
     # op per head (C = 64): q̂ k̂ 8K + Y Z Kg Km 8K + (I+A)⁻¹ Γ 8C + 28 + W 2V + 12/C (the chunk
     # bounds are made once per micro-batch, shared by the layers)
     assert t["op_chunk_tensors"] == 2 * (128 + 128 + 512 + 28 + 64 + 12 / 64) == 1720.375
@@ -100,7 +101,7 @@ def test_estimate_by_hand_bf16_recompute_chunked_loss():
     # dS_end, dM_end 4KV/C; under CP the state pass's 2V + 4KV/C and fp32 4V + 16K instead
     assert t["op_backward"] == 2 * ((128 + 12 + 256 + 64 + 32) + 32 + 32) == 1112
     assert cp2["op_backward"] == 2 * ((128 + 12 + 256 + 64 + 32) + (64 + 32) + (128 + 256)) == 1944
-    layer = 1924 + 3084 + 1720.375 + 0
+    layer = 1412 + 3084 + 1720.375 + 0
     assert est["autocast_weight_copies"] == 2 * P
     assert est["activations_kept"] == T_l * (4 * d + 1 * 2 * d)  # fp32 embedding output, one bf16 input
     assert est["activations_rebuilt_layer"] == int(T_l * layer)
