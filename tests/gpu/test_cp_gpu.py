@@ -38,6 +38,13 @@ CASES = {  # name → (dtype, global cu_seqlens or None)
 }
 
 
+# "allgather_lean": the opt-in lean node (MDN_CP_LEAN, kernels/cp/state_pass_cp.CPStateOutput) in
+# segments of one 2048-token group (two per rank at R = 2); it applies to the 16-bit cases (the
+# fused chunk-local kernels), the fp32 ones run the default path under it
+MODES = ("allgather", "ring", "allgather_lean")
+MODE_ENV = {"allgather_lean": {"MDN_CP_LEAN": "1", "MDN_CP_LEAN_SEGMENT_TOKENS": "2048"}}
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
@@ -71,9 +78,14 @@ def worker(rank, R, port, outdir):
         xs, do = inputs(dtype)
         xs, do = [x.cuda() for x in xs], do.cuda()
         cu_t = None if cu is None else torch.tensor(cu, device="cuda")
-        for mode in ("allgather", "ring"):
-            res = run([x[:, sl] for x in xs], do[:, sl].contiguous(), cu_seqlens=cu_t,
-                      cp_group=dist.group.WORLD, cp_mode=mode)
+        for mode in MODES:
+            os.environ.update(MODE_ENV.get(mode, {}))
+            try:
+                res = run([x[:, sl] for x in xs], do[:, sl].contiguous(), cu_seqlens=cu_t,
+                          cp_group=dist.group.WORLD, cp_mode=mode.split("_")[0])
+            finally:
+                for k in MODE_ENV.get(mode, {}):
+                    os.environ.pop(k, None)
             out[(name, mode)] = [t.cpu() for t in res]
         if rank == 0:
             out[(name, "cp1")] = [t.cpu() for t in run(xs, do, cu_seqlens=cu_t)]
@@ -100,7 +112,7 @@ def test_cp_matches_cp1_on_gpus(R, record):
     n = T_TOTAL // R
     for name, (dtype, _) in CASES.items():
         cp1, f32 = ranks[0][(name, "cp1")], ranks[0][(name, "fp32")]
-        for mode in ("allgather", "ring"):
+        for mode in MODES:
             got = [torch.cat([r[(name, mode)][i] for r in ranks], dim=1) for i in range(len(NAMES))]
             errs = {}
             for i, key in enumerate(NAMES):
