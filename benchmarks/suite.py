@@ -136,6 +136,29 @@ def quality_train(model: str) -> str:
 QUALITY_PLOT = ("python3 tools/plot_quality.py {R}/../q_mdn {R}/../q_gdn {R}/../q_transformer "
                 "--suite {R}/../suite.json --out {R}/quality")
 
+def cp_weak_scaling(profile_400m: bool) -> list:
+    """Whole-model CP weak scaling in one call, 16K tokens per GPU per micro-batch (the
+    4K-per-GPU runs of sessions 4-7 were host-bound): 400M (K = 128) and 1.3B (K = 256,
+    recompute), CP = 4 first, then CP = 1 and CP = 2 on the same GPUs. Profiled: the 400M pair
+    (profile_400m) or the 1.3B pair."""
+    prof = " --profile {R}/profile.txt"
+    p400, p13 = (prof, "") if profile_400m else ("", prof)
+    m400 = f"--config {M400} --micro-batch 1 --microbatches 2"
+    m13 = f"--config {M13} --micro-batch 1 --recompute --steps 3 --warmup 2"
+    return [
+        ("cp4", 300 if profile_400m else 290, [
+            ("0,1,2,3", [("cp4_400m_64k", 140 if profile_400m else 130,
+                          bench_model(4, f"{m400} --cp 4 --seq-len 65536{p400}")),
+                         ("cp4_1p3b_64k", 155, bench_model(4, f"{m13} --cp 4 --seq-len 65536{p13}"))]),
+        ]),
+        ("cp1_cp2", 160, [
+            ("0", [("cp1_400m_16k", 158, bench_model(1, f"{m400} --seq-len 16384{p400}"))]),
+            ("1", [("cp1_1p3b_16k", 158, bench_model(1, f"{m13} --seq-len 16384{p13}"))]),
+            ("2,3", [("cp2_400m_32k", 158, bench_model(2, f"{m400} --cp 2 --seq-len 32768"))]),
+        ]),
+    ]
+
+
 PLANS = {
     "a": [
         ("single", 430, [
@@ -704,27 +727,7 @@ PLANS = {
                     + " --start 131072")]),
         ]),
     ],
-    "cpm9": [  # session 9 (issue 9): whole-model CP weak scaling in one call, 16K tokens per GPU
-               # per micro-batch (the 4K-per-GPU runs of sessions 4-7 were host-bound): 400M
-               # (K = 128: Triton group maps) and 1.3B (K = 256: torch group maps, recompute),
-               # CP = 4 first, then CP = 1 and CP = 2 on the same GPUs; the 1.3B pair profiled
-        ("cp4", 290, [
-            ("0,1,2,3", [("cp4_400m_64k", 130, bench_model(4, f"--config {M400} --micro-batch 1 "
-                                                              "--microbatches 2 --cp 4 --seq-len 65536")),
-                         ("cp4_1p3b_64k", 155, bench_model(4, f"--config {M13} --micro-batch 1 --cp 4 "
-                                                              "--seq-len 65536 --recompute --steps 3 "
-                                                              "--warmup 2 --profile {R}/profile.txt"))]),
-        ]),
-        ("cp1_cp2", 160, [
-            ("0", [("cp1_400m_16k", 158, bench_model(1, f"--config {M400} --micro-batch 1 "
-                                                        "--microbatches 2 --seq-len 16384"))]),
-            ("1", [("cp1_1p3b_16k", 158, bench_model(1, f"--config {M13} --micro-batch 1 --seq-len 16384 "
-                                                        "--recompute --steps 3 --warmup 2 "
-                                                        "--profile {R}/profile.txt"))]),
-            ("2,3", [("cp2_400m_32k", 158, bench_model(2, f"--config {M400} --micro-batch 1 "
-                                                          "--microbatches 2 --cp 2 --seq-len 32768"))]),
-        ]),
-    ],
+    "cpm9": cp_weak_scaling(profile_400m=False),   # session 9 (issue 9); BENCHMARKS.md
     "gm9": [  # session 9: the Triton group-map kernel at K = 256 (MDN_CP_GROUP_MAP_MAX_K=256; the
               # torch maps' serial loop is the suspect of the 1.3B CP step's 4.3x, plan cpm9): the
               # CP op against float64 first, then the 1.3B CP = 2 step with and without it, the
@@ -740,27 +743,10 @@ PLANS = {
             ("2,3", [("cp2_1p3b_32k_default_b", 145, bench_model(2, GM9_MODEL))]),
         ]),
     ],
-    "cpm10": [  # for session 10: plan cpm9 again after the CP op stopped syncing the host per layer
-                # (kernels/cp/api._local_view) and with the group-map kernel at K = 256; the 400M
-                # CP = 4 step profiled (the 1.3B CP = 4 profile of cpm9 ran past its limit)
-        ("cp4", 300, [
-            ("0,1,2,3", [("cp4_400m_64k", 140, bench_model(4, f"--config {M400} --micro-batch 1 "
-                                                              "--microbatches 2 --cp 4 --seq-len 65536 "
-                                                              "--profile {R}/profile.txt")),
-                         ("cp4_1p3b_64k", 155, bench_model(4, f"--config {M13} --micro-batch 1 --cp 4 "
-                                                              "--seq-len 65536 --recompute --steps 3 "
-                                                              "--warmup 2"))]),
-        ]),
-        ("cp1_cp2", 160, [
-            ("0", [("cp1_400m_16k", 158, bench_model(1, f"--config {M400} --micro-batch 1 "
-                                                        "--microbatches 2 --seq-len 16384 "
-                                                        "--profile {R}/profile.txt"))]),
-            ("1", [("cp1_1p3b_16k", 158, bench_model(1, f"--config {M13} --micro-batch 1 --seq-len 16384 "
-                                                        "--recompute --steps 3 --warmup 2"))]),
-            ("2,3", [("cp2_400m_32k", 158, bench_model(2, f"--config {M400} --micro-batch 1 "
-                                                          "--microbatches 2 --cp 2 --seq-len 32768"))]),
-        ]),
-    ],
+    # for session 10: plan cpm9 again after the CP op stopped syncing the host per layer
+    # (kernels/cp/api._local_view) and with the group-map kernel at K = 256; the 400M steps
+    # profiled instead of the 1.3B (whose CP = 4 profile ran past cpm9's limit)
+    "cpm10": cp_weak_scaling(profile_400m=True),
     "lean10": [  # for session 10 (issue 3's memory per rank): the opt-in lean CP node
                  # (MDN_CP_LEAN=1) against float64 at both head sizes, then the R = 4 op benchmark's
                  # strong-scaling section (peak memory per rank) with and without it

@@ -406,7 +406,10 @@ def lean_segment_chunks(chunk_size: int) -> int:
 def _segments(plan, seg_chunks: int) -> list:
     """[(g0, g1, c0, c1, layout)]: consecutive groups [g0, g1) covering chunks [c0, c1), at most
     seg_chunks chunks unless one group is longer, and the ChunkLayout of those groups over the
-    sliced chunk tensors. Built once per plan (one host copy of the group starts)."""
+    sliced chunk tensors. Built once per plan (one host copy of the group starts). seg_chunks 0:
+    one segment of every group and chunk (plan.layout itself; no host copy)."""
+    if not seg_chunks:
+        return [(0, plan.num_groups, 0, plan.layout.num_chunks, plan.layout)]
     cache = plan.__dict__.setdefault("_segments", {})
     segs = cache.get(seg_chunks)
     if segs is None:
@@ -535,21 +538,14 @@ class CPStateOutput(torch.autograd.Function):
                 sp, S_init.contiguous(), M_init.contiguous(), layout, "triton", allow_tf32, view,
                 group, group_chunks)
             S_in, M_in = Xg[:, :, :K].contiguous(), Xg[:, :, K:].contiguous()
-            if seg_chunks:
-                segs = _segments(plan, seg_chunks)
-                o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
-                Sg, Mg = torch.empty_like(S_in), torch.empty_like(M_in)
-                for g0, g1, c0, c1, lay in segs:
-                    W, S0s, M0s, Sg[g0:g1], Mg[g0:g1] = state_pass_fwd_triton(
-                        *(t[c0:c1] for t in sp), S_in[g0:g1], M_in[g0:g1], lay, allow_tf32)
-                    output_forward(*(t[c0:c1] for t in loc), W, S0s, M0s, cs[c0:c1], cl[c0:c1],
-                                   scale, mm_dtype, out_shape, out_dtype, out=o)
-                    del W, S0s, M0s
-            else:
-                W, S0s, M0s, Sg, Mg = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout,
-                                                            allow_tf32)
-                o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape,
-                                   out_dtype)
+            # one segment of every group unless segmented (slices of the whole are views)
+            o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
+            Sg, Mg = torch.empty_like(S_in), torch.empty_like(M_in)
+            for g0, g1, c0, c1, lay in _segments(plan, seg_chunks):
+                W, S0s, M0s, Sg[g0:g1], Mg[g0:g1] = state_pass_fwd_triton(
+                    *(t[c0:c1] for t in sp), S_in[g0:g1], M_in[g0:g1], lay, allow_tf32)
+                output_forward(*(t[c0:c1] for t in loc), W, S0s, M0s, cs[c0:c1], cl[c0:c1],
+                               scale, mm_dtype, out_shape, out_dtype, out=o)
                 del W, S0s, M0s
             S, M = (Sg[plan.last_idx], Mg[plan.last_idx]) if split else (Sg, Mg)
         # every tensor through save_for_backward (activation recompute drops only those)
