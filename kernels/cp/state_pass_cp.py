@@ -558,12 +558,10 @@ class CPStateOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS_fin, dM_fin):
-        from mdn_kernels.mdn.chunk import lean_cotangents
+        from mdn_kernels.mdn.chunk import lean_cotangents, lean_saved
         from mdn_kernels.mdn.chunk_local_fused import output_backward
         from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
-        saved = list(ctx.saved_tensors)
-        loc, sp = saved[:6], saved[6:14]
-        S_in, M_in, cs, cl, later_T, Ts = saved[14:]
+        loc, sp, (S_in, M_in, cs, cl, later_T, Ts) = lean_saved(ctx)
         plan, vi, view, tf32 = ctx.plan, ctx.vi, ctx.view, ctx.allow_tf32
         # the CP backward always reads the final pairs' cotangents
         do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, loc[0], both_final=True)

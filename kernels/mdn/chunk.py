@@ -87,6 +87,13 @@ def lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32, in_dtypes, fin_sh
     ctx.set_materialize_grads(False)
 
 
+def lean_saved(ctx):
+    """The lean nodes' saved tensors as (loc, sp, the node's own rest), in lean_operands' order
+    (the nodes save loc, sp, then their own)."""
+    saved = list(ctx.saved_tensors)
+    return saved[:6], saved[6:14], saved[14:]
+
+
 def lean_cotangents(ctx, do, dS_fin, dM_fin, like: torch.Tensor, both_final: bool):
     """do (zeros when o is unused) and the final pair's cotangents: zeros for the one missing
     when the other is given, or both when `both_final` (else None, None when neither is)."""
@@ -146,9 +153,7 @@ class StateOutput(torch.autograd.Function):
     def backward(ctx, do, dS_fin, dM_fin):
         from .chunk_local_fused import output_backward, output_backward_dw
         from .state_pass import state_pass_bwd_triton, state_pass_fwd_triton
-        saved = list(ctx.saved_tensors)
-        loc, sp = saved[:6], saved[6:14]
-        S_init, M_init, cs, cl = saved[14:]
+        loc, sp, (S_init, M_init, cs, cl) = lean_saved(ctx)
         qc, kc, et, la, g0, gam = loc
         Y, Z, Kg, Km, a_end, g_end, u_end = sp[1:]
         layout, tf32, fuse = ctx.layout, ctx.allow_tf32, ctx.fuse_pair_grads
