@@ -10,6 +10,21 @@ reports per rank torch.cuda.max_memory_allocated and the estimate of mdn_scale/t
 ('allocated': the same quantity, and its three moments), as one JSON object (printed, and
 written to --json) with the card, versions, date and command. A CUDA out-of-memory error is
 reported as {"oom": true} with exit code 0, so that a search can go on.
+
+One GPU standing in for one rank of a CP run (when no machine with that many GPUs is at hand):
+
+    torchrun --standalone --nproc-per-node 1 benchmarks/longctx_memory.py \
+        --model configs/mdn_1.3b.yaml --seq-len 1048576 --emulate-cp 4 --recompute ...
+
+trains seq_len / R tokens on the one GPU with MDN_CP_EMULATE=1: every layer takes the CP code
+paths with a group of one rank (the eager conv with its halo, the CP op with the lean node and
+segments as MDN_CP_LEAN* say), so it keeps what a rank of CP = R keeps, except the optimizer's
+share (this rank holds all of it, where ZeRO-1 over R ranks holds 1/R) and the R-sized map
+buffers (an all-gather of one map instead of R; the estimate's (2R − 2) · H · (2K)² · 4 bytes at
+most). 'estimate_allocated_gib' is the estimate of this run (the CP = R layout, the optimizer
+unsharded), 'rank_estimate_allocated_gib' that of a real CP = R rank (--distributed-optimizer as
+given), and 'projected_rank_peak_gib' the measured peak less the optimizer bytes the real rank
+does not hold.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,6 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reserve-gib", type=float, default=3.0)
     ap.add_argument("--loss-chunk-tokens", type=int, default=None,
                     help="model.loss_chunk_tokens (default: the model config's; 0 = Megatron's loss)")
+    ap.add_argument("--emulate-cp", type=int, default=None, metavar="R",
+                    help="one process standing in for one rank of CP = R at --seq-len (module "
+                         "docstring): trains seq_len / R tokens with MDN_CP_EMULATE=1")
     ap.add_argument("--json")
     ap.add_argument("--peak-breakdown", action="store_true",
                     help="record the CUDA allocator's history (Python stacks) from the model's "
@@ -92,10 +111,19 @@ def main(argv=None) -> int:
     with open(a.model) as f:
         model_section = (yaml.safe_load(f) or {})["model"]
     world = world_size_from_env()
+    R = a.emulate_cp
+    if R is not None:
+        if R < 2 or world != 1 or a.tp != 1 or a.cp != 1:
+            ap.error(f"--emulate-cp R needs R >= 2 and one process with --tp 1 --cp 1 "
+                     f"(got R = {R}, {world} processes, tp {a.tp}, cp {a.cp})")
+        if a.seq_len % R:
+            ap.error(f"--seq-len {a.seq_len} is not divisible by --emulate-cp {R}")
+        os.environ["MDN_CP_EMULATE"] = "1"   # read by every MDN layer (mdn_scale.model.mixer)
+    run_len = a.seq_len // R if R else a.seq_len   # the tokens this process trains on
     dp = world // (a.tp * a.cp)
     log_dir = tempfile.mkdtemp(prefix="longctx_mem_")
     overrides = [f"{k}={json.dumps(v)}" for k, v in {
-        "parallel.tensor": a.tp, "parallel.context": a.cp, "train.seq_len": a.seq_len,
+        "parallel.tensor": a.tp, "parallel.context": a.cp, "train.seq_len": run_len,
         "train.micro_batch": 1, "train.global_batch": dp, "train.steps": a.steps,
         "train.precision": precision, "train.recompute": a.recompute, "train.warmup_steps": 1,
         "parallel.distributed_optimizer": a.distributed_optimizer,
@@ -104,20 +132,22 @@ def main(argv=None) -> int:
     if a.loss_chunk_tokens is not None:
         model_section = dict(model_section, loss_chunk_tokens=a.loss_chunk_tokens)
     overrides += [f"model.{k}={json.dumps(v)}" for k, v in model_section.items()]
-    overrides.append(f"model.seq_len={max(a.seq_len, int(model_section.get('seq_len', 0)))}")
+    overrides.append(f"model.seq_len={max(run_len, int(model_section.get('seq_len', 0)))}")
     cfg = load_config(None, overrides, foreign={"model": ModelConfig, "data": dict})
     validate(cfg, world, has_cuda=not a.cpu_smoke)
     layout = init_distributed(tensor=a.tp, pipeline=1, context=a.cp)
 
     class Batches(StepBatches):
         def __init__(self, cfg, layout):
-            mk = lambda: RandomTokens(a.seq_len, cfg.model.vocab_size, 1 + layout.dp_rank)  # noqa: E731
+            mk = lambda: RandomTokens(run_len, cfg.model.vocab_size, 1 + layout.dp_rank)  # noqa: E731
             super().__init__(cfg, layout, loader=mk(), valid_loader_factory=mk)
 
     trainer.StepBatches = Batches
-    est = estimate(cfg.model, Layout(tp=a.tp, cp=a.cp, dp=dp, seq_len=a.seq_len, precision=precision,
-                                     recompute=a.recompute, distributed_optimizer=a.distributed_optimizer),
-                   reserve_gib=a.reserve_gib)
+    lay = Layout(tp=a.tp, cp=R or a.cp, dp=dp, seq_len=a.seq_len, precision=precision,
+                 recompute=a.recompute, distributed_optimizer=a.distributed_optimizer)
+    rank_est = estimate(cfg.model, lay, reserve_gib=a.reserve_gib)
+    # an emulating process holds the whole optimizer state
+    est = estimate(cfg.model, replace(lay, distributed_optimizer=False), reserve_gib=a.reserve_gib) if R else rank_est
     import datetime
     import platform
 
@@ -136,6 +166,11 @@ def main(argv=None) -> int:
               "estimate_allocated_gib": est["allocated"] / GIB, "estimate_total_gib": est["total"] / GIB,
               "estimate_peak_at": est["peak_at"],
               "estimate_moments_gib": {k: v / GIB for k, v in est["moments"].items()}}
+    if R:
+        result.update(emulate_cp=R, tokens_per_rank=run_len, env_cp={
+            k: os.environ[k] for k in ("MDN_CP_EMULATE", "MDN_CP_LEAN", "MDN_CP_LEAN_SEGMENT_TOKENS")
+            if k in os.environ}, rank_estimate_allocated_gib=rank_est["allocated"] / GIB,
+            rank_estimate_total_gib=rank_est["total"] / GIB)
     if a.peak_breakdown and not a.cpu_smoke:
         # stacks at allocation only: with free stacks too ("all"), a Megatron autograd Function
         # failed inside the recorder on the H100 (SystemError from Function.apply, plan j)
@@ -182,6 +217,9 @@ def main(argv=None) -> int:
     if not result["oom"] and not a.cpu_smoke:
         result["measured_peak_gib"] = float(peak.item())
         result["error"] = (result["estimate_allocated_gib"] - result["measured_peak_gib"]) / result["measured_peak_gib"]
+        if R:
+            result["projected_rank_peak_gib"] = (result["measured_peak_gib"]
+                                                 - (est["optimizer"] - rank_est["optimizer"]) / GIB)
     if layout.is_logger:
         print("LONGCTX_MEMORY " + json.dumps(result), flush=True)
         if a.json:

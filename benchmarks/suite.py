@@ -114,6 +114,15 @@ LONGCTX_SEARCH = ("python3 benchmarks/longctx_search.py --model configs/mdn_1.3b
                   "--out {{R}}/search.json --max-attempts {att} --timeout {t} --budget-s {b} "
                   "--loss-chunk-tokens 4096")
 
+# Session 10: the CP op check (tools/check_cp_kernels_gpu.py) on n ranks of one GPU, the lean
+# node in 2048-token segments; one 1.3B CP rank stood in for by one GPU
+CHECK_CP = ("python3 -m torch.distributed.run --standalone --nproc-per-node {n} "
+            "tools/check_cp_kernels_gpu.py {kv} --group-chunks 16")
+LEAN_SEG = "MDN_CP_LEAN=1 MDN_CP_LEAN_SEGMENT_TOKENS=2048 "
+EMULATE = ("python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/longctx_memory.py "
+           "--model configs/mdn_1.3b.yaml --seq-len {seq} --emulate-cp {R} --recompute "
+           "--distributed-optimizer --loss-chunk-tokens 4096 --json {{R}}/result.json")
+
 GM9_MODEL = f"--config {M13} --micro-batch 1 --cp 2 --seq-len 32768 --recompute --steps 3 --warmup 2"
 
 QUALITY_DATA = "data/quality"   # carried to the GPU machine (benchmarks/quality/make_corpus.py)
@@ -771,6 +780,43 @@ PLANS = {
         ("g4", 560, [
             ("0,1,2,3", [("longctx_search_g4_lean", 555, "MDN_CP_LEAN=1 MDN_CP_LEAN_SEGMENT_TOKENS=16384 "
                           + LONGCTX_SEARCH.format(n=4, att=2, t=270, b=550) + " --start 786432")]),
+        ]),
+    ],
+    # Session 10: only one-GPU machines are lent. The lean CP node and its segments on a GPU for
+    # the first time (CP = 1 through the CP code and CP = 2 with two ranks sharing the GPU over
+    # gloo) against float64; one rank of a 1.3B CP run stood in for by one GPU
+    # (longctx_memory.py --emulate-cp): 512K over 4 ranks on the default node (method check
+    # against the estimate and plan lc9's real 4-GPU run), 768K over 4 with the lean node in
+    # 16K-token segments; then K = 256's output forward with 4 warps against float64 and beside
+    # FLA (session 8's sweep measured it faster; never checked).
+    "s10": [
+        ("lean", 200, [
+            ("0", [("cp_op_k256_lean_seg_w1", 60, LEAN_SEG + CHECK_CP.format(n=1, kv="--K 256 --V 512")),
+                   ("cp_op_k128_lean_seg_w1", 45, LEAN_SEG + CHECK_CP.format(n=1, kv="--K 128 --V 256")),
+                   ("cp_op_k128_lean_seg_w2_gloo", 90, LEAN_SEG + CHECK_CP.format(n=2, kv="--K 128 --V 256")
+                    + " --dist-backend gloo")]),
+        ]),
+        ("emulate", 330, [
+            ("0", [("emulate_cp4_512k_default", 160, EMULATE.format(seq=524288, R=4)),
+                   ("emulate_cp4_768k_lean_seg", 165, LEAN_SEG.replace("2048", "16384")
+                    + EMULATE.format(seq=786432, R=4))]),
+        ]),
+    ],
+    "s10k": [  # session 10, issue 2: K = 256's output forward with 4 warps (session 8's sweep:
+               # 1.46 against 1.98 ms) against float64, then beside the default and FLA's GDN
+        ("kernels", 300, [
+            ("0", [("k256_out_fwd_w4_test", 150, "MDN_LAUNCH=output_fwd:num_warps=4 MDN_RESULTS_DIR={R} "
+                    + PT + " -x --timeout 145 'tests/gpu/test_kernels_gpu.py::"
+                    "test_forward_and_backward_real_shape[1-dtype0-K256_V512]'"),
+                   ("k256_bench_out_fwd_w4", 145, "python3 tools/bench_kernels.py --shapes 1 --variant "
+                    "MDN_LAUNCH=output_fwd:num_warps=4 --out {R}/result.json")]),
+        ]),
+    ],
+    "s10h": [  # session 10 on the H200 (139 GiB): one rank of 1M tokens over 4 GPUs (and of 2M over
+               # 8: the same 256K tokens per rank), the lean node in 16K-token segments
+        ("emulate", 330, [
+            ("0", [("emulate_cp4_1m_lean_seg", 320, LEAN_SEG.replace("2048", "16384")
+                    + EMULATE.format(seq=1048576, R=4))]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M

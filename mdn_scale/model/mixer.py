@@ -15,6 +15,7 @@ heads) is replicated; its gradient is summed over TP in the forward graph (see _
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
@@ -86,6 +87,18 @@ class _OneRank:
 
     def rank(self) -> int:
         return 0
+
+
+def cp_paths_at_one_rank() -> bool:
+    """MDN_CP_EMULATE=1: a layer whose CP group has one rank still takes the CP code paths (the
+    eager conv with its halo, the CP op with its all-gathered maps, lean node and segments as
+    MDN_CP_LEAN* say), so one GPU shows what one rank of a CP run keeps: a CP = R run at
+    R · T tokens holds per rank what this run holds at T tokens, apart from the optimizer's
+    share and the R-sized map buffers (benchmarks/longctx_memory.py --emulate-cp)."""
+    env = os.environ.get("MDN_CP_EMULATE", "0")
+    if env not in ("0", "1"):
+        raise ValueError(f"MDN_CP_EMULATE must be 0 or 1, got {env!r}")
+    return env == "1"
 
 
 def _conv_mask(T: int, W: int, cu_seqlens: Optional[torch.Tensor], token_offset: int,
@@ -356,11 +369,18 @@ class MDNMixer(MegatronModule):
         finally:
             self.cp_group = saved
 
+    def _cp_paths(self) -> bool:
+        """Whether this layer runs the CP code paths: a CP group of several ranks, or one real
+        group of one under MDN_CP_EMULATE=1 (not the stand-in of without_context_parallel)."""
+        if self.cp_group.size() > 1:
+            return True
+        return not isinstance(self.cp_group, _OneRank) and cp_paths_at_one_rank()
+
     def _conv_qkv(self, qkv, cu_seqlens):
         """SiLU of one depthwise conv over the adjacent q|k|v columns of the projection (one CP
         halo exchange instead of three). qkv: [B, T, 2·H_l·K + H_l·V]."""
         weight = torch.cat([self.q_conv_weight, self.k_conv_weight, self.v_conv_weight], 0)
-        if self.cp_group.size() == 1:
+        if not self._cp_paths():
             if mk.use_fla(self.cfg.mixer_kernels, qkv):
                 # qkv is the in-projection's output dtype (the autocast dtype under autocast);
                 # the weights stay as they are (fp32): see conv_silu_fla.
@@ -421,7 +441,7 @@ class MDNMixer(MegatronModule):
         with rf("mdn.gates"):
             log_alpha, log_mu, beta, eta = self._gates(pieces["a"], pieces["b"], pieces.get("m"), pieces["e"])
             q = q - (self.D_log.exp()[:, None] * k).to(q.dtype)  # output correction, before l2 norm
-        cp_group = self.cp_group if self.cp_group.size() > 1 else None
+        cp_group = self.cp_group if self._cp_paths() else None
         # The op picks its own precision from its inputs' dtypes (DESIGN §9): no autocast inside.
         with torch.autocast(dev, enabled=False) if autocast_dtype is not None else _nullcontext(), \
                 rf("mdn.op"):

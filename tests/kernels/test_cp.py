@@ -38,6 +38,14 @@ CASES = {
     1: {  # a group of one: the CP code path must reduce to the plain op
         "rows_init": (2, 40, None, "allgather", "torch", K, {"group_chunks": 1}),
         "packed": (1, 40, [0, 13, 40], "allgather", "torch", K, {}),
+        # the lean node and its segments at one rank (what MDN_CP_EMULATE=1 runs on one GPU)
+        "triton_fused": (1, 48, [0, 9, 48], "allgather", "triton", 16,
+                         {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1"}}),
+        "triton_fused_lean": (1, 48, [0, 9, 48], "allgather", "triton", 16,
+                              {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1"}}),
+        "triton_fused_lean_seg": (1, 48, [0, 9, 48], "allgather", "triton", 16,
+                                  {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1",
+                                                              "MDN_CP_LEAN_SEGMENT_TOKENS": "16"}}),
     },
     2: {
         "rows_init": (2, 24, None, "allgather", "torch", K, {"group_chunks": 1}),

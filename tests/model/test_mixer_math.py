@@ -14,13 +14,20 @@ CFG = dict(hidden_size=32, num_layers=2, num_heads=2, head_k_dim=8, vocab_size=6
            ffn_hidden_size=64, chunk_size=8, min_log_mu=-1.5, tau_factor=2.0)
 
 
-def mixer_worker(rank, world, cfg, x, ct, docs):
+def mixer_worker(rank, world, cfg, x, ct, docs, env=None):
+    import os
+
+    import mdn_kernels.cp.api as cp_api
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.spec_utils import build_module
     from mdn_scale.model import ModelConfig, to_transformer_config
     from mdn_scale.model.specs import mdn_mixer_spec
     from model_workers import init_parallel
 
+    os.environ.update(env or {})
+    calls = []   # which op path ran: the CP op is wrapped to count its calls, its results are real
+    real_cp_op = cp_api.mdn_chunk_cp
+    cp_api.mdn_chunk_cp = lambda *a, **kw: calls.append(kw["cp_group"].size()) or real_cp_op(*a, **kw)
     init_parallel()
     mc = ModelConfig(**cfg)
     torch.manual_seed(0)
@@ -40,7 +47,10 @@ def mixer_worker(rank, world, cfg, x, ct, docs):
         packed, _ = mixer(xp, packed_seq_params=PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu))
         alone = torch.cat([mixer(xp[a:b])[0] for a, b in zip(docs[:-1], docs[1:])], 0)
-    res.update(packed=packed, alone=alone)
+    res.update(packed=packed, alone=alone, cp_op_calls=calls)
+    cp_api.mdn_chunk_cp = real_cp_op
+    for k in env or {}:
+        os.environ.pop(k)
     return res
 
 
@@ -91,7 +101,9 @@ def _inputs():
 def results():
     x, ct = _inputs()
     jobs = [(mixer_worker, (dict(CFG, mixer=m), x, ct, [0, 7, 8, 20])) for m in ("mdn", "gdn")]
-    return dict(zip(("mdn", "gdn"), (per_rank[0] for per_rank in run_jobs(1, jobs))))
+    # one rank through the CP code paths (benchmarks/longctx_memory.py --emulate-cp)
+    jobs.append((mixer_worker, (dict(CFG, mixer="mdn"), x, ct, [0, 7, 8, 20], {"MDN_CP_EMULATE": "1"})))
+    return dict(zip(("mdn", "gdn", "mdn_cp_emulated"), (per_rank[0] for per_rank in run_jobs(1, jobs))))
 
 
 @pytest.mark.parametrize("mixer", ["mdn", "gdn"])
@@ -109,6 +121,28 @@ def test_mixer_matches_design_reference(mixer, results):
     for (n, _), gr in zip(P.items(), grads[1:]):
         torch.testing.assert_close(r["grads"][n], gr, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
     torch.testing.assert_close(r["packed"], r["alone"], rtol=1e-10, atol=1e-12)
+
+
+def test_cp_paths_at_one_rank_equal_the_plain_layer(results):
+    """MDN_CP_EMULATE=1 at one rank: the CP op (group of one) and the eager conv with its halo
+    give the plain layer's output and gradients (float64), and the CP op is what ran; without
+    it the CP op is never called at one rank."""
+    plain, emu = results["mdn"], results["mdn_cp_emulated"]
+    assert plain["cp_op_calls"] == []
+    assert emu["cp_op_calls"] and set(emu["cp_op_calls"]) == {1}
+    torch.testing.assert_close(emu["out"], plain["out"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(emu["x_grad"], plain["x_grad"], rtol=1e-9, atol=1e-12)
+    for n, g in plain["grads"].items():
+        torch.testing.assert_close(emu["grads"][n], g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    torch.testing.assert_close(emu["packed"], plain["packed"], rtol=1e-10, atol=1e-12)
+
+
+def test_cp_emulate_rejects_bad_values(monkeypatch):
+    from mdn_scale.model.mixer import cp_paths_at_one_rank
+
+    monkeypatch.setenv("MDN_CP_EMULATE", "yes")
+    with pytest.raises(ValueError, match="MDN_CP_EMULATE must be 0 or 1"):
+        cp_paths_at_one_rank()
 
 
 def test_init_ranges(results):

@@ -244,6 +244,38 @@ def test_measure_script_cpu_smoke(tmp_path):
     assert res["skipped_steps"] == 0   # every step's loss and grad norm finite: it trained
 
 
+def test_measure_script_emulates_a_cp_rank_cpu_smoke(tmp_path):
+    """--emulate-cp 2 on one process: trains seq_len / 2 tokens through the CP code paths, and
+    reports the run's estimate (optimizer unsharded) beside the real CP = 2 rank's, which differ
+    by exactly the optimizer share ZeRO-1 takes away; R < 2 is refused before any work."""
+    from mdn_scale.model import ModelConfig
+    from mdn_scale.train.memory import GIB, Layout, estimate
+
+    out = tmp_path / "e.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           str(ROOT / "benchmarks" / "longctx_memory.py"), "--model", str(ROOT / "configs" / "tiny.yaml"),
+           "--seq-len", "512", "--emulate-cp", "2", "--recompute", "--distributed-optimizer",
+           "--cpu-smoke", "--json", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads(out.read_text())
+    assert res["emulate_cp"] == 2 and res["tokens_per_rank"] == 256 and res["cp"] == 1
+    assert res["env_cp"]["MDN_CP_EMULATE"] == "1"
+    assert res["skipped_steps"] == 0 and res["loss"] == res["loss"]
+    import yaml
+
+    mc = ModelConfig(**yaml.safe_load(open(ROOT / "configs" / "tiny.yaml"))["model"])
+    lay = Layout(cp=2, seq_len=512, precision="fp32", recompute=True, distributed_optimizer=True)
+    rank = estimate(mc, lay)
+    assert res["rank_estimate_allocated_gib"] == pytest.approx(rank["allocated"] / GIB)
+    assert (res["estimate_allocated_gib"] - res["rank_estimate_allocated_gib"]) * GIB == pytest.approx(
+        8 * rank["params_on_rank"] / 2, rel=1e-6)
+    bad = subprocess.run(cmd[:-3] + ["--emulate-cp", "1", "--cpu-smoke"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert bad.returncode != 0 and "--emulate-cp R needs R >= 2" in bad.stderr
+
+
 def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
     """benchmarks/longctx_search.py with a fake attempt that fits below 100K tokens: it walks the
     ladder 2^k, 3·2^(k−1) down from the start (or up), stops when a fit and a failure are
