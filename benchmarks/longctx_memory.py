@@ -161,8 +161,9 @@ def main(argv=None) -> int:
               "megatron_core": _version("megatron-core"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-              "env": {k: os.environ[k] for k in ("MDN_FUSED_LOCAL", "MDN_COMPILE", "MDN_LOWP_MM")
-                      if k in os.environ},
+              "env": {k: os.environ[k] for k in ("MDN_FUSED_LOCAL", "MDN_COMPILE", "MDN_LOWP_MM",
+                                                 "MDN_CP_LEAN", "MDN_CP_LEAN_SEGMENT_TOKENS",
+                                                 "PYTORCH_CUDA_ALLOC_CONF") if k in os.environ},
               "estimate_allocated_gib": est["allocated"] / GIB, "estimate_total_gib": est["total"] / GIB,
               "estimate_peak_at": est["peak_at"],
               "estimate_moments_gib": {k: v / GIB for k, v in est["moments"].items()}}
@@ -185,6 +186,10 @@ def main(argv=None) -> int:
         result["skipped_steps"] = summary["skipped_steps"]
     except torch.cuda.OutOfMemoryError as e:
         oom = True
+        # how far it got: the allocator's message (what it tried to allocate, what was allocated
+        # and reserved) and the peak reached before the failed allocation
+        result.update(oom_message=str(e)[:400],
+                      peak_before_oom_gib=torch.cuda.max_memory_allocated() / GIB)
         if world > 1:
             # The other ranks may be waiting in a collective this rank will never join: report
             # and leave with an error, so torchrun stops them all now instead of at a timeout.

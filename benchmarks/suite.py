@@ -812,11 +812,20 @@ PLANS = {
                     "MDN_LAUNCH=output_fwd:num_warps=4 --out {R}/result.json")]),
         ]),
     ],
-    "s10h": [  # session 10 on the H200 (139 GiB): one rank of 1M tokens over 4 GPUs (and of 2M over
-               # 8: the same 256K tokens per rank), the lean node in 16K-token segments
-        ("emulate", 330, [
-            ("0", [("emulate_cp4_1m_lean_seg", 320, LEAN_SEG.replace("2048", "16384")
-                    + EMULATE.format(seq=1048576, R=4))]),
+    "s10h": [  # session 10 on the H200 (139 GiB): the lean node at K = 256 on two ranks sharing the
+               # GPU; plan s10's 768K rank again (it ran out of memory on the H100 in its second
+               # step, 11+ GiB above the estimate, with 76 GiB reserved), then one rank of 1M tokens
+               # over 4 GPUs (and of 2M over 8: the same 256K tokens per rank) with the allocator's
+               # expandable segments (is the excess fragmentation?)
+        ("lean", 80, [
+            ("0", [("cp_op_k256_lean_seg_w2_gloo", 78, LEAN_SEG + CHECK_CP.format(n=2, kv="--K 256 --V 512")
+                    + " --dist-backend gloo")]),
+        ]),
+        ("emulate", 450, [
+            ("0", [("emulate_cp4_768k_lean_seg", 180, LEAN_SEG.replace("2048", "16384")
+                    + EMULATE.format(seq=786432, R=4) + " --peak-breakdown"),
+                   ("emulate_cp4_1m_lean_seg_expandable", 265, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                    + LEAN_SEG.replace("2048", "16384") + EMULATE.format(seq=1048576, R=4))]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M

@@ -61,7 +61,7 @@ def _where() -> str:
     f = sys._getframe(2)
     while f is not None:
         name = f.f_code.co_filename.replace("\\", "/")
-        if "/kernels/" in name or name.endswith("mem_accounting.py"):
+        if "/kernels/" in name or "/mdn_kernels/" in name or name.endswith("mem_accounting.py"):
             line = linecache.getline(name, f.f_lineno).strip()[:60]
             return f"{name.split('/')[-1]}:{f.f_lineno} {line}"
         f = f.f_back
@@ -99,12 +99,32 @@ class LiveMemory(TorchDispatchMode):
         return out
 
 
-def account(B, T, H, K, V, dtype, chunk_size=64, verbose=True):
+def _cp_op(xs, T):
+    """The CP op (mdn_kernels.cp) on a gloo group of this one process, as a layer under
+    MDN_CP_EMULATE=1 calls it: one document, q·k l2-normed, p_times_alpha."""
+    import torch.distributed as dist
+    from mdn_kernels.cp import mdn_chunk_cp
+
+    if not dist.is_initialized():
+        import socket
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    return mdn_chunk_cp(*xs, scale=None, initial_state=None, output_final_state=False, cu_seqlens=cu,
+                        use_qk_l2norm=True, p_times_alpha=True, cp_group=dist.group.WORLD,
+                        backend="triton", chunk_size=64)
+
+
+def account(B, T, H, K, V, dtype, chunk_size=64, verbose=True, cp=False):
     from mdn_kernels import mdn_chunk
     from mdn_kernels.mdn.testing import random_inputs
 
     xs = [x.detach().requires_grad_() for x in
           random_inputs(B, T, H, K, V, dtype=dtype, seed=0)]
+    if cp:   # the model's dtypes: 16-bit q, k, v, fp32 gates
+        xs = [(x.detach().float() if i >= 3 else x.detach()).requires_grad_() for i, x in enumerate(xs)]
     do = torch.randn(B, T, H, V, dtype=dtype)
     inputs = {x.untyped_storage()._cdata: n for x, n in
               zip(xs, ["q", "k", "v", "log_alpha", "log_mu", "beta", "eta"])}
@@ -123,7 +143,7 @@ def account(B, T, H, K, V, dtype, chunk_size=64, verbose=True):
 
     with mode:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            o, _ = mdn_chunk(*xs, backend="triton")
+            o, _ = _cp_op(xs, T) if cp else mdn_chunk(*xs, backend="triton")
         held = mode._bytes() - o.untyped_storage().nbytes()
         mode.phase = "backward"
         torch.autograd.backward(o, do)
@@ -171,6 +191,9 @@ def main():
     ap.add_argument("--modes", default=None,
                     help="comma-separated MDN_RECOMPUTE_PAIRS modes to account one after the other "
                          "(default: the environment's, 1 when unset)")
+    ap.add_argument("--cp", action="store_true",
+                    help="the CP op at one rank (gloo), B = 1, as MDN_CP_EMULATE=1 runs it; "
+                         "MDN_CP_LEAN and MDN_CP_LEAN_SEGMENT_TOKENS pick its node")
     args = ap.parse_args()
     B, T, H, K, V = (int(x) for x in args.shape.split(","))
     stub_triton_launches()
@@ -181,7 +204,7 @@ def main():
             os.environ["MDN_RECOMPUTE_PAIRS"] = m
             print(f"\n===== MDN_RECOMPUTE_PAIRS={m} =====")
         torch.manual_seed(0)
-        r = account(B, T, H, K, V, getattr(torch, args.dtype))
+        r = account(B, T, H, K, V, getattr(torch, args.dtype), cp=args.cp)
         summary.append((m, r))
     if len(summary) > 1:
         print("\nmode  held fwd→bwd  peak fwd  peak bwd  (MiB)")
