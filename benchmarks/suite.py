@@ -828,6 +828,20 @@ PLANS = {
                     + LEAN_SEG.replace("2048", "16384") + EMULATE.format(seq=1048576, R=4))]),
         ]),
     ],
+    "s10x2": [  # session 10 on 2 H100s (lent late in the session): the lean node at K = 256 under
+                # NCCL against float64, then 384K tokens of the 1.3B model over CP = 2 with the lean
+                # node in 16K-token segments and expandable segments (plan s10h's 768K/4 rank,
+                # less the optimizer share ZeRO-1 over 2 ranks drops, projects 71.7 GiB; 256K was
+                # the longest on 2 GPUs without the lean node, 384K ran out of memory in plan lc9)
+        ("check", 110, [
+            ("0,1", [("cp_op_k256_lean_seg", 108, LEAN_SEG + CHECK_CP.format(n=2, kv="--K 256 --V 512"))]),
+        ]),
+        ("g2", 300, [
+            ("0,1", [("longctx_search_g2_lean", 298, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                      + LEAN_SEG.replace("2048", "16384") + LONGCTX_SEARCH.format(n=2, att=1, t=280, b=296)
+                      + " --cp-only --start 393216")]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
