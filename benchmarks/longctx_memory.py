@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--offload", action="store_true",
+                    help="train.recompute_offload: the layers' kept inputs in host memory")
     ap.add_argument("--distributed-optimizer", action="store_true", help="ZeRO-1 over dp×cp")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--reserve-gib", type=float, default=3.0)
@@ -126,6 +128,7 @@ def main(argv=None) -> int:
         "parallel.tensor": a.tp, "parallel.context": a.cp, "train.seq_len": run_len,
         "train.micro_batch": 1, "train.global_batch": dp, "train.steps": a.steps,
         "train.precision": precision, "train.recompute": a.recompute, "train.warmup_steps": 1,
+        "train.recompute_offload": a.offload,
         "parallel.distributed_optimizer": a.distributed_optimizer,
         "logging.dir": log_dir, "logging.tensorboard": False, "checkpoint.interval": 0,
         "eval.interval": 0}.items()]
@@ -144,7 +147,8 @@ def main(argv=None) -> int:
 
     trainer.StepBatches = Batches
     lay = Layout(tp=a.tp, cp=R or a.cp, dp=dp, seq_len=a.seq_len, precision=precision,
-                 recompute=a.recompute, distributed_optimizer=a.distributed_optimizer)
+                 recompute=a.recompute, recompute_offload=a.offload,
+                 distributed_optimizer=a.distributed_optimizer)
     rank_est = estimate(cfg.model, lay, reserve_gib=a.reserve_gib)
     # an emulating process holds the whole optimizer state
     est = estimate(cfg.model, replace(lay, distributed_optimizer=False), reserve_gib=a.reserve_gib) if R else rank_est
@@ -154,6 +158,7 @@ def main(argv=None) -> int:
     import triton
 
     result = {"seq_len": a.seq_len, "tp": a.tp, "cp": a.cp, "dp": dp, "recompute": a.recompute,
+              "recompute_offload": a.offload,
               "distributed_optimizer": a.distributed_optimizer,
               "loss_chunk_tokens": cfg.model.loss_chunk_tokens, "model": a.model,
               "gpus": world, "card": "cpu" if a.cpu_smoke else torch.cuda.get_device_name(),

@@ -40,14 +40,17 @@ MARKER = "LONGCTX_MEMORY "
 
 
 def attempt(model: str, gpus: int, seq_len: int, tp: int, cp: int, recompute: bool, timeout: int,
-            loss_chunk_tokens: int = 4096, log_path: str | None = None) -> dict:
+            loss_chunk_tokens: int = 4096, log_path: str | None = None, offload: bool = False) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            os.path.join(ROOT, "benchmarks", "longctx_memory.py"), "--model", model,
            "--seq-len", str(seq_len), "--tp", str(tp), "--cp", str(cp), "--steps", "2",
            "--distributed-optimizer", "--loss-chunk-tokens", str(loss_chunk_tokens)]
     if recompute:
         cmd.append("--recompute")
+    if recompute and offload:
+        cmd.append("--offload")
     base = {"seq_len": seq_len, "tp": tp, "cp": cp, "recompute": recompute, "gpus": gpus,
+            "recompute_offload": recompute and offload,
             "loss_chunk_tokens": loss_chunk_tokens, "command": " ".join(cmd[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     t0 = time.time()
@@ -165,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-attempts", type=int, default=3)
     ap.add_argument("--card-gib", type=float, default=79.1)
     ap.add_argument("--cp-only", action="store_true")
+    ap.add_argument("--offload", action="store_true",
+                    help="train.recompute_offload: the layers' kept inputs in host memory")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per attempt")
     ap.add_argument("--budget-s", type=int, default=0, help="total seconds (0: no limit)")
     ap.add_argument("--loss-chunk-tokens", type=int, default=4096)
@@ -183,7 +188,7 @@ def main(argv=None) -> int:
     with open(a.model) as f:
         cfg = ModelConfig.from_dict(yaml.safe_load(f)["model"])
     cfg = dataclasses.replace(cfg, loss_chunk_tokens=a.loss_chunk_tokens)
-    best = longest_context(cfg, a.gpus, a.card_gib, allow_tp=not a.cp_only)
+    best = longest_context(cfg, a.gpus, a.card_gib, allow_tp=not a.cp_only, offload=a.offload)
     if best is None:
         print("the estimate says no context fits", file=sys.stderr)
         return 1
@@ -200,7 +205,7 @@ def main(argv=None) -> int:
             print(f"budget: {a.budget_s} s would not cover another attempt of up to {a.timeout} s", flush=True)
             break
         rec = attempt(a.model, a.gpus, seq, tp, cp, rc, a.timeout, loss_chunk_tokens=a.loss_chunk_tokens,
-                      log_path=f"{os.path.splitext(a.out)[0]}_{seq}.log")
+                      log_path=f"{os.path.splitext(a.out)[0]}_{seq}.log", offload=a.offload)
         rec.update(estimated_longest=best["seq_len"], search_card_gib=a.card_gib)
         records.append(rec)
         with open(a.out, "w") as f:

@@ -123,6 +123,8 @@ EMULATE = ("python3 -m torch.distributed.run --standalone --nproc-per-node 1 ben
            "--model configs/mdn_1.3b.yaml --seq-len {seq} --emulate-cp {R} --recompute "
            "--distributed-optimizer --loss-chunk-tokens 4096 --json {{R}}/result.json")
 
+OFFLOAD_AB = f"--config {M13} --micro-batch 1 --microbatches 1 --seq-len 65536 --recompute --steps 3 --warmup 1"
+
 GM9_MODEL = f"--config {M13} --micro-batch 1 --cp 2 --seq-len 32768 --recompute --steps 3 --warmup 2"
 
 QUALITY_DATA = "data/quality"   # carried to the GPU machine (benchmarks/quality/make_corpus.py)
@@ -840,6 +842,24 @@ PLANS = {
             ("0,1", [("longctx_search_g2_lean", 298, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
                       + LEAN_SEG.replace("2048", "16384") + LONGCTX_SEARCH.format(n=2, att=1, t=280, b=296)
                       + " --cp-only --start 393216")]),
+        ]),
+    ],
+    "s10f": [  # session 10 on the H200: one rank of 1M tokens over 4 GPUs with the layers' kept
+               # inputs in host memory (train.recompute_offload) beside the lean node in segments
+               # (estimate 79.8 GiB here, 71.7 for the real rank); what the offload costs a 1.3B
+               # 64K step, with and without it in one call; the Triton RMSNorm's GPU test (never
+               # run on a GPU since session 4)
+        ("emulate", 170, [
+            ("0", [("emulate_cp4_1m_lean_seg_offload", 168, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                    + LEAN_SEG.replace("2048", "16384") + EMULATE.format(seq=1048576, R=4) + " --offload")]),
+        ]),
+        ("offload_cost", 200, [
+            ("0", [("model_1p3b_64k_recompute", 95, bench_model(1, OFFLOAD_AB)),
+                   ("model_1p3b_64k_recompute_offload", 95, bench_model(1, OFFLOAD_AB + " --recompute-offload"))]),
+        ]),
+        ("norm", 70, [
+            ("0", [("norm_kernels_test", 68, "MDN_RESULTS_DIR={R} " + PT + " -x --timeout 65 "
+                    "tests/gpu/test_norm_kernels_gpu.py")]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M

@@ -100,6 +100,8 @@ def parse_args(argv=None):
                    help="default bf16 (autocast, fp32 weights: the trainer's mixed precision); "
                         "fp32 with --cpu-smoke")
     p.add_argument("--recompute", action="store_true", help="full per-layer activation recompute")
+    p.add_argument("--recompute-offload", action="store_true",
+                   help="with --recompute: the layers' kept inputs in host memory (train.recompute_offload)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
                    help="override model.backend (the MDN op's)")
     p.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_TFLOPS,
@@ -175,7 +177,8 @@ def run_config(a, world: int, has_cuda: bool):
           f"train.seq_len={a.seq_len}", f"train.micro_batch={a.micro_batch}",
           f"train.global_batch={a.micro_batch * a.microbatches * dp}",
           f"train.steps={a.warmup + a.steps}", f"train.precision={a.precision}",
-          f"train.recompute={str(a.recompute).lower()}", "eval.interval=0", "checkpoint.interval=0",
+          f"train.recompute={str(a.recompute).lower()}",
+          f"train.recompute_offload={str(a.recompute_offload).lower()}", "eval.interval=0", "checkpoint.interval=0",
           "checkpoint.dir=null", "logging.tensorboard=false",
           # model-only configs (configs/mdn_400m.yaml) name no data; the tokens are synthetic
           # (SyntheticTokens), so the data section is never read
@@ -254,7 +257,7 @@ def build_chunks(cfg, a, layout):
         else:
             m = build_model(cfg.model, config=config, vp_stage=vp_stage, block_spec_fn=block_spec_fn)
         if cfg.train.recompute:
-            enable_layer_recompute(m)
+            enable_layer_recompute(m, offload=cfg.train.recompute_offload)
         chunks.append(m.to(layout.device))
     return chunks
 
@@ -478,7 +481,8 @@ def main(argv=None):
             "micro_batch": t.micro_batch, "microbatches_per_rank": a.microbatches,
             "global_batch": t.global_batch, "tokens_per_step": tokens_per_step,
             "precision": t.precision + (" autocast, fp32 weights" if t.precision == "bf16" else ""),
-            "recompute": t.recompute, "backend": cfg.model.backend, "seed": cfg.seed,
+            "recompute": t.recompute, "recompute_offload": t.recompute_offload,
+            "backend": cfg.model.backend, "seed": cfg.seed,
             "warmup_steps": a.warmup, "timed_steps": a.steps,
             "timing": "CUDA events around each whole optimizer step (MegatronBackend.forward_backward + step, as the trainer's loop); median of "
                       "the timed steps; the slowest rank's median" if cuda else "wall clock (CPU)",

@@ -8,7 +8,7 @@
 
 The formulas are in mdn_scale/train/memory.py (parameters, gradients, optimizer, activations
 including the MDN op's per-chunk state pairs and its backward workspace, the LM-head loss
-(model.loss_chunk_tokens), recurrent states, CP buffers). Components are listed, then the three
+(model.loss_chunk_tokens), recurrent states, CP buffers). Components are listed, then the four
 moments of a step whose largest sets the peak; `allocated` (static + that moment) is what
 torch.cuda.max_memory_allocated measures, `total` adds a constant reserve (CUDA context, NCCL,
 allocator slack: --reserve-gib). Put key=value overrides before --longest/--gpus.
@@ -48,6 +48,7 @@ def _model_and_layout(config: str, overrides: list[str]):
     lay = Layout(tp=int(p.get("tensor", 1)), pp=int(p.get("pipeline", 1)), cp=int(p.get("context", 1)),
                  micro_batch=int(t.get("micro_batch", 1)), seq_len=int(t.get("seq_len", cfg.seq_len)),
                  precision=str(t.get("precision", "fp32")), recompute=bool(t.get("recompute", False)),
+                 recompute_offload=bool(t.get("recompute_offload", False)),
                  distributed_optimizer=bool(p.get("distributed_optimizer", False)))
     return cfg, lay
 
@@ -82,6 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tp", action="store_true", help="--longest: CP only (TP = 1)")
     ap.add_argument("--no-zero", action="store_true",
                     help="--longest: without parallel.distributed_optimizer (ZeRO-1 over dp×cp)")
+    ap.add_argument("--offload", action="store_true",
+                    help="--longest: recompute with the layer inputs in host memory "
+                         "(train.recompute_offload; also taken from the config)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     a = ap.parse_args(argv)
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
                 raise ValueError(f"--gpus: {g} is not a GPU count")
             best = longest_context(cfg, g, a.card_gib, precision=precision,
                                    reserve_gib=a.reserve_gib, allow_tp=not a.no_tp,
-                                   distributed_optimizer=not a.no_zero)
+                                   distributed_optimizer=not a.no_zero,
+                                   offload=lay.recompute_offload or a.offload)
             rows.append({"gpus": g, **({k: v for k, v in best.items() if k != "estimate"}
                                        if best else {"seq_len": 0}),
                          "total_gib": best["estimate"]["total"] / GIB if best else None})

@@ -53,6 +53,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = no clipping
     precision: Literal["fp32", "bf16"] = "fp32"
     recompute: bool = False  # full activation recomputation of every layer
+    # with recompute: each layer's kept input waits in pinned host memory between its forward
+    # and its backward (train/recompute.py); for long contexts, where those inputs add up
+    recompute_offload: bool = False
     skip_nonfinite: bool = True  # a step whose loss or gradient norm is not finite is not applied
     # under CP, before step 1: layer 0 under CP against one rank (train/cp_check.py); a machine
     # where CP is wrong stops the run with an error naming the worst parameter
@@ -345,6 +348,9 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if not 0 < t.wsd_decay_fraction <= 1:
         raise ConfigError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
+    if t.recompute_offload and not t.recompute:
+        raise ConfigError("train.recompute_offload keeps the inputs that train.recompute keeps in "
+                          "host memory: set train.recompute=true as well")
     check_deepspeed_config(cfg, error=ConfigError)
     model_parallel = p.tensor * p.pipeline * p.context
     if world_size % model_parallel:

@@ -83,15 +83,22 @@ tokens (MDN_CP_LEAN_SEGMENT_TOKENS, Layout.cp_lean_segment_tokens) the per-chunk
 for a share f = S / T_l, and full-size buffers of the state pass's input gradients (bf16 dU,
 dY..dKm, fp32 gate sums: 2V + 2·4K + 12) are added.
 
-Peak: the static memory plus the largest of three moments of a step (each adds to what is kept):
+Peak: the static memory plus the largest of four moments of a step (each adds to what is kept):
   forward end   autocast's bf16 weight copies (2 · P_l, cached until autocast exits) and the
                 loss's forward transients;
   loss backward the loss's backward transients;
   layer backward the last layer's tensors up to the op, its backward workspace, two [T, d] fp32
                 gradients at the layer boundary; under CP the group maps and their gradients.
+  MLP backward  the last layer's every tensor (its MLP's backward runs first, before anything of
+                the layer is freed), fc2's input gradient T_l · 2 F_l and three [T, d] fp32
+                gradients. It is the peak where the op's workspace is small (CP's lean node in
+                segments): measured on one H200 standing in for a CP = 4 rank at 192K tokens
+                (benchmarks/longctx_memory.py --emulate-cp), 77.2 GiB where the layer-backward
+                moment alone said 67.9; what was alive, by allocation site, in BENCHMARKS.md.
 Kept across layers: with train.recompute every layer keeps only its input, T_l · (4d + (L_s − 1)
   · 2d) (the first is the fp32 embedding output) and the last layer is rebuilt during the
-  backward; without, every layer's saved tensors. Plus the final norm (10d + 4) and the loss's
+  backward; without, every layer's saved tensors. With train.recompute_offload the inputs wait
+  in host memory: T_l · 4d (the one being used) stays. Plus the final norm (10d + 4) and the loss's
   saved tensors.
 Loss (last stage):
   Megatron's (model.loss_chunk_tokens = 0): kept T_l · Vp_l · 4 (the fp32 softmax) + 9 T_l;
@@ -135,6 +142,7 @@ class Layout:
     seq_len: int = 4096
     precision: str = "bf16"
     recompute: bool = False
+    recompute_offload: bool = False  # train.recompute_offload: the kept inputs in host memory
     segments: int = 0  # N: segments per micro-batch (0: one per sequence)
     distributed_optimizer: bool = False  # ZeRO-1: Adam moments sharded over dp×cp
     fused_mixer: Optional[bool] = None  # FLA's conv/gated norm (None: from model.mixer_kernels)
@@ -324,6 +332,8 @@ def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
     }
     if lay.recompute:
         inputs = T_l * (4 * d + (L_s - 1) * (2 if bf16 else 4) * d)
+        if lay.recompute_offload:  # in host memory; one layer's input back on the GPU at a time
+            inputs = T_l * 4 * d
         out["activations_kept"] = in_flight * inputs
         out["activations_rebuilt_layer"] = T_l * layer_tok
         out["cp_maps_kept"] = cp_layer
@@ -337,6 +347,8 @@ def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
         at_layer_backward = -T_l * terms["after_op"]
     out["final_norm_and_loss_kept"] = final_norm + loss["kept"]
     out["backward_workspace"] = T_l * terms["op_backward"] + 2 * T_l * d * 4 + cp_backward
+    out["mlp_backward_transient"] = T_l * (2 * (cfg.ffn_size // lay.tp) * _act_bytes(lay.precision)
+                                           + 3 * d * 4)
     out["recurrent_states"] = 2 * 2 * N * H_l * K * V * 4
     out["cp_allgather_buffer"] = R * H_l * 2 * K * (2 * K + V) * 4 if R > 1 else 0
     static = out["parameters"] + out["gradients"] + out["optimizer"]
@@ -348,6 +360,11 @@ def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
         "layer_backward": (kept + at_layer_backward + out["backward_workspace"]
                            + (cp_layer if lay.recompute else 0) + out["recurrent_states"]
                            + out["cp_allgather_buffer"]),
+        # the MLP's backward in the last layer: every tensor of that layer (rebuilt under
+        # recompute) is still alive, plus fc2's input gradient and three [T, d] fp32 gradients
+        "mlp_backward": (kept + (T_l * layer_tok + cp_layer if lay.recompute else 0)
+                         + out["mlp_backward_transient"] + out["recurrent_states"]
+                         + out["cp_allgather_buffer"]),
     }
     out["autocast_weight_copies"] = 2 * P_l if bf16 else 0
     out["loss_forward_transient"] = loss["forward"]
@@ -376,17 +393,19 @@ def layouts_for(gpus: int, num_heads: int, allow_tp: bool = True):
 
 def longest_context(cfg, gpus: int, card_gib: float, *, precision: str = "bf16",
                     recompute=(False, True), reserve_gib: float = 3.0, allow_tp: bool = True,
-                    multiple: int = 1024, distributed_optimizer: bool = True) -> dict | None:
+                    multiple: int = 1024, distributed_optimizer: bool = True,
+                    offload: bool = False) -> dict | None:
     """The longest seq_len (a multiple of `multiple` and of cp · chunk) that fits `card_gib` per
     GPU with micro_batch 1, over the (tp, cp) layouts of `gpus` and both recompute settings;
-    None if not even `multiple` tokens fit. Memory grows with seq_len, so a bisection finds it."""
+    None if not even `multiple` tokens fit. Memory grows with seq_len, so a bisection finds it.
+    offload: recompute keeps the layer inputs in host memory (train.recompute_offload)."""
     best = None
     for tp, cp in layouts_for(gpus, cfg.num_heads, allow_tp):
         step = _lcm(multiple, cp * cfg.chunk_size)
         for rc in recompute:
             def fits(n):
                 lay = Layout(tp=tp, cp=cp, seq_len=n * step, precision=precision, recompute=rc,
-                             distributed_optimizer=distributed_optimizer)
+                             recompute_offload=offload and rc, distributed_optimizer=distributed_optimizer)
                 return estimate(cfg, lay, reserve_gib=reserve_gib)["total"] <= card_gib * GIB
             if not fits(1):
                 continue
@@ -401,8 +420,9 @@ def longest_context(cfg, gpus: int, card_gib: float, *, precision: str = "bf16",
             n = lo * step
             if best is None or n > best["seq_len"]:
                 lay = Layout(tp=tp, cp=cp, seq_len=n, precision=precision, recompute=rc,
-                             distributed_optimizer=distributed_optimizer)
+                             recompute_offload=offload and rc, distributed_optimizer=distributed_optimizer)
                 best = {"seq_len": n, "tp": tp, "cp": cp, "recompute": rc,
+                        "recompute_offload": offload and rc,
                         "distributed_optimizer": distributed_optimizer,
                         "estimate": estimate(cfg, lay, reserve_gib=reserve_gib)}
     return best

@@ -64,7 +64,7 @@ def build_model(cfg: RunConfig, layout: Layout):
     model = build(cfg.model, pre_process=ps.is_pipeline_first_stage(),
                   post_process=ps.is_pipeline_last_stage(), **overrides)
     if cfg.train.recompute:
-        enable_layer_recompute(model)
+        enable_layer_recompute(model, offload=cfg.train.recompute_offload)
     return model.to(layout.device)
 
 

@@ -60,6 +60,15 @@ def test_run_config_of_model_only_configs(config, extra):
     assert cfg.model.mixer == ("gdn" if extra else cfg.model.mixer)
 
 
+def test_recompute_offload_reaches_the_run_config():
+    bm = bench_module()
+    a = bm.parse_args(["--config", str(ROOT / "configs/mdn_1.3b.yaml"), "--out", "x.json",
+                       "--recompute", "--recompute-offload"])
+    cfg = bm.run_config(a, 1, True)
+    assert cfg.train.recompute and cfg.train.recompute_offload
+    assert not bm.run_config(bm.parse_args(["--out", "x.json"]), 1, True).train.recompute_offload
+
+
 def test_synthetic_tokens_split_over_dp():
     """The global batch of a step is the same under any DP split, and steps differ."""
     bm = bench_module()

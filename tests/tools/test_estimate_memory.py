@@ -69,7 +69,11 @@ def test_estimate_by_hand_fp32_cp2():
     moments = {"forward_end": static + kept + loss_kept + T_l * 320 * 4,
                "loss_backward": static + kept + loss_kept + T_l * 320 * 4 + 4 * 320 * 64,
                "layer_backward": static + kept - T_l * after + est["backward_workspace"]
+               + est["recurrent_states"] + est["cp_allgather_buffer"],
+               # every layer's tensors are kept anyway; fc2's input gradient 2F·a, three fp32 [T, d]
+               "mlp_backward": static + kept + T_l * (2 * 128 * 4 + 3 * 64 * 4)
                + est["recurrent_states"] + est["cp_allgather_buffer"]}
+    assert est["mlp_backward_transient"] == T_l * (2 * 128 * 4 + 3 * 64 * 4)
     assert est["moments"] == {k: int(v) for k, v in moments.items()}
     assert est["peak_at"] == "layer_backward"
     assert est["allocated"] == int(moments["layer_backward"])
@@ -112,6 +116,10 @@ def test_estimate_by_hand_bf16_recompute_chunked_loss():
     kept = T_l * 6 * d
     layer_backward = 16 * P + kept + T_l * (layer - after) + T_l * 1112 + 2 * T_l * d * 4 + est["recurrent_states"]
     assert est["moments"]["layer_backward"] == int(layer_backward)
+    # the MLP's backward in the rebuilt layer: all of it alive, fc2's input gradient 2F·2, three
+    # fp32 [T, d] gradients
+    mlp_backward = 16 * P + kept + T_l * layer + T_l * (2 * 128 * 2 + 3 * d * 4) + est["recurrent_states"]
+    assert est["moments"]["mlp_backward"] == int(mlp_backward)
     assert est["allocated"] == max(est["moments"].values())
 
 

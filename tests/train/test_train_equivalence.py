@@ -36,6 +36,8 @@ def reference(tmp_path_factory):
     one = run(out, 1, {"ref": ["train.micro_batch=2"], "micro1": ["train.micro_batch=1"],
                        "micro4": ["train.micro_batch=4"],
                        "recompute": ["train.micro_batch=2", "train.recompute=true"],
+                       "recompute_offload": ["train.micro_batch=2", "train.recompute=true",
+                                             "train.recompute_offload=true"],
                        "nonfinite": ["train.micro_batch=2", "train.lr=1e30", "train.warmup_steps=0"]})
     one = {k: v for k, v in one.items() if not k.endswith(".summary") or k == "nonfinite.summary"}
     ref = one.pop("ref")
@@ -53,7 +55,7 @@ def assert_same(losses: dict, ref: dict, name: str):
 @pytest.mark.slow
 def test_microbatch_split_and_recompute_give_the_same_losses(reference):
     _, ref, one = reference
-    for name in ("micro1", "micro4", "recompute"):
+    for name in ("micro1", "micro4", "recompute", "recompute_offload"):
         assert_same(one[name], ref, name)
 
 
@@ -78,9 +80,13 @@ def test_tp_cp_dp_give_the_same_losses_and_checkpoints_reshard(reference):
     two = run(out, 2, {"tp2": ["parallel.tensor=2", "train.micro_batch=2",
                                f"checkpoint.dir={out}/tp2/ckpt", "checkpoint.interval=2"],
                        "cp2": ["parallel.context=2", "train.micro_batch=2"],
+                       # the layers' kept inputs in host memory under CP (the recompute repeats
+                       # the halo exchange and the all-gather in the backward)
+                       "cp2_offload": ["parallel.context=2", "train.micro_batch=2", "train.recompute=true",
+                                       "train.recompute_offload=true"],
                        "dp2_zero": ["train.micro_batch=1", "parallel.distributed_optimizer=true",
                                     f"checkpoint.dir={out}/dp2_zero/ckpt", "checkpoint.interval=2"]})
-    for name in ("tp2", "cp2", "dp2_zero"):
+    for name in ("tp2", "cp2", "cp2_offload", "dp2_zero"):
         assert_same(two[name], ref, name)
 
     # The step-2 checkpoints of TP=2 and of DP=2 with ZeRO (optimizer state sharded over the
