@@ -28,11 +28,14 @@ _parsed: tuple[str, dict] | None = None
 # benchmarks/results/tune_kernels_h100_v1_k{128,256}_{a,b}.json): per kernel and head size K (the
 # power of two at or above it), the candidates that beat the earlier defaults by at least 3% at
 # B=8, T=4096, H=6, V=2K in bf16 and matched their results. Blocks are cut to the tensor's
-# size at smaller V; other head sizes keep the launch site's defaults.
+# size at smaller V; other head sizes keep the launch site's defaults. The output forward at
+# K = 256 runs 4 warps since session 10 (sweep v5 of plan z: 1.46 against 1.98 ms; plan s10k on
+# an H100: forward 5.27 → 4.76 ms, fwd+bwd 19.30 → 18.82 ms, every output and gradient bitwise
+# the default's, the float64 GPU test passed; kernels_h100_v13_k256_out_fwd_w4.json).
 TUNED: dict[str, dict[int, dict[str, int]]] = {
     "state_fwd": {128: dict(BV=64, num_warps=8, num_stages=2), 256: dict(BV=32)},
     "state_bwd": {128: dict(num_stages=2)},
-    "output_fwd": {128: dict(BK=64, BV=128), 256: dict(BK=64, BV=128)},
+    "output_fwd": {128: dict(BK=64, BV=128), 256: dict(BK=64, BV=128, num_warps=4)},
     "output_bwd": {128: dict(BK=64), 256: dict(BK=64, BV=128)},
     "prepare_bwd_t": {128: dict(BK=64, BV=128), 256: dict(BV=128)},
     "prepare_bwd_k": {128: dict(BK=64), 256: dict(BK=64)},

@@ -66,7 +66,7 @@ def test_tuner_candidates_are_valid_launch_strings():
 def test_tuned_values_by_head_size_cut_to_the_tensor():
     assert launch.tuned("state_fwd", 128, 256) == dict(BV=64, num_warps=8, num_stages=2)
     assert launch.tuned("state_fwd", 100, 40) == dict(BV=64, num_warps=8, num_stages=2)  # K → 128
-    assert launch.tuned("output_fwd", 256, 100) == dict(BK=64, BV=128)
+    assert launch.tuned("output_fwd", 256, 100) == dict(BK=64, BV=128, num_warps=4)
     assert launch.tuned("output_fwd", 128, 20) == dict(BK=64, BV=32)     # V = 20: blocks of 32
     assert launch.tuned("state_fwd", 64, 128) == {}                      # not measured
     assert launch.params("prepare_a", shape=(256, 512), BK=32, num_warps=8, num_stages=1)["BK"] == 64
