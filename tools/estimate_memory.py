@@ -42,14 +42,18 @@ def _model_and_layout(config: str, overrides: list[str]):
         raise ValueError(f"{config}: no model: section")
     cfg = ModelConfig.from_dict(raw["model"])
     p, t = raw.get("parallel") or {}, raw.get("train") or {}
-    known_p = {"tensor", "pipeline", "context", "sequence_parallel", "distributed_optimizer"}
+    known_p = {"tensor", "pipeline", "context", "sequence_parallel", "distributed_optimizer", "cp_lean",
+               "cp_lean_segment_tokens"}
     if set(p) - known_p:
         raise ValueError(f"unknown key(s) parallel.{sorted(set(p) - known_p)}")
     lay = Layout(tp=int(p.get("tensor", 1)), pp=int(p.get("pipeline", 1)), cp=int(p.get("context", 1)),
                  micro_batch=int(t.get("micro_batch", 1)), seq_len=int(t.get("seq_len", cfg.seq_len)),
                  precision=str(t.get("precision", "fp32")), recompute=bool(t.get("recompute", False)),
                  recompute_offload=bool(t.get("recompute_offload", False)),
-                 distributed_optimizer=bool(p.get("distributed_optimizer", False)))
+                 distributed_optimizer=bool(p.get("distributed_optimizer", False)),
+                 # off in the config: what the environment says (MDN_CP_LEAN*), as the op reads it
+                 cp_lean=True if p.get("cp_lean") else None,
+                 cp_lean_segment_tokens=int(p["cp_lean_segment_tokens"]) if p.get("cp_lean") else None)
     return cfg, lay
 
 

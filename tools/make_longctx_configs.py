@@ -1,7 +1,9 @@
 """Write configs/longctx/*.yaml: long-context continued-pretraining recipes for the 400M and 1.3B
 MDN at 32K, 128K, 512K and 1M tokens, each on the fewest of 1, 2, 4, 8 GPUs (one node) that the
 memory estimate (mdn_scale/train/memory.py) says fits an 80 GB H100 — or on 8 GPUs with a note
-when none does. The layout (TP, CP, recompute) is the estimator's choice.
+when none does — and the EXTRA recipes on a given GPU count (mdn_1.3b_1m_4gpu.yaml). The layout
+(TP, CP, recompute, the layer inputs in host memory, the lean CP node) is the estimator's choice,
+the costlier settings only where the cheaper ones do not fit.
 
     python tools/make_longctx_configs.py [--out configs/longctx] [--check]
 
@@ -33,21 +35,30 @@ def _model_section(name: str) -> dict:
     return doc["model"] if "model" in doc else doc
 
 
-def choose_layout(model_cfg, seq_len: int):
-    """(gpus, tp, cp, recompute, estimate) with the fewest GPUs that fit, else the best on 8."""
+SEGMENT_TOKENS = 16384  # the lean CP node's backward segments (parallel.cp_lean_segment_tokens)
+
+
+def choose_layout(model_cfg, seq_len: int, gpu_counts=GPUS, fused: bool = False):
+    """(gpus, tp, cp, recompute, long, estimate, fits) with the fewest GPUs that fit, else the
+    best on 8. recompute: 0 none, 1 recompute, 2 recompute with the layer inputs in host memory
+    and, under CP, the op's lean node in segments (`long`: those settings are on) — the costlier
+    settings only where the cheaper ones do not fit."""
     from mdn_scale.train.memory import GIB, Layout, estimate, layouts_for
 
     last = None
-    for g in GPUS:
+    for g in gpu_counts:
         cands = []
         for tp, cp in layouts_for(g, model_cfg.num_heads):
             if seq_len % (cp * model_cfg.chunk_size):
                 continue
-            for rc in (False, True):
+            for rc in (0, 1, 2):
                 # fused_mixer=False: the eager conv/norm counts (the larger), so the generated
                 # files do not depend on whether fla-core is installed where they are made.
-                est = estimate(model_cfg, Layout(tp=tp, cp=cp, seq_len=seq_len, recompute=rc,
-                                                 distributed_optimizer=True, fused_mixer=False))
+                lean = rc == 2 and cp > 1
+                est = estimate(model_cfg, Layout(
+                    tp=tp, cp=cp, seq_len=seq_len, recompute=rc > 0, recompute_offload=rc == 2,
+                    distributed_optimizer=True, fused_mixer=fused, cp_lean=lean,
+                    cp_lean_segment_tokens=SEGMENT_TOKENS if lean else 0))
                 cands.append((est["total"], tp, cp, rc, est))
         fitting = [c for c in cands if c[0] <= CARD_GIB * GIB]
         if fitting:
@@ -55,10 +66,17 @@ def choose_layout(model_cfg, seq_len: int):
             best = min(fitting, key=lambda c: (c[3], c[1], c[0]))
             return g, best[1], best[2], best[3], best[4], True
         last = min(cands, key=lambda c: c[0])
-    return 8, last[1], last[2], last[3], last[4], False
+    return gpu_counts[-1], last[1], last[2], last[3], last[4], False
 
 
-def render(model_name: str, length_name: str) -> str:
+# Recipes beyond "the fewest GPUs by the eager counts": (model, length, GPUs). They take FLA's
+# fused gated norm (model.mixer_kernels: fla, a clear error where fla-core is missing), whose
+# smaller saved set is what lets 1M tokens of the 1.3B model fit 4 GPUs (BENCHMARKS.md, session
+# 10: one rank of it measured at 67.4 GiB on a GPU standing in for it).
+EXTRA = [("1.3b", "1m", 4)]
+
+
+def render(model_name: str, length_name: str, gpus_wanted: int | None = None) -> str:
     from mdn_scale.model import ModelConfig
     from mdn_scale.train.memory import GIB
 
@@ -66,8 +84,12 @@ def render(model_name: str, length_name: str) -> str:
     seq_len = LENGTHS[length_name]
     model["seq_len"] = seq_len
     model["loss_chunk_tokens"] = LOSS_CHUNK_TOKENS
+    if gpus_wanted:
+        model["mixer_kernels"] = "fla"
     cfg = ModelConfig.from_dict(model)
-    gpus, tp, cp, rc, est, fits = choose_layout(cfg, seq_len)
+    gpus, tp, cp, level, est, fits = choose_layout(
+        cfg, seq_len, *(((gpus_wanted,), True) if gpus_wanted else ()))
+    rc, offload, lean = level > 0, level == 2, level == 2 and cp > 1
     dp = gpus // (tp * cp)
     global_batch = max(dp, TOKENS_PER_STEP // seq_len)
     global_batch -= global_batch % dp
@@ -78,11 +100,13 @@ def render(model_name: str, length_name: str) -> str:
             "dominate; needs more GPUs (larger parallel.context, several nodes)")
     doc = {
         "seed": 1234,
-        "parallel": {"tensor": tp, "pipeline": 1, "context": cp, "distributed_optimizer": True},
+        "parallel": {"tensor": tp, "pipeline": 1, "context": cp, "distributed_optimizer": True,
+                     **({"cp_lean": True, "cp_lean_segment_tokens": SEGMENT_TOKENS} if lean else {})},
         "train": {"steps": 2000, "global_batch": global_batch, "micro_batch": 1, "seq_len": seq_len,
                   "lr": 1.0e-4, "min_lr_ratio": 0.1, "warmup_steps": 100, "decay": "cosine",
                   "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1.0e-15,
-                  "grad_clip": 1.0, "precision": "bf16", "recompute": rc},
+                  "grad_clip": 1.0, "precision": "bf16", "recompute": rc,
+                  **({"recompute_offload": True} if offload else {})},
         "model": model,
         "data": {"datasets": [
             {"path": "data/fineweb-gpt2", "weight": 0.6},
@@ -97,11 +121,15 @@ def render(model_name: str, length_name: str) -> str:
     }
     head = (f"# Long-context continued pretraining: MDN {model_name.upper()} at {seq_len:,} tokens on {gpus} GPU(s)\n"
             f"# (generated by tools/make_longctx_configs.py; edit that, not this file).\n"
-            f"# Layout: TP={tp}, CP={cp}, DP={dp}, recompute={rc}, ZeRO-1 optimizer: {note}.\n"
+            f"# Layout: TP={tp}, CP={cp}, DP={dp}, recompute={rc}"
+            + (", the layer inputs in host memory" if offload else "")
+            + (f", the lean CP node in {SEGMENT_TOKENS}-token segments" if lean else "")
+            + f", ZeRO-1 optimizer: {note}.\n"
             f"# Starts from the pretraining run's newest checkpoint (checkpoint.init_from) with a fresh\n"
             f"# optimizer and a 100-step re-warmup; long documents up-sampled and packed whole.\n"
             f"#   torchrun --standalone --nproc-per-node {gpus} launch/pretrain.py --config "
-            f"configs/longctx/mdn_{model_name}_{length_name}.yaml\n")
+            f"configs/longctx/mdn_{model_name}_{length_name}" + (f"_{gpus_wanted}gpu" if gpus_wanted else "")
+            + ".yaml\n")
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -112,17 +140,17 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     stale = []
     os.makedirs(a.out, exist_ok=True) if not a.check else None
-    for m in MODELS:
-        for n in LENGTHS:
-            path = os.path.join(a.out, f"mdn_{m}_{n}.yaml")
-            text = render(m, n)
-            if a.check:
-                if not os.path.isfile(path) or open(path).read() != text:
-                    stale.append(path)
-            else:
-                with open(path, "w") as f:
-                    f.write(text)
-                print(f"wrote {path}")
+    jobs = [(m, n, None) for m in MODELS for n in LENGTHS] + EXTRA
+    for m, n, g in jobs:
+        path = os.path.join(a.out, f"mdn_{m}_{n}" + (f"_{g}gpu" if g else "") + ".yaml")
+        text = render(m, n, g)
+        if a.check:
+            if not os.path.isfile(path) or open(path).read() != text:
+                stale.append(path)
+        else:
+            with open(path, "w") as f:
+                f.write(text)
+            print(f"wrote {path}")
     if stale:
         print("out of date (run tools/make_longctx_configs.py): " + ", ".join(stale), file=sys.stderr)
         return 1

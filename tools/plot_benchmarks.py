@@ -211,6 +211,64 @@ def plot_memory_estimate(out):
                    "Memory estimate vs measured peak per GPU, H100, bf16 (target ±15%)")
 
 
+# session 10: one GPU standing in for a CP rank (--emulate-cp) and real CP = 2 on 2 H200s
+LONGCTX_V10 = [("512K/4 default\nH100, emulated", "longctx_emulate_h100_cp4_512k_default_v10.json", None),
+               ("768K/4 lean\nH200, emulated", "longctx_emulate_h200_cp4_768k_lean_seg_v10.json", None),
+               ("1M/4 lean\nH200, emulated", "longctx_emulate_h200_cp4_1m_lean_seg_v10.json", None),
+               ("1M/4 lean+offload\nH200, emulated", "longctx_emulate_h200_cp4_1m_lean_seg_offload_v10.json", None),
+               ("384K/2 lean\n2 H200s, real CP", "longctx_search_h200x2_v10_g2_lean.json", 393216),
+               ("512K/2 lean\n2 H200s, real CP", "longctx_search_h200x2_v10_g2_lean.json", 524288)]
+
+
+def _estimate_now(r):
+    """The current estimator's figure for a recorded run (the run's own record keeps the estimate
+    of its day): the layout, lean node, segments and offload it ran with; an emulating run holds
+    the whole optimizer."""
+    import yaml
+
+    from mdn_scale.model import ModelConfig
+    from mdn_scale.train.memory import GIB, Layout, estimate
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sec = yaml.safe_load(open(os.path.join(root, r["model"])))["model"]
+    cfg = ModelConfig.from_dict(dict(sec, loss_chunk_tokens=r["loss_chunk_tokens"]))
+    env = r.get("env_cp") or r.get("env") or {}
+    R = r.get("emulate_cp") or r["cp"]
+    lay = Layout(tp=r["tp"], cp=R, seq_len=r["seq_len"], recompute=r["recompute"],
+                 recompute_offload=bool(r.get("recompute_offload")),
+                 distributed_optimizer=r["distributed_optimizer"] and not r.get("emulate_cp"),
+                 fused_mixer=True, fused_gates=True, cp_lean=env.get("MDN_CP_LEAN") == "1",
+                 cp_lean_segment_tokens=int(env.get("MDN_CP_LEAN_SEGMENT_TOKENS", 0)))
+    return estimate(cfg, lay)["allocated"] / GIB
+
+
+def plot_longctx_v10(out):
+    """Session 10: measured peak per rank against the current estimate, and the projected peak
+    of the real CP rank an emulating GPU stands in for; the H100's 79.1 GiB as a line."""
+    rows = []
+    for label, name, seq in LONGCTX_V10:
+        d = _load(name)
+        recs = [x for x in d if x["seq_len"] == seq] if isinstance(d, list) else [d] if d else []
+        for r in recs:
+            if r.get("measured_peak_gib") is None:
+                continue
+            rows.append((label, _estimate_now(r), r["measured_peak_gib"],
+                         r.get("projected_rank_peak_gib", r["measured_peak_gib"])))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.27 for x in xs], [r[1] for r in rows], 0.27, label="estimate (this run)", color="tab:blue")
+    ax.bar(list(xs), [r[2] for r in rows], 0.27, label="measured peak", color="gray")
+    ax.bar([x + 0.27 for x in xs], [r[3] for r in rows], 0.27, label="projected real CP rank", color="tab:green")
+    ax.axhline(79.1, color="tab:red", lw=1, ls="--", label="H100 (79.1 GiB)")
+    for x, r in zip(xs, rows):
+        ax.text(x, max(r[1], r[2]) + 1, f"{100 * (r[1] - r[2]) / r[2]:+.1f}%", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=7)
+    return _finish(fig, ax, out, "GiB per GPU (allocated)",
+                   "1.3B long context per CP rank, bf16, recompute, ZeRO-1 (session 10)")
+
+
 def plot_deepspeed(out):
     """DeepSpeed ZeRO against the Megatron backend, 1.3B: tokens/s per GPU and GPU / host peaks."""
     cases = {}
@@ -432,7 +490,8 @@ def main():
                      (plot_cp_wgmma, "cp_wgmma_grad_norms.png"),
                      (plot_kernel_tuning, "kernel_tuning.png"), (plot_pp, "pp_scaling.png"),
                      (plot_cp_scaling, "cp_scaling_v8.png"),
-                     (plot_cp_model_weak, "cp_model_weak_scaling.png")):
+                     (plot_cp_model_weak, "cp_model_weak_scaling.png"),
+                     (plot_longctx_v10, "longctx_v10.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 

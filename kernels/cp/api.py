@@ -139,8 +139,10 @@ def _agree(fields: list[int], device, group, rank: int, world: int, local_error)
 def cp_lean() -> bool:
     """MDN_CP_LEAN=1: the all-gather mode runs the lean node (state_pass_cp.CPStateOutput: the
     per-chunk pairs recomputed in the backward instead of kept, as MDN_RECOMPUTE_PAIRS=1 without
-    CP) where the lean path applies (fused 16-bit chunk-local kernels, Triton). Default 0 until
-    it has run on a GPU; equal to the default path on the CPU (tests/kernels/test_cp.py)."""
+    CP) where the lean path applies (fused 16-bit chunk-local kernels, Triton). Default 0;
+    equal to the default path on the CPU (tests/kernels/test_cp.py) and, on GPUs (session 10),
+    to CP = 1's error against float64 (benchmarks/results/cp_kernels_lean_seg_v10.json). The
+    trainer sets it from parallel.cp_lean."""
     env = os.environ.get("MDN_CP_LEAN", "0")
     if env not in ("0", "1"):
         raise ValueError(f"MDN_CP_LEAN must be 0 or 1, got {env!r}")

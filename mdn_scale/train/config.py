@@ -33,6 +33,12 @@ class ParallelConfig:
     context: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over dp×cp
+    # Under CP, the op's lean node (kernels/cp/state_pass_cp.CPStateOutput): no per-chunk state
+    # pair kept between forward and backward (recomputed), and with cp_lean_segment_tokens > 0
+    # its backward in segments of that many tokens (whole groups); the long-context settings
+    # (BENCHMARKS.md, session 10). The op reads them as MDN_CP_LEAN, MDN_CP_LEAN_SEGMENT_TOKENS.
+    cp_lean: bool = False
+    cp_lean_segment_tokens: int = 0
 
 
 @dataclass
@@ -326,6 +332,23 @@ def _fill_shared_keys(raw: dict, foreign: dict[str, type]) -> None:
         raw["data"][key] = value
 
 
+def apply_cp_op_settings(cfg: RunConfig) -> None:
+    """parallel.cp_lean / cp_lean_segment_tokens → the environment the CP op reads at each call
+    (mdn_kernels.cp: MDN_CP_LEAN, MDN_CP_LEAN_SEGMENT_TOKENS). A variable already set to another
+    value is a conflict, named; with cp_lean off the environment is left as it is."""
+    import os
+
+    p = cfg.parallel
+    if not p.cp_lean:
+        return
+    for key, want in (("MDN_CP_LEAN", "1"), ("MDN_CP_LEAN_SEGMENT_TOKENS", str(p.cp_lean_segment_tokens))):
+        have = os.environ.get(key)
+        if have is not None and have != want:
+            raise ConfigError(f"parallel.cp_lean settings ask for {key}={want}, but the environment "
+                              f"has {key}={have}: unset it or make the two agree")
+        os.environ[key] = want
+
+
 def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
     """Check the config against the world it will run in; return the data-parallel size."""
     p, t = cfg.parallel, cfg.train
@@ -348,6 +371,11 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if not 0 < t.wsd_decay_fraction <= 1:
         raise ConfigError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
+    if p.cp_lean_segment_tokens < 0:
+        raise ConfigError(f"parallel.cp_lean_segment_tokens must be >= 0, got {p.cp_lean_segment_tokens}")
+    if p.cp_lean_segment_tokens and not p.cp_lean:
+        raise ConfigError("parallel.cp_lean_segment_tokens segments the lean CP node: set "
+                          "parallel.cp_lean=true as well")
     if t.recompute_offload and not t.recompute:
         raise ConfigError("train.recompute_offload keeps the inputs that train.recompute keeps in "
                           "host memory: set train.recompute=true as well")

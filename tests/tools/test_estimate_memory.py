@@ -223,7 +223,7 @@ def test_longctx_configs_are_current_and_valid():
     from mdn_scale.train.config import load_config, validate
 
     paths = sorted(glob.glob(str(ROOT / "configs" / "longctx" / "*.yaml")))
-    assert len(paths) == 8
+    assert len(paths) == 9   # 2 models × 4 lengths, and 1M of the 1.3B on 4 GPUs
     lengths = set()
     for p in paths:
         head = open(p).read().split("\n", 3)
@@ -234,6 +234,15 @@ def test_longctx_configs_are_current_and_valid():
         assert cfg.data.packing == "keep_whole" and cfg.train.seq_len == cfg.model.seq_len
         lengths.add(cfg.train.seq_len)
     assert lengths == {32768, 131072, 524288, 1048576}
+    # the 4-GPU 1M recipe takes the long-context settings, and its estimate (read from the
+    # config, as tools/estimate_memory.py does) fits the card it names
+    four = load_config(str(ROOT / "configs" / "longctx" / "mdn_1.3b_1m_4gpu.yaml"), ["checkpoint.init_from=null"])
+    assert four.parallel.context == 4 and four.parallel.cp_lean and four.parallel.cp_lean_segment_tokens == 16384
+    assert four.train.recompute and four.train.recompute_offload and four.model.mixer_kernels == "fla"
+    r = _cli("--config", str(ROOT / "configs" / "longctx" / "mdn_1.3b_1m_4gpu.yaml"), "--json")
+    assert r.returncode == 0, r.stderr
+    est = json.loads(r.stdout)["bytes"]
+    assert est["peak_at"] == "mlp_backward" and est["total"] <= 79.1 * 2 ** 30
 
 
 def test_measure_script_cpu_smoke(tmp_path):

@@ -47,9 +47,33 @@ def test_demo_config_is_valid_and_overrides_are_typed():
     (["train.min_lr_ratio=2"], "train.min_lr_ratio"),
     (["model.seq_len=128"], "model.seq_len"),               # shorter than train.seq_len
     (["checkpoint.dir=null", "checkpoint.interval=5"], "checkpoint.interval"),
+    (["train.recompute_offload=true"], "train.recompute_offload"),   # needs train.recompute
+    (["parallel.cp_lean_segment_tokens=-1"], "parallel.cp_lean_segment_tokens"),
+    (["parallel.cp_lean_segment_tokens=4096"], "parallel.cp_lean_segment_tokens"),  # needs cp_lean
 ])
 def test_bad_value_names_the_key(overrides, key):
     assert key in err(overrides)
+
+
+def test_cp_lean_settings_reach_the_op_environment(monkeypatch):
+    """parallel.cp_lean → MDN_CP_LEAN / MDN_CP_LEAN_SEGMENT_TOKENS, which mdn_kernels.cp reads;
+    an environment that says otherwise is named; cp_lean off leaves the environment alone."""
+    from mdn_kernels.cp.api import cp_lean
+    from mdn_kernels.cp.state_pass_cp import lean_segment_chunks
+    from mdn_scale.train.config import apply_cp_op_settings
+
+    for k in ("MDN_CP_LEAN", "MDN_CP_LEAN_SEGMENT_TOKENS"):
+        monkeypatch.delenv(k, raising=False)
+    apply_cp_op_settings(load_config(TINY, []))
+    assert "MDN_CP_LEAN" not in os.environ and not cp_lean()
+    cfg = load_config(TINY, ["parallel.cp_lean=true", "parallel.cp_lean_segment_tokens=4096"])
+    validate(cfg, 1, has_cuda=False)
+    apply_cp_op_settings(cfg)
+    assert os.environ["MDN_CP_LEAN"] == "1" and os.environ["MDN_CP_LEAN_SEGMENT_TOKENS"] == "4096"
+    assert cp_lean() and lean_segment_chunks(64) == 4096 // 64
+    monkeypatch.setenv("MDN_CP_LEAN_SEGMENT_TOKENS", "8192")
+    with pytest.raises(ConfigError, match="MDN_CP_LEAN_SEGMENT_TOKENS=4096.*has MDN_CP_LEAN_SEGMENT_TOKENS=8192"):
+        apply_cp_op_settings(cfg)
 
 
 def test_parallel_sizes_must_divide_the_world():
