@@ -99,18 +99,26 @@ class LiveMemory(TorchDispatchMode):
         return out
 
 
+def _one_rank_group() -> bool:
+    """A gloo process group of this one process for the CP op; True if made here."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    import socket
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    return True
+
+
 def _cp_op(xs, T):
-    """The CP op (mdn_kernels.cp) on a gloo group of this one process, as a layer under
+    """The CP op (mdn_kernels.cp) on a group of this one process, as a layer under
     MDN_CP_EMULATE=1 calls it: one document, q·k l2-normed, p_times_alpha."""
     import torch.distributed as dist
     from mdn_kernels.cp import mdn_chunk_cp
 
-    if not dist.is_initialized():
-        import socket
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            port = sk.getsockname()[1]
-        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
     cu = torch.tensor([0, T], dtype=torch.int32)
     return mdn_chunk_cp(*xs, scale=None, initial_state=None, output_final_state=False, cu_seqlens=cu,
                         use_qk_l2norm=True, p_times_alpha=True, cp_group=dist.group.WORLD,
@@ -141,14 +149,20 @@ def account(B, T, H, K, V, dtype, chunk_size=64, verbose=True, cp=False):
                                      inputs.get(st._cdata), made))
         return t
 
-    with mode:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            o, _ = _cp_op(xs, T) if cp else mdn_chunk(*xs, backend="triton")
-        held = mode._bytes() - o.untyped_storage().nbytes()
-        mode.phase = "backward"
-        torch.autograd.backward(o, do)
-        mode.phase = "after"
-        mode._bytes()
+    made_group = cp and _one_rank_group()
+    try:
+        with mode:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                o, _ = _cp_op(xs, T) if cp else mdn_chunk(*xs, backend="triton")
+            held = mode._bytes() - o.untyped_storage().nbytes()
+            mode.phase = "backward"
+            torch.autograd.backward(o, do)
+            mode.phase = "after"
+            mode._bytes()
+    finally:
+        if made_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     res = dict(
         saved=sorted(saved.values(), key=lambda r: -r[0]),
         saved_bytes=sum(r[0] for r in saved.values() if r[3] is None),

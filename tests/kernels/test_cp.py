@@ -31,6 +31,19 @@ LEAN_TOL = 1e-6   # the lean node against the default CP path: the same kernels,
 H, K, V, C = 2, 8, 16, 16
 INPUTS = ["q", "k", "v", "log_alpha", "log_mu", "beta", "eta"]
 
+FUSED = {"MDN_FUSED_LOCAL": "1"}
+
+
+def fused_lean_cases(T: int, cu: list) -> dict:
+    """The fused chunk-local kernels (fp32), and on the same inputs the opt-in lean node
+    (MDN_CP_LEAN=1, state_pass_cp.CPStateOutput) and the same in segments of groups (one
+    16-token chunk each), every chunk its own group."""
+    case = lambda env: (1, T, cu, "allgather", "triton", 16, {"group_chunks": 1, "env": env})  # noqa: E731
+    lean = dict(FUSED, MDN_CP_LEAN="1")
+    return {"triton_fused": case(FUSED), "triton_fused_lean": case(lean),
+            "triton_fused_lean_seg": case(dict(lean, MDN_CP_LEAN_SEGMENT_TOKENS="16"))}
+
+
 # name → (B, tokens per rank, global cu_seqlens or None, cp_mode, backend, K, extra)
 # group_chunks = 1 makes every chunk its own group (the group-parallel passes and scans);
 # the other cases have one group per sequence.
@@ -39,13 +52,7 @@ CASES = {
         "rows_init": (2, 40, None, "allgather", "torch", K, {"group_chunks": 1}),
         "packed": (1, 40, [0, 13, 40], "allgather", "torch", K, {}),
         # the lean node and its segments at one rank (what MDN_CP_EMULATE=1 runs on one GPU)
-        "triton_fused": (1, 48, [0, 9, 48], "allgather", "triton", 16,
-                         {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1"}}),
-        "triton_fused_lean": (1, 48, [0, 9, 48], "allgather", "triton", 16,
-                              {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1"}}),
-        "triton_fused_lean_seg": (1, 48, [0, 9, 48], "allgather", "triton", 16,
-                                  {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1",
-                                                              "MDN_CP_LEAN_SEGMENT_TOKENS": "16"}}),
+        **fused_lean_cases(48, [0, 9, 48]),
     },
     2: {
         "rows_init": (2, 24, None, "allgather", "torch", K, {"group_chunks": 1}),
@@ -64,15 +71,9 @@ CASES = {
         "triton_bf16_lean": (1, 64, [0, 20, 128], "allgather", "triton", 16,
                              {"dtype": torch.bfloat16, "gate_dtype": torch.float32, "group_chunks": 2,
                               "env": {"MDN_CP_LEAN": "1"}}),
-        "triton_fused": (1, 32, [0, 9, 64], "allgather", "triton", 16,
-                         {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1"}}),
-        "triton_fused_lean": (1, 32, [0, 9, 64], "allgather", "triton", 16,
-                              {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1"}}),
-        # ... run in segments of groups (one 16-token chunk each: two per rank; the bf16 case:
-        # 3 chunks at most, so its two 2-chunk groups are two segments)
-        "triton_fused_lean_seg": (1, 32, [0, 9, 64], "allgather", "triton", 16,
-                                  {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1",
-                                                              "MDN_CP_LEAN_SEGMENT_TOKENS": "16"}}),
+        # fp32 with the fused chunk-local kernels, lean, and lean in segments (two per rank);
+        # the bf16 case in segments: 3 chunks at most, so its two 2-chunk groups are two segments
+        **fused_lean_cases(32, [0, 9, 64]),
         "triton_bf16_lean_seg": (1, 64, [0, 20, 128], "allgather", "triton", 16,
                                  {"dtype": torch.bfloat16, "gate_dtype": torch.float32, "group_chunks": 2,
                                   "env": {"MDN_CP_LEAN": "1", "MDN_CP_LEAN_SEGMENT_TOKENS": "48"}}),
@@ -88,13 +89,7 @@ CASES = {
         "packed_fp64": (1, 40, [0, 7, 90, 120], "allgather", "torch", K,
                         {"dtype": torch.float64, "group_chunks": 1}),
         # three ranks: rank 0 keeps a later rank's 𝒯 for the backward (the lean node too)
-        "triton_fused": (1, 32, [0, 40, 41, 96], "allgather", "triton", 16,
-                         {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1"}}),
-        "triton_fused_lean": (1, 32, [0, 40, 41, 96], "allgather", "triton", 16,
-                              {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1"}}),
-        "triton_fused_lean_seg": (1, 32, [0, 40, 41, 96], "allgather", "triton", 16,
-                                  {"group_chunks": 1, "env": {"MDN_FUSED_LOCAL": "1", "MDN_CP_LEAN": "1",
-                                                              "MDN_CP_LEAN_SEGMENT_TOKENS": "16"}}),
+        **fused_lean_cases(32, [0, 40, 41, 96]),
     },
     4: {
         "rows_init": (1, 16, None, "allgather", "torch", K, {}),
