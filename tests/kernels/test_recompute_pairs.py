@@ -136,17 +136,25 @@ def test_prepare_bf16_operands_are_the_rounded_fp32_ones():
         assert torch.equal(a, b)
 
 
-def test_memory_accounting_recompute_pairs_saves_memory(monkeypatch):
-    """tools/mem_accounting.py on the bf16 fused path at a small shape: the flag keeps less for
-    backward and peaks lower (the accounting stubs the kernels, so bf16 is fine on CPU)."""
+def _accounting(monkeypatch):
+    """tools/mem_accounting.py as a module, every Triton launch a no-op (the allocations are the
+    GPU run's; the kernels only fill them)."""
     import importlib.util
     import os
+
     path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "mem_accounting.py")
     spec = importlib.util.spec_from_file_location("mem_accounting", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     for cls in mod.launch_classes():
         monkeypatch.setattr(cls, "__getitem__", mod._no_launch)
+    return mod
+
+
+def test_memory_accounting_recompute_pairs_saves_memory(monkeypatch):
+    """tools/mem_accounting.py on the bf16 fused path at a small shape: the flag keeps less for
+    backward and peaks lower (the accounting stubs the kernels, so bf16 is fine on CPU)."""
+    mod = _accounting(monkeypatch)
     shape = (1, 4096, 2, 64, 128)
     res = {}
     for flag in ("0", "1", "2"):
@@ -163,20 +171,12 @@ def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):
     (no pair kept), and lower again in segments (one segment's per-chunk tensors at a time); the
     estimator's op terms (mdn_scale/train/memory.py) are within 15% of each (measured: −1%, +7%,
     −7%)."""
-    import importlib.util
-    import os
-
     import torch.distributed as dist
 
     from mdn_scale.model import ModelConfig
     from mdn_scale.train.memory import Layout, layer_activation_terms
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "mem_accounting.py")
-    spec = importlib.util.spec_from_file_location("mem_accounting", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    for cls in mod.launch_classes():
-        monkeypatch.setattr(cls, "__getitem__", mod._no_launch)
+    mod = _accounting(monkeypatch)
     B, T, H, K, V, C, seg = 1, 16384, 1, 256, 512, 64, 4096
     mc = ModelConfig(hidden_size=256, num_layers=2, num_heads=H, head_k_dim=K, expand_v=2, vocab_size=300,
                      chunk_size=C)
