@@ -41,6 +41,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      with limits that cover a cold machine.
   n  the opt-in Triton RMSNorm: its GPU test, the 400M step with and without it in one call.
   q  the quality run alone.
+  s10, s10k, s10h, s10x2, s10f  session 10 on one- and two-GPU machines (no 4-GPU kind was
+     lent): the lean CP node against float64, one GPU standing in for a CP rank
+     (longctx_memory.py --emulate-cp), real CP = 2 at 384K/512K, train.recompute_offload's cost,
+     K = 256's output forward on 4 warps, the Triton RMSNorm's GPU test.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
