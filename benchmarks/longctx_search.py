@@ -54,9 +54,22 @@ def attempt(model: str, gpus: int, seq_len: int, tp: int, cp: int, recompute: bo
             "loss_chunk_tokens": loss_chunk_tokens, "command": " ".join(cmd[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     t0 = time.time()
+    out, timed_out, returncode = run_logged(cmd, timeout, log_path)
+    return record_from_output(base, out, timed_out, returncode, time.time() - t0)
+
+
+def run_logged(cmd: list, timeout: float, log_path: str | None = None) -> tuple[str, bool, int | None]:
+    """Run cmd in its own session for at most `timeout` seconds → (output, timed out, return
+    code). With log_path the output goes to that file as it comes (after the command line), so an
+    attempt stopped from outside (the device call's limit ends the search itself) leaves what it
+    printed; session 10's killed 512K attempt left only its command line."""
+    log = open(log_path, "w") if log_path else None
+    if log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
     # Own session: a timeout stops torchrun and every worker it started (a worker left behind
     # would hold its GPU's memory through the next attempt).
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    p = subprocess.Popen(cmd, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                          start_new_session=True)
 
     def stop(signum, frame):  # an outer `timeout` stops the search: take the attempt with it
@@ -74,10 +87,11 @@ def attempt(model: str, gpus: int, seq_len: int, tp: int, cp: int, recompute: bo
         timed_out = True
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if log_path:  # every rank's whole output: the record keeps only its tail
-            with open(log_path, "w") as f:
-                f.write(" ".join(cmd) + "\n" + (out or ""))
-    return record_from_output(base, out or "", timed_out, p.returncode, time.time() - t0)
+        if log:   # every rank's whole output: the record keeps only its tail
+            log.close()
+            with open(log_path) as f:
+                out = f.read().split("\n", 1)[1]
+    return out or "", timed_out, p.returncode
 
 
 def reports_in(out: str) -> list[dict]:

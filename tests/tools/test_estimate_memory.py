@@ -293,6 +293,24 @@ def test_measure_script_emulates_a_cp_rank_cpu_smoke(tmp_path):
     assert bad.returncode != 0 and "--emulate-cp R needs R >= 2" in bad.stderr
 
 
+def test_search_attempt_logs_as_it_runs(tmp_path):
+    """An attempt's output reaches its log while it runs: one stopped at its limit keeps what it
+    printed (the record reads it back), and a finished one its whole output."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import longctx_search
+
+    log = tmp_path / "a.log"
+    cmd = [sys.executable, "-u", "-c", "import time; print('step 1/2 | loss 11.2', flush=True); time.sleep(30)"]
+    out, timed_out, _ = longctx_search.run_logged(cmd, 3, str(log))
+    assert timed_out and "step 1/2" in out
+    text = log.read_text()
+    assert text.startswith(sys.executable) and "step 1/2 | loss 11.2" in text
+    out, timed_out, rc = longctx_search.run_logged([sys.executable, "-c", "print('done')"], 30, str(log))
+    assert not timed_out and rc == 0 and out.strip() == "done"
+    out, timed_out, rc = longctx_search.run_logged([sys.executable, "-c", "print('no log')"], 30)
+    assert out.strip() == "no log" and rc == 0
+
+
 def test_search_steps_to_the_boundary(tmp_path, monkeypatch):
     """benchmarks/longctx_search.py with a fake attempt that fits below 100K tokens: it walks the
     ladder 2^k, 3·2^(k−1) down from the start (or up), stops when a fit and a failure are
