@@ -63,6 +63,10 @@ def runs(tmp_path_factory):
                        "checkpoint.interval=2"],
         "zero3": DS + ["deepspeed.zero_stage=3", f"checkpoint.dir={out}/zero3/ckpt",
                        "checkpoint.interval=2"],
+        # the layers' kept inputs in host memory (train.recompute_offload) under ZeRO 3's
+        # gathered parameters: the recompute in the backward gathers them again
+        "zero3_recompute_offload": DS + ["deepspeed.zero_stage=3", "train.recompute=true",
+                                         "train.recompute_offload=true"],
         # CP = 2 (dp = 1) with ZeRO 3 and both offloads: parameters partitioned over the CP pair
         "zero3_cp2_offload": DS + ["deepspeed.zero_stage=3", "parallel.context=2",
                                    "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"],
@@ -83,7 +87,7 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 def test_zero2_and_zero3_give_the_megatron_loss_curve(runs):
     _, ref, two = runs
-    for name in ("zero2", "zero3"):
+    for name in ("zero2", "zero3", "zero3_recompute_offload"):
         assert_same(two[name], ref, name)
 
 
