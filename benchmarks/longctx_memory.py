@@ -167,16 +167,15 @@ def main(argv=None) -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
               "env": {k: os.environ[k] for k in ("MDN_FUSED_LOCAL", "MDN_COMPILE", "MDN_LOWP_MM",
-                                                 "MDN_CP_LEAN", "MDN_CP_LEAN_SEGMENT_TOKENS",
+                                                 "MDN_CP_EMULATE", "MDN_CP_LEAN", "MDN_CP_LEAN_SEGMENT_TOKENS",
                                                  "PYTORCH_CUDA_ALLOC_CONF") if k in os.environ},
               "estimate_allocated_gib": est["allocated"] / GIB, "estimate_total_gib": est["total"] / GIB,
               "estimate_peak_at": est["peak_at"],
               "estimate_moments_gib": {k: v / GIB for k, v in est["moments"].items()}}
     if R:
-        result.update(emulate_cp=R, tokens_per_rank=run_len, env_cp={
-            k: os.environ[k] for k in ("MDN_CP_EMULATE", "MDN_CP_LEAN", "MDN_CP_LEAN_SEGMENT_TOKENS")
-            if k in os.environ}, rank_estimate_allocated_gib=rank_est["allocated"] / GIB,
-            rank_estimate_total_gib=rank_est["total"] / GIB)
+        result.update(emulate_cp=R, tokens_per_rank=run_len,
+                      rank_estimate_allocated_gib=rank_est["allocated"] / GIB,
+                      rank_estimate_total_gib=rank_est["total"] / GIB)
     if a.peak_breakdown and not a.cpu_smoke:
         # stacks at allocation only: with free stacks too ("all"), a Megatron autograd Function
         # failed inside the recorder on the H100 (SystemError from Function.apply, plan j)

@@ -123,6 +123,7 @@ LONGCTX_SEARCH = ("python3 benchmarks/longctx_search.py --model configs/mdn_1.3b
 CHECK_CP = ("python3 -m torch.distributed.run --standalone --nproc-per-node {n} "
             "tools/check_cp_kernels_gpu.py {kv} --group-chunks 16")
 LEAN_SEG = "MDN_CP_LEAN=1 MDN_CP_LEAN_SEGMENT_TOKENS=2048 "
+LEAN_SEG_16K = "MDN_CP_LEAN=1 MDN_CP_LEAN_SEGMENT_TOKENS=16384 "   # the long-context setting
 EMULATE = ("python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/longctx_memory.py "
            "--model configs/mdn_1.3b.yaml --seq-len {seq} --emulate-cp {R} --recompute "
            "--distributed-optimizer --loss-chunk-tokens 4096 --json {{R}}/result.json")
@@ -786,8 +787,7 @@ PLANS = {
                # it; estimate 71.7); 1M first, then the next rung up
         ("g4", 560, [
             ("0,1,2,3", [("longctx_search_g4_lean", 555, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
-                          "MDN_CP_LEAN=1 MDN_CP_LEAN_SEGMENT_TOKENS=16384 "
-                          + LONGCTX_SEARCH.format(n=4, att=2, t=270, b=550) + " --cp-only --offload --start 1048576")]),
+                          + LEAN_SEG_16K + LONGCTX_SEARCH.format(n=4, att=2, t=270, b=550) + " --cp-only --offload --start 1048576")]),
         ]),
     ],
     # Session 10: only one-GPU machines are lent. The lean CP node and its segments on a GPU for
@@ -806,7 +806,7 @@ PLANS = {
         ]),
         ("emulate", 330, [
             ("0", [("emulate_cp4_512k_default", 160, EMULATE.format(seq=524288, R=4)),
-                   ("emulate_cp4_768k_lean_seg", 165, LEAN_SEG.replace("2048", "16384")
+                   ("emulate_cp4_768k_lean_seg", 165, LEAN_SEG_16K
                     + EMULATE.format(seq=786432, R=4))]),
         ]),
     ],
@@ -830,10 +830,10 @@ PLANS = {
                     + " --dist-backend gloo")]),
         ]),
         ("emulate", 450, [
-            ("0", [("emulate_cp4_768k_lean_seg", 180, LEAN_SEG.replace("2048", "16384")
+            ("0", [("emulate_cp4_768k_lean_seg", 180, LEAN_SEG_16K
                     + EMULATE.format(seq=786432, R=4) + " --peak-breakdown"),
                    ("emulate_cp4_1m_lean_seg_expandable", 265, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
-                    + LEAN_SEG.replace("2048", "16384") + EMULATE.format(seq=1048576, R=4))]),
+                    + LEAN_SEG_16K + EMULATE.format(seq=1048576, R=4))]),
         ]),
     ],
     "s10x2": [  # session 10 on 2 H100s (lent late in the session): the lean node at K = 256 under
@@ -846,7 +846,7 @@ PLANS = {
         ]),
         ("g2", 300, [
             ("0,1", [("longctx_search_g2_lean", 298, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
-                      + LEAN_SEG.replace("2048", "16384") + LONGCTX_SEARCH.format(n=2, att=1, t=280, b=296)
+                      + LEAN_SEG_16K + LONGCTX_SEARCH.format(n=2, att=1, t=280, b=296)
                       + " --cp-only --start 393216")]),
         ]),
     ],
@@ -857,7 +857,7 @@ PLANS = {
                # run on a GPU since session 4)
         ("emulate", 170, [
             ("0", [("emulate_cp4_1m_lean_seg_offload", 168, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
-                    + LEAN_SEG.replace("2048", "16384") + EMULATE.format(seq=1048576, R=4) + " --offload")]),
+                    + LEAN_SEG_16K + EMULATE.format(seq=1048576, R=4) + " --offload")]),
         ]),
         ("offload_cost", 200, [
             ("0", [("model_1p3b_64k_recompute", 95, bench_model(1, OFFLOAD_AB)),

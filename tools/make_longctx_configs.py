@@ -39,10 +39,10 @@ SEGMENT_TOKENS = 16384  # the lean CP node's backward segments (parallel.cp_lean
 
 
 def choose_layout(model_cfg, seq_len: int, gpu_counts=GPUS, fused: bool = False):
-    """(gpus, tp, cp, recompute, long, estimate, fits) with the fewest GPUs that fit, else the
-    best on 8. recompute: 0 none, 1 recompute, 2 recompute with the layer inputs in host memory
-    and, under CP, the op's lean node in segments (`long`: those settings are on) — the costlier
-    settings only where the cheaper ones do not fit."""
+    """(gpus, tp, cp, level, estimate, fits) with the fewest of gpu_counts that fit, else the
+    best on the last. level: 0 no recompute, 1 recompute, 2 recompute with the layer inputs in
+    host memory and, under CP, the op's lean node in segments; the costlier settings only where
+    the cheaper ones do not fit. fused: FLA's conv and gated norm counts (model.mixer_kernels)."""
     from mdn_scale.train.memory import GIB, Layout, estimate, layouts_for
 
     last = None
@@ -76,6 +76,10 @@ def choose_layout(model_cfg, seq_len: int, gpu_counts=GPUS, fused: bool = False)
 EXTRA = [("1.3b", "1m", 4)]
 
 
+def config_name(model_name: str, length_name: str, gpus: int | None = None) -> str:
+    return f"mdn_{model_name}_{length_name}" + (f"_{gpus}gpu" if gpus else "") + ".yaml"
+
+
 def render(model_name: str, length_name: str, gpus_wanted: int | None = None) -> str:
     from mdn_scale.model import ModelConfig
     from mdn_scale.train.memory import GIB
@@ -87,8 +91,10 @@ def render(model_name: str, length_name: str, gpus_wanted: int | None = None) ->
     if gpus_wanted:
         model["mixer_kernels"] = "fla"
     cfg = ModelConfig.from_dict(model)
-    gpus, tp, cp, level, est, fits = choose_layout(
-        cfg, seq_len, *(((gpus_wanted,), True) if gpus_wanted else ()))
+    if gpus_wanted:
+        gpus, tp, cp, level, est, fits = choose_layout(cfg, seq_len, gpu_counts=(gpus_wanted,), fused=True)
+    else:
+        gpus, tp, cp, level, est, fits = choose_layout(cfg, seq_len)
     rc, offload, lean = level > 0, level == 2, level == 2 and cp > 1
     dp = gpus // (tp * cp)
     global_batch = max(dp, TOKENS_PER_STEP // seq_len)
@@ -128,8 +134,7 @@ def render(model_name: str, length_name: str, gpus_wanted: int | None = None) ->
             f"# Starts from the pretraining run's newest checkpoint (checkpoint.init_from) with a fresh\n"
             f"# optimizer and a 100-step re-warmup; long documents up-sampled and packed whole.\n"
             f"#   torchrun --standalone --nproc-per-node {gpus} launch/pretrain.py --config "
-            f"configs/longctx/mdn_{model_name}_{length_name}" + (f"_{gpus_wanted}gpu" if gpus_wanted else "")
-            + ".yaml\n")
+            f"configs/longctx/{config_name(model_name, length_name, gpus_wanted)}\n")
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -142,7 +147,7 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True) if not a.check else None
     jobs = [(m, n, None) for m in MODELS for n in LENGTHS] + EXTRA
     for m, n, g in jobs:
-        path = os.path.join(a.out, f"mdn_{m}_{n}" + (f"_{g}gpu" if g else "") + ".yaml")
+        path = os.path.join(a.out, config_name(m, n, g))
         text = render(m, n, g)
         if a.check:
             if not os.path.isfile(path) or open(path).read() != text:

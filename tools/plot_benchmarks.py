@@ -232,7 +232,7 @@ def _estimate_now(r):
     root = os.path.join(os.path.dirname(__file__), "..")
     sec = yaml.safe_load(open(os.path.join(root, r["model"])))["model"]
     cfg = ModelConfig.from_dict(dict(sec, loss_chunk_tokens=r["loss_chunk_tokens"]))
-    env = r.get("env_cp") or r.get("env") or {}
+    env = r.get("env_cp") or r.get("env") or {}   # env_cp: session 10's first records
     R = r.get("emulate_cp") or r["cp"]
     lay = Layout(tp=r["tp"], cp=R, seq_len=r["seq_len"], recompute=r["recompute"],
                  recompute_offload=bool(r.get("recompute_offload")),

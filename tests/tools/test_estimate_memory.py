@@ -278,7 +278,7 @@ def test_measure_script_emulates_a_cp_rank_cpu_smoke(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     res = json.loads(out.read_text())
     assert res["emulate_cp"] == 2 and res["tokens_per_rank"] == 256 and res["cp"] == 1
-    assert res["env_cp"]["MDN_CP_EMULATE"] == "1"
+    assert res["env"]["MDN_CP_EMULATE"] == "1"
     assert res["skipped_steps"] == 0 and res["loss"] == res["loss"]
     import yaml
 
