@@ -8,11 +8,15 @@ gradient back to rank r−1, which adds it to the gradient of its last W−1 tim
 Packed documents: the halo is the previous rank's tokens whatever the documents; where local
 token 0 starts a document (mdn_kernels.cp.local_cu_seqlens(...)[1] is False) the caller's
 conv reset must mask it, exactly as it masks across document boundaries inside a rank.
+`padded_doc_offsets` gives a conv that takes document offsets (FLA's causal_conv1d) the
+documents of the padded stream instead, so it can run over halo + slice as one packed sequence.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from mdn_kernels.mdn.layout import PerTensorCache, host_cu_seqlens
 
 
 def _exchange(send: torch.Tensor | None, recv: torch.Tensor | None, send_to: int | None,
@@ -69,3 +73,36 @@ def conv_halo(x: torch.Tensor, width: int, cp_group) -> torch.Tensor:
         raise ValueError(f"conv_halo needs at least width − 1 = {width - 1} tokens per rank, "
                          f"got T = {x.shape[1]}")
     return _ConvHalo.apply(x, width, cp_group, rank, world)
+
+
+_PADDED_OFFSETS = PerTensorCache()
+
+
+def padded_doc_offsets(cu_seqlens: torch.Tensor, T: int, width: int, token_offset: int) -> torch.Tensor:
+    """Document offsets of conv_halo's output [halo (width − 1 rows) | local slice (T rows)] as one
+    packed stream of T + width − 1 tokens, from the GLOBAL offsets `cu_seqlens` ([N+1], B == 1)
+    and the global position `token_offset` of the slice's first token (rank · T).
+
+    The padded stream's row i is global token token_offset − (width − 1) + i. Its documents are
+    the global documents cut to the window: every global boundary strictly inside it moves by
+    the window's start, and the window's two ends are boundaries. The rows before global token 0
+    (rank 0's zero halo) form a document of their own. A causal conv run over the padded stream
+    with these offsets gives each local token exactly the taps causal_conv's document mask
+    keeps: taps that read the halo are those of the token's own document, nothing earlier.
+
+    int32 on cu_seqlens' device, made once per cu_seqlens tensor and (T, width, token_offset)
+    (PerTensorCache: every layer passes the same tensor; one host copy of it per micro-batch).
+    Read-only, shared.
+    """
+    if width < 1 or T < 1:
+        raise ValueError(f"padded_doc_offsets needs width >= 1 and T >= 1, got width={width}, T={T}")
+
+    def build():
+        cs = host_cu_seqlens(cu_seqlens)
+        start, end = token_offset - (width - 1), token_offset + T
+        inner = cs[(cs > start) & (cs < end)] - start
+        out = torch.cat([torch.zeros(1, dtype=torch.int64), inner,
+                         torch.tensor([T + width - 1], dtype=torch.int64)])
+        return out.to(device=cu_seqlens.device, dtype=torch.int32)
+
+    return _PADDED_OFFSETS.get(cu_seqlens, (T, width, token_offset), build)

@@ -380,22 +380,24 @@ class MDNMixer(MegatronModule):
         """SiLU of one depthwise conv over the adjacent q|k|v columns of the projection (one CP
         halo exchange instead of three). qkv: [B, T, 2·H_l·K + H_l·V]."""
         weight = torch.cat([self.q_conv_weight, self.k_conv_weight, self.v_conv_weight], 0)
+        # qkv is the in-projection's output dtype (the autocast dtype under autocast); FLA's
+        # kernel takes the weights as they are (fp32): see mixer_kernels.conv_silu_fla.
+        fla = mk.use_fla_conv(self.cfg.mixer_kernels, qkv)
         if not self._cp_paths():
-            if mk.use_fla(self.cfg.mixer_kernels, qkv):
-                # qkv is the in-projection's output dtype (the autocast dtype under autocast);
-                # the weights stay as they are (fp32): see conv_silu_fla.
+            if fla:
                 return mk.conv_silu_fla(qkv, weight, cu_seqlens)
             return causal_conv_silu(qkv, weight, cu_seqlens=cu_seqlens)
-        # Under CP the conv stays eager whatever model.mixer_kernels says. FLA's `initial_state`
-        # ([N, D, W], slot 0 unused, per document, with its gradient dh0) could carry the halo,
-        # but only into the first local document, and only the halo tokens of that document
-        # (a document may start inside the W−1 halo tokens): the eager mask does both exactly,
-        # and CP runs are long-context runs where the MDN op, not the conv, dominates.
-        from mdn_kernels.cp import conv_halo  # the CP branch's halo exchange (DESIGN §5)
-        padded = conv_halo(qkv, weight.shape[1], self.cp_group)
+        from mdn_kernels.cp import conv_halo, padded_doc_offsets  # the CP halo (DESIGN §5)
+        W, T = weight.shape[1], qkv.shape[1]
+        padded = conv_halo(qkv, W, self.cp_group)
         # Slices are equal and in rank order, so this rank's first token is rank·T in the stream.
-        return causal_conv_silu(qkv, weight, padded=padded, cu_seqlens=cu_seqlens,
-                                token_offset=self.cp_group.rank() * qkv.shape[1])
+        offset = self.cp_group.rank() * T
+        if fla:
+            # One packed stream [halo | slice] whose documents are the global ones cut to it:
+            # taps into the halo stay inside their token's document, as the eager mask keeps them.
+            cu = None if cu_seqlens is None else padded_doc_offsets(cu_seqlens, T, W, offset)
+            return mk.conv_silu_fla_padded(padded, weight, cu)
+        return causal_conv_silu(qkv, weight, padded=padded, cu_seqlens=cu_seqlens, token_offset=offset)
 
     def _gated_norm(self, o, g):
         # o_norm_weight is replicated across TP but each rank only sees its own heads: summing

@@ -13,7 +13,10 @@ autotuner pinned to one config, against the eager code (skipped where `fla` does
   eager  always the eager code;
   fla    FLA's kernels (an error where they cannot run: no `fla`, no CUDA, float64);
   auto   FLA's kernels on CUDA in 16/32-bit when `fla` imports, else eager.
-Under context parallelism the conv stays eager whatever the setting (see _use_fla_conv in mixer.py).
+Under context parallelism FLA's conv runs over the halo-padded slice as one packed stream
+(conv_silu_fla_padded; mdn_kernels.cp.padded_doc_offsets gives its documents). MDN_CONV=eager
+keeps the eager conv while the rest follows model.mixer_kernels (the benchmarks' A/B switch, as
+MDN_GATES below).
 
 The gates (MDNMixer.gates: log α, log μ, β, η from the a, b, m, e projections) have our own fused
 Triton kernel pair (gate_kernels.py; eager, they are ~20 kernels forward and ~40 backward per
@@ -60,6 +63,14 @@ def check_fla_usable(choice: str, *, cuda: bool) -> None:
                          "CPU (they autotune, which needs a GPU driver); use 'auto' or 'eager'")
 
 
+def use_fla_conv(choice: str, x: torch.Tensor) -> bool:
+    """Whether the mixer's conv runs FLA's kernel: use_fla, unless MDN_CONV=eager."""
+    env = os.environ.get("MDN_CONV", "")
+    if env not in ("", "eager"):
+        raise ValueError(f"MDN_CONV must be unset or 'eager', got {env!r}")
+    return env != "eager" and use_fla(choice, x)
+
+
 def use_fla(choice: str, x: torch.Tensor) -> bool:
     """Whether this call runs FLA's kernels for input x (see the module docstring)."""
     if choice == "eager":
@@ -87,6 +98,21 @@ def conv_silu_fla(x: torch.Tensor, weight: torch.Tensor,
 
     y, _ = causal_conv1d(x, weight, activation="silu", cu_seqlens=cu_seqlens)
     return y
+
+
+def conv_silu_fla_padded(padded: torch.Tensor, weight: torch.Tensor,
+                         padded_cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """conv_silu_fla of the last T rows of `padded`, the CP path: padded [B, T + W − 1, C] is
+    mdn_kernels.cp.conv_halo's output (the previous rank's last W − 1 rows, then this rank's T);
+    padded_cu_seqlens: mdn_kernels.cp.padded_doc_offsets (B == 1), or None (no documents: the
+    halo is each row's preceding context, zeros on rank 0). FLA's conv runs over the whole
+    padded stream, so the halo's rows get their gradient through the kernel's backward (the
+    outputs of the first W − 1 rows are dropped: they belong to the previous rank). Returns
+    [B, T, C], a view of the kernel's output."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    y, _ = causal_conv1d(padded, weight, activation="silu", cu_seqlens=padded_cu_seqlens)
+    return y[:, weight.shape[1] - 1:]
 
 
 def gated_rmsnorm_fla(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,

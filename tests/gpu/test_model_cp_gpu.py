@@ -36,6 +36,9 @@ DOCS = {"one_doc": [0, T], "docs": [0, 1000, 4100, 4101, 6000, T]}
 VARIANTS = {
     "default": ({}, {}, True),
     "eager_gates": ({}, {"MDN_GATES": "eager"}, True),
+    # the eager conv with its masked halo (the CP conv before session 11; default: FLA's conv
+    # over the halo-padded slice)
+    "eager_conv": ({}, {"MDN_CONV": "eager"}, True),
     "eager_mixer_kernels": ({"mixer_kernels": "eager"}, {}, True),
     "torch_op": ({"mixer_kernels": "eager", "backend": "torch"}, {}, True),
     # the torch chunk-local ops beside the Triton state pass (CP's default in session 5)

@@ -59,3 +59,35 @@ def test_keeps_the_input_not_the_output():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.silu(causal_conv(x, w, cu_seqlens=torch.tensor([0, 30, 64])))
     assert any(t.dtype == torch.float32 and t.shape == (1, 64, 8) for t in saved)
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize("seed", range(6))
+def test_padded_doc_offsets_give_the_masked_halo_conv(W, seed):
+    """mdn_kernels.cp.padded_doc_offsets: a conv that only knows document offsets (what FLA's
+    causal_conv1d takes), run over [halo | slice] as one packed stream with these offsets, gives
+    the slice exactly what the CP path's masked conv gives it (global offsets + token_offset) —
+    on random documents, including ones that start inside the halo, at the slice's first token
+    and on rank 0 (zero halo before global token 0)."""
+    from mdn_kernels.cp import padded_doc_offsets
+
+    g = torch.Generator().manual_seed(seed)
+    R, T, C = 4, 9, 3
+    n = int(torch.randint(1, 12, (), generator=g))
+    inner = torch.randperm(R * T - 1, generator=g)[:n] + 1
+    starts = sorted(set(inner.tolist()) | {T, 2 * T + 1, 3 * T - 2})  # rank start, inside halos
+    cu = torch.tensor([0] + starts + [R * T])
+    x = torch.randn(1, R * T, C, generator=g, dtype=torch.float64)
+    w = torch.randn(C, W, generator=g, dtype=torch.float64)
+    want = causal_conv(x, w, cu_seqlens=cu)                       # CP = 1
+    for rank in range(R):
+        sl = x[:, rank * T:(rank + 1) * T]
+        halo = x[:, rank * T - (W - 1):rank * T] if rank else torch.zeros(1, W - 1, C, dtype=x.dtype)
+        padded = torch.cat([halo, sl], dim=1)
+        masked = causal_conv(sl, w, padded=padded, cu_seqlens=cu, token_offset=rank * T)
+        offs = padded_doc_offsets(cu, T, W, rank * T)
+        assert offs.dtype == torch.int32 and offs[0] == 0 and offs[-1] == T + W - 1
+        assert (offs[1:] > offs[:-1]).all(), offs                 # no empty documents
+        packed = causal_conv(padded, w, cu_seqlens=offs)[:, W - 1:]
+        torch.testing.assert_close(masked, want[:, rank * T:(rank + 1) * T], rtol=0, atol=1e-12)
+        torch.testing.assert_close(packed, masked, rtol=0, atol=1e-12)
