@@ -238,6 +238,8 @@ def _estimate_now(r):
                  recompute_offload=bool(r.get("recompute_offload")),
                  distributed_optimizer=r["distributed_optimizer"] and not r.get("emulate_cp"),
                  fused_mixer=True, fused_gates=True, cp_lean=env.get("MDN_CP_LEAN") == "1",
+                 # records before session 11 ran the eager block norm and do not say so
+                 triton_norm=r.get("norm_kernel", "eager") == "triton",
                  cp_lean_segment_tokens=int(env.get("MDN_CP_LEAN_SEGMENT_TOKENS", 0)))
     return estimate(cfg, lay)["allocated"] / GIB
 

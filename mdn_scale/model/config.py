@@ -49,11 +49,14 @@ class ModelConfig:
         norm (mdn_scale/model/mixer_kernels.py): FLA's fused Triton kernels or the eager PyTorch
         reference; "auto" takes FLA on CUDA when fla-core imports. "fla" where it cannot run is
         an error when the model is built.
-    norm_kernel: "eager" | "triton": who runs the block RMSNorms (each layer's input_layernorm
-        and pre_mlp_layernorm, the final norm): the eager PyTorch rms_norm (mdn_scale/model/norm.py,
-        the default) or one Triton kernel each way (mdn_scale/model/norm_kernels.py), which
-        applies to CUDA fp32 / bf16 / fp16 inputs with hidden_size <= 8192 (anything else runs
-        eager whatever this says). Opt-in: not yet verified on a GPU in a whole-model run.
+    norm_kernel: "triton" | "eager": who runs the block RMSNorms (each layer's input_layernorm
+        and pre_mlp_layernorm, the final norm): one Triton kernel each way
+        (mdn_scale/model/norm_kernels.py, the default), which applies to CUDA fp32 / bf16 / fp16
+        inputs with hidden_size <= 8192 (anything else, the CPU included, runs eager whatever
+        this says), or the eager PyTorch rms_norm (mdn_scale/model/norm.py) everywhere. The
+        kernels keep the bf16 input and an fp32 rstd where eager keeps two fp32 copies: the 1.3B
+        step at 2 × 2 × 4096 tokens took 583 ms and 50.3 GiB against 641 ms and 54.3 GiB on one
+        H200 (BENCHMARKS.md, session 11).
     """
 
     mixer: str = "mdn"
@@ -80,7 +83,7 @@ class ModelConfig:
     backend: str = "auto"
     loss_chunk_tokens: int = 0
     mixer_kernels: str = "auto"
-    norm_kernel: str = "eager"
+    norm_kernel: str = "triton"
 
     def __post_init__(self):
         self.validate()

@@ -25,13 +25,17 @@ Saved for the backward, per token of one recurrent layer, bf16 (autocast over fp
 residual stream is bf16 after the first layer: Megatron's bias-dropout-add casts the residual to
 the layer output's dtype)
   each RMSNorm (2)     10d + 4         fp32 copy of the bf16 input, rsqrt, x·rsqrt, bf16 output
+    Triton             4d + 4          the bf16 input, the fp32 rstd, bf16 output
+                                       (mdn_scale/model/norm_kernels.py; model.norm_kernel)
   causal conv + SiLU   2 P_qkv + 2W    the zero-padded bf16 input copy (with the CP halo), the
                                        document mask (mixer.causal_conv_silu recomputes the conv
                                        in the backward; the composite kept its fp32 output, 4 P_qkv)
     fused (FLA)        2 P_in          FLA's CausalConv1dFunction saves its input x (and the
                                        weight): a strided view of the bf16 in-projection output,
                                        which keeps all of it, P_in = P_qkv + H_l V + (4 | 3) H_l;
-                                       its output is already the op's bf16 q|k|v (next line)
+                                       its output is already the op's bf16 q|k|v (next line);
+                       2 P_qkv         under CP: the halo-padded bf16 copy it runs over
+                                       (mixer_kernels.conv_silu_fla_padded)
   q, k, v to bf16      2 P_qkv         the op's bf16 inputs (kept whole: k is saved by the q
                                        correction), and the op's contiguous copy of v: 2 H_l V
   gates                15 · 4 H_l      fp32 [T, H] tensors of the gate math and the op's 4 inputs
@@ -56,13 +60,15 @@ the layer output's dtype)
   SwiGLU MLP           10 F_l          bf16 fc1 output (2F), x_lin + offset, silu, product
   (1.3B, K = 256, V = 512, C = 64: the op keeps 5.5 KiB per token and head; under CP 13.5 KiB,
   8 KiB of it the pairs.)
-The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_kernels.py) and CP
-  = 1 (the conv stays eager under CP; the fused norm is used at any CP): Layout.fused_mixer, or by
+The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_kernels.py), at any
+  CP: Layout.fused_mixer, or by
   default 'fla' → fused, 'eager' → eager, 'auto' → fused when fla-core imports in the environment
   doing the estimate (the one that trains, for the GPU tools). The fused gates row applies where
   the mixer runs its Triton gate kernels (mixer_kernels.use_fused_gates: CUDA, any setting but
   'eager'; no FLA needed): Layout.fused_gates, or by default 'eager' → eager, 'fla' → fused,
-  'auto' → fused when CUDA is available where the estimate runs.
+  'auto' → fused when CUDA is available where the estimate runs. The Triton norm row applies
+  where model.norm_kernel is 'triton' (the default) and CUDA is available where the estimate
+  runs (the kernels never run on CPU), or as Layout.triton_norm says.
 fp32 (no autocast; the op's torch path): the earlier, coarser count (not checked against the
   saved-tensor count; the eager conv and norm whatever the kernels): norms d(4 + 4), projections
   and convs as above in fp32, the op
@@ -98,8 +104,8 @@ Peak: the static memory plus the largest of four moments of a step (each adds to
 Kept across layers: with train.recompute every layer keeps only its input, T_l · (4d + (L_s − 1)
   · 2d) (the first is the fp32 embedding output) and the last layer is rebuilt during the
   backward; without, every layer's saved tensors. With train.recompute_offload the inputs wait
-  in host memory: T_l · 4d (the one being used) stays. Plus the final norm (10d + 4) and the loss's
-  saved tensors.
+  in host memory: T_l · 4d (the one being used) stays. Plus the final norm (its row above) and
+  the loss's saved tensors.
 Loss (last stage):
   Megatron's (model.loss_chunk_tokens = 0): kept T_l · Vp_l · 4 (the fp32 softmax) + 9 T_l;
     forward and backward transients T_l · Vp_l · 2 (the bf16 logits, then the bf16 gradient).
@@ -147,6 +153,7 @@ class Layout:
     distributed_optimizer: bool = False  # ZeRO-1: Adam moments sharded over dp×cp
     fused_mixer: Optional[bool] = None  # FLA's conv/gated norm (None: from model.mixer_kernels)
     fused_gates: Optional[bool] = None  # the Triton gate kernels (None: from model.mixer_kernels)
+    triton_norm: Optional[bool] = None  # the Triton block RMSNorm (None: from model.norm_kernel)
     # CP's lean op node and its segments (None: MDN_CP_LEAN / MDN_CP_LEAN_SEGMENT_TOKENS, as the
     # op reads them; mdn_kernels.cp)
     cp_lean: Optional[bool] = None
@@ -198,6 +205,25 @@ def fused_mixer(cfg, lay: Layout) -> bool:
     return choice == "fla"
 
 
+def triton_norm(cfg, lay: Layout) -> bool:
+    """Whether the run being estimated takes the Triton block RMSNorm (module docstring)."""
+    if lay.triton_norm is not None:
+        return bool(lay.triton_norm)
+    if getattr(cfg, "norm_kernel", "eager") != "triton":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _norm_bytes(cfg, lay: Layout) -> int:
+    """Saved bytes per token of one block RMSNorm, its bf16 output included (module docstring)."""
+    d = cfg.hidden_size
+    if _act_bytes(lay.precision) == 4:
+        return 8 * d + 4
+    return 4 * d + 4 if triton_norm(cfg, lay) else 10 * d + 4
+
+
 def cp_lean(lay: Layout) -> tuple[bool, int]:
     """(lean CP node, its segment in tokens or 0) of the run being estimated: the Layout's
     values, else the environment the op reads (mdn_kernels.cp.api.cp_lean,
@@ -235,15 +261,16 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
     F_l = cfg.ffn_size // lay.tp
     P_qkv = H_l * (2 * K + V)
     fused = fused_mixer(cfg, lay)
-    fused_conv = fused and lay.cp == 1  # mixer._conv_qkv: eager under CP
     if lay.precision == "bf16":
-        norm = 10 * d + 4
+        norm = _norm_bytes(cfg, lay)
         if fused_gates(cfg, lay):
             gates = 4 * 4 * H_l + 2 * (4 if cfg.momentum else 3) * H_l
         else:
             gates = (15 if cfg.momentum else 12) * 4 * H_l
-        if fused_conv:
+        if fused and lay.cp == 1:  # FLA's conv keeps its input: a view of the whole projection
             conv = 2 * (P_qkv + H_l * V + (4 if cfg.momentum else 3) * H_l)
+        elif fused:  # under CP it runs over (and keeps) the halo-padded copy
+            conv = 2 * P_qkv
         else:  # mixer.causal_conv_silu: the padded bf16 input and the mask (the conv recomputed)
             conv = 2 * P_qkv + 2 * W
         gated_norm = (6 if fused else 18) * H_l * V + 4 * H_l
@@ -324,7 +351,7 @@ def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
                 if R > 1 else 0)
     cp_backward = 12 * groups * H_l * K * V * 4 if R > 1 else 0
     loss = _loss_terms(cfg, lay, T_l, Vp_l)
-    final_norm = T_l * (10 * d + 4 if bf16 else 8 * d + 4)
+    final_norm = T_l * _norm_bytes(cfg, lay)
     out = {
         "parameters": 4 * P_l,
         "gradients": 4 * P_l,

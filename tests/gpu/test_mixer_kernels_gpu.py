@@ -108,7 +108,9 @@ def _saved_bytes_worker(rank, world, cfg, kernels):
     out = {}
     for num_layers, T in ((1, 64), (2, 64), (1, 128), (2, 128)):
         torch.manual_seed(0)
-        model = build_model(ModelConfig(**dict(cfg, num_layers=num_layers, mixer_kernels=kernels)),
+        # the fused run takes the Triton block norm too (the default), the eager one the eager norm
+        model = build_model(ModelConfig(**dict(cfg, num_layers=num_layers, mixer_kernels=kernels,
+                                               norm_kernel="triton" if kernels == "fla" else "eager")),
                             use_cpu_initialization=True).to(dev)
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=g).to(dev)
@@ -131,7 +133,8 @@ def test_saved_bytes_match_the_estimate(kernels, record):
     measured = (layer[128] - layer[64]) / 64
     t = layer_activation_terms(ModelConfig(**dict(MEM, num_layers=2)),
                                Layout(precision="bf16", fused_mixer=kernels == "fla",
-                                      fused_gates=kernels != "eager"))  # CUDA: Triton gates
+                                      fused_gates=kernels != "eager",  # CUDA: Triton gates
+                                      triton_norm=kernels == "fla"))
     want = t["around_op"] + t["op_chunk_tensors"] + t["op_state_pairs"]
     record(f"saved_bytes_{kernels}", {"measured_per_token": measured, "estimate": want})
     assert measured == want

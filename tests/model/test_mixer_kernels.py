@@ -96,9 +96,10 @@ def test_estimate_fused_vs_eager_by_hand():
     assert eager["after_op"] - fused["after_op"] == 1160 - 392
     for k in ("op_chunk_tensors", "op_state_pairs", "op_backward"):
         assert eager[k] == fused[k], k
-    # CP > 1: the conv stays eager (mixer._conv_qkv), the norm is fused
+    # CP > 1: FLA's conv keeps the halo-padded copy, 2·P_qkv = 256 (mixer._conv_qkv), no mask
     cp = layer_activation_terms(EST, Layout(**bf16, cp=2, fused_mixer=True))
-    assert eager["around_op"] - cp["around_op"] == 1160 - 392
+    cp_eager = layer_activation_terms(EST, Layout(**bf16, cp=2, fused_mixer=False))
+    assert cp_eager["around_op"] - cp["around_op"] == (264 - 256) + (1160 - 392)
     # GDN: no m rows, P_in = 198
     gdn = ModelConfig(**{**EST.to_dict(), "mixer": "gdn"})
     g_e = layer_activation_terms(gdn, Layout(**bf16, fused_mixer=False))

@@ -143,10 +143,10 @@ def test_input_checks():
 
 
 def test_config_and_dispatch():
-    """model.norm_kernel: default eager, validated by name; RMSNorm takes the kernels only on CUDA
-    16/32-bit inputs with 'triton' (CPU and float64 stay eager)."""
-    assert ModelConfig().norm_kernel == "eager"
-    assert ModelConfig(norm_kernel="triton").norm_kernel == "triton"
+    """model.norm_kernel: default triton (session 11), validated by name; RMSNorm takes the
+    kernels only on CUDA 16/32-bit inputs with 'triton' (CPU and float64 stay eager)."""
+    assert ModelConfig().norm_kernel == "triton"
+    assert ModelConfig(norm_kernel="eager").norm_kernel == "eager"
     with pytest.raises(ValueError, match="model.norm_kernel"):
         ModelConfig(norm_kernel="fused")
     cpu = torch.zeros(2, 8)
