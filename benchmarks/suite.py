@@ -128,6 +128,10 @@ EMULATE = ("python3 -m torch.distributed.run --standalone --nproc-per-node 1 ben
            "--model configs/mdn_1.3b.yaml --seq-len {seq} --emulate-cp {R} --recompute "
            "--distributed-optimizer --loss-chunk-tokens 4096 --json {{R}}/result.json")
 
+CPW400 = f"--config {M400} --micro-batch 1 --microbatches 2"   # plan cpm9's 400M weak-scaling step
+M13_4K = f"--config {M13} --micro-batch 2 --microbatches 2"     # the MFU goal's shape (issue 9)
+CPW13 = f"--config {M13} --micro-batch 1 --recompute --steps 3 --warmup 2"  # plan cpm9's 1.3B step
+
 OFFLOAD_AB = f"--config {M13} --micro-batch 1 --microbatches 1 --seq-len 65536 --recompute --steps 3 --warmup 1"
 
 GM9_MODEL = f"--config {M13} --micro-batch 1 --cp 2 --seq-len 32768 --recompute --steps 3 --warmup 2"
@@ -866,6 +870,85 @@ PLANS = {
         ("norm", 70, [
             ("0", [("norm_kernels_test", 68, "MDN_RESULTS_DIR={R} " + PT + " -x --timeout 65 "
                     "tests/gpu/test_norm_kernels_gpu.py")]),
+        ]),
+    ],
+    "s11x2": [  # session 11 on 2 GPUs: FLA's conv under CP (over the halo-padded slice) against
+                # the eager masked conv — the whole-model CP test with both, then the 400M CP = 2
+                # step (16K tokens per GPU, plan cpm9's weak-scaling shape) with each, the FLA one
+                # profiled, beside CP = 1 at 16K; the Triton RMSNorm in the 1.3B 4K step (the
+                # MFU goal's shape, 2 micro-batches of 2 × 4096) against the eager norm
+        ("test", 150, [
+            ("0,1", [("model_cp2_test", 148, "MDN_CP_DOCS=docs MDN_CP_VARIANTS=default,eager_conv "
+                      "MDN_RESULTS_DIR={R} " + PT + " -x --timeout 140 "
+                      "'tests/gpu/test_model_cp_gpu.py::test_model_cp_matches_cp1[2]'")]),
+        ]),
+        ("cp_conv", 190, [
+            ("0,1", [("cp2_400m_32k", 95, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768 "
+                                                         "--profile {R}/profile.txt")),
+                     ("cp2_400m_32k_eager_conv", 90, "MDN_CONV=eager " + bench_model(
+                         2, f"{CPW400} --cp 2 --seq-len 32768"))]),
+        ]),
+        ("one_gpu", 200, [
+            ("0", [("cp1_400m_16k", 75, bench_model(1, f"{CPW400} --seq-len 16384")),
+                   ("model_1p3b_4k_eager_norm", 120, bench_model(1, M13_4K))]),
+            ("1", [("model_1p3b_4k_triton_norm", 120, bench_model(1, M13_4K + " model.norm_kernel=triton"))]),
+        ]),
+    ],
+    "s11b": [  # session 11, second 2-GPU call, with FLA's CP conv and the Triton block norm as
+               # defaults: the GPU tests of the saved bytes (estimate with the Triton norm) and the
+               # norm kernels; the 1.3B 4K step profiled and its peers (GDN mode, Megatron-core's
+               # GDN, the Transformer) side by side; 1.3B CP weak scaling at 16K tokens per GPU
+        ("tests", 150, [
+            ("0", [("mixer_norm_tests", 148, "MDN_RESULTS_DIR={R} " + PT + " --timeout 140 "
+                    "tests/gpu/test_mixer_kernels_gpu.py tests/gpu/test_norm_kernels_gpu.py")]),
+            ("1", [("mdn_1p3b_4k", 148, bench_model(1, M13_4K + " --profile {R}/profile.txt"))]),
+        ]),
+        ("peers", 185, [
+            ("0", [("gdn_1p3b_4k", 90, bench_model(1, M13_4K + " --mixer gdn")),
+                   ("transformer_1p3b_4k", 90, bench_model(1, M13_4K.replace(M13, T13)))]),
+            ("1", [("megatron_gdn_1p3b_4k", 180, bench_model(1, M13_4K + " --mixer megatron_gdn"))]),
+        ]),
+        ("cp13_one", 100, [
+            ("0", [("cp1_1p3b_16k", 98, bench_model(1, f"{CPW13} --seq-len 16384"))]),
+            ("1", [("mdn_400m_4k", 98, bench_model(1, f"--config {M400} --micro-batch 4"))]),
+        ]),
+        ("cp13_two", 140, [
+            ("0,1", [("cp2_1p3b_32k", 138, bench_model(2, f"{CPW13} --cp 2 --seq-len 32768"))]),
+        ]),
+    ],
+    "s11c": [  # session 11, one GPU: what plan s11b's test job did not reach (the saved bytes
+               # with the eager kernels, the norm kernels' tests; -v names each test), then plan
+               # s10f's one-rank emulation of 1M tokens over 4 GPUs with the new defaults (FLA's
+               # conv over the halo-padded slice, the Triton block norm)
+        ("tests", 170, [
+            ("0", [("mixer_norm_tests", 168, "MDN_RESULTS_DIR={R} " + PT + " -v --timeout 160 "
+                    "'tests/gpu/test_mixer_kernels_gpu.py::test_saved_bytes_match_the_estimate' "
+                    "tests/gpu/test_norm_kernels_gpu.py")]),
+        ]),
+        ("emulate", 200, [
+            ("0", [("emulate_cp4_1m_lean_seg_offload", 198, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                    + LEAN_SEG_16K + EMULATE.format(seq=1048576, R=4) + " --offload")]),
+        ]),
+    ],
+    "s11x4": [  # session 11, when a 4-GPU kind was lent late: issue 8's 1M tokens of the 1.3B model
+                # over CP = 4 (plan lc10 with one attempt; one rank emulated at 62.4 GiB, plan s11c),
+                # then whole-model CP weak scaling at 16K tokens per GPU with the session's defaults
+                # (FLA's CP conv, the Triton block norm): CP = 1 and 2 side by side, then CP = 4
+        # (the first call gave the search b = 285 s for t = 270: its own start took 16.6 s, so it
+        # refused the attempt; the rerun gives it 40 s)
+        ("g4", 320, [
+            ("0,1,2,3", [("longctx_search_g4_lean", 318, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                          + LEAN_SEG_16K + LONGCTX_SEARCH.format(n=4, att=1, t=270, b=310)
+                          + " --cp-only --offload --start 1048576")]),
+        ]),
+        ("cp12", 90, [
+            ("0,1", [("cp2_400m_32k", 88, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768"))]),
+            ("2", [("cp1_400m_16k", 88, bench_model(1, f"{CPW400} --seq-len 16384"))]),
+            ("3", [("cp1_1p3b_16k", 88, bench_model(1, f"{CPW13} --seq-len 16384"))]),
+        ]),
+        ("cp4", 190, [
+            ("0,1,2,3", [("cp4_400m_64k", 85, bench_model(4, f"{CPW400} --cp 4 --seq-len 65536")),
+                         ("cp4_1p3b_64k", 103, bench_model(4, f"{CPW13} --cp 4 --seq-len 65536"))]),
         ]),
     ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
