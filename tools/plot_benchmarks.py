@@ -175,6 +175,77 @@ def plot_cp_model_weak(out):
     return out
 
 
+def plot_session11(out):
+    """Session 11 (H200s): the 1.3B 4K step's norm A/B and its peers; the 400M CP = 2 step with
+    the eager and FLA's CP conv; whole-model CP weak-scaling efficiency against session 9's."""
+    def ms(name):
+        d = _load(name)
+        return d["step_ms_median"] if d else None
+
+    peers = [("MDN\neager norm", "model_h200_mdn_1p3b_4k_eager_norm_v11.json"),
+             ("MDN\nTriton norm", "model_h200_mdn_1p3b_4k_triton_norm_v11.json"),
+             ("MDN\n(call 2)", "model_h200_mdn_1p3b_4k_v11.json"),
+             ("GDN mode", "model_h200_gdn_1p3b_4k_v11.json"),
+             ("Megatron-core\nGDN", "model_h200_megatron_gdn_1p3b_4k_v11.json"),
+             ("Transformer", "model_h200_transformer_1p3b_4k_v11.json")]
+    peers = [(lab, d) for lab, n in peers if (d := _load(n))]
+    conv = [(lab, ms(n)) for lab, n in (("CP = 1, 16K", "model_h200_mdn_cp1_400m_16k_v11.json"),
+                                        ("CP = 2, eager conv", "model_h200x2_mdn_cp2_400m_32k_eager_conv_v11.json"),
+                                        ("CP = 2, FLA conv", "model_h200x2_mdn_cp2_400m_32k_fla_conv_v11.json"))]
+    conv = [(lab, m) for lab, m in conv if m]
+    eff = {}
+    for key, files in (("400M, session 9 (H100)", ["model_h100x4_mdn_cp1_400m_16k_v9.json",
+                                                    "model_h100x4_mdn_cp2_400m_32k_v9.json",
+                                                    "model_h100x4_mdn_cp4_400m_64k_v9.json"]),
+                       ("400M, session 11 (H200)", ["model_h200x4_mdn_cp1_400m_16k_v11.json",
+                                                     "model_h200x4_mdn_cp2_400m_32k_v11.json",
+                                                     "model_h200x4_mdn_cp4_400m_64k_v11.json"]),
+                       ("1.3B, session 11 (H200)", ["model_h200x4_mdn_cp1_1p3b_16k_v11.json", None,
+                                                     "model_h200x4_mdn_cp4_1p3b_64k_v11.json"])):
+        t = [ms(f) if f else None for f in files]
+        if t[0]:
+            eff[key] = [(r, t[0] / x) for r, x in zip((1, 2, 4), t) if x]
+    # the 1.3B CP = 2 ran on a 2-GPU machine beside its own CP = 1 (plan s11b)
+    c1, c2 = ms("model_h200_mdn_cp1_1p3b_16k_v11.json"), ms("model_h200x2_mdn_cp2_1p3b_32k_v11.json")
+    if c1 and c2 and "1.3B, session 11 (H200)" in eff:
+        eff["1.3B, session 11 (H200)"].insert(1, (2, c1 / c2))
+    if not (peers or conv or eff):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15.5, 3.8))
+    ax = axes[0]
+    if peers:
+        tps = [d["tokens_per_s_per_gpu"] for _, d in peers]
+        ax.bar(range(len(peers)), tps, color=["gray", "tab:blue", "tab:blue", "tab:orange", "tab:green",
+                                              "tab:red"][:len(peers)])
+        for i, (_, d) in enumerate(peers):
+            ax.text(i, tps[i], f"{d['step_ms_median']:.0f} ms\nMFU {100 * d['mfu']:.1f}%", ha="center",
+                    va="bottom", fontsize=7)
+        ax.set_xticks(range(len(peers)), [lab for lab, _ in peers], fontsize=7)
+        ax.set_ylim(0, max(tps) * 1.25)
+        ax.set_ylabel("tokens/s per GPU")
+        ax.set_title("1.3B, 2 micro-batches of 2 × 4096, one H200", fontsize=9)
+    ax = axes[1]
+    if conv:
+        ax.bar(range(len(conv)), [m for _, m in conv], color=["gray", "tab:orange", "tab:blue"][:len(conv)])
+        for i, (_, m) in enumerate(conv):
+            ax.text(i, m, f"{m:.0f} ms" + (f"\neff. {conv[0][1] / m:.2f}" if i else ""), ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_xticks(range(len(conv)), [lab for lab, _ in conv], fontsize=8)
+        ax.set_ylim(0, max(m for _, m in conv) * 1.25)
+        ax.set_ylabel("step, ms (16K tokens per GPU per micro-batch)")
+        ax.set_title("400M, the conv under CP (2 H200s)", fontsize=9)
+    ax = axes[2]
+    for key, pts in eff.items():
+        ax.plot([r for r, _ in pts], [e for _, e in pts], marker="o", label=key,
+                linestyle="--" if "session 9" in key else "-")
+    ax.axhline(0.9, color="k", linewidth=0.8, linestyle=":", label="goal 0.9")
+    ax.set_xticks([1, 2, 4])
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("CP ranks (16K tokens per GPU per micro-batch)")
+    _finish(fig, ax, out, "efficiency t(CP=1) / t(CP=R)", "whole-model CP weak scaling")
+    return out
+
+
 def plot_memory_estimate(out):
     """Estimated against measured peak memory of the trainer (tests/gpu/test_longctx_memory_gpu)."""
     rows = []
@@ -493,7 +564,8 @@ def main():
                      (plot_kernel_tuning, "kernel_tuning.png"), (plot_pp, "pp_scaling.png"),
                      (plot_cp_scaling, "cp_scaling_v8.png"),
                      (plot_cp_model_weak, "cp_model_weak_scaling.png"),
-                     (plot_longctx_v10, "longctx_v10.png")):
+                     (plot_longctx_v10, "longctx_v10.png"),
+                     (plot_session11, "session11_model.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 

@@ -11,9 +11,11 @@ refuses CPU tensors). fp32 is compared to rounding. bf16 only to a loose bound: 
 (triton 3.6) truncates fp32 → bf16 where the GPU rounds to nearest even, so FLA's bf16 outputs are
 biased here by up to one bf16 ulp; the bound still catches masking or indexing faults (O(1)).
 
-Skipped where fla-core does not import (CI has no fla) or where the interpreter is off; run it
-in a venv with fla: `pip install fla-core==0.6.0 einops` (no-deps wheels work), then
-`TRITON_INTERPRET=1 python -m pytest tests/model/test_mixer_kernels_fla.py` (~15 s)."""
+CI runs it (fla-core is in the dev extra since session 11; tests/conftest.py sets
+TRITON_INTERPRET=1 where there is no GPU). Skipped where fla-core does not import or the
+interpreter is off; by hand: `TRITON_INTERPRET=1 python -m pytest tests/model/test_mixer_kernels_fla.py`
+(~40 s). The CP = 2 test at the end runs FLA's conv over the halo-padded slice on two gloo
+processes against the CP = 1 mixer in float64."""
 import os
 
 import pytest
