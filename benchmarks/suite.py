@@ -951,6 +951,15 @@ PLANS = {
                          ("cp4_1p3b_64k", 103, bench_model(4, f"{CPW13} --cp 4 --seq-len 65536"))]),
         ]),
     ],
+    "s11p": [  # session 11, the leftover device time: where CP = 4 loses against CP = 2 (400M,
+               # 16K tokens per GPU; efficiency 0.74 against 0.93 in plan s11x4), both profiled
+        ("prof", 200, [
+            ("0,1,2,3", [("cp4_400m_64k_profile", 110, bench_model(4, f"{CPW400} --cp 4 --seq-len 65536 "
+                                                                  "--profile {R}/profile.txt")),
+                         ("cp2_400m_32k_profile", 88, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768 "
+                                                                 "--profile {R}/profile.txt"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [
