@@ -960,6 +960,22 @@ PLANS = {
                                                                  "--profile {R}/profile.txt"))]),
         ]),
     ],
+    "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
+                # (MDN_CP_AGREE=once, opt-in since session 11) against every call, at the shapes
+                # where plan s11p saw the collectives' waits grow with R; CP = 1 alongside
+        ("cp2", 90, [
+            ("0,1", [("cp2_400m_32k_agree_once", 88, "MDN_CP_AGREE=once " + bench_model(
+                2, f"{CPW400} --cp 2 --seq-len 32768"))]),
+            ("2", [("cp1_400m_16k", 88, bench_model(1, f"{CPW400} --seq-len 16384"))]),
+        ]),
+        ("cp4", 300, [
+            ("0,1,2,3", [("cp4_400m_64k_agree_every", 75, bench_model(4, f"{CPW400} --cp 4 --seq-len 65536")),
+                         ("cp4_400m_64k_agree_once", 75, "MDN_CP_AGREE=once " + bench_model(
+                             4, f"{CPW400} --cp 4 --seq-len 65536")),
+                         ("cp4_1p3b_64k_agree_once", 110, "MDN_CP_AGREE=once " + bench_model(
+                             4, f"{CPW13} --cp 4 --seq-len 65536"))]),
+        ]),
+    ],
     "n": [  # session 4's opt-in Triton RMSNorm (model.norm_kernel): its GPU test, then the 400M
             # step with the eager norm and with the kernels, side by side in one call
         ("one_gpu", 300, [

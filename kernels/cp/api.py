@@ -20,7 +20,14 @@ the matching slice of the CP = 1 output.
   parallel) or "ring" (point-to-point relay, ranks' state passes run one after another).
 
 Every call first all-gathers a few integers (shapes, flags, a checksum of cu_seqlens) so that
-ranks that disagree fail with a message instead of hanging or returning garbage.
+ranks that disagree fail with a message instead of hanging or returning garbage. That is a
+rendezvous of every rank's host per layer call (BENCHMARKS.md, session 11: the waits at the
+op's collectives grow with R). MDN_CP_AGREE=once (opt-in, not yet measured on GPUs) agrees once
+per cu_seqlens tensor and set of fields: the layers of a micro-batch pass the same tensor, so
+one agreement per micro-batch; a call whose fields differ from every set agreed for that tensor
+agrees again. Every rank of a correct program makes the same calls, so all ranks skip or agree
+together; a rank whose inputs diverge mid-micro-batch then waits in the agreement while the
+others go on (a hang until the collective times out) instead of every rank raising.
 """
 from __future__ import annotations
 
@@ -136,6 +143,18 @@ def _agree(fields: list[int], device, group, rank: int, world: int, local_error)
                              f"rank {j} has {col[j]} (this is rank {rank} of {world})")
 
 
+_AGREED = PerTensorCache()
+
+
+def agree_mode() -> str:
+    """MDN_CP_AGREE: 'every' (default) agrees on the inputs at every call, 'once' once per
+    cu_seqlens tensor and set of fields (module docstring)."""
+    env = os.environ.get("MDN_CP_AGREE", "every")
+    if env not in ("every", "once"):
+        raise ValueError(f"MDN_CP_AGREE must be 'every' or 'once', got {env!r}")
+    return env
+
+
 def cp_lean() -> bool:
     """MDN_CP_LEAN=1: the all-gather mode runs the lean node (state_pass_cp.CPStateOutput: the
     per-chunk pairs recomputed in the backward instead of kept, as MDN_RECOMPUTE_PAIRS=1 without
@@ -176,7 +195,13 @@ def mdn_chunk_cp(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state,
     device = k.device if isinstance(k, torch.Tensor) else torch.device("cpu")
     if dist.get_backend(cp_group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    _agree(fields, device, cp_group, rank, world, local_error)
+    if local_error is None and cu_seqlens is not None and agree_mode() == "once":
+        # stored only once the agreement returned (it raises on disagreement): a hit means every
+        # rank agreed on exactly these fields for this tensor
+        _AGREED.get(cu_seqlens, (id(cp_group), world) + tuple(fields),
+                    lambda: _agree(fields, device, cp_group, rank, world, local_error) or True)
+    else:
+        _agree(fields, device, cp_group, rank, world, local_error)
 
     B, T, H, K = k.shape
     V = v.shape[-1]

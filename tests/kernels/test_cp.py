@@ -202,9 +202,46 @@ def worker(rank, R, port, outdir):
     results["halo"] = {"y": y, "dx": dx, "dw": dw}
     if R == 2:
         results["errors"] = misuse(rank, group)
+        results["agree"] = agree_counts(group)
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def agree_counts(group):
+    """How many input agreements (api._agree: one all-gather and host copy each) three calls on
+    one cu_seqlens tensor make under MDN_CP_AGREE=every and =once, then one call on a new tensor
+    and one with other fields (a changed scale) under 'once'; and the outputs of each mode."""
+    from mdn_kernels.cp import api
+
+    calls = []
+    real = api._agree
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    api._agree = counting
+    xs = random_inputs(1, 16, H, K, V, seed=3)
+    cu = torch.tensor([0, 5, 21, 32], dtype=torch.int32)
+    out = {}
+    try:
+        for mode in ("every", "once"):
+            calls.clear()
+            with env_set({"MDN_CP_AGREE": mode}):
+                ys = [mdn_chunk(*xs, cu_seqlens=cu, cp_group=group, chunk_size=C)[0] for _ in range(3)]
+                out[mode] = dict(calls=len(calls), y=ys)
+                if mode == "once":
+                    calls.clear()
+                    mdn_chunk(*xs, cu_seqlens=cu.clone(), cp_group=group, chunk_size=C)
+                    out["new_tensor_calls"] = len(calls)
+                    calls.clear()
+                    mdn_chunk(*xs, cu_seqlens=cu, cp_group=group, chunk_size=C, scale=0.5)
+                    mdn_chunk(*xs, cu_seqlens=cu, cp_group=group, chunk_size=C, scale=0.5)
+                    out["other_fields_calls"] = len(calls)
+    finally:
+        api._agree = real
+    return out
 
 
 def misuse(rank, group):
@@ -340,6 +377,21 @@ def test_lean_node_equals_the_default_path(world):
                     continue
                 err = rel_err(t, want)
                 assert err <= LEAN_TOL, f"R={R} {name} {key}: relative error {err:.2e}"
+
+
+def test_agreement_once_per_cu_tensor(world):
+    """MDN_CP_AGREE=once: one input agreement per cu_seqlens tensor and set of fields (3 calls on
+    one tensor: 1, against 3 by default; a new tensor or other fields agree again, once), with
+    the default's outputs bit for bit."""
+    R, ranks = world
+    if R != 2:
+        pytest.skip("run by the R = 2 workers")
+    for r in ranks:
+        a = r["agree"]
+        assert a["every"]["calls"] == 3 and a["once"]["calls"] == 1, a
+        assert a["new_tensor_calls"] == 1 and a["other_fields_calls"] == 1, a
+        for y_every, y_once in zip(a["every"]["y"], a["once"]["y"]):
+            assert torch.equal(y_every, y_once)
 
 
 def test_conv_halo_equals_unsplit_conv(world):
