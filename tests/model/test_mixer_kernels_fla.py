@@ -128,48 +128,59 @@ def test_gated_rmsnorm_bf16(fla_on_cpu):
         assert _rel(a, b) < 1.5e-2, (name, _rel(a, b))
 
 
-def _mixer_worker(rank, world, cfg, docs):
-    """tests/gpu/test_mixer_kernels_gpu.py's worker in fp32 on CPU: the mixer with FLA's kernels
-    and with the eager code, same weights, against the eager mixer in float64."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.transformer.spec_utils import build_module
-    from mdn_scale.model import ModelConfig, to_transformer_config
-    from mdn_scale.model.specs import mdn_mixer_spec
-    from model_workers import init_parallel
+class _MixerCase:
+    """One spawned process's setup for the mixer tests: FLA pinned and allowed on CPU fp32
+    tensors, Megatron's groups (CP = cp), the input, cotangent and packed documents, and the
+    mixer built from the spec at seed 0 (the same weights for every kernel choice)."""
 
-    mp = pytest.MonkeyPatch()
-    _pin_fla(mp)  # the fixture's pins, in this spawned process
-    # let model.mixer_kernels=fla take FLA's kernels for CPU fp32 tensors in this process only
-    mp.setattr(mk, "check_fla_usable", lambda choice, cuda: None)
-    mp.setattr(mk, "use_fla", lambda choice, x: choice == "fla" and x.dtype == torch.float32)
-    init_parallel()
-    T, d = docs[-1], cfg["hidden_size"]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(T, 1, d, generator=g)
-    ct = torch.randn(T, 1, d, generator=g, dtype=torch.float64)
-    cu = torch.tensor(docs, dtype=torch.int32)
-    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    def __init__(self, cfg, docs, cp=1):
+        from megatron.core.packed_seq_params import PackedSeqParams
+        from model_workers import init_parallel
 
-    def build(kernels, dtype):
-        mc = ModelConfig(**dict(cfg, mixer_kernels=kernels))
+        self.mp = pytest.MonkeyPatch()
+        _pin_fla(self.mp)  # the fixture's pins, in this spawned process
+        # let model.mixer_kernels=fla take FLA's kernels for CPU fp32 tensors in this process only
+        self.mp.setattr(mk, "check_fla_usable", lambda choice, cuda: None)
+        self.mp.setattr(mk, "use_fla", lambda choice, x: choice == "fla" and x.dtype == torch.float32)
+        init_parallel(cp=cp)
+        self.cfg = cfg
+        T, d = docs[-1], cfg["hidden_size"]
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(T, 1, d, generator=g)
+        self.ct = torch.randn(T, 1, d, generator=g, dtype=torch.float64)
+        cu = torch.tensor(docs, dtype=torch.int32)
+        self.psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+
+    def build(self, kernels, dtype):
+        from megatron.core.transformer.spec_utils import build_module
+        from mdn_scale.model import ModelConfig, to_transformer_config
+        from mdn_scale.model.specs import mdn_mixer_spec
+
+        mc = ModelConfig(**dict(self.cfg, mixer_kernels=kernels))
         torch.manual_seed(0)
         return build_module(mdn_mixer_spec(mc), config=to_transformer_config(mc, params_dtype=dtype),
                             layer_number=1)
 
-    def run(mixer, dtype):
-        xi = x.to(dtype).clone().requires_grad_(True)
-        y, _ = mixer(xi, packed_seq_params=psp)
-        (y.double() * ct).sum().backward()
+    def run(self, mixer, dtype, sl=slice(None)):
+        """Output and input gradient of tokens sl, every parameter's gradient, in float64."""
+        xi = self.x[sl].to(dtype).clone().requires_grad_(True)
+        y, _ = mixer(xi, packed_seq_params=self.psp)
+        (y.double() * self.ct[sl]).sum().backward()
         out = {"y": y.detach(), "dx": xi.grad}
         out.update({f"d{n}": p.grad for n, p in mixer.named_parameters()})
         return {k: v.double() for k, v in out.items()}
 
-    ref = run(build("eager", torch.float64), torch.float64)
-    eager = build("eager", torch.float32)
-    fused = build("fla", torch.float32)
+
+def _mixer_worker(rank, world, cfg, docs):
+    """tests/gpu/test_mixer_kernels_gpu.py's worker in fp32 on CPU: the mixer with FLA's kernels
+    and with the eager code, same weights, against the eager mixer in float64."""
+    case = _MixerCase(cfg, docs)
+    ref = case.run(case.build("eager", torch.float64), torch.float64)
+    eager = case.build("eager", torch.float32)
+    fused = case.build("fla", torch.float32)
     fused.load_state_dict(eager.state_dict())
-    out = ref, run(eager, torch.float32), run(fused, torch.float32)
-    mp.undo()
+    out = ref, case.run(eager, torch.float32), case.run(fused, torch.float32)
+    case.mp.undo()
     return out
 
 
@@ -195,52 +206,21 @@ def _mixer_cp_worker(rank, world, cfg, docs):
     same weights) in float64."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.transformer.spec_utils import build_module
-    from mdn_scale.model import ModelConfig, to_transformer_config
-    from mdn_scale.model.specs import mdn_mixer_spec
-    from model_workers import init_parallel
 
-    mp = pytest.MonkeyPatch()
-    _pin_fla(mp)
-    mp.setattr(mk, "check_fla_usable", lambda choice, cuda: None)
-    mp.setattr(mk, "use_fla", lambda choice, x: choice == "fla" and x.dtype == torch.float32)
-    init_parallel(cp=world)
-    group = ps.get_context_parallel_group()
-    T, d = docs[-1], cfg["hidden_size"]
-    S = T // world
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(T, 1, d, generator=g)
-    ct = torch.randn(T, 1, d, generator=g, dtype=torch.float64)
-    cu = torch.tensor(docs, dtype=torch.int32)
-    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
-
-    def build(kernels, dtype):
-        mc = ModelConfig(**dict(cfg, mixer_kernels=kernels))
-        torch.manual_seed(0)
-        return build_module(mdn_mixer_spec(mc), config=to_transformer_config(mc, params_dtype=dtype),
-                            layer_number=1)
-
-    def run(mixer, dtype, sl):
-        xi = x[sl].to(dtype).clone().requires_grad_(True)
-        y, _ = mixer(xi, packed_seq_params=psp)
-        (y.double() * ct[sl]).sum().backward()
-        out = {"y": y.detach(), "dx": xi.grad}
-        out.update({f"d{n}": p.grad for n, p in mixer.named_parameters()})
-        return {k: v.double() for k, v in out.items()}
-
-    ref_mixer = build("eager", torch.float64)
+    case = _MixerCase(cfg, docs, cp=world)
+    S = docs[-1] // world
+    ref_mixer = case.build("eager", torch.float64)
     with ref_mixer.without_context_parallel():
-        ref = run(ref_mixer, torch.float64, slice(None))
-    fused = build("fla", torch.float32)
-    fused.load_state_dict(build("eager", torch.float32).state_dict())
+        ref = case.run(ref_mixer, torch.float64)
+    fused = case.build("fla", torch.float32)
+    fused.load_state_dict(case.build("eager", torch.float32).state_dict())
     assert fused.cp_group.size() == world
     mine = slice(rank * S, (rank + 1) * S)
-    got = run(fused, torch.float32, mine)
+    got = case.run(fused, torch.float32, mine)
     for k, v in got.items():
         if k not in ("y", "dx"):
-            dist.all_reduce(v, group=group)
-    mp.undo()
+            dist.all_reduce(v, group=ps.get_context_parallel_group())
+    case.mp.undo()
     return ref, got, mine
 
 
