@@ -144,12 +144,14 @@ class _MixerCase:
         self.mp.setattr(mk, "use_fla", lambda choice, x: choice == "fla" and x.dtype == torch.float32)
         init_parallel(cp=cp)
         self.cfg = cfg
-        T, d = docs[-1], cfg["hidden_size"]
+        T, d = (docs[-1] if docs else cfg["seq_len"]), cfg["hidden_size"]
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(T, 1, d, generator=g)
         self.ct = torch.randn(T, 1, d, generator=g, dtype=torch.float64)
-        cu = torch.tensor(docs, dtype=torch.int32)
-        self.psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        self.psp = None  # docs None: one unpacked sequence
+        if docs:
+            cu = torch.tensor(docs, dtype=torch.int32)
+            self.psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
 
     def build(self, kernels, dtype):
         from megatron.core.transformer.spec_utils import build_module
@@ -208,7 +210,7 @@ def _mixer_cp_worker(rank, world, cfg, docs):
     from megatron.core import parallel_state as ps
 
     case = _MixerCase(cfg, docs, cp=world)
-    S = docs[-1] // world
+    S = case.x.shape[0] // world
     ref_mixer = case.build("eager", torch.float64)
     with ref_mixer.without_context_parallel():
         ref = case.run(ref_mixer, torch.float64)
@@ -224,13 +226,13 @@ def _mixer_cp_worker(rank, world, cfg, docs):
     return ref, got, mine
 
 
-@pytest.mark.parametrize("docs", [[0, 1, 3, 20, 30, 33, 34, 50, 64], [0, 5, 32, 40, 64]],
-                         ids=["starts_in_halo", "starts_at_rank"])
+@pytest.mark.parametrize("docs", [[0, 1, 3, 20, 30, 33, 34, 50, 64], [0, 5, 32, 40, 64], None],
+                         ids=["starts_in_halo", "starts_at_rank", "unpacked"])
 def test_fla_conv_under_cp2_matches_cp1(docs):
     """CP = 2 over gloo: FLA's conv over [halo | slice] with mdn_kernels.cp.padded_doc_offsets
     gives the CP = 1 mixer's outputs and gradients — documents that start inside rank 1's halo
-    (global 30), 1-token documents right after the rank boundary (33), and a document starting
-    on the boundary (32)."""
+    (global 30), 1-token documents right after the rank boundary (33), a document starting on
+    the boundary (32), and one unpacked sequence (no offsets: the halo is plain context)."""
     from model_dist import run_jobs
 
     cfg = dict(hidden_size=64, num_layers=1, num_heads=2, head_k_dim=16, vocab_size=61,
