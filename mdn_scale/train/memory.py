@@ -60,9 +60,9 @@ the layer output's dtype)
   SwiGLU MLP           10 F_l          bf16 fc1 output (2F), x_lin + offset, silu, product
   (1.3B, K = 256, V = 512, C = 64: the op keeps 5.5 KiB per token and head; under CP 13.5 KiB,
   8 KiB of it the pairs.)
-The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_kernels.py), at any
-  CP: Layout.fused_mixer, or by
-  default 'fla' → fused, 'eager' → eager, 'auto' → fused when fla-core imports in the environment
+The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_kernels.py), at
+  any CP (MDN_CONV=eager, a benchmark switch, is not counted): Layout.fused_mixer, or by default
+  'fla' → fused, 'eager' → eager, 'auto' → fused when fla-core imports in the environment
   doing the estimate (the one that trains, for the GPU tools). The fused gates row applies where
   the mixer runs its Triton gate kernels (mixer_kernels.use_fused_gates: CUDA, any setting but
   'eager'; no FLA needed): Layout.fused_gates, or by default 'eager' → eager, 'fla' → fused,
