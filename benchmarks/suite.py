@@ -45,6 +45,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      lent): the lean CP node against float64, one GPU standing in for a CP rank
      (longctx_memory.py --emulate-cp), real CP = 2 at 384K/512K, train.recompute_offload's cost,
      K = 256's output forward on 4 warps, the Triton RMSNorm's GPU test.
+  s12k  session 12 on one GPU: the end cotangents written over the output's pair cotangents
+     (MDN_END_OVER_PAIR_GRADS) against float64, beside FLA's GDN, in the lean CP node and in
+     the 1.3B step.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -958,6 +961,24 @@ PLANS = {
                                                                   "--profile {R}/profile.txt")),
                          ("cp2_400m_32k_profile", 88, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768 "
                                                                  "--profile {R}/profile.txt"))]),
+        ]),
+    ],
+    "s12k": [  # session 12 on one GPU, issue 2: the end cotangents written over the output's pair
+               # cotangents (MDN_END_OVER_PAIR_GRADS, default 1): the kernel tests against float64
+               # (mode 1 at both shapes, the packed fp32 case in every mode), the op beside FLA's GDN
+               # with the separate buffers as a variant (bitwise comparison, time, peak), the lean
+               # CP node at K = 256 on two ranks of the GPU, the 1.3B step at 4K with and without
+        ("kernels", 560, [
+            ("0", [("kernel_tests", 140, "MDN_RESULTS_DIR={R} " + PT + " --timeout 135 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'"),
+                   ("bench_k128", 100, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_END_OVER_PAIR_GRADS=0 --out {R}/result.json"),
+                   ("bench_k256", 120, "python3 tools/bench_kernels.py --shapes 1 "
+                    "--variant MDN_END_OVER_PAIR_GRADS=0 --out {R}/result.json"),
+                   ("cp_op_k256_lean_seg_w2_gloo", 80, LEAN_SEG + CHECK_CP.format(n=2, kv="--K 256 --V 512")
+                    + " --dist-backend gloo"),
+                   ("mdn_1p3b_4k_pairs_apart", 55, "MDN_END_OVER_PAIR_GRADS=0 " + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k", 55, bench_model(1, M13_4K))]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor

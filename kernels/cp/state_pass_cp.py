@@ -70,6 +70,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from mdn_kernels.mdn.chunk import end_over_pair_grads
 from mdn_kernels.mdn.chunk_torch import (
     state_pass_bwd_torch,
     state_pass_fwd_torch,
@@ -497,7 +498,7 @@ def _segmented_backward(ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fi
         del g
         dWt, dS_end, dM_end, dSi, dMi, dgates = state_pass_bwd_triton(
             *(t[c0:c1] for t in ops), dW, dS0s, dM0s, dSg[g0:g1], dMg[g0:g1], S0s, M0s, lay, tf32,
-            dWt_out=dW)
+            dWt_out=dW, end_over_pair_grads=end_over_pair_grads())
         del dS0s, dM0s
         dS_g[g0:g1], dM_g[g0:g1] = dSi, dMi
         part = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates, torch.float32)
@@ -578,7 +579,8 @@ class CPStateOutput(torch.autograd.Function):
         dSg, dMg = _end_grads(ops, [dW, dS0s, dM0s, dS_fin, dM_fin], plan, vi, view, ctx.group,
                               later_T, Ts, "triton", tf32)
         dWt, dS_end, dM_end, dS_g, dM_g, dgates = state_pass_bwd_triton(
-            *ops, dW, dS0s, dM0s, dSg, dMg, S0s, M0s, plan.layout, tf32, dWt_out=dW)
+            *ops, dW, dS0s, dM0s, dSg, dMg, S0s, M0s, plan.layout, tf32, dWt_out=dW,
+            end_over_pair_grads=end_over_pair_grads())
         del dS0s, dM0s
         dS_i, dM_i = _local_init_grads(dS_g, dM_g, plan, vi, plan.num_groups > view.num_local)
         grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates, torch.float32)

@@ -172,7 +172,8 @@ class StateOutput(torch.autograd.Function):
             fuse_out = None
         dWt, dS_end, dM_end, dS_i, dM_i, (da, dg, du) = state_pass_bwd_triton(
             Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s,
-            layout, tf32, dWt_out=dW, fuse_out=fuse_out, init_grad=init_grad)
+            layout, tf32, dWt_out=dW, fuse_out=fuse_out, init_grad=init_grad,
+            end_over_pair_grads=not fuse and end_over_pair_grads())
         del dS0s, dM0s
         # state_pass_grads' products, each pair's inputs freed after its last use
         dKg = (W @ dS_end.transpose(-1, -2)).neg_()
@@ -191,6 +192,18 @@ class StateOutput(torch.autograd.Function):
         dsp = [g.to(dt) for g, dt in zip((dWt, dY, dZ, dKg, dKm), ctx.in_dtypes)]
         return (dqc, dkc, det, dla, dg0, dgam, *dsp, da, dg, du, dS_i, dM_i,
                 None, None, None, None, None, None, None)
+
+
+def end_over_pair_grads() -> bool:
+    """MDN_END_OVER_PAIR_GRADS: "1" (default) the lean nodes' state-pass backward writes the
+    end cotangents dS_end, dM_end over the output's pair cotangents dS0s, dM0s (read first,
+    chunk by chunk: state_pass_bwd_triton's end_over_pair_grads), so two [NC, H, K, V] tensors
+    fewer are alive at the backward's peak; "0" separate buffers (the earlier path, kept to
+    compare against). Results are the same either way."""
+    flag = os.environ.get("MDN_END_OVER_PAIR_GRADS", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"MDN_END_OVER_PAIR_GRADS must be 0 or 1, got {flag!r}")
+    return flag == "1"
 
 
 def recompute_pairs_mode() -> int:

@@ -78,7 +78,7 @@ def _state_bwd_kernel(
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     FUSE_OUT: tl.constexpr, OMMDT: tl.constexpr, OPREC: tl.constexpr,
     HAS_DFIN: tl.constexpr, STORE_DINIT: tl.constexpr, INIT_ONLY: tl.constexpr,
-    FV: tl.constexpr = "strided",
+    FV: tl.constexpr = "strided", END_LATE: tl.constexpr = False,
 ):
     # DGATES [3, NV, NC, H]: this value block's share of dL/da_end, dL/dg_end, dL/du_end.
     # INIT_ONLY: only the initial pair's gradient (DS_INIT, DM_INIT); nothing per chunk is
@@ -91,6 +91,11 @@ def _state_bwd_kernel(
     # "strided" loads Q̂ᵀ [BK, C] through transposed pointers and runs two dots (the pattern
     # that faulted on the H100); "trans" loads Q̂ [C, BK] row by row and tl.trans'es the loaded
     # tile (not a dot result, DESIGN §9); "stack" runs one dot on [e^{la} Q̂ᵀ; −γ Q̂ᵀ] [2BK, C].
+    # END_LATE: DS_END / DM_END may be DS0S / DM0S themselves (the end cotangents written over
+    # the output's pair cotangents): each chunk's tile of dS_end is stored after that chunk's
+    # tile of dS0s has been read and used, behind a CTA barrier (the threads that load an
+    # element are not the ones that store it: without the barrier a store could overtake
+    # another thread's load).
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -117,8 +122,9 @@ def _state_bwd_kernel(
         c = c_end - 1 - i
         ch = c * H + i_h
         if not INIT_ONLY:
-            tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
-            tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
+            if not END_LATE:
+                tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
+                tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
             s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
             m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
             gofs = i_v * NCH * H + ch
@@ -166,8 +172,13 @@ def _state_bwd_kernel(
             ds0 = tl.load(DS0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
             dm0 = tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
         ds_prev = a * ds + tl.dot(y_t, dw.to(y_t.dtype), input_precision=PREC) + ds0
-        dm = uu * dm - g * ds - tl.dot(z_t, dw.to(z_t.dtype), input_precision=PREC) + dm0
+        dm_prev = uu * dm - g * ds - tl.dot(z_t, dw.to(z_t.dtype), input_precision=PREC) + dm0
+        if END_LATE:
+            tl.debug_barrier()
+            tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
+            tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
         ds = ds_prev
+        dm = dm_prev
     if STORE_DINIT:
         tl.store(DS_INIT + i_nh * K * V + kv, ds, mask=m_kv)
         tl.store(DM_INIT + i_nh * K * V + kv, dm, mask=m_kv)
@@ -259,11 +270,16 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
 def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
                           S0s, M0s, layout, allow_tf32: bool = False, dWt_out=None,
                           fuse_out=None, init_grad: bool = True, init_only: bool = False,
-                          fuse_variant_name: str | None = None):
+                          fuse_variant_name: str | None = None, end_over_pair_grads: bool = False):
     """Returns dWt, dS_end, dM_end (in the operand dtype), the initial pair's gradient (fp32 or
     fp64) and (da_end, dg_end, du_end) [NC, H], reduced in the kernel. `dWt_out` (optional, may
     be dW itself: every program reads its tile of dW once, before writing the same tile of dWt)
     receives dWt.
+
+    end_over_pair_grads: dS_end, dM_end are written over dS0s, dM0s (returned as those very
+    tensors; the caller must own them and not read them again): two [NC, H, K, V] tensors fewer
+    at the backward's peak. The kernel stores each chunk's tile after reading the same tile
+    (END_LATE in _state_bwd_kernel); the values are those of the separate buffers.
 
     fuse_out = (qc, la, g0, do, cs, cl, scale, mm_dtype): the output's pair cotangents are made in
     the kernel (dS0s, dM0s are not read and may be None; see _state_bwd_kernel), the way
@@ -290,8 +306,18 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
         if dWt_out.shape != dW.shape or dWt_out.dtype != Y.dtype or not dWt_out.is_contiguous():
             raise ValueError("dWt_out must be a contiguous tensor of dW's shape in the operand dtype")
         dWt = dWt_out
+    if end_over_pair_grads:
+        if init_only or fuse_out is not None:
+            raise ValueError("end_over_pair_grads needs dS0s and dM0s (no init_only, no fuse_out)")
+        for name, t in (("dS0s", dS0s), ("dM0s", dM0s)):
+            if (t is None or t.shape != (NC, H, K, V) or t.dtype != Y.dtype
+                    or not t.is_contiguous()):
+                raise ValueError(f"end_over_pair_grads: {name} must be a contiguous "
+                                 f"{(NC, H, K, V)} tensor in the operand dtype {Y.dtype}")
     if init_only:
         dS_end = dM_end = S0s = M0s = dW
+    elif end_over_pair_grads:
+        dS_end, dM_end = dS0s, dM0s
     else:
         dS_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
         dM_end = dW.new_empty(NC, H, K, V, dtype=Y.dtype)
@@ -331,7 +357,7 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
         qc, la, g0, do, cs, cl, float(scale),
         H=H, K=K, V=V, C=C, BK=BK, PREC=_precision(Y.dtype, allow_tf32),
         FUSE_OUT=fuse_out is not None, OMMDT=ommdt, OPREC=oprec, HAS_DFIN=has_dfin,
-        STORE_DINIT=init_grad, INIT_ONLY=init_only, FV=fv, **lp,
+        STORE_DINIT=init_grad, INIT_ONLY=init_only, FV=fv, END_LATE=end_over_pair_grads, **lp,
     )
     if init_only:
         return dS_init, dM_init

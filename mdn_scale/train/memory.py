@@ -76,15 +76,18 @@ fp32 (no autocast; the op's torch path): the earlier, coarser count (not checked
 
 Backward workspace of the op (bf16, one layer at a time), per token and head, alive together
 at the peak of StateOutput.backward (tools/mem_accounting.py lists them): LocalOutput's input
-gradients 4·2K + 12 + 4C + 2V + 2·2KV/C, the recomputed S0s, M0s 2·2KV/C (the recomputed W takes
-the place of U, freed after the recompute) and the state pass's dS_end, dM_end 2·2KV/C. Under
+gradients 4·2K + 12 + 4C + 2V + 2·2KV/C, the recomputed W 2V and S0s, M0s 2·2KV/C (U, saved,
+stays alive to the node's end: its buffer cannot take W, the node's backward may run twice) and
+the state pass's dS_end, dM_end, written over the output's pair gradients
+(MDN_END_OVER_PAIR_GRADS=0: 2·2KV/C more). Under
 CP, inside StatePass.backward: the same input gradients, the state pass's dW̃, dS_end, dM_end
 2V + 2·2KV/C and state_pass_grads' fp32 dU, dY, dZ, dKg, dKm 4V + 4·4K. By then the layer's
 tensors after the op (gated norm, MLP, second norm) are freed.
 CP's lean node (MDN_CP_LEAN=1, Layout.cp_lean; kernels/cp/state_pass_cp.CPStateOutput) keeps no
 pair; its backward holds the output's chunk-input gradients 4·2K + 12 + 4C and, per chunk, the
-recomputed W 2V, dW̃ and the output's pair gradients 2V + 2·2KV/C, the recomputed S0s, M0s and
-dS_end, dM_end 2·2·2KV/C, state_pass_grads' fp32 products 4V + 4·4K + 12. In segments of S
+recomputed W 2V, dW̃ and the output's pair gradients 2V + 2·2KV/C (dS_end, dM_end written over
+the latter; MDN_END_OVER_PAIR_GRADS=0: 2·2KV/C more), the recomputed S0s, M0s 2·2KV/C,
+state_pass_grads' fp32 products 4V + 4·4K + 12. In segments of S
 tokens (MDN_CP_LEAN_SEGMENT_TOKENS, Layout.cp_lean_segment_tokens) the per-chunk part counts
 for a share f = S / T_l, and full-size buffers of the state pass's input gradients (bf16 dU,
 dY..dKm, fp32 gate sums: 2V + 2·4K + 12) are added.
@@ -224,6 +227,14 @@ def _norm_bytes(cfg, lay: Layout) -> int:
     return 4 * d + 4 if triton_norm(cfg, lay) else 10 * d + 4
 
 
+def end_over_pair_grads() -> bool:
+    """Whether the op's lean nodes write dS_end, dM_end over the output's pair gradients (the
+    environment the op reads: mdn_kernels.mdn.chunk.end_over_pair_grads)."""
+    from mdn_kernels.mdn.chunk import end_over_pair_grads as op_flag
+
+    return op_flag()
+
+
 def cp_lean(lay: Layout) -> tuple[bool, int]:
     """(lean CP node, its segment in tokens or 0) of the run being estimated: the Layout's
     values, else the environment the op reads (mdn_kernels.cp.api.cp_lean,
@@ -281,6 +292,8 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         out_grads = 4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C
         lean, seg = cp_lean(lay)
         pair = 2 * 2 * K * V / C
+        # the lean nodes' dS_end, dM_end: written over the output's pair gradients, or their own
+        end_pair = 0 if end_over_pair_grads() else pair
         if lean:  # CP's lean node (CPStateOutput): no pair kept; in its backward the recomputed
             #       W, S0s, M0s, the output's gradients, dS_end, dM_end and state_pass_grads'
             #       fp32 products, the per-chunk ones for one segment (a share f of the rank's
@@ -288,7 +301,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
             pairs = 0
             T_l = lay.tokens_per_rank
             f = min(1.0, seg / T_l) if seg else 1.0
-            per_chunk = 2 * V + (2 * V + pair) + pair + pair + (4 * V + 4 * 4 * K + 12)
+            per_chunk = 2 * V + (2 * V + pair) + pair + end_pair + (4 * V + 4 * 4 * K + 12)
             full = (4 * 2 * K + 12 + 4 * C) + (2 * V + 2 * 4 * K + 12) if seg else 4 * 2 * K + 12 + 4 * C
             backward = H_l * (full + f * per_chunk)
         elif lay.cp > 1:  # CP keeps StatePass + LocalOutput (kernels/cp/state_pass_cp.py)
@@ -296,7 +309,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
             backward = H_l * (out_grads + (2 * V + pair) + (4 * V + 4 * 4 * K))
         else:           # StateOutput: the pairs are recomputed in the backward
             pairs = 0
-            backward = H_l * (out_grads + 2 * 2 * K * V / C + 2 * 2 * K * V / C)
+            backward = H_l * (out_grads + 2 * V + pair + end_pair)
     else:  # the torch path's coarser count (module docstring)
         g = 4 if cfg.momentum else 3
         before = (d * 8 + (2 * H_l * K + 2 * H_l * V + g * H_l) * a + 2 * P_qkv * a

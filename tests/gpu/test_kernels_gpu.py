@@ -60,10 +60,10 @@ def test_forward_and_backward_real_shape(shape, dtype, recompute, record, monkey
         assert e < 1e-2, f"{n}: {e:.2e}"
 
 
-@pytest.mark.parametrize("recompute", ["0", "2"])
+@pytest.mark.parametrize("recompute", ["0", "1", "2"])
 def test_packed_documents_with_initial_states_fp32(recompute, record, monkeypatch):
-    """recompute "2": MDN_RECOMPUTE_PAIRS=2 with the fused chunk-local kernels forced on (the
-    lean path needs them; fp32 inputs default to the torch ops)."""
+    """recompute "1" and "2": MDN_RECOMPUTE_PAIRS with the fused chunk-local kernels forced on
+    (the lean path needs them; fp32 inputs default to the torch ops)."""
     from mdn_kernels.mdn import chunk as chunk_mod
     monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", recompute)
     if recompute != "0":

@@ -211,6 +211,40 @@ def test_state_pass_bwd_init_only(cu):
         assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("cu", [None, [0, 9, 40, 64]])
+def test_state_pass_bwd_end_over_pair_grads(cu):
+    """end_over_pair_grads: the reverse pass writes dS_end, dM_end into the buffers of dS0s,
+    dM0s (the lean nodes' peak drops by two pair-sized tensors) with the values, gate sums and
+    initial-pair gradients of the separate-buffer pass, bit for bit (interpreter on CPU)."""
+    from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
+    B, T, H, K, V, C = (2, 40, 2, 16, 32, 16) if cu is None else (1, 64, 2, 16, 32, 16)
+    cu_t = None if cu is None else torch.tensor(cu)
+    args, layout = prepared(B, T, H, K, V, C, torch.float32, cu=cu_t, seed=5)
+    N, NC = layout.num_seqs, layout.num_chunks
+    g = torch.Generator().manual_seed(6)
+    S0, M0 = torch.randn(2, N, H, K, V, generator=g)
+    _, S0s, M0s, _, _ = state_pass_fwd_triton(*args, S0, M0, layout)
+    dW = torch.randn(NC, H, C, V, generator=g)
+    dS0s, dM0s = torch.randn(2, NC, H, K, V, generator=g)
+    dS_fin, dM_fin = torch.randn(2, N, H, K, V, generator=g)
+    want = state_pass_bwd_triton(*args[1:], dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s, layout)
+    assert not torch.equal(want[1], dS0s)    # the end cotangents differ from the pair grads
+    a, b = dS0s.clone(), dM0s.clone()
+    got = state_pass_bwd_triton(*args[1:], dW, a, b, dS_fin, dM_fin, S0s, M0s, layout,
+                                end_over_pair_grads=True)
+    assert got[1] is a and got[2] is b
+    for x, y in zip(got[:5], want[:5]):
+        assert torch.equal(x, y)
+    for x, y in zip(got[5], want[5]):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="end_over_pair_grads: dS0s"):
+        state_pass_bwd_triton(*args[1:], dW, a[:, :1], b, dS_fin, dM_fin, S0s, M0s, layout,
+                              end_over_pair_grads=True)
+    with pytest.raises(ValueError, match="init_only"):
+        state_pass_bwd_triton(*args[1:], dW, a, b, dS_fin, dM_fin, None, None, layout,
+                              init_only=True, end_over_pair_grads=True)
+
+
 @pytest.mark.parametrize("i", range(4))
 def test_tree_walks_triton_equal_torch(i):
     """The Triton walks (one launch per level, TRITON_INTERPRET=1 on CPU) against the torch

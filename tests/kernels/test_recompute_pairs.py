@@ -136,6 +136,23 @@ def test_prepare_bf16_operands_are_the_rounded_fp32_ones():
         assert torch.equal(a, b)
 
 
+def test_end_over_pair_grads_changes_no_result(fused_on, monkeypatch):
+    """StateOutput with the end cotangents written over the output's pair cotangents (the
+    default) and with separate buffers (MDN_END_OVER_PAIR_GRADS=0): bitwise the same outputs
+    and gradients, packed documents with initial states; a bad flag is named."""
+    xs = random_inputs(1, 61, 2, 16, 32, dtype=torch.float32, seed=8, with_state=True,
+                       num_states=4)
+    cu = torch.tensor([0, 5, 21, 1, 34]).cumsum(0)
+    over = _run(xs, cu, 1, monkeypatch)
+    monkeypatch.setenv("MDN_END_OVER_PAIR_GRADS", "0")
+    apart = _run(xs, cu, 1, monkeypatch)
+    for n, a, b in zip(NAMES, over, apart):
+        assert torch.equal(a, b), n
+    monkeypatch.setenv("MDN_END_OVER_PAIR_GRADS", "yes")
+    with pytest.raises(ValueError, match="MDN_END_OVER_PAIR_GRADS"):
+        _run(xs, cu, 1, monkeypatch)
+
+
 def _accounting(monkeypatch):
     """tools/mem_accounting.py as a module, every Triton launch a no-op (the allocations are the
     GPU run's; the kernels only fill them)."""
@@ -163,6 +180,12 @@ def test_memory_accounting_recompute_pairs_saves_memory(monkeypatch):
         res[flag] = (r["held_bytes"], max(r["peak_fwd"], r["peak_bwd"]))
     assert res["1"][0] < 0.85 * res["0"][0] and res["2"][0] == res["1"][0]
     assert res["2"][1] < res["1"][1] < 0.85 * res["0"][1]
+    # mode 1 with separate end-cotangent buffers: the backward's peak holds two pairs more
+    monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", "1")
+    monkeypatch.setenv("MDN_END_OVER_PAIR_GRADS", "0")
+    r = mod.account(*shape, torch.bfloat16, verbose=False)
+    pair = shape[0] * shape[1] // 64 * shape[2] * shape[3] * shape[4] * 2   # [NC, H, K, V] bf16
+    assert r["peak_bwd"] - res["1"][1] > pair
 
 
 def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):

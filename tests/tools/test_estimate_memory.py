@@ -101,9 +101,10 @@ def test_estimate_by_hand_bf16_recompute_chunked_loss():
     assert t["op_state_pairs"] == 0
     cp2 = layer_activation_terms(cfg, Layout(precision="bf16", cp=2))
     assert cp2["op_state_pairs"] == 2 * 2 * 2 * 16 * 32 / 64 == 64
-    # backward: LocalOutput grads 8K + 12 + 4C + 2V + 4KV/C, the recomputed S0s, M0s 4KV/C,
-    # dS_end, dM_end 4KV/C; under CP the state pass's 2V + 4KV/C and fp32 4V + 16K instead
-    assert t["op_backward"] == 2 * ((128 + 12 + 256 + 64 + 32) + 32 + 32) == 1112
+    # backward: LocalOutput grads 8K + 12 + 4C + 2V + 4KV/C, the recomputed W 2V and S0s, M0s
+    # 4KV/C, dS_end, dM_end written over the output's pair grads; under CP the state pass's
+    # 2V + 4KV/C and fp32 4V + 16K instead
+    assert t["op_backward"] == 2 * ((128 + 12 + 256 + 64 + 32) + 64 + 32) == 1176
     assert cp2["op_backward"] == 2 * ((128 + 12 + 256 + 64 + 32) + (64 + 32) + (128 + 256)) == 1944
     layer = 1412 + 3084 + 1720.375 + 0
     assert est["autocast_weight_copies"] == 2 * P
@@ -112,9 +113,9 @@ def test_estimate_by_hand_bf16_recompute_chunked_loss():
     assert est["final_norm_and_loss_kept"] == T_l * 644 + 12 * T_l
     assert est["loss_forward_transient"] == 2 * Vp * d + 100 * Vp * 6
     assert est["loss_backward_transient"] == 2 * Vp * d + 4 * Vp * d + 2 * Vp * d + 100 * Vp * 8 + T_l * d * 2
-    assert est["backward_workspace"] == T_l * 1112 + 2 * T_l * d * 4
+    assert est["backward_workspace"] == T_l * 1176 + 2 * T_l * d * 4
     kept = T_l * 6 * d
-    layer_backward = 16 * P + kept + T_l * (layer - after) + T_l * 1112 + 2 * T_l * d * 4 + est["recurrent_states"]
+    layer_backward = 16 * P + kept + T_l * (layer - after) + T_l * 1176 + 2 * T_l * d * 4 + est["recurrent_states"]
     assert est["moments"]["layer_backward"] == int(layer_backward)
     # the MLP's backward in the rebuilt layer: all of it alive, fc2's input gradient 2F·2, three
     # fp32 [T, d] gradients
@@ -138,17 +139,21 @@ def test_cp_lean_node_and_segments_by_hand(monkeypatch):
     assert default["op_state_pairs"] == 2 * 32
     # the output's gradients with its pair gradients, dW̃ + dS_end, dM_end, fp32 products
     assert default["op_backward"] == 2 * ((local + 2 * 32 + 32) + (2 * 32 + 32) + (4 * 32 + 4 * 4 * 16))
-    # recomputed W, dW and the output's pair gradients, recomputed S0s/M0s, dS_end/dM_end, fp32
-    # products (dU, dY, dZ, dKg, dKm, three gate sums)
-    per_chunk = 2 * 32 + (2 * 32 + 32) + 32 + 32 + (4 * 32 + 4 * 4 * 16 + 12)
-    assert per_chunk == 620
+    # recomputed W, dW and the output's pair gradients (dS_end/dM_end written over the latter),
+    # recomputed S0s/M0s, fp32 products (dU, dY, dZ, dKg, dKm, three gate sums)
+    per_chunk = 2 * 32 + (2 * 32 + 32) + 32 + (4 * 32 + 4 * 4 * 16 + 12)
+    assert per_chunk == 588
     lean = terms(cp_lean=True)
     assert lean["op_state_pairs"] == 0 and lean["op_backward"] == 2 * (local + per_chunk)
     # 128-token segments of the rank's 512 tokens: a quarter of the per-chunk tensors, plus the
     # full-size buffers of the state pass's input gradients (bf16 dU, dY..dKm; fp32 gate sums)
     seg = terms(cp_lean=True, cp_lean_segment_tokens=128)
     assert seg["op_backward"] == 2 * (local + (2 * 32 + 2 * 4 * 16 + 12) + per_chunk / 4)
-    assert seg["op_backward"] == 1510
+    assert seg["op_backward"] == 1494
+    # with separate end cotangent buffers (MDN_END_OVER_PAIR_GRADS=0) one pair more per chunk
+    monkeypatch.setenv("MDN_END_OVER_PAIR_GRADS", "0")
+    assert terms(cp_lean=True)["op_backward"] == 2 * (local + per_chunk + 32)
+    monkeypatch.delenv("MDN_END_OVER_PAIR_GRADS")
     # the environment, as the op reads it; without CP the lean node does not apply
     monkeypatch.setenv("MDN_CP_LEAN", "1")
     monkeypatch.setenv("MDN_CP_LEAN_SEGMENT_TOKENS", "128")
