@@ -45,9 +45,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      lent): the lean CP node against float64, one GPU standing in for a CP rank
      (longctx_memory.py --emulate-cp), real CP = 2 at 384K/512K, train.recompute_offload's cost,
      K = 256's output forward on 4 warps, the Triton RMSNorm's GPU test.
-  s12k  session 12 on one GPU: the end cotangents written over the output's pair cotangents
-     (MDN_END_OVER_PAIR_GRADS) against float64, beside FLA's GDN, in the lean CP node and in
-     the 1.3B step.
+  s12k, s12k2, s12k3, s12k4  session 12 on one GPU: the end cotangents written over the output's pair
+     cotangents (MDN_END_OVER_PAIR_GRADS) against float64, beside FLA's GDN, in the lean CP
+     node and (s12k) in the 1.3B step.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -979,6 +979,52 @@ PLANS = {
                     + " --dist-backend gloo"),
                    ("mdn_1p3b_4k_pairs_apart", 55, "MDN_END_OVER_PAIR_GRADS=0 " + bench_model(1, M13_4K)),
                    ("mdn_1p3b_4k", 55, bench_model(1, M13_4K))]),
+        ]),
+    ],
+    "s12k2": [  # session 12, second call: plan s12k after the end cotangents moved to the top of
+                # each chunk (the pair cotangents folded in first: 32 B of spill against 136) and
+                # StateOutput making dW and the pair cotangents first (output_backward_dw)
+        ("kernels", 450, [
+            ("0", [("kernel_tests", 240, "MDN_RESULTS_DIR={R} " + PT + " --timeout 235 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'"),
+                   ("bench_k128", 60, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_END_OVER_PAIR_GRADS=0 --out {R}/result.json"),
+                   ("bench_k256", 60, "python3 tools/bench_kernels.py --shapes 1 "
+                    "--variant MDN_END_OVER_PAIR_GRADS=0 --out {R}/result.json"),
+                   ("cp_op_k256_lean_seg_w2_gloo", 85, LEAN_SEG + CHECK_CP.format(n=2, kv="--K 256 --V 512")
+                    + " --dist-backend gloo")]),
+        ]),
+    ],
+    "s12k3": [  # session 12, third call: the split order (s12k2: +6% op time for 1.37x memory)
+                # made opt-in (MDN_PAIR_GRADS_FIRST); the default writes the end cotangents over
+                # the pair cotangents at the top of each chunk: against float64, and beside FLA's
+                # GDN with the split order and the earlier path as variants
+        ("kernels", 330, [
+            ("0", [("kernel_tests", 190, "MDN_RESULTS_DIR={R} " + PT + " --timeout 185 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or (packed and 1)'"),
+                   ("bench_k128", 65, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_PAIR_GRADS_FIRST=1 --variant MDN_END_OVER_PAIR_GRADS=0 "
+                    "--out {R}/result.json"),
+                   ("bench_k256", 70, "python3 tools/bench_kernels.py --shapes 1 "
+                    "--variant MDN_PAIR_GRADS_FIRST=1 --variant MDN_END_OVER_PAIR_GRADS=0 "
+                    "--out {R}/result.json")]),
+        ]),
+    ],
+    "s12k4": [  # session 12, last call: the end cotangents stored at each chunk's end again (plan
+                # s12k's kernel: bitwise the earlier path's, faster than s12k3's store-first one),
+                # beside FLA's GDN with the split order and the earlier path as variants; the
+                # packed fp32 case against float64 with and without the split order
+        ("kernels", 250, [
+            ("0", [("bench_k128", 65, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_PAIR_GRADS_FIRST=1 --variant MDN_END_OVER_PAIR_GRADS=0 "
+                    "--out {R}/result.json"),
+                   ("bench_k256", 70, "python3 tools/bench_kernels.py --shapes 1 "
+                    "--variant MDN_PAIR_GRADS_FIRST=1 --variant MDN_END_OVER_PAIR_GRADS=0 "
+                    "--out {R}/result.json"),
+                   ("packed_tests", 50, "MDN_RESULTS_DIR={R} " + PT + " --timeout 45 "
+                    "tests/gpu/test_kernels_gpu.py -k 'packed and 1'"),
+                   ("packed_tests_pair_grads_first", 50, "MDN_PAIR_GRADS_FIRST=1 MDN_RESULTS_DIR={R} "
+                    + PT + " --timeout 45 tests/gpu/test_kernels_gpu.py -k 'packed and 1'")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor

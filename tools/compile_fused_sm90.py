@@ -117,11 +117,15 @@ def state_jobs(K: int, V: int, C: int = 64):
     BK, BV = triton.next_power_of_2(K), sp._block_v(K, V)
     bf = _state_bf16_args()
     base = dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, PREC="tf32")
-    bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FV="strided")
+    bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FV="strided",
+               END_LATE=False)
     return {
         "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True), 4, bf),
         "state_bwd": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
                                                  OPREC="ieee"), 4, bf),
+        # the lean node's default: dS_end, dM_end written over the output's pair cotangents
+        "state_bwd_end_late": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
+                                                          OPREC="ieee", END_LATE=True), 4, bf),
         # MDN_RECOMPUTE_PAIRS=2's kernel as launched by default (sp.DEFAULT_FUSE_VARIANT)
         "state_bwd_fused": fuse_variant_job(K, V, C, sp.DEFAULT_FUSE_VARIANT),
         "state_bwd_init_only": (sp._state_bwd_kernel, dict(bwd, INIT_ONLY=True, FUSE_OUT=False,
@@ -136,7 +140,7 @@ def fuse_variant_job(K: int, V: int, C: int, name: str):
     fv, num_warps, bv_div = sp.FUSE_VARIANTS[name]
     consts = dict(H=6, K=K, V=V, C=C, BK=BK, BV=max(16, BV // bv_div), PREC="tf32",
                   HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FUSE_OUT=True,
-                  OMMDT=tl.bfloat16, OPREC="tf32", FV=fv)
+                  OMMDT=tl.bfloat16, OPREC="tf32", FV=fv, END_LATE=False)
     return sp._state_bwd_kernel, consts, num_warps, _state_bf16_args()
 
 

@@ -733,13 +733,16 @@ def _output_bwd_kernel(
 
 @triton.jit
 def _output_bwd_dw_kernel(
-    QC, KC, ETC, GAM, CS, CL, DO, scale, DW,
+    QC, KC, ETC, GAM, CS, CL, DO, scale, DW, LAC, G0C, DS0S, DM0S,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
+    PAIR_GRAD: tl.constexpr,
 ):
     """dW = −attnᵀ dO alone, exactly as _output_bwd_kernel makes it: the state pass's backward
     needs dW first, the rest of the output's gradients can wait until its per-chunk pairs'
-    cotangents are freed (chunk.StateOutput)."""
+    cotangents are freed (chunk.StateOutput). PAIR_GRAD: the output's pair cotangents
+    dS0s = (e^{la} Q̂)ᵀ dO and dM0s = −(γ Q̂)ᵀ dO too (dO = scale·do), with the operands and
+    roundings of _output_bwd_kernel's."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
@@ -770,6 +773,25 @@ def _output_bwd_dw_kernel(
                                mask=m_t[:, None] & mv[None, :], other=0.0).to(tl.float32)).to(MMDT)
         dwb = -tl.dot(attn_t, dob, input_precision=MMPREC)
         tl.store(DW + (cck + r) * V + o_v[None, :], dwb, mask=mv[None, :])
+    if PAIR_GRAD:
+        e_la = tl.exp(tl.load(LAC + cck + o_t))
+        g0 = tl.load(G0C + cck + o_t)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            mk = o_k < K
+            qb_t = tl.load(QC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+            qa_t = (qb_t * e_la[None, :]).to(MMDT)
+            qg_t = (qb_t * g0[None, :]).to(MMDT)
+            for v0 in range(0, V, BV):
+                o_v = v0 + tl.arange(0, BV)
+                mv = o_v < V
+                dob = scale * tl.load(DO + tok_row[:, None] * V + o_v[None, :],
+                                      mask=m_t[:, None] & mv[None, :], other=0.0).to(tl.float32)
+                dob = dob.to(MMDT)
+                kv = ch * K * V + o_k[:, None] * V + o_v[None, :]
+                mkv = mk[:, None] & mv[None, :]
+                tl.store(DS0S + kv, tl.dot(qa_t, dob, input_precision=MMPREC), mask=mkv)
+                tl.store(DM0S + kv, -tl.dot(qg_t, dob, input_precision=MMPREC), mask=mkv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -989,17 +1011,28 @@ def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, m
     return o
 
 
-def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dtype):
-    """dW alone (see _output_bwd_dw_kernel); pass it to output_backward(dW=...)."""
+def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dtype,
+                       pair_of=None):
+    """dW alone (see _output_bwd_dw_kernel); pass it to output_backward(dW=...).
+
+    pair_of = (la, g0, S0s): the output's pair cotangents dS0s, dM0s as well (S0s's shape and
+    dtype), returned as (dW, dS0s, dM0s); then call output_backward(pair_grads=False, dW=...)
+    for the rest."""
     NC, H, C, K = qc.shape
     V = do.shape[-1]
     dW = torch.empty(NC, H, C, V, dtype=w_dtype, device=qc.device)
+    if pair_of is None:
+        la = g0 = dS0s = dM0s = dW   # not touched
+    else:
+        la, g0, S0s = pair_of
+        dS0s, dM0s = torch.empty_like(S0s), torch.empty_like(S0s)
     mmdt = _tl_mm(mm_dtype)
     if NC > 0:
         wgmma.kernel(_output_bwd_dw_kernel, "output_bwd")[(NC, H)](
-            qc, kc, et, gam, cs, cl, do.contiguous(), float(scale), dW, H=H, K=K, V=V, C=C,
-            MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("output_bwd_dw", K, V, C, mmdt))
-    return dW
+            qc, kc, et, gam, cs, cl, do.contiguous(), float(scale), dW, la, g0, dS0s, dM0s,
+            H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt), PAIR_GRAD=pair_of is not None,
+            **_lp("output_bwd_dw", K, V, C, mmdt))
+    return dW if pair_of is None else (dW, dS0s, dM0s)
 
 
 def output_backward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale: float, mm_dtype,

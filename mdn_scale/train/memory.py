@@ -74,12 +74,17 @@ fp32 (no autocast; the op's torch path): the earlier, coarser count (not checked
   and convs as above in fp32, the op
   4(4K + 2K + V) + 4·13C + 4(2(V + 2K) + 2K + V + 2K + V) + 4·2KV/C per token and head.
 
-Backward workspace of the op (bf16, one layer at a time), per token and head, alive together
-at the peak of StateOutput.backward (tools/mem_accounting.py lists them): LocalOutput's input
+Backward workspace of the op (bf16, one layer at a time), per token and head, at the peak of
+StateOutput.backward (tools/mem_accounting.py lists what is alive): LocalOutput's input
 gradients 4·2K + 12 + 4C + 2V + 2·2KV/C, the recomputed W 2V and S0s, M0s 2·2KV/C (U, saved,
 stays alive to the node's end: its buffer cannot take W, the node's backward may run twice) and
-the state pass's dS_end, dM_end, written over the output's pair gradients
-(MDN_END_OVER_PAIR_GRADS=0: 2·2KV/C more). Under
+the state pass's dS_end, dM_end, written over the output's pair gradients and so alive at the
+first product, dKg 2K (MDN_END_OVER_PAIR_GRADS=0: their own 2·2KV/C instead, the output's pair
+gradients freed before that product). With MDN_PAIR_GRADS_FIRST=1 the larger of two
+moments instead: (a) the state pass's backward and its first product: W, S0s, M0s, the
+output's dW 2V and pair gradients 2·2KV/C (dS_end, dM_end over them), dKg 2K; (b) the output's
+other gradients 4·2K + 12 + 4C, made after dS_end, dM_end are freed, beside S0s, M0s, W, dW̃
+and dKg, dKm 2·2K. Under
 CP, inside StatePass.backward: the same input gradients, the state pass's dW̃, dS_end, dM_end
 2V + 2·2KV/C and state_pass_grads' fp32 dU, dY, dZ, dKg, dKm 4V + 4·4K. By then the layer's
 tensors after the op (gated norm, MLP, second norm) are freed.
@@ -235,6 +240,14 @@ def end_over_pair_grads() -> bool:
     return op_flag()
 
 
+def pair_grads_first() -> bool:
+    """Whether StateOutput's backward makes the output's pair gradients first (the environment
+    the op reads: mdn_kernels.mdn.chunk.pair_grads_first)."""
+    from mdn_kernels.mdn.chunk import pair_grads_first as op_flag
+
+    return op_flag()
+
+
 def cp_lean(lay: Layout) -> tuple[bool, int]:
     """(lean CP node, its segment in tokens or 0) of the run being estimated: the Layout's
     values, else the environment the op reads (mdn_kernels.cp.api.cp_lean,
@@ -309,7 +322,11 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
             backward = H_l * (out_grads + (2 * V + pair) + (4 * V + 4 * 4 * K))
         else:           # StateOutput: the pairs are recomputed in the backward
             pairs = 0
-            backward = H_l * (out_grads + 2 * V + pair + end_pair)
+            if pair_grads_first():   # (a) or (b) of the module docstring
+                backward = H_l * max(2 * V + 2 * V + pair + pair + end_pair + 2 * K,
+                                     (4 * 2 * K + 12 + 4 * C) + pair + 2 * V + 2 * V + 2 * 2 * K)
+            else:   # with dS_end, dM_end over the pair gradients, alive at the first product too
+                backward = H_l * (out_grads + 2 * V + pair + (end_pair or 2 * K))
     else:  # the torch path's coarser count (module docstring)
         g = 4 if cfg.momentum else 3
         before = (d * 8 + (2 * H_l * K + 2 * H_l * V + g * H_l) * a + 2 * P_qkv * a

@@ -233,10 +233,8 @@ def test_state_pass_bwd_end_over_pair_grads(cu):
     got = state_pass_bwd_triton(*args[1:], dW, a, b, dS_fin, dM_fin, S0s, M0s, layout,
                                 end_over_pair_grads=True)
     assert got[1] is a and got[2] is b
-    for x, y in zip(got[:5], want[:5]):
-        assert torch.equal(x, y)
-    for x, y in zip(got[5], want[5]):
-        assert torch.equal(x, y)
+    for x, y in [*zip(got[:5], want[:5]), *zip(got[5], want[5])]:
+        assert x.dtype == y.dtype and torch.equal(x, y)
     with pytest.raises(ValueError, match="end_over_pair_grads: dS0s"):
         state_pass_bwd_triton(*args[1:], dW, a[:, :1], b, dS_fin, dM_fin, S0s, M0s, layout,
                               end_over_pair_grads=True)
