@@ -47,7 +47,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      K = 256's output forward on 4 warps, the Triton RMSNorm's GPU test.
   s12k, s12k2, s12k3, s12k4  session 12 on one GPU: the end cotangents written over the output's pair
      cotangents (MDN_END_OVER_PAIR_GRADS) against float64, beside FLA's GDN, in the lean CP
-     node and (s12k) in the 1.3B step.
+     node and (s12k) in the 1.3B step; s12p the 1.3B GDN-mode step profiled.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1025,6 +1025,13 @@ PLANS = {
                     "tests/gpu/test_kernels_gpu.py -k 'packed and 1'"),
                    ("packed_tests_pair_grads_first", 50, "MDN_PAIR_GRADS_FIRST=1 MDN_RESULTS_DIR={R} "
                     + PT + " --timeout 45 tests/gpu/test_kernels_gpu.py -k 'packed and 1'")]),
+        ]),
+    ],
+    "s12p": [  # session 12's leftover device time: the 1.3B step at 4K in GDN mode profiled (it runs
+               # ~15% slower than MDN with one projection fewer, plan s11b: 669 against 580 ms;
+               # MDN's profile is model_h200_mdn_1p3b_4k_v11_profile.txt)
+        ("prof", 160, [
+            ("0", [("gdn_1p3b_4k_profile", 155, bench_model(1, M13_4K + " --mixer gdn --profile {R}/profile.txt"))]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
