@@ -186,23 +186,30 @@ def test_tree_equals_serial_scans(i):
     torch.testing.assert_close(Ds[plan.root_idx], d_zero, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("cu", [None, [0, 9, 40, 64]])
-def test_state_pass_bwd_init_only(cu):
-    """The Triton reverse pass with init_only (no per-chunk stores, S0s/M0s not read) gives the
-    initial pairs' gradient of the torch spec and of the full kernel (interpreter on CPU)."""
-    from mdn_kernels.mdn.chunk_torch import state_pass_bwd_torch
-    from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
+def _reverse_pass_case(cu, seed: int):
+    """The state pass's operands (args, layout), a forward from a random initial pair (S0s,
+    M0s) and random cotangents (dW, dS0s, dM0s, dS_fin, dM_fin): C = 16, batched or packed."""
+    from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
     B, T, H, K, V, C = (2, 40, 2, 16, 32, 16) if cu is None else (1, 64, 2, 16, 32, 16)
     cu_t = None if cu is None else torch.tensor(cu)
-    args, layout = prepared(B, T, H, K, V, C, torch.float32, cu=cu_t, seed=3)
+    args, layout = prepared(B, T, H, K, V, C, torch.float32, cu=cu_t, seed=seed)
     N, NC = layout.num_seqs, layout.num_chunks
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(seed + 1)
     S0, M0 = torch.randn(2, N, H, K, V, generator=g)
     _, S0s, M0s, _, _ = state_pass_fwd_triton(*args, S0, M0, layout)
     dW = torch.randn(NC, H, C, V, generator=g)
     dS0s, dM0s = torch.randn(2, NC, H, K, V, generator=g)
     dS_fin, dM_fin = torch.randn(2, N, H, K, V, generator=g)
-    cot = (dW, dS0s, dM0s, dS_fin, dM_fin)
+    return args, layout, S0s, M0s, (dW, dS0s, dM0s, dS_fin, dM_fin)
+
+
+@pytest.mark.parametrize("cu", [None, [0, 9, 40, 64]])
+def test_state_pass_bwd_init_only(cu):
+    """The Triton reverse pass with init_only (no per-chunk stores, S0s/M0s not read) gives the
+    initial pairs' gradient of the torch spec and of the full kernel (interpreter on CPU)."""
+    from mdn_kernels.mdn.chunk_torch import state_pass_bwd_torch
+    from mdn_kernels.mdn.state_pass import state_pass_bwd_triton
+    args, layout, S0s, M0s, cot = _reverse_pass_case(cu, seed=3)
     dS, dM = state_pass_bwd_triton(*args[1:], *cot, None, None, layout, init_only=True)
     full = state_pass_bwd_triton(*args[1:], *cot, S0s, M0s, layout)
     spec = state_pass_bwd_torch(*args[1:], *cot, layout)
@@ -216,17 +223,8 @@ def test_state_pass_bwd_end_over_pair_grads(cu):
     """end_over_pair_grads: the reverse pass writes dS_end, dM_end into the buffers of dS0s,
     dM0s (the lean nodes' peak drops by two pair-sized tensors) with the values, gate sums and
     initial-pair gradients of the separate-buffer pass, bit for bit (interpreter on CPU)."""
-    from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
-    B, T, H, K, V, C = (2, 40, 2, 16, 32, 16) if cu is None else (1, 64, 2, 16, 32, 16)
-    cu_t = None if cu is None else torch.tensor(cu)
-    args, layout = prepared(B, T, H, K, V, C, torch.float32, cu=cu_t, seed=5)
-    N, NC = layout.num_seqs, layout.num_chunks
-    g = torch.Generator().manual_seed(6)
-    S0, M0 = torch.randn(2, N, H, K, V, generator=g)
-    _, S0s, M0s, _, _ = state_pass_fwd_triton(*args, S0, M0, layout)
-    dW = torch.randn(NC, H, C, V, generator=g)
-    dS0s, dM0s = torch.randn(2, NC, H, K, V, generator=g)
-    dS_fin, dM_fin = torch.randn(2, N, H, K, V, generator=g)
+    from mdn_kernels.mdn.state_pass import state_pass_bwd_triton
+    args, layout, S0s, M0s, (dW, dS0s, dM0s, dS_fin, dM_fin) = _reverse_pass_case(cu, seed=5)
     want = state_pass_bwd_triton(*args[1:], dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s, layout)
     assert not torch.equal(want[1], dS0s)    # the end cotangents differ from the pair grads
     a, b = dS0s.clone(), dM0s.clone()
