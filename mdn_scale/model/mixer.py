@@ -14,6 +14,7 @@ heads) is replicated; its gradient is summed over TP in the forward graph (see _
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -73,6 +74,23 @@ def in_proj_parts(cfg: ModelConfig, heads: int) -> list[tuple[str, int]]:
         parts.append(("m", heads))
     parts.append(("e", heads))
     return parts
+
+
+_WARNED_ROWS: set = set()
+
+
+def _warn_unaligned_rows(rows: int, heads: int, cfg: ModelConfig) -> None:
+    """Log once per row count when this rank's fused in-projection has a row count that is not a
+    multiple of 8: its bf16 output rows are then not 16-byte aligned and cuBLAS falls back to
+    slower (SM80) kernels on Hopper for the projection's three products (BENCHMARKS.md, the
+    GDN mode at 1.3B: 9234 rows, ~94 ms more per 4K step on an H200)."""
+    if rows % 8 == 0 or rows in _WARNED_ROWS:
+        return
+    _WARNED_ROWS.add(rows)
+    logging.getLogger("mdn_scale.model").warning(
+        "mixer %r: the fused in-projection has %d rows per tensor-parallel rank (%d local heads), "
+        "not a multiple of 8; its products run slower kernels on Hopper GPUs", cfg.mixer, rows,
+        heads)
 
 
 def per_head_param_names(cfg: ModelConfig) -> list[str]:
@@ -252,6 +270,7 @@ class MDNMixer(MegatronModule):
         dtype = config.params_dtype
 
         total = sum(n for _, n in self.parts) * self.tp_size
+        _warn_unaligned_rows(total // self.tp_size, self.heads, cfg)
         self.in_proj = build_module(
             submodules.in_proj, cfg.hidden_size, total, config=config,
             init_method=_no_init,  # filled TP-invariantly in reset_parameters

@@ -85,3 +85,28 @@ def test_stats_count_matches_built_model():
             dict(base, mixer="transformer", num_attention_heads=4)]
     built = run_ranks(count_worker, 1, cfgs)[0]
     assert built == [model_stats(ModelConfig(**c))["params_total"] for c in cfgs]
+
+
+def test_unaligned_in_projection_rows_are_reported(caplog):
+    """A rank's fused in-projection with a row count that is not a multiple of 8 makes cuBLAS
+    run slower kernels on Hopper (BENCHMARKS.md: the GDN mode at 1.3B, 9234 rows): the mixer
+    logs it once per row count. The 1.3B config: MDN aligned at TP = 1 (9240 rows), not at
+    TP = 2 (4620); the GDN mode not at TP = 1 (9234)."""
+    import logging
+
+    from mdn_scale.model import mixer as mixer_mod
+
+    mdn = ModelConfig(hidden_size=2048, num_layers=2, num_heads=6, head_k_dim=256, expand_v=2,
+                      vocab_size=300)
+    gdn = ModelConfig(hidden_size=2048, num_layers=2, num_heads=6, head_k_dim=256, expand_v=2,
+                      vocab_size=300, mixer="gdn")
+    rows = {name: sum(n for _, n in mixer_mod.in_proj_parts(c, h))
+            for name, c, h in (("mdn", mdn, 6), ("mdn_tp2", mdn, 3), ("gdn", gdn, 6))}
+    assert rows == {"mdn": 9240, "mdn_tp2": 4620, "gdn": 9234}
+    mixer_mod._WARNED_ROWS.clear()
+    with caplog.at_level(logging.WARNING, logger="mdn_scale.model"):
+        for name, c, h in (("mdn", mdn, 6), ("gdn", gdn, 6), ("gdn", gdn, 6), ("mdn_tp2", mdn, 3)):
+            mixer_mod._warn_unaligned_rows(rows[name], h, c)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2, msgs   # the GDN mode once, MDN at TP = 2 once, aligned MDN never
+    assert "9234 rows" in msgs[0] and "'gdn'" in msgs[0] and "4620 rows" in msgs[1]
