@@ -217,8 +217,10 @@ def pair_grads_first() -> bool:
     """MDN_PAIR_GRADS_FIRST: "1" StateOutput's backward makes dW and the output's pair
     cotangents first (output_backward_dw) and the output's other gradients after the state
     pass's backward has used and freed the pair-sized cotangents: less memory at the op's peak
-    (with MDN_END_OVER_PAIR_GRADS, 1.37× FLA's GDN instead of 1.57× at K = 128 on the H200)
-    for ~6% more op time (the product QKᵀ is made twice). "0" (default): one output backward."""
+    (with MDN_END_OVER_PAIR_GRADS on the H200: 1.50× FLA's GDN instead of 1.64× at K = 256,
+    1.37× instead of 1.57× at K = 128) for ~4% more op time (+4.2% at K = 256: the product QKᵀ
+    is made twice). "0" (default): one output backward. Results are the default's, bit for
+    bit."""
     return _flag("MDN_PAIR_GRADS_FIRST", "0")
 
 
