@@ -54,11 +54,13 @@ def choose_layout(model_cfg, seq_len: int, gpu_counts=GPUS, fused: bool = False)
                 continue
             for rc in (0, 1, 2):
                 # fused_mixer=False: the eager conv/norm counts (the larger), so the generated
-                # files do not depend on whether fla-core is installed where they are made.
+                # files do not depend on whether fla-core is installed where they are made; the
+                # gates too are given, not taken from the host (CUDA or not)
                 lean = rc == 2 and cp > 1
                 est = estimate(model_cfg, Layout(
                     tp=tp, cp=cp, seq_len=seq_len, recompute=rc > 0, recompute_offload=rc == 2,
-                    distributed_optimizer=True, fused_mixer=fused, triton_norm=fused, cp_lean=lean,
+                    distributed_optimizer=True, fused_mixer=fused, triton_norm=fused,
+                    fused_gates=fused, cp_lean=lean,
                     cp_lean_segment_tokens=SEGMENT_TOKENS if lean else 0))
                 cands.append((est["total"], tp, cp, rc, est))
         fitting = [c for c in cands if c[0] <= CARD_GIB * GIB]

@@ -450,3 +450,23 @@ def test_peak_breakdown_replays_an_allocator_trace():
     assert prof._site([torch_frame]) == "(no model frame)"
     shim = [{"filename": "/tmp/shim/mdn_kernels/mdn/chunk.py", "line": 7, "name": "forward"}]
     assert prof._site(shim) == "mdn_kernels/mdn/chunk.py:7 forward"  # the GPU machine's link
+
+
+def test_longctx_configs_do_not_depend_on_the_host(monkeypatch):
+    """tools/make_longctx_configs.py writes the same files on a CUDA host as on a CPU one: every
+    kernel choice the estimate depends on (conv, norms, gates) is given, not read from
+    torch.cuda.is_available() (the gates once were: a GPU host wrote other estimates)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "make_longctx_configs", str(ROOT / "tools" / "make_longctx_configs.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    jobs = [(m, n, None) for m in mod.MODELS for n in mod.LENGTHS] + mod.EXTRA
+    texts = {}
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda v=cuda: v)
+        texts[cuda] = [mod.render(*j) for j in jobs]
+    assert texts[True] == texts[False]
