@@ -232,22 +232,6 @@ def _norm_bytes(cfg, lay: Layout) -> int:
     return 4 * d + 4 if triton_norm(cfg, lay) else 10 * d + 4
 
 
-def end_over_pair_grads() -> bool:
-    """Whether the op's lean nodes write dS_end, dM_end over the output's pair gradients (the
-    environment the op reads: mdn_kernels.mdn.chunk.end_over_pair_grads)."""
-    from mdn_kernels.mdn.chunk import end_over_pair_grads as op_flag
-
-    return op_flag()
-
-
-def pair_grads_first() -> bool:
-    """Whether StateOutput's backward makes the output's pair gradients first (the environment
-    the op reads: mdn_kernels.mdn.chunk.pair_grads_first)."""
-    from mdn_kernels.mdn.chunk import pair_grads_first as op_flag
-
-    return op_flag()
-
-
 def cp_lean(lay: Layout) -> tuple[bool, int]:
     """(lean CP node, its segment in tokens or 0) of the run being estimated: the Layout's
     values, else the environment the op reads (mdn_kernels.cp.api.cp_lean,
@@ -279,6 +263,9 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
     projections, conv, gates, gated norm, MLP; 'after_op' is the part freed before the op's
     backward runs), 'op_chunk_tensors' and 'op_state_pairs' (the op's own), and the op's
     backward workspace ('op_backward'). See the module docstring."""
+    # the op's backward orders, as the op reads them from the environment
+    from mdn_kernels.mdn.chunk import end_over_pair_grads, pair_grads_first
+
     a = _act_bytes(lay.precision)
     d, K, V, C, W = cfg.hidden_size, cfg.head_k_dim, cfg.head_v_dim, cfg.chunk_size, cfg.conv_size
     H_l = cfg.num_heads // lay.tp

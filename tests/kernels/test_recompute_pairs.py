@@ -207,9 +207,9 @@ def test_estimator_op_backward_matches_the_accounting(flags, monkeypatch):
     against tools/mem_accounting.py at the bench head shape (K = 128, V = 256, where the op's own
     backward is the peak): the backward's peak above what the forward keeps and o, per token,
     within 4 bytes of the estimate in each order (MDN_END_OVER_PAIR_GRADS,
-    MDN_PAIR_GRADS_FIRST): the estimate
-    leaves out the state pass's fp32 gate sums per value block, 3·(V/BV)·4/C bytes per token and
-    head (3 of the measured 3.4 in the earlier order, where they are alive at the peak)."""
+    MDN_PAIR_GRADS_FIRST): the estimate leaves out the state pass's fp32 gate sums per value
+    block, 3·(V/BV)·4/C bytes per token and head (3 of the measured 3.4 in the earlier order,
+    where they are alive at the peak)."""
     from mdn_scale.model import ModelConfig
     from mdn_scale.train.memory import Layout, layer_activation_terms
 
