@@ -48,6 +48,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s12k, s12k2, s12k3, s12k4  session 12 on one GPU: the end cotangents written over the output's pair
      cotangents (MDN_END_OVER_PAIR_GRADS) against float64, beside FLA's GDN, in the lean CP
      node and (s12k) in the 1.3B step; s12p the 1.3B GDN-mode step profiled.
+  s13a  session 13 on one GPU: the GDN mode's step (1.3B, 400M) with the in-projection padded to
+     a multiple of 8 rows and without, beside MDN and Megatron-core's GDN.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1032,6 +1034,26 @@ PLANS = {
                # MDN's profile is model_h200_mdn_1p3b_4k_v11_profile.txt)
         ("prof", 160, [
             ("0", [("gdn_1p3b_4k_profile", 155, bench_model(1, M13_4K + " --mixer gdn --profile {R}/profile.txt"))]),
+        ]),
+    ],
+    "s13a": [  # session 13 on one GPU, issue 9: the in-projection's rows padded to a multiple of 8
+               # (model.in_proj_row_multiple, default 8) against unpadded (1), the GDN mode at 1.3B
+               # (9234 rows) and 400M (4626); MDN (aligned either way) beside them; then
+               # Megatron-core's GDN peer (9228 rows, its own layer, not padded)
+        ("p1p3b", 260, [
+            ("0", [("gdn_1p3b_4k", 100, bench_model(1, M13_4K + " --mixer gdn")),
+                   ("gdn_1p3b_4k_unpadded", 70, bench_model(1, M13_4K + " --mixer gdn "
+                                                            "model.in_proj_row_multiple=1")),
+                   ("mdn_1p3b_4k", 70, bench_model(1, M13_4K))]),
+        ]),
+        ("p400m", 170, [
+            ("0", [("gdn_400m_4k", 55, bench_model(1, f"--config {M400} --micro-batch 4 --mixer gdn")),
+                   ("gdn_400m_4k_unpadded", 55, bench_model(1, f"--config {M400} --micro-batch 4 "
+                                                            "--mixer gdn model.in_proj_row_multiple=1")),
+                   ("mdn_400m_4k", 55, bench_model(1, f"--config {M400} --micro-batch 4"))]),
+        ]),
+        ("peer", 130, [
+            ("0", [("megatron_gdn_1p3b_4k", 128, bench_model(1, M13_4K + " --mixer megatron_gdn"))]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor

@@ -269,7 +269,10 @@ def count_params(module, device) -> int:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    n = sum(p.numel() for p in module.parameters() if param_is_not_tensor_parallel_duplicate(p))
+    from mdn_scale.model.mixer import unpadded_numel
+
+    # the in-projection's alignment rows are not counted (they are zero and not in checkpoints)
+    n = sum(unpadded_numel(p) for p in module.parameters() if param_is_not_tensor_parallel_duplicate(p))
     t = torch.tensor([n], dtype=torch.float64, device=device)
     for group in (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()):
         if dist.get_world_size(group) > 1:

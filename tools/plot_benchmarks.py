@@ -246,6 +246,38 @@ def plot_session11(out):
     return out
 
 
+def plot_in_proj_alignment(out):
+    """Session 13 (one H200): the step with the in-projection padded to a multiple of 8 rows
+    (model.in_proj_row_multiple: 8, the default) and without (1), 1.3B and 400M, beside MDN."""
+    groups = [("1.3B (2 × 2 × 4096)", [("GDN mode\nunpadded", "model_h200_gdn_1p3b_4k_unpadded_v13.json"),
+                                       ("GDN mode\npadded", "model_h200_gdn_1p3b_4k_v13.json"),
+                                       ("MDN", "model_h200_mdn_1p3b_4k_v13.json"),
+                                       ("Megatron-core\nGDN", "model_h200_megatron_gdn_1p3b_4k_v13.json")]),
+              ("400M (4 × 4096)", [("GDN mode\nunpadded", "model_h200_gdn_400m_4k_unpadded_v13.json"),
+                                   ("GDN mode\npadded", "model_h200_gdn_400m_4k_v13.json"),
+                                   ("MDN", "model_h200_mdn_400m_4k_v13.json")])]
+    groups = [(t, [(lab, d) for lab, n in bars if (d := _load(n))]) for t, bars in groups]
+    groups = [(t, bars) for t, bars in groups if bars]
+    if not groups:
+        return None
+    colors = {"GDN mode\nunpadded": "gray", "GDN mode\npadded": "tab:orange", "MDN": "tab:blue",
+              "Megatron-core\nGDN": "tab:green"}
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.8), squeeze=False)
+    for ax, (title, bars) in zip(axes[0], groups):
+        tps = [d["tokens_per_s_per_gpu"] for _, d in bars]
+        ax.bar(range(len(bars)), tps, color=[colors[lab] for lab, _ in bars])
+        for i, (_, d) in enumerate(bars):
+            ax.text(i, tps[i], f"{d['step_ms_median']:.0f} ms\nMFU {100 * d['mfu']:.1f}%",
+                    ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(bars)), [lab for lab, _ in bars], fontsize=7)
+        ax.set_ylim(0, max(tps) * 1.25)
+        ax.set_ylabel("tokens/s per GPU")
+        ax.set_title(f"{title}, one H200: in-projection rows padded to 8", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def plot_memory_estimate(out):
     """Estimated against measured peak memory of the trainer (tests/gpu/test_longctx_memory_gpu)."""
     rows = []
@@ -565,7 +597,8 @@ def main():
                      (plot_cp_scaling, "cp_scaling_v8.png"),
                      (plot_cp_model_weak, "cp_model_weak_scaling.png"),
                      (plot_longctx_v10, "longctx_v10.png"),
-                     (plot_session11, "session11_model.png")):
+                     (plot_session11, "session11_model.png"),
+                     (plot_in_proj_alignment, "session13_in_proj_alignment.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 

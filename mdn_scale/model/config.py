@@ -57,6 +57,12 @@ class ModelConfig:
         kernels keep the bf16 input and an fp32 rstd where eager keeps two fp32 copies: the 1.3B
         step at 2 × 2 × 4096 tokens took 583 ms and 50.3 GiB against 641 ms and 54.3 GiB on one
         H200 (BENCHMARKS.md, session 11).
+    in_proj_row_multiple: each tensor-parallel rank's fused in-projection gets zero rows at its
+        end, up to a multiple of this, that no output reads (their gradient is exactly zero, so
+        they stay zero; checkpoints leave them out, so checkpoints do not depend on it or on the
+        layout). cuBLAS runs its Hopper kernels only when a bf16 output row is 16-byte aligned
+        (a multiple of 8 elements): the GDN mode's 1.3B in-projection (9234 rows) cost ~94 ms a
+        4K step without it (BENCHMARKS.md, session 12). 1 turns it off.
     """
 
     mixer: str = "mdn"
@@ -84,6 +90,7 @@ class ModelConfig:
     loss_chunk_tokens: int = 0
     mixer_kernels: str = "auto"
     norm_kernel: str = "triton"
+    in_proj_row_multiple: int = 8
 
     def __post_init__(self):
         self.validate()
@@ -97,7 +104,8 @@ class ModelConfig:
         if self.mixer not in MIXERS:
             bad("mixer", f"must be one of {MIXERS}")
         for f in ("hidden_size", "num_layers", "num_heads", "head_k_dim", "expand_v", "vocab_size",
-                  "vocab_pad_multiple", "conv_size", "seq_len", "chunk_size", "ffn_multiple_of"):
+                  "vocab_pad_multiple", "conv_size", "seq_len", "chunk_size", "ffn_multiple_of",
+                  "in_proj_row_multiple"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(f, "must be a positive integer")

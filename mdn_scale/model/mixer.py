@@ -6,9 +6,10 @@ TP under sequence parallelism, by CP under context parallelism). Inside it works
 
 TP layout: the fused in-projection is column-parallel; each TP rank's rows are, in order,
     q [H_l·K] | k [H_l·K] | v [H_l·V] | g [H_l·V] | a [H_l] | b [H_l] | m [H_l] (mdn only) | e [H_l]
+    | pad (zero rows up to a multiple of model.in_proj_row_multiple, where needed)
 for its own heads, so "global" weights are not a plain concatenation: sharded_state_dict() splits
-the fused weight into one TP-sharded tensor per part (keys `in_proj.weight.q`, ...), which is what
-makes checkpoints layout-independent. Per-head parameters ([H_l]) and the conv weights
+the fused weight into one TP-sharded tensor per part (keys `in_proj.weight.q`, ...) and leaves the
+pad out, which is what makes checkpoints layout-independent. Per-head parameters ([H_l]) and the conv weights
 ([channels_l, W]) split with their heads on dim 0. The output norm weight ([V], shared by all
 heads) is replicated; its gradient is summed over TP in the forward graph (see _gated_norm).
 """
@@ -76,6 +77,24 @@ def in_proj_parts(cfg: ModelConfig, heads: int) -> list[tuple[str, int]]:
     return parts
 
 
+# The in-projection's alignment rows (ModelConfig.in_proj_row_multiple): zero, read by no output,
+# left out of checkpoints. The weight carries their count as `in_proj.weight.pad_rows`.
+PAD = "pad"
+
+
+def local_in_proj_parts(cfg: ModelConfig, heads: int) -> list[tuple[str, int]]:
+    """in_proj_parts of one TP rank's `heads` heads, plus (PAD, rows) that bring the rank's row
+    count up to a multiple of cfg.in_proj_row_multiple where it is not one already."""
+    parts = in_proj_parts(cfg, heads)
+    pad = -sum(n for _, n in parts) % cfg.in_proj_row_multiple
+    return parts + [(PAD, pad)] if pad else parts
+
+
+def unpadded_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter less its alignment rows (what checkpoints and counts hold)."""
+    return p.numel() - getattr(p, "pad_rows", 0) * (p.numel() // max(1, p.shape[0]))
+
+
 _WARNED_ROWS: set = set()
 
 
@@ -89,8 +108,8 @@ def _warn_unaligned_rows(rows: int, heads: int, cfg: ModelConfig) -> None:
     _WARNED_ROWS.add(rows)
     logging.getLogger("mdn_scale.model").warning(
         "mixer %r: the fused in-projection has %d rows per tensor-parallel rank (%d local heads), "
-        "not a multiple of 8; its products run slower kernels on Hopper GPUs", cfg.mixer, rows,
-        heads)
+        "not a multiple of 8; its products run slower kernels on Hopper GPUs (model."
+        "in_proj_row_multiple: 8 pads them)", cfg.mixer, rows, heads)
 
 
 def per_head_param_names(cfg: ModelConfig) -> list[str]:
@@ -262,7 +281,7 @@ class MDNMixer(MegatronModule):
                              f"parallel size {self.tp_size}: TP splits the mixer's heads")
         self.heads = cfg.num_heads // self.tp_size
         self.K, self.V = cfg.head_k_dim, cfg.head_v_dim
-        self.parts = in_proj_parts(cfg, self.heads)
+        self.parts = local_in_proj_parts(cfg, self.heads)
         self.tau = math.sqrt(cfg.hidden_size / cfg.tau_factor)
         # Forced FLA where it cannot run fails here, at build time, not in the first forward.
         mk.check_fla_usable(cfg.mixer_kernels, cuda=torch.cuda.is_available())
@@ -276,6 +295,7 @@ class MDNMixer(MegatronModule):
             init_method=_no_init,  # filled TP-invariantly in reset_parameters
             gather_output=False, bias=False, skip_bias_add=True, is_expert=False,
             tp_comm_buffer_name="mdn_in_proj", tp_group=tp_group)
+        self.in_proj.weight.pad_rows = dict(self.parts).get(PAD, 0)
         self.out_proj = build_module(
             submodules.out_proj, cfg.num_heads * self.V, cfg.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
@@ -299,11 +319,18 @@ class MDNMixer(MegatronModule):
         for name in per_head_param_names(cfg):
             getattr(self, name)._no_weight_decay = True  # DESIGN §6: gates and biases, no decay
         self.reset_parameters()
+        self._zero_pad_rows()  # also when Megatron skips the init (a checkpoint fills the rest)
 
     # ---- init ---------------------------------------------------------------------------
     def _local_heads(self, full: torch.Tensor, per_head: int) -> torch.Tensor:
         n = self.heads * per_head
         return full[self.tp_rank * n:(self.tp_rank + 1) * n]
+
+    @torch.no_grad()
+    def _zero_pad_rows(self):
+        pad = self.in_proj.weight.pad_rows
+        if pad:
+            self.in_proj.weight[-pad:].zero_()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -318,6 +345,7 @@ class MDNMixer(MegatronModule):
             self.config.init_method(w)
             per_head = rows // H
             full_parts.append(self._local_heads(w, per_head))
+        full_parts.append(torch.zeros(self.in_proj.weight.pad_rows, cfg.hidden_size))
         self.in_proj.weight.copy_(torch.cat(full_parts, 0))
         W = cfg.conv_size
         bound = 1.0 / math.sqrt(W)  # nn.Conv1d's default init for a depthwise conv
@@ -478,7 +506,8 @@ class MDNMixer(MegatronModule):
     # ---- checkpoint layout --------------------------------------------------------------
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, tp_group=None):
         """Every tensor with its TP split: per-head params and convs on dim 0 with their heads,
-        the fused in-projection as one dim-0-sharded tensor per part, o_norm replicated."""
+        the fused in-projection as one dim-0-sharded tensor per part (the pad left out), o_norm
+        replicated."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         tp_group = tp_group if tp_group is not None else self.tp_group
         own = {}
@@ -490,5 +519,6 @@ class MDNMixer(MegatronModule):
             sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets,
                                                  metadata, tp_group=tp_group))
         key = f"{prefix}in_proj.weight"
-        sd[key] = split_sharded_tensor(sd[key], [r for _, r in self.parts], [n for n, _ in self.parts])
+        sd[key] = split_sharded_tensor(sd[key], [r for _, r in self.parts], [n for n, _ in self.parts],
+                                       skip=(PAD,))
         return sd

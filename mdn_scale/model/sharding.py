@@ -20,9 +20,11 @@ from megatron.core.dist_checkpointing.mapping import (
 )
 
 
-def split_sharded_tensor(sh: ShardedTensor, sizes: list[int], names: list[str], dim: int = 0):
+def split_sharded_tensor(sh: ShardedTensor, sizes: list[int], names: list[str], dim: int = 0,
+                         skip: tuple = ()):
     """A factory that stores a fused local tensor as separate parts `{key}.{name}`, each one
-    sharded like the original along `dim` (e.g. the mixer's per-rank [q|k|v|...] rows)."""
+    sharded like the original along `dim` (e.g. the mixer's per-rank [q|k|v|...] rows). Parts
+    named in `skip` are not stored (the mixer's alignment pad) and merge back as zeros."""
     if sum(sizes) != sh.local_shape[dim]:
         raise ValueError(f"{sh.key}: parts {dict(zip(names, sizes))} do not add up to the local "
                          f"size {sh.local_shape[dim]} along dim {dim}")
@@ -34,15 +36,25 @@ def split_sharded_tensor(sh: ShardedTensor, sizes: list[int], names: list[str], 
                         flattened_range=flattened_range)
         out, start = [], 0
         for size, name in zip(sizes, names):
-            for piece in whole.narrow(dim, start, size):
-                piece.key = f"{key}.{name}"
-                out.append(piece)
+            if name not in skip:
+                for piece in whole.narrow(dim, start, size):
+                    piece.key = f"{key}.{name}"
+                    out.append(piece)
             start += size
         return out
 
     @torch.no_grad()
     def merge(parts):
-        return torch.cat(parts, dim)
+        if not skip:
+            return torch.cat(parts, dim)
+        loaded, out = iter(parts), []
+        for size, name in zip(sizes, names):
+            if name in skip:
+                ref = parts[0]
+                out.append(ref.new_zeros(ref.shape[:dim] + (size,) + ref.shape[dim + 1:]))
+            else:
+                out.append(next(loaded))
+        return torch.cat(out, dim)
 
     return ShardedTensorFactory(sh.key, sh.data, build, merge, sh.replica_id)
 

@@ -128,10 +128,21 @@ def read_zero_checkpoint(path: str, *, moments: bool = True):
     return weights, moms, step, stage
 
 
+def _with_pad_rows(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A weight saved without the parameter's zero alignment rows (the mixer's in-projection
+    before model.in_proj_row_multiple existed) gets them back; any other weight is returned."""
+    pad = getattr(p, "pad_rows", 0)
+    if pad and w.dim() == p.dim() and w.shape[0] + pad == p.shape[0] and w.shape[1:] == p.shape[1:]:
+        return torch.cat([w, w.new_zeros((pad,) + tuple(w.shape[1:]))])
+    return w
+
+
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str) -> None:
     """Copy full weights (parameter names of the unwrapped model) into ``model``; every parameter
-    must be present with its shape, and no name may be unknown."""
+    must be present with its shape, and no name may be unknown. An in-projection saved without
+    its alignment rows (an older checkpoint) is accepted and padded with zeros."""
     params = dict(model.named_parameters())
+    weights = {n: _with_pad_rows(w, params[n]) if n in params else w for n, w in weights.items()}
     problems = [f"missing {n} {tuple(p.shape)}" for n, p in params.items() if n not in weights]
     problems += [f"{n}: checkpoint shape {tuple(w.shape)}, the model {tuple(params[n].shape)}"
                  for n, w in weights.items() if n in params and w.shape != params[n].shape]

@@ -17,9 +17,10 @@ Static
     optimizer    8 · P_l              AdamW exp_avg and exp_avg_sq, fp32; with
                  / (DP · CP)          parallel.distributed_optimizer (ZeRO-1 over dp×cp) each rank
                                       keeps its share
-  P_l = L_s · (matmul params of a layer / TP + 2d + per-head params/TP + convs/TP + V)
+  P_l = L_s · (matmul params of a layer / TP + pad_l · d + 2d + per-head params/TP + convs/TP + V)
         + Vp_l · d (embedding, first stage) + Vp_l · d + d (head and final norm, last stage);
-        the heaviest stage holds both ends when PP = 1.
+        the heaviest stage holds both ends when PP = 1. pad_l: the in-projection's alignment
+        rows on a rank (model.in_proj_row_multiple).
 
 Saved for the backward, per token of one recurrent layer, bf16 (autocast over fp32 weights; the
 residual stream is bf16 after the first layer: Megatron's bias-dropout-add casts the residual to
@@ -32,7 +33,8 @@ the layer output's dtype)
                                        in the backward; the composite kept its fp32 output, 4 P_qkv)
     fused (FLA)        2 P_in          FLA's CausalConv1dFunction saves its input x (and the
                                        weight): a strided view of the bf16 in-projection output,
-                                       which keeps all of it, P_in = P_qkv + H_l V + (4 | 3) H_l;
+                                       which keeps all of it, P_in = P_qkv + H_l V + (4 | 3) H_l
+                                       + pad_l;
                                        its output is already the op's bf16 q|k|v (next line);
                        2 P_qkv         under CP: the halo-padded bf16 copy it runs over
                                        (mixer_kernels.conv_silu_fla_padded)
@@ -192,13 +194,21 @@ def rank_params(cfg, lay: Layout) -> int:
         if t == "attention":
             return p["matmul"] // tp + 2 * d
         replicated = 2 * d + cfg.head_v_dim  # the two norms, o_norm
-        return p["matmul"] // tp + (p["other"] - replicated) // tp + replicated
+        return (p["matmul"] // tp + _pad_rows(cfg, lay) * d + (p["other"] - replicated) // tp
+                + replicated)
 
     layers = sorted((local(t) for t in types), reverse=True)[:per_stage]
     ends = Vp_l * d + (Vp_l * d + d)
     if lay.pp > 1:
         ends = max(Vp_l * d, Vp_l * d + d)
     return sum(layers) + ends
+
+
+def _pad_rows(cfg, lay: Layout) -> int:
+    """The in-projection's alignment rows on one TP rank (mixer.local_in_proj_parts)."""
+    from mdn_scale.model.mixer import PAD, local_in_proj_parts
+
+    return dict(local_in_proj_parts(cfg, cfg.num_heads // lay.tp)).get(PAD, 0)
 
 
 def fused_mixer(cfg, lay: Layout) -> bool:
@@ -279,7 +289,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         else:
             gates = (15 if cfg.momentum else 12) * 4 * H_l
         if fused and lay.cp == 1:  # FLA's conv keeps its input: a view of the whole projection
-            conv = 2 * (P_qkv + H_l * V + (4 if cfg.momentum else 3) * H_l)
+            conv = 2 * (P_qkv + H_l * V + (4 if cfg.momentum else 3) * H_l + _pad_rows(cfg, lay))
         elif fused:  # under CP it runs over (and keeps) the halo-padded copy
             conv = 2 * P_qkv
         else:  # mixer.causal_conv_silu: the padded bf16 input and the mask (the conv recomputed)

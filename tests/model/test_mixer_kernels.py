@@ -100,11 +100,13 @@ def test_estimate_fused_vs_eager_by_hand():
     cp = layer_activation_terms(EST, Layout(**bf16, cp=2, fused_mixer=True))
     cp_eager = layer_activation_terms(EST, Layout(**bf16, cp=2, fused_mixer=False))
     assert cp_eager["around_op"] - cp["around_op"] == (264 - 256) + (1160 - 392)
-    # GDN: no m rows, P_in = 198
-    gdn = ModelConfig(**{**EST.to_dict(), "mixer": "gdn"})
-    g_e = layer_activation_terms(gdn, Layout(**bf16, fused_mixer=False))
-    g_f = layer_activation_terms(gdn, Layout(**bf16, fused_mixer=True))
-    assert g_e["around_op"] - g_f["around_op"] == (264 - 396) + (1160 - 392)
+    # GDN: no m rows, P_in = 198 + 2 zero alignment rows (model.in_proj_row_multiple: 8) = 200;
+    # 198 without them
+    for multiple, p_in in ((8, 200), (1, 198)):
+        gdn = ModelConfig(**{**EST.to_dict(), "mixer": "gdn", "in_proj_row_multiple": multiple})
+        g_e = layer_activation_terms(gdn, Layout(**bf16, fused_mixer=False))
+        g_f = layer_activation_terms(gdn, Layout(**bf16, fused_mixer=True))
+        assert g_e["around_op"] - g_f["around_op"] == (264 - 2 * p_in) + (1160 - 392)
     # fp32: the coarse count, the same for both
     assert (layer_activation_terms(EST, Layout(precision="fp32", fused_mixer=True))
             == layer_activation_terms(EST, Layout(precision="fp32", fused_mixer=False)))

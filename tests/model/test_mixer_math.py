@@ -62,7 +62,9 @@ def reference_mixer(P, x, cfg, momentum):
     B, T, _ = xb.shape
     names = ["q", "k", "v", "g", "a", "b"] + (["m"] if momentum else []) + ["e"]
     sizes = [H * K, H * K, H * V, H * V, H, H] + ([H] if momentum else []) + [H]
-    W = dict(zip(names, torch.split(P["in_proj.weight"], sizes, 0)))
+    # rows past the parts are the mixer's alignment pad (model.in_proj_row_multiple): unread
+    pad = P["in_proj.weight"].shape[0] - sum(sizes)
+    W = dict(zip(names, torch.split(P["in_proj.weight"], sizes + [pad], 0)))
     lin = {n: xb @ W[n].T for n in names}
 
     def conv(t, w):  # nn.Conv1d depthwise, causal: pad W-1 on the left, keep the first T
@@ -112,6 +114,13 @@ def test_mixer_matches_design_reference(mixer, results):
     x, ct = _inputs()
     r = results[mixer]
     assert ("Mu_log" in r["params"]) == (mixer == "mdn")
+    # d = 32, H = 2, K = 8: 104 rows (mdn) are aligned; the GDN mode's 102 get 2 zero rows, whose
+    # gradient (compared below with the reference's, which never reads them) is exactly zero
+    rows = r["params"]["in_proj.weight"].shape[0]
+    assert rows == 104
+    if mixer == "gdn":
+        assert torch.equal(r["params"]["in_proj.weight"][102:], torch.zeros(2, 32, dtype=torch.float64))
+        assert torch.equal(r["grads"]["in_proj.weight"][102:], torch.zeros(2, 32, dtype=torch.float64))
     P = {n: p.clone().requires_grad_(True) for n, p in r["params"].items()}
     xr = x.clone().requires_grad_(True)
     ref = reference_mixer(P, xr, cfg, momentum=(mixer == "mdn"))

@@ -73,24 +73,36 @@ def test_shipped_configs_load():
 
 def count_worker(rank, world, cfgs):
     from model_workers import init_parallel, make_model
+
+    from mdn_scale.model.mixer import unpadded_numel
     init_parallel()
-    return [sum(p.numel() for p in make_model(c).parameters()) for c in cfgs]
+    models = [make_model(c) for c in cfgs]
+    return ([sum(p.numel() for p in m.parameters()) for m in models],
+            [sum(unpadded_numel(p) for p in m.parameters()) for m in models])
 
 
 def test_stats_count_matches_built_model():
+    """The stats count the model's parameters without the in-projection's alignment rows (zero,
+    not in checkpoints): the GDN mode here has 102 rows per layer and 2 of them (2 · 32 per
+    layer, 4 recurrent layers); a hybrid stack has them in its 2 recurrent layers."""
     base = dict(hidden_size=32, num_layers=4, num_heads=2, head_k_dim=8, vocab_size=61,
                 vocab_pad_multiple=8, seq_len=64, mlp_ratio=2)
     cfgs = [dict(base), dict(base, mixer="gdn"),
             dict(base, attention_every=2, num_attention_heads=4),
-            dict(base, mixer="transformer", num_attention_heads=4)]
-    built = run_ranks(count_worker, 1, cfgs)[0]
-    assert built == [model_stats(ModelConfig(**c))["params_total"] for c in cfgs]
+            dict(base, mixer="transformer", num_attention_heads=4),
+            dict(base, mixer="gdn", attention_every=2, num_attention_heads=4),
+            dict(base, mixer="gdn", in_proj_row_multiple=1)]
+    built, unpadded = run_ranks(count_worker, 1, cfgs)[0]
+    stats = [model_stats(ModelConfig(**c))["params_total"] for c in cfgs]
+    assert unpadded == stats
+    assert [b - s for b, s in zip(built, stats)] == [0, 4 * 2 * 32, 0, 0, 2 * 2 * 32, 0]
 
 
 def test_unaligned_in_projection_rows_are_reported(caplog):
     """A rank's fused in-projection with a row count that is not a multiple of 8 makes cuBLAS
-    run slower kernels on Hopper (BENCHMARKS.md: the GDN mode at 1.3B, 9234 rows): the mixer
-    logs it once per row count. The 1.3B config: MDN aligned at TP = 1 (9240 rows), not at
+    run slower kernels on Hopper (BENCHMARKS.md: the GDN mode at 1.3B, 9234 rows): by default
+    the mixer pads them to a multiple of 8; with model.in_proj_row_multiple: 1 it logs it once
+    per row count. The 1.3B config: MDN aligned at TP = 1 (9240 rows), not at
     TP = 2 (4620); the GDN mode not at TP = 1 (9234)."""
     import logging
 
@@ -103,6 +115,12 @@ def test_unaligned_in_projection_rows_are_reported(caplog):
     rows = {name: sum(n for _, n in mixer_mod.in_proj_parts(c, h))
             for name, c, h in (("mdn", mdn, 6), ("mdn_tp2", mdn, 3), ("gdn", gdn, 6))}
     assert rows == {"mdn": 9240, "mdn_tp2": 4620, "gdn": 9234}
+    # what the mixer builds (model.in_proj_row_multiple: 8, the default): zero rows up to 8
+    pads = {name: dict(mixer_mod.local_in_proj_parts(c, h)).get("pad", 0)
+            for name, c, h in (("mdn", mdn, 6), ("mdn_tp2", mdn, 3), ("gdn", gdn, 6))}
+    assert pads == {"mdn": 0, "mdn_tp2": 4, "gdn": 6}
+    off = ModelConfig(**{**gdn.to_dict(), "in_proj_row_multiple": 1})
+    assert mixer_mod.local_in_proj_parts(off, 6) == mixer_mod.in_proj_parts(off, 6)
     mixer_mod._WARNED_ROWS.clear()
     with caplog.at_level(logging.WARNING, logger="mdn_scale.model"):
         for name, c, h in (("mdn", mdn, 6), ("gdn", gdn, 6), ("gdn", gdn, 6), ("mdn_tp2", mdn, 3)):

@@ -30,9 +30,12 @@ def test_parameters_by_hand():
     assert total == 125336 == model_stats(TINY)["params_total"]
     assert rank_params(TINY, Layout(tp=1)) == total
     # TP = 2: matmuls, convs and gate params split; the norms and o_norm (160) replicated; the
-    # padded vocabulary (320) split
-    layer_tp2 = (12800 + 4096 + 24576) // 2 + (512 + 12) // 2 + 160
+    # padded vocabulary (320) split; each rank's 100 in-projection rows get 4 zero alignment rows
+    # (model.in_proj_row_multiple: 8), 4·64 parameters more
+    layer_tp2 = (12800 + 4096 + 24576) // 2 + 4 * 64 + (512 + 12) // 2 + 160
     assert rank_params(TINY, Layout(tp=2)) == 2 * layer_tp2 + 2 * 160 * 64 + 64
+    unpadded = ModelConfig(**{**TINY.to_dict(), "in_proj_row_multiple": 1})
+    assert rank_params(unpadded, Layout(tp=2)) == 2 * (layer_tp2 - 4 * 64) + 2 * 160 * 64 + 64
 
 
 def test_estimate_by_hand_fp32_cp2():
