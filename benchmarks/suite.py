@@ -49,7 +49,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      cotangents (MDN_END_OVER_PAIR_GRADS) against float64, beside FLA's GDN, in the lean CP
      node and (s12k) in the 1.3B step; s12p the 1.3B GDN-mode step profiled.
   s13a  session 13 on one GPU: the GDN mode's step (1.3B, 400M) with the in-projection padded to
-     a multiple of 8 rows and without, beside MDN and Megatron-core's GDN.
+     a multiple of 8 rows and without, beside MDN and Megatron-core's GDN; s13b the saved-bytes
+     GPU test with the GDN mode, the op's kernel tests with the default backward order.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1054,6 +1055,17 @@ PLANS = {
         ]),
         ("peer", 130, [
             ("0", [("megatron_gdn_1p3b_4k", 128, bench_model(1, M13_4K + " --mixer megatron_gdn"))]),
+        ]),
+    ],
+    "s13b": [  # session 13 on one GPU: the saved-bytes test with the GDN mode (its in-projection
+               # padded: FLA's conv keeps the pad rows) beside MDN, both kernel sets; the op's
+               # kernel tests against float64 with session 12's final default order (mode 1 at both
+               # shapes, the packed fp32 cases), which its last call did not rerun
+        ("tests", 450, [
+            ("0", [("saved_bytes_tests", 150, "MDN_RESULTS_DIR={R} " + PT + " -v --timeout 145 "
+                    "tests/gpu/test_mixer_kernels_gpu.py -k saved_bytes"),
+                   ("kernel_tests", 295, "MDN_RESULTS_DIR={R} " + PT + " --timeout 290 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
