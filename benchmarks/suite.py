@@ -50,7 +50,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      node and (s12k) in the 1.3B step; s12p the 1.3B GDN-mode step profiled.
   s13a  session 13 on one GPU: the GDN mode's step (1.3B, 400M) with the in-projection padded to
      a multiple of 8 rows and without, beside MDN and Megatron-core's GDN; s13b the saved-bytes
-     GPU test with the GDN mode, the op's kernel tests with the default backward order.
+     GPU test with the GDN mode, the op's kernel tests with the default backward order; s13c
+     the op with W saved in U's place (MDN_SAVE_W) beside FLA's GDN, its kernel tests, the 1.3B
+     step; s13d the 1.3B step with and without it, the K = 128 op again.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1066,6 +1068,33 @@ PLANS = {
                     "tests/gpu/test_mixer_kernels_gpu.py -k saved_bytes"),
                    ("kernel_tests", 295, "MDN_RESULTS_DIR={R} " + PT + " --timeout 290 "
                     "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'")]),
+        ]),
+    ],
+    "s13c": [  # session 13 on one GPU, issue 2: StateOutput saves W in U's place and its backward
+               # re-makes only the pairs from it (MDN_SAVE_W, default 1): the op beside FLA's GDN at
+               # both shapes with the earlier path (U saved, W re-made) and the split order as
+               # variants; the kernel tests against float64 (mode 1 at both shapes, packed fp32);
+               # the 1.3B step at 4K
+        ("kernels", 520, [
+            ("0", [("bench_k128", 70, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_SAVE_W=0 --variant MDN_PAIR_GRADS_FIRST=1 "
+                    "--variant MDN_PAIR_GRADS_FIRST=1+MDN_SAVE_W=0 --out {R}/result.json"),
+                   ("bench_k256", 80, "python3 tools/bench_kernels.py --shapes 1 "
+                    "--variant MDN_SAVE_W=0 --variant MDN_PAIR_GRADS_FIRST=1 "
+                    "--variant MDN_PAIR_GRADS_FIRST=1+MDN_SAVE_W=0 --out {R}/result.json"),
+                   ("kernel_tests", 240, "MDN_RESULTS_DIR={R} " + PT + " --timeout 235 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'"),
+                   ("mdn_1p3b_4k", 60, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_w_remade", 60, "MDN_SAVE_W=0 " + bench_model(1, M13_4K))]),
+        ]),
+    ],
+    "s13d": [  # session 13, last call: plan s13c's 1.3B steps (cut by their 60 s limits on the cold
+               # machine) with longer limits, and the K = 128 op again (FLA's time moves between runs)
+        ("model", 270, [
+            ("0", [("mdn_1p3b_4k", 110, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_w_remade", 75, "MDN_SAVE_W=0 " + bench_model(1, M13_4K)),
+                   ("bench_k128", 80, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_SAVE_W=0 --variant MDN_PAIR_GRADS_FIRST=1 --out {R}/result.json")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor

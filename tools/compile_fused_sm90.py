@@ -120,7 +120,9 @@ def state_jobs(K: int, V: int, C: int = 64):
     bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FV="strided",
                END_LATE=False)
     return {
-        "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True), 4, bf),
+        "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True, W_GIVEN=False), 4, bf),
+        # StateOutput's backward re-run from the saved W (MDN_SAVE_W)
+        "state_fwd_w_given": (sp._state_fwd_kernel, dict(base, HAS_INIT=True, W_GIVEN=True), 4, bf),
         "state_bwd": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
                                                  OPREC="ieee"), 4, bf),
         # the lean node's default: dS_end, dM_end written over the output's pair cotangents

@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
 KERNEL_RUNS = [("v3", "kernels_h100_v3.json"), ("v4 fused", "kernels_h100_v4_fused.json"),
                ("v7 mode 1", "kernels_h100_v7_fla_same_run.json"),
-               ("v12 tuned\nlaunches", "kernels_h100_v12_tuned_vs_old_k128.json")]
+               ("v12 tuned\nlaunches", "kernels_h100_v12_tuned_vs_old_k128.json"),
+               ("v15 W saved\n(H200)", "kernels_h200_v13_save_w_k128_rerun.json")]
 
 
 def _finish(fig, ax, out, ylabel, title):
@@ -60,7 +61,7 @@ def plot_kernels(out):
     ax.axhline(1.3, color="gray", ls=":", lw=1, label="target: 1.3x (memory)")
     ax.set_xticks(list(x), labels)
     return _finish(fig, ax, out, "MDN / FLA GDN (same run)",
-                   "mdn_chunk vs FLA GDN, H100 bf16, B=8 T=4096 H=6 K=128 V=256")
+                   "mdn_chunk vs FLA GDN, H100 (last: H200) bf16, B=8 T=4096 H=6 K=128 V=256")
 
 
 CP_RUNS = [("v3", "cp_h100x4_r4.json"), ("v4", "cp_h100x4_v4_r4.json"), ("v5", "cp_h100x4_v5_r4.json"),

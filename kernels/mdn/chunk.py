@@ -113,10 +113,11 @@ class StateOutput(torch.autograd.Function):
     per-chunk quantity of the state pass (the default, MDN_RECOMPUTE_PAIRS=1; 2 opt-in; see
     recompute_pairs_mode).
 
-    Forward: W, S0s, M0s are made, used for o and dropped; saved are the state pass's inputs
-    (U too, in the operand dtype) and the output's chunk quantities. Backward re-runs the state
-    pass forward (the same kernel on the same operands: bitwise the same W, S0s, M0s), then the
-    output's and the state pass's backward, freeing every per-chunk [NC, H, K, V] tensor as soon
+    Forward: W, S0s, M0s are made and used for o; S0s, M0s are dropped; saved are W (in U's
+    place, save_w; else U), the state pass's other inputs (in the operand dtype) and the
+    output's chunk quantities. Backward re-runs the state pass forward from W (only the pairs:
+    no U, and two products fewer per chunk) or from U (the same kernel on the same operands);
+    either way bitwise the same S0s, M0s. Then the output's and the state pass's backward, freeing every per-chunk [NC, H, K, V] tensor as soon
     as its last product is done, dWt written over dW, dS_end, dM_end over the output's pair
     cotangents (end_over_pair_grads; pair_grads_first for less). Results are those of
     StatePass + LocalOutput exactly; peak memory and the memory kept between forward and
@@ -140,7 +141,11 @@ class StateOutput(torch.autograd.Function):
         cs, cl = chunk_bounds(layout.dest, layout.num_chunks, layout.chunk_size)
         W, S0s, M0s, S, M = state_pass_fwd_triton(*sp, S_init, M_init, layout, allow_tf32)
         o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape, out_dtype)
-        del W, S0s, M0s
+        del S0s, M0s
+        ctx.save_w = save_w()
+        if ctx.save_w:  # W in U's place (same shape and dtype): U is freed with the forward
+            sp[0] = W
+        del W
         # Every tensor through save_for_backward, none on ctx: under activation recompute
         # (non-reentrant checkpoint) saved tensors are dropped after the forward and rebuilt in
         # the backward, a tensor on ctx is not — U held on ctx stayed alive for every layer
@@ -161,7 +166,11 @@ class StateOutput(torch.autograd.Function):
         layout, tf32, fuse = ctx.layout, ctx.allow_tf32, ctx.fuse_pair_grads
         do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, qc, both_final=False)
         init_grad = S_init is not None and (ctx.needs_input_grad[14] or ctx.needs_input_grad[15])
-        W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(*sp, S_init, M_init, layout, tf32)
+        if ctx.save_w:  # the pairs alone, from the saved W
+            W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(None, *sp[1:], S_init, M_init,
+                                                              layout, tf32, W=sp[0])
+        else:
+            W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(*sp, S_init, M_init, layout, tf32)
         del sp, S_fin, M_fin
         # split (pair_grads_first): dW and the output's pair cotangents first, its other
         # gradients after the state pass's backward and the products that free the end
@@ -211,6 +220,17 @@ def end_over_pair_grads() -> bool:
     fewer are alive at the backward's peak; "0" separate buffers (the earlier path, kept to
     compare against). Results are the same either way, bit for bit."""
     return _flag("MDN_END_OVER_PAIR_GRADS", "1")
+
+
+def save_w() -> bool:
+    """MDN_SAVE_W: "1" (default) StateOutput saves the state pass's W instead of its input U
+    (the same shape and dtype) and its backward re-makes only the pairs from W
+    (state_pass_fwd_triton's W): one [NC, H, C, V] tensor fewer at the backward's peak (the
+    recomputed W was one beside the saved U), and the recompute skips the two products that
+    make W. "0": U saved, W re-made (the earlier path, kept to compare against). Results are
+    the same either way, bit for bit: W is stored in the operand dtype the pairs' products
+    take."""
+    return _flag("MDN_SAVE_W", "1")
 
 
 def pair_grads_first() -> bool:

@@ -25,7 +25,11 @@ def _state_fwd_kernel(
     W, S0S, M0S, S_FIN, M_FIN, OFFSETS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    W_GIVEN: tl.constexpr,
 ):
+    # W_GIVEN: W is an input (a forward's output, saved), not made from U, Y, Z: only the pairs
+    # are made (U, Y, Z are not read). W is stored in the operand dtype, which is what the
+    # state update's products take, so the pairs are bitwise those of the pass that made W.
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -52,11 +56,14 @@ def _state_fwd_kernel(
         ch = c * H + i_h
         tl.store(S0S + ch * K * V + kv, s.to(S0S.dtype.element_ty), mask=m_kv)
         tl.store(M0S + ch * K * V + kv, m.to(M0S.dtype.element_ty), mask=m_kv)
-        y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
-        z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
-        u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
-        w = u + tl.dot(y, s.to(y.dtype), input_precision=PREC) - tl.dot(z, m.to(z.dtype), input_precision=PREC)
-        tl.store(W + ch * C * V + cv, w.to(W.dtype.element_ty), mask=m_v[None, :])
+        if W_GIVEN:
+            w = tl.load(W + ch * C * V + cv, mask=m_v[None, :], other=0.0)
+        else:
+            y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+            z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+            u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
+            w = u + tl.dot(y, s.to(y.dtype), input_precision=PREC) - tl.dot(z, m.to(z.dtype), input_precision=PREC)
+            tl.store(W + ch * C * V + cv, w.to(W.dtype.element_ty), mask=m_v[None, :])
         kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         a = tl.load(A_END + ch)
@@ -243,14 +250,24 @@ def fits_shared_memory(K: int, storage_dtype: torch.dtype, chunk: int = 64) -> b
 
 
 def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout,
-                          allow_tf32: bool = False):
+                          allow_tf32: bool = False, W=None):
     """W and the per-chunk pairs come back in the operand dtype (bf16 for 16-bit models, where
-    they only feed bf16 products); the final pair in fp32 (fp64 for fp64)."""
+    they only feed bf16 products); the final pair in fp32 (fp64 for fp64).
+
+    W given (what an earlier pass over the same operands returned): only the pairs are made,
+    bitwise those of that pass, and U may be None (U, Y, Z are not read; W is returned as is)."""
+    w_given = W is not None
+    if w_given:
+        if W.dtype != Kg.dtype or not W.is_contiguous():
+            raise ValueError(f"W given: needs a contiguous {Kg.dtype} tensor (the operand dtype), "
+                             f"got {W.dtype}")
+        U = Y = Z = W   # not read (W_GIVEN); U's dtype stands for the input's as before
     NC, H, C, V = U.shape
-    K = Y.shape[-1]
+    K = Kg.shape[-1]
     N = layout.num_seqs
     sdt = torch.float64 if U.dtype == torch.float64 else torch.float32
-    W = torch.empty(U.shape, dtype=Y.dtype, device=U.device)
+    if not w_given:
+        W = torch.empty(U.shape, dtype=Y.dtype, device=U.device)
     S0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
     M0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
     S_fin = U.new_empty(N, H, K, V, dtype=sdt)
@@ -265,7 +282,7 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
         S_init if has_init else U, M_init if has_init else U,
         W, S0s, M0s, S_fin, M_fin, layout.seq_chunk_offsets,
         H=H, K=K, V=V, C=C, BK=BK, HAS_INIT=has_init,
-        PREC=_precision(Y.dtype, allow_tf32), **lp,
+        PREC=_precision(Y.dtype, allow_tf32), W_GIVEN=w_given, **lp,
     )
     return W, S0s, M0s, S_fin, M_fin
 

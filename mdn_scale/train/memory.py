@@ -51,8 +51,8 @@ the layer output's dtype)
                        2 · 4K          Y, Z, Kg, Km (bf16, the state pass's operands)
                        4 · 2C          (I + A)⁻¹ and Γ (fp32 C×C per chunk)
                        4 · 7           e^{le}, γ⁻, l2norm scales, η, log α cumsum, g0 (fp32)
-                       2 V             U (bf16, kept to recompute the state pass) — under CP W
-                                       instead
+                       2 V             W (bf16, kept to recompute the pairs; MDN_SAVE_W=0: U,
+                                       to recompute W too) — under CP W as well
                        12 / C          (the chunk bounds, 8 bytes per chunk, are made once per
                                        micro-batch and shared by the layers: not counted)
                        CP only: 2 · 2KV / C   S0s, M0s: the pair entering each chunk (bf16)
@@ -78,15 +78,17 @@ fp32 (no autocast; the op's torch path): the earlier, coarser count (not checked
 
 Backward workspace of the op (bf16, one layer at a time), per token and head, at the peak of
 StateOutput.backward (tools/mem_accounting.py lists what is alive): LocalOutput's input
-gradients 4·2K + 12 + 4C + 2V + 2·2KV/C, the recomputed W 2V and S0s, M0s 2·2KV/C (U, saved,
-stays alive to the node's end: its buffer cannot take W, the node's backward may run twice) and
+gradients 4·2K + 12 + 4C + 2V + 2·2KV/C, the recomputed S0s, M0s 2·2KV/C (W is saved in U's
+place and counted with the op's chunk tensors; MDN_SAVE_W=0: U saved, W recomputed, 2V more) and
 the state pass's dS_end, dM_end, written over the output's pair gradients and so alive at the
 first product, dKg 2K (MDN_END_OVER_PAIR_GRADS=0: their own 2·2KV/C instead, the output's pair
 gradients freed before that product). With MDN_PAIR_GRADS_FIRST=1 the larger of two
-moments instead: (a) the state pass's backward and its first product: W, S0s, M0s, the
+moments instead: (a) the state pass's backward and its first product: S0s, M0s, the
 output's dW 2V and pair gradients 2·2KV/C (dS_end, dM_end over them), dKg 2K; (b) the output's
-other gradients 4·2K + 12 + 4C, made after dS_end, dM_end are freed, beside S0s, M0s, W, dW̃
-and dKg, dKm 2·2K. Under
+other gradients 4·2K + 12 + 4C, made after dS_end, dM_end are freed, beside S0s, M0s, dW̃
+and dKg, dKm 2·2K (MDN_SAVE_W=0: W 2V more in both); (c) the last products, dY, dZ 2·2K,
+beside everything of (b) but the recomputed W (freed first). (c) can be the peak in either
+order where 4KV/C is small against 6K (small heads, long chunks). Under
 CP, inside StatePass.backward: the same input gradients, the state pass's dW̃, dS_end, dM_end
 2V + 2·2KV/C and state_pass_grads' fp32 dU, dY, dZ, dKg, dKm 4V + 4·4K. By then the layer's
 tensors after the op (gated norm, MLP, second norm) are freed.
@@ -274,7 +276,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
     backward runs), 'op_chunk_tensors' and 'op_state_pairs' (the op's own), and the op's
     backward workspace ('op_backward'). See the module docstring."""
     # the op's backward orders, as the op reads them from the environment
-    from mdn_kernels.mdn.chunk import end_over_pair_grads, pair_grads_first
+    from mdn_kernels.mdn.chunk import end_over_pair_grads, pair_grads_first, save_w
 
     a = _act_bytes(lay.precision)
     d, K, V, C, W = cfg.hidden_size, cfg.head_k_dim, cfg.head_v_dim, cfg.chunk_size, cfg.conv_size
@@ -297,7 +299,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         gated_norm = (6 if fused else 18) * H_l * V + 4 * H_l
         before = norm + conv + 2 * P_qkv + 2 * H_l * V + gates
         after = gated_norm + norm + 10 * F_l
-        # 2V in the op's chunk terms: U (StateOutput, recomputes the pairs) or W (StatePass under CP)
+        # 2V in the op's chunk terms: W (StateOutput; U with MDN_SAVE_W=0; StatePass under CP)
         chunk = H_l * (4 * 2 * K + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C)
         out_grads = 4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C
         lean, seg = cp_lean(lay)
@@ -319,11 +321,14 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
             backward = H_l * (out_grads + (2 * V + pair) + (4 * V + 4 * 4 * K))
         else:           # StateOutput: the pairs are recomputed in the backward
             pairs = 0
-            if pair_grads_first():   # (a) or (b) of the module docstring
-                backward = H_l * max(2 * V + 2 * V + pair + pair + end_pair + 2 * K,
-                                     (4 * 2 * K + 12 + 4 * C) + pair + 2 * V + 2 * V + 2 * 2 * K)
+            w = 0 if save_w() else 2 * V   # W recomputed beside the saved U, or saved in its place
+            # the last products: dY, dZ beside dKg, dKm, dW̃, S0s, M0s and the output's gradients
+            last = (4 * 2 * K + 12 + 4 * C) + pair + 2 * V + 4 * 2 * K
+            if pair_grads_first():   # (a), (b) or (c) of the module docstring
+                backward = H_l * max(w + 2 * V + pair + pair + end_pair + 2 * K,
+                                     (4 * 2 * K + 12 + 4 * C) + pair + w + 2 * V + 2 * 2 * K, last)
             else:   # with dS_end, dM_end over the pair gradients, alive at the first product too
-                backward = H_l * (out_grads + 2 * V + pair + (end_pair or 2 * K))
+                backward = H_l * max(out_grads + w + pair + (end_pair or 2 * K), last)
     else:  # the torch path's coarser count (module docstring)
         g = 4 if cfg.momentum else 3
         before = (d * 8 + (2 * H_l * K + 2 * H_l * V + g * H_l) * a + 2 * P_qkv * a

@@ -152,11 +152,37 @@ def test_end_over_pair_grads_changes_no_result(first, fused_on, monkeypatch):
     apart = _run(xs, cu, 1, monkeypatch)
     for n, a, b in zip(NAMES, over, apart):
         assert a.dtype == b.dtype and torch.equal(a, b), n
-    for name in ("MDN_END_OVER_PAIR_GRADS", "MDN_PAIR_GRADS_FIRST"):
+    for name in ("MDN_END_OVER_PAIR_GRADS", "MDN_PAIR_GRADS_FIRST", "MDN_SAVE_W"):
         monkeypatch.setenv(name, "yes")
         with pytest.raises(ValueError, match=name):
             _run(xs, cu, 1, monkeypatch)
         monkeypatch.setenv(name, "0")
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_save_w_changes_no_result(mode, fused_on, monkeypatch):
+    """StateOutput saving W and re-making only the pairs from it (MDN_SAVE_W=1, the default)
+    against saving U and re-making W too (0): bitwise the same outputs and gradients (packed
+    documents, initial states, a ragged last chunk), in mode 1 and mode 2; and a second backward
+    through the same graph (retain_graph) gives the first one's gradients: W is not written."""
+    xs = random_inputs(1, 61, 2, 16, 32, dtype=torch.float32, seed=12, with_state=True,
+                       num_states=4)
+    cu = torch.tensor([0, 5, 21, 1, 34]).cumsum(0)
+    monkeypatch.setenv("MDN_SAVE_W", "1")
+    saved_w = _run(xs, cu, mode, monkeypatch)
+    monkeypatch.setenv("MDN_SAVE_W", "0")
+    saved_u = _run(xs, cu, mode, monkeypatch)
+    for n, a, b in zip(NAMES, saved_w, saved_u):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+    monkeypatch.setenv("MDN_SAVE_W", "1")
+    x = [t.detach().clone().requires_grad_() for t in xs]
+    o, (S, M) = mdn_chunk(*x[:7], initial_state=(x[7], x[8]), output_final_state=True,
+                          cu_seqlens=cu, backend="triton", chunk_size=16)
+    loss = (o * o).sum() + S.sum() - M.sum()
+    first = torch.autograd.grad(loss, x, retain_graph=True)
+    second = torch.autograd.grad(loss, x)
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), i
 
 
 def _accounting(monkeypatch):
@@ -200,14 +226,16 @@ def test_memory_accounting_recompute_pairs_saves_memory(monkeypatch):
     assert r["peak_bwd"] - res["1"][1] > pair
 
 
-@pytest.mark.parametrize("flags", [("1", "0"), ("1", "1"), ("0", "0")],
-                         ids=["end-over", "end-over-pair-grads-first", "separate"])
+@pytest.mark.parametrize("flags", [("1", "0", "1"), ("1", "1", "1"), ("0", "0", "1"),
+                                   ("1", "0", "0"), ("1", "1", "0")],
+                         ids=["end-over", "end-over-pair-grads-first", "separate",
+                              "end-over-w-remade", "end-over-pair-grads-first-w-remade"])
 def test_estimator_op_backward_matches_the_accounting(flags, monkeypatch):
     """The estimator's op backward workspace (mdn_scale/train/memory.py, StateOutput at CP = 1)
     against tools/mem_accounting.py at the bench head shape (K = 128, V = 256, where the op's own
     backward is the peak): the backward's peak above what the forward keeps and o, per token,
     within 4 bytes of the estimate in each order (MDN_END_OVER_PAIR_GRADS,
-    MDN_PAIR_GRADS_FIRST): the estimate leaves out the state pass's fp32 gate sums per value
+    MDN_PAIR_GRADS_FIRST, MDN_SAVE_W): the estimate leaves out the state pass's fp32 gate sums per value
     block, 3·(V/BV)·4/C bytes per token and head (3 of the measured 3.4 in the earlier order,
     where they are alive at the peak)."""
     from mdn_scale.model import ModelConfig
@@ -215,6 +243,7 @@ def test_estimator_op_backward_matches_the_accounting(flags, monkeypatch):
 
     monkeypatch.setenv("MDN_END_OVER_PAIR_GRADS", flags[0])
     monkeypatch.setenv("MDN_PAIR_GRADS_FIRST", flags[1])
+    monkeypatch.setenv("MDN_SAVE_W", flags[2])
     mod = _accounting(monkeypatch)
     B, T, H, K, V = 1, 4096, 2, 128, 256
     r = mod.account(B, T, H, K, V, torch.bfloat16, verbose=False)
