@@ -52,7 +52,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      a multiple of 8 rows and without, beside MDN and Megatron-core's GDN; s13b the saved-bytes
      GPU test with the GDN mode, the op's kernel tests with the default backward order; s13c
      the op with W saved in U's place (MDN_SAVE_W) beside FLA's GDN, its kernel tests, the 1.3B
-     step; s13d the 1.3B step with and without it, the K = 128 op again.
+     step; s13d the 1.3B step with and without it, the K = 128 op again; s13e CP's lean node
+     with W saved, against float64.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1095,6 +1096,16 @@ PLANS = {
                    ("mdn_1p3b_4k_w_remade", 75, "MDN_SAVE_W=0 " + bench_model(1, M13_4K)),
                    ("bench_k128", 80, "python3 tools/bench_kernels.py --shapes 0 "
                     "--variant MDN_SAVE_W=0 --variant MDN_PAIR_GRADS_FIRST=1 --out {R}/result.json")]),
+        ]),
+    ],
+    "s13e": [  # session 13's last device time: CP's lean node with W saved in U's place
+               # (MDN_SAVE_W) against float64, K = 256, two ranks on one GPU over gloo, in segments
+               # and not
+        ("cp", 230, [
+            ("0", [("cp_op_k256_lean_seg_w2_gloo", 110, LEAN_SEG + CHECK_CP.format(n=2, kv="--K 256 --V 512")
+                    + " --dist-backend gloo"),
+                   ("cp_op_k256_lean_w2_gloo", 110, "MDN_CP_LEAN=1 " + CHECK_CP.format(n=2, kv="--K 256 --V 512")
+                    + " --dist-backend gloo")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor

@@ -451,6 +451,10 @@ def _segmented_backward(ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fi
 
     def pairs_of(seg):
         g0, g1, c0, c1, lay = seg
+        if ctx.save_w:   # sp[0] is the forward's W: the pairs alone
+            _, S0s, M0s, _, _ = state_pass_fwd_triton(None, *(t[c0:c1] for t in ops), S_in[g0:g1],
+                                                      M_in[g0:g1], lay, tf32, W=sp[0][c0:c1])
+            return sp[0][c0:c1], S0s, M0s
         W, S0s, M0s, _, _ = state_pass_fwd_triton(*(t[c0:c1] for t in sp), S_in[g0:g1],
                                                   M_in[g0:g1], lay, tf32)
         return W, S0s, M0s
@@ -512,10 +516,10 @@ def _segmented_backward(ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fi
 class CPStateOutput(torch.autograd.Function):
     """The lean node (mdn.chunk.StateOutput) across a CP group, all-gather mode: the CP state
     pass (the pairs entering every group, as CPStatePass) and the fused output kernel in one
-    node that keeps no per-chunk pair. Saved: the state pass's operands, the output's chunk
-    quantities and the small pairs entering the groups [NG, H, 2K, V]; the backward re-runs the
-    groups' state pass from those (the same kernel on the same operands: bitwise the same W,
-    S0s, M0s), then the output's backward, the CP backward steps (1)–(3) and the one full
+    node that keeps no per-chunk pair. Saved: the state pass's operands (W in U's place:
+    MDN_SAVE_W, as mdn.chunk.StateOutput), the output's chunk quantities and the small pairs
+    entering the groups [NG, H, 2K, V]; the backward re-runs the groups' state pass from those
+    (bitwise the same S0s, M0s, and W where it is re-made), then the output's backward, the CP backward steps (1)–(3) and the one full
     reverse pass. Results equal CPStatePass + LocalOutput's; the pairs' memory between forward
     and backward is gone (8 KiB per token and head at K = 256, V = 512, C = 64 in bf16).
 
@@ -528,7 +532,7 @@ class CPStateOutput(torch.autograd.Function):
     def forward(ctx, qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init,
                 layout, scale: float, mm_dtype, out_shape: tuple, out_dtype: torch.dtype,
                 allow_tf32: bool, view, group, group_chunks):
-        from mdn_kernels.mdn.chunk import lean_operands, lean_save_ctx
+        from mdn_kernels.mdn.chunk import lean_operands, lean_save_ctx, save_w
         from mdn_kernels.mdn.chunk_local_fused import chunk_bounds, output_forward
         from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
         K = Y.shape[-1]
@@ -544,13 +548,19 @@ class CPStateOutput(torch.autograd.Function):
             # one segment of every group unless segmented (slices of the whole are views)
             o = torch.empty(out_shape, dtype=out_dtype, device=qc.device)
             Sg, Mg = torch.empty_like(S_in), torch.empty_like(M_in)
+            # MDN_SAVE_W: every segment's W into one buffer, saved in U's place (as StateOutput)
+            ctx.save_w = save_w()
+            W_all = torch.empty(sp[0].shape, dtype=sp[1].dtype, device=qc.device) if ctx.save_w else None
             for g0, g1, c0, c1, lay in _segments(plan, seg_chunks):
                 W, S0s, M0s, Sg[g0:g1], Mg[g0:g1] = state_pass_fwd_triton(
-                    *(t[c0:c1] for t in sp), S_in[g0:g1], M_in[g0:g1], lay, allow_tf32)
+                    *(t[c0:c1] for t in sp), S_in[g0:g1], M_in[g0:g1], lay, allow_tf32,
+                    w_out=None if W_all is None else W_all[c0:c1])
                 output_forward(*(t[c0:c1] for t in loc), W, S0s, M0s, cs[c0:c1], cl[c0:c1],
                                scale, mm_dtype, out_shape, out_dtype, out=o)
                 del W, S0s, M0s
             S, M = (Sg[plan.last_idx], Mg[plan.last_idx]) if split else (Sg, Mg)
+            if W_all is not None:
+                sp[0] = W_all
         # every tensor through save_for_backward (activation recompute drops only those)
         ctx.save_for_backward(*loc, *sp, S_in, M_in, cs, cl, later_T, Ts)
         ctx.plan, ctx.vi, ctx.view, ctx.group = plan, vi, view, group
@@ -572,7 +582,11 @@ class CPStateOutput(torch.autograd.Function):
             local, grads, dS_i, dM_i = _segmented_backward(
                 ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fin, dM_fin, ctx.segs)
             return (*local, *grads, dS_i, dM_i) + (None,) * 9
-        W, S0s, M0s, _, _ = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout, tf32)
+        if ctx.save_w:   # the pairs alone, from the saved W
+            W, S0s, M0s, _, _ = state_pass_fwd_triton(None, *sp[1:], S_in, M_in, plan.layout,
+                                                      tf32, W=sp[0])
+        else:
+            W, S0s, M0s, _, _ = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout, tf32)
         dqc, dkc, det, dla, dg0, dgam, dW, dS0s, dM0s = output_backward(
             *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype)
         ops = sp[1:]   # Y, Z, Kg, Km, a_end, g_end, u_end

@@ -250,12 +250,13 @@ def fits_shared_memory(K: int, storage_dtype: torch.dtype, chunk: int = 64) -> b
 
 
 def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout,
-                          allow_tf32: bool = False, W=None):
+                          allow_tf32: bool = False, W=None, w_out=None):
     """W and the per-chunk pairs come back in the operand dtype (bf16 for 16-bit models, where
     they only feed bf16 products); the final pair in fp32 (fp64 for fp64).
 
     W given (what an earlier pass over the same operands returned): only the pairs are made,
-    bitwise those of that pass, and U may be None (U, Y, Z are not read; W is returned as is)."""
+    bitwise those of that pass, and U may be None (U, Y, Z are not read; W is returned as is).
+    w_out (W not given): the buffer W is written into (a contiguous slice of a larger one)."""
     w_given = W is not None
     if w_given:
         if W.dtype != Kg.dtype or not W.is_contiguous():
@@ -266,7 +267,12 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     K = Kg.shape[-1]
     N = layout.num_seqs
     sdt = torch.float64 if U.dtype == torch.float64 else torch.float32
-    if not w_given:
+    if not w_given and w_out is not None:
+        if w_out.shape != U.shape or w_out.dtype != Y.dtype or not w_out.is_contiguous():
+            raise ValueError(f"w_out: needs a contiguous {Y.dtype} tensor of shape "
+                             f"{tuple(U.shape)}, got {w_out.dtype} {tuple(w_out.shape)}")
+        W = w_out
+    elif not w_given:
         W = torch.empty(U.shape, dtype=Y.dtype, device=U.device)
     S0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
     M0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)

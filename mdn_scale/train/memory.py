@@ -93,8 +93,9 @@ CP, inside StatePass.backward: the same input gradients, the state pass's dW̃, 
 2V + 2·2KV/C and state_pass_grads' fp32 dU, dY, dZ, dKg, dKm 4V + 4·4K. By then the layer's
 tensors after the op (gated norm, MLP, second norm) are freed.
 CP's lean node (MDN_CP_LEAN=1, Layout.cp_lean; kernels/cp/state_pass_cp.CPStateOutput) keeps no
-pair; its backward holds the output's chunk-input gradients 4·2K + 12 + 4C and, per chunk, the
-recomputed W 2V, dW̃ and the output's pair gradients 2V + 2·2KV/C (dS_end, dM_end written over
+pair (it saves W in U's place too, MDN_SAVE_W); its backward holds the output's chunk-input
+gradients 4·2K + 12 + 4C and, per chunk, (MDN_SAVE_W=0: the recomputed W 2V,) dW̃ and the
+output's pair gradients 2V + 2·2KV/C (dS_end, dM_end written over
 the latter; MDN_END_OVER_PAIR_GRADS=0: 2·2KV/C more), the recomputed S0s, M0s 2·2KV/C,
 state_pass_grads' fp32 products 4V + 4·4K + 12. In segments of S
 tokens (MDN_CP_LEAN_SEGMENT_TOKENS, Layout.cp_lean_segment_tokens) the per-chunk part counts
@@ -313,7 +314,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
             pairs = 0
             T_l = lay.tokens_per_rank
             f = min(1.0, seg / T_l) if seg else 1.0
-            per_chunk = 2 * V + (2 * V + pair) + pair + end_pair + (4 * V + 4 * 4 * K + 12)
+            per_chunk = (0 if save_w() else 2 * V) + (2 * V + pair) + pair + end_pair + (4 * V + 4 * 4 * K + 12)
             full = (4 * 2 * K + 12 + 4 * C) + (2 * V + 2 * 4 * K + 12) if seg else 4 * 2 * K + 12 + 4 * C
             backward = H_l * (full + f * per_chunk)
         elif lay.cp > 1:  # CP keeps StatePass + LocalOutput (kernels/cp/state_pass_cp.py)

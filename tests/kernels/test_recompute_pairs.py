@@ -259,8 +259,10 @@ def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):
     """tools/mem_accounting.py --cp at the 1.3B head shape (K = 256, V = 512): the CP op at one
     rank (what MDN_CP_EMULATE=1 runs) peaks lower with the lean node than with the default node
     (no pair kept), and lower again in segments (one segment's per-chunk tensors at a time); the
-    estimator's op terms (mdn_scale/train/memory.py) are within 15% of each (measured: −1%, +7%,
-    −7%)."""
+    estimator's op terms plus the CP group gradients that memory.estimate adds for every CP node
+    are within 15% of each (measured in session 13: −0.7%, −10.9%, −7.3%; the unsegmented lean
+    node peaks at its last casts, the bf16 input gradients made beside their fp32 products,
+    which the estimate does not count)."""
     import torch.distributed as dist
 
     from mdn_scale.model import ModelConfig
@@ -281,9 +283,10 @@ def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):
         peaks[name] = max(r["peak_fwd"], r["peak_bwd"])
         t = layer_activation_terms(mc, Layout(cp=2, seq_len=2 * T, fused_mixer=True, fused_gates=True,
                                               cp_lean=bool(env), cp_lean_segment_tokens=seg if "_seg" in name else 0))
-        groups = -(-T // (C * -(-16 * K // C)))   # memory.estimate's CP group gradients (default node)
+        # memory.estimate's CP group gradients, which it counts for every CP node
+        groups = -(-T // (C * -(-16 * K // C)))
         est[name] = (T * (t["op_chunk_tensors"] + t["op_state_pairs"] + t["op_backward"])
-                     + (0 if env else 12 * groups * H * K * V * 4))
+                     + 12 * groups * H * K * V * 4)
     assert not dist.is_initialized()   # the accounting's own one-rank group is gone
     assert peaks["lean_seg"] < 0.6 * peaks["lean"] and peaks["lean"] < 0.95 * peaks["default"]
     for name in peaks:

@@ -145,17 +145,22 @@ def test_cp_lean_node_and_segments_by_hand(monkeypatch):
     assert default["op_state_pairs"] == 2 * 32
     # the output's gradients with its pair gradients, dW̃ + dS_end, dM_end, fp32 products
     assert default["op_backward"] == 2 * ((local + 2 * 32 + 32) + (2 * 32 + 32) + (4 * 32 + 4 * 4 * 16))
-    # recomputed W, dW and the output's pair gradients (dS_end/dM_end written over the latter),
-    # recomputed S0s/M0s, fp32 products (dU, dY, dZ, dKg, dKm, three gate sums)
-    per_chunk = 2 * 32 + (2 * 32 + 32) + 32 + (4 * 32 + 4 * 4 * 16 + 12)
-    assert per_chunk == 588
+    # dW and the output's pair gradients (dS_end/dM_end written over the latter), recomputed
+    # S0s/M0s, fp32 products (dU, dY, dZ, dKg, dKm, three gate sums); W is saved (MDN_SAVE_W),
+    # not recomputed
+    per_chunk = (2 * 32 + 32) + 32 + (4 * 32 + 4 * 4 * 16 + 12)
+    assert per_chunk == 524
     lean = terms(cp_lean=True)
     assert lean["op_state_pairs"] == 0 and lean["op_backward"] == 2 * (local + per_chunk)
     # 128-token segments of the rank's 512 tokens: a quarter of the per-chunk tensors, plus the
     # full-size buffers of the state pass's input gradients (bf16 dU, dY..dKm; fp32 gate sums)
     seg = terms(cp_lean=True, cp_lean_segment_tokens=128)
     assert seg["op_backward"] == 2 * (local + (2 * 32 + 2 * 4 * 16 + 12) + per_chunk / 4)
-    assert seg["op_backward"] == 1494
+    assert seg["op_backward"] == 1462
+    # with W recomputed from U (MDN_SAVE_W=0): its 2V per chunk more
+    monkeypatch.setenv("MDN_SAVE_W", "0")
+    assert terms(cp_lean=True)["op_backward"] == 2 * (local + per_chunk + 2 * 32)
+    monkeypatch.delenv("MDN_SAVE_W")
     # with separate end cotangent buffers (MDN_END_OVER_PAIR_GRADS=0) one pair more per chunk
     monkeypatch.setenv("MDN_END_OVER_PAIR_GRADS", "0")
     assert terms(cp_lean=True)["op_backward"] == 2 * (local + per_chunk + 32)
