@@ -514,14 +514,14 @@ def _segmented_backward(ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fi
 
 
 class CPStateOutput(torch.autograd.Function):
-    """The lean node (mdn.chunk.StateOutput) across a CP group, all-gather mode: the CP state
-    pass (the pairs entering every group, as CPStatePass) and the fused output kernel in one
-    node that keeps no per-chunk pair. Saved: the state pass's operands (W in U's place:
-    MDN_SAVE_W, as mdn.chunk.StateOutput), the output's chunk quantities and the small pairs
-    entering the groups [NG, H, 2K, V]; the backward re-runs the groups' state pass from those
-    (bitwise the same S0s, M0s, and W where it is re-made), then the output's backward, the CP backward steps (1)–(3) and the one full
-    reverse pass. Results equal CPStatePass + LocalOutput's; the pairs' memory between forward
-    and backward is gone (8 KiB per token and head at K = 256, V = 512, C = 64 in bf16).
+    """The lean node (mdn.chunk.StateOutput) across a CP group, all-gather mode: the CP state pass
+    (the pairs entering every group, as CPStatePass) and the fused output kernel in one node that
+    keeps no per-chunk pair. Saved: the state pass's operands (W in U's place: MDN_SAVE_W, as
+    mdn.chunk.StateOutput), the output's chunk quantities and the small pairs entering the groups
+    [NG, H, 2K, V]; the backward re-runs the groups' state pass from those (bitwise the same S0s,
+    M0s, and W where it is re-made), then the output's backward, the CP backward steps (1)–(3) and
+    the one full reverse pass. Results equal CPStatePass + LocalOutput's; the pairs' memory between
+    forward and backward is gone (8 KiB per token and head at K = 256, V = 512, C = 64 in bf16).
 
     Opt-in (MDN_CP_LEAN=1, mdn_kernels.cp.api; parallel.cp_lean in the trainer): on GPUs since
     session 10, in segments, against float64 at K = 128 and 256 and in 1.3B runs up to 256K
@@ -550,7 +550,8 @@ class CPStateOutput(torch.autograd.Function):
             Sg, Mg = torch.empty_like(S_in), torch.empty_like(M_in)
             # MDN_SAVE_W: every segment's W into one buffer, saved in U's place (as StateOutput)
             ctx.save_w = save_w()
-            W_all = torch.empty(sp[0].shape, dtype=sp[1].dtype, device=qc.device) if ctx.save_w else None
+            W_all = (torch.empty(sp[0].shape, dtype=sp[1].dtype, device=qc.device) if ctx.save_w
+                     else None)
             for g0, g1, c0, c1, lay in _segments(plan, seg_chunks):
                 W, S0s, M0s, Sg[g0:g1], Mg[g0:g1] = state_pass_fwd_triton(
                     *(t[c0:c1] for t in sp), S_in[g0:g1], M_in[g0:g1], lay, allow_tf32,

@@ -113,14 +113,14 @@ class StateOutput(torch.autograd.Function):
     per-chunk quantity of the state pass (the default, MDN_RECOMPUTE_PAIRS=1; 2 opt-in; see
     recompute_pairs_mode).
 
-    Forward: W, S0s, M0s are made and used for o; S0s, M0s are dropped; saved are W (in U's
-    place, save_w; else U), the state pass's other inputs (in the operand dtype) and the
-    output's chunk quantities. Backward re-runs the state pass forward from W (only the pairs:
-    no U, and two products fewer per chunk) or from U (the same kernel on the same operands);
-    either way bitwise the same S0s, M0s. Then the output's and the state pass's backward, freeing every per-chunk [NC, H, K, V] tensor as soon
-    as its last product is done, dWt written over dW, dS_end, dM_end over the output's pair
-    cotangents (end_over_pair_grads; pair_grads_first for less). Results are those of
-    StatePass + LocalOutput exactly; peak memory and the memory kept between forward and
+    Forward: W, S0s, M0s are made and used for o; S0s, M0s are dropped; saved are W (in U's place,
+    save_w; else U), the state pass's other inputs (in the operand dtype) and the output's chunk
+    quantities. Backward re-runs the state pass forward from W (only the pairs: no U, and two
+    products fewer per chunk) or from U (the same kernel on the same operands); either way bitwise
+    the same S0s, M0s. Then the output's and the state pass's backward, freeing every per-chunk
+    [NC, H, K, V] tensor as soon as its last product is done, dWt written over dW, dS_end, dM_end
+    over the output's pair cotangents (end_over_pair_grads; pair_grads_first for less). Results are
+    those of StatePass + LocalOutput exactly; peak memory and the memory kept between forward and
     backward drop.
 
     fuse_pair_grads (MDN_RECOMPUTE_PAIRS=2): the output's share of the pair cotangents

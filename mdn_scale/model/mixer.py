@@ -9,9 +9,9 @@ TP layout: the fused in-projection is column-parallel; each TP rank's rows are, 
     | pad (zero rows up to a multiple of model.in_proj_row_multiple, where needed)
 for its own heads, so "global" weights are not a plain concatenation: sharded_state_dict() splits
 the fused weight into one TP-sharded tensor per part (keys `in_proj.weight.q`, ...) and leaves the
-pad out, which is what makes checkpoints layout-independent. Per-head parameters ([H_l]) and the conv weights
-([channels_l, W]) split with their heads on dim 0. The output norm weight ([V], shared by all
-heads) is replicated; its gradient is summed over TP in the forward graph (see _gated_norm).
+pad out, which is what makes checkpoints layout-independent. Per-head parameters ([H_l]) and the
+conv weights ([channels_l, W]) split with their heads on dim 0. The output norm weight ([V], shared
+by all heads) is replicated; its gradient is summed over TP in the forward graph (see _gated_norm).
 """
 from __future__ import annotations
 

@@ -314,7 +314,8 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
             pairs = 0
             T_l = lay.tokens_per_rank
             f = min(1.0, seg / T_l) if seg else 1.0
-            per_chunk = (0 if save_w() else 2 * V) + (2 * V + pair) + pair + end_pair + (4 * V + 4 * 4 * K + 12)
+            per_chunk = ((0 if save_w() else 2 * V) + (2 * V + pair) + pair + end_pair
+                         + (4 * V + 4 * 4 * K + 12))
             full = (4 * 2 * K + 12 + 4 * C) + (2 * V + 2 * 4 * K + 12) if seg else 4 * 2 * K + 12 + 4 * C
             backward = H_l * (full + f * per_chunk)
         elif lay.cp > 1:  # CP keeps StatePass + LocalOutput (kernels/cp/state_pass_cp.py)
