@@ -38,6 +38,7 @@ fp32 always, whatever ``train.skip_nonfinite`` says; in bf16 when ``train.skip_n
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -120,11 +121,47 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
     }
 
 
-def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module):
+# DeepSpeed's ops that it compiles on first use (torch.utils.cpp_extension): the CPU
+# accelerator's shared-memory all-reduce (built by every deepspeed.initialize on CPU) and CPUAdam.
+JIT_OPS = ("deepspeed_shm_comm", "cpu_adam")
+STALE_LOCK_S = 600.0  # a build takes about a minute on 2 cores
+
+
+def clear_stale_build_locks(log=print, names=JIT_OPS, max_age_s: float = STALE_LOCK_S) -> list[str]:
+    """Remove build locks of DeepSpeed's JIT ops older than ``max_age_s``; returns their paths.
+
+    torch's extension loader takes a lock file (``<build dir>/lock``) around every load, also
+    when the op is already built, and a later process waits on it with no timeout. A process
+    killed in that window leaves the lock behind, and every later DeepSpeed run on this machine
+    hangs in ``deepspeed.initialize`` without a word (it cost us a CI run). No build holds the
+    lock for minutes, so an old one is stale: name it and remove it."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    removed = []
+    for name in names:
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        try:
+            age = time.time() - os.stat(lock).st_mtime
+        except FileNotFoundError:
+            continue
+        if age < max_age_s:
+            continue
+        try:
+            os.remove(lock)
+        except FileNotFoundError:  # another rank of this node removed it first
+            continue
+        log(f"[deepspeed] removed a stale build lock {lock} ({age / 60:.0f} min old; left by a "
+            "killed process, torch would wait on it forever)")
+        removed.append(lock)
+    return removed
+
+
+def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module, log=print):
     """(engine, scheduler): the DeepSpeed engine around ``model`` and Megatron's lr schedule on
     the engine's optimizer groups (ZeRO keeps the client optimizer's groups and their keys)."""
     if layout.device.type == "cpu":  # DeepSpeed picks CUDA unless told (CPU demo, CI)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    clear_stale_build_locks(log)
     import deepspeed
 
     t = cfg.train
@@ -158,7 +195,7 @@ class DeepSpeedBackend(Backend):
                 raise ckpt.CheckpointError(f"checkpoint.load: no complete checkpoint in {cfg.checkpoint.load}")
             load_initial_weights(model, *init)
             log(f"[checkpoint] initialised the weights from {init[0]}")
-        self.engine, self.scheduler = build_engine(cfg, layout, model)
+        self.engine, self.scheduler = build_engine(cfg, layout, model, log)
         super().__init__(cfg, layout, self.engine, dpcp)
 
     def forward_backward(self, microbatches, global_tokens):
