@@ -95,12 +95,13 @@ tensors after the op (gated norm, MLP, second norm) are freed.
 CP's lean node (MDN_CP_LEAN=1, Layout.cp_lean; kernels/cp/state_pass_cp.CPStateOutput) keeps no
 pair (it saves W in U's place too, MDN_SAVE_W); its backward holds the output's chunk-input
 gradients 4·2K + 12 + 4C and, per chunk, (MDN_SAVE_W=0: the recomputed W 2V,) dW̃ and the
-output's pair gradients 2V + 2·2KV/C (dS_end, dM_end written over
-the latter; MDN_END_OVER_PAIR_GRADS=0: 2·2KV/C more), the recomputed S0s, M0s 2·2KV/C,
-state_pass_grads' fp32 products 4V + 4·4K + 12. In segments of S
-tokens (MDN_CP_LEAN_SEGMENT_TOKENS, Layout.cp_lean_segment_tokens) the per-chunk part counts
-for a share f = S / T_l, and full-size buffers of the state pass's input gradients (bf16 dU,
-dY..dKm, fp32 gate sums: 2V + 2·4K + 12) are added.
+output's pair gradients 2V + 2·2KV/C (dS_end, dM_end written over the latter;
+MDN_END_OVER_PAIR_GRADS=0: 2·2KV/C more), the recomputed S0s, M0s 2·2KV/C, state_pass_grads'
+fp32 products 4V + 4·4K + 12 and, at the end, their bf16 casts 2V + 4·2K (the node's peak).
+In segments of S tokens (MDN_CP_LEAN_SEGMENT_TOKENS, Layout.cp_lean_segment_tokens) the
+per-chunk part counts for a share f = S / T_l, and full-size buffers of the state pass's input
+gradients (bf16 dU, dY..dKm, fp32 gate sums: 2V + 2·4K + 12), which the casts go into, are
+added.
 
 Peak: the static memory plus the largest of four moments of a step (each adds to what is kept):
   forward end   autocast's bf16 weight copies (2 · P_l, cached until autocast exits) and the
@@ -316,7 +317,12 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
             f = min(1.0, seg / T_l) if seg else 1.0
             per_chunk = ((0 if save_w() else 2 * V) + (2 * V + pair) + pair + end_pair
                          + (4 * V + 4 * 4 * K + 12))
+            # segmented: the full-size bf16 input-gradient buffers the segments write into;
+            # whole: the bf16 casts of dW̃, dY..dKm (2V + 4·2K), made beside their fp32
+            # products at the node's end (its peak)
             full = (4 * 2 * K + 12 + 4 * C) + (2 * V + 2 * 4 * K + 12) if seg else 4 * 2 * K + 12 + 4 * C
+            if not seg:
+                per_chunk += 2 * V + 4 * 2 * K
             backward = H_l * (full + f * per_chunk)
         elif lay.cp > 1:  # CP keeps StatePass + LocalOutput (kernels/cp/state_pass_cp.py)
             pairs = H_l * pair

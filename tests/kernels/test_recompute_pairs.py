@@ -259,10 +259,13 @@ def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):
     """tools/mem_accounting.py --cp at the 1.3B head shape (K = 256, V = 512): the CP op at one
     rank (what MDN_CP_EMULATE=1 runs) peaks lower with the lean node than with the default node
     (no pair kept), and lower again in segments (one segment's per-chunk tensors at a time); the
-    estimator's op terms plus the CP group gradients that memory.estimate adds for every CP node
-    are within 15% of each (measured in session 13: −0.7%, −10.9%, −7.3%; the unsegmented lean
-    node peaks at its last casts, the bf16 input gradients made beside their fp32 products,
-    which the estimate does not count)."""
+    estimator's op terms plus the CP group maps and gradients that memory.estimate adds for
+    every CP node are within 3% of each, o left out of the peaks (the model's estimate counts it
+    with the gated norm that keeps it). Measured in session 14: +2.3%, +0.9%, −1.0%; before
+    the estimate counted the unsegmented lean node's last casts (its peak: the bf16 input
+    gradients made beside their fp32 products), −10.9% there. The accounting is exact (no
+    randomness), so the margin is the estimate's own slack (the default node's temporaries that
+    it counts as alive together)."""
     import torch.distributed as dist
 
     from mdn_scale.model import ModelConfig
@@ -280,17 +283,18 @@ def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         r = mod.account(B, T, H, K, V, torch.bfloat16, verbose=False, cp=True)
-        peaks[name] = max(r["peak_fwd"], r["peak_bwd"])
+        # o: the model's estimate counts it with the gated norm that keeps it
+        peaks[name] = max(r["peak_fwd"], r["peak_bwd"]) - B * T * H * V * 2
         t = layer_activation_terms(mc, Layout(cp=2, seq_len=2 * T, fused_mixer=True, fused_gates=True,
                                               cp_lean=bool(env), cp_lean_segment_tokens=seg if "_seg" in name else 0))
         # memory.estimate's CP group gradients, which it counts for every CP node
         groups = -(-T // (C * -(-16 * K // C)))
         est[name] = (T * (t["op_chunk_tensors"] + t["op_state_pairs"] + t["op_backward"])
-                     + 12 * groups * H * K * V * 4)
+                     + 12 * groups * H * K * V * 4 + groups * H * (2 * K) ** 2 * 4)
     assert not dist.is_initialized()   # the accounting's own one-rank group is gone
     assert peaks["lean_seg"] < 0.6 * peaks["lean"] and peaks["lean"] < 0.95 * peaks["default"]
     for name in peaks:
-        assert abs(est[name] / peaks[name] - 1) < 0.15, (name, est[name], peaks[name])
+        assert abs(est[name] / peaks[name] - 1) < 0.03, (name, est[name], peaks[name])
 
 
 def test_recompute_pairs_keeps_no_tensor_on_ctx(fused_on, monkeypatch):

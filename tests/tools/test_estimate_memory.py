@@ -150,8 +150,11 @@ def test_cp_lean_node_and_segments_by_hand(monkeypatch):
     # not recomputed
     per_chunk = (2 * 32 + 32) + 32 + (4 * 32 + 4 * 4 * 16 + 12)
     assert per_chunk == 524
+    # unsegmented, the node peaks at its end: the bf16 casts of dW̃, dY..dKm beside their fp32
+    # products (2V + 4·2K)
+    casts = 2 * 32 + 4 * 2 * 16
     lean = terms(cp_lean=True)
-    assert lean["op_state_pairs"] == 0 and lean["op_backward"] == 2 * (local + per_chunk)
+    assert lean["op_state_pairs"] == 0 and lean["op_backward"] == 2 * (local + per_chunk + casts)
     # 128-token segments of the rank's 512 tokens: a quarter of the per-chunk tensors, plus the
     # full-size buffers of the state pass's input gradients (bf16 dU, dY..dKm; fp32 gate sums)
     seg = terms(cp_lean=True, cp_lean_segment_tokens=128)
@@ -159,11 +162,11 @@ def test_cp_lean_node_and_segments_by_hand(monkeypatch):
     assert seg["op_backward"] == 1462
     # with W recomputed from U (MDN_SAVE_W=0): its 2V per chunk more
     monkeypatch.setenv("MDN_SAVE_W", "0")
-    assert terms(cp_lean=True)["op_backward"] == 2 * (local + per_chunk + 2 * 32)
+    assert terms(cp_lean=True)["op_backward"] == 2 * (local + per_chunk + casts + 2 * 32)
     monkeypatch.delenv("MDN_SAVE_W")
     # with separate end cotangent buffers (MDN_END_OVER_PAIR_GRADS=0) one pair more per chunk
     monkeypatch.setenv("MDN_END_OVER_PAIR_GRADS", "0")
-    assert terms(cp_lean=True)["op_backward"] == 2 * (local + per_chunk + 32)
+    assert terms(cp_lean=True)["op_backward"] == 2 * (local + per_chunk + casts + 32)
     monkeypatch.delenv("MDN_END_OVER_PAIR_GRADS")
     # the environment, as the op reads it; without CP the lean node does not apply
     monkeypatch.setenv("MDN_CP_LEAN", "1")
