@@ -121,8 +121,9 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
     }
 
 
-# DeepSpeed's ops that it compiles on first use (torch.utils.cpp_extension): the CPU
-# accelerator's shared-memory all-reduce (built by every deepspeed.initialize on CPU) and CPUAdam.
+# DeepSpeed's ops that it compiles on first use (torch.utils.cpp_extension) in our runs: the CPU
+# accelerator's shared-memory all-reduce (loaded by every deepspeed.initialize on CPU) and
+# CPUAdam (deepspeed.cpu_adam).
 JIT_OPS = ("deepspeed_shm_comm", "cpu_adam")
 STALE_LOCK_S = 600.0  # a build takes about a minute on 2 cores
 
@@ -161,7 +162,10 @@ def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module, log=pri
     the engine's optimizer groups (ZeRO keeps the client optimizer's groups and their keys)."""
     if layout.device.type == "cpu":  # DeepSpeed picks CUDA unless told (CPU demo, CI)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    clear_stale_build_locks(log)
+    # only the ops this run loads (looking a build directory up creates it)
+    jit_ops = (("deepspeed_shm_comm",) if layout.device.type == "cpu" else ()) + (
+        ("cpu_adam",) if cfg.deepspeed.cpu_adam else ())
+    clear_stale_build_locks(log, jit_ops)
     import deepspeed
 
     t = cfg.train
