@@ -124,12 +124,12 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
 # DeepSpeed's ops that it compiles on first use (torch.utils.cpp_extension) in our runs: the CPU
 # accelerator's shared-memory all-reduce (loaded by every deepspeed.initialize on CPU) and
 # CPUAdam (deepspeed.cpu_adam).
-JIT_OPS = ("deepspeed_shm_comm", "cpu_adam")
+SHM_COMM_OP, CPU_ADAM_OP = "deepspeed_shm_comm", "cpu_adam"
 STALE_LOCK_S = 600.0  # a build takes about a minute on 2 cores
 
 
-def clear_stale_build_locks(log=print, names=JIT_OPS, max_age_s: float = STALE_LOCK_S) -> list[str]:
-    """Remove build locks of DeepSpeed's JIT ops older than ``max_age_s``; returns their paths.
+def clear_stale_build_locks(names, log=print, max_age_s: float = STALE_LOCK_S) -> list[str]:
+    """Remove build locks of the JIT ops ``names`` older than ``max_age_s``; returns their paths.
 
     torch's extension loader takes a lock file (``<build dir>/lock``) around every load, also
     when the op is already built, and a later process waits on it with no timeout. A process
@@ -163,9 +163,8 @@ def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module, log=pri
     if layout.device.type == "cpu":  # DeepSpeed picks CUDA unless told (CPU demo, CI)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # only the ops this run loads (looking a build directory up creates it)
-    jit_ops = (("deepspeed_shm_comm",) if layout.device.type == "cpu" else ()) + (
-        ("cpu_adam",) if cfg.deepspeed.cpu_adam else ())
-    clear_stale_build_locks(log, jit_ops)
+    loads = {SHM_COMM_OP: layout.device.type == "cpu", CPU_ADAM_OP: cfg.deepspeed.cpu_adam}
+    clear_stale_build_locks([name for name, used in loads.items() if used], log)
     import deepspeed
 
     t = cfg.train

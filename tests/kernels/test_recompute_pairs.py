@@ -264,8 +264,7 @@ def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):
     with the gated norm that keeps it). Measured in session 14: +2.3%, +0.9%, −1.0%; before
     the estimate counted the unsegmented lean node's last casts (its peak: the bf16 input
     gradients made beside their fp32 products), −10.9% there. The accounting is exact (no
-    randomness), so the margin is the estimate's own slack (the default node's temporaries that
-    it counts as alive together)."""
+    randomness): the margin covers only the estimate's own slack, +2.3% at most here."""
     import torch.distributed as dist
 
     from mdn_scale.model import ModelConfig
