@@ -35,7 +35,7 @@ BF16_ARGS = ("Q", "KK", "VV", "LA", "LM", "BE", "ET", "DQ", "DK", "DV", "DLA", "
 
 
 def arg_types():
-    types = {"CS": "*i32", "CL": "*i32", "scale": "fp32"}
+    types = {"CS": "*i32", "CL": "*i32", "scale": "fp32", "QS": "i32", "KS": "i32"}
     types.update({n: "*bf16" for n in BF16_ARGS})   # 16-bit model inputs; the rest fp32
     return types
 
@@ -65,26 +65,30 @@ def compile_one(fn, consts: dict, num_warps: int, arch: int = 90, override=None)
                 shared_bytes=ck.metadata.shared, num_warps=num_warps)
 
 
-def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee"):
+def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee", raw: bool = True):
+    """raw: the backward kernels read the raw bf16 q, k and the l2norm scales (MDN_RAW_QK=1, the
+    default), else the fp32 q̂, k̂ chunks."""
     BK, BV = fused._blocks(K, V)
     nw = fused._num_warps(C)
     mm = dict(MMDT=tl.bfloat16, MMPREC="tf32")
     gates = dict(PTA=True, FLOOR=fused.LOG_FLOOR)
+    rw = dict(RAW=raw)
+    qk = dict(QC="*bf16", KC="*bf16") if raw else {}
+    pairs = dict(W="*bf16", S0S="*bf16", M0S="*bf16", DW="*bf16", DS0S="*bf16", DM0S="*bf16")
     return {
         "prepare_a": (fused._prepare_a_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, EPS=1e-6,
                                                     F32P=f32p, **gates, **mm), nw),
         "solve": (fused._solve_kernel, dict(C=C, F32P=f32p), 2),
         "prepare_c": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
         "bwd_t": (fused._prepare_bwd_t_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, DAP="tf32",
-                                                    **mm), nw),
+                                                    **rw, **mm), nw, qk),
         "bwd_k": (fused._prepare_bwd_k_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, F32P=f32p,
-                                                    **gates, **mm), nw),
+                                                    **rw, **gates, **mm), nw, qk),
         "bwd_decay": (fused._prepare_bwd_decay_kernel, dict(H=6, C=C, F32P=f32p, **gates), nw),
         "out_fwd": (fused._output_fwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
         "out_bwd": (fused._output_bwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV,
-                                                   PAIR_GRAD=True, STORE_DW=True, **mm), nw,
-                    dict(W="*bf16", S0S="*bf16", M0S="*bf16", DW="*bf16", DS0S="*bf16",
-                         DM0S="*bf16")),
+                                                   PAIR_GRAD=True, STORE_DW=True, **rw, **mm), nw,
+                    dict(pairs, **qk)),
         # MDN_RECOMPUTE_PAIRS: bf16 state-pass operands out of LocalPrepare; mode 2's kernels
         "prepare_a_bf16op": (fused._prepare_a_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True,
                                                            EPS=1e-6, F32P=f32p, **gates, **mm),
@@ -92,14 +96,14 @@ def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee"):
         "prepare_c_bf16op": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm),
                              nw, dict(UO="*bf16", YO="*bf16", ZO="*bf16")),
         "bwd_t_bf16op": (fused._prepare_bwd_t_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV,
-                                                           DAP="tf32", **mm), nw,
-                         dict(DU="*bf16", DY="*bf16", DZ="*bf16")),
+                                                           DAP="tf32", **rw, **mm), nw,
+                         dict(DU="*bf16", DY="*bf16", DZ="*bf16", **qk)),
         "out_bwd_rest": (fused._output_bwd_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV,
-                                                        PAIR_GRAD=False, STORE_DW=False, **mm), nw,
-                         dict(W="*bf16", S0S="*bf16", M0S="*bf16", DW="*bf16", DS0S="*bf16",
-                              DM0S="*bf16")),
-        "out_bwd_dw": (fused._output_bwd_dw_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm),
-                       nw, dict(DW="*bf16")),
+                                                        PAIR_GRAD=False, STORE_DW=False, **rw,
+                                                        **mm), nw, dict(pairs, **qk)),
+        "out_bwd_dw": (fused._output_bwd_dw_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV,
+                                                         PAIR_GRAD=True, **rw, **mm),
+                       nw, dict(DW="*bf16", **qk)),
         **state_jobs(K, V, C),
     }
 
@@ -158,6 +162,8 @@ def main(argv=None):
     ap.add_argument("--V", type=int, default=256)
     ap.add_argument("--fp32-dot", default="ieee", choices=["ieee", "tf32x3"],
                     help="precision of the fp32 products (MDN_FUSED_FP32_DOT)")
+    ap.add_argument("--chunk-qk", action="store_true",
+                    help="the backward kernels as MDN_RAW_QK=0 launches them (fp32 q̂, k̂ chunks)")
     ap.add_argument("--json", default=None, help="write the table here")
     ap.add_argument("--fuse-variants", action="store_true",
                     help="compile the state backward's FUSE_OUT variants (state_pass.FUSE_VARIANTS, "
@@ -166,7 +172,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     table, failed = {}, []
     all_jobs = (fuse_variant_jobs(args.K, args.V) if args.fuse_variants
-                else jobs(args.K, args.V, f32p=args.fp32_dot))
+                else jobs(args.K, args.V, f32p=args.fp32_dot, raw=not args.chunk_qk))
     unknown = set(args.kernels) - set(all_jobs)
     if unknown:
         sys.exit(f"unknown kernel names {sorted(unknown)}; known: {sorted(all_jobs)}")

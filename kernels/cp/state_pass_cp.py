@@ -431,7 +431,8 @@ def _segments(plan, seg_chunks: int) -> list:
     return segs
 
 
-def _segmented_backward(ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fin, dM_fin, segs):
+def _segmented_backward(ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fin, dM_fin, segs,
+                        norms=None):
     """CPStateOutput's backward one segment of groups at a time (lean_segment_chunks): the same
     steps and kernels as the unsegmented backward, on slices of the chunk tensors. Pass 1 (where
     step (1) is needed) recomputes each segment's pairs, runs the output's backward (its chunk
@@ -461,10 +462,16 @@ def _segmented_backward(ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fi
 
     def out_grads(seg, W, S0s, M0s):
         c0, c1 = seg[2], seg[3]
-        return output_backward(*(t[c0:c1] for t in loc), W, S0s, M0s, cs[c0:c1], cl[c0:c1], do,
-                               ctx.scale, ctx.mm_dtype)
+        if norms is None:
+            qk, seg_norms = (t[c0:c1] for t in loc[:2]), None
+        else:   # the raw q, k whole (cs holds absolute first tokens), the scales sliced
+            qk, seg_norms = loc[:2], tuple(t[c0:c1] for t in norms)
+        return output_backward(*qk, *(t[c0:c1] for t in loc[2:]), W, S0s, M0s, cs[c0:c1],
+                               cl[c0:c1], do, ctx.scale, ctx.mm_dtype, norms=seg_norms)
 
-    local = [torch.empty_like(t) for t in loc]      # dqc .. dgam
+    # dqc .. dgam (dqc, dkc in the chunks' shape and fp32 also where loc holds the raw q, k)
+    local = [loc[2].new_empty(loc[5].shape[:3] + (K,)) for _ in range(2)]
+    local += [torch.empty_like(t) for t in loc[2:]]
     d0g = None
     if need_d0:
         if split:
@@ -517,7 +524,8 @@ class CPStateOutput(torch.autograd.Function):
     """The lean node (mdn.chunk.StateOutput) across a CP group, all-gather mode: the CP state pass
     (the pairs entering every group, as CPStatePass) and the fused output kernel in one node that
     keeps no per-chunk pair. Saved: the state pass's operands (W in U's place: MDN_SAVE_W, as
-    mdn.chunk.StateOutput), the output's chunk quantities and the small pairs entering the groups
+    mdn.chunk.StateOutput), the output's chunk quantities (the raw q, k and the l2norm scales in
+    q̂, k̂'s place where `qk_raw` is given: MDN_RAW_QK) and the small pairs entering the groups
     [NG, H, 2K, V]; the backward re-runs the groups' state pass from those (bitwise the same S0s,
     M0s, and W where it is re-made), then the output's backward, the CP backward steps (1)–(3) and
     the one full reverse pass. Results equal CPStatePass + LocalOutput's; the pairs' memory between
@@ -531,7 +539,7 @@ class CPStateOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init,
                 layout, scale: float, mm_dtype, out_shape: tuple, out_dtype: torch.dtype,
-                allow_tf32: bool, view, group, group_chunks):
+                allow_tf32: bool, qk_raw, view, group, group_chunks):
         from mdn_kernels.mdn.chunk import lean_operands, lean_save_ctx, save_w
         from mdn_kernels.mdn.chunk_local_fused import chunk_bounds, output_forward
         from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
@@ -562,8 +570,11 @@ class CPStateOutput(torch.autograd.Function):
             S, M = (Sg[plan.last_idx], Mg[plan.last_idx]) if split else (Sg, Mg)
             if W_all is not None:
                 sp[0] = W_all
+        norms = (None, None)
+        if qk_raw is not None:   # the raw q, k and the l2norm scales in place of the chunks
+            loc[:2], norms = qk_raw[:2], qk_raw[2:]
         # every tensor through save_for_backward (activation recompute drops only those)
-        ctx.save_for_backward(*loc, *sp, S_in, M_in, cs, cl, later_T, Ts)
+        ctx.save_for_backward(*loc, *sp, S_in, M_in, cs, cl, later_T, Ts, *norms)
         ctx.plan, ctx.vi, ctx.view, ctx.group = plan, vi, view, group
         ctx.segs = _segments(plan, seg_chunks) if seg_chunks else None
         lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32,
@@ -575,21 +586,23 @@ class CPStateOutput(torch.autograd.Function):
         from mdn_kernels.mdn.chunk import lean_cotangents, lean_saved
         from mdn_kernels.mdn.chunk_local_fused import output_backward
         from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
-        loc, sp, (S_in, M_in, cs, cl, later_T, Ts) = lean_saved(ctx)
+        loc, sp, (S_in, M_in, cs, cl, later_T, Ts, rq, rk) = lean_saved(ctx)
+        norms = None if rq is None else (rq, rk)   # loc[:2] are the raw q, k
         plan, vi, view, tf32 = ctx.plan, ctx.vi, ctx.view, ctx.allow_tf32
         # the CP backward always reads the final pairs' cotangents
-        do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, loc[0], both_final=True)
+        do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, loc[2], both_final=True)
         if ctx.segs is not None:
             local, grads, dS_i, dM_i = _segmented_backward(
-                ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fin, dM_fin, ctx.segs)
-            return (*local, *grads, dS_i, dM_i) + (None,) * 9
+                ctx, loc, sp, S_in, M_in, cs, cl, later_T, Ts, do, dS_fin, dM_fin, ctx.segs,
+                norms)
+            return (*local, *grads, dS_i, dM_i) + (None,) * 10
         if ctx.save_w:   # the pairs alone, from the saved W
             W, S0s, M0s, _, _ = state_pass_fwd_triton(None, *sp[1:], S_in, M_in, plan.layout,
                                                       tf32, W=sp[0])
         else:
             W, S0s, M0s, _, _ = state_pass_fwd_triton(*sp, S_in, M_in, plan.layout, tf32)
         dqc, dkc, det, dla, dg0, dgam, dW, dS0s, dM0s = output_backward(
-            *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype)
+            *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype, norms=norms)
         ops = sp[1:]   # Y, Z, Kg, Km, a_end, g_end, u_end
         dSg, dMg = _end_grads(ops, [dW, dS0s, dM0s, dS_fin, dM_fin], plan, vi, view, ctx.group,
                               later_T, Ts, "triton", tf32)
@@ -600,4 +613,4 @@ class CPStateOutput(torch.autograd.Function):
         dS_i, dM_i = _local_init_grads(dS_g, dM_g, plan, vi, plan.num_groups > view.num_local)
         grads = state_pass_grads(W, S0s, M0s, dWt, dS_end, dM_end, dgates, torch.float32)
         dsp = [g.to(dt) for g, dt in zip(grads[:5], ctx.in_dtypes)] + list(grads[5:])
-        return (dqc, dkc, det, dla, dg0, dgam, *dsp, dS_i, dM_i) + (None,) * 9
+        return (dqc, dkc, det, dla, dg0, dgam, *dsp, dS_i, dM_i) + (None,) * 10

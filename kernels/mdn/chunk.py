@@ -115,7 +115,8 @@ class StateOutput(torch.autograd.Function):
 
     Forward: W, S0s, M0s are made and used for o; S0s, M0s are dropped; saved are W (in U's place,
     save_w; else U), the state pass's other inputs (in the operand dtype) and the output's chunk
-    quantities. Backward re-runs the state pass forward from W (only the pairs: no U, and two
+    quantities, with the raw q, k and the l2norm scales in q̂, k̂'s place (`qk_raw`, an extra
+    last argument: raw_qk). Backward re-runs the state pass forward from W (only the pairs: no U, and two
     products fewer per chunk) or from U (the same kernel on the same operands); either way bitwise
     the same S0s, M0s. Then the output's and the state pass's backward, freeing every per-chunk
     [NC, H, K, V] tensor as soon as its last product is done, dWt written over dW, dS_end, dM_end
@@ -131,7 +132,8 @@ class StateOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init,
                 layout: ChunkLayout, scale: float, mm_dtype, out_shape: tuple,
-                out_dtype: torch.dtype, allow_tf32: bool, fuse_pair_grads: bool = False):
+                out_dtype: torch.dtype, allow_tf32: bool, fuse_pair_grads: bool = False,
+                qk_raw=None):
         from .chunk_local_fused import chunk_bounds, output_forward
         from .state_pass import state_pass_fwd_triton
         loc, sp = lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
@@ -146,11 +148,16 @@ class StateOutput(torch.autograd.Function):
         if ctx.save_w:  # W in U's place (same shape and dtype): U is freed with the forward
             sp[0] = W
         del W
+        # the raw q, k and the l2norm scales in place of the fp32 chunks (raw_qk); mode 2's
+        # fused state-pass backward reads the chunks
+        norms = (None, None)
+        if qk_raw is not None and not fuse_pair_grads:
+            loc[:2], norms = qk_raw[:2], qk_raw[2:]
         # Every tensor through save_for_backward, none on ctx: under activation recompute
         # (non-reentrant checkpoint) saved tensors are dropped after the forward and rebuilt in
         # the backward, a tensor on ctx is not — U held on ctx stayed alive for every layer
         # (4 GiB of the 400M model at 64K tokens, session 4's peak breakdown on the H100).
-        ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl)
+        ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl, *norms)
         ctx.layout, ctx.fuse_pair_grads = layout, fuse_pair_grads
         lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32,
                       (t.dtype for t in (U, Y, Z, Kg, Km)), S.shape)
@@ -160,11 +167,12 @@ class StateOutput(torch.autograd.Function):
     def backward(ctx, do, dS_fin, dM_fin):
         from .chunk_local_fused import output_backward, output_backward_dw
         from .state_pass import state_pass_bwd_triton, state_pass_fwd_triton
-        loc, sp, (S_init, M_init, cs, cl) = lean_saved(ctx)
+        loc, sp, (S_init, M_init, cs, cl, rq, rk) = lean_saved(ctx)
         qc, kc, et, la, g0, gam = loc
+        norms = None if rq is None else (rq, rk)   # qc, kc are the raw q, k
         Y, Z, Kg, Km, a_end, g_end, u_end = sp[1:]
         layout, tf32, fuse = ctx.layout, ctx.allow_tf32, ctx.fuse_pair_grads
-        do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, qc, both_final=False)
+        do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, et, both_final=False)
         init_grad = S_init is not None and (ctx.needs_input_grad[14] or ctx.needs_input_grad[15])
         if ctx.save_w:  # the pairs alone, from the saved W
             W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(None, *sp[1:], S_init, M_init,
@@ -183,11 +191,12 @@ class StateOutput(torch.autograd.Function):
             fuse_out = (qc, la, g0, do, cs, cl, ctx.scale, ctx.mm_dtype)
         elif split:
             dW, dS0s, dM0s = output_backward_dw(qc, kc, et, gam, cs, cl, do, ctx.scale,
-                                                ctx.mm_dtype, W.dtype, pair_of=(la, g0, S0s))
+                                                ctx.mm_dtype, W.dtype, pair_of=(la, g0, S0s),
+                                                norms=norms)
             fuse_out = None
         else:
             dqc, dkc, det, dla, dg0, dgam, dW, dS0s, dM0s = output_backward(
-                *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype)
+                *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype, norms=norms)
             fuse_out = None
         dWt, dS_end, dM_end, dS_i, dM_i, (da, dg, du) = state_pass_bwd_triton(
             Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s,
@@ -203,14 +212,14 @@ class StateOutput(torch.autograd.Function):
             # dW (now overwritten by dWt) is not made again: only the other gradients
             dqc, dkc, det, dla, dg0, dgam, _, _, _ = output_backward(
                 *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype, pair_grads=False,
-                dW=dWt)
+                dW=dWt, norms=norms)
         del W
         dY = dWt @ S0s.transpose(-1, -2)
         dZ = (dWt @ M0s.transpose(-1, -2)).neg_()
         del S0s, M0s
         dsp = [g.to(dt) for g, dt in zip((dWt, dY, dZ, dKg, dKm), ctx.in_dtypes)]
         return (dqc, dkc, det, dla, dg0, dgam, *dsp, da, dg, du, dS_i, dM_i,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def end_over_pair_grads() -> bool:
@@ -242,6 +251,17 @@ def pair_grads_first() -> bool:
     is made twice). "0" (default): one output backward. Results are the default's, bit for
     bit."""
     return _flag("MDN_PAIR_GRADS_FIRST", "0")
+
+
+def raw_qk() -> bool:
+    """MDN_RAW_QK: "1" (default) the fused path's nodes (LocalPrepare, StateOutput, LocalOutput,
+    CP's lean node) keep the op's raw q, k [B·T, H, K] and the l2norm scales rq, rk [NC, H, C]
+    for the backward instead of the fp32 chunks q̂, k̂ [NC, H, C, K]: their backward kernels
+    remake q̂ = q·rq, k̂ = k·rk, the product LocalPrepare's forward made, so every result is
+    bitwise the same. Saves 8K bytes per token and head against 2K for a 16-bit q, k held
+    nowhere else (the model keeps them anyway: mdn_scale/train/memory.py). "0": the fp32
+    chunks are kept (the earlier path, kept to compare against)."""
+    return _flag("MDN_RAW_QK", "1")
 
 
 def _flag(name: str, default: str) -> bool:
@@ -366,11 +386,19 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     else:
         local_prepare = _maybe_compiled(_local_prepare, k.device)
         local_output = _maybe_compiled(_local_output, k.device)
+    raw = fused and raw_qk()
+    if raw:   # LocalPrepare and the later nodes keep the very same q, k (a copy only where the
+        #       kernels cannot read x's strides: token_rows)
+        from .chunk_local_fused import token_rows
+        q, k = (token_rows(x).view(B, T, H, K) for x in (q, k))
     prep_args = (q, k, v, log_alpha, log_mu, beta, eta, layout.dest, layout.num_chunks,
                  chunk_size, cdt, use_qk_l2norm, p_times_alpha, mm_dtype)
-    if lean:
-        prep_args += (op_dtype,)
-    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end) = local_prepare(*prep_args)
+    if fused:
+        prep_args += (op_dtype if lean else None, raw)
+    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, *norms) = local_prepare(
+        *prep_args)
+    # q, k [B·T, H, K] and rq, rk: what the nodes after LocalPrepare save instead of qc, kc
+    qk_raw = (*(token_rows(x.detach()) for x in (q, k)), *norms) if raw else None
     N = layout.num_seqs
     if initial_state is None:
         if lean and state_output is None:  # StateOutput runs a zero initial pair without storing one
@@ -383,15 +411,16 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     if lean and state_output is not None:
         o, S, M = state_output(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
                                S_init, M_init, layout, scale, mm_dtype, (B, T, H, V), v.dtype,
-                               low_precision)
+                               low_precision, qk_raw)
         return o, ((S, M) if output_final_state else None)
     if lean:
         o, S, M = StateOutput.apply(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
                                     S_init, M_init, layout, scale, mm_dtype, (B, T, H, V), v.dtype,
-                                    low_precision, recompute == 2)
+                                    low_precision, recompute == 2, qk_raw)
         return o, ((S, M) if output_final_state else None)
     W, S0s, M0s, S, M = (state_pass or StatePass.apply)(
         U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, backend, low_precision)
-    o = local_output(qc, kc, et, la, g0, gam, W, S0s, M0s, layout.dest, scale, mm_dtype,
-                     (B, T, H, V), v.dtype)
+    out_args = (qc, kc, et, la, g0, gam, W, S0s, M0s, layout.dest, scale, mm_dtype,
+                (B, T, H, V), v.dtype)
+    o = local_output(*out_args, qk_raw) if fused else local_output(*out_args)
     return o, ((S, M) if output_final_state else None)

@@ -136,6 +136,42 @@ def _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C: tl.constexpr, PTA: tl.conste
     return la_raw, lm_raw, log_a, beta, eta, la, lu, le
 
 
+@triton.jit
+def _raw_rows(start, o_t, i_h, XS, K: tl.constexpr):
+    """Each of the chunk's tokens' element offset of head i_h in a raw q or k [B·T, H, K] with
+    token stride XS (elements; head stride K, unit element stride): the op reads a strided view
+    (the model's k, a slice of the conv output) as it is, without a contiguous copy."""
+    return (start + o_t) * XS + i_h * K
+
+
+@triton.jit
+def _xn_rows(X, R, cck, row, m_t, o_t, o_k, mk, K: tl.constexpr, RAW: tl.constexpr):
+    """x̂ [C, BK] (fp32, rows = the chunk's tokens) of q̂ or k̂. RAW False: X is the chunk layout
+    [NC, H, C, K] fp32 (padding rows hold zeros). RAW True: X is the raw q or k [B·T, H, K]
+    (`row`: each token's offset of this head, _raw_rows) and R the saved scales [NC, H, C]:
+    x̂ = x·r, the very product
+    _prepare_a_kernel made, so the values are bitwise those the chunk layout held. The scales
+    are loaded here, at each use, not held across the caller's loops: held, they cost the
+    output's backward 256 B of register spill (ptxas, K = 128; 20 B loaded here).""" 
+    if RAW:
+        x = tl.load(X + row[:, None] + o_k[None, :], mask=m_t[:, None] & mk[None, :],
+                    other=0.0)
+        return x.to(tl.float32) * tl.load(R + cck + o_t)[:, None]
+    else:
+        return tl.load(X + (cck + o_t[:, None]) * K + o_k[None, :], mask=mk[None, :], other=0.0)
+
+
+@triton.jit
+def _xn_cols(X, R, cck, row, m_t, o_t, o_k, mk, K: tl.constexpr, RAW: tl.constexpr):
+    """x̂ᵀ [BK, C], loaded transposed (as _xn_rows)."""
+    if RAW:
+        x = tl.load(X + row[None, :] + o_k[:, None], mask=mk[:, None] & m_t[None, :],
+                    other=0.0)
+        return x.to(tl.float32) * tl.load(R + cck + o_t)[None, :]
+    else:
+        return tl.load(X + (cck + o_t[None, :]) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # LocalPrepare: forward (three kernels: chunk quantities and A → (I + A)⁻¹ → products)
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +179,7 @@ def _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C: tl.constexpr, PTA: tl.conste
 @triton.jit
 def _prepare_a_kernel(
     Q, KK, LA, LM, BE, ET, CS, CL,
-    QC, KC, ETC, LAC, G0C, GAM, KGO, KMO, AEND, GEND, UEND, AMAT, ELE, G0R, RQ, RK,
+    QC, KC, ETC, LAC, G0C, GAM, KGO, KMO, AEND, GEND, UEND, AMAT, ELE, G0R, RQ, RK, QS, KS,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
     PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
     EPS: tl.constexpr, F32P: tl.constexpr,
@@ -161,6 +197,8 @@ def _prepare_a_kernel(
     r = o_t[:, None]
     c = o_t[None, :]
     incl = r >= c
+    qrow = _raw_rows(start, o_t, i_h, QS, K)
+    krow = _raw_rows(start, o_t, i_h, KS, K)
 
     _, _, _, beta, eta, la, lu, le = _gate_setup(LA, LM, BE, ET, g_off, m_t, o_t, C, PTA, FLOOR)
     gam, gam_r = _gam_pair(la, lu, le, beta, o_t, C, F32P)
@@ -187,9 +225,8 @@ def _prepare_a_kernel(
         for k0 in range(0, K, BK):
             o_k = k0 + tl.arange(0, BK)
             m = m_t[:, None] & (o_k < K)[None, :]
-            tk = g_off[:, None] * K + o_k[None, :]
-            qb = tl.load(Q + tk, mask=m, other=0.0).to(tl.float32)
-            kb = tl.load(KK + tk, mask=m, other=0.0).to(tl.float32)
+            qb = tl.load(Q + qrow[:, None] + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            kb = tl.load(KK + krow[:, None] + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             sq += tl.sum(qb * qb, axis=1)
             sk += tl.sum(kb * kb, axis=1)
         rq = 1.0 / tl.sqrt(sq + EPS)
@@ -205,10 +242,11 @@ def _prepare_a_kernel(
         o_k = k0 + tl.arange(0, BK)
         mk = o_k < K
         m = m_t[:, None] & mk[None, :]
-        tk = g_off[:, None] * K + o_k[None, :]
-        qn = tl.load(Q + tk, mask=m, other=0.0).to(tl.float32) * rq[:, None]
-        kn = tl.load(KK + tk, mask=m, other=0.0).to(tl.float32) * rk[:, None]
-        kn_t = tl.load(KK + g_off[None, :] * K + o_k[:, None], mask=mk[:, None] & m_t[None, :],
+        qn = tl.load(Q + qrow[:, None] + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        qn = qn * rq[:, None]
+        kn = tl.load(KK + krow[:, None] + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        kn = kn * rk[:, None]
+        kn_t = tl.load(KK + krow[None, :] + o_k[:, None], mask=mk[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32) * rk[None, :]
         p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision=MMPREC)
         ck = (cck + r) * K + o_k[None, :]
@@ -336,11 +374,11 @@ def _prepare_c_kernel(
 
 @triton.jit
 def _prepare_bwd_t_kernel(
-    VV, KC, TMAT, ELE, G0R, CS, CL, DKC, DU, DY, DZ,
-    DV, DKN, DA, KDK, DLE, DG0R,
+    VV, KC, RK, TMAT, ELE, G0R, CS, CL, DKC, DU, DY, DZ,
+    DV, DKN, DA, KDK, DLE, DG0R, KS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
-    DAP: tl.constexpr,
+    DAP: tl.constexpr, RAW: tl.constexpr,
 ):
     """dR = Tᵀ dsol (→ dv, and the R_Y, R_Z parts of dk̂, dle, dγ⁻); dT = dsol Rᵀ;
     dA = −Tᵀ dT Tᵀ (strict lower). dk̂'s partial sum (all but the A and Kg/Km terms) and its
@@ -357,6 +395,7 @@ def _prepare_bwd_t_kernel(
     r = o_t[:, None]
     c = o_t[None, :]
     t_t = tl.load(TMAT + cck * C + c * C + r)                  # Tᵀ, loaded transposed
+    krow = _raw_rows(start, o_t, i_h, KS, K)
     t_t_mm = t_t.to(MMDT)
     ele = tl.load(ELE + cck + o_t)
     g0r = tl.load(G0R + cck + o_t)
@@ -378,8 +417,8 @@ def _prepare_bwd_t_kernel(
         o_k = k0 + tl.arange(0, BK)
         mk = o_k < K
         ck = (cck + r) * K + o_k[None, :]
-        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
-        kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+        kn = _xn_rows(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW)
+        kn_t = _xn_cols(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW)
         dy = tl.load(DY + ck, mask=mk[None, :], other=0.0).to(tl.float32)
         dz = tl.load(DZ + ck, mask=mk[None, :], other=0.0).to(tl.float32)
         dtm += tl.dot(dy.to(MMDT), (kn_t * ele[None, :]).to(MMDT), input_precision=MMPREC)
@@ -403,10 +442,10 @@ def _prepare_bwd_t_kernel(
 def _prepare_bwd_k_kernel(
     LA, LM, BE, ET, CS, CL, QC, KC, RQ, RK, DA, DKN, KDK,
     DQC, DETC, DGAM, DKG, DKM,
-    DQ, DK, DET, DGT, DGR, KDKM,
+    DQ, DK, DET, DGT, DGR, KDKM, QS, KS,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
     PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
-    F32P: tl.constexpr,
+    F32P: tl.constexpr, RAW: tl.constexpr,
 ):
     """From dA (A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η_col), Kg, Km and the direct cotangents: dk̂ → dk, dq through
     l2norm's backward, and dη. Hands on to the decay kernel: dΓ⁻ and the total dΓ (scratch
@@ -433,6 +472,8 @@ def _prepare_bwd_k_kernel(
     cm = e_lu_rel * eta
 
     # P = k̂k̂ᵀ; row products k̂·dKg, k̂·dKm, q̂·dq̂
+    qrow = _raw_rows(start, o_t, i_h, QS, K)
+    krow = _raw_rows(start, o_t, i_h, KS, K)
     p = tl.zeros([C, C], dtype=tl.float32)
     kdkg = tl.zeros([C], dtype=tl.float32)
     kdkm = tl.zeros([C], dtype=tl.float32)
@@ -441,12 +482,12 @@ def _prepare_bwd_k_kernel(
         o_k = k0 + tl.arange(0, BK)
         mk = o_k < K
         ck = (cck + r) * K + o_k[None, :]
-        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
-        kn_t = tl.load(KC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+        kn = _xn_rows(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW)
+        kn_t = _xn_cols(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW)
         p += tl.dot(kn.to(MMDT), kn_t.to(MMDT), input_precision=MMPREC)
         kdkg += tl.sum(kn * tl.load(DKG + ck, mask=mk[None, :], other=0.0).to(tl.float32), axis=1)
         kdkm += tl.sum(kn * tl.load(DKM + ck, mask=mk[None, :], other=0.0).to(tl.float32), axis=1)
-        qdq += tl.sum(tl.load(QC + ck, mask=mk[None, :], other=0.0)
+        qdq += tl.sum(_xn_rows(QC, RQ, cck, qrow, m_t, o_t, o_k, mk, K, RAW)
                       * tl.load(DQC + ck, mask=mk[None, :], other=0.0), axis=1)
 
     # dΓ⁻ = dA ⊙ P ⊙ η_col, dP = dA ⊙ Γ⁻ ⊙ η_col, dPᵀ from dAᵀ (a transposed load), dη
@@ -478,7 +519,7 @@ def _prepare_bwd_k_kernel(
         ck = (cck + r) * K + o_k[None, :]
         tk = g_off[:, None] * K + o_k[None, :]
         m = m_t[:, None] & mk[None, :]
-        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+        kn = _xn_rows(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW)
         kn_mm = kn.to(MMDT)
         dkn = (tl.load(DKN + ck, mask=mk[None, :], other=0.0)
                + tl.dot(dp_mm, kn_mm, input_precision=MMPREC)
@@ -487,7 +528,7 @@ def _prepare_bwd_k_kernel(
                + cm[:, None] * tl.load(DKM + ck, mask=mk[None, :], other=0.0).to(tl.float32))
         dqn = tl.load(DQC + ck, mask=mk[None, :], other=0.0)
         if NORM:
-            qn = tl.load(QC + ck, mask=mk[None, :], other=0.0)
+            qn = _xn_rows(QC, RQ, cck, qrow, m_t, o_t, o_k, mk, K, RAW)
             dkn = rk[:, None] * (dkn - kn * kdk[:, None])
             dqn = rq[:, None] * (dqn - qn * qdq[:, None])
         tl.store(DK + tk, dkn.to(DK.dtype.element_ty), mask=m)
@@ -626,10 +667,10 @@ def _output_fwd_kernel(
 @triton.jit
 def _output_bwd_kernel(
     QC, KC, ETC, LAC, G0C, GAM, W, S0S, M0S, CS, CL, DO, scale,
-    DQC, DKC, DETC, DLAC, DG0C, DGAM, DW, DS0S, DM0S,
+    DQC, DKC, DETC, DLAC, DG0C, DGAM, DW, DS0S, DM0S, RQ, RK, QS, KS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
-    PAIR_GRAD: tl.constexpr, STORE_DW: tl.constexpr,
+    PAIR_GRAD: tl.constexpr, STORE_DW: tl.constexpr, RAW: tl.constexpr,
 ):
     # PAIR_GRAD False: dS0s, dM0s are left to the state pass's backward kernel (FUSE_OUT).
     # STORE_DW False: dW was made earlier by _output_bwd_dw_kernel (the same expressions).
@@ -642,6 +683,8 @@ def _output_bwd_kernel(
     o_t = tl.arange(0, C)
     m_t = o_t < length
     tok_row = (start + o_t) * H + i_h
+    qrow = _raw_rows(start, o_t, i_h, QS, K)
+    krow = _raw_rows(start, o_t, i_h, KS, K)
     r = o_t[:, None]
     c = o_t[None, :]
     incl = r >= c
@@ -656,12 +699,10 @@ def _output_bwd_kernel(
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         mk = o_k < K
-        ck = (cck + r) * K + o_k[None, :]
-        ckt = (cck + c) * K + o_k[:, None]
-        qb = tl.load(QC + ck, mask=mk[None, :], other=0.0).to(MMDT)
-        kb = tl.load(KC + ck, mask=mk[None, :], other=0.0).to(MMDT)
-        qb_t = tl.load(QC + ckt, mask=mk[:, None], other=0.0).to(MMDT)
-        kb_t = tl.load(KC + ckt, mask=mk[:, None], other=0.0).to(MMDT)
+        qb = _xn_rows(QC, RQ, cck, qrow, m_t, o_t, o_k, mk, K, RAW).to(MMDT)
+        kb = _xn_rows(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW).to(MMDT)
+        qb_t = _xn_cols(QC, RQ, cck, qrow, m_t, o_t, o_k, mk, K, RAW).to(MMDT)
+        kb_t = _xn_cols(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW).to(MMDT)
         p += tl.dot(qb, kb_t, input_precision=MMPREC)
         p_t += tl.dot(kb, qb_t, input_precision=MMPREC)
     attn_t = tl.where(r <= c, gam_t * p_t * eta[:, None], 0.0).to(MMDT)
@@ -695,10 +736,9 @@ def _output_bwd_kernel(
         o_k = k0 + tl.arange(0, BK)
         mk = o_k < K
         ck = (cck + r) * K + o_k[None, :]
-        ckt = (cck + c) * K + o_k[:, None]
-        qb = tl.load(QC + ck, mask=mk[None, :], other=0.0)
-        kb = tl.load(KC + ck, mask=mk[None, :], other=0.0)
-        qb_t = tl.load(QC + ckt, mask=mk[:, None], other=0.0)
+        qb = _xn_rows(QC, RQ, cck, qrow, m_t, o_t, o_k, mk, K, RAW)
+        kb = _xn_rows(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW)
+        qb_t = _xn_cols(QC, RQ, cck, qrow, m_t, o_t, o_k, mk, K, RAW)
         qa_t = (qb_t * e_la[None, :]).to(MMDT)
         qg_t = (qb_t * g0[None, :]).to(MMDT)
         dqs = tl.zeros([C, BK], dtype=tl.float32)
@@ -733,10 +773,10 @@ def _output_bwd_kernel(
 
 @triton.jit
 def _output_bwd_dw_kernel(
-    QC, KC, ETC, GAM, CS, CL, DO, scale, DW, LAC, G0C, DS0S, DM0S,
+    QC, KC, ETC, GAM, CS, CL, DO, scale, DW, LAC, G0C, DS0S, DM0S, RQ, RK, QS, KS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
-    PAIR_GRAD: tl.constexpr,
+    PAIR_GRAD: tl.constexpr, RAW: tl.constexpr,
 ):
     """dW = −attnᵀ dO alone, exactly as _output_bwd_kernel makes it: the state pass's backward
     needs dW first, the rest of the output's gradients can wait until its per-chunk pairs'
@@ -752,6 +792,8 @@ def _output_bwd_dw_kernel(
     o_t = tl.arange(0, C)
     m_t = o_t < length
     tok_row = (start + o_t) * H + i_h
+    qrow = _raw_rows(start, o_t, i_h, QS, K)
+    krow = _raw_rows(start, o_t, i_h, KS, K)
     r = o_t[:, None]
     c = o_t[None, :]
     eta = tl.load(ETC + cck + o_t)
@@ -760,10 +802,8 @@ def _output_bwd_dw_kernel(
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         mk = o_k < K
-        ck = (cck + r) * K + o_k[None, :]
-        ckt = (cck + c) * K + o_k[:, None]
-        kb = tl.load(KC + ck, mask=mk[None, :], other=0.0).to(MMDT)
-        qb_t = tl.load(QC + ckt, mask=mk[:, None], other=0.0).to(MMDT)
+        kb = _xn_rows(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW).to(MMDT)
+        qb_t = _xn_cols(QC, RQ, cck, qrow, m_t, o_t, o_k, mk, K, RAW).to(MMDT)
         p_t += tl.dot(kb, qb_t, input_precision=MMPREC)
     attn_t = tl.where(r <= c, gam_t * p_t * eta[:, None], 0.0).to(MMDT)
     for v0 in range(0, V, BV):
@@ -779,7 +819,7 @@ def _output_bwd_dw_kernel(
         for k0 in range(0, K, BK):
             o_k = k0 + tl.arange(0, BK)
             mk = o_k < K
-            qb_t = tl.load(QC + (cck + c) * K + o_k[:, None], mask=mk[:, None], other=0.0)
+            qb_t = _xn_cols(QC, RQ, cck, qrow, m_t, o_t, o_k, mk, K, RAW)
             qa_t = (qb_t * e_la[None, :]).to(MMDT)
             qg_t = (qb_t * g0[None, :]).to(MMDT)
             for v0 in range(0, V, BV):
@@ -891,11 +931,16 @@ def _lp(name: str, K: int, V: int, C: int, mmdt) -> dict:
 
 
 class LocalPrepare(torch.autograd.Function):
-    """Fused `chunk._local_prepare`: same arguments, same 14 outputs
-    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end).
+    """Fused `chunk._local_prepare`: same arguments, the same 14 outputs
+    (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end), then the l2norm scales
+    rq, rk [NC, H, C] fp32 (1 without l2norm; not differentiable), which let the later nodes
+    recompute q̂ = q·rq, k̂ = k·rk from the raw q, k instead of keeping qc, kc (raw_qk).
 
-    Saved for backward: the raw v and gates, the outputs q̂, k̂, (I + A)⁻¹ [NC, H, C, C] fp32,
-    and per-token vectors (e^{le}, γ⁻, the l2norm scales).
+    Saved for backward: the raw v and gates, (I + A)⁻¹ [NC, H, C, C] fp32, per-token vectors
+    (e^{le}, γ⁻, the l2norm scales) and, with `raw_qk` (an extra last argument, chunk.raw_qk()),
+    the raw q, k [B·T, H, K] (the op's 16-bit inputs, which the model keeps anyway) in place of
+    the outputs q̂, k̂ (fp32 chunks: 8K bytes per token and head); the backward kernels make
+    q̂, k̂ again by the product the forward made, so every gradient is bitwise the same.
 
     `op_dtype` (an extra last argument, default fp32): the dtype of the state-pass operands
     U, Y, Z, Kg, Km. bf16 there writes them straight in the dtype the state pass stores them in
@@ -905,13 +950,14 @@ class LocalPrepare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_alpha, log_mu, beta, eta, dest, num_chunks: int,
                 chunk_size: int, cdt: torch.dtype, use_qk_l2norm: bool, p_times_alpha: bool,
-                mm_dtype, op_dtype=None):
+                mm_dtype, op_dtype=None, raw_qk: bool = False):
         _check_cdt(cdt)
         _check_chunk(chunk_size)
         B, T, H, K = k.shape
         V = v.shape[-1]
         NC, C = num_chunks, chunk_size
-        q, k, v = (x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
+        q, k = token_rows(q), token_rows(k)   # views where the strides allow (the model's k)
+        v = v.reshape(B * T, H, V).contiguous()
         gates = [g.reshape(B * T, H).contiguous() for g in (log_alpha, log_mu, beta, eta)]
         cs, cl = chunk_bounds(dest, NC, C)
         new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=k.device)  # noqa: E731
@@ -929,7 +975,7 @@ class LocalPrepare(torch.autograd.Function):
         if NC > 0:
             wgmma.kernel(_prepare_a_kernel, "prepare")[(NC, H)](
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
-                amat, ele, g0r, rq, rk, H=H, K=K, C=C, NORM=use_qk_l2norm,
+                amat, ele, g0r, rq, rk, q.stride(0), k.stride(0), H=H, K=K, C=C, NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
                 F32P=_f32p(), **_lp("prepare_a", K, V, C, mmdt))
             wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
@@ -938,15 +984,18 @@ class LocalPrepare(torch.autograd.Function):
                 v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C,
                 MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("prepare_c", K, V, C, mmdt))
         del amat
-        ctx.save_for_backward(v, *gates, cs, cl, qc, kc, tmat, ele, g0r, rq, rk)
-        ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt)
+        qk = (q, k) if raw_qk else (qc, kc)
+        ctx.save_for_backward(v, *gates, cs, cl, *qk, tmat, ele, g0r, rq, rk)
+        ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt, raw_qk)
+        ctx.qk_strides = (q.stride(0), k.stride(0))   # token strides of the raw q, k
         ctx.q_dtype, ctx.k_dtype, ctx.op_dtype = q.dtype, k.dtype, op_dtype
-        return qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end
+        ctx.mark_non_differentiable(rq, rk)
+        return qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, rq, rk
 
     @staticmethod
     def backward(ctx, *cots):
         v, la_in, lm_in, be_in, et_in, cs, cl, qc, kc, tmat, ele, g0r, rq, rk = ctx.saved_tensors
-        B, T, H, K, V, NC, C, norm, pta, mmdt = ctx.meta
+        B, T, H, K, V, NC, C, norm, pta, mmdt, raw = ctx.meta
         shapes = [(NC, H, C, K), (NC, H, C, K), (NC, H, C), (NC, H, C), (NC, H, C),
                   (NC, H, C, C), (NC, H, C, V), (NC, H, C, K), (NC, H, C, K), (NC, H, C, K),
                   (NC, H, C, K), (NC, H), (NC, H), (NC, H)]
@@ -965,14 +1014,14 @@ class LocalPrepare(torch.autograd.Function):
         kdk, dle, dg0r, kdkm = (torch.empty(NC, H, C, **f32) for _ in range(4))
         if NC > 0:
             wgmma.kernel(_prepare_bwd_t_kernel, "prepare_bwd")[(NC, H)](
-                v, kc, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
-                H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
-                DAP=_second_order_prec(mmdt), **_lp("prepare_bwd_t", K, V, C, mmdt))
+                v, kc, rk, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
+                ctx.qk_strides[1], H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
+                DAP=_second_order_prec(mmdt), RAW=raw, **_lp("prepare_bwd_t", K, V, C, mmdt))
             wgmma.kernel(_prepare_bwd_k_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
-                dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm,
+                dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm, *ctx.qk_strides,
                 H=H, K=K, C=C, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
-                FLOOR=LOG_FLOOR, F32P=_f32p(), **_lp("prepare_bwd_k", K, V, C, mmdt))
+                FLOOR=LOG_FLOOR, F32P=_f32p(), RAW=raw, **_lp("prepare_bwd_k", K, V, C, mmdt))
             wgmma.kernel(_prepare_bwd_decay_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, dgt, dgr, kdkm, dle, dg0r,
                 dlac, dg0c, da_end, dg_end, du_end, *dgates[:3],
@@ -981,7 +1030,7 @@ class LocalPrepare(torch.autograd.Function):
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
         dgates = [g.view(B, T, H) for g in dgates]
-        return (dq, dk, dv, *dgates) + (None,) * 8
+        return (dq, dk, dv, *dgates) + (None,) * 9
 
 
 def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, mm_dtype,
@@ -1011,14 +1060,41 @@ def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, m
     return o
 
 
+def token_rows(x: torch.Tensor) -> torch.Tensor:
+    """q or k [B, T, H, K] as the kernels read it: [B·T, H, K] with unit element stride, head
+    stride K and one token stride; a view where x's strides allow (the model's k is a slice of
+    the conv output: no copy), else a contiguous copy."""
+    B, T, H, K = x.shape
+    r = x.reshape(B * T, H, K)
+    return r if r.stride(2) == 1 and r.stride(1) == K else r.contiguous()
+
+
+def _raw_norms(qc, kc, norms):
+    """(NC, H, C, K) of the chunk quantities, and the kernels' RAW arguments (the scales and the
+    token strides): with norms = (rq, rk) [NC, H, C] fp32, qc and kc are the raw q, k
+    [B·T, H, K] (token_rows' layout, any float dtype; see LocalPrepare), else the fp32 chunks
+    [NC, H, C, K]."""
+    if norms is None:
+        return qc.shape, (qc, qc, 0, 0)
+    rq, rk = norms
+    for x in (qc, kc):
+        if x.dim() != 3 or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+            raise ValueError("norms: q, k must be [B*T, H, K] with head stride K and unit element "
+                             f"stride, got {tuple(x.shape)} strides {x.stride()}")
+    if rq.shape != rk.shape or rq.dim() != 3:
+        raise ValueError(f"norms: rq, rk must be [NC, H, C], got {tuple(rq.shape)}, "
+                         f"{tuple(rk.shape)}")
+    return (*rq.shape, qc.shape[-1]), (rq, rk, qc.stride(0), kc.stride(0))
+
+
 def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dtype,
-                       pair_of=None):
+                       pair_of=None, norms=None):
     """dW alone (see _output_bwd_dw_kernel); pass it to output_backward(dW=...).
 
     pair_of = (la, g0, S0s): the output's pair cotangents dS0s, dM0s as well (S0s's shape and
     dtype), returned as (dW, dS0s, dM0s); then call output_backward(pair_grads=False, dW=...)
-    for the rest."""
-    NC, H, C, K = qc.shape
+    for the rest. norms = (rq, rk): qc, kc are the raw q, k (see _raw_norms)."""
+    (NC, H, C, K), rqk = _raw_norms(qc, kc, norms)
     V = do.shape[-1]
     dW = torch.empty(NC, H, C, V, dtype=w_dtype, device=qc.device)
     if pair_of is None:
@@ -1029,47 +1105,57 @@ def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dt
     mmdt = _tl_mm(mm_dtype)
     if NC > 0:
         wgmma.kernel(_output_bwd_dw_kernel, "output_bwd")[(NC, H)](
-            qc, kc, et, gam, cs, cl, do.contiguous(), float(scale), dW, la, g0, dS0s, dM0s,
+            qc, kc, et, gam, cs, cl, do.contiguous(), float(scale), dW, la, g0, dS0s, dM0s, *rqk,
             H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt), PAIR_GRAD=pair_of is not None,
-            **_lp("output_bwd_dw", K, V, C, mmdt))
+            RAW=norms is not None, **_lp("output_bwd_dw", K, V, C, mmdt))
     return dW if pair_of is None else (dW, dS0s, dM0s)
 
 
 def output_backward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale: float, mm_dtype,
-                    pair_grads: bool = True, dW=None):
+                    pair_grads: bool = True, dW=None, norms=None):
     """Gradients of (qc, kc, et, la, g0, gam, W, S0s, M0s), each in its input's dtype; with
     pair_grads False the last two are None (the state pass's backward makes them, fused); with
-    dW given (output_backward_dw's) it is returned as is and not made again."""
-    NC, H, C, K = qc.shape
+    dW given (output_backward_dw's) it is returned as is and not made again. norms = (rq, rk):
+    qc, kc are the raw q, k (see _raw_norms); dqc, dkc are still the fp32 chunks'."""
+    (NC, H, C, K), rqk = _raw_norms(qc, kc, norms)
     V = W.shape[-1]
     do = do.contiguous()
-    grads = [torch.empty_like(t) for t in (qc, kc, et, la, g0, gam)]
+    grads = [torch.empty(NC, H, C, K, dtype=torch.float32, device=W.device) for _ in range(2)]
+    grads += [torch.empty_like(t) for t in (et, la, g0, gam)]
     grads += [torch.empty_like(W) if dW is None else dW]
     grads += [torch.empty_like(t) if pair_grads else None for t in (S0s, M0s)]
     ptrs = grads[:7] + ([grads[7], grads[8]] if pair_grads else [grads[6], grads[6]])
     mmdt = _tl_mm(mm_dtype)
     if NC > 0:
         wgmma.kernel(_output_bwd_kernel, "output_bwd")[(NC, H)](
-            qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, float(scale), *ptrs,
+            qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, float(scale), *ptrs, *rqk,
             H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
-            PAIR_GRAD=pair_grads, STORE_DW=dW is None, **_lp("output_bwd", K, V, C, mmdt))
+            PAIR_GRAD=pair_grads, STORE_DW=dW is None, RAW=norms is not None,
+            **_lp("output_bwd", K, V, C, mmdt))
     return grads
 
 
 class LocalOutput(torch.autograd.Function):
-    """Fused `chunk._local_output`: same arguments, o [B, T, H, V] in out_dtype."""
+    """Fused `chunk._local_output`: same arguments, o [B, T, H, V] in out_dtype. `qk_raw`
+    (an extra last argument) = (q, k, rq, rk): save those (LocalPrepare's raw_qk) instead of
+    qc, kc."""
 
     @staticmethod
     def forward(ctx, qc, kc, et, la, g0, gam, W, S0s, M0s, dest, scale: float, mm_dtype,
-                out_shape: tuple, out_dtype: torch.dtype):
+                out_shape: tuple, out_dtype: torch.dtype, qk_raw=None):
         args = [t.contiguous() for t in (qc, kc, et, la, g0, gam, W, S0s, M0s)]
         cs, cl = chunk_bounds(dest, qc.shape[0], qc.shape[2])
         o = output_forward(*args, cs, cl, scale, mm_dtype, out_shape, out_dtype)
-        ctx.save_for_backward(*args, cs, cl)
+        norms = (None, None)
+        if qk_raw is not None:
+            args[:2], norms = qk_raw[:2], qk_raw[2:]
+        ctx.save_for_backward(*args, cs, cl, *norms)
         ctx.scale, ctx.mm_dtype = float(scale), mm_dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        grads = output_backward(*ctx.saved_tensors, do, ctx.scale, ctx.mm_dtype)
-        return (*grads, None, None, None, None, None)
+        *args, rq, rk = ctx.saved_tensors
+        grads = output_backward(*args, do, ctx.scale, ctx.mm_dtype,
+                                norms=None if rq is None else (rq, rk))
+        return (*grads, None, None, None, None, None, None)

@@ -47,7 +47,12 @@ the layer output's dtype)
   the MDN op, fused 16-bit path (kernels/mdn/chunk_local_fused.py LocalPrepare and
   kernels/mdn/chunk.py StateOutput, the default MDN_RECOMPUTE_PAIRS=1; under CP the op runs
   StatePass + LocalOutput, which keeps the pairs), per token and head:
-                       4 · 2K          q̂, k̂ chunks (fp32)
+                       2K              q̂, k̂: the raw q, k and the l2norm scales (MDN_RAW_QK=1,
+                                       the default; the backward remakes q̂ = q·r): q is the
+                                       correction's output, a tensor of its own; k a view of the
+                                       conv output, which the kernels read with its strides and
+                                       which is counted above (MDN_RAW_QK=0: the fp32 chunks,
+                                       4 · 2K)
                        2 · 4K          Y, Z, Kg, Km (bf16, the state pass's operands)
                        4 · 2C          (I + A)⁻¹ and Γ (fp32 C×C per chunk)
                        4 · 7           e^{le}, γ⁻, l2norm scales, η, log α cumsum, g0 (fp32)
@@ -60,8 +65,8 @@ the layer output's dtype)
     fused (FLA)        6 H_l V + 4 H_l    its LayerNormGatedFunction saves bf16 o, a contiguous
                                           copy of g (input_guard), the fp32 rstd; bf16 output
   SwiGLU MLP           10 F_l          bf16 fc1 output (2F), x_lin + offset, silu, product
-  (1.3B, K = 256, V = 512, C = 64: the op keeps 5.5 KiB per token and head; under CP 13.5 KiB,
-  8 KiB of it the pairs.)
+  (1.3B, K = 256, V = 512, C = 64: the op keeps 4.0 KiB per token and head, 5.5 with
+  MDN_RAW_QK=0; under CP 12.0 KiB, 8 KiB of it the pairs.)
 The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_kernels.py), at
   any CP (MDN_CONV=eager, a benchmark switch, is not counted): Layout.fused_mixer, or by default
   'fla' → fused, 'eager' → eager, 'auto' → fused when fla-core imports in the environment
@@ -278,7 +283,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
     backward runs), 'op_chunk_tensors' and 'op_state_pairs' (the op's own), and the op's
     backward workspace ('op_backward'). See the module docstring."""
     # the op's backward orders, as the op reads them from the environment
-    from mdn_kernels.mdn.chunk import end_over_pair_grads, pair_grads_first, save_w
+    from mdn_kernels.mdn.chunk import end_over_pair_grads, pair_grads_first, raw_qk, save_w
 
     a = _act_bytes(lay.precision)
     d, K, V, C, W = cfg.hidden_size, cfg.head_k_dim, cfg.head_v_dim, cfg.chunk_size, cfg.conv_size
@@ -301,8 +306,10 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         gated_norm = (6 if fused else 18) * H_l * V + 4 * H_l
         before = norm + conv + 2 * P_qkv + 2 * H_l * V + gates
         after = gated_norm + norm + 10 * F_l
-        # 2V in the op's chunk terms: W (StateOutput; U with MDN_SAVE_W=0; StatePass under CP)
-        chunk = H_l * (4 * 2 * K + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C)
+        # 2V in the op's chunk terms: W (StateOutput; U with MDN_SAVE_W=0; StatePass under CP);
+        # the op's q̂, k̂: the corrected q (raw_qk; k is a view of the conv output) or fp32 chunks
+        qk = 2 * K if raw_qk() else 4 * 2 * K
+        chunk = H_l * (qk + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C)
         out_grads = 4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C
         lean, seg = cp_lean(lay)
         pair = 2 * 2 * K * V / C

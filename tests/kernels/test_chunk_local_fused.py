@@ -16,6 +16,13 @@ IN_NAMES = ["dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta"]
 OUT_IN_NAMES = ["dqc", "dkc", "det", "dla", "dg0", "dgam", "dW", "dS0s", "dM0s"]
 
 
+def fused_prepare(*args, raw_qk=True):
+    """LocalPrepare's 14 outputs of chunk._local_prepare (not the l2norm scales after them);
+    raw_qk: its backward reads the raw q, k and those scales (the default path, chunk.raw_qk)
+    instead of keeping the fp32 q̂, k̂ chunks."""
+    return fused.LocalPrepare.apply(*args, None, raw_qk)[:14]
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -77,7 +84,9 @@ def test_local_prepare(shape, p_times_alpha, block_cap):
         if fn is None:
             outs = _local_prepare(*xs, *args, cdt, True, p_times_alpha, None)
         else:
-            outs = fused.LocalPrepare.apply(*xs, *args, cdt, True, p_times_alpha, None)
+            # both ways of keeping q̂, k̂ for the backward, one per p_times_alpha
+            outs = fused_prepare(*xs, *args, cdt, True, p_times_alpha, None,
+                                 raw_qk=p_times_alpha)
         return outs, xs
 
     ref, x_ref = run(xs64, torch.float64, None)
@@ -98,7 +107,7 @@ def test_local_prepare_larger_chunks(chunk):
     x_ref = [x.clone().requires_grad_() for x in xs64]
     ref = _local_prepare(*x_ref, *args, torch.float64, True, True, None)
     x_out = [x.float().requires_grad_() for x in xs64]
-    out = fused.LocalPrepare.apply(*x_out, *args, torch.float32, True, True, None)
+    out = fused_prepare(*x_out, *args, torch.float32, True, True, None)
     check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
     cots = cotangents(ref, seed=4)
     check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
@@ -120,7 +129,7 @@ def test_local_prepare_zero_momentum_and_no_norm():
     x_ref = [x.clone().requires_grad_() for x in xs64]
     ref = _local_prepare(*x_ref, *args, torch.float64, False, True, None)
     x_out = [x.float().requires_grad_() for x in xs64]
-    out = fused.LocalPrepare.apply(*x_out, *args, torch.float32, False, True, None)
+    out = fused_prepare(*x_out, *args, torch.float32, False, True, None)
     check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
     cots = cotangents(ref, seed=9)
     g_out, g_ref = grads_of(out, x_out, cots), grads_of(ref, x_ref, cots)
@@ -278,7 +287,7 @@ def test_16bit_operands_no_worse_than_torch_path():
         return fn(*xs, *args, cdt, True, True, mmd), xs
 
     ref, x_ref = prep(_local_prepare, torch.float64, None)
-    out, x_out = prep(fused.LocalPrepare.apply, torch.float32, mm)
+    out, x_out = prep(fused_prepare, torch.float32, mm)
     tor, x_tor = prep(_local_prepare, torch.float32, mm)
     cots = cotangents(ref, seed=7)
     pairs = list(zip(PREP_NAMES + IN_NAMES,

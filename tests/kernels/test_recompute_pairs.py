@@ -119,7 +119,7 @@ def test_prepare_bf16_operands_are_the_rounded_fp32_ones():
     def run(op_dtype):
         x = [t.detach().clone().requires_grad_() for t in xs]
         extra = () if op_dtype is None else (op_dtype,)
-        return fused.LocalPrepare.apply(*x, *args, *extra), x
+        return fused.LocalPrepare.apply(*x, *args, *extra)[:14], x
 
     ref, x_ref = run(None)
     low, x_low = run(torch.bfloat16)
@@ -185,6 +185,81 @@ def test_save_w_changes_no_result(mode, fused_on, monkeypatch):
         assert torch.equal(a, b), i
 
 
+@pytest.mark.parametrize("mode,first", [(0, "0"), (1, "0"), (1, "1"), (2, "0")],
+                         ids=["mode0", "mode1", "mode1-pair-grads-first", "mode2"])
+def test_raw_qk_changes_no_result(mode, first, fused_on, monkeypatch):
+    """The nodes keeping the raw q, k and the l2norm scales (MDN_RAW_QK=1, the default: the
+    backward kernels remake q̂ = q·r) against keeping the fp32 q̂, k̂ chunks (0): bitwise the
+    same outputs and gradients in every mode and order (packed documents, initial states, a
+    ragged last chunk). With the flag on, no fp32 [NC, H, C, K] tensor is saved for the backward
+    (mode 2's fused state backward reads q̂ chunks: it keeps them); a bad flag is named."""
+    xs = random_inputs(1, 61, 2, 24, 32, dtype=torch.float32, seed=14, with_state=True,
+                       num_states=4)
+    cu = torch.tensor([0, 5, 21, 1, 34]).cumsum(0)
+    NC = build_layout(1, 61, cu, 16, torch.device("cpu")).num_chunks   # 1 + 2 + 1 + 3
+    chunk_shape = (NC, 2, 16, 24)                                        # [NC, H, C, K]
+    monkeypatch.setenv("MDN_PAIR_GRADS_FIRST", first)
+    res = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MDN_RAW_QK", flag)
+        saved = []
+
+        def pack(t):
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            res[flag] = _run(xs, cu, mode, monkeypatch)
+        res[flag + "_chunks"] = saved.count((chunk_shape, torch.float32))
+    for n, a, b in zip(NAMES, res["1"], res["0"]):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+    # q̂, k̂ were saved by two nodes (LocalPrepare and the output's node); in mode 2 by the
+    # output's node still (Y, Z, Kg, Km are fp32 [NC, H, C, K] here too, in both runs)
+    dropped = res["0_chunks"] - res["1_chunks"]
+    assert dropped == (2 if mode == 2 else 4), (res["0_chunks"], res["1_chunks"])
+    monkeypatch.setenv("MDN_RAW_QK", "yes")
+    with pytest.raises(ValueError, match="MDN_RAW_QK"):
+        _run(xs, cu, mode, monkeypatch)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_raw_qk_reads_a_strided_k_as_it_is(mode, fused_on, monkeypatch):
+    """The model hands the op k as a slice of the conv output [B, T, H·(2K + V)] (and q
+    contiguous): the kernels read that view with its token stride (token_rows), so the results
+    are bitwise those of a contiguous k (B = 2: the stride spans the batch too) and the op
+    saves the view itself, not a contiguous copy of k."""
+    monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", str(mode))
+    B, T, H, K, V = 2, 45, 2, 16, 32
+    xs = random_inputs(B, T, H, K, V, dtype=torch.float32, seed=21)
+    wide = torch.randn(B, T, H * (2 * K + V), generator=torch.Generator().manual_seed(2))
+    wide[..., H * K:2 * H * K] = xs[1].reshape(B, T, H * K)
+    g = torch.Generator().manual_seed(4)
+    do = torch.randn(B, T, H, V, generator=g)
+
+    def run(strided):
+        x = [t.detach().clone().requires_grad_() for t in xs]
+        w = wide.detach().clone().requires_grad_()
+        k = w[..., H * K:2 * H * K].view(B, T, H, K) if strided else x[1]
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            o, _ = mdn_chunk(x[0], k, *x[2:], backend="triton", chunk_size=16)
+        grads = torch.autograd.grad(o, [x[0], w if strided else x[1], *x[2:]], do)
+        dk = grads[1][..., H * K:2 * H * K].reshape(B, T, H, K) if strided else grads[1]
+        storages = {t.untyped_storage().data_ptr() for t in saved if t.shape == (B * T, H, K)}
+        inputs = {x[0].untyped_storage().data_ptr(),
+                  (w if strided else x[1]).untyped_storage().data_ptr()}
+        return [o, grads[0], dk, *grads[2:]], storages, inputs
+
+    strided, st_saved, st_inputs = run(True)
+    plain, _, _ = run(False)
+    for i, (a, b) in enumerate(zip(strided, plain)):
+        assert torch.equal(a, b), i
+    assert st_saved == st_inputs   # q and the slice of the conv output, nothing copied
+
+
 def _accounting(monkeypatch):
     """tools/mem_accounting.py as a module, every Triton launch a no-op (the allocations are the
     GPU run's; the kernels only fill them)."""
@@ -206,13 +281,24 @@ def test_memory_accounting_recompute_pairs_saves_memory(monkeypatch):
     mod = _accounting(monkeypatch)
     shape = (1, 4096, 2, 64, 128)
     res = {}
+    # the modes like for like: each keeping the fp32 q̂, k̂ chunks (mode 2's fused state backward
+    # reads them, so it keeps them whatever MDN_RAW_QK says)
+    monkeypatch.setenv("MDN_RAW_QK", "0")
     for flag in ("0", "1", "2"):
         monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", flag)
         r = mod.account(*shape, torch.bfloat16, verbose=False)
         res[flag] = (r["held_bytes"], max(r["peak_fwd"], r["peak_bwd"]))
     assert res["1"][0] < 0.85 * res["0"][0] and res["2"][0] == res["1"][0]
     assert res["2"][1] < res["1"][1] < 0.85 * res["0"][1]
+    # the raw q, k kept instead (the default; they are the op's inputs here, not counted): mode 1
+    # keeps and peaks lower by exactly the two fp32 chunks
+    monkeypatch.setenv("MDN_RAW_QK", "1")
+    qk_chunks = 2 * shape[0] * shape[1] * shape[2] * shape[3] * 4
     monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", "1")
+    r = mod.account(*shape, torch.bfloat16, verbose=False)
+    assert (r["held_bytes"], max(r["peak_fwd"], r["peak_bwd"])) == (res["1"][0] - qk_chunks,
+                                                                     res["1"][1] - qk_chunks)
+    monkeypatch.setenv("MDN_RAW_QK", "0")
     pair = shape[0] * shape[1] // 64 * shape[2] * shape[3] * shape[4] * 2   # [NC, H, K, V] bf16
     # with the pair cotangents made first as well: the same four pair-sized tensors at the peak
     # as mode 2's (which fuses them into the state backward)
@@ -261,7 +347,8 @@ def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):
     (no pair kept), and lower again in segments (one segment's per-chunk tensors at a time); the
     estimator's op terms plus the CP group maps and gradients that memory.estimate adds for
     every CP node are within 3% of each, o left out of the peaks (the model's estimate counts it
-    with the gated norm that keeps it). Measured in session 14: +2.3%, +0.9%, −1.0%; before
+    with the gated norm that keeps it). Measured in session 14: +2.3%, +0.9%, −1.0% (session 15,
+    the raw q, k kept instead of the fp32 q̂, k̂: +2.4%, +0.9%, −1.1%); before
     the estimate counted the unsegmented lean node's last casts (its peak: the bf16 input
     gradients made beside their fp32 products), −10.9% there. The accounting is exact (no
     randomness): the margin covers only the estimate's own slack, +2.3% at most here."""
@@ -282,8 +369,10 @@ def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         r = mod.account(B, T, H, K, V, torch.bfloat16, verbose=False, cp=True)
-        # o: the model's estimate counts it with the gated norm that keeps it
-        peaks[name] = max(r["peak_fwd"], r["peak_bwd"]) - B * T * H * V * 2
+        # o: the model's estimate counts it with the gated norm that keeps it; the model's q is
+        # the correction's output, which the op keeps for its backward (MDN_RAW_QK) and the
+        # estimate counts: the accounting's q is an input, which it does not count
+        peaks[name] = max(r["peak_fwd"], r["peak_bwd"]) - B * T * H * V * 2 + B * T * H * K * 2
         t = layer_activation_terms(mc, Layout(cp=2, seq_len=2 * T, fused_mixer=True, fused_gates=True,
                                               cp_lean=bool(env), cp_lean_segment_tokens=seg if "_seg" in name else 0))
         # memory.estimate's CP group gradients, which it counts for every CP node
