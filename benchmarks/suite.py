@@ -54,6 +54,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      the op with W saved in U's place (MDN_SAVE_W) beside FLA's GDN, its kernel tests, the 1.3B
      step; s13d the 1.3B step with and without it, the K = 128 op again; s13e CP's lean node
      with W saved, against float64.
+  s15a, s15b, s15c  session 15 on one GPU: the nodes keep the raw q, k and the l2norm scales
+     instead of the fp32 q̂, k̂ chunks (MDN_RAW_QK): the op beside FLA's GDN, its kernel tests,
+     CP's lean node against float64; the 1.3B step with and without it; (s15c) the kernels
+     reading a strided k, the saved-bytes test.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1106,6 +1110,48 @@ PLANS = {
                     + " --dist-backend gloo"),
                    ("cp_op_k256_lean_w2_gloo", 110, "MDN_CP_LEAN=1 " + CHECK_CP.format(n=2, kv="--K 256 --V 512")
                     + " --dist-backend gloo")]),
+        ]),
+    ],
+    "s15a": [  # session 15 on one GPU, issue 2: the nodes keep the raw q, k and the l2norm scales
+               # instead of the fp32 q̂, k̂ chunks (MDN_RAW_QK, default 1; the backward remakes q̂):
+               # the op beside FLA's GDN at both shapes, the earlier path and the split order as
+               # variants (rel_diff_vs_default: bitwise?); the kernel tests against float64; CP's
+               # lean node (segmented) against float64
+        ("kernels", 540, [
+            ("0", [("bench_k128", 80, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_RAW_QK=0 --variant MDN_PAIR_GRADS_FIRST=1 "
+                    "--variant MDN_PAIR_GRADS_FIRST=1+MDN_RAW_QK=0 --out {R}/result.json"),
+                   ("bench_k256", 90, "python3 tools/bench_kernels.py --shapes 1 "
+                    "--variant MDN_RAW_QK=0 --variant MDN_PAIR_GRADS_FIRST=1 "
+                    "--variant MDN_PAIR_GRADS_FIRST=1+MDN_RAW_QK=0 --out {R}/result.json"),
+                   ("kernel_tests", 220, "MDN_RESULTS_DIR={R} " + PT + " --timeout 215 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'"),
+                   ("cp_op_k256_lean_seg_w2_gloo", 110, LEAN_SEG + CHECK_CP.format(n=2, kv="--K 256 --V 512")
+                    + " --dist-backend gloo")]),
+        ]),
+    ],
+    "s15b": [  # session 15, second call: the 1.3B step at 4K with the raw q, k kept and without
+        ("model", 300, [
+            ("0", [("mdn_1p3b_4k", 110, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_chunk_qk", 80, "MDN_RAW_QK=0 " + bench_model(1, M13_4K)),
+                   ("bench_k128", 80, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_RAW_QK=0 --variant MDN_PAIR_GRADS_FIRST=1 --out {R}/result.json")]),
+        ]),
+    ],
+    "s15c": [  # session 15, third call: the kernels read the raw q, k with their token strides (the
+               # model's k, a slice of the conv output, without a copy): the kernel tests against
+               # float64, the op beside FLA's GDN at both shapes, the saved-bytes test against the
+               # estimate, the 1.3B step
+        ("check", 560, [
+            ("0", [("kernel_tests", 220, "MDN_RESULTS_DIR={R} " + PT + " --timeout 215 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'"),
+                   ("bench_k128", 60, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_RAW_QK=0 --variant MDN_PAIR_GRADS_FIRST=1 --out {R}/result.json"),
+                   ("bench_k256", 60, "python3 tools/bench_kernels.py --shapes 1 "
+                    "--variant MDN_RAW_QK=0 --out {R}/result.json"),
+                   ("saved_bytes_tests", 100, "MDN_RESULTS_DIR={R} " + PT + " -v --timeout 95 "
+                    "tests/gpu/test_mixer_kernels_gpu.py -k saved_bytes"),
+                   ("mdn_1p3b_4k", 90, bench_model(1, M13_4K))]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
