@@ -54,7 +54,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      the op with W saved in U's place (MDN_SAVE_W) beside FLA's GDN, its kernel tests, the 1.3B
      step; s13d the 1.3B step with and without it, the K = 128 op again; s13e CP's lean node
      with W saved, against float64.
-  s15a, s15b, s15c  session 15 on one GPU: the nodes keep the raw q, k and the l2norm scales
+  s15a, s15b, s15c, s15d  session 15 on one GPU: the nodes keep the raw q, k and the l2norm scales
      instead of the fp32 q̂, k̂ chunks (MDN_RAW_QK): the op beside FLA's GDN, its kernel tests,
      CP's lean node against float64; the 1.3B step with and without it; (s15c) the kernels
      reading a strided k, the saved-bytes test.
@@ -1152,6 +1152,12 @@ PLANS = {
                    ("saved_bytes_tests", 100, "MDN_RESULTS_DIR={R} " + PT + " -v --timeout 95 "
                     "tests/gpu/test_mixer_kernels_gpu.py -k saved_bytes"),
                    ("mdn_1p3b_4k", 90, bench_model(1, M13_4K))]),
+        ]),
+    ],
+    "s15d": [  # session 15, last call: plan s15c's kernel tests, cut by their limit on the cold machine
+        ("check", 340, [
+            ("0", [("kernel_tests", 335, "MDN_RESULTS_DIR={R} " + PT + " --timeout 330 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
