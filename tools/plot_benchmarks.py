@@ -19,7 +19,8 @@ RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
 KERNEL_RUNS = [("v3", "kernels_h100_v3.json"), ("v4 fused", "kernels_h100_v4_fused.json"),
                ("v7 mode 1", "kernels_h100_v7_fla_same_run.json"),
                ("v12 tuned\nlaunches", "kernels_h100_v12_tuned_vs_old_k128.json"),
-               ("v15 W saved\n(H200)", "kernels_h200_v13_save_w_k128_rerun.json")]
+               ("v15 W saved\n(H200)", "kernels_h200_v13_save_w_k128_rerun.json"),
+               ("v16 raw q, k\n(H200)", "kernels_h200_v15_raw_qk_k128.json")]
 
 
 def _finish(fig, ax, out, ylabel, title):
@@ -51,7 +52,7 @@ def plot_kernels(out):
         ratios_mem.append(row["ratio_peak_mem"])
     if not labels:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
     x = range(len(labels))
     w = 0.27
     ax.bar([i - w for i in x], ratios_f, w, label="forward")
@@ -59,9 +60,9 @@ def plot_kernels(out):
     ax.bar([i + w for i in x], ratios_mem, w, label="peak memory")
     ax.axhline(1.5, color="k", ls="--", lw=1, label="target: 1.5x (time)")
     ax.axhline(1.3, color="gray", ls=":", lw=1, label="target: 1.3x (memory)")
-    ax.set_xticks(list(x), labels)
+    ax.set_xticks(list(x), labels, fontsize=8)
     return _finish(fig, ax, out, "MDN / FLA GDN (same run)",
-                   "mdn_chunk vs FLA GDN, H100 (last: H200) bf16, B=8 T=4096 H=6 K=128 V=256")
+                   "mdn_chunk vs FLA GDN, H100 (last two: H200) bf16, B=8 T=4096 H=6 K=128 V=256")
 
 
 CP_RUNS = [("v3", "cp_h100x4_r4.json"), ("v4", "cp_h100x4_v4_r4.json"), ("v5", "cp_h100x4_v5_r4.json"),
@@ -345,7 +346,17 @@ def _estimate_now(r):
                  # records before session 11 ran the eager block norm and do not say so
                  triton_norm=r.get("norm_kernel", "eager") == "triton",
                  cp_lean_segment_tokens=int(env.get("MDN_CP_LEAN_SEGMENT_TOKENS", 0)))
-    return estimate(cfg, lay)["allocated"] / GIB
+    # the op's q̂, k̂ as the run kept them: runs before session 15 (no MDN_RAW_QK in their
+    # record) kept the fp32 chunks, which the estimator reads from the environment
+    saved = os.environ.get("MDN_RAW_QK")
+    os.environ["MDN_RAW_QK"] = env.get("MDN_RAW_QK", "0")
+    try:
+        return estimate(cfg, lay)["allocated"] / GIB
+    finally:
+        if saved is None:
+            del os.environ["MDN_RAW_QK"]
+        else:
+            os.environ["MDN_RAW_QK"] = saved
 
 
 def plot_longctx_v10(out):
