@@ -54,10 +54,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      the op with W saved in U's place (MDN_SAVE_W) beside FLA's GDN, its kernel tests, the 1.3B
      step; s13d the 1.3B step with and without it, the K = 128 op again; s13e CP's lean node
      with W saved, against float64.
-  s15a, s15b, s15c, s15d  session 15 on one GPU: the nodes keep the raw q, k and the l2norm scales
+  s15a, s15b, s15c, s15d, s15e  session 15 on one GPU: the nodes keep the raw q, k and the l2norm scales
      instead of the fp32 q̂, k̂ chunks (MDN_RAW_QK): the op beside FLA's GDN, its kernel tests,
      CP's lean node against float64; the 1.3B step with and without it; (s15c) the kernels
-     reading a strided k, the saved-bytes test.
+     reading a strided k, the saved-bytes test; (s15e) the op's kernels profiled beside FLA's.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1158,6 +1158,13 @@ PLANS = {
         ("check", 340, [
             ("0", [("kernel_tests", 335, "MDN_RESULTS_DIR={R} " + PT + " --timeout 330 "
                     "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'")]),
+        ]),
+    ],
+    "s15e": [  # session 15, what was left of the device time: the op's kernels profiled beside FLA's
+               # GDN at both shapes on the H200 (where the fwd+bwd time goes, after v16)
+        ("profile", 300, [
+            ("0", [("profile_k128_k256", 290, "python3 tools/bench_kernels.py --shapes 0,1 "
+                    "--profile {R}/profile.txt --out {R}/result.json")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
