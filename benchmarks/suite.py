@@ -54,10 +54,11 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      the op with W saved in U's place (MDN_SAVE_W) beside FLA's GDN, its kernel tests, the 1.3B
      step; s13d the 1.3B step with and without it, the K = 128 op again; s13e CP's lean node
      with W saved, against float64.
-  s15a, s15b, s15c, s15d, s15e  session 15 on one GPU: the nodes keep the raw q, k and the l2norm scales
+  s15a–s15f  session 15 on one GPU: the nodes keep the raw q, k and the l2norm scales
      instead of the fp32 q̂, k̂ chunks (MDN_RAW_QK): the op beside FLA's GDN, its kernel tests,
      CP's lean node against float64; the 1.3B step with and without it; (s15c) the kernels
-     reading a strided k, the saved-bytes test; (s15e) the op's kernels profiled beside FLA's.
+     reading a strided k, the saved-bytes test; (s15e) the op's kernels profiled beside FLA's;
+     (s15f) the decay backward's warps.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1165,6 +1166,17 @@ PLANS = {
         ("profile", 300, [
             ("0", [("profile_k128_k256", 290, "python3 tools/bench_kernels.py --shapes 0,1 "
                     "--profile {R}/profile.txt --out {R}/result.json")]),
+        ]),
+    ],
+    "s15f": [  # session 15's last device time: the preparation's decay backward (0.54 ms a call at
+               # both head sizes in plan s15e's profile, never swept: it has no blocks) on 4 and 16
+               # warps, and with the fp32 products on tensor cores (tf32x3, all kernels; not
+               # bitwise), beside the default and FLA's GDN
+        ("decay", 200, [
+            ("0", [("bench_k128_decay", 195, "python3 tools/bench_kernels.py --shapes 0 "
+                    "--variant MDN_LAUNCH=prepare_bwd_decay:num_warps=4 "
+                    "--variant MDN_LAUNCH=prepare_bwd_decay:num_warps=16 "
+                    "--variant MDN_FUSED_FP32_DOT=tf32x3 --out {R}/result.json")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
