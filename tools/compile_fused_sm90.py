@@ -35,7 +35,7 @@ BF16_ARGS = ("Q", "KK", "VV", "LA", "LM", "BE", "ET", "DQ", "DK", "DV", "DLA", "
 
 
 def arg_types():
-    types = {"CS": "*i32", "CL": "*i32", "scale": "fp32", "QS": "i32", "KS": "i32"}
+    types = {"CS": "*i32", "CL": "*i32", "scale": "fp32", "QS": "i32", "KS": "i32", "VS": "i32"}
     types.update({n: "*bf16" for n in BF16_ARGS})   # 16-bit model inputs; the rest fp32
     return types
 

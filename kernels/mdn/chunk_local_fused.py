@@ -332,7 +332,7 @@ def _solve_kernel(AMAT, TMAT, C: tl.constexpr, F32P: tl.constexpr):
 
 @triton.jit
 def _prepare_c_kernel(
-    VV, KC, TMAT, ELE, G0R, CS, CL, UO, YO, ZO,
+    VV, KC, TMAT, ELE, G0R, CS, CL, UO, YO, ZO, VS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
 ):
@@ -345,13 +345,13 @@ def _prepare_c_kernel(
     cck = ch * C
     o_t = tl.arange(0, C)
     m_t = o_t < length
-    g_off = (start + o_t) * H + i_h
+    vrow = _raw_rows(start, o_t, i_h, VS, V)   # v read with its token stride (token_rows)
     r = o_t[:, None]
     tmm = tl.load(TMAT + cck * C + r * C + o_t[None, :]).to(MMDT)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         mv = o_v < V
-        vb = tl.load(VV + g_off[:, None] * V + o_v[None, :], mask=m_t[:, None] & mv[None, :],
+        vb = tl.load(VV + vrow[:, None] + o_v[None, :], mask=m_t[:, None] & mv[None, :],
                      other=0.0).to(tl.float32)
         ub = tl.dot(tmm, (-vb).to(MMDT), input_precision=MMPREC)
         tl.store(UO + (cck + r) * V + o_v[None, :], ub.to(UO.dtype.element_ty), mask=mv[None, :])
@@ -375,7 +375,7 @@ def _prepare_c_kernel(
 @triton.jit
 def _prepare_bwd_t_kernel(
     VV, KC, RK, TMAT, ELE, G0R, CS, CL, DKC, DU, DY, DZ,
-    DV, DKN, DA, KDK, DLE, DG0R, KS,
+    DV, DKN, DA, KDK, DLE, DG0R, KS, VS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
     DAP: tl.constexpr, RAW: tl.constexpr,
@@ -396,6 +396,7 @@ def _prepare_bwd_t_kernel(
     c = o_t[None, :]
     t_t = tl.load(TMAT + cck * C + c * C + r)                  # Tᵀ, loaded transposed
     krow = _raw_rows(start, o_t, i_h, KS, K)
+    vrow = _raw_rows(start, o_t, i_h, VS, V)
     t_t_mm = t_t.to(MMDT)
     ele = tl.load(ELE + cck + o_t)
     g0r = tl.load(G0R + cck + o_t)
@@ -404,7 +405,7 @@ def _prepare_bwd_t_kernel(
         o_v = v0 + tl.arange(0, BV)
         mv = o_v < V
         du = tl.load(DU + (cck + r) * V + o_v[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
-        vb_t = tl.load(VV + g_off[None, :] * V + o_v[:, None], mask=mv[:, None] & m_t[None, :],
+        vb_t = tl.load(VV + vrow[None, :] + o_v[:, None], mask=mv[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)
         dtm += tl.dot(du.to(MMDT), (-vb_t).to(MMDT), input_precision=MMPREC)
         dv = -tl.dot(t_t_mm, du.to(MMDT), input_precision=MMPREC)
@@ -956,8 +957,8 @@ class LocalPrepare(torch.autograd.Function):
         B, T, H, K = k.shape
         V = v.shape[-1]
         NC, C = num_chunks, chunk_size
-        q, k = token_rows(q), token_rows(k)   # views where the strides allow (the model's k)
-        v = v.reshape(B * T, H, V).contiguous()
+        # views where the strides allow (the model's k and v: slices of the conv output)
+        q, k, v = token_rows(q), token_rows(k), token_rows(v)
         gates = [g.reshape(B * T, H).contiguous() for g in (log_alpha, log_mu, beta, eta)]
         cs, cl = chunk_bounds(dest, NC, C)
         new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=k.device)  # noqa: E731
@@ -981,7 +982,7 @@ class LocalPrepare(torch.autograd.Function):
             wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
                                      num_warps=1 if C == 16 else 2, num_stages=1)
             wgmma.kernel(_prepare_c_kernel, "prepare")[(NC, H)](
-                v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, H=H, K=K, V=V, C=C,
+                v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, v.stride(0), H=H, K=K, V=V, C=C,
                 MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("prepare_c", K, V, C, mmdt))
         del amat
         qk = (q, k) if raw_qk else (qc, kc)
@@ -1006,7 +1007,7 @@ class LocalPrepare(torch.autograd.Function):
             else g.to(dt).contiguous() for g, s, dt in zip(cots, shapes, dts))
         dq = torch.empty(B * T, H, K, dtype=ctx.q_dtype, device=v.device)
         dk = torch.empty(B * T, H, K, dtype=ctx.k_dtype, device=v.device)
-        dv = torch.empty_like(v)
+        dv = torch.empty(B * T, H, V, dtype=v.dtype, device=v.device)   # v may be a strided view
         dgates = [torch.empty_like(g) for g in (la_in, lm_in, be_in, et_in)]
         f32 = dict(dtype=torch.float32, device=v.device)
         dkn = torch.empty(NC, H, C, K, **f32)
@@ -1015,7 +1016,7 @@ class LocalPrepare(torch.autograd.Function):
         if NC > 0:
             wgmma.kernel(_prepare_bwd_t_kernel, "prepare_bwd")[(NC, H)](
                 v, kc, rk, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
-                ctx.qk_strides[1], H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
+                ctx.qk_strides[1], v.stride(0), H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
                 DAP=_second_order_prec(mmdt), RAW=raw, **_lp("prepare_bwd_t", K, V, C, mmdt))
             wgmma.kernel(_prepare_bwd_k_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
@@ -1061,12 +1062,12 @@ def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, m
 
 
 def token_rows(x: torch.Tensor) -> torch.Tensor:
-    """q or k [B, T, H, K] as the kernels read it: [B·T, H, K] with unit element stride, head
-    stride K and one token stride; a view where x's strides allow (the model's k is a slice of
-    the conv output: no copy), else a contiguous copy."""
-    B, T, H, K = x.shape
-    r = x.reshape(B * T, H, K)
-    return r if r.stride(2) == 1 and r.stride(1) == K else r.contiguous()
+    """q, k or v [B, T, H, D] as the kernels read it: [B·T, H, D] with unit element stride, head
+    stride D and one token stride; a view where x's strides allow (the model's k and v are
+    slices of the conv output: no copy), else a contiguous copy."""
+    B, T, H, D = x.shape
+    r = x.reshape(B * T, H, D)
+    return r if r.stride(2) == 1 and r.stride(1) == D else r.contiguous()
 
 
 def _raw_norms(qc, kc, norms):

@@ -222,42 +222,45 @@ def test_raw_qk_changes_no_result(mode, first, fused_on, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", [0, 1])
-def test_raw_qk_reads_a_strided_k_as_it_is(mode, fused_on, monkeypatch):
-    """The model hands the op k as a slice of the conv output [B, T, H·(2K + V)] (and q
-    contiguous): the kernels read that view with its token stride (token_rows), so the results
-    are bitwise those of a contiguous k (B = 2: the stride spans the batch too) and the op
-    saves the view itself, not a contiguous copy of k."""
+def test_op_reads_strided_k_and_v_as_they_are(mode, fused_on, monkeypatch):
+    """The model hands the op k and v as slices of the conv output [B, T, H·(2K + V)] (and q
+    contiguous): the kernels read those views with their token strides (token_rows), so the
+    results are bitwise those of contiguous inputs (B = 2: the stride spans the batch too) and
+    the op saves the views themselves, no contiguous copy of k or v (MDN_RAW_QK keeps k)."""
     monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", str(mode))
     B, T, H, K, V = 2, 45, 2, 16, 32
     xs = random_inputs(B, T, H, K, V, dtype=torch.float32, seed=21)
     wide = torch.randn(B, T, H * (2 * K + V), generator=torch.Generator().manual_seed(2))
-    wide[..., H * K:2 * H * K] = xs[1].reshape(B, T, H * K)
-    g = torch.Generator().manual_seed(4)
-    do = torch.randn(B, T, H, V, generator=g)
+    ks, vs = slice(H * K, 2 * H * K), slice(2 * H * K, 2 * H * K + H * V)
+    wide[..., ks] = xs[1].reshape(B, T, H * K)
+    wide[..., vs] = xs[2].reshape(B, T, H * V)
+    do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(4))
 
     def run(strided):
         x = [t.detach().clone().requires_grad_() for t in xs]
         w = wide.detach().clone().requires_grad_()
-        k = w[..., H * K:2 * H * K].view(B, T, H, K) if strided else x[1]
+        k, v = (w[..., ks].view(B, T, H, K), w[..., vs].view(B, T, H, V)) if strided else x[1:3]
         saved = []
 
         def pack(t):
             saved.append(t)
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            o, _ = mdn_chunk(x[0], k, *x[2:], backend="triton", chunk_size=16)
-        grads = torch.autograd.grad(o, [x[0], w if strided else x[1], *x[2:]], do)
-        dk = grads[1][..., H * K:2 * H * K].reshape(B, T, H, K) if strided else grads[1]
-        storages = {t.untyped_storage().data_ptr() for t in saved if t.shape == (B * T, H, K)}
-        inputs = {x[0].untyped_storage().data_ptr(),
-                  (w if strided else x[1]).untyped_storage().data_ptr()}
-        return [o, grads[0], dk, *grads[2:]], storages, inputs
+            o, _ = mdn_chunk(x[0], k, v, *x[3:], backend="triton", chunk_size=16)
+        leaves = [x[0], w] if strided else x[:3]
+        grads = torch.autograd.grad(o, leaves + x[3:], do)
+        if strided:
+            dk, dv = grads[1][..., ks].reshape(B, T, H, K), grads[1][..., vs].reshape(B, T, H, V)
+            grads = (grads[0], dk, dv, *grads[2:])
+        storages = {t.untyped_storage().data_ptr() for t in saved
+                    if t.shape in ((B * T, H, K), (B * T, H, V))}
+        return [o, *grads], storages, {t.untyped_storage().data_ptr() for t in leaves}
 
     strided, st_saved, st_inputs = run(True)
     plain, _, _ = run(False)
     for i, (a, b) in enumerate(zip(strided, plain)):
         assert torch.equal(a, b), i
-    assert st_saved == st_inputs   # q and the slice of the conv output, nothing copied
+    assert st_saved == st_inputs   # q and the conv output's slices, nothing copied
 
 
 def _accounting(monkeypatch):

@@ -126,12 +126,13 @@ def test_layer_saved_bytes_match_the_estimate(counts):
     assert (layer[64] - layer[32]) / 32 == per_token
     # by hand for this model (d=64, H=2, K=16, V=32, C=16, F=128, W=4, P_qkv=128): norms 2·644,
     # conv + SiLU 2·128 + 8 (the padded input and the mask: mixer.causal_conv_silu recomputes
-    # the conv; the composite also kept its fp32 output, 4·128), bf16 q|k|v 256, v copy 128,
+    # the conv; the composite also kept its fp32 output, 4·128), bf16 q|k|v 256 (the op reads k
+    # and v as slices of it: no copies since session 15),
     # gates 120, gated norm 18·64 + 8, MLP 1280; the op per head 2K (the corrected q: the raw
     # q, k kept, MDN_RAW_QK; k is a view of q|k|v) + 8K + 8C + 28 + 2V (W) + 12/C = 380.75; no
     # per-chunk pairs (StateOutput recomputes them); the chunk bounds are shared by the layers
     # (not per layer)
-    assert per_token == 2 * 644 + 264 + 256 + 128 + 120 + 1160 + 1280 + 2 * 380.75 == 5257.5
+    assert per_token == 2 * 644 + 264 + 256 + 120 + 1160 + 1280 + 2 * 380.75 == 5129.5
 
 
 def test_layer_saved_bytes_fused_gates_match_the_estimate(counts_fused_gates):
@@ -143,7 +144,7 @@ def test_layer_saved_bytes_fused_gates_match_the_estimate(counts_fused_gates):
     t = layer_activation_terms(cfg, Layout(precision="bf16", fused_mixer=False, fused_gates=True))
     per_token = t["around_op"] + t["op_chunk_tensors"] + t["op_state_pairs"]
     layer = {T: counts[(2, T, 16)] - counts[(1, T, 16)] for T in (32, 64)}
-    assert (layer[64] - layer[32]) / 32 == per_token == 5257.5 - 120 + 48
+    assert (layer[64] - layer[32]) / 32 == per_token == 5129.5 - 120 + 48
 
 
 def test_loss_saved_bytes_match_the_estimate(counts):
