@@ -4,8 +4,12 @@
 `_local_prepare` and `_local_output`: same arguments, same outputs (chunk layout [NC, H, C, ·],
 compute dtype fp32), with hand-derived backward kernels. Tokens are read from and written to the
 token layout [B·T, H, ·] directly, using each chunk's first token and length (padding rows are
-masked to zero, which is exactly the identity-gate padding of layout.py). The K and V dimensions
-are walked in blocks of at most 64, so the live tiles stay C×64.
+masked to zero, which is exactly the identity-gate padding of layout.py); q, k and v are read
+with their token strides (`token_rows`: the model's k and v are slices of the conv output, read
+and kept without a copy). The backward kernels read q̂, k̂ either from the fp32 chunks or, with
+RAW (chunk.raw_qk, the default), as the raw q, k times the saved l2norm scales: the product the
+forward made, so the same values without keeping the chunks. The K and V dimensions are walked
+in blocks of at most 64, so the live tiles stay C×64.
 
 Kernels (one program per (chunk, head) unless said):
     prepare fwd: _prepare_a_kernel (gates → decays; q̂, k̂, Kg, Km; A)
