@@ -17,6 +17,7 @@ allocator slack: --reserve-gib). Put key=value overrides before --longest/--gpus
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--card-gib", type=float, default=79.1, help="memory of one card (H100 80GB: 79.1 GiB)")
     ap.add_argument("--reserve-gib", type=float, default=3.0)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                    help="--longest: precision (default: the config's train.precision, else bf16)")
+                    help="precision (default: the config's train.precision; with --longest, "
+                         "else bf16)")
     ap.add_argument("--no-tp", action="store_true", help="--longest: CP only (TP = 1)")
     ap.add_argument("--no-zero", action="store_true",
                     help="--longest: without parallel.distributed_optimizer (ZeRO-1 over dp×cp)")
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
         if a.card_gib <= 0 or a.reserve_gib < 0:
             raise ValueError("--card-gib must be > 0 and --reserve-gib >= 0")
         if not a.longest:
+            if a.precision:   # as train.precision=... would
+                lay = dataclasses.replace(lay, precision=a.precision)
             est = estimate(cfg, lay, reserve_gib=a.reserve_gib)
             if a.json:
                 print(json.dumps({"layout": vars(lay), "bytes": est}))

@@ -221,12 +221,17 @@ def test_cli(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"model": {k: getattr(TINY, k) for k in (
         "hidden_size", "num_layers", "num_heads", "head_k_dim", "expand_v", "ffn_hidden_size",
-        "vocab_size", "vocab_pad_multiple", "chunk_size")}, "parallel": {"context": 2},
+        "vocab_size", "vocab_pad_multiple", "chunk_size", "mixer_kernels")}, "parallel": {"context": 2},
         "train": {"seq_len": 1024, "precision": "fp32"}}))
     r = _cli("--config", str(cfg), "--json", "--reserve-gib", "1")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)["bytes"]
     assert got == estimate(TINY, Layout(cp=2, seq_len=1024, precision="fp32"), reserve_gib=1.0)
+    # --precision overrides the config's train.precision (it was read by --longest only)
+    r = _cli("--config", str(cfg), "--json", "--reserve-gib", "1", "--precision", "bf16")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bytes"] == estimate(
+        TINY, Layout(cp=2, seq_len=1024, precision="bf16"), reserve_gib=1.0) != got
     r = _cli("--config", str(cfg), "--longest", "--gpus", "1", "2", "--card-gib", "2")
     assert r.returncode == 0 and "longest context" in r.stdout, r.stderr
     r = _cli("--config", str(cfg), "parallel.tensor=4")
