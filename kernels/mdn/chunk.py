@@ -116,9 +116,9 @@ class StateOutput(torch.autograd.Function):
     Forward: W, S0s, M0s are made and used for o; S0s, M0s are dropped; saved are W (in U's place,
     save_w; else U), the state pass's other inputs (in the operand dtype) and the output's chunk
     quantities, with the raw q, k and the l2norm scales in q̂, k̂'s place (`qk_raw`, an extra
-    last argument: raw_qk). Backward re-runs the state pass forward from W (only the pairs: no U, and two
-    products fewer per chunk) or from U (the same kernel on the same operands); either way bitwise
-    the same S0s, M0s. Then the output's and the state pass's backward, freeing every per-chunk
+    last argument: raw_qk). Backward re-runs the state pass forward from W (only the pairs: no
+    U, and two products fewer per chunk) or from U (the same kernel on the same operands); either
+    way bitwise the same S0s, M0s. Then the output's and the state pass's backward, freeing every per-chunk
     [NC, H, K, V] tensor as soon as its last product is done, dWt written over dW, dS_end, dM_end
     over the output's pair cotangents (end_over_pair_grads; pair_grads_first for less). Results are
     those of StatePass + LocalOutput exactly; peak memory and the memory kept between forward and
@@ -258,9 +258,11 @@ def raw_qk() -> bool:
     CP's lean node) keep the op's raw q, k [B·T, H, K] and the l2norm scales rq, rk [NC, H, C]
     for the backward instead of the fp32 chunks q̂, k̂ [NC, H, C, K]: their backward kernels
     remake q̂ = q·rq, k̂ = k·rk, the product LocalPrepare's forward made, so every result is
-    bitwise the same. Saves 8K bytes per token and head against 2K for a 16-bit q, k held
-    nowhere else (the model keeps them anyway: mdn_scale/train/memory.py). "0": the fp32
-    chunks are kept (the earlier path, kept to compare against)."""
+    bitwise the same. Saves 8K bytes per token and head; the kernels read q, k with their
+    strides (chunk_local_fused.token_rows), so in the model, where k is a slice of the conv
+    output it keeps anyway, the corrected q (2K bytes in bf16) is the only tensor kept for them
+    (mdn_scale/train/memory.py). "0": the fp32 chunks are kept (the earlier path, kept to compare
+    against)."""
     return _flag("MDN_RAW_QK", "1")
 
 
