@@ -346,8 +346,8 @@ def _estimate_now(r):
                  # records before session 11 ran the eager block norm and do not say so
                  triton_norm=r.get("norm_kernel", "eager") == "triton",
                  cp_lean_segment_tokens=int(env.get("MDN_CP_LEAN_SEGMENT_TOKENS", 0)))
-    # the op's q̂, k̂ as the run kept them: runs before session 15 (no MDN_RAW_QK in their
-    # record) kept the fp32 chunks, which the estimator reads from the environment
+    # the op's q̂, k̂ and v as the run kept them: runs before session 15 (no MDN_RAW_QK in their
+    # record) kept the fp32 chunks and a copy of v, which the estimator reads from the environment
     saved = os.environ.get("MDN_RAW_QK")
     os.environ["MDN_RAW_QK"] = env.get("MDN_RAW_QK", "0")
     try:

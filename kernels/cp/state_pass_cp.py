@@ -540,7 +540,7 @@ class CPStateOutput(torch.autograd.Function):
     def forward(ctx, qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init,
                 layout, scale: float, mm_dtype, out_shape: tuple, out_dtype: torch.dtype,
                 allow_tf32: bool, qk_raw, view, group, group_chunks):
-        from mdn_kernels.mdn.chunk import lean_operands, lean_save_ctx, save_w
+        from mdn_kernels.mdn.chunk import lean_operands, lean_save_ctx, raw_qk_saved, save_w
         from mdn_kernels.mdn.chunk_local_fused import chunk_bounds, output_forward
         from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
         K = Y.shape[-1]
@@ -570,9 +570,7 @@ class CPStateOutput(torch.autograd.Function):
             S, M = (Sg[plan.last_idx], Mg[plan.last_idx]) if split else (Sg, Mg)
             if W_all is not None:
                 sp[0] = W_all
-        norms = (None, None)
-        if qk_raw is not None:   # the raw q, k and the l2norm scales in place of the chunks
-            loc[:2], norms = qk_raw[:2], qk_raw[2:]
+        loc, norms = raw_qk_saved(loc, qk_raw)   # the raw q, k and the scales, where given
         # every tensor through save_for_backward (activation recompute drops only those)
         ctx.save_for_backward(*loc, *sp, S_in, M_in, cs, cl, later_T, Ts, *norms)
         ctx.plan, ctx.vi, ctx.view, ctx.group = plan, vi, view, group

@@ -79,6 +79,15 @@ def lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
     return [t.contiguous() for t in (qc, kc, et, la, g0, gam)], sp
 
 
+def raw_qk_saved(loc: list, qk_raw):
+    """What a node saves for q̂, k̂: `loc` (qc, kc, ...) with the raw q, k of `qk_raw` = (q, k,
+    rq, rk) in qc, kc's place and the scales (rq, rk) to save after the node's own tensors;
+    without qk_raw, loc as it is and (None, None) (see raw_qk)."""
+    if qk_raw is None:
+        return loc, (None, None)
+    return [*qk_raw[:2], *loc[2:]], tuple(qk_raw[2:])
+
+
 def lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32, in_dtypes, fin_shape):
     """What the lean nodes' backward reads besides the saved tensors."""
     ctx.allow_tf32, ctx.scale, ctx.mm_dtype, ctx.out_shape = allow_tf32, scale, mm_dtype, out_shape
@@ -118,11 +127,11 @@ class StateOutput(torch.autograd.Function):
     quantities, with the raw q, k and the l2norm scales in q̂, k̂'s place (`qk_raw`, an extra
     last argument: raw_qk). Backward re-runs the state pass forward from W (only the pairs: no
     U, and two products fewer per chunk) or from U (the same kernel on the same operands); either
-    way bitwise the same S0s, M0s. Then the output's and the state pass's backward, freeing every per-chunk
-    [NC, H, K, V] tensor as soon as its last product is done, dWt written over dW, dS_end, dM_end
-    over the output's pair cotangents (end_over_pair_grads; pair_grads_first for less). Results are
-    those of StatePass + LocalOutput exactly; peak memory and the memory kept between forward and
-    backward drop.
+    way bitwise the same S0s, M0s. Then the output's and the state pass's backward, freeing every
+    per-chunk [NC, H, K, V] tensor as soon as its last product is done, dWt written over dW,
+    dS_end, dM_end over the output's pair cotangents (end_over_pair_grads; pair_grads_first for
+    less). Results are those of StatePass + LocalOutput exactly; peak memory and the memory kept
+    between forward and backward drop.
 
     fuse_pair_grads (MDN_RECOMPUTE_PAIRS=2): the output's share of the pair cotangents
     (dS0s, dM0s [NC, H, K, V]) is made inside the state pass's backward kernel instead of being
@@ -150,9 +159,7 @@ class StateOutput(torch.autograd.Function):
         del W
         # the raw q, k and the l2norm scales in place of the fp32 chunks (raw_qk); mode 2's
         # fused state-pass backward reads the chunks
-        norms = (None, None)
-        if qk_raw is not None and not fuse_pair_grads:
-            loc[:2], norms = qk_raw[:2], qk_raw[2:]
+        loc, norms = raw_qk_saved(loc, None if fuse_pair_grads else qk_raw)
         # Every tensor through save_for_backward, none on ctx: under activation recompute
         # (non-reentrant checkpoint) saved tensors are dropped after the forward and rebuilt in
         # the backward, a tensor on ctx is not — U held on ctx stayed alive for every layer
@@ -261,8 +268,9 @@ def raw_qk() -> bool:
     bitwise the same. Saves 8K bytes per token and head; the kernels read q, k with their
     strides (chunk_local_fused.token_rows), so in the model, where k is a slice of the conv
     output it keeps anyway, the corrected q (2K bytes in bf16) is the only tensor kept for them
-    (mdn_scale/train/memory.py). "0": the fp32 chunks are kept (the earlier path, kept to compare
-    against)."""
+    (mdn_scale/train/memory.py); LocalPrepare likewise keeps v as given (a view where it can),
+    not a contiguous copy. "0": the fp32 chunks and the copy of v are kept (the earlier path,
+    kept to compare against)."""
     return _flag("MDN_RAW_QK", "1")
 
 
@@ -392,7 +400,8 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     if raw:   # LocalPrepare and the later nodes keep the very same q, k (a copy only where the
         #       kernels cannot read x's strides: token_rows)
         from .chunk_local_fused import token_rows
-        q, k = (token_rows(x).view(B, T, H, K) for x in (q, k))
+        q_rows, k_rows = token_rows(q), token_rows(k)
+        q, k = q_rows.view(B, T, H, K), k_rows.view(B, T, H, K)
     prep_args = (q, k, v, log_alpha, log_mu, beta, eta, layout.dest, layout.num_chunks,
                  chunk_size, cdt, use_qk_l2norm, p_times_alpha, mm_dtype)
     if fused:
@@ -400,7 +409,7 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, *norms) = local_prepare(
         *prep_args)
     # q, k [B·T, H, K] and rq, rk: what the nodes after LocalPrepare save instead of qc, kc
-    qk_raw = (*(token_rows(x.detach()) for x in (q, k)), *norms) if raw else None
+    qk_raw = (q_rows.detach(), k_rows.detach(), *norms) if raw else None
     N = layout.num_seqs
     if initial_state is None:
         if lean and state_output is None:  # StateOutput runs a zero initial pair without storing one

@@ -153,10 +153,10 @@ def _xn_rows(X, R, cck, row, m_t, o_t, o_k, mk, K: tl.constexpr, RAW: tl.constex
     """x̂ [C, BK] (fp32, rows = the chunk's tokens) of q̂ or k̂. RAW False: X is the chunk layout
     [NC, H, C, K] fp32 (padding rows hold zeros). RAW True: X is the raw q or k [B·T, H, K]
     (`row`: each token's offset of this head, _raw_rows) and R the saved scales [NC, H, C]:
-    x̂ = x·r, the very product
-    _prepare_a_kernel made, so the values are bitwise those the chunk layout held. The scales
-    are loaded here, at each use, not held across the caller's loops: held, they cost the
-    output's backward 256 B of register spill (ptxas, K = 128; 20 B loaded here).""" 
+    x̂ = x·r, the very product _prepare_a_kernel made, so the values are bitwise those the chunk
+    layout held. The scales are loaded here, at each use, not held across the caller's loops:
+    held, they cost the output's backward 256 B of register spill (ptxas, K = 128; 20 B loaded
+    here)."""
     if RAW:
         x = tl.load(X + row[:, None] + o_k[None, :], mask=m_t[:, None] & mk[None, :],
                     other=0.0)
@@ -943,7 +943,8 @@ class LocalPrepare(torch.autograd.Function):
 
     Saved for backward: the raw v and gates, (I + A)⁻¹ [NC, H, C, C] fp32, per-token vectors
     (e^{le}, γ⁻, the l2norm scales) and, with `raw_qk` (an extra last argument, chunk.raw_qk()),
-    the raw q, k [B·T, H, K] (the op's 16-bit inputs, which the model keeps anyway) in place of
+    the raw q, k [B·T, H, K] (views where token_rows can: the model's k is a slice of the conv
+    output, which it keeps anyway) in place of
     the outputs q̂, k̂ (fp32 chunks: 8K bytes per token and head); the backward kernels make
     q̂, k̂ again by the product the forward made, so every gradient is bitwise the same.
 
@@ -961,8 +962,10 @@ class LocalPrepare(torch.autograd.Function):
         B, T, H, K = k.shape
         V = v.shape[-1]
         NC, C = num_chunks, chunk_size
-        # views where the strides allow (the model's k and v: slices of the conv output)
-        q, k, v = token_rows(q), token_rows(k), token_rows(v)
+        # views where the strides allow (the model's k and v: slices of the conv output); v is
+        # saved, so without raw_qk (the earlier path) its contiguous copy, as before
+        q, k = token_rows(q), token_rows(k)
+        v = token_rows(v) if raw_qk else v.reshape(B * T, H, V).contiguous()
         gates = [g.reshape(B * T, H).contiguous() for g in (log_alpha, log_mu, beta, eta)]
         cs, cl = chunk_bounds(dest, NC, C)
         new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=k.device)  # noqa: E731
@@ -980,7 +983,8 @@ class LocalPrepare(torch.autograd.Function):
         if NC > 0:
             wgmma.kernel(_prepare_a_kernel, "prepare")[(NC, H)](
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
-                amat, ele, g0r, rq, rk, q.stride(0), k.stride(0), H=H, K=K, C=C, NORM=use_qk_l2norm,
+                amat, ele, g0r, rq, rk, q.stride(0), k.stride(0), H=H, K=K, C=C,
+                NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
                 F32P=_f32p(), **_lp("prepare_a", K, V, C, mmdt))
             wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
@@ -991,8 +995,9 @@ class LocalPrepare(torch.autograd.Function):
         del amat
         qk = (q, k) if raw_qk else (qc, kc)
         ctx.save_for_backward(v, *gates, cs, cl, *qk, tmat, ele, g0r, rq, rk)
-        ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt, raw_qk)
-        ctx.qk_strides = (q.stride(0), k.stride(0))   # token strides of the raw q, k
+        # the token strides of the raw q, k (what the backward kernels read where raw_qk)
+        ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt, raw_qk,
+                    q.stride(0), k.stride(0))
         ctx.q_dtype, ctx.k_dtype, ctx.op_dtype = q.dtype, k.dtype, op_dtype
         ctx.mark_non_differentiable(rq, rk)
         return qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, rq, rk
@@ -1000,7 +1005,7 @@ class LocalPrepare(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *cots):
         v, la_in, lm_in, be_in, et_in, cs, cl, qc, kc, tmat, ele, g0r, rq, rk = ctx.saved_tensors
-        B, T, H, K, V, NC, C, norm, pta, mmdt, raw = ctx.meta
+        B, T, H, K, V, NC, C, norm, pta, mmdt, raw, q_stride, k_stride = ctx.meta
         shapes = [(NC, H, C, K), (NC, H, C, K), (NC, H, C), (NC, H, C), (NC, H, C),
                   (NC, H, C, C), (NC, H, C, V), (NC, H, C, K), (NC, H, C, K), (NC, H, C, K),
                   (NC, H, C, K), (NC, H), (NC, H), (NC, H)]
@@ -1020,11 +1025,11 @@ class LocalPrepare(torch.autograd.Function):
         if NC > 0:
             wgmma.kernel(_prepare_bwd_t_kernel, "prepare_bwd")[(NC, H)](
                 v, kc, rk, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
-                ctx.qk_strides[1], v.stride(0), H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
+                k_stride, v.stride(0), H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
                 DAP=_second_order_prec(mmdt), RAW=raw, **_lp("prepare_bwd_t", K, V, C, mmdt))
             wgmma.kernel(_prepare_bwd_k_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
-                dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm, *ctx.qk_strides,
+                dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm, q_stride, k_stride,
                 H=H, K=K, C=C, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
                 FLOOR=LOG_FLOOR, F32P=_f32p(), RAW=raw, **_lp("prepare_bwd_k", K, V, C, mmdt))
             wgmma.kernel(_prepare_bwd_decay_kernel, "prepare_bwd")[(NC, H)](
@@ -1151,9 +1156,8 @@ class LocalOutput(torch.autograd.Function):
         args = [t.contiguous() for t in (qc, kc, et, la, g0, gam, W, S0s, M0s)]
         cs, cl = chunk_bounds(dest, qc.shape[0], qc.shape[2])
         o = output_forward(*args, cs, cl, scale, mm_dtype, out_shape, out_dtype)
-        norms = (None, None)
-        if qk_raw is not None:
-            args[:2], norms = qk_raw[:2], qk_raw[2:]
+        from .chunk import raw_qk_saved
+        args, norms = raw_qk_saved(args, qk_raw)
         ctx.save_for_backward(*args, cs, cl, *norms)
         ctx.scale, ctx.mm_dtype = float(scale), mm_dtype
         return o

@@ -40,8 +40,8 @@ the layer output's dtype)
                                        (mixer_kernels.conv_silu_fla_padded)
   q, k, v to bf16      2 P_qkv         the op's bf16 inputs (kept whole: k is saved by the q
                                        correction; the op reads k and v as the slices they are,
-                                       token_rows, and keeps them so: no copy since session 15,
-                                       before which it kept a contiguous copy of v, 2 H_l V)
+                                       token_rows, and keeps them so; MDN_RAW_QK=0, the earlier
+                                       path: the op's contiguous copy of v, 2 H_l V, as well)
   gates                15 · 4 H_l      fp32 [T, H] tensors of the gate math and the op's 4 inputs
                                        (12 for GDN: no momentum gate)
     fused (Triton)     4 · 4 H_l       the op's 4 fp32 inputs, and the kernel's packed bf16 copy
@@ -306,7 +306,8 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         else:  # mixer.causal_conv_silu: the padded bf16 input and the mask (the conv recomputed)
             conv = 2 * P_qkv + 2 * W
         gated_norm = (6 if fused else 18) * H_l * V + 4 * H_l
-        before = norm + conv + 2 * P_qkv + gates
+        v_copy = 0 if raw_qk() else 2 * H_l * V   # MDN_RAW_QK=0: the op keeps a copy of v
+        before = norm + conv + 2 * P_qkv + v_copy + gates
         after = gated_norm + norm + 10 * F_l
         # 2V in the op's chunk terms: W (StateOutput; U with MDN_SAVE_W=0; StatePass under CP);
         # the op's q̂, k̂: the corrected q (raw_qk; k is a view of the conv output) or fp32 chunks

@@ -83,7 +83,7 @@ def test_estimate_by_hand_fp32_cp2():
     assert est["total"] == est["allocated"] + GIB
 
 
-def test_estimate_by_hand_bf16_recompute_chunked_loss():
+def test_estimate_by_hand_bf16_recompute_chunked_loss(monkeypatch):
     """The bf16 counts (checked against autograd's saved tensors in tests/model/test_chunked_loss.py)
     by hand for the tiny model, recompute on, chunked loss; the eager conv and gated norm (the
     fused ones: tests/model/test_mixer_kernels.py)."""
@@ -101,6 +101,12 @@ def test_estimate_by_hand_bf16_recompute_chunked_loss():
     # view of q|k|v) + Y Z Kg Km 8K + (I+A)⁻¹ Γ 8C + 28 + W 2V + 12/C (the chunk bounds are
     # made once per micro-batch, shared by the layers)
     assert t["op_chunk_tensors"] == 2 * (32 + 128 + 512 + 28 + 64 + 12 / 64) == 1528.375
+    # MDN_RAW_QK=0 (the earlier path): the fp32 q̂, k̂ chunks 8K and the op's copy of v 2·2·32
+    monkeypatch.setenv("MDN_RAW_QK", "0")
+    t0 = layer_activation_terms(cfg, Layout(precision="bf16"))
+    assert t0["op_chunk_tensors"] == 2 * (128 + 128 + 512 + 28 + 64 + 12 / 64) == 1720.375
+    assert t0["around_op"] == t["around_op"] + 128
+    monkeypatch.delenv("MDN_RAW_QK")
     # the pairs are recomputed in the backward (StateOutput), kept only under CP
     assert t["op_state_pairs"] == 0
     cp2 = layer_activation_terms(cfg, Layout(precision="bf16", cp=2))
