@@ -58,7 +58,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      instead of the fp32 q̂, k̂ chunks (MDN_RAW_QK): the op beside FLA's GDN, its kernel tests,
      CP's lean node against float64; the 1.3B step with and without it; (s15c) the kernels
      reading a strided k, the saved-bytes test; (s15e) the op's kernels profiled beside FLA's;
-     (s15f) the decay backward's warps. s16a (not yet run): v read with its token stride, on
+     (s15f) the decay backward's warps. s16a (session 16): v read with its token stride, on
      the GPU.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
@@ -1180,8 +1180,8 @@ PLANS = {
                     "--variant MDN_FUSED_FP32_DOT=tf32x3 --out {R}/result.json")]),
         ]),
     ],
-    "s16a": [  # for the next one-GPU call: v read with its token stride (commit e46f632, not yet run
-               # on a GPU): the kernel tests against float64, the saved-bytes test against the
+    "s16a": [  # session 16's first one-GPU call: v read with its token stride (commit e46f632):
+               # the kernel tests against float64, the saved-bytes test against the
                # estimate, the op beside FLA's GDN, the 1.3B step (limits for a cold machine)
         ("check", 570, [
             ("0", [("kernel_tests", 260, "MDN_RESULTS_DIR={R} " + PT + " --timeout 255 "
