@@ -59,7 +59,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      CP's lean node against float64; the 1.3B step with and without it; (s15c) the kernels
      reading a strided k, the saved-bytes test; (s15e) the op's kernels profiled beside FLA's;
      (s15f) the decay backward's warps. s16a (session 16): v read with its token stride, on
-     the GPU.
+     the GPU; s16b StateOutput's backward in segments of whole sequences (MDN_BWD_SEGMENTS); s16c
+     profiles of it (s16d ran a knob that was not kept: BENCHMARKS.md).
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1191,6 +1192,33 @@ PLANS = {
                    ("bench_k128_k256", 100, "python3 tools/bench_kernels.py --shapes 0,1 "
                     "--out {R}/result.json"),
                    ("mdn_1p3b_4k", 100, bench_model(1, M13_4K))]),
+        ]),
+    ],
+    "s16b": [  # session 16, second call: StateOutput's backward in segments of whole sequences
+               # (MDN_BWD_SEGMENTS): the op beside FLA's GDN at both shapes with 2, 4 and 8
+               # segments as variants (rel_diff_vs_default: bitwise?); the kernel tests against
+               # float64 in 2 segments; the 1.3B step (micro-batch 2: two sequences) both ways
+        ("check", 570, [
+            ("0", [("bench_k128_k256", 110, "python3 tools/bench_kernels.py --shapes 0,1 "
+                    "--variant MDN_BWD_SEGMENTS=2 --variant MDN_BWD_SEGMENTS=4 "
+                    "--variant MDN_BWD_SEGMENTS=8 --out {R}/result.json"),
+                   ("kernel_tests_seg2", 230, "MDN_BWD_SEGMENTS=2 MDN_RESULTS_DIR={R} " + PT +
+                    " --timeout 225 tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'"),
+                   ("mdn_1p3b_4k_seg2", 100, "MDN_BWD_SEGMENTS=2 " + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_seg1", 80, "MDN_BWD_SEGMENTS=1 " + bench_model(1, M13_4K))]),
+        ]),
+    ],
+    "s16c": [  # session 16, third call: where segments' time goes: the op's kernels profiled with
+               # 1 and 2 backward segments at both shapes; the 1.3B step profiled both ways
+        ("profile", 570, [
+            ("0", [("prof_seg1", 70, "MDN_BWD_SEGMENTS=1 python3 tools/bench_kernels.py --shapes 0,1 "
+                    "--no-fla --profile {R}/profile.txt --out {R}/result.json"),
+                   ("prof_seg2", 70, "MDN_BWD_SEGMENTS=2 python3 tools/bench_kernels.py --shapes 0,1 "
+                    "--no-fla --profile {R}/profile.txt --out {R}/result.json"),
+                   ("mdn_1p3b_4k_seg1_prof", 100, "MDN_BWD_SEGMENTS=1 " + bench_model(1, M13_4K)
+                    + " --profile {R}/profile.txt"),
+                   ("mdn_1p3b_4k_seg2_prof", 100, "MDN_BWD_SEGMENTS=2 " + bench_model(1, M13_4K)
+                    + " --profile {R}/profile.txt")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor

@@ -235,7 +235,7 @@ def build_chunks(cfg, a, layout):
     from megatron.core import parallel_state as ps
 
     from mdn_scale.model import build_model, to_transformer_config
-    from mdn_scale.train.config import apply_cp_op_settings
+    from mdn_scale.train.config import apply_op_settings
     from mdn_scale.train.recompute import enable_layer_recompute
 
     overrides = {"use_cpu_initialization": True}  # as the trainer: same weights in every layout
@@ -259,7 +259,7 @@ def build_chunks(cfg, a, layout):
             m = build_model(cfg.model, config=config, vp_stage=vp_stage, block_spec_fn=block_spec_fn)
         if cfg.train.recompute:
             enable_layer_recompute(m, offload=cfg.train.recompute_offload)
-        apply_cp_op_settings(cfg)
+        apply_op_settings(cfg)
         chunks.append(m.to(layout.device))
     return chunks
 

@@ -54,7 +54,9 @@ def _model_and_layout(config: str, overrides: list[str]):
                  distributed_optimizer=bool(p.get("distributed_optimizer", False)),
                  # off in the config: what the environment says (MDN_CP_LEAN*), as the op reads it
                  cp_lean=True if p.get("cp_lean") else None,
-                 cp_lean_segment_tokens=int(p["cp_lean_segment_tokens"]) if p.get("cp_lean") else None)
+                 cp_lean_segment_tokens=int(p["cp_lean_segment_tokens"]) if p.get("cp_lean") else None,
+                 op_backward_segments=(int(t["op_backward_segments"]) if "op_backward_segments" in t
+                                       else None))
     return cfg, lay
 
 

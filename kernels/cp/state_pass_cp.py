@@ -424,7 +424,7 @@ def _segments(plan, seg_chunks: int) -> list:
             c0, c1 = starts[g0], starts[g1 - 1] + lens[g1 - 1]
             lay = replace(plan.layout, num_seqs=g1 - g0, num_chunks=c1 - c0,
                           seq_chunk_offsets=(off[g0:g1 + 1] - c0).contiguous(),
-                          max_chunks=max(lens[g0:g1]))
+                          max_chunks=max(lens[g0:g1]), host_chunk_offsets=None)
             segs.append((g0, g1, c0, c1, lay))
             g0 = g1
         cache[seg_chunks] = segs

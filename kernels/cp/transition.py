@@ -103,7 +103,8 @@ def plan_groups(layout: ChunkLayout, group_chunks: int,
     idx = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
     g_off = idx(starts + [off[-1]])
     glayout = replace(layout, num_seqs=len(starts), seq_chunk_offsets=g_off,
-                      max_chunks=max(lens) if lens else 0)
+                      max_chunks=max(lens) if lens else 0,
+                      host_chunk_offsets=tuple(int(x) for x in starts + [off[-1]]))
     depth = max(len(g) for g in groups_of_seq)
     fwd, bwd = [], []
     for j in range(depth):

@@ -10,6 +10,7 @@ recompute_pairs_mode.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -130,8 +131,9 @@ class StateOutput(torch.autograd.Function):
     way bitwise the same S0s, M0s. Then the output's and the state pass's backward, freeing every
     per-chunk [NC, H, K, V] tensor as soon as its last product is done, dWt written over dW,
     dS_end, dM_end over the output's pair cotangents (end_over_pair_grads; pair_grads_first for
-    less). Results are those of StatePass + LocalOutput exactly; peak memory and the memory kept
-    between forward and backward drop.
+    less), in segments of whole sequences where asked (bwd_segments: the pair-sized tensors for
+    one segment at a time). Results are those of StatePass + LocalOutput exactly; peak memory
+    and the memory kept between forward and backward drop.
 
     fuse_pair_grads (MDN_RECOMPUTE_PAIRS=2): the output's share of the pair cotangents
     (dS0s, dM0s [NC, H, K, V]) is made inside the state pass's backward kernel instead of being
@@ -172,61 +174,163 @@ class StateOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS_fin, dM_fin):
-        from .chunk_local_fused import output_backward, output_backward_dw
-        from .state_pass import state_pass_bwd_triton, state_pass_fwd_triton
         loc, sp, (S_init, M_init, cs, cl, rq, rk) = lean_saved(ctx)
-        qc, kc, et, la, g0, gam = loc
         norms = None if rq is None else (rq, rk)   # qc, kc are the raw q, k
-        Y, Z, Kg, Km, a_end, g_end, u_end = sp[1:]
-        layout, tf32, fuse = ctx.layout, ctx.allow_tf32, ctx.fuse_pair_grads
-        do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, et, both_final=False)
+        layout = ctx.layout
+        do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, loc[2], both_final=False)
         init_grad = S_init is not None and (ctx.needs_input_grad[14] or ctx.needs_input_grad[15])
-        if ctx.save_w:  # the pairs alone, from the saved W
-            W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(None, *sp[1:], S_init, M_init,
-                                                              layout, tf32, W=sp[0])
+        segs = [] if ctx.fuse_pair_grads else sequence_segments(layout, bwd_segments())
+        if len(segs) <= 1:
+            g = _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin,
+                               layout, init_grad)
         else:
-            W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(*sp, S_init, M_init, layout, tf32)
-        del sp, S_fin, M_fin
-        # split (pair_grads_first): dW and the output's pair cotangents first, its other
-        # gradients after the state pass's backward and the products that free the end
-        # cotangents: those gradients and the four pair-sized tensors are never alive together
-        split = not fuse and pair_grads_first()
-        if fuse:
-            # dW first; the output's other gradients after the pairs' cotangents are freed
-            dW = output_backward_dw(qc, kc, et, gam, cs, cl, do, ctx.scale, ctx.mm_dtype, W.dtype)
-            dS0s = dM0s = None
-            fuse_out = (qc, la, g0, do, cs, cl, ctx.scale, ctx.mm_dtype)
-        elif split:
-            dW, dS0s, dM0s = output_backward_dw(qc, kc, et, gam, cs, cl, do, ctx.scale,
-                                                ctx.mm_dtype, W.dtype, pair_of=(la, g0, S0s),
-                                                norms=norms)
-            fuse_out = None
-        else:
-            dqc, dkc, det, dla, dg0, dgam, dW, dS0s, dM0s = output_backward(
-                *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype, norms=norms)
-            fuse_out = None
-        dWt, dS_end, dM_end, dS_i, dM_i, (da, dg, du) = state_pass_bwd_triton(
-            Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s,
-            layout, tf32, dWt_out=dW, fuse_out=fuse_out, init_grad=init_grad,
-            end_over_pair_grads=not fuse and end_over_pair_grads())
-        del dS0s, dM0s
-        # state_pass_grads' products, each pair's inputs freed after its last use
-        dKg = (W @ dS_end.transpose(-1, -2)).neg_()
-        del dS_end
-        dKm = W @ dM_end.transpose(-1, -2)
-        del dM_end
-        if fuse or split:
-            # dW (now overwritten by dWt) is not made again: only the other gradients
-            dqc, dkc, det, dla, dg0, dgam, _, _, _ = output_backward(
-                *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype, pair_grads=False,
-                dW=dWt, norms=norms)
-        del W
-        dY = dWt @ S0s.transpose(-1, -2)
-        dZ = (dWt @ M0s.transpose(-1, -2)).neg_()
-        del S0s, M0s
-        dsp = [g.to(dt) for g, dt in zip((dWt, dY, dZ, dKg, dKm), ctx.in_dtypes)]
-        return (dqc, dkc, det, dla, dg0, dgam, *dsp, da, dg, du, dS_i, dM_i,
-                None, None, None, None, None, None, None, None)
+            g = _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do,
+                                           dS_fin, dM_fin, segs, init_grad)
+        dsp = [t.to(dt) for t, dt in zip(g[6:11], ctx.in_dtypes)]
+        return (*g[:6], *dsp, *g[11:], None, None, None, None, None, None, None, None)
+
+
+def bwd_segments() -> int:
+    """MDN_BWD_SEGMENTS: StateOutput's backward runs on at most this many segments of whole
+    sequences, one after another (sequence_segments): every per-chunk [NC, H, K, V] tensor of
+    the backward (the recomputed pairs and their cotangents) exists for one segment at a time.
+    The sequences' state passes are independent, so the results are those of one segment, bit
+    for bit where the products take the same kernels. 1: no segments (one sequence, B = 1
+    without packing, is one segment anyway)."""
+    env = os.environ.get("MDN_BWD_SEGMENTS", "1")
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"MDN_BWD_SEGMENTS must be a positive integer, got {env!r}")
+    return int(env)
+
+
+def sequence_segments(layout: ChunkLayout, n: int) -> list:
+    """[(n0, n1, c0, c1, seg_layout)]: at most n runs of consecutive whole sequences [n0, n1),
+    covering chunks [c0, c1), of about equal chunk counts, and the ChunkLayout of each over the
+    chunk tensors sliced [c0:c1]. Made once per (layout, n); from the layout's host offsets
+    where it has them (one host copy of seq_chunk_offsets otherwise)."""
+    if n <= 1 or layout.num_seqs <= 1:
+        return [(0, layout.num_seqs, 0, layout.num_chunks, layout)]
+    cache = layout.__dict__.setdefault("_sequence_segments", {})
+    segs = cache.get(n)
+    if segs is None:
+        off = layout.host_chunk_offsets
+        if off is None:
+            off = tuple(layout.seq_chunk_offsets.tolist())
+        total, segs, n0 = off[-1], [], 0
+        while n0 < layout.num_seqs:
+            # the segment ends at its share of the chunks: a sequence joins it while the
+            # segment is short of that share and the sequence's middle lies within it
+            goal = total * (len(segs) + 1) / n
+            n1 = n0 + 1
+            while (n1 < layout.num_seqs and off[n1] < goal
+                   and (off[n1] + off[n1 + 1]) / 2 <= goal):
+                n1 += 1
+            c0, c1 = off[n0], off[n1]
+            lay = replace(layout, num_seqs=n1 - n0, num_chunks=c1 - c0,
+                          seq_chunk_offsets=(layout.seq_chunk_offsets[n0:n1 + 1] - c0).contiguous(),
+                          max_chunks=max(off[i + 1] - off[i] for i in range(n0, n1)),
+                          host_chunk_offsets=tuple(x - c0 for x in off[n0:n1 + 1]))
+            segs.append((n0, n1, c0, c1, lay))
+            n0 = n1
+        cache[n] = segs
+    return segs
+
+
+def _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin, layout,
+                   init_grad: bool, out=None):
+    """StateOutput's backward over the chunks of `layout` (all of them, or one segment's: the
+    chunk tensors sliced to it, the raw q, k and do whole). Returns dqc, dkc, det, dla, dg0,
+    dgam, dWt, dY, dZ, dKg, dKm (in the products' dtype), da, dg, du, dS_i, dM_i. out (the
+    segments' path): the tensors the first eleven are written into, and (da, dg, du) the one
+    [3, NC, H] tensor they come as; dS_i, dM_i are returned."""
+    from .chunk_local_fused import output_backward, output_backward_dw
+    from .state_pass import state_pass_bwd_triton, state_pass_fwd_triton
+    tf32, fuse = ctx.allow_tf32, ctx.fuse_pair_grads
+    qc, kc, et, la, g0, gam = loc
+    Y, Z, Kg, Km, a_end, g_end, u_end = sp[1:]
+    o = out if out is not None else [None] * 12
+    if ctx.save_w:  # the pairs alone, from the saved W
+        W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(None, *sp[1:], S_init, M_init,
+                                                          layout, tf32, W=sp[0])
+    else:
+        W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(*sp, S_init, M_init, layout, tf32)
+    del sp, S_fin, M_fin
+    # split (pair_grads_first): dW and the output's pair cotangents first, its other
+    # gradients after the state pass's backward and the products that free the end
+    # cotangents: those gradients and the four pair-sized tensors are never alive together
+    split = not fuse and pair_grads_first()
+    if fuse:
+        # dW first; the output's other gradients after the pairs' cotangents are freed
+        dW = output_backward_dw(qc, kc, et, gam, cs, cl, do, ctx.scale, ctx.mm_dtype, W.dtype)
+        dS0s = dM0s = None
+        fuse_out = (qc, la, g0, do, cs, cl, ctx.scale, ctx.mm_dtype)
+    elif split:
+        dW, dS0s, dM0s = output_backward_dw(qc, kc, et, gam, cs, cl, do, ctx.scale,
+                                            ctx.mm_dtype, W.dtype, pair_of=(la, g0, S0s),
+                                            norms=norms, out=o[6])
+        fuse_out = None
+    else:
+        dqc, dkc, det, dla, dg0, dgam, dW, dS0s, dM0s = output_backward(
+            *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype, norms=norms, out=o[:7])
+        fuse_out = None
+    dWt, dS_end, dM_end, dS_i, dM_i, dgates = state_pass_bwd_triton(
+        Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s,
+        layout, tf32, dWt_out=dW, fuse_out=fuse_out, init_grad=init_grad,
+        end_over_pair_grads=not fuse and end_over_pair_grads())
+    del dS0s, dM0s
+    if out is not None:
+        out[11].copy_(dgates)
+    # state_pass_grads' products, each pair's inputs freed after its last use
+    dKg = _product(W, dS_end, o[9], negate=True)
+    del dS_end
+    dKm = _product(W, dM_end, o[10])
+    del dM_end
+    if fuse or split:
+        # dW (now overwritten by dWt) is not made again: only the other gradients
+        dqc, dkc, det, dla, dg0, dgam, _, _, _ = output_backward(
+            *loc, W, S0s, M0s, cs, cl, do, ctx.scale, ctx.mm_dtype, pair_grads=False,
+            dW=dWt, norms=norms, out=o[:6] + [None])
+    del W
+    dY = _product(dWt, S0s, o[7])
+    dZ = _product(dWt, M0s, o[8], negate=True)
+    del S0s, M0s
+    return (dqc, dkc, det, dla, dg0, dgam, dWt, dY, dZ, dKg, dKm, *dgates, dS_i, dM_i)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, out=None, negate: bool = False) -> torch.Tensor:
+    """a @ bᵀ over the last two dims (negated where asked), into `out` where given."""
+    r = torch.matmul(a, b.transpose(-1, -2), out=out) if out is not None else a @ b.transpose(-1, -2)
+    return r.neg_() if negate else r
+
+
+def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin,
+                               segs, init_grad: bool):
+    """_lean_backward one segment of sequences after another (bwd_segments), each on the chunk
+    tensors sliced to its chunks and writing into slices of whole-size gradients: the
+    recomputed pairs and their cotangents exist for one segment at a time."""
+    dev = sp[0].device
+    out = [torch.empty(sp[1].shape, dtype=torch.float32, device=dev) for _ in range(2)]
+    out += [torch.empty_like(t) for t in loc[2:]]
+    pdt = sp[1].dtype   # the products' dtype (the operand dtype: W's)
+    out += [torch.empty(sp[0].shape, dtype=pdt, device=dev)]
+    out += [torch.empty(sp[1].shape, dtype=pdt, device=dev) for _ in range(4)]
+    out += [torch.empty(3, *sp[5].shape, dtype=torch.float32, device=dev)]
+    dS_i = dM_i = None
+    if init_grad:
+        dS_i, dM_i = torch.empty_like(S_init), torch.empty_like(M_init)
+    for n0, n1, c0, c1, lay in segs:
+        part = lambda ts: [None if t is None else t[c0:c1] for t in ts]  # noqa: E731
+        seq = lambda t: None if t is None else t[n0:n1]  # noqa: E731
+        # the raw q, k are read whole (cs holds absolute first tokens); chunk tensors sliced
+        seg_loc = list(loc[:2]) + part(loc[2:]) if norms is not None else part(loc)
+        seg_out = part(out[:11]) + [out[11][:, c0:c1]]
+        g = _lean_backward(ctx, seg_loc, part(sp), seq(S_init), seq(M_init), cs[c0:c1],
+                           cl[c0:c1], None if norms is None else tuple(part(norms)), do,
+                           seq(dS_fin), seq(dM_fin), lay, init_grad, out=seg_out)
+        if init_grad:
+            dS_i[n0:n1], dM_i[n0:n1] = g[-2], g[-1]
+        del g
+    return (*out[:11], *out[11], dS_i, dM_i)
 
 
 def end_over_pair_grads() -> bool:

@@ -1097,16 +1097,27 @@ def _raw_norms(qc, kc, norms):
     return (*rq.shape, qc.shape[-1]), (rq, rk, qc.stride(0), kc.stride(0))
 
 
+def _out_or_new(out, shape, dtype, device, name: str) -> torch.Tensor:
+    """`out` checked against what a kernel writes (shape, dtype, contiguous), or a new tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out for {name}: needs a contiguous {dtype} tensor of shape "
+                         f"{tuple(shape)}, got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dtype,
-                       pair_of=None, norms=None):
+                       pair_of=None, norms=None, out=None):
     """dW alone (see _output_bwd_dw_kernel); pass it to output_backward(dW=...).
 
     pair_of = (la, g0, S0s): the output's pair cotangents dS0s, dM0s as well (S0s's shape and
     dtype), returned as (dW, dS0s, dM0s); then call output_backward(pair_grads=False, dW=...)
-    for the rest. norms = (rq, rk): qc, kc are the raw q, k (see _raw_norms)."""
+    for the rest. norms = (rq, rk): qc, kc are the raw q, k (see _raw_norms). out: the
+    contiguous [NC, H, C, V] w_dtype tensor dW is written into (a slice of a larger one)."""
     (NC, H, C, K), rqk = _raw_norms(qc, kc, norms)
     V = do.shape[-1]
-    dW = torch.empty(NC, H, C, V, dtype=w_dtype, device=qc.device)
+    dW = _out_or_new(out, (NC, H, C, V), w_dtype, qc.device, "dW")
     if pair_of is None:
         la = g0 = dS0s = dM0s = dW   # not touched
     else:
@@ -1122,17 +1133,21 @@ def output_backward_dw(qc, kc, et, gam, cs, cl, do, scale: float, mm_dtype, w_dt
 
 
 def output_backward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, do, scale: float, mm_dtype,
-                    pair_grads: bool = True, dW=None, norms=None):
+                    pair_grads: bool = True, dW=None, norms=None, out=None):
     """Gradients of (qc, kc, et, la, g0, gam, W, S0s, M0s), each in its input's dtype; with
     pair_grads False the last two are None (the state pass's backward makes them, fused); with
     dW given (output_backward_dw's) it is returned as is and not made again. norms = (rq, rk):
-    qc, kc are the raw q, k (see _raw_norms); dqc, dkc are still the fp32 chunks'."""
+    qc, kc are the raw q, k (see _raw_norms); dqc, dkc are still the fp32 chunks'. out: the
+    tensors the first six gradients (and dW, where it is made here) are written into, in that
+    order (contiguous slices of larger ones: StateOutput's backward in segments)."""
     (NC, H, C, K), rqk = _raw_norms(qc, kc, norms)
     V = W.shape[-1]
     do = do.contiguous()
-    grads = [torch.empty(NC, H, C, K, dtype=torch.float32, device=W.device) for _ in range(2)]
-    grads += [torch.empty_like(t) for t in (et, la, g0, gam)]
-    grads += [torch.empty_like(W) if dW is None else dW]
+    out = list(out) if out is not None else [None] * 7
+    names = ("dqc", "dkc", "det", "dla", "dg0", "dgam", "dW")
+    shapes = [((NC, H, C, K), torch.float32)] * 2 + [(t.shape, t.dtype) for t in (et, la, g0, gam)]
+    grads = [_out_or_new(o, sh, dt, W.device, n) for o, (sh, dt), n in zip(out, shapes, names)]
+    grads += [_out_or_new(out[6], W.shape, W.dtype, W.device, "dW") if dW is None else dW]
     grads += [torch.empty_like(t) if pair_grads else None for t in (S0s, M0s)]
     ptrs = grads[:7] + ([grads[7], grads[8]] if pair_grads else [grads[6], grads[6]])
     mmdt = _tl_mm(mm_dtype)

@@ -22,6 +22,9 @@ class ChunkLayout:
     dest: torch.Tensor          # [total_tokens] int64: flat slot (chunk*C + pos) of every token
     seq_chunk_offsets: torch.Tensor  # [N + 1] int64
     max_chunks: int             # the longest sequence's chunk count
+    # seq_chunk_offsets on the host (a tuple), where the builder knew them without a sync; a
+    # layout made from another (dataclasses.replace) must set it anew or to None
+    host_chunk_offsets: tuple | None = None
 
     def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
         return to_chunks(x, self.dest, self.num_chunks, self.chunk_size)
@@ -142,4 +145,5 @@ def _build_layout(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, chun
         dest=dest,
         seq_chunk_offsets=offsets,
         max_chunks=max_chunks,
+        host_chunk_offsets=(0,) + tuple(int(x) for x in torch.cumsum(nch_host, 0)),
     )

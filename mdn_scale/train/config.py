@@ -62,6 +62,10 @@ class TrainConfig:
     # with recompute: each layer's kept input waits in pinned host memory between its forward
     # and its backward (train/recompute.py); for long contexts, where those inputs add up
     recompute_offload: bool = False
+    # the MDN op's backward (CP = 1) in this many segments of whole sequences, one after another:
+    # its per-chunk state pairs and their cotangents exist for one segment at a time (less peak
+    # memory, a little more time; needs several sequences or packed documents per micro-batch)
+    op_backward_segments: int = 1
     skip_nonfinite: bool = True  # a step whose loss or gradient norm is not finite is not applied
     # under CP, before step 1: layer 0 under CP against one rank (train/cp_check.py); a machine
     # where CP is wrong stops the run with an error naming the worst parameter
@@ -332,19 +336,24 @@ def _fill_shared_keys(raw: dict, foreign: dict[str, type]) -> None:
         raw["data"][key] = value
 
 
-def apply_cp_op_settings(cfg: RunConfig) -> None:
-    """parallel.cp_lean / cp_lean_segment_tokens → the environment the CP op reads at each call
-    (mdn_kernels.cp: MDN_CP_LEAN, MDN_CP_LEAN_SEGMENT_TOKENS). A variable already set to another
-    value is a conflict, named; with cp_lean off the environment is left as it is."""
+def apply_op_settings(cfg: RunConfig) -> None:
+    """parallel.cp_lean / cp_lean_segment_tokens and train.op_backward_segments → the
+    environment the op reads at each call (mdn_kernels: MDN_CP_LEAN, MDN_CP_LEAN_SEGMENT_TOKENS,
+    MDN_BWD_SEGMENTS). A variable already set to another value is a conflict, named; settings at
+    their defaults (cp_lean off, one segment) leave the environment as it is."""
     import os
 
-    p = cfg.parallel
-    if not p.cp_lean:
-        return
-    for key, want in (("MDN_CP_LEAN", "1"), ("MDN_CP_LEAN_SEGMENT_TOKENS", str(p.cp_lean_segment_tokens))):
+    p, t = cfg.parallel, cfg.train
+    wanted = []
+    if p.cp_lean:
+        wanted += [("parallel.cp_lean", "MDN_CP_LEAN", "1"),
+                   ("parallel.cp_lean", "MDN_CP_LEAN_SEGMENT_TOKENS", str(p.cp_lean_segment_tokens))]
+    if t.op_backward_segments != 1:
+        wanted.append(("train.op_backward_segments", "MDN_BWD_SEGMENTS", str(t.op_backward_segments)))
+    for what, key, want in wanted:
         have = os.environ.get(key)
         if have is not None and have != want:
-            raise ConfigError(f"parallel.cp_lean settings ask for {key}={want}, but the environment "
+            raise ConfigError(f"{what} settings ask for {key}={want}, but the environment "
                               f"has {key}={have}: unset it or make the two agree")
         os.environ[key] = want
 
@@ -371,6 +380,8 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if not 0 < t.wsd_decay_fraction <= 1:
         raise ConfigError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
+    if t.op_backward_segments < 1:
+        raise ConfigError(f"train.op_backward_segments must be >= 1, got {t.op_backward_segments}")
     if p.cp_lean_segment_tokens < 0:
         raise ConfigError(f"parallel.cp_lean_segment_tokens must be >= 0, got {p.cp_lean_segment_tokens}")
     if p.cp_lean_segment_tokens and not p.cp_lean:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .backend import build_backend
 from .batches import StepBatches
-from .config import RunConfig, apply_cp_op_settings, save_resolved
+from .config import RunConfig, apply_op_settings, save_resolved
 from .distributed import Layout, seed_everything
 from .metrics import MetricsLogger, memory_stats, model_flops_per_token, peak_flops
 from .recompute import enable_layer_recompute
@@ -65,7 +65,7 @@ def build_model(cfg: RunConfig, layout: Layout):
                   post_process=ps.is_pipeline_last_stage(), **overrides)
     if cfg.train.recompute:
         enable_layer_recompute(model, offload=cfg.train.recompute_offload)
-    apply_cp_op_settings(cfg)   # the CP op reads its node settings at each call
+    apply_op_settings(cfg)   # the op reads its settings (CP node, backward segments) at each call
     return model.to(layout.device)
 
 

@@ -263,6 +263,72 @@ def test_op_reads_strided_k_and_v_as_they_are(mode, fused_on, monkeypatch):
     assert st_saved == st_inputs   # q and the conv output's slices, nothing copied
 
 
+@pytest.mark.parametrize("first", ["0", "1"], ids=["default-order", "pair-grads-first"])
+@pytest.mark.parametrize("case", ["batched", "packed"])
+def test_bwd_segments_change_no_result(case, first, fused_on, monkeypatch):
+    """StateOutput's backward in segments of whole sequences (MDN_BWD_SEGMENTS) against one
+    segment: bitwise the same outputs and gradients, the initial states' included (a ragged
+    last chunk; packed documents of 1, 2, 1 and 3 chunks), in both orders. The backward runs
+    once per segment, over every sequence once; more segments than sequences give one per
+    sequence. A bad value is named."""
+    if case == "batched":
+        xs = random_inputs(3, 45, 2, 24, 32, dtype=torch.float32, seed=15, with_state=True)
+        cu, nseq = None, 3
+    else:
+        xs = random_inputs(1, 61, 2, 24, 32, dtype=torch.float32, seed=14, with_state=True,
+                           num_states=4)
+        cu, nseq = torch.tensor([0, 5, 21, 1, 34]).cumsum(0), 4
+    monkeypatch.setenv("MDN_PAIR_GRADS_FIRST", first)
+    calls = []
+    real = chunk._lean_backward
+
+    def spy(*args, **kw):
+        calls.append(args[11].num_seqs)   # the layout of the call's sequences
+        return real(*args, **kw)
+    monkeypatch.setattr(chunk, "_lean_backward", spy)
+    res = {}
+    for n in (1, 2, 3, 9):
+        monkeypatch.setenv("MDN_BWD_SEGMENTS", str(n))
+        calls.clear()
+        res[n] = _run(xs, cu, 1, monkeypatch)
+        assert len(calls) == min(n, nseq) and sum(calls) == nseq, (n, calls)
+    for n in (2, 3, 9):
+        for name, a, b in zip(NAMES, res[n], res[1]):
+            assert a.dtype == b.dtype and torch.equal(a, b), (n, name)
+    for bad in ("0", "two"):
+        monkeypatch.setenv("MDN_BWD_SEGMENTS", bad)
+        with pytest.raises(ValueError, match="MDN_BWD_SEGMENTS"):
+            _run(xs, cu, 1, monkeypatch)
+
+
+def test_sequence_segments_split_whole_sequences():
+    """chunk.sequence_segments: runs of whole sequences of about equal chunk counts, covering
+    every chunk once, at most n of them; the same from the layout's host offsets and from a
+    host copy of its device offsets; each segment's layout is the sliced one."""
+    from dataclasses import replace
+
+    cu = torch.tensor([0, 5, 21, 1, 34, 16, 16]).cumsum(0)      # chunks 1, 2, 1, 3, 1, 1 (C = 16)
+    lay = build_layout(1, int(cu[-1]), cu, 16, torch.device("cpu"))
+    assert lay.host_chunk_offsets == (0, 1, 3, 4, 7, 8, 9)
+    assert chunk.sequence_segments(lay, 1) == [(0, 6, 0, 9, lay)]
+    bounds = lambda segs: [s[:4] for s in segs]  # noqa: E731
+    assert bounds(chunk.sequence_segments(lay, 2)) == [(0, 3, 0, 4), (3, 6, 4, 9)]
+    assert bounds(chunk.sequence_segments(lay, 3)) == [(0, 2, 0, 3), (2, 4, 3, 7), (4, 6, 7, 9)]
+    assert bounds(chunk.sequence_segments(lay, 6)) == [(i, i + 1) + o for i, o in enumerate(
+        [(0, 1), (1, 3), (3, 4), (4, 7), (7, 8), (8, 9)])]
+    for n in (2, 3, 4, 6, 50):
+        segs = chunk.sequence_segments(lay, n)
+        no_host = chunk.sequence_segments(replace(lay, host_chunk_offsets=None), n)
+        assert bounds(segs) == bounds(no_host) and len(segs) <= n
+        assert [s[0] for s in segs[1:]] == [s[1] for s in segs[:-1]] and segs[-1][1] == 6
+        for n0, n1, c0, c1, sl in segs:
+            assert (sl.num_seqs, sl.num_chunks) == (n1 - n0, c1 - c0)
+            assert sl.seq_chunk_offsets.tolist() == list(sl.host_chunk_offsets)
+            assert sl.host_chunk_offsets == tuple(x - c0 for x in lay.host_chunk_offsets[n0:n1 + 1])
+            assert sl.max_chunks == max(b - a for a, b in zip(sl.host_chunk_offsets,
+                                                                sl.host_chunk_offsets[1:]))
+
+
 def _accounting(monkeypatch):
     """tools/mem_accounting.py as a module, every Triton launch a no-op (the allocations are the
     GPU run's; the kernels only fill them)."""
@@ -342,6 +408,38 @@ def test_estimator_op_backward_matches_the_accounting(flags, monkeypatch):
     t = layer_activation_terms(mc, Layout(precision="bf16", seq_len=T, fused_mixer=True,
                                           fused_gates=True))
     assert 0 <= measured - t["op_backward"] < 4, (measured, t["op_backward"])
+
+
+@pytest.mark.parametrize("flags,segs,B,T", [
+    (("1", "0", "1"), 2, 2, 2048), (("1", "1", "1"), 4, 4, 1024), (("1", "0", "1"), 3, 4, 1024),
+    (("0", "0", "1"), 2, 2, 2048), (("1", "0", "0"), 2, 2, 2048), (("0", "1", "0"), 3, 4, 1024)],
+    ids=["end-over-2", "pair-grads-first-4", "end-over-3-of-4", "separate-2", "w-remade-2",
+         "separate-first-w-remade-3-of-4"])
+def test_estimator_op_backward_in_segments_matches_the_accounting(flags, segs, B, T, monkeypatch):
+    """The same with StateOutput's backward in segments of whole sequences (MDN_BWD_SEGMENTS,
+    Layout.op_backward_segments from the environment): B equal sequences, the largest segment
+    holding ⌈B/n⌉ of them (3 segments of 4 sequences: 2, 1, 1), in each order; and the
+    segments' estimate is below one segment's (the accounting's peak too)."""
+    from mdn_scale.model import ModelConfig
+    from mdn_scale.train.memory import Layout, layer_activation_terms
+
+    monkeypatch.setenv("MDN_END_OVER_PAIR_GRADS", flags[0])
+    monkeypatch.setenv("MDN_PAIR_GRADS_FIRST", flags[1])
+    monkeypatch.setenv("MDN_SAVE_W", flags[2])
+    mod = _accounting(monkeypatch)
+    H, K, V = 2, 128, 256
+    mc = ModelConfig(hidden_size=256, num_layers=2, num_heads=H, head_k_dim=K, expand_v=2,
+                     vocab_size=300, chunk_size=64)
+    lay = Layout(precision="bf16", seq_len=T, micro_batch=B, fused_mixer=True, fused_gates=True)
+    res = {}
+    for n in (1, segs):
+        monkeypatch.setenv("MDN_BWD_SEGMENTS", str(n))
+        r = mod.account(B, T, H, K, V, torch.bfloat16, verbose=False)
+        measured = (r["peak_bwd"] - r["held_bytes"] - B * T * H * V * 2) / (B * T)
+        res[n] = (measured, layer_activation_terms(mc, lay)["op_backward"], r["peak_bwd"])
+    measured, estimate, _ = res[segs]
+    assert 0 <= measured - estimate < 4, (measured, estimate)
+    assert res[segs][1] < res[1][1] and res[segs][2] < res[1][2]
 
 
 def test_memory_accounting_cp_lean_segments_save_memory(monkeypatch):

@@ -238,6 +238,17 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["bytes"] == estimate(
         TINY, Layout(cp=2, seq_len=1024, precision="bf16"), reserve_gib=1.0) != got
+    # train.op_backward_segments reaches the estimate (CP = 1, two sequences per micro-batch;
+    # heads large enough, K = 128, that the pairs make the op's backward peak)
+    big = ModelConfig.from_dict({**TINY.__dict__, "head_k_dim": 128})
+    seg = _cli("--config", str(cfg), "--json", "--reserve-gib", "1", "--precision", "bf16",
+               "model.head_k_dim=128", "parallel.context=1", "train.micro_batch=2",
+               "train.op_backward_segments=2")
+    assert seg.returncode == 0, seg.stderr
+    est = json.loads(seg.stdout)["bytes"]
+    lay = lambda n: Layout(seq_len=1024, micro_batch=2, precision="bf16", op_backward_segments=n)  # noqa: E731
+    assert est == estimate(big, lay(2), reserve_gib=1.0)
+    assert est["backward_workspace"] < estimate(big, lay(1), reserve_gib=1.0)["backward_workspace"]
     r = _cli("--config", str(cfg), "--longest", "--gpus", "1", "2", "--card-gib", "2")
     assert r.returncode == 0 and "longest context" in r.stdout, r.stderr
     r = _cli("--config", str(cfg), "parallel.tensor=4")

@@ -50,6 +50,7 @@ def test_demo_config_is_valid_and_overrides_are_typed():
     (["train.recompute_offload=true"], "train.recompute_offload"),   # needs train.recompute
     (["parallel.cp_lean_segment_tokens=-1"], "parallel.cp_lean_segment_tokens"),
     (["parallel.cp_lean_segment_tokens=4096"], "parallel.cp_lean_segment_tokens"),  # needs cp_lean
+    (["train.op_backward_segments=0"], "train.op_backward_segments"),
 ])
 def test_bad_value_names_the_key(overrides, key):
     assert key in err(overrides)
@@ -60,20 +61,43 @@ def test_cp_lean_settings_reach_the_op_environment(monkeypatch):
     an environment that says otherwise is named; cp_lean off leaves the environment alone."""
     from mdn_kernels.cp.api import cp_lean
     from mdn_kernels.cp.state_pass_cp import lean_segment_chunks
-    from mdn_scale.train.config import apply_cp_op_settings
+    from mdn_scale.train.config import apply_op_settings
 
     for k in ("MDN_CP_LEAN", "MDN_CP_LEAN_SEGMENT_TOKENS"):
-        monkeypatch.delenv(k, raising=False)
-    apply_cp_op_settings(load_config(TINY, []))
+        # set, then removed: monkeypatch restores the variable as it was (a plain delenv of
+        # an absent one records nothing, and what apply_op_settings sets would stay)
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    apply_op_settings(load_config(TINY, []))
     assert "MDN_CP_LEAN" not in os.environ and not cp_lean()
     cfg = load_config(TINY, ["parallel.cp_lean=true", "parallel.cp_lean_segment_tokens=4096"])
     validate(cfg, 1, has_cuda=False)
-    apply_cp_op_settings(cfg)
+    apply_op_settings(cfg)
     assert os.environ["MDN_CP_LEAN"] == "1" and os.environ["MDN_CP_LEAN_SEGMENT_TOKENS"] == "4096"
     assert cp_lean() and lean_segment_chunks(64) == 4096 // 64
     monkeypatch.setenv("MDN_CP_LEAN_SEGMENT_TOKENS", "8192")
     with pytest.raises(ConfigError, match="MDN_CP_LEAN_SEGMENT_TOKENS=4096.*has MDN_CP_LEAN_SEGMENT_TOKENS=8192"):
-        apply_cp_op_settings(cfg)
+        apply_op_settings(cfg)
+
+
+def test_op_backward_segments_reach_the_op_environment(monkeypatch):
+    """train.op_backward_segments → MDN_BWD_SEGMENTS, which mdn_kernels.mdn.chunk reads at each
+    call; one segment (the default) leaves the environment alone; a conflicting environment is
+    named."""
+    from mdn_kernels.mdn.chunk import bwd_segments
+    from mdn_scale.train.config import apply_op_settings
+
+    monkeypatch.setenv("MDN_BWD_SEGMENTS", "")   # restored as it was after the test
+    monkeypatch.delenv("MDN_BWD_SEGMENTS")
+    apply_op_settings(load_config(TINY, []))
+    assert "MDN_BWD_SEGMENTS" not in os.environ and bwd_segments() == 1
+    cfg = load_config(TINY, ["train.op_backward_segments=2"])
+    validate(cfg, 1, has_cuda=False)
+    apply_op_settings(cfg)
+    assert os.environ["MDN_BWD_SEGMENTS"] == "2" and bwd_segments() == 2
+    monkeypatch.setenv("MDN_BWD_SEGMENTS", "4")
+    with pytest.raises(ConfigError, match="MDN_BWD_SEGMENTS=2.*has MDN_BWD_SEGMENTS=4"):
+        apply_op_settings(cfg)
 
 
 def test_parallel_sizes_must_divide_the_world():
