@@ -60,7 +60,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      reading a strided k, the saved-bytes test; (s15e) the op's kernels profiled beside FLA's;
      (s15f) the decay backward's warps. s16a (session 16): v read with its token stride, on
      the GPU; s16b StateOutput's backward in segments of whole sequences (MDN_BWD_SEGMENTS); s16c
-     profiles of it (s16d ran a knob that was not kept: BENCHMARKS.md).
+     profiles of it (s16d ran a knob that was not kept: BENCHMARKS.md); s16e the 400M at
+     32K recipe's memory.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1219,6 +1220,16 @@ PLANS = {
                     + " --profile {R}/profile.txt"),
                    ("mdn_1p3b_4k_seg2_prof", 100, "MDN_BWD_SEGMENTS=2 " + bench_model(1, M13_4K)
                     + " --profile {R}/profile.txt")]),
+        ]),
+    ],
+    "s16e": [  # session 16, fifth call: the 400M at 32K recipe (configs/longctx, no recompute)
+               # measured against its estimate (the call also ran an A/B of the products' negation
+               # in the GEMM with a knob that is gone: BENCHMARKS.md)
+        ("check", 400, [
+            ("0", [("mdn_400m_32k_recipe", 150, "python3 -m torch.distributed.run --standalone "
+                    "--nproc-per-node 1 benchmarks/longctx_memory.py --model "
+                    "configs/longctx/mdn_400m_32k.yaml --seq-len 32768 --distributed-optimizer "
+                    "--steps 2 --json {R}/result.json")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor

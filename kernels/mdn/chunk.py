@@ -298,9 +298,18 @@ def _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_f
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, out=None, negate: bool = False) -> torch.Tensor:
-    """a @ bᵀ over the last two dims (negated where asked), into `out` where given."""
-    r = torch.matmul(a, b.transpose(-1, -2), out=out) if out is not None else a @ b.transpose(-1, -2)
-    return r.neg_() if negate else r
+    """a @ bᵀ over the last two dims, [..., m, k] × [..., n, k] → [..., m, n] (contiguous a, b),
+    into `out` where given. Negated in the GEMM itself (alpha = −1, beta = 0: `out`'s contents
+    are not read): the same values as negating the rounded product, bit for bit, without a
+    second pass over the result."""
+    if not negate:
+        bt = b.transpose(-1, -2)
+        return torch.matmul(a, bt, out=out) if out is not None else a @ bt
+    r = out if out is not None else a.new_empty(*a.shape[:-1], b.shape[-2])
+    r.view(-1, *r.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]),
+                                      b.transpose(-1, -2).reshape(-1, b.shape[-1], b.shape[-2]),
+                                      beta=0, alpha=-1)
+    return r
 
 
 def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin,

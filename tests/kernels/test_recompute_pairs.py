@@ -301,6 +301,22 @@ def test_bwd_segments_change_no_result(case, first, fused_on, monkeypatch):
             _run(xs, cu, 1, monkeypatch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_negated_products_in_the_gemm_are_the_negated_products(dtype):
+    """chunk._product: a @ bᵀ, and with negate the GEMM's alpha = −1 (beta = 0), bitwise the
+    negation of the rounded product; into an `out` whose contents (NaN here) are not read."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 2, 16, 24, generator=g).to(dtype)
+    b = torch.randn(3, 2, 8, 24, generator=g).to(dtype)
+    ref = a @ b.transpose(-1, -2)
+    assert torch.equal(chunk._product(a, b), ref)
+    assert torch.equal(chunk._product(a, b, negate=True), ref.neg())
+    for negate in (False, True):
+        out = torch.full((3, 2, 16, 8), float("nan"), dtype=dtype)
+        assert chunk._product(a, b, out=out, negate=negate) is out
+        assert torch.equal(out, ref.neg() if negate else ref)
+
+
 def test_sequence_segments_split_whole_sequences():
     """chunk.sequence_segments: runs of whole sequences of about equal chunk counts, covering
     every chunk once, at most n of them; the same from the layout's host offsets and from a
