@@ -61,7 +61,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      (s15f) the decay backward's warps. s16a (session 16): v read with its token stride, on
      the GPU; s16b StateOutput's backward in segments of whole sequences (MDN_BWD_SEGMENTS); s16c
      profiles of it (s16d ran a knob that was not kept: BENCHMARKS.md); s16e the 400M at
-     32K recipe's memory.
+     32K recipe's memory; s16f the final code's checks.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1230,6 +1230,17 @@ PLANS = {
                     "--nproc-per-node 1 benchmarks/longctx_memory.py --model "
                     "configs/longctx/mdn_400m_32k.yaml --seq-len 32768 --distributed-optimizer "
                     "--steps 2 --json {R}/result.json")]),
+        ]),
+    ],
+    "s16f": [  # session 16, last call: the final code (the products' negation in the GEMM): the
+               # kernel tests against float64 (two backward segments in the packed cases too), the
+               # 1.3B step by default (bitwise s16a's losses?)
+        ("check", 330, [
+            ("0", [("kernel_tests", 200, "MDN_RESULTS_DIR={R} " + PT + " --timeout 195 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'"),
+                   ("packed_tests_seg2", 60, "MDN_BWD_SEGMENTS=2 MDN_RESULTS_DIR={R} " + PT +
+                    " --timeout 55 tests/gpu/test_kernels_gpu.py -k packed"),
+                   ("mdn_1p3b_4k", 70, bench_model(1, M13_4K))]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
