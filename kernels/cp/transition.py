@@ -89,8 +89,12 @@ class GroupPlan:
 def plan_groups(layout: ChunkLayout, group_chunks: int,
                 seq_chunk_offsets: list[int] | None = None) -> GroupPlan:
     """Cut every sequence of `layout` into groups; `seq_chunk_offsets` (host copy of
-    layout.seq_chunk_offsets) avoids reading them back from the device."""
-    off = seq_chunk_offsets if seq_chunk_offsets is not None else layout.seq_chunk_offsets.tolist()
+    layout.seq_chunk_offsets), or the layout's own host_chunk_offsets, avoids reading them back
+    from the device."""
+    off = seq_chunk_offsets
+    if off is None:
+        off = (list(layout.host_chunk_offsets) if layout.host_chunk_offsets is not None
+               else layout.seq_chunk_offsets.tolist())
     starts, lens, groups_of_seq = [], [], []
     for s in range(len(off) - 1):
         ids = []

@@ -101,6 +101,15 @@ def test_host_chunk_offsets_match_the_layout():
     for view, B in ((batched_view(3, 40, 1, 2), 3), (packed_view(torch.tensor([0, 5, 61, 64, 80]), 40, 1, 2), 1)):
         layout = build_layout(B, 40, view.cu_local, 16, torch.device("cpu"))
         assert host_chunk_offsets(view, 16) == layout.seq_chunk_offsets.tolist()
+        assert list(layout.host_chunk_offsets) == layout.seq_chunk_offsets.tolist()
+        # plan_groups from the layout's host offsets, from given ones and from the device's
+        from dataclasses import replace
+        plans = [plan_groups(layout, 2), plan_groups(layout, 2, host_chunk_offsets(view, 16)),
+                 plan_groups(replace(layout, host_chunk_offsets=None), 2)]
+        for p in plans[1:]:
+            assert torch.equal(p.g_start, plans[0].g_start) and torch.equal(p.g_len, plans[0].g_len)
+            assert p.layout.host_chunk_offsets == plans[0].layout.host_chunk_offsets
+            assert list(p.layout.host_chunk_offsets) == p.layout.seq_chunk_offsets.tolist()
 
 
 # ---------------------------------------------------------------------------------------------
