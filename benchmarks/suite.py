@@ -59,7 +59,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      CP's lean node against float64; the 1.3B step with and without it; (s15c) the kernels
      reading a strided k, the saved-bytes test; (s15e) the op's kernels profiled beside FLA's;
      (s15f) the decay backward's warps. s16a (session 16): v read with its token stride, on
-     the GPU; s16b StateOutput's backward in segments of whole sequences (MDN_BWD_SEGMENTS); s16c
+     the GPU; s16b StateOutput's backward in segments (MDN_BWD_SEGMENTS; whole sequences there); s16c
      profiles of it (s16d ran a knob that was not kept: BENCHMARKS.md); s16e the 400M at
      32K recipe's memory; s16f the final code's checks.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
@@ -131,8 +132,8 @@ class StateOutput(torch.autograd.Function):
     way bitwise the same S0s, M0s. Then the output's and the state pass's backward, freeing every
     per-chunk [NC, H, K, V] tensor as soon as its last product is done, dWt written over dW,
     dS_end, dM_end over the output's pair cotangents (end_over_pair_grads; pair_grads_first for
-    less), in segments of whole sequences where asked (bwd_segments: the pair-sized tensors for
-    one segment at a time). Results are those of StatePass + LocalOutput exactly; peak memory
+    less), in segments of consecutive chunks where asked (bwd_segments: the pair-sized tensors
+    for one segment at a time; the forward in segments too where a sequence is cut). Results are those of StatePass + LocalOutput exactly; peak memory
     and the memory kept between forward and backward drop.
 
     fuse_pair_grads (MDN_RECOMPUTE_PAIRS=2): the output's share of the pair cotangents
@@ -152,9 +153,16 @@ class StateOutput(torch.autograd.Function):
         if S_init is not None:  # None: zero initial pair (not stored)
             S_init, M_init = S_init.contiguous(), M_init.contiguous()
         cs, cl = chunk_bounds(layout.dest, layout.num_chunks, layout.chunk_size)
-        W, S0s, M0s, S, M = state_pass_fwd_triton(*sp, S_init, M_init, layout, allow_tf32)
-        o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape, out_dtype)
-        del S0s, M0s
+        segs = [] if fuse_pair_grads else chunk_segments(layout, bwd_segments())
+        bounds = (None, None)
+        if not any(sg.head_cut for sg in segs):   # the backward alone runs in segments, if any
+            W, S0s, M0s, S, M = state_pass_fwd_triton(*sp, S_init, M_init, layout, allow_tf32)
+            o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape, out_dtype)
+            del S0s, M0s
+        else:   # a sequence is cut: the forward in segments too, keeping the pairs at the cuts
+            W, S, M, o, bounds = _forward_in_segments(loc, sp, S_init, M_init, cs, cl, segs,
+                                                      allow_tf32, scale, mm_dtype, out_shape,
+                                                      out_dtype)
         ctx.save_w = save_w()
         if ctx.save_w:  # W in U's place (same shape and dtype): U is freed with the forward
             sp[0] = W
@@ -166,74 +174,153 @@ class StateOutput(torch.autograd.Function):
         # (non-reentrant checkpoint) saved tensors are dropped after the forward and rebuilt in
         # the backward, a tensor on ctx is not — U held on ctx stayed alive for every layer
         # (4 GiB of the 400M model at 64K tokens, session 4's peak breakdown on the H100).
-        ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl, *norms)
-        ctx.layout, ctx.fuse_pair_grads = layout, fuse_pair_grads
+        ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl, *norms, *bounds)
+        ctx.layout, ctx.fuse_pair_grads, ctx.segs = layout, fuse_pair_grads, segs
         lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32,
                       (t.dtype for t in (U, Y, Z, Kg, Km)), S.shape)
         return o, S, M
 
     @staticmethod
     def backward(ctx, do, dS_fin, dM_fin):
-        loc, sp, (S_init, M_init, cs, cl, rq, rk) = lean_saved(ctx)
+        loc, sp, (S_init, M_init, cs, cl, rq, rk, bS, bM) = lean_saved(ctx)
         norms = None if rq is None else (rq, rk)   # qc, kc are the raw q, k
-        layout = ctx.layout
+        layout, segs = ctx.layout, ctx.segs
         do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, loc[2], both_final=False)
         init_grad = S_init is not None and (ctx.needs_input_grad[14] or ctx.needs_input_grad[15])
-        segs = [] if ctx.fuse_pair_grads else sequence_segments(layout, bwd_segments())
         if len(segs) <= 1:
             g = _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin,
                                layout, init_grad)
         else:
             g = _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do,
-                                           dS_fin, dM_fin, segs, init_grad)
+                                           dS_fin, dM_fin, segs, init_grad, (bS, bM))
         dsp = [t.to(dt) for t, dt in zip(g[6:11], ctx.in_dtypes)]
         return (*g[:6], *dsp, *g[11:], None, None, None, None, None, None, None, None)
 
 
 def bwd_segments() -> int:
-    """MDN_BWD_SEGMENTS: StateOutput's backward runs on at most this many segments of whole
-    sequences, one after another (sequence_segments): every per-chunk [NC, H, K, V] tensor of
-    the backward (the recomputed pairs and their cotangents) exists for one segment at a time.
-    The sequences' state passes are independent, so the results are those of one segment, bit
-    for bit where the products take the same kernels. 1: no segments (one sequence, B = 1
-    without packing, is one segment anyway)."""
+    """MDN_BWD_SEGMENTS: StateOutput runs its backward on at most this many runs of consecutive
+    chunks, one after another (chunk_segments): every per-chunk [NC, H, K, V] tensor of the
+    backward (the recomputed pairs and their cotangents) exists for one segment at a time.
+    Segments end at sequence boundaries where the sequences are short enough; a longer sequence
+    (one long sequence, B = 1) is cut, and then the forward runs in the same segments too and
+    keeps the fp32 pair at each cut (N·H·K·V·8 bytes per cut), from which the backward restarts
+    the state pass. The state pass carries its fp32 state across a cut unchanged, so the results
+    are those of one segment, bit for bit where the products take the same kernels. 1 (the
+    default): no segments."""
     env = os.environ.get("MDN_BWD_SEGMENTS", "1")
     if not env.isdigit() or int(env) < 1:
         raise ValueError(f"MDN_BWD_SEGMENTS must be a positive integer, got {env!r}")
     return int(env)
 
 
-def sequence_segments(layout: ChunkLayout, n: int) -> list:
-    """[(n0, n1, c0, c1, seg_layout)]: at most n runs of consecutive whole sequences [n0, n1),
-    covering chunks [c0, c1), of about equal chunk counts, and the ChunkLayout of each over the
-    chunk tensors sliced [c0:c1]. Made once per (layout, n); from the layout's host offsets
+class Segment(NamedTuple):
+    """Chunks [c0, c1) of the sequences [n0, n1) they overlap; head_cut: sequence n0 began in
+    an earlier segment; tail_cut: sequence n1 − 1 goes on in a later one."""
+    c0: int
+    c1: int
+    n0: int
+    n1: int
+    layout: ChunkLayout   # over the chunk tensors sliced [c0:c1], one "sequence" per overlap
+    head_cut: bool
+    tail_cut: bool
+
+
+def segment_bounds(offsets, n: int) -> list:
+    """[(c0, c1, n0, n1)] of chunk_segments from the host chunk offsets of the sequences: at
+    most n runs of consecutive chunks of about equal counts. Every sequence is first cut into
+    pieces of at most ⌈NC / n⌉ chunks (a shorter sequence is one piece); a segment then takes
+    pieces while it is short of its share of the chunks and the piece's middle lies within it."""
+    total = offsets[-1]
+    if n <= 1 or total == 0:
+        return [(0, total, 0, len(offsets) - 1)]
+    size = -(-total // n)
+    pieces = [(q, min(q + size, offsets[i + 1]), i) for i in range(len(offsets) - 1)
+              for q in range(offsets[i], offsets[i + 1], size)]
+    out, p = [], 0
+    while p < len(pieces):
+        goal = total * (len(out) + 1) / n
+        p1 = p + 1
+        while p1 < len(pieces) and pieces[p1][0] < goal and (pieces[p1][0] + pieces[p1][1]) / 2 <= goal:
+            p1 += 1
+        out.append((pieces[p][0], pieces[p1 - 1][1], pieces[p][2], pieces[p1 - 1][2] + 1))
+        p = p1
+    return out
+
+
+def chunk_segments(layout: ChunkLayout, n: int) -> list:
+    """The Segments of `layout` for n (segment_bounds), each with the layout of its overlaps
+    over the sliced chunk tensors. Made once per (layout, n); from the layout's host offsets
     where it has them (one host copy of seq_chunk_offsets otherwise)."""
-    if n <= 1 or layout.num_seqs <= 1:
-        return [(0, layout.num_seqs, 0, layout.num_chunks, layout)]
-    cache = layout.__dict__.setdefault("_sequence_segments", {})
+    whole = [Segment(0, layout.num_chunks, 0, layout.num_seqs, layout, False, False)]
+    if n <= 1 or layout.num_chunks == 0:
+        return whole
+    cache = layout.__dict__.setdefault("_chunk_segments", {})
     segs = cache.get(n)
     if segs is None:
         off = layout.host_chunk_offsets
         if off is None:
             off = tuple(layout.seq_chunk_offsets.tolist())
-        total, segs, n0 = off[-1], [], 0
-        while n0 < layout.num_seqs:
-            # the segment ends at its share of the chunks: a sequence joins it while the
-            # segment is short of that share and the sequence's middle lies within it
-            goal = total * (len(segs) + 1) / n
-            n1 = n0 + 1
-            while (n1 < layout.num_seqs and off[n1] < goal
-                   and (off[n1] + off[n1 + 1]) / 2 <= goal):
-                n1 += 1
-            c0, c1 = off[n0], off[n1]
-            lay = replace(layout, num_seqs=n1 - n0, num_chunks=c1 - c0,
-                          seq_chunk_offsets=(layout.seq_chunk_offsets[n0:n1 + 1] - c0).contiguous(),
-                          max_chunks=max(off[i + 1] - off[i] for i in range(n0, n1)),
-                          host_chunk_offsets=tuple(x - c0 for x in off[n0:n1 + 1]))
-            segs.append((n0, n1, c0, c1, lay))
-            n0 = n1
+        segs = []
+        for c0, c1, n0, n1 in segment_bounds(off, n):
+            host = tuple(min(max(x, c0), c1) - c0 for x in off[n0:n1 + 1])
+            dev = (layout.seq_chunk_offsets[n0:n1 + 1].clamp(c0, c1) - c0).contiguous()
+            lay = replace(layout, num_seqs=n1 - n0, num_chunks=c1 - c0, seq_chunk_offsets=dev,
+                          max_chunks=max(b - a for a, b in zip(host, host[1:])),
+                          host_chunk_offsets=host)
+            segs.append(Segment(c0, c1, n0, n1, lay, c0 > off[n0], c1 < off[n1]))
+        segs = segs if len(segs) > 1 else whole
         cache[n] = segs
     return segs
+
+
+def _segment_rows(seg: Segment, full, carried, at_head: bool):
+    """The rows [n0, n1) of a per-sequence tensor pair `full` (initial pairs, or the final
+    pairs' cotangents; None: zeros), with the carried pair (a [1, H, K, V] pair) in the cut
+    sequence's row: the first (at_head) or the last. None, None where all would be zeros."""
+    if carried is None:
+        if full[0] is None:
+            return None, None
+        return tuple(t[seg.n0:seg.n1] for t in full)
+    rows = []
+    for t, c in zip(full, carried):
+        r = (t[seg.n0:seg.n1] if t is not None
+             else c.new_zeros((seg.n1 - seg.n0,) + tuple(c.shape[1:])))
+        r = torch.cat([c, r[1:]]) if at_head else torch.cat([r[:-1], c])
+        rows.append(r.contiguous())
+    return tuple(rows)
+
+
+def _forward_in_segments(loc, sp, S_init, M_init, cs, cl, segs, allow_tf32, scale, mm_dtype,
+                         out_shape, out_dtype):
+    """StateOutput's forward one segment after another (a sequence is cut): the state pass and
+    the output on the sliced chunk tensors, the state carried across each cut in fp32 (the
+    segment's final pair of the cut sequence is the next one's initial pair). Returns W (whole),
+    the final pairs S, M [N, H, K, V], o, and the pairs entering the segments that begin with a
+    cut [cuts, H, K, V] (saved: the backward restarts there)."""
+    from .chunk_local_fused import output_forward
+    from .state_pass import state_pass_fwd_triton
+    W = torch.empty(sp[0].shape, dtype=sp[1].dtype, device=sp[0].device)
+    o = torch.empty(out_shape, dtype=out_dtype, device=sp[0].device)
+    S = M = None
+    carried, entering = None, []
+    for sg in segs:
+        c0, c1 = sg.c0, sg.c1
+        S_in, M_in = _segment_rows(sg, (S_init, M_init), carried, at_head=True)
+        if sg.head_cut:
+            entering.append((S_in[:1], M_in[:1]))
+        Wk, S0s, M0s, Sk, Mk = state_pass_fwd_triton(*(t[c0:c1] for t in sp), S_in, M_in,
+                                                     sg.layout, allow_tf32, w_out=W[c0:c1])
+        output_forward(*(t[c0:c1] for t in loc), Wk, S0s, M0s, cs[c0:c1], cl[c0:c1], scale,
+                       mm_dtype, out_shape, out_dtype, out=o)
+        del Wk, S0s, M0s
+        if S is None:
+            N = segs[-1].n1
+            S, M = Sk.new_empty((N,) + tuple(Sk.shape[1:])), Mk.new_empty((N,) + tuple(Mk.shape[1:]))
+        done = sg.n1 - sg.n0 - (1 if sg.tail_cut else 0)   # the sequences that end here
+        S[sg.n0:sg.n0 + done], M[sg.n0:sg.n0 + done] = Sk[:done], Mk[:done]
+        carried = (Sk[done:], Mk[done:]) if sg.tail_cut else None
+    bounds = tuple(torch.cat([e[i] for e in entering]) for i in (0, 1))
+    return W, S, M, o, bounds
 
 
 def _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin, layout,
@@ -313,10 +400,12 @@ def _product(a: torch.Tensor, b: torch.Tensor, out=None, negate: bool = False) -
 
 
 def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin,
-                               segs, init_grad: bool):
-    """_lean_backward one segment of sequences after another (bwd_segments), each on the chunk
-    tensors sliced to its chunks and writing into slices of whole-size gradients: the
-    recomputed pairs and their cotangents exist for one segment at a time."""
+                               segs, init_grad: bool, bounds):
+    """_lean_backward one segment after another, the last first (bwd_segments), each on the
+    chunk tensors sliced to its chunks and writing into slices of whole-size gradients: the
+    recomputed pairs and their cotangents exist for one segment at a time. Across a cut the
+    pass restarts from the saved fp32 pair (`bounds`, the forward's) and carries the fp32
+    cotangent of the cut sequence's state back to the segment before."""
     dev = sp[0].device
     out = [torch.empty(sp[1].shape, dtype=torch.float32, device=dev) for _ in range(2)]
     out += [torch.empty_like(t) for t in loc[2:]]
@@ -327,17 +416,27 @@ def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, 
     dS_i = dM_i = None
     if init_grad:
         dS_i, dM_i = torch.empty_like(S_init), torch.empty_like(M_init)
-    for n0, n1, c0, c1, lay in segs:
+    cut = sum(sg.head_cut for sg in segs)   # the saved entering pairs, one per head cut
+    carried = None
+    for sg in reversed(segs):
+        c0, c1, n0, n1 = sg.c0, sg.c1, sg.n0, sg.n1
         part = lambda ts: [None if t is None else t[c0:c1] for t in ts]  # noqa: E731
-        seq = lambda t: None if t is None else t[n0:n1]  # noqa: E731
+        entering = None
+        if sg.head_cut:
+            cut -= 1
+            entering = (bounds[0][cut:cut + 1], bounds[1][cut:cut + 1])
+        S_in, M_in = _segment_rows(sg, (S_init, M_init), entering, at_head=True)
+        dS_f, dM_f = _segment_rows(sg, (dS_fin, dM_fin), carried, at_head=False)
         # the raw q, k are read whole (cs holds absolute first tokens); chunk tensors sliced
         seg_loc = list(loc[:2]) + part(loc[2:]) if norms is not None else part(loc)
         seg_out = part(out[:11]) + [out[11][:, c0:c1]]
-        g = _lean_backward(ctx, seg_loc, part(sp), seq(S_init), seq(M_init), cs[c0:c1],
-                           cl[c0:c1], None if norms is None else tuple(part(norms)), do,
-                           seq(dS_fin), seq(dM_fin), lay, init_grad, out=seg_out)
+        g = _lean_backward(ctx, seg_loc, part(sp), S_in, M_in, cs[c0:c1], cl[c0:c1],
+                           None if norms is None else tuple(part(norms)), do, dS_f, dM_f,
+                           sg.layout, init_grad or sg.head_cut, out=seg_out)
+        first = 1 if sg.head_cut else 0   # the cut sequence's row goes to the segment before
+        carried = (g[-2][:1], g[-1][:1]) if sg.head_cut else None
         if init_grad:
-            dS_i[n0:n1], dM_i[n0:n1] = g[-2], g[-1]
+            dS_i[n0 + first:n1], dM_i[n0 + first:n1] = g[-2][first:], g[-1][first:]
         del g
     return (*out[:11], *out[11], dS_i, dM_i)
 

@@ -62,9 +62,10 @@ class TrainConfig:
     # with recompute: each layer's kept input waits in pinned host memory between its forward
     # and its backward (train/recompute.py); for long contexts, where those inputs add up
     recompute_offload: bool = False
-    # the MDN op's backward (CP = 1) in this many segments of whole sequences, one after another:
-    # its per-chunk state pairs and their cotangents exist for one segment at a time (less peak
-    # memory, a little more time; needs several sequences or packed documents per micro-batch)
+    # the MDN op's backward (CP = 1) in this many segments of consecutive chunks, one after
+    # another, cutting long sequences where it must (then the forward runs in segments too): its
+    # per-chunk state pairs and their cotangents exist for one segment at a time (less peak
+    # memory, a little more time)
     op_backward_segments: int = 1
     skip_nonfinite: bool = True  # a step whose loss or gradient norm is not finite is not applied
     # under CP, before step 1: layer 0 under CP against one rank (train/cp_check.py); a machine

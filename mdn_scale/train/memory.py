@@ -95,10 +95,11 @@ output's dW 2V and pair gradients 2·2KV/C (dS_end, dM_end over them), dKg 2K; (
 other gradients 4·2K + 12 + 4C, made after dS_end, dM_end are freed, beside S0s, M0s, dW̃
 and dKg, dKm 2·2K (MDN_SAVE_W=0: W 2V more in both); (c) the last products, dY, dZ 2·2K,
 beside everything of (b) but the recomputed W (freed first). (c) can be the peak in either
-order where 4KV/C is small against 6K (small heads, long chunks). In n segments of whole sequences
-(MDN_BWD_SEGMENTS, Layout.op_backward_segments; at most the micro-batch's sequences or
-documents) the whole-size gradients the segments write into, 4·2K + 12 + 4C + 2V (dW̃) + 4·2K
-(dY..dKm), and per segment (the largest's share, ⌈N/n⌉/N of N equal sequences) S0s, M0s and the pair gradients
+order where 4KV/C is small against 6K (small heads, long chunks). In n segments of consecutive
+chunks (MDN_BWD_SEGMENTS, Layout.op_backward_segments; ending at sequence boundaries, cutting
+longer sequences) the whole-size gradients the segments write into, 4·2K + 12 + 4C + 2V (dW̃) +
+4·2K (dY..dKm), and per segment (the largest's share of the chunks, segment_bounds over the
+micro-batch's sequences taken as equal; the fp32 pairs kept at the cuts are not counted) S0s, M0s and the pair gradients
 2·2·2KV/C (MDN_SAVE_W=0: W 2V; MDN_END_OVER_PAIR_GRADS=0: 2·2KV/C more), in either order. Under
 CP, inside StatePass.backward: the same input gradients, the state pass's dW̃, dS_end, dM_end
 2V + 2·2KV/C and state_pass_grads' fp32 dU, dY, dZ, dKg, dKm 4V + 4·4K. By then the layer's
@@ -156,7 +157,6 @@ tensors, so the largest rank's share can exceed 1/(DP·CP)), the optimizer step'
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -275,14 +275,21 @@ def cp_lean(lay: Layout) -> tuple[bool, int]:
     return bool(lean) and lay.cp > 1, (int(seg) if lean else 0)
 
 
-def op_backward_segments(lay: Layout) -> int:
-    """How many segments StateOutput's backward runs in for the run being estimated: the
-    Layout's value (else the environment's, as the op reads it), at most the sequences of a
-    micro-batch (documents where Layout.segments says), 1 under CP (its own nodes)."""
-    from mdn_kernels.mdn.chunk import bwd_segments
+def op_backward_share(cfg, lay: Layout) -> float:
+    """The largest share of a micro-batch's chunks that one segment of StateOutput's backward
+    holds (1.0: no segments): its segments (Layout.op_backward_segments, else the environment's
+    MDN_BWD_SEGMENTS, as the op reads it) cut as mdn_kernels.mdn.chunk.segment_bounds cuts the
+    micro-batch's sequences (documents where Layout.segments says), taken as equal. 1.0 under
+    CP (its own nodes)."""
+    from mdn_kernels.mdn.chunk import bwd_segments, segment_bounds
 
     n = lay.op_backward_segments if lay.op_backward_segments is not None else bwd_segments()
-    return 1 if lay.cp > 1 else max(1, min(int(n), lay.segments or lay.micro_batch))
+    if lay.cp > 1 or n <= 1:
+        return 1.0
+    seqs = lay.segments or lay.micro_batch
+    per = -(-lay.micro_batch * lay.seq_len // seqs // cfg.chunk_size)   # chunks per sequence
+    bounds = segment_bounds([i * per for i in range(seqs + 1)], n)
+    return max(c1 - c0 for c0, c1, _, _ in bounds) / (seqs * per)
 
 
 def fused_gates(cfg, lay: Layout) -> bool:
@@ -360,9 +367,8 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
             w = 0 if save_w() else 2 * V   # W recomputed beside the saved U, or saved in its place
             # the last products: dY, dZ beside dKg, dKm, dW̃, S0s, M0s and the output's gradients
             last = (4 * 2 * K + 12 + 4 * C) + pair + 2 * V + 4 * 2 * K
-            n_seg, n_seqs = op_backward_segments(lay), lay.segments or lay.micro_batch
-            if n_seg > 1:   # whole-size gradients, written by segments; per segment a share
-                share = math.ceil(n_seqs / n_seg) / n_seqs   # the largest, of equal sequences
+            share = op_backward_share(cfg, lay)
+            if share < 1:   # whole-size gradients, written by segments; per segment a share
                 backward = H_l * ((4 * 2 * K + 12 + 4 * C) + 2 * V + 4 * 2 * K
                                   + (w + 2 * pair + end_pair) * share)
             elif pair_grads_first():   # (a), (b) or (c) of the module docstring
