@@ -61,7 +61,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      (s15f) the decay backward's warps. s16a (session 16): v read with its token stride, on
      the GPU; s16b StateOutput's backward in segments (MDN_BWD_SEGMENTS; whole sequences there); s16c
      profiles of it (s16d ran a knob that was not kept: BENCHMARKS.md); s16e the 400M at
-     32K recipe's memory; s16f the final code's checks.
+     32K recipe's memory; s16f the final code's checks. s17a (not yet run): segments that cut
+     a sequence.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1241,6 +1242,24 @@ PLANS = {
                    ("packed_tests_seg2", 60, "MDN_BWD_SEGMENTS=2 MDN_RESULTS_DIR={R} " + PT +
                     " --timeout 55 tests/gpu/test_kernels_gpu.py -k packed"),
                    ("mdn_1p3b_4k", 70, bench_model(1, M13_4K))]),
+        ]),
+    ],
+    "s17a": [  # for the next one-GPU call: segments that cut a sequence (commit 1f44ae2, CPU-checked
+               # only): the op at B = 1, T = 32768 (one sequence, K = 128) beside FLA's GDN with
+               # 2 and 4 segments as variants (rel_diff_vs_default: bitwise?), the bench shapes
+               # again, the float64 packed tests in 9 segments (cuts), the 400M at 32K recipe with
+               # two segments against its estimate
+        ("check", 570, [
+            ("0", [("bench_one_sequence", 120, "python3 tools/bench_kernels.py --shapes 2 "
+                    "--variant MDN_BWD_SEGMENTS=2 --variant MDN_BWD_SEGMENTS=4 --out {R}/result.json"),
+                   ("bench_k128_k256", 110, "python3 tools/bench_kernels.py --shapes 0,1 --no-fla "
+                    "--variant MDN_BWD_SEGMENTS=2 --out {R}/result.json"),
+                   ("packed_tests_seg9", 80, "MDN_BWD_SEGMENTS=9 MDN_RESULTS_DIR={R} " + PT +
+                    " --timeout 75 tests/gpu/test_kernels_gpu.py -k packed"),
+                   ("mdn_400m_32k_recipe_seg2", 150, "MDN_BWD_SEGMENTS=2 python3 -m torch.distributed.run "
+                    "--standalone --nproc-per-node 1 benchmarks/longctx_memory.py --model "
+                    "configs/longctx/mdn_400m_32k.yaml --seq-len 32768 --distributed-optimizer "
+                    "--steps 2 --json {R}/result.json")]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor

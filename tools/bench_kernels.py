@@ -36,7 +36,9 @@ from mdn_kernels import mdn_chunk  # noqa: E402
 from mdn_kernels.mdn.chunk import recompute_pairs_mode  # noqa: E402
 from mdn_kernels.mdn.testing import random_inputs  # noqa: E402
 
-SHAPES = [dict(B=8, T=4096, H=6, K=128, V=256), dict(B=8, T=4096, H=6, K=256, V=512)]
+SHAPES = [dict(B=8, T=4096, H=6, K=128, V=256), dict(B=8, T=4096, H=6, K=256, V=512),
+          # the same tokens as one sequence: the long-context case (segments cut it)
+          dict(B=1, T=32768, H=6, K=128, V=256)]
 
 
 def peak_mib(fn):
@@ -106,7 +108,8 @@ def main():
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-fla", action="store_true", help="skip the FLA GDN peer")
-    ap.add_argument("--shapes", default="all", help="'all' or comma list of indices into SHAPES")
+    ap.add_argument("--shapes", default="all",
+                    help="'all' (the first two) or comma list of indices into SHAPES")
     ap.add_argument("--profile", default=None,
                     help="append torch.profiler tables of MDN's (and FLA GDN's) fwd+bwd to this file")
     ap.add_argument("--variant", action="append", default=[],
@@ -122,7 +125,8 @@ def main():
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk_gdn
         from fla_peer import lift_fla_guard
         lift_fla_guard()  # timing only: see the module docstring
-    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    # 'all': the two shapes (index 2, one long sequence, on request)
+    shapes = SHAPES[:2] if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     import triton
     results = []
     meta = dict(
