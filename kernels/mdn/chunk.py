@@ -133,8 +133,9 @@ class StateOutput(torch.autograd.Function):
     per-chunk [NC, H, K, V] tensor as soon as its last product is done, dWt written over dW,
     dS_end, dM_end over the output's pair cotangents (end_over_pair_grads; pair_grads_first for
     less), in segments of consecutive chunks where asked (bwd_segments: the pair-sized tensors
-    for one segment at a time; the forward in segments too where a sequence is cut). Results are those of StatePass + LocalOutput exactly; peak memory
-    and the memory kept between forward and backward drop.
+    for one segment at a time; the forward in segments too where a sequence is cut). Results
+    are those of StatePass + LocalOutput exactly; peak memory and the memory kept between
+    forward and backward drop.
 
     fuse_pair_grads (MDN_RECOMPUTE_PAIRS=2): the output's share of the pair cotangents
     (dS0s, dM0s [NC, H, K, V]) is made inside the state pass's backward kernel instead of being
@@ -240,7 +241,8 @@ def segment_bounds(offsets, n: int) -> list:
     while p < len(pieces):
         goal = total * (len(out) + 1) / n
         p1 = p + 1
-        while p1 < len(pieces) and pieces[p1][0] < goal and (pieces[p1][0] + pieces[p1][1]) / 2 <= goal:
+        while (p1 < len(pieces) and pieces[p1][0] < goal
+               and (pieces[p1][0] + pieces[p1][1]) / 2 <= goal):
             p1 += 1
         out.append((pieces[p][0], pieces[p1 - 1][1], pieces[p][2], pieces[p1 - 1][2] + 1))
         p = p1
@@ -313,9 +315,8 @@ def _forward_in_segments(loc, sp, S_init, M_init, cs, cl, segs, allow_tf32, scal
         output_forward(*(t[c0:c1] for t in loc), Wk, S0s, M0s, cs[c0:c1], cl[c0:c1], scale,
                        mm_dtype, out_shape, out_dtype, out=o)
         del Wk, S0s, M0s
-        if S is None:
-            N = segs[-1].n1
-            S, M = Sk.new_empty((N,) + tuple(Sk.shape[1:])), Mk.new_empty((N,) + tuple(Mk.shape[1:]))
+        if S is None:   # the final pairs of all N sequences, in the state pass's dtype
+            S, M = (t.new_empty((segs[-1].n1,) + tuple(t.shape[1:])) for t in (Sk, Mk))
         done = sg.n1 - sg.n0 - (1 if sg.tail_cut else 0)   # the sequences that end here
         S[sg.n0:sg.n0 + done], M[sg.n0:sg.n0 + done] = Sk[:done], Mk[:done]
         carried = (Sk[done:], Mk[done:]) if sg.tail_cut else None
