@@ -65,7 +65,6 @@ gpu_comm_ms). `bench_cp.py --profile` shows the measured breakdown.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -415,17 +414,13 @@ def _segments(plan, seg_chunks: int) -> list:
     segs = cache.get(seg_chunks)
     if segs is None:
         starts, lens = plan.g_start.tolist(), plan.g_len.tolist()
-        off = plan.layout.seq_chunk_offsets
         segs, g0 = [], 0
         while g0 < len(starts):
             g1, n = g0 + 1, lens[g0]
             while g1 < len(starts) and n + lens[g1] <= seg_chunks:
                 n, g1 = n + lens[g1], g1 + 1
             c0, c1 = starts[g0], starts[g1 - 1] + lens[g1 - 1]
-            lay = replace(plan.layout, num_seqs=g1 - g0, num_chunks=c1 - c0,
-                          seq_chunk_offsets=(off[g0:g1 + 1] - c0).contiguous(),
-                          max_chunks=max(lens[g0:g1]), host_chunk_offsets=None)
-            segs.append((g0, g1, c0, c1, lay))
+            segs.append((g0, g1, c0, c1, plan.layout.sliced(g0, g1, c0, c1)))
             g0 = g1
         cache[seg_chunks] = segs
     return segs

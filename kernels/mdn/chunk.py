@@ -10,7 +10,6 @@ recompute_pairs_mode.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -262,14 +261,8 @@ def chunk_segments(layout: ChunkLayout, n: int) -> list:
         off = layout.host_chunk_offsets
         if off is None:
             off = tuple(layout.seq_chunk_offsets.tolist())
-        segs = []
-        for c0, c1, n0, n1 in segment_bounds(off, n):
-            host = tuple(min(max(x, c0), c1) - c0 for x in off[n0:n1 + 1])
-            dev = (layout.seq_chunk_offsets[n0:n1 + 1].clamp(c0, c1) - c0).contiguous()
-            lay = replace(layout, num_seqs=n1 - n0, num_chunks=c1 - c0, seq_chunk_offsets=dev,
-                          max_chunks=max(b - a for a, b in zip(host, host[1:])),
-                          host_chunk_offsets=host)
-            segs.append(Segment(c0, c1, n0, n1, lay, c0 > off[n0], c1 < off[n1]))
+        segs = [Segment(c0, c1, n0, n1, layout.sliced(n0, n1, c0, c1), c0 > off[n0], c1 < off[n1])
+                for c0, c1, n0, n1 in segment_bounds(off, n)]
         segs = segs if len(segs) > 1 else whole
         cache[n] = segs
     return segs

@@ -8,7 +8,7 @@ they leave the state pair untouched: a sequence need not be a multiple of the ch
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,22 @@ class ChunkLayout:
     # seq_chunk_offsets on the host (a tuple), where the builder knew them without a sync; a
     # layout made from another (dataclasses.replace) must set it anew or to None
     host_chunk_offsets: tuple | None = None
+
+    def sliced(self, n0: int, n1: int, c0: int, c1: int) -> "ChunkLayout":
+        """The layout of the sequences [n0, n1) over the chunks [c0, c1) alone, for chunk
+        tensors sliced [c0:c1]: a run of the chunk list whose first and last sequences may be
+        cut (their offsets clipped to the run). Only the offsets and counts change (dest and
+        total_tokens stay the whole layout's): for the kernels that walk seq_chunk_offsets, the
+        state pass's. One host copy of the offsets where the layout has no host_chunk_offsets."""
+        host = self.host_chunk_offsets
+        if host is None:
+            host = tuple(self.seq_chunk_offsets.tolist())
+        clipped = tuple(min(max(x, c0), c1) - c0 for x in host[n0:n1 + 1])
+        return replace(self, num_seqs=n1 - n0, num_chunks=c1 - c0,
+                       seq_chunk_offsets=(self.seq_chunk_offsets[n0:n1 + 1].clamp(c0, c1)
+                                          - c0).contiguous(),
+                       max_chunks=max(b - a for a, b in zip(clipped, clipped[1:])),
+                       host_chunk_offsets=clipped)
 
     def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
         return to_chunks(x, self.dest, self.num_chunks, self.chunk_size)
