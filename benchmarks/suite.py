@@ -61,8 +61,11 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      (s15f) the decay backward's warps. s16a (session 16): v read with its token stride, on
      the GPU; s16b StateOutput's backward in segments (MDN_BWD_SEGMENTS; whole sequences there); s16c
      profiles of it (s16d ran a knob that was not kept: BENCHMARKS.md); s16e the 400M at
-     32K recipe's memory; s16f the final code's checks. s17a (not yet run): segments that cut
-     a sequence.
+     32K recipe's memory; s16f the final code's checks. s17a: segments that cut a sequence.
+  s17x2, s17x2b, s17x2c  session 17 on 2 H200s (nvidia-h200-x2): s17a's jobs in two lanes, then
+     the 1.3B MFU shape (4K tokens per GPU) under DP = 2, TP = 2 with SP and CP = 2 beside one
+     GPU; (b) the GDN mode and the Transformer in the same layouts; (c) PP = 2 (1F1B and
+     interleaved) against PP = 1 at 24 layers, the CP op's agreement once against every call.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -92,6 +95,7 @@ import time
 # A job: (name, time limit in s, shell command). {R} is the job's result folder.
 PT = "python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short"
 PP = "--micro-batch 1 --microbatches 8 model.num_layers=24"   # 24 layers split over 2 and 4 stages
+PP13 = "--micro-batch 2 --microbatches 8 model.num_layers=24 --steps 3 --warmup 2"  # 1.3B at 24 layers: 6 per chunk at PP = 2, VP = 2
 M400, G400, T400, M13 = ("configs/mdn_400m.yaml", "configs/gdn_400m.yaml",
                          "configs/transformer_400m.yaml", "configs/mdn_1.3b.yaml")
 T13 = "configs/transformer_1.3b.yaml"
@@ -1260,6 +1264,61 @@ PLANS = {
                     "--standalone --nproc-per-node 1 benchmarks/longctx_memory.py --model "
                     "configs/longctx/mdn_400m_32k.yaml --seq-len 32768 --distributed-optimizer "
                     "--steps 2 --json {R}/result.json")]),
+        ]),
+    ],
+    "s17x2": [  # session 17, first 2-GPU call: plan s17a's jobs in two lanes (one GPU each), then
+                # the 1.3B step at the MFU goal's shape (2 micro-batches of 2 x 4096 tokens per GPU)
+                # under DP = 2, TP = 2 with SP (the in-projection padded to 4624 rows per rank) and
+                # CP = 2 (one 8192-token sequence split over the ranks), beside one GPU's
+        ("one_gpu", 290, [
+            ("0", [("bench_one_sequence", 120, "python3 tools/bench_kernels.py --shapes 2 "
+                    "--variant MDN_BWD_SEGMENTS=2 --variant MDN_BWD_SEGMENTS=4 --out {R}/result.json"),
+                   ("packed_tests_seg9", 80, "MDN_BWD_SEGMENTS=9 MDN_RESULTS_DIR={R} " + PT +
+                    " --timeout 75 tests/gpu/test_kernels_gpu.py -k packed"),
+                   ("mdn_1p3b_4k", 85, bench_model(1, M13_4K))]),
+            ("1", [("bench_k128_k256", 110, "python3 tools/bench_kernels.py --shapes 0,1 --no-fla "
+                    "--variant MDN_BWD_SEGMENTS=2 --out {R}/result.json"),
+                   ("mdn_400m_32k_recipe_seg2", 150, "MDN_BWD_SEGMENTS=2 python3 -m torch.distributed.run "
+                    "--standalone --nproc-per-node 1 benchmarks/longctx_memory.py --model "
+                    "configs/longctx/mdn_400m_32k.yaml --seq-len 32768 --distributed-optimizer "
+                    "--steps 2 --json {R}/result.json")]),
+        ]),
+        ("two_gpu", 270, [
+            ("0,1", [("mdn_1p3b_4k_dp2", 90, bench_model(2, M13_4K)),
+                     ("mdn_1p3b_4k_tp2_sp", 90, bench_model(2, M13_4K + " --tp 2 --sp")),
+                     ("mdn_1p3b_8k_cp2", 90, bench_model(2, M13_4K + " --cp 2 --seq-len 8192"))]),
+        ]),
+    ],
+    "s17x2b": [  # session 17, second 2-GPU call: the peers of plan s17x2's layouts, the GDN mode
+                 # (our op with momentum off) and the Transformer (Megatron-core attention), on one
+                 # GPU side by side and under DP = 2 and TP = 2 with SP; the GDN mode under CP = 2
+        ("one_gpu", 95, [
+            ("0", [("gdn_1p3b_4k", 93, bench_model(1, M13_4K + " --mixer gdn"))]),
+            ("1", [("transformer_1p3b_4k", 93, bench_model(1, M13_4K.replace(M13, T13)))]),
+        ]),
+        ("two_gpu", 440, [
+            ("0,1", [("gdn_1p3b_4k_dp2", 85, bench_model(2, M13_4K + " --mixer gdn")),
+                     ("transformer_1p3b_4k_dp2", 85, bench_model(2, M13_4K.replace(M13, T13))),
+                     ("gdn_1p3b_4k_tp2_sp", 85, bench_model(2, M13_4K + " --mixer gdn --tp 2 --sp")),
+                     ("transformer_1p3b_4k_tp2_sp", 85, bench_model(2, M13_4K.replace(M13, T13) + " --tp 2 --sp")),
+                     ("gdn_1p3b_8k_cp2", 90, bench_model(2, M13_4K + " --mixer gdn --cp 2 --seq-len 8192"))]),
+        ]),
+    ],
+    "s17x2c": [  # session 17, third 2-GPU call: pipeline parallel at 1.3B (24 layers, 8 micro-batches
+                 # of 2 x 4096 tokens) under 1F1B and interleaved (2 chunks per stage) against PP = 1
+                 # on one GPU (losses and throughput); the CP op's input agreement once per
+                 # cu_seqlens tensor (MDN_CP_AGREE=once) against every call at CP = 2 (plan s11x2's
+                 # 400M 16K-per-GPU step)
+        ("pp1", 120, [
+            ("0", [("mdn_1p3b_24l_pp1", 118, bench_model(1, f"--config {M13} {PP13}"))]),
+            ("1", [("cp1_400m_16k", 100, bench_model(1, f"{CPW400} --seq-len 16384"))]),
+        ]),
+        ("two_gpu", 420, [
+            ("0,1", [("mdn_1p3b_24l_pp2_1f1b", 100, bench_model(2, f"--config {M13} {PP13} --pp 2")),
+                     ("mdn_1p3b_24l_pp2_interleaved", 100, bench_model(2, f"--config {M13} {PP13} --pp 2 --vp 2")),
+                     ("cp2_400m_32k_agree_every", 95, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768")),
+                     ("cp2_400m_32k_agree_once", 95, "MDN_CP_AGREE=once " + bench_model(
+                         2, f"{CPW400} --cp 2 --seq-len 32768"))]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
