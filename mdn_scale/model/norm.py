@@ -14,12 +14,30 @@ import torch
 from torch import nn
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x²) + eps) * weight over the last dim, computed in >= fp32, returned in x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x * rsqrt(mean(x²) + eps) * weight over the last dim, computed in >= fp32, returned in
+    out_dtype (default x's dtype)."""
     dt = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(dt)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.to(dt)).to(x.dtype)
+    return (y * weight.to(dt)).to(out_dtype or x.dtype)
+
+
+def block_norm_out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a block norm hands on: x's, but the autocast dtype for an fp32 x under autocast.
+
+    A block norm's output only feeds a linear layer (the mixer's or attention's in-projection,
+    the MLP's fc1, the LM head), which under autocast casts it to the autocast dtype anyway, so
+    the products are bitwise the same. Under bf16 autocast over fp32 weights the residual stream
+    is bf16 after the first layer; only layer 0's input norm sees the fp32 embedding. Handing on
+    fp32 there breaks Megatron's sequence-parallel column linear: its backward reduce-scatters
+    the (autocast-dtype) input gradient into a buffer of its input's dtype, and NCCL refuses
+    the mismatch ("input tensor must be the same type as the output tensor"). It also saves
+    that linear's fp32 input copy."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class RMSNorm(nn.Module):
@@ -41,8 +59,9 @@ class RMSNorm(nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = block_norm_out_dtype(x)
         if self.kernel == "triton":
             from .norm_kernels import rms_norm_triton, use_triton_norm
             if use_triton_norm(self.kernel, x, self.weight):
-                return rms_norm_triton(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
+                return rms_norm_triton(x, self.weight, self.eps, out_dtype)
+        return rms_norm(x, self.weight, self.eps, out_dtype)

@@ -8,7 +8,7 @@ micro-batches are host-bound"). Here:
 
 forward: one program per ROWS rows of the [N, d] input (BLOCK_D = next_pow2(d) columns, masked),
     loads x (fp32 / bf16 / fp16, any row stride, contiguous last dim) and the weight, writes
-    y = x · rstd · w in x's dtype and rstd = rsqrt(mean(x²) + eps) per row (fp32, [N]).
+    y = x · rstd · w in x's dtype (or the caller's out_dtype) and rstd = rsqrt(mean(x²) + eps) per row (fp32, [N]).
     The autograd Function saves x (a view of the caller's tensor, no copy) and rstd: nothing else.
 backward: a fixed number of programs (at most BWD_PROGRAMS), program p handling row blocks
     p, p + P, p + 2P, ...: dx = rstd · (w·dy − x̂ · mean(w·dy · x̂)) with x̂ = x · rstd, written in
@@ -96,11 +96,11 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype):
         d = x.shape[-1]
         x2 = _rows(x, d)
         N = x2.shape[0]
-        y = torch.empty(N, d, device=x.device, dtype=x.dtype)
+        y = torch.empty(N, d, device=x.device, dtype=out_dtype)
         rstd = torch.empty(N, device=x.device, dtype=torch.float32)
         block_d, rows, warps = _launch(d)
         _rmsnorm_fwd_kernel[(triton.cdiv(N, rows),)](
@@ -123,17 +123,20 @@ class _RMSNormFunction(torch.autograd.Function):
             x2, x2.stride(0), weight, rstd, dy2, dy2.stride(0), dx, partial, N, d, nprog,
             ROWS=rows, BLOCK_D=block_d, num_warps=warps)
         dw = partial.sum(0)[:d].to(weight.dtype)
-        return dx.view(ctx.shape), dw, None
+        return dx.view(ctx.shape), dw, None, None
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """norm.rms_norm by the Triton kernels: x [..., d] (fp32 / bf16 / fp16, d <= MAX_D, any
     strides: a row-strided view is read in place, anything else copied contiguous first),
-    weight [d] (fp32 / bf16 / fp16, contiguous). Output contiguous, x's shape and dtype."""
+    weight [d] (fp32 / bf16 / fp16, contiguous). Output contiguous, x's shape, in out_dtype
+    (fp32 / bf16 / fp16; default x's dtype); x's gradient in x's dtype."""
     d = x.shape[-1]
-    if x.dtype not in INPUT_DTYPES or weight.dtype not in INPUT_DTYPES:
-        raise ValueError(f"rms_norm_triton: x and weight must be one of {INPUT_DTYPES}, got "
-                         f"{x.dtype} / {weight.dtype}")
+    out_dtype = out_dtype or x.dtype
+    if x.dtype not in INPUT_DTYPES or weight.dtype not in INPUT_DTYPES or out_dtype not in INPUT_DTYPES:
+        raise ValueError(f"rms_norm_triton: x, weight and the output must be one of {INPUT_DTYPES}, "
+                         f"got {x.dtype} / {weight.dtype} / {out_dtype}")
     if weight.shape != (d,) or not weight.is_contiguous():
         raise ValueError(f"rms_norm_triton: weight must be contiguous [{d}], got "
                          f"{tuple(weight.shape)} strides {weight.stride()}")
@@ -141,8 +144,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         raise ValueError(f"rms_norm_triton: the last dim must be in [1, {MAX_D}], got {d}")
     if x.numel() == 0:
         from .norm import rms_norm
-        return rms_norm(x, weight, eps)
-    return _RMSNormFunction.apply(x, weight, float(eps))
+        return rms_norm(x, weight, eps, out_dtype)
+    return _RMSNormFunction.apply(x, weight, float(eps), out_dtype)
 
 
 def use_triton_norm(choice: str, x: torch.Tensor, weight: torch.Tensor) -> bool:

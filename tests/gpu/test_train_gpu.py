@@ -111,3 +111,18 @@ def test_pp2_bf16_matches_one_gpu(shards, tmp_path):
     assert pp2.keys() == one.keys()
     for s in one:
         assert pp2[s] == pytest.approx(one[s], rel=2e-2), (pp2, one)
+
+
+@needs_2
+def test_tp2_sp_bf16_matches_one_gpu(shards, tmp_path):
+    """TP = 2 with sequence parallelism under bf16 autocast over fp32 weights: layer 0's input
+    norm sees the fp32 embedding, and Megatron's SP column linear reduce-scatters its input
+    gradient into a buffer of its input's dtype; with the norm handing on fp32 the first
+    backward failed ("input tensor must be the same type as the output tensor", session 17,
+    plan s17x2). Losses within bf16 rounding of the same run on one GPU."""
+    one = train(shards, str(tmp_path / "one"), 1, "train.precision=bf16")
+    tp2 = train(shards, str(tmp_path / "tp2"), 2, "parallel.tensor=2",
+                "parallel.sequence_parallel=true", "train.precision=bf16")
+    assert tp2.keys() == one.keys()
+    for s in one:
+        assert tp2[s] == pytest.approx(one[s], rel=2e-2), (tp2, one)

@@ -190,3 +190,57 @@ def test_specs_pass_the_choice():
         for norm in (layer.input_layernorm, layer.pre_mlp_layernorm, specs.norm_spec(cfg)):
             assert isinstance(norm, ModuleSpec) and norm.module is RMSNorm
             assert norm.params == {"kernel": choice}
+
+
+@pytest.mark.parametrize("kernel", ["eager", "triton"])
+def test_fp32_input_under_autocast_hands_on_the_autocast_dtype(kernel):
+    """Layer 0's input norm sees the fp32 embedding under bf16 autocast: the block norm hands on
+    bf16 (norm.block_norm_out_dtype), so Megatron's sequence-parallel column linear gets an input
+    of its gradient's dtype. The linear after it gives the same bits as it did on the norm's fp32
+    output (autocast casts that to bf16 itself), forward and backward; outside autocast, and for
+    a bf16 input, the output keeps x's dtype."""
+    from mdn_scale.model.norm import block_norm_out_dtype
+    norm = RMSNorm(_tcfg(), 64, eps=EPS, kernel=kernel)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    lin = torch.nn.Linear(64, 48, bias=False)
+    x0 = torch.randn(40, 64) * 3
+    dy = torch.randn(40, 48)
+
+    def run(cast_fp32):
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = norm(x)
+            hin = h.float() if cast_fp32 else h   # the old hand-on: fp32, cast again by the linear
+            y = lin(hin)
+        (y.float() * dy).sum().backward()
+        grads = (x.grad.clone(), norm.weight.grad.clone(), lin.weight.grad.clone())
+        norm.weight.grad = lin.weight.grad = None
+        return h, y, grads
+
+    h, y, g = run(False)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    _, y_old, g_old = run(True)
+    assert torch.equal(y, y_old)
+    for a, b in zip(g, g_old):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    assert norm(x0).dtype == torch.float32                       # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x0.bfloat16()).dtype == torch.bfloat16
+        assert block_norm_out_dtype(x0.double()) == torch.float64
+
+
+def test_triton_out_dtype():
+    """rms_norm_triton(out_dtype=bf16) on an fp32 x: y within a bf16 ulp of the fp32 kernel's y
+    (the interpreter truncates where the GPU rounds to nearest), dx in fp32 and the same bits as
+    the fp32-output kernel's dx for the same (bf16-valued) cotangent; a bad out_dtype is refused."""
+    x, w, dy = _case((96, 72), seed=7)
+    dy = dy.to(torch.bfloat16).double()
+    y32, dx32, dw32 = _run(rms_norm_triton, x, w, dy, torch.float32)
+    y16, dx16, dw16 = _run(lambda a, b, e: rms_norm_triton(a, b, e, torch.bfloat16), x, w, dy,
+                           torch.float32)
+    assert y16.dtype == torch.bfloat16 and dx16.dtype == torch.float32
+    assert ((y16.double() - y32.double()).abs() <= 2.0 ** -7 * y32.double().abs()).all()
+    assert torch.equal(dx16, dx32) and torch.equal(dw16, dw32)
+    with pytest.raises(ValueError, match="output"):
+        rms_norm_triton(x.float(), w.float(), EPS, torch.float64)
