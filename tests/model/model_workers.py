@@ -314,3 +314,64 @@ def stage_output_dtype_worker(rank, world, cfg):
             h = model(ids, None, None, packed_seq_params=packed_params([0, T // 3, T]))
         out[precision] = (h.dtype, tuple(h.shape), pipeline_dtype(precision, model.config.params_dtype))
     return out
+
+
+def _megatron_schedules_on_cpu():
+    """Megatron's pipeline schedules put their receive buffers and token counters on 'cuda'
+    (torch.cuda.current_device(), device="cuda") and synchronize the device after batched p2p;
+    in a CPU worker process those become the CPU and no-ops, so the schedules' real ordering and
+    p2p pairing run over gloo. (Only in the spawned test process: nothing else runs there.)"""
+    zeros = torch.zeros
+
+    def cpu_zeros(*a, **k):
+        if str(k.get("device", "")).startswith("cuda"):
+            k["device"] = "cpu"
+        return zeros(*a, **k)
+
+    torch.zeros = cpu_zeros
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+
+
+def schedule_worker(rank, world, cfg, pp, vp, microbatches):
+    """mdn_scale.train.step.forward_backward under Megatron's schedules (PP = pp; interleaved
+    with vp > 1 model chunks per rank; pp = 1: the plain loop) on CPU, float64 weights, fp32
+    precision: the loss, each micro-batch's loss sum (last stage) and every parameter's
+    gradient by its global name."""
+    from mdn_scale.model import to_transformer_config
+    from mdn_scale.train import step
+
+    _megatron_schedules_on_cpu()
+    ps.initialize_model_parallel(pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
+    m = ModelConfig(**cfg)
+    kw = dict(params_dtype=DTYPE, use_cpu_initialization=True)
+    if vp > 1:
+        kw["virtual_pipeline_model_parallel_size"] = vp
+    config = to_transformer_config(m, tensor_parallel=1, pipeline_parallel=pp, context_parallel=1, **kw)
+    torch.manual_seed(0)
+    chunks = [build_model(m, config=config, vp_stage=v if vp > 1 else None) for v in range(vp)]
+    sums = []
+    forward_loss_sum, stack = step.forward_loss_sum, torch.stack
+
+    def record_stack(xs, *a, **k):   # the pipelined path stacks its per-micro-batch loss sums
+        if isinstance(xs, list) and xs and xs[0].dim() == 0:
+            sums.extend(float(x) for x in xs)
+        return stack(xs, *a, **k)
+
+    def record_sum(*a, **k):          # the plain loop's per-micro-batch loss sums
+        v = forward_loss_sum(*a, **k)
+        sums.append(float(v))
+        return v
+
+    step.forward_loss_sum, step.torch.stack = record_sum, record_stack
+    try:
+        loss = step.forward_backward(chunks if vp > 1 else chunks[0], microbatches,
+                                     global_tokens=float(sum(mb["loss_mask"].sum() for mb in microbatches)),
+                                     precision="fp32", device=torch.device("cpu"), loss_group=None)
+    finally:
+        step.forward_loss_sum, step.torch.stack = forward_loss_sum, stack
+    grads = {}
+    for c in chunks:
+        grads.update(full_grads(c))
+    return {"loss": loss, "sums": sums, "grads": grads}
