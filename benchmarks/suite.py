@@ -66,6 +66,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      the 1.3B MFU shape (4K tokens per GPU) under DP = 2, TP = 2 with SP and CP = 2 beside one
      GPU; (b) the GDN mode and the Transformer in the same layouts; (c) PP = 2 (1F1B and
      interleaved) against PP = 1 at 24 layers, the CP op's agreement once against every call.
+  s18x2  (not yet run) what session 17 left open on 2 GPUs: PP = 2 interleaved after the p2p fix,
+     MDN / GDN mode at TP = 2 + SP with longer timing, the GDN mode at CP = 2.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1325,6 +1327,26 @@ PLANS = {
                          2, f"{CPW400} --cp 2 --seq-len 32768")),
                      ("tp2_sp_bf16_test", 90, PT + " --timeout 85 "
                       "tests/gpu/test_train_gpu.py::test_tp2_sp_bf16_matches_one_gpu")]),
+        ]),
+    ],
+    "s18x2": [  # for the next 2-GPU call: what session 17 left open. PP = 2 interleaved after the
+                # p2p fix (step.batch_p2p_comm; plan s17x2c's run paired gradients with activations)
+                # with the GPU test of PP = 2 against PP = 1 (fp32, both schedules); the TP = 2 + SP
+                # step of MDN against the GDN mode with 6 warm-up and 10 timed steps (plan s17x2b's
+                # fell from 676 to 477 ms over 5 steps); the three models at 1 GPU and DP = 2 in one
+                # call; the GDN mode under CP = 2 (cut by its limit in plan s17x2b)
+        ("pp", 230, [
+            ("0,1", [("pp_losses_test", 110, PT + " --timeout 105 "
+                      "tests/gpu/test_bench_model_gpu.py::test_pipeline_losses_equal_pp1"),
+                     ("mdn_1p3b_24l_pp2_interleaved", 110, bench_model(2, f"--config {M13} {PP13} --pp 2 --vp 2"))]),
+        ]),
+        ("tp2", 200, [
+            ("0,1", [("mdn_1p3b_4k_tp2_sp_long", 95, bench_model(2, M13_4K + " --tp 2 --sp --warmup 6 --steps 10")),
+                     ("gdn_1p3b_4k_tp2_sp_long", 95, bench_model(2, M13_4K + " --mixer gdn --tp 2 --sp "
+                                                                "--warmup 6 --steps 10"))]),
+        ]),
+        ("cp2", 110, [
+            ("0,1", [("gdn_1p3b_8k_cp2", 105, bench_model(2, M13_4K + " --mixer gdn --cp 2 --seq-len 8192"))]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor

@@ -596,6 +596,53 @@ def plot_pp(out):
     return out
 
 
+# Session 17, two H200s: the 1.3B step at 4K tokens per GPU (2 micro-batches of 2 x 4096 per
+# rank) under each layout, three models; PP = 1 / 2 at 24 layers (plans s17x2, s17x2b, s17x2c)
+LAYOUTS_V17 = [("1 GPU", "1p3b_4k"), ("DP = 2", "1p3b_4k_dp2"), ("TP = 2 + SP", "1p3b_4k_tp2_sp"),
+               ("CP = 2", "1p3b_8k_cp2")]
+PP_V17 = [("PP = 1 (1 GPU)", "model_h200x2_mdn_1p3b_24l_pp1_v17.json"),
+          ("PP = 2, 1F1B", "model_h200x2_mdn_1p3b_24l_pp2_1f1b_v17.json")]
+
+
+def plot_layouts_v17(out):
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.27
+    found = False
+    for i, model in enumerate(("mdn", "gdn", "transformer")):
+        xs, ys = [], []
+        for j, (_, key) in enumerate(LAYOUTS_V17):
+            d = _load(f"model_h200x2_{model}_{key}_v17.json")
+            if d:
+                xs.append(j + (i - 1) * width)
+                ys.append(d["tokens_per_s_per_gpu"] / 1e3)
+        if xs:
+            found = True
+            a1.bar(xs, ys, width, label={"mdn": "MDN", "gdn": "GDN mode (our op, mu = 0)",
+                                         "transformer": "Transformer (SDPA)"}[model])
+    if not found:
+        plt.close(fig)
+        return None
+    a1.set_xticks(range(len(LAYOUTS_V17)), [label for label, _ in LAYOUTS_V17], fontsize=8)
+    a1.set_ylabel("thousand tokens/s per GPU")
+    a1.set_title("1.3B, 4K tokens per GPU per micro-batch (bars missing: not measured)", fontsize=8)
+    a1.legend(fontsize=7)
+    for label, name in PP_V17:
+        d = _load(name)
+        if d:
+            a2.plot(range(1, len(d["losses"]) + 1), d["losses"], marker="o",
+                    label=f"{label}: {d['step_ms_median']:.0f} ms")
+    a2.set_xlabel("timed step")
+    a2.set_ylabel("loss")
+    a2.set_title("1.3B at 24 layers, 8 micro-batches of 2 x 4096: PP = 2 against one GPU", fontsize=8)
+    a2.legend(fontsize=7)
+    fig.suptitle("Session 17 on two H200s (bf16 autocast over fp32 weights). MDN's 1 GPU, DP and "
+                 "CP bars come from another call (machine) than the rest: compare within a layout "
+                 "with care", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -610,7 +657,8 @@ def main():
                      (plot_cp_model_weak, "cp_model_weak_scaling.png"),
                      (plot_longctx_v10, "longctx_v10.png"),
                      (plot_session11, "session11_model.png"),
-                     (plot_in_proj_alignment, "session13_in_proj_alignment.png")):
+                     (plot_in_proj_alignment, "session13_in_proj_alignment.png"),
+                     (plot_layouts_v17, "session17_two_gpu_layouts.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
