@@ -336,8 +336,7 @@ def _megatron_schedules_on_cpu():
 def schedule_worker(rank, world, cfg, pp, vp, microbatches):
     """mdn_scale.train.step.forward_backward under Megatron's schedules (PP = pp; interleaved
     with vp > 1 model chunks per rank; pp = 1: the plain loop) on CPU, float64 weights, fp32
-    precision: the loss, each micro-batch's loss sum (last stage) and every parameter's
-    gradient by its global name."""
+    precision: the loss and every parameter's gradient by its global name."""
     from mdn_scale.model import to_transformer_config
     from mdn_scale.train import step
 
@@ -351,27 +350,10 @@ def schedule_worker(rank, world, cfg, pp, vp, microbatches):
     config = to_transformer_config(m, tensor_parallel=1, pipeline_parallel=pp, context_parallel=1, **kw)
     torch.manual_seed(0)
     chunks = [build_model(m, config=config, vp_stage=v if vp > 1 else None) for v in range(vp)]
-    sums = []
-    forward_loss_sum, stack = step.forward_loss_sum, torch.stack
-
-    def record_stack(xs, *a, **k):   # the pipelined path stacks its per-micro-batch loss sums
-        if isinstance(xs, list) and xs and xs[0].dim() == 0:
-            sums.extend(float(x) for x in xs)
-        return stack(xs, *a, **k)
-
-    def record_sum(*a, **k):          # the plain loop's per-micro-batch loss sums
-        v = forward_loss_sum(*a, **k)
-        sums.append(float(v))
-        return v
-
-    step.forward_loss_sum, step.torch.stack = record_sum, record_stack
-    try:
-        loss = step.forward_backward(chunks if vp > 1 else chunks[0], microbatches,
-                                     global_tokens=float(sum(mb["loss_mask"].sum() for mb in microbatches)),
-                                     precision="fp32", device=torch.device("cpu"), loss_group=None)
-    finally:
-        step.forward_loss_sum, step.torch.stack = forward_loss_sum, stack
+    loss = step.forward_backward(chunks if vp > 1 else chunks[0], microbatches,
+                                 global_tokens=float(sum(mb["loss_mask"].sum() for mb in microbatches)),
+                                 precision="fp32", device=torch.device("cpu"), loss_group=None)
     grads = {}
     for c in chunks:
         grads.update(full_grads(c))
-    return {"loss": loss, "sums": sums, "grads": grads}
+    return {"loss": loss, "grads": grads}
