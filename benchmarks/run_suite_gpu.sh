@@ -9,6 +9,8 @@
 #   bash benchmarks/run_suite_gpu.sh b "$OUT"
 #   bash benchmarks/run_suite_gpu.sh q "$OUT"    # carry .whl and data/quality (the quality run's
 #                                                # shards: python benchmarks/quality/make_corpus.py)
+#   bash benchmarks/run_suite_gpu.sh h200x2 "$OUT"   # issue 9's headline numbers, one call per
+#                                                    # machine kind: h200, h200x2, h200x4
 # benchmarks/suite.py holds the plans; results come back in $OUT/suite.tar.gz.
 set -uo pipefail
 PLAN=${1:?plan: a, b, c, d or q}

@@ -66,6 +66,11 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      the 1.3B MFU shape (4K tokens per GPU) under DP = 2, TP = 2 with SP and CP = 2 beside one
      GPU; (b) the GDN mode and the Transformer in the same layouts; (c) PP = 2 (1F1B and
      interleaved) against PP = 1 at 24 layers, the CP op's agreement once against every call.
+  h200, h200x2, h200x4  one call per machine kind (issue 9): the headline numbers with the
+     current defaults — on one GPU the op against FLA's GDN and the 1.3B step of MDN and its three
+     peers (GDN mode, Transformer, Megatron-core's GDN) plus MDN 400M; on two, MDN and the GDN mode
+     side by side, then DP = 2, TP = 2 + SP, CP = 2 and PP = 2 (1F1B, interleaved) against PP = 1;
+     on four, whole-model CP weak scaling (CP = 1, 2, 4 at 400M and 1.3B) and DP = 4.
   s18x2  (not yet run) what session 17 left open on 2 GPUs: PP = 2 interleaved after the p2p fix,
      MDN / GDN mode at TP = 2 + SP with longer timing, the GDN mode at CP = 2.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
@@ -1347,6 +1352,43 @@ PLANS = {
         ]),
         ("cp2", 110, [
             ("0,1", [("gdn_1p3b_8k_cp2", 105, bench_model(2, M13_4K + " --mixer gdn --cp 2 --seq-len 8192"))]),
+        ]),
+    ],
+    # One call per machine kind: issue 9's headline numbers with the current defaults, sized from
+    # session 17's job times on H200s with the carried autotune cache (a 1.3B step job 50-80 s,
+    # the kernel bench with FLA ~100 s); jobs run in priority order, so a slow machine loses the
+    # last ones. bash benchmarks/run_suite_gpu.sh h200x2 "$OUT" on nvidia-h200-x2, and so on.
+    "h200": [
+        ("kernels", 150, [
+            ("0", [("kernels_vs_gdn", 148, "python3 tools/bench_kernels.py --shapes 0,1 --out {R}/result.json")]),
+        ]),
+        ("model", 415, [
+            ("0", [("mdn_1p3b_4k", 80, bench_model(1, M13_4K)),
+                   ("gdn_1p3b_4k", 70, bench_model(1, M13_4K + " --mixer gdn")),
+                   ("transformer_1p3b_4k", 70, bench_model(1, M13_4K.replace(M13, T13))),
+                   ("megatron_gdn_1p3b_4k", 110, bench_model(1, M13_4K + " --mixer megatron_gdn")),
+                   ("mdn_400m_4k", 60, bench_model(1, f"--config {M400} --micro-batch 4"))]),
+        ]),
+    ],
+    "h200x2": [
+        ("one_gpu", 165, [
+            ("0", [("mdn_1p3b_4k", 85, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_24l_pp1", 75, bench_model(1, f"--config {M13} {PP13}"))]),
+            ("1", [("gdn_1p3b_4k", 85, bench_model(1, M13_4K + " --mixer gdn")),
+                   ("transformer_1p3b_4k", 75, bench_model(1, M13_4K.replace(M13, T13)))]),
+        ]),
+        ("two_gpu", 400, [
+            ("0,1", [("mdn_1p3b_4k_dp2", 65, bench_model(2, M13_4K)),
+                     ("mdn_1p3b_4k_tp2_sp", 75, bench_model(2, M13_4K + " --tp 2 --sp")),
+                     ("gdn_1p3b_4k_tp2_sp", 60, bench_model(2, M13_4K + " --mixer gdn --tp 2 --sp")),
+                     ("mdn_1p3b_8k_cp2", 80, bench_model(2, M13_4K + " --cp 2 --seq-len 8192")),
+                     ("mdn_1p3b_24l_pp2_1f1b", 60, bench_model(2, f"--config {M13} {PP13} --pp 2")),
+                     ("mdn_1p3b_24l_pp2_interleaved", 60, bench_model(2, f"--config {M13} {PP13} --pp 2 --vp 2"))]),
+        ]),
+    ],
+    "h200x4": cp_weak_scaling(profile_400m=False) + [
+        ("dp4", 100, [
+            ("0,1,2,3", [("mdn_1p3b_4k_dp4", 98, bench_model(4, M13_4K))]),
         ]),
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
