@@ -424,9 +424,6 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
     check_init_config(cfg)
     if cfg.checkpoint.interval and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.interval > 0 needs checkpoint.dir")
-    if cfg.eval.interval and p.pipeline > 1:
-        raise ConfigError("eval.interval > 0 is not supported with parallel.pipeline > 1 yet "
-                          "(validation runs without the pipeline schedule): set eval.interval=0")
     if cfg.eval.interval and cfg.eval.batches < 1:
         raise ConfigError("eval.batches must be >= 1 when eval.interval > 0")
     if cfg.eval.interval and hasattr(cfg.data, "validation_fraction") and not (

@@ -117,6 +117,13 @@ def _forward_backward_pipelined(chunks, microbatches, denom, precision, device) 
     ``calculate_per_token_loss`` so the schedule applies no further scaling; gradient reduction
     over dp×cp stays ours (grads.finalize_grads). Returns this rank's loss sum (the last stage's,
     shared over the pipeline group so every rank can log it)."""
+    return _run_schedule(chunks, microbatches, denom, precision, device, forward_only=False)[0]
+
+
+def _run_schedule(chunks, microbatches, denom, precision, device, *, forward_only: bool) -> torch.Tensor:
+    """Megatron's schedule over ``microbatches`` (see _forward_backward_pipelined); returns
+    [loss sum, loss tokens] (float64) of the last stage, summed over the pipeline group so every
+    stage holds them. forward_only: no backward (validation)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -125,7 +132,7 @@ def _forward_backward_pipelined(chunks, microbatches, denom, precision, device) 
         config.pipeline_dtype = pipeline_dtype(precision, config.params_dtype)
         config.finalize_model_grads_func = None
         config.batch_p2p_comm = batch_p2p_comm(len(chunks), ps.get_pipeline_model_parallel_world_size())
-    sums = []
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
 
     def forward_step(data_iterator, model):
         inputs = to_model_inputs(next(data_iterator), device)
@@ -135,7 +142,8 @@ def _forward_backward_pipelined(chunks, microbatches, denom, precision, device) 
 
         def loss_func(per_token):
             loss_sum = (per_token.float() * inputs["loss_mask"]).sum()
-            sums.append(loss_sum.detach())
+            sums[0] += loss_sum.detach().double()
+            sums[1] += inputs["loss_mask"].sum().double()
             n = inputs["loss_mask"].sum().to(torch.int)
             return loss_sum / denom, n, {"loss_sum": loss_sum.detach()}
 
@@ -147,29 +155,36 @@ def _forward_backward_pipelined(chunks, microbatches, denom, precision, device) 
         forward_step_func=forward_step, data_iterator=data, model=chunks,
         num_microbatches=len(microbatches),
         seq_length=tokens_per_mb * ps.get_context_parallel_world_size(),
-        micro_batch_size=1, forward_only=False)
-    total = torch.stack(sums).sum().double() if sums else torch.zeros((), dtype=torch.float64, device=device)
-    total = total.to(device)
-    dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-    return total
+        micro_batch_size=1, forward_only=forward_only)
+    dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+    return sums
 
 
 @torch.no_grad()
 def evaluate(model, batches: list[dict], *, precision: str, device: torch.device, loss_group) -> float:
-    """Token-weighted mean loss of ``batches`` (CP-sliced) over the dp×cp group."""
-    was_training = model.training
-    model.eval()
+    """Token-weighted mean loss of ``batches`` (CP-sliced) over the dp×cp group. ``model``: the
+    module of this pipeline stage, or its list of model chunks; under pipeline parallelism the
+    batches run through Megatron's schedule, forward only, and every stage returns the value."""
     from megatron.core import parallel_state as ps
 
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        raise NotImplementedError("validation under pipeline parallelism is not implemented yet "
-                                  "(set eval.interval=0, or evaluate with tools/evaluate.py at PP=1)")
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for mb in batches:
-        inputs = to_model_inputs(mb, device)
-        sums[0] += forward_loss_sum(model, inputs, precision, device).double()
-        sums[1] += inputs["loss_mask"].sum().double()
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    was_training = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    try:
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            sums = _run_schedule(chunks, batches, 1.0, precision, device, forward_only=True)
+        else:
+            if len(chunks) != 1:
+                raise ValueError("several model chunks need pipeline parallelism (parallel.pipeline > 1)")
+            sums = torch.zeros(2, dtype=torch.float64, device=device)
+            for mb in batches:
+                inputs = to_model_inputs(mb, device)
+                sums[0] += forward_loss_sum(chunks[0], inputs, precision, device).double()
+                sums[1] += inputs["loss_mask"].sum().double()
+    finally:
+        for c, was in zip(chunks, was_training):
+            c.train(was)
     if loss_group is not None and dist.get_world_size(loss_group) > 1:
         dist.all_reduce(sums, group=loss_group)
-    model.train(was_training)
     return float(sums[0] / sums[1].clamp(min=1))

@@ -43,11 +43,15 @@ def train(shards, run_dir, nproc, *overrides):
            *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return metric(run_dir, "loss")
+
+
+def metric(run_dir, key):
     out = {}
     for line in open(os.path.join(run_dir, "metrics.jsonl")):
         rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
+        if key in rec:
+            out[rec["step"]] = rec[key]
     return out
 
 
@@ -126,3 +130,17 @@ def test_tp2_sp_bf16_matches_one_gpu(shards, tmp_path):
     assert tp2.keys() == one.keys()
     for s in one:
         assert tp2[s] == pytest.approx(one[s], rel=2e-2), (tp2, one)
+
+
+@needs_2
+def test_pp2_validation_matches_one_gpu(shards, tmp_path):
+    """Validation under PP = 2 (Megatron's forward-only schedule, step.evaluate; refused by the
+    config before session 17): every step's val_loss equals one GPU's (fp32). CPU check of the
+    same path: tests/model/test_model_pp.py::test_evaluate_under_pipeline_matches_pp1."""
+    common = [f"data.valid_datasets=[{shards}]", "eval.interval=1", "eval.batches=2"]
+    train(shards, str(tmp_path / "one"), 1, *common)
+    train(shards, str(tmp_path / "pp2"), 2, "parallel.pipeline=2", *common)
+    one, pp2 = metric(str(tmp_path / "one"), "val_loss"), metric(str(tmp_path / "pp2"), "val_loss")
+    assert one.keys() == pp2.keys() == set(range(1, STEPS + 1)), (one, pp2)
+    for s in one:
+        assert pp2[s] == pytest.approx(one[s], rel=1e-5), (pp2, one)

@@ -357,3 +357,26 @@ def schedule_worker(rank, world, cfg, pp, vp, microbatches):
     for c in chunks:
         grads.update(full_grads(c))
     return {"loss": loss, "grads": grads}
+
+
+def evaluate_worker(rank, world, cfg, pp, vp, batches):
+    """mdn_scale.train.step.evaluate on CPU (float64 weights, fp32): PP = pp (interleaved with
+    vp > 1), Megatron's forward-only schedule; every rank's value, and whether the chunks are
+    back in training mode."""
+    from mdn_scale.model import to_transformer_config
+    from mdn_scale.train import step
+
+    _megatron_schedules_on_cpu()
+    ps.initialize_model_parallel(pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
+    m = ModelConfig(**cfg)
+    kw = dict(params_dtype=DTYPE, use_cpu_initialization=True)
+    if vp > 1:
+        kw["virtual_pipeline_model_parallel_size"] = vp
+    config = to_transformer_config(m, tensor_parallel=1, pipeline_parallel=pp, context_parallel=1, **kw)
+    torch.manual_seed(0)
+    chunks = [build_model(m, config=config, vp_stage=v if vp > 1 else None) for v in range(vp)]
+    val = step.evaluate(chunks if vp > 1 else chunks[0], batches, precision="fp32",
+                        device=torch.device("cpu"), loss_group=None)
+    return {"val": val, "training": [c.training for c in chunks],
+            "grads": [p.grad is None for c in chunks for p in c.parameters()]}

@@ -55,3 +55,19 @@ def test_schedules_match_pp1():
         for k, g in ref["grads"].items():
             torch.testing.assert_close(grads[k], g, rtol=1e-6, atol=1e-9,
                                        msg=lambda m, k=k, vp=vp: f"vp {vp} {k}: {m}")
+
+
+def test_evaluate_under_pipeline_matches_pp1():
+    """Validation under PP (the trainer's eval.interval with parallel.pipeline > 1): the batches
+    run through Megatron's forward-only schedule, 1F1B and interleaved on two gloo processes;
+    every stage returns PP = 1's token-weighted mean loss, with some tokens masked out, leaves
+    no gradients and the chunks in training mode."""
+    cfg = dict(CFG, num_layers=4)
+    batches = _microbatches(4)
+    batches[1]["loss_mask"][0, :10] = 0          # the mean is over loss tokens, not all tokens
+    (ref,), = run_jobs(1, [(workers.evaluate_worker, (cfg, 1, 1, batches))])
+    runs = run_jobs(2, [(workers.evaluate_worker, (cfg, 2, vp, batches)) for vp in (1, 2)])
+    for vp, ranks in zip((1, 2), runs):
+        for r in ranks:
+            assert r["val"] == pytest.approx(ref["val"], rel=1e-6), (vp, r["val"], ref["val"])
+            assert all(r["training"]) and all(r["grads"]), vp
