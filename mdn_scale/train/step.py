@@ -117,7 +117,7 @@ def _forward_backward_pipelined(chunks, microbatches, denom, precision, device) 
     ``calculate_per_token_loss`` so the schedule applies no further scaling; gradient reduction
     over dp×cp stays ours (grads.finalize_grads). Returns this rank's loss sum (the last stage's,
     shared over the pipeline group so every rank can log it)."""
-    return _run_schedule(chunks, microbatches, denom, precision, device, forward_only=False)[0]
+    return _run_schedule(chunks, microbatches, denom, precision, device, forward_only=False)[0].clone()
 
 
 def _run_schedule(chunks, microbatches, denom, precision, device, *, forward_only: bool) -> torch.Tensor:
