@@ -185,6 +185,13 @@ def quality_train(model: str) -> str:
 QUALITY_PLOT = ("python3 tools/plot_quality.py {R}/../q_mdn {R}/../q_gdn {R}/../q_transformer "
                 "--suite {R}/../suite.json --out {R}/quality")
 
+# The last phase of the per-kind plans: the call's table (tools/summarize_model_bench.py over the
+# jobs' result.json files): summary.txt beside the job logs, summary.json in its folder
+SUMMARY = ("summary", 20, [
+    ("0", [("summary", 18, "python3 tools/summarize_model_bench.py {R}/.. --json {R}/summary.json "
+                           "| tee {R}/summary.txt")]),
+])
+
 def cp_weak_scaling(profile_400m: bool) -> list:
     """Whole-model CP weak scaling in one call, 16K tokens per GPU per micro-batch (the
     4K-per-GPU runs of sessions 4-7 were host-bound): 400M (K = 128) and 1.3B (K = 256,
@@ -1361,16 +1368,17 @@ PLANS = {
     # the kernel bench with FLA ~100 s); jobs run in priority order, so a slow machine loses the
     # last ones. bash benchmarks/run_suite_gpu.sh h200x2 "$OUT" on nvidia-h200-x2, and so on.
     "h200": [
-        ("kernels", 150, [
-            ("0", [("kernels_vs_gdn", 148, "python3 tools/bench_kernels.py --shapes 0,1 --out {R}/result.json")]),
+        ("kernels", 145, [
+            ("0", [("kernels_vs_gdn", 143, "python3 tools/bench_kernels.py --shapes 0,1 --out {R}/result.json")]),
         ]),
-        ("model", 415, [
+        ("model", 405, [
             ("0", [("mdn_1p3b_4k", 80, bench_model(1, M13_4K)),
                    ("gdn_1p3b_4k", 70, bench_model(1, M13_4K + " --mixer gdn")),
                    ("transformer_1p3b_4k", 70, bench_model(1, M13_4K.replace(M13, T13))),
                    ("megatron_gdn_1p3b_4k", 110, bench_model(1, M13_4K + " --mixer megatron_gdn")),
-                   ("mdn_400m_4k", 60, bench_model(1, f"--config {M400} --micro-batch 4"))]),
+                   ("mdn_400m_4k", 50, bench_model(1, f"--config {M400} --micro-batch 4"))]),
         ]),
+        SUMMARY,
     ],
     "h200x2": [
         ("one_gpu", 165, [
@@ -1379,19 +1387,21 @@ PLANS = {
             ("1", [("gdn_1p3b_4k", 85, bench_model(1, M13_4K + " --mixer gdn")),
                    ("transformer_1p3b_4k", 75, bench_model(1, M13_4K.replace(M13, T13)))]),
         ]),
-        ("two_gpu", 400, [
-            ("0,1", [("mdn_1p3b_4k_dp2", 65, bench_model(2, M13_4K)),
+        ("two_gpu", 385, [
+            ("0,1", [("mdn_1p3b_4k_dp2", 60, bench_model(2, M13_4K)),
                      ("mdn_1p3b_4k_tp2_sp", 75, bench_model(2, M13_4K + " --tp 2 --sp")),
-                     ("gdn_1p3b_4k_tp2_sp", 60, bench_model(2, M13_4K + " --mixer gdn --tp 2 --sp")),
+                     ("gdn_1p3b_4k_tp2_sp", 50, bench_model(2, M13_4K + " --mixer gdn --tp 2 --sp")),
                      ("mdn_1p3b_8k_cp2", 80, bench_model(2, M13_4K + " --cp 2 --seq-len 8192")),
                      ("mdn_1p3b_24l_pp2_1f1b", 60, bench_model(2, f"--config {M13} {PP13} --pp 2")),
                      ("mdn_1p3b_24l_pp2_interleaved", 60, bench_model(2, f"--config {M13} {PP13} --pp 2 --vp 2"))]),
         ]),
+        SUMMARY,
     ],
     "h200x4": cp_weak_scaling(profile_400m=False) + [
         ("dp4", 100, [
             ("0,1,2,3", [("mdn_1p3b_4k_dp4", 98, bench_model(4, M13_4K))]),
         ]),
+        SUMMARY,
     ],
     "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
                 # (MDN_CP_AGREE=once, opt-in since session 11) against every call, at the shapes

@@ -31,7 +31,10 @@ def load(paths):
             except (OSError, ValueError):
                 continue
             if isinstance(r, dict) and r.get("benchmark", "").startswith("whole-model"):
-                recs[os.path.splitext(os.path.basename(f))[0]] = r
+                name = os.path.splitext(os.path.basename(f))[0]
+                if name == "result":   # a suite job's JOB/result.json: named by its job
+                    name = os.path.basename(os.path.dirname(os.path.abspath(f)))
+                recs[name] = r
     return recs
 
 
