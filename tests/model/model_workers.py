@@ -333,12 +333,10 @@ def _megatron_schedules_on_cpu():
     torch.cuda.synchronize = lambda *a, **k: None
 
 
-def schedule_worker(rank, world, cfg, pp, vp, microbatches):
-    """mdn_scale.train.step.forward_backward under Megatron's schedules (PP = pp; interleaved
-    with vp > 1 model chunks per rank; pp = 1: the plain loop) on CPU, float64 weights, fp32
-    precision: the loss and every parameter's gradient by its global name."""
+def _pipeline_chunks(cfg, pp, vp):
+    """This rank's model chunks (float64, seeded) under PP = pp, interleaved with vp > 1 chunks,
+    Megatron's schedules made to run on the CPU."""
     from mdn_scale.model import to_transformer_config
-    from mdn_scale.train import step
 
     _megatron_schedules_on_cpu()
     ps.initialize_model_parallel(pipeline_model_parallel_size=pp,
@@ -349,7 +347,16 @@ def schedule_worker(rank, world, cfg, pp, vp, microbatches):
         kw["virtual_pipeline_model_parallel_size"] = vp
     config = to_transformer_config(m, tensor_parallel=1, pipeline_parallel=pp, context_parallel=1, **kw)
     torch.manual_seed(0)
-    chunks = [build_model(m, config=config, vp_stage=v if vp > 1 else None) for v in range(vp)]
+    return [build_model(m, config=config, vp_stage=v if vp > 1 else None) for v in range(vp)]
+
+
+def schedule_worker(rank, world, cfg, pp, vp, microbatches):
+    """mdn_scale.train.step.forward_backward under Megatron's schedules (PP = pp; interleaved
+    with vp > 1 model chunks per rank; pp = 1: the plain loop) on CPU, float64 weights, fp32
+    precision: the loss and every parameter's gradient by its global name."""
+    from mdn_scale.train import step
+
+    chunks = _pipeline_chunks(cfg, pp, vp)
     loss = step.forward_backward(chunks if vp > 1 else chunks[0], microbatches,
                                  global_tokens=float(sum(mb["loss_mask"].sum() for mb in microbatches)),
                                  precision="fp32", device=torch.device("cpu"), loss_group=None)
@@ -363,19 +370,9 @@ def evaluate_worker(rank, world, cfg, pp, vp, batches):
     """mdn_scale.train.step.evaluate on CPU (float64 weights, fp32): PP = pp (interleaved with
     vp > 1), Megatron's forward-only schedule; every rank's value, and whether the chunks are
     back in training mode."""
-    from mdn_scale.model import to_transformer_config
     from mdn_scale.train import step
 
-    _megatron_schedules_on_cpu()
-    ps.initialize_model_parallel(pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
-    m = ModelConfig(**cfg)
-    kw = dict(params_dtype=DTYPE, use_cpu_initialization=True)
-    if vp > 1:
-        kw["virtual_pipeline_model_parallel_size"] = vp
-    config = to_transformer_config(m, tensor_parallel=1, pipeline_parallel=pp, context_parallel=1, **kw)
-    torch.manual_seed(0)
-    chunks = [build_model(m, config=config, vp_stage=v if vp > 1 else None) for v in range(vp)]
+    chunks = _pipeline_chunks(cfg, pp, vp)
     val = step.evaluate(chunks if vp > 1 else chunks[0], batches, precision="fp32",
                         device=torch.device("cpu"), loss_group=None)
     return {"val": val, "training": [c.training for c in chunks],
