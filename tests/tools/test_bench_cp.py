@@ -38,12 +38,25 @@ def test_refuses_without_cuda(tmp_path):
     assert r.returncode != 0 and "needs CUDA" in r.stderr
 
 
+# torch.profiler (Kineto) in a process that also runs Triton's interpreter sometimes aborts that
+# process at interpreter exit, after the tool has finished and written its results: "terminate
+# called without an active exception" (torch 2.13.0+cpu; 2 of 10 runs under pytest, 1 of 8 run by
+# hand with TRITON_INTERPRET=1, none of 16 without it and none of 12 without --profile). Not ours
+# to fix; the run is retried once on exactly that failure, any other failure fails the test.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.slow
 def test_cpu_smoke_two_ranks(tmp_path):
     out = tmp_path / "r.json"
     prof = tmp_path / "profile.txt"
-    r = run("-m", "torch.distributed.run", "--nproc-per-node", "2", str(SCRIPT), "--cpu-smoke",
+    args = ("-m", "torch.distributed.run", "--nproc-per-node", "2", str(SCRIPT), "--cpu-smoke",
             "--out", str(out), "--profile", str(prof), "--profile-steps", "1", *TINY)
+    r = run(*args)
+    if r.returncode != 0 and TEARDOWN_ABORT in r.stderr and '"results"' in r.stdout:
+        out.unlink(missing_ok=True)
+        prof.unlink(missing_ok=True)
+        r = run(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(out.read_text())
     assert rec["num_gpus"] == 2 and rec["command"].startswith("torchrun --nproc-per-node 2")
