@@ -89,15 +89,11 @@ def forward_backward(model, microbatches: list[dict], *, global_tokens: float, p
     return the token-weighted mean loss over the whole dp×cp group. ``model``: the module of this
     pipeline stage, or a list of model chunks (interleaved pipeline schedule: one chunk per
     virtual stage, in order)."""
-    from megatron.core import parallel_state as ps
-
     denom = max(global_tokens, 1.0)
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    if ps.get_pipeline_model_parallel_world_size() > 1:
+    chunks, pipelined = _chunks(model)
+    if pipelined:
         total = _forward_backward_pipelined(chunks, microbatches, denom, precision, device)
     else:
-        if len(chunks) != 1:
-            raise ValueError("several model chunks need pipeline parallelism (parallel.pipeline > 1)")
         model = chunks[0]
         total = torch.zeros((), dtype=torch.float64, device=device)
         for mb in microbatches:
@@ -108,6 +104,18 @@ def forward_backward(model, microbatches: list[dict], *, global_tokens: float, p
     if loss_group is not None and dist.get_world_size(loss_group) > 1:
         dist.all_reduce(total, group=loss_group)
     return float(total.item()) / denom
+
+
+def _chunks(model) -> tuple[list, bool]:
+    """(this rank's model chunks, whether pipeline parallelism is on): ``model`` is the module of
+    this pipeline stage or its list of chunks (interleaved schedule); several need PP."""
+    from megatron.core import parallel_state as ps
+
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    pipelined = ps.get_pipeline_model_parallel_world_size() > 1
+    if len(chunks) != 1 and not pipelined:
+        raise ValueError("several model chunks need pipeline parallelism (parallel.pipeline > 1)")
+    return chunks, pipelined
 
 
 def _forward_backward_pipelined(chunks, microbatches, denom, precision, device) -> torch.Tensor:
@@ -142,10 +150,10 @@ def _run_schedule(chunks, microbatches, denom, precision, device, *, forward_onl
 
         def loss_func(per_token):
             loss_sum = (per_token.float() * inputs["loss_mask"]).sum()
+            n = inputs["loss_mask"].sum()
             sums[0] += loss_sum.detach().double()
-            sums[1] += inputs["loss_mask"].sum().double()
-            n = inputs["loss_mask"].sum().to(torch.int)
-            return loss_sum / denom, n, {"loss_sum": loss_sum.detach()}
+            sums[1] += n.double()
+            return loss_sum / denom, n.to(torch.int), {"loss_sum": loss_sum.detach()}
 
         return output, loss_func
 
@@ -165,18 +173,14 @@ def evaluate(model, batches: list[dict], *, precision: str, device: torch.device
     """Token-weighted mean loss of ``batches`` (CP-sliced) over the dp×cp group. ``model``: the
     module of this pipeline stage, or its list of model chunks; under pipeline parallelism the
     batches run through Megatron's schedule, forward only, and every stage returns the value."""
-    from megatron.core import parallel_state as ps
-
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    chunks, pipelined = _chunks(model)
     was_training = [c.training for c in chunks]
     for c in chunks:
         c.eval()
     try:
-        if ps.get_pipeline_model_parallel_world_size() > 1:
+        if pipelined:
             sums = _run_schedule(chunks, batches, 1.0, precision, device, forward_only=True)
         else:
-            if len(chunks) != 1:
-                raise ValueError("several model chunks need pipeline parallelism (parallel.pipeline > 1)")
             sums = torch.zeros(2, dtype=torch.float64, device=device)
             for mb in batches:
                 inputs = to_model_inputs(mb, device)
