@@ -71,6 +71,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      peers (GDN mode, Transformer, Megatron-core's GDN) plus MDN 400M; on two, MDN and the GDN mode
      side by side, then DP = 2, TP = 2 + SP, CP = 2 and PP = 2 (1F1B, interleaved) against PP = 1;
      on four, whole-model CP weak scaling (CP = 1, 2, 4 at 400M and 1.3B) and DP = 4.
+  s18x4a, s18x4b  session 18 on 4 H200s: (a) whole-model CP weak scaling (CP = 1, 2, 4 at 400M and
+     1.3B; CP = 4 with MDN_CP_AGREE=once too), DP = 4 of MDN and the GDN mode beside their 1-GPU
+     steps; (b) PP = 4 (1F1B, interleaved) and PP = 2 interleaved against PP = 1 at 24 layers, the
+     PP GPU tests, MDN / GDN mode at TP = 2 + SP with longer timing, the GDN mode at CP = 2.
   s18x2  (not yet run) what session 17 left open on 2 GPUs: PP = 2 interleaved after the p2p fix,
      MDN / GDN mode at TP = 2 + SP with longer timing, validation under PP = 2.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
@@ -1361,6 +1365,74 @@ PLANS = {
         ("pp_eval", 120, [
             ("0,1", [("pp2_validation_test", 115, PT + " --timeout 110 "
                       "tests/gpu/test_train_gpu.py::test_pp2_validation_matches_one_gpu")]),
+        ]),
+    ],
+    # Session 18, the first 4-GPU machine since session 11 (nvidia-h200-x4). Call a: whole-model
+    # CP weak scaling with the current defaults at plan cpm9's shapes (16K tokens per GPU per
+    # micro-batch), CP = 4 with the CP op's input agreement once per cu_seqlens tensor
+    # (MDN_CP_AGREE=once, plan s11p's suspect) against every call, CP = 1 and 2 beside each other,
+    # then DP = 4 at the MFU goal's shape beside nothing (its 1-GPU reference runs in phase cp1_cp2)
+    "s18x4a": [
+        ("cp4", 265, [
+            ("0,1,2,3", [("cp4_400m_64k", 110, bench_model(4, f"{CPW400} --cp 4 --seq-len 65536")),
+                         ("cp4_400m_64k_agree_once", 58, "MDN_CP_AGREE=once " + bench_model(
+                             4, f"{CPW400} --cp 4 --seq-len 65536")),
+                         ("cp4_1p3b_64k", 95, bench_model(4, f"{CPW13} --cp 4 --seq-len 65536"))]),
+        ]),
+        ("cp1_cp2", 185, [
+            ("0", [("cp1_400m_16k", 80, bench_model(1, f"{CPW400} --seq-len 16384")),
+                   ("mdn_1p3b_4k", 80, bench_model(1, M13_4K))]),
+            ("1", [("cp1_1p3b_16k", 85, bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("gdn_1p3b_4k", 80, bench_model(1, M13_4K + " --mixer gdn"))]),
+            ("2,3", [("cp2_400m_32k", 85, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768")),
+                     ("cp2_1p3b_32k", 95, bench_model(2, f"{CPW13} --cp 2 --seq-len 32768"))]),
+        ]),
+        ("dp4", 115, [
+            ("0,1,2,3", [("mdn_1p3b_4k_dp4", 70, bench_model(4, M13_4K)),
+                         ("gdn_1p3b_4k_dp4", 44, bench_model(4, M13_4K + " --mixer gdn"))]),
+        ]),
+    ],
+    # Call b: pipeline parallel on 4 GPUs (1F1B, interleaved) against PP = 1 at 1.3B with 24
+    # layers, and what session 17 left open on 2 GPUs (plan s18x2) on two pairs side by side
+    "s18x4b": [
+        ("pp2", 200, [
+            ("0,1", [("pp_losses_test", 110, PT + " --timeout 105 "
+                      "tests/gpu/test_bench_model_gpu.py::test_pipeline_losses_equal_pp1"),
+                     ("mdn_1p3b_24l_pp2_interleaved", 85, bench_model(2, f"--config {M13} {PP13} --pp 2 --vp 2"))]),
+            ("2", [("mdn_1p3b_24l_pp1", 95, bench_model(1, f"--config {M13} {PP13}"))]),
+            ("3", [("gdn_1p3b_4k", 95, bench_model(1, M13_4K + " --mixer gdn")),
+                   ("mdn_1p3b_4k", 80, bench_model(1, M13_4K))]),
+        ]),
+        ("pp4", 160, [
+            ("0,1,2,3", [("mdn_1p3b_24l_pp4_1f1b", 80, bench_model(4, f"--config {M13} {PP13} --pp 4")),
+                         ("mdn_1p3b_24l_pp4_interleaved", 78, bench_model(4, f"--config {M13} {PP13} --pp 4 --vp 2"))]),
+        ]),
+        ("tp2", 95, [
+            ("0,1", [("mdn_1p3b_4k_tp2_sp_long", 93, bench_model(2, M13_4K + " --tp 2 --sp --warmup 6 --steps 10"))]),
+            ("2,3", [("gdn_1p3b_4k_tp2_sp_long", 93, bench_model(2, M13_4K + " --mixer gdn --tp 2 --sp "
+                                                                "--warmup 6 --steps 10"))]),
+        ]),
+        ("eval", 110, [
+            ("0,1", [("pp2_validation_test", 108, PT + " --timeout 103 "
+                      "tests/gpu/test_train_gpu.py::test_pp2_validation_matches_one_gpu")]),
+            ("2,3", [("gdn_1p3b_8k_cp2", 108, bench_model(2, M13_4K + " --mixer gdn --cp 2 --seq-len 8192"))]),
+        ]),
+    ],
+    # Call c: where CP's time goes, with the agreement once per micro-batch (call a: 400M CP = 4
+    # at 0.81 with it, 0.72 without; 1.3B at 0.80 / 0.78 for CP = 2 / 4): torch.profiler tables of
+    # CP = 1, 2 and 4 at the weak-scaling shapes
+    "s18x4c": [
+        ("cp1_cp2", 125, [
+            ("0", [("cp1_1p3b_16k_profile", 120, bench_model(1, f"{CPW13} --seq-len 16384 --profile {{R}}/profile.txt"))]),
+            ("1", [("cp1_400m_16k_profile", 120, bench_model(1, f"{CPW400} --seq-len 16384 --profile {{R}}/profile.txt"))]),
+            ("2,3", [("cp2_1p3b_32k_once_profile", 120, "MDN_CP_AGREE=once " + bench_model(
+                2, f"{CPW13} --cp 2 --seq-len 32768 --profile {{R}}/profile.txt"))]),
+        ]),
+        ("cp4", 200, [
+            ("0,1,2,3", [("cp4_1p3b_64k_once_profile", 110, "MDN_CP_AGREE=once " + bench_model(
+                4, f"{CPW13} --cp 4 --seq-len 65536 --profile {{R}}/profile.txt")),
+                         ("cp4_400m_64k_once_profile", 88, "MDN_CP_AGREE=once " + bench_model(
+                4, f"{CPW400} --cp 4 --seq-len 65536 --profile {{R}}/profile.txt"))]),
         ]),
     ],
     # One call per machine kind: issue 9's headline numbers with the current defaults, sized from
