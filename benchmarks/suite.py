@@ -1435,6 +1435,29 @@ PLANS = {
                 4, f"{CPW400} --cp 4 --seq-len 65536 --profile {{R}}/profile.txt"))]),
         ]),
     ],
+    # Call d: CP weak scaling again with the agreement once per micro-batch as the default (all
+    # six steps in one call), where the CP = 1 and CP = 4 400M steps sync the host with the GPU
+    # (--sync-report: one extra step after the timed ones), and the 4-GPU layouts call a left
+    # out: TP = 4 + SP at 1.3B, the 400M model under DP = 4 beside its 1-GPU step (and the GDN mode's)
+    "s18x4d": [
+        ("cp4", 190, [
+            ("0,1,2,3", [("cp4_400m_64k", 95, bench_model(4, f"{CPW400} --cp 4 --seq-len 65536 "
+                                                              "--sync-report {R}/syncs.json")),
+                         ("cp4_1p3b_64k", 90, bench_model(4, f"{CPW13} --cp 4 --seq-len 65536"))]),
+        ]),
+        ("cp1_cp2", 130, [
+            ("0", [("cp1_400m_16k", 60, bench_model(1, f"{CPW400} --seq-len 16384 --sync-report {{R}}/syncs.json")),
+                   ("mdn_400m_4k", 60, bench_model(1, f"--config {M400} --micro-batch 4"))]),
+            ("1", [("cp1_1p3b_16k", 65, bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("gdn_400m_4k", 60, bench_model(1, f"--config {M400} --micro-batch 4 --mixer gdn"))]),
+            ("2,3", [("cp2_400m_32k", 60, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768")),
+                     ("cp2_1p3b_32k", 65, bench_model(2, f"{CPW13} --cp 2 --seq-len 32768"))]),
+        ]),
+        ("four", 140, [
+            ("0,1,2,3", [("mdn_1p3b_4k_tp4_sp", 55, bench_model(4, M13_4K + " --tp 4 --sp")),
+                         ("mdn_400m_4k_dp4", 45, bench_model(4, f"--config {M400} --micro-batch 4"))]),
+        ]),
+    ],
     # One call per machine kind: issue 9's headline numbers with the current defaults, sized from
     # session 17's job times on H200s with the carried autotune cache (a 1.3B step job 50-80 s,
     # the kernel bench with FLA ~100 s); jobs run in priority order, so a slow machine loses the

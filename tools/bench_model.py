@@ -125,6 +125,10 @@ def parse_args(argv=None):
                         "under Python's cProfile and write rank 0's top 50 functions by own time "
                         "and by cumulative time to PATH: where the host's time goes when a step "
                         "is bound by Python and kernel launches rather than the GPU")
+    p.add_argument("--sync-report", default=None, metavar="PATH",
+                   help="(CUDA) after the timed steps, one more step with torch.cuda's sync debug "
+                        "mode: where the host synchronised with the GPU, counted by code site, "
+                        "as JSON to PATH (rank 0's; every rank's count in the result)")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     a = p.parse_intermixed_args(argv)  # overrides may come before or between options
     if a.cpu_smoke:
@@ -153,6 +157,8 @@ def parse_args(argv=None):
         p.error("--sp needs --tp > 1")
     if a.mixer == "megatron_gdn" and a.cp > 1:
         p.error("--mixer megatron_gdn: Megatron's GatedDeltaNet has no context parallelism (0.16.1)")
+    if a.sync_report and a.cpu_smoke:
+        p.error("--sync-report needs CUDA (torch.cuda's sync debug mode); drop --cpu-smoke")
     if a.mixer == "megatron_gdn" and a.cpu_smoke:
         p.error("--mixer megatron_gdn needs a GPU and fla (its parameters are created on CUDA)")
     bad = [o for o in a.overrides if "=" not in o]
@@ -320,6 +326,32 @@ def profile_run(a, layout, cuda: bool, one_step, data) -> dict:
     return {"path": a.profile, "steps": a.profile_steps, **s, "per_rank": per_rank}
 
 
+def sync_report_run(a, layout, one_step, data) -> dict:
+    """--sync-report: one more step under torch.cuda's sync debug mode (profiling.sync_sites);
+    rank 0 writes its sites to a.sync_report. Returns rank 0's total and every rank's."""
+    from profiling import sync_sites
+
+    step = data.next_step()
+    dist.barrier()
+    try:   # a diagnostic: its failure must not cost the timed steps' record
+        sites, error = sync_sites(lambda: one_step(step)), None
+    except Exception as e:  # noqa: BLE001
+        sites, error = {}, f"{type(e).__name__}: {e}"
+        print(f"--sync-report failed on rank {layout.rank}: {error}", file=sys.stderr, flush=True)
+    mine = torch.tensor([float(sum(sites.values()) if error is None else -1)], dtype=torch.float64,
+                        device=layout.device)
+    gathered = [torch.zeros_like(mine) for _ in range(layout.world)]
+    dist.all_gather(gathered, mine)
+    per_rank = [int(g.item()) for g in gathered]
+    if layout.is_logger:
+        os.makedirs(os.path.dirname(os.path.abspath(a.sync_report)) or ".", exist_ok=True)
+        with open(a.sync_report, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "steps": 1, "rank": 0, "error": error,
+                       "syncs_per_rank": per_rank, "sites": sites}, f, indent=1)
+    return {"path": a.sync_report, "syncs": sum(sites.values()), "syncs_per_rank": per_rank,
+            "error": error}
+
+
 def cprofile_run(a, layout, cuda: bool, one_step, data) -> None:
     """--cprofile: --profile-steps more steps under cProfile (every rank runs them: collectives);
     rank 0 writes its tables. Host time only: CUDA kernels run asynchronously, so a function's
@@ -449,6 +481,7 @@ def main(argv=None):
     profile = profile_run(a, layout, cuda, one_step, data) if a.profile else None
     if a.cprofile:
         cprofile_run(a, layout, cuda, one_step, data)
+    syncs = sync_report_run(a, layout, one_step, data) if a.sync_report else None
     med = statistics.median(step_ms)
     mine = torch.tensor([med, mem], dtype=torch.float64, device=layout.device)
     gathered = [torch.zeros_like(mine) for _ in range(layout.world)]
@@ -512,6 +545,7 @@ def main(argv=None):
             "all_steps_applied": all(applied_all),
             "cp_check": cp_check,
             "profile": profile,
+            "sync_report": syncs,
         }
         os.makedirs(os.path.dirname(os.path.abspath(a.out)) or ".", exist_ok=True)
         tmp = a.out + ".tmp"

@@ -9,6 +9,9 @@ self CPU ms of the ops.
 profile_tables(prof, cuda, rows, ranges): the key_averages tables, by self CUDA time (on CUDA)
 and by self CPU time; with `ranges` (name prefixes of record_function ranges, e.g. "mdn."), a
 table of those ranges first (calls, CPU total and device total of the kernels inside them).
+sync_sites(fn): run `fn` once with torch.cuda's sync debug mode on ("warn") and count where the
+host synchronised with the device (every stream or device synchronisation, device→host copy or
+pageable host→device copy torch makes), by the innermost frame of our or a library's code.
 peak_breakdown(events, top): from a recorded CUDA allocator trace, the allocated-bytes peak and
 what was live at that moment, grouped by the model-code line that allocated it.
 """
@@ -85,6 +88,40 @@ def _site(frames) -> str:
                     break
             return f"{fn}:{fr.get('line')} {fr.get('name')}"
     return "(no model frame)"
+
+
+def sync_sites(fn) -> dict:
+    """{'path:line function <- caller': count} of the host syncs one call of `fn` makes (CUDA
+    only): torch.cuda.set_sync_debug_mode('warn') turns each into a warning, which is caught
+    with the Python stack at that moment (the two innermost frames of own code, so a shared
+    helper shows who called it). Syncs stop the host from queueing work ahead of the GPU; at
+    CP > 1 the host waits there for the GPU, then the GPU waits for the host."""
+    import traceback
+    import warnings
+
+    sites: dict = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" not in str(message):
+            return
+        own = [fr for fr in reversed(traceback.extract_stack()[:-1])
+               if any(p in fr.filename for p in OWN_CODE)]
+        names = [_site([{"filename": fr.filename, "line": fr.lineno, "name": fr.name}])
+                 for fr in own[:2]]
+        key = " <- ".join(names) or f"{filename}:{lineno} (no model frame)"
+        sites[key] = sites.get(key, 0) + 1
+
+    old = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        saved, warnings.showwarning = warnings.showwarning, record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+            warnings.showwarning = saved
+    return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
 
 
 def peak_breakdown(events, top: int = 30) -> dict:

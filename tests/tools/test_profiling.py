@@ -1,0 +1,66 @@
+"""tools/profiling.py's sync_sites: the host syncs of one call counted by code site. The sync
+debug mode itself needs CUDA (its GPU use: tools/bench_model.py --sync-report in suite plan
+s18x4d); here its warnings are raised by hand, with the mode's switch stubbed, so the counting,
+the site names and the restoring of the warning hooks run on the CPU."""
+import warnings
+
+import pytest
+import torch
+
+from tool_loader import load_tool
+
+profiling = load_tool("profiling")
+SYNC = "called a synchronizing CUDA operation"
+
+
+def _copy_to_host():                 # stands in for a .tolist() of a device tensor
+    warnings.warn(SYNC, UserWarning)
+
+
+def _helper():                       # a shared helper: its caller must show in the site
+    _copy_to_host()
+
+
+@pytest.fixture
+def stub_mode(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    return modes
+
+
+def test_sync_sites_counts_by_the_two_innermost_own_frames(stub_mode):
+    def step():
+        for _ in range(3):
+            _helper()
+        _copy_to_host()
+        warnings.warn("something else", UserWarning)   # not a sync: not counted
+
+    hook = warnings.showwarning
+    sites = profiling.sync_sites(step)
+    assert sum(sites.values()) == 4, sites
+    (top, n_top), (other, n_other) = sites.items()
+    assert (n_top, n_other) == (3, 1)
+    assert "_copy_to_host <- " in top and "_helper" in top, top
+    assert "_copy_to_host <- " in other and "step" in other, other
+    assert top.startswith("tools/test_profiling.py:") or "test_profiling.py" in top, top
+    assert stub_mode == ["warn", 0]          # on, then back to what it was
+    assert warnings.showwarning is hook
+
+
+def test_sync_sites_restores_the_mode_when_the_step_fails(stub_mode):
+    def step():
+        _copy_to_host()
+        raise RuntimeError("boom")
+
+    hook = warnings.showwarning
+    with pytest.raises(RuntimeError, match="boom"):
+        profiling.sync_sites(step)
+    assert stub_mode == ["warn", 0] and warnings.showwarning is hook
+
+
+def test_bench_model_refuses_sync_report_on_cpu(capsys):
+    bench = load_tool("bench_model")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cpu-smoke", "--out", "/tmp/x.json", "--sync-report", "/tmp/s.json"])
+    assert "--sync-report needs CUDA" in capsys.readouterr().err
