@@ -39,7 +39,12 @@ def profile_steps(fn, steps: int, cuda: bool):
 def profile_summary(prof, steps: int) -> dict:
     from torch.autograd import DeviceType
 
-    dev = [e for e in prof.events() if e.device_type != DeviceType.CPU]
+    # Device events minus the GPU-side spans of record_function ranges (bench.forward_backward,
+    # mdn.op, ...): kineto reports each range again on the device, over the kernels inside it,
+    # so counting them summed every kernel twice or more (tools/bench_model.py's summaries up to
+    # session 18 read ~2x their wall time).
+    dev = [e for e in prof.events()
+           if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
     cpu_self = sum(e.self_cpu_time_total for e in prof.key_averages())
     # NCCL kernels spin on the GPU until every rank has reached the collective: their time is
     # mostly waiting for the slowest rank, not work. Reported apart so that a rank that waits

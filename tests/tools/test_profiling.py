@@ -64,3 +64,23 @@ def test_bench_model_refuses_sync_report_on_cpu(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--cpu-smoke", "--out", "/tmp/x.json", "--sync-report", "/tmp/s.json"])
     assert "--sync-report needs CUDA" in capsys.readouterr().err
+
+
+def test_profile_summary_counts_each_kernel_once():
+    """The device spans of record_function ranges (kineto's GPU user annotations) cover kernels
+    that are reported on their own too: they are left out of GPU-busy time, and NCCL kernels
+    go to gpu_comm_ms."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def ev(name, us, device=DeviceType.CUDA, annotation=False):
+        return NS(name=name, self_device_time_total=us, device_type=device, is_user_annotation=annotation)
+
+    events = [ev("bench.forward_backward", 900.0, annotation=True), ev("mdn.op", 300.0, annotation=True),
+              ev("_state_fwd_kernel", 300.0), ev("nvjet_gemm", 400.0),
+              ev("ncclDevKernel_AllGather_RING_LL", 200.0), ev("aten::mm", 0.0, device=DeviceType.CPU)]
+    prof = NS(events=lambda: events, key_averages=lambda: [NS(self_cpu_time_total=5000.0)])
+    s = profiling.profile_summary(prof, steps=2)
+    assert s == {"gpu_busy_ms": 0.45, "gpu_comm_ms": 0.1, "gpu_compute_ms": 0.35,
+                 "device_events": 1.5, "cpu_self_ms": 2.5}, s
