@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from mdn_kernels.mdn.api import check_cu_seqlens, check_initial_state, validate_inputs
 from mdn_kernels.mdn.chunk import chunk_mdn
-from mdn_kernels.mdn.layout import PerTensorCache, host_cu_seqlens
+from mdn_kernels.mdn.layout import PerTensorCache, device_copy_of_host, host_cu_seqlens
 
 from .layout import batched_view, packed_view
 from .state_pass_cp import CPStateOutput, CPStatePass
@@ -105,7 +105,7 @@ def _local_view(cu_seqlens, T: int, rank: int, world: int, device):
     the GPU (session 9: the whole-model CP step, BENCHMARKS.md). Read-only, shared."""
     def build():
         view = packed_view(host_cu_seqlens(cu_seqlens), T, rank, world)
-        return view, (None if view.cu_local is None else view.cu_local.to(device))
+        return view, (None if view.cu_local is None else device_copy_of_host(view.cu_local, device))
     return _VIEWS.get(cu_seqlens, (T, rank, world, str(device)), build)
 
 

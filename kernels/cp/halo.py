@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mdn_kernels.mdn.layout import PerTensorCache, host_cu_seqlens
+from mdn_kernels.mdn.layout import PerTensorCache, device_copy_of_host, host_cu_seqlens
 
 
 def _exchange(send: torch.Tensor | None, recv: torch.Tensor | None, send_to: int | None,
@@ -103,6 +103,6 @@ def padded_doc_offsets(cu_seqlens: torch.Tensor, T: int, width: int, token_offse
         inner = cs[(cs > start) & (cs < end)] - start
         out = torch.cat([torch.zeros(1, dtype=torch.int64), inner,
                          torch.tensor([T + width - 1], dtype=torch.int64)])
-        return out.to(device=cu_seqlens.device, dtype=torch.int32)
+        return device_copy_of_host(out.to(torch.int32), cu_seqlens.device)
 
     return _PADDED_OFFSETS.get(cu_seqlens, (T, width, token_offset), build)

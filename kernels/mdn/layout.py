@@ -99,6 +99,24 @@ class PerTensorCache:
 _HOST_CU = PerTensorCache()
 
 
+def device_copy_of_host(host: torch.Tensor, device) -> torch.Tensor:
+    """`host` (a CPU tensor of offsets) on `device`, without a host sync, and known to
+    host_cu_seqlens. On CUDA a copy from pageable memory waits for the stream to drain first;
+    from pinned memory with non_blocking it is queued like a kernel (the caching host allocator
+    keeps the pinned block until the copy has run). The host values are then recorded as the
+    new tensor's host copy, so validating or laying out the device tensor later needs no
+    device→host copy either. The CP op's local offsets and the halo conv's padded offsets are
+    made this way: they were three host syncs per micro-batch at CP > 1 (tools/bench_model.py
+    --sync-report, session 18), each of which lets the GPU run dry. On any other device:
+    host.to(device) (on the CPU, `host` itself)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    dev = host.pin_memory().to(device, non_blocking=True)
+    _HOST_CU.get(dev, (), lambda: host.detach().to(torch.int64))
+    return dev
+
+
 def host_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """An int64 CPU copy of `cu_seqlens`, made once per tensor (PerTensorCache): without it each
     layer's validation and layout paid device-to-host copies (host syncs) of it. A CPU tensor

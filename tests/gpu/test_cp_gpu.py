@@ -178,3 +178,26 @@ def test_reverse_pass_init_only_matches_full_kernel(low, record):
     err = max(rel(dS, full[3]), rel(dM, full[4]))
     record(f"state_pass_bwd_init_only_{'bf16' if prec else 'fp32'}", dict(rel_err=err))
     assert torch.isfinite(dS).all() and torch.isfinite(dM).all() and err <= 1e-6, err
+
+
+def test_offsets_reach_the_gpu_without_a_host_sync():
+    """The CP op's local offsets and the halo conv's padded offsets (device_copy_of_host): no
+    host sync to copy them to the GPU nor to read them back for validation (torch's sync debug
+    mode raises on any), and the values are the host's. Session 18's --sync-report counted three
+    such syncs per micro-batch at CP = 4."""
+    from mdn_kernels.cp.halo import padded_doc_offsets
+    from mdn_kernels.mdn.layout import device_copy_of_host, host_cu_seqlens
+
+    host = torch.tensor([0, 5, 130, 3000, 4096], dtype=torch.int64)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dev = device_copy_of_host(host, "cuda")
+        back = host_cu_seqlens(dev)
+        padded = padded_doc_offsets(dev, 2048, 4, 2048)
+        padded_host = host_cu_seqlens(padded)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert dev.is_cuda and torch.equal(dev.cpu(), host) and torch.equal(back, host)
+    assert padded.is_cuda and padded.dtype == torch.int32
+    assert padded.cpu().tolist() == padded_host.tolist() == [0, 3 + 3000 - 2048, 2048 + 3]

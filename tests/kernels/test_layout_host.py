@@ -154,3 +154,15 @@ def test_cp_local_view_made_once_per_cu_tensor(monkeypatch):
     v3, c3 = api._local_view(cu, 8, 1, 2, dev)
     assert len(made) == 3 and c3 is not c1
     api._VIEWS.clear()
+
+
+def test_device_copy_of_host_on_the_cpu_is_the_host_tensor():
+    """device_copy_of_host's CPU path (its CUDA path, pinned and non-blocking with the host copy
+    recorded, is tests/gpu/test_cp_gpu.py::test_offsets_reach_the_gpu_without_a_host_sync):
+    on the CPU the offsets are used as they are, and host_cu_seqlens reads them directly."""
+    from mdn_kernels.mdn.layout import device_copy_of_host, host_cu_seqlens
+
+    host = torch.tensor([0, 5, 130, 4096], dtype=torch.int64)
+    dev = device_copy_of_host(host, "cpu")
+    assert dev is host
+    assert torch.equal(host_cu_seqlens(dev), host)
