@@ -70,7 +70,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      current defaults — on one GPU the op against FLA's GDN and the 1.3B step of MDN and its three
      peers (GDN mode, Transformer, Megatron-core's GDN) plus MDN 400M; on two, MDN and the GDN mode
      side by side, then DP = 2, TP = 2 + SP, CP = 2 and PP = 2 (1F1B, interleaved) against PP = 1;
-     on four, whole-model CP weak scaling (CP = 1, 2, 4 at 400M and 1.3B) and DP = 4.
+     on four, whole-model CP weak scaling (CP = 1, 2, 4 at 400M and 1.3B), DP = 4 and PP = 4
+     (1F1B, interleaved) against PP = 1.
   s18x4a, s18x4b  session 18 on 4 H200s: (a) whole-model CP weak scaling (CP = 1, 2, 4 at 400M and
      1.3B; CP = 4 with MDN_CP_AGREE=once too), DP = 4 of MDN and the GDN mode beside their 1-GPU
      steps; (b) PP = 4 (1F1B, interleaved) and PP = 2 interleaved against PP = 1 at 24 layers, the
@@ -1492,9 +1493,23 @@ PLANS = {
         ]),
         SUMMARY,
     ],
-    "h200x4": cp_weak_scaling(profile_400m=False) + [
-        ("dp4", 100, [
-            ("0,1,2,3", [("mdn_1p3b_4k_dp4", 98, bench_model(4, M13_4K))]),
+    "h200x4": [   # job limits from session 18's calls on this kind (plans s18x4a, s18x4b, s18x4d)
+        ("cp4", 230, [
+            ("0,1,2,3", [("cp4_400m_64k", 110, bench_model(4, f"{CPW400} --cp 4 --seq-len 65536")),
+                         ("cp4_1p3b_64k", 115, bench_model(4, f"{CPW13} --cp 4 --seq-len 65536"))]),
+        ]),
+        ("cp1_cp2", 125, [
+            ("0", [("cp1_400m_16k", 60, bench_model(1, f"{CPW400} --seq-len 16384")),
+                   ("mdn_1p3b_24l_pp1", 62, bench_model(1, f"--config {M13} {PP13}"))]),
+            ("1", [("cp1_1p3b_16k", 62, bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("mdn_1p3b_4k", 60, bench_model(1, M13_4K))]),
+            ("2,3", [("cp2_400m_32k", 55, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768")),
+                     ("cp2_1p3b_32k", 68, bench_model(2, f"{CPW13} --cp 2 --seq-len 32768"))]),
+        ]),
+        ("four", 190, [
+            ("0,1,2,3", [("mdn_1p3b_4k_dp4", 62, bench_model(4, M13_4K)),
+                         ("mdn_1p3b_24l_pp4_1f1b", 62, bench_model(4, f"--config {M13} {PP13} --pp 4")),
+                         ("mdn_1p3b_24l_pp4_interleaved", 62, bench_model(4, f"--config {M13} {PP13} --pp 4 --vp 2"))]),
         ]),
         SUMMARY,
     ],

@@ -643,6 +643,81 @@ def plot_layouts_v17(out):
     return out
 
 
+# Session 18 on one 4-H200 machine (plans s18x4a, s18x4b, s18x4d): whole-model CP weak scaling
+# (16K tokens per GPU per micro-batch) in two calls, PP = 1 / 2 / 4 at 24 layers, DP = 4
+CP_V18 = {"400M": ("cp1_400m_16k", "cp2_400m_32k", "cp4_400m_64k"),
+          "1.3B": ("cp1_1p3b_16k", "cp2_1p3b_32k", "cp4_1p3b_64k")}
+PP_V18 = [("PP = 1", "mdn_1p3b_24l_pp1"), ("PP = 2\ninterleaved", "mdn_1p3b_24l_pp2_interleaved"),
+          ("PP = 4\n1F1B", "mdn_1p3b_24l_pp4_1f1b"), ("PP = 4\ninterleaved", "mdn_1p3b_24l_pp4_interleaved")]
+
+
+def plot_session18(out):
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 3.9))
+    found = False
+    for model, names in CP_V18.items():
+        for suffix, call, style in (("v18", "call a: agreement every call", "--"),
+                                    ("v18d", "call d: once per micro-batch (default)", "-")):
+            ds = [_load(f"model_h200x4_mdn_{n}_{suffix}.json") for n in names]
+            if not all(ds):
+                continue
+            found = True
+            eff = [ds[0]["step_ms_median"] / d["step_ms_median"] for d in ds]
+            a1.plot([1, 2, 4], eff, style, marker="o", label=f"{model}, {call}")
+    once = _load("model_h200x4_mdn_cp4_400m_64k_agree_once_v18.json")
+    base = _load("model_h200x4_mdn_cp1_400m_16k_v18.json")
+    if once and base:
+        a1.plot([4], [base["step_ms_median"] / once["step_ms_median"]], "*", markersize=10,
+                label="400M, call a, MDN_CP_AGREE=once")
+    a1.axhline(0.9, color="gray", lw=0.8, ls=":", label="goal 0.9")
+    a1.set_xticks([1, 2, 4])
+    a1.set_xlabel("CP ranks (one GPU each)")
+    a1.set_ylabel("weak-scaling efficiency t(CP=1) / t(CP=R)")
+    a1.set_ylim(0.5, 1.05)
+    a1.set_title("CP weak scaling, 16K tokens per GPU per micro-batch", fontsize=8)
+    a1.legend(fontsize=6)
+    base = _load("model_h200x4_mdn_1p3b_24l_pp1_v18.json")
+    if base:
+        xs, ys, ideal = [], [], []
+        for i, (label, name) in enumerate(PP_V18):
+            d = _load(f"model_h200x4_{name}_v18.json")
+            if d:
+                xs.append(label)
+                ys.append(base["step_ms_median"] / d["step_ms_median"])
+                ideal.append(d["world"])
+        a2.bar(xs, ideal, color="lightgray", label="ideal (GPUs)")
+        a2.bar(xs, ys, width=0.5, label="measured speedup over PP = 1")
+        for x, y in zip(xs, ys):
+            a2.text(x, y + 0.05, f"{y:.2f}x", ha="center", fontsize=7)
+        a2.set_ylabel("speedup (losses equal to PP = 1 at every step)")
+        a2.set_title("1.3B at 24 layers, 8 micro-batches of 2 x 4096", fontsize=8)
+        a2.legend(fontsize=7)
+    bars = [("MDN 1.3B", "mdn_1p3b_4k_v18", "mdn_1p3b_4k_dp4_v18"),
+            ("GDN mode 1.3B", "gdn_1p3b_4k_v18", "gdn_1p3b_4k_dp4_v18"),
+            ("MDN 400M", "mdn_400m_4k_v18d", "mdn_400m_4k_dp4_v18d")]
+    for i, (label, one, four) in enumerate(bars):
+        d1, d4 = _load(f"model_h200x4_{one}.json"), _load(f"model_h200x4_{four}.json")
+        if d1 and d4:
+            a3.bar([i - 0.2, i + 0.2], [d1["tokens_per_s_per_gpu"] / 1e3, d4["tokens_per_s_per_gpu"] / 1e3],
+                   0.38, color=["tab:blue", "tab:orange"])
+            a3.text(i + 0.2, d4["tokens_per_s_per_gpu"] / 1e3 + 1,
+                    f"{d4['tokens_per_s_per_gpu'] / d1['tokens_per_s_per_gpu']:.2f}", ha="center", fontsize=7)
+    a3.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    from matplotlib.patches import Patch
+
+    a3.set_ylabel("thousand tokens/s per GPU")
+    a3.set_title("4K tokens per sequence: one GPU against DP = 4", fontsize=8)
+    a3.legend(handles=[Patch(color="tab:blue", label="1 GPU"),
+                       Patch(color="tab:orange", label="DP = 4 (per GPU; ratio above)")], fontsize=7)
+    if not found:
+        plt.close(fig)
+        return None
+    fig.suptitle("Session 18 on four H200s (bf16 autocast over fp32 weights); within a panel the "
+                 "runs of one call compare, across calls the machine differs", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -658,7 +733,8 @@ def main():
                      (plot_longctx_v10, "longctx_v10.png"),
                      (plot_session11, "session11_model.png"),
                      (plot_in_proj_alignment, "session13_in_proj_alignment.png"),
-                     (plot_layouts_v17, "session17_two_gpu_layouts.png")):
+                     (plot_layouts_v17, "session17_two_gpu_layouts.png"),
+                     (plot_session18, "session18_four_gpus.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
