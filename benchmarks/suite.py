@@ -76,8 +76,11 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      1.3B; CP = 4 with MDN_CP_AGREE=once too), DP = 4 of MDN and the GDN mode beside their 1-GPU
      steps; (b) PP = 4 (1F1B, interleaved) and PP = 2 interleaved against PP = 1 at 24 layers, the
      PP GPU tests, MDN / GDN mode at TP = 2 + SP with longer timing, the GDN mode at CP = 2.
-  s18x2  (not yet run) what session 17 left open on 2 GPUs: PP = 2 interleaved after the p2p fix,
-     MDN / GDN mode at TP = 2 + SP with longer timing, validation under PP = 2.
+  s18x2  (not run: its jobs ran in plan s18x4b) what session 17 left open on 2 GPUs: PP = 2
+     interleaved after the p2p fix, MDN / GDN mode at TP = 2 + SP with longer timing, validation
+     under PP = 2. agree (not run: plans s18x4a/c measured it) the CP agreement once / every call.
+  s19x4  for the next 4-GPU call: session 18's sync removal at CP = 4 (--sync-report: 22 → 16
+     per step expected), the 1.3B CP weak scaling without recompute beside the recompute one.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1346,7 +1349,7 @@ PLANS = {
                       "tests/gpu/test_train_gpu.py::test_tp2_sp_bf16_matches_one_gpu")]),
         ]),
     ],
-    "s18x2": [  # for the next 2-GPU call: what session 17 left open. PP = 2 interleaved after the
+    "s18x2": [  # (superseded by plan s18x4b, which ran these jobs) what session 17 left open. PP = 2 interleaved after the
                 # p2p fix (step.batch_p2p_comm; plan s17x2c's run paired gradients with activations)
                 # with the GPU test of PP = 2 against PP = 1 (fp32, both schedules); the TP = 2 + SP
                 # step of MDN against the GDN mode with 6 warm-up and 10 timed steps (plan s17x2b's
@@ -1459,6 +1462,31 @@ PLANS = {
                          ("mdn_400m_4k_dp4", 45, bench_model(4, f"--config {M400} --micro-batch 4"))]),
         ]),
     ],
+    # For the next 4-GPU call (session 19): session 18's last changes measured. The local and
+    # padded offsets' copies without host syncs (the CP = 4 400M step's sync report should drop
+    # from 22 to 16 per step; its time against session 18's 587.5-674.3 ms), and the 1.3B CP weak
+    # scaling without full recompute (16K tokens per rank: CP = 1's peak is 28 GiB with it), where
+    # the group maps run once per step instead of twice
+    "s19x4": [
+        ("cp4", 250, [
+            ("0,1,2,3", [("cp4_400m_64k", 110, bench_model(4, f"{CPW400} --cp 4 --seq-len 65536 "
+                                                               "--sync-report {R}/syncs.json")),
+                         ("cp4_1p3b_64k_norecompute", 125, bench_model(
+                             4, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --cp 4 --seq-len 65536"))]),
+        ]),
+        ("cp1_cp2", 135, [
+            ("0", [("cp1_400m_16k", 60, bench_model(1, f"{CPW400} --seq-len 16384 --sync-report {{R}}/syncs.json")),
+                   ("cp1_1p3b_16k", 65, bench_model(1, f"{CPW13} --seq-len 16384"))]),
+            ("1", [("cp1_1p3b_16k_norecompute", 70, bench_model(
+                1, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --seq-len 16384"))]),
+            ("2,3", [("cp2_1p3b_32k_norecompute", 70, bench_model(
+                2, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --cp 2 --seq-len 32768")),
+                     ("cp2_400m_32k", 60, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768"))]),
+        ]),
+        ("cp4_again", 120, [
+            ("0,1,2,3", [("cp4_1p3b_64k", 115, bench_model(4, f"{CPW13} --cp 4 --seq-len 65536"))]),
+        ]),
+    ],
     # One call per machine kind: issue 9's headline numbers with the current defaults, sized from
     # session 17's job times on H200s with the carried autotune cache (a 1.3B step job 50-80 s,
     # the kernel bench with FLA ~100 s); jobs run in priority order, so a slow machine loses the
@@ -1513,7 +1541,7 @@ PLANS = {
         ]),
         SUMMARY,
     ],
-    "agree": [  # for the next 4-GPU call: the CP op's input agreement once per cu_seqlens tensor
+    "agree": [  # (superseded by plans s18x4a and s18x4c) the CP op's input agreement once per cu_seqlens tensor
                 # (MDN_CP_AGREE=once, opt-in since session 11) against every call, at the shapes
                 # where plan s11p saw the collectives' waits grow with R; CP = 1 alongside
         ("cp2", 90, [
