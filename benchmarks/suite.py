@@ -80,7 +80,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      interleaved after the p2p fix, MDN / GDN mode at TP = 2 + SP with longer timing, validation
      under PP = 2. agree (not run: plans s18x4a/c measured it) the CP agreement once / every call.
   s19x4  for the next 4-GPU call: session 18's sync removal at CP = 4 (--sync-report: 22 → 16
-     per step expected), the 1.3B CP weak scaling without recompute beside the recompute one.
+     per step expected), the 1.3B CP weak scaling without recompute beside the recompute one, and
+     with the CP maps kept for the recompute (train.recompute_keep_cp_maps).
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1466,25 +1467,27 @@ PLANS = {
     # padded offsets' copies without host syncs (the CP = 4 400M step's sync report should drop
     # from 22 to 16 per step; its time against session 18's 587.5-674.3 ms), and the 1.3B CP weak
     # scaling without full recompute (16K tokens per rank: CP = 1's peak is 28 GiB with it), where
-    # the group maps run once per step instead of twice
+    # the group maps run once per step instead of twice; and with them kept across the recompute
     "s19x4": [
-        ("cp4", 250, [
-            ("0,1,2,3", [("cp4_400m_64k", 110, bench_model(4, f"{CPW400} --cp 4 --seq-len 65536 "
+        ("cp4", 290, [
+            ("0,1,2,3", [("cp4_400m_64k", 100, bench_model(4, f"{CPW400} --cp 4 --seq-len 65536 "
                                                                "--sync-report {R}/syncs.json")),
-                         ("cp4_1p3b_64k_norecompute", 125, bench_model(
-                             4, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --cp 4 --seq-len 65536"))]),
+                         ("cp4_1p3b_64k", 95, bench_model(4, f"{CPW13} --cp 4 --seq-len 65536")),
+                         ("cp4_1p3b_64k_keep_maps", 93, bench_model(4, f"{CPW13} --cp 4 --seq-len 65536 "
+                                                                        "--recompute-keep-cp-maps"))]),
         ]),
-        ("cp1_cp2", 135, [
+        ("cp1_cp2", 130, [
             ("0", [("cp1_400m_16k", 60, bench_model(1, f"{CPW400} --seq-len 16384 --sync-report {{R}}/syncs.json")),
                    ("cp1_1p3b_16k", 65, bench_model(1, f"{CPW13} --seq-len 16384"))]),
             ("1", [("cp1_1p3b_16k_norecompute", 70, bench_model(
                 1, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --seq-len 16384"))]),
             ("2,3", [("cp2_1p3b_32k_norecompute", 70, bench_model(
                 2, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --cp 2 --seq-len 32768")),
-                     ("cp2_400m_32k", 60, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768"))]),
+                     ("cp2_400m_32k", 55, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768"))]),
         ]),
-        ("cp4_again", 120, [
-            ("0,1,2,3", [("cp4_1p3b_64k", 115, bench_model(4, f"{CPW13} --cp 4 --seq-len 65536"))]),
+        ("cp4_norecompute", 125, [
+            ("0,1,2,3", [("cp4_1p3b_64k_norecompute", 123, bench_model(
+                4, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --cp 4 --seq-len 65536"))]),
         ]),
     ],
     # One call per machine kind: issue 9's headline numbers with the current defaults, sized from

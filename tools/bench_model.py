@@ -102,6 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--recompute", action="store_true", help="full per-layer activation recompute")
     p.add_argument("--recompute-offload", action="store_true",
                    help="with --recompute: the layers' kept inputs in host memory (train.recompute_offload)")
+    p.add_argument("--recompute-keep-cp-maps", action="store_true",
+                   help="with --recompute under CP: the CP op's maps kept for the recompute "
+                        "(train.recompute_keep_cp_maps)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
                    help="override model.backend (the MDN op's)")
     p.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_TFLOPS,
@@ -184,7 +187,8 @@ def run_config(a, world: int, has_cuda: bool):
           f"train.global_batch={a.micro_batch * a.microbatches * dp}",
           f"train.steps={a.warmup + a.steps}", f"train.precision={a.precision}",
           f"train.recompute={str(a.recompute).lower()}",
-          f"train.recompute_offload={str(a.recompute_offload).lower()}", "eval.interval=0", "checkpoint.interval=0",
+          f"train.recompute_offload={str(a.recompute_offload).lower()}",
+          f"train.recompute_keep_cp_maps={str(a.recompute_keep_cp_maps).lower()}", "eval.interval=0", "checkpoint.interval=0",
           "checkpoint.dir=null", "logging.tensorboard=false",
           # model-only configs (configs/mdn_400m.yaml) name no data; the tokens are synthetic
           # (SyntheticTokens), so the data section is never read
@@ -264,7 +268,8 @@ def build_chunks(cfg, a, layout):
         else:
             m = build_model(cfg.model, config=config, vp_stage=vp_stage, block_spec_fn=block_spec_fn)
         if cfg.train.recompute:
-            enable_layer_recompute(m, offload=cfg.train.recompute_offload)
+            enable_layer_recompute(m, offload=cfg.train.recompute_offload,
+                                   keep_cp_maps=cfg.train.recompute_keep_cp_maps)
         apply_op_settings(cfg)
         chunks.append(m.to(layout.device))
     return chunks

@@ -51,6 +51,7 @@ def _model_and_layout(config: str, overrides: list[str]):
                  micro_batch=int(t.get("micro_batch", 1)), seq_len=int(t.get("seq_len", cfg.seq_len)),
                  precision=str(t.get("precision", "fp32")), recompute=bool(t.get("recompute", False)),
                  recompute_offload=bool(t.get("recompute_offload", False)),
+                 recompute_keep_cp_maps=bool(t.get("recompute_keep_cp_maps", False)),
                  distributed_optimizer=bool(p.get("distributed_optimizer", False)),
                  # off in the config: what the environment says (MDN_CP_LEAN*), as the op reads it
                  cp_lean=True if p.get("cp_lean") else None,

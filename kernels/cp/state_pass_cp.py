@@ -76,6 +76,7 @@ from mdn_kernels.mdn.chunk_torch import (
     state_pass_grads,
 )
 
+from .kept import current as current_kept_maps
 from .layout import host_chunk_offsets
 from .transition import (
     default_group_chunks,
@@ -202,10 +203,28 @@ def _entering_pairs(args, S_init, M_init, layout, backend, allow_tf32, view, gro
     Returns (plan, view index, split, Xg [NG or num_local, H, 2K, V] (fp32; the pairs entering
     the groups, or the sequences where no sequence has more than one group), later_T (the later
     ranks' 𝒯 the backward needs, or None), Ts (the tree nodes' 𝒯, or None))."""
-    K, V = args[1].shape[-1], args[0].shape[-1]
     r, R = view.rank, view.world
     if group_chunks is None:
-        group_chunks = default_group_chunks(K, args[1].shape[2])
+        group_chunks = default_group_chunks(args[1].shape[-1], args[1].shape[2])
+    # Under train.recompute_keep_cp_maps the recompute takes what the layer's forward made
+    # (kept.py): the same shapes on every rank, so all ranks skip the all-gather together.
+    kept = current_kept_maps()
+    signature = (r, R, tuple(args[0].shape), tuple(args[1].shape), str(args[0].dtype),
+                 tuple(S_init.shape), group_chunks)
+    hit = kept.take(signature) if kept is not None else None
+    if hit is not None:
+        return hit
+    out = _compute_entering_pairs(args, S_init, M_init, layout, backend, allow_tf32, view, group,
+                                  group_chunks)
+    if kept is not None:
+        kept.keep(signature, out)
+    return out
+
+
+def _compute_entering_pairs(args, S_init, M_init, layout, backend, allow_tf32, view, group,
+                            group_chunks):
+    K, V = args[1].shape[-1], args[0].shape[-1]
+    r, R = view.rank, view.world
     plan = _cached_plan(layout, view, group_chunks)
     vi = _cached_view_index(view, plan, args[0].device)
     P, H, NG = view.num_slots, args[1].shape[1], plan.num_groups

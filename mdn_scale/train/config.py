@@ -62,6 +62,11 @@ class TrainConfig:
     # with recompute: each layer's kept input waits in pinned host memory between its forward
     # and its backward (train/recompute.py); for long contexts, where those inputs add up
     recompute_offload: bool = False
+    # with recompute under CP: the CP op's group maps, the pair entering each group and the
+    # later ranks' maps are kept from each layer's forward for its recompute instead of made
+    # again (mdn_kernels/cp/kept.py): the maps run once per step; they stay alive from the
+    # layer's forward to its backward
+    recompute_keep_cp_maps: bool = False
     # the MDN op's backward (CP = 1) in this many segments of consecutive chunks, one after
     # another, cutting long sequences where it must (then the forward runs in segments too): its
     # per-chunk state pairs and their cotangents exist for one segment at a time (less peak
@@ -388,6 +393,9 @@ def validate(cfg: RunConfig, world_size: int, *, has_cuda: bool) -> int:
     if p.cp_lean_segment_tokens and not p.cp_lean:
         raise ConfigError("parallel.cp_lean_segment_tokens segments the lean CP node: set "
                           "parallel.cp_lean=true as well")
+    if t.recompute_keep_cp_maps and not t.recompute:
+        raise ConfigError("train.recompute_keep_cp_maps keeps the CP op's maps for the recompute "
+                          "of train.recompute: set train.recompute=true as well")
     if t.recompute_offload and not t.recompute:
         raise ConfigError("train.recompute_offload keeps the inputs that train.recompute keeps in "
                           "host memory: set train.recompute=true as well")

@@ -175,6 +175,9 @@ class Layout:
     precision: str = "bf16"
     recompute: bool = False
     recompute_offload: bool = False  # train.recompute_offload: the kept inputs in host memory
+    # train.recompute_keep_cp_maps: under recompute, the CP op's maps and entering pairs of every
+    # layer are kept from its forward to its backward (as without recompute, plus the pairs)
+    recompute_keep_cp_maps: bool = False
     segments: int = 0  # N: segments per micro-batch (0: one per sequence)
     distributed_optimizer: bool = False  # ZeRO-1: Adam moments sharded over dp×cp
     fused_mixer: Optional[bool] = None  # FLA's conv/gated norm (None: from model.mixer_kernels)
@@ -444,6 +447,10 @@ def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
         out["activations_rebuilt_layer"] = T_l * layer_tok
         out["cp_maps_kept"] = cp_layer
         kept = out["activations_kept"]
+        if lay.recompute_keep_cp_maps and R > 1:  # kernels/cp/kept.py: per layer, the maps and
+            entering = groups * H_l * 2 * K * V * 4  # the pair entering each group (fp32)
+            out["cp_maps_kept"] = in_flight * L_s * (cp_layer + entering)
+            kept += out["cp_maps_kept"]
         at_layer_backward = T_l * (layer_tok - terms["after_op"])
     else:
         out["activations_kept"] = in_flight * L_s * T_l * layer_tok
@@ -458,17 +465,19 @@ def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
     out["recurrent_states"] = 2 * 2 * N * H_l * K * V * 4
     out["cp_allgather_buffer"] = R * H_l * 2 * K * (2 * K + V) * 4 if R > 1 else 0
     static = out["parameters"] + out["gradients"] + out["optimizer"]
+    # the layer being rebuilt makes its maps again unless they are kept (counted in `kept`)
+    rebuilt_maps = lay.recompute and not (lay.recompute_keep_cp_maps and R > 1)
     common = kept + out["final_norm_and_loss_kept"]
     moments = {
         "forward_end": common + (2 * P_l if bf16 else 0) + loss["forward"],
         "loss_backward": common + loss["backward"],
         # the loss's and the final norm's saved tensors are freed by then
         "layer_backward": (kept + at_layer_backward + out["backward_workspace"]
-                           + (cp_layer if lay.recompute else 0) + out["recurrent_states"]
+                           + (cp_layer if rebuilt_maps else 0) + out["recurrent_states"]
                            + out["cp_allgather_buffer"]),
         # the MLP's backward in the last layer: every tensor of that layer (rebuilt under
         # recompute) is still alive, plus fc2's input gradient and three [T, d] fp32 gradients
-        "mlp_backward": (kept + (T_l * layer_tok + cp_layer if lay.recompute else 0)
+        "mlp_backward": (kept + (T_l * layer_tok + (cp_layer if rebuilt_maps else 0) if lay.recompute else 0)
                          + out["mlp_backward_transient"] + out["recurrent_states"]
                          + out["cp_allgather_buffer"]),
     }

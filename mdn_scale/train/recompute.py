@@ -13,12 +13,19 @@ each layer's input waits in pinned host memory between the layer's forward and i
 the input back, rebuilds the layer's graph and runs its backward). The copies are on the compute
 stream, in order with the layer's kernels: ~T·d·2 bytes each way per layer, a few per cent of a
 long-context layer's time.
+
+``train.recompute_keep_cp_maps``: under CP the recompute would repeat the CP op's group maps,
+their tree, the all-gather and the fold (mdn_kernels.cp.kept); with it, each checkpointed layer
+call records them in its forward and its recompute takes them back, so they run once per step.
+They stay alive from the layer's forward to its backward (a selective recompute; opt-in).
 """
 
 from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from mdn_kernels.cp.kept import KeptMaps
 
 
 class _HostKeptLayer(torch.autograd.Function):
@@ -51,9 +58,22 @@ class _HostKeptLayer(torch.autograd.Function):
         return (x.grad if ctx.needs_x_grad else None), None
 
 
-def enable_layer_recompute(model: torch.nn.Module, offload: bool = False) -> int:
+def _keeping_cp_maps(forward):
+    """forward for one checkpointed call: each run inside one KeptMaps scope (the first records
+    the CP op's maps, the recompute takes them back)."""
+    kept = KeptMaps()
+
+    def run(*args, **kwargs):
+        with kept.scope():
+            return forward(*args, **kwargs)
+    return run
+
+
+def enable_layer_recompute(model: torch.nn.Module, offload: bool = False,
+                           keep_cp_maps: bool = False) -> int:
     """Wrap every decoder layer of a GPTModel; returns the number of layers wrapped. offload:
-    the layers' kept inputs wait in host memory (train.recompute_offload, module docstring)."""
+    the layers' kept inputs wait in host memory (train.recompute_offload); keep_cp_maps: the CP
+    op's maps are kept for the recompute (train.recompute_keep_cp_maps; module docstring)."""
     inner = model
     while hasattr(inner, "module"):
         inner = inner.module
@@ -66,6 +86,8 @@ def enable_layer_recompute(model: torch.nn.Module, offload: bool = False) -> int
         def recomputed(*args, _forward=forward, **kwargs):
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
+            if keep_cp_maps:
+                _forward = _keeping_cp_maps(_forward)
             if not offload:
                 return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
             # Megatron's TransformerBlock passes hidden_states by keyword; the other inputs

@@ -64,7 +64,8 @@ def build_model(cfg: RunConfig, layout: Layout):
     model = build(cfg.model, pre_process=ps.is_pipeline_first_stage(),
                   post_process=ps.is_pipeline_last_stage(), **overrides)
     if cfg.train.recompute:
-        enable_layer_recompute(model, offload=cfg.train.recompute_offload)
+        enable_layer_recompute(model, offload=cfg.train.recompute_offload,
+                               keep_cp_maps=cfg.train.recompute_keep_cp_maps)
     apply_op_settings(cfg)   # the op reads its settings (CP node, backward segments) at each call
     return model.to(layout.device)
 

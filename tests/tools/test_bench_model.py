@@ -69,6 +69,14 @@ def test_recompute_offload_reaches_the_run_config():
     assert not bm.run_config(bm.parse_args(["--out", "x.json"]), 1, True).train.recompute_offload
 
 
+def test_recompute_keep_cp_maps_reaches_the_run_config():
+    bm = bench_module()
+    cfg = bm.run_config(bm.parse_args(["--out", "x.json", "--cp", "2", "--recompute",
+                                       "--recompute-keep-cp-maps"]), 2, True)
+    assert cfg.train.recompute and cfg.train.recompute_keep_cp_maps
+    assert not bm.run_config(bm.parse_args(["--out", "x.json"]), 1, True).train.recompute_keep_cp_maps
+
+
 def test_synthetic_tokens_split_over_dp():
     """The global batch of a step is the same under any DP split, and steps differ."""
     bm = bench_module()

@@ -507,3 +507,19 @@ def test_longctx_configs_do_not_depend_on_the_host(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda v=cuda: v)
         texts[cuda] = [mod.render(*j) for j in jobs]
     assert texts[True] == texts[False]
+
+
+def test_kept_cp_maps_add_every_layers_maps_and_entering_pairs():
+    """train.recompute_keep_cp_maps under recompute at CP > 1: every layer keeps its CP maps
+    (as without recompute) plus the fp32 pair entering each group; nothing changes at CP = 1."""
+    raw = yaml.safe_load(open(os.path.join(ROOT, "configs", "mdn_1.3b.yaml")))
+    cfg = ModelConfig.from_dict(raw["model"])
+    base = dict(cp=4, seq_len=65536, recompute=True)
+    plain, kept = estimate(cfg, Layout(**base)), estimate(cfg, Layout(**base, recompute_keep_cp_maps=True))
+    L, H, K, V, C = cfg.num_layers, cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim, cfg.chunk_size
+    groups = -(-16384 // (C * -(-16 * K // C)))
+    per_layer = 2 * H * (2 * K) ** 2 * 4 + groups * H * (2 * K) ** 2 * 4 + groups * H * 2 * K * V * 4
+    assert kept["cp_maps_kept"] == L * per_layer, (kept["cp_maps_kept"], per_layer)
+    assert kept["allocated"] > plain["allocated"]
+    one = dict(cp=1, seq_len=16384, recompute=True)
+    assert estimate(cfg, Layout(**one, recompute_keep_cp_maps=True)) == estimate(cfg, Layout(**one))

@@ -81,3 +81,45 @@ def test_offload_needs_recompute():
     cfg.train.recompute_offload = True
     with pytest.raises(ConfigError, match="train.recompute_offload .* set train.recompute=true"):
         validate(cfg, 1, has_cuda=False)
+
+
+class SeeingLayer(Layer):
+    """Records, at each run of its forward, the KeptMaps scope it runs in (what the CP op reads)
+    and whether that run records or replays."""
+
+    def __init__(self, d, seen):
+        super().__init__(d)
+        self.seen = seen
+
+    def forward(self, hidden_states, attention_mask=None):
+        from mdn_kernels.cp.kept import current
+
+        kept = current()
+        self.seen.append(None if kept is None else (id(kept), kept.replay_at))
+        if kept is not None:
+            kept.take(("call",)) if kept.replay_at is not None else kept.keep(("call",), "maps")
+        return super().forward(hidden_states, attention_mask)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["recompute", "offload"])
+def test_keep_cp_maps_gives_each_layer_call_one_scope_for_both_runs(offload):
+    """train.recompute_keep_cp_maps: a layer's forward and its recompute run in one KeptMaps
+    scope (the first run records, the recompute replays), another layer in another; the
+    gradients equal plain recompute's. Without the setting no scope is open."""
+    x, mask, ct = torch.randn(4, 8, dtype=torch.float64), None, torch.randn(4, 8, dtype=torch.float64)
+    results = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        m, seen = Model(), []
+        m.decoder.layers = nn.ModuleList(SeeingLayer(8, seen) for _ in range(2))
+        m = m.double()
+        enable_layer_recompute(m, offload=offload, keep_cp_maps=keep)
+        xi = x.clone().requires_grad_(True)
+        (m(xi, mask) * ct).sum().backward()
+        results[keep] = (seen, [xi.grad] + [p.grad for p in m.parameters()])
+    plain, kept = results[False][0], results[True][0]
+    assert plain == [None] * 4   # two layers, forward and recompute
+    assert [r for _, r in kept] == [None, None, 0, 0], kept   # record, record; replay (layer 1, then 0)
+    assert kept[0][0] == kept[3][0] and kept[1][0] == kept[2][0] and kept[0][0] != kept[1][0], kept
+    for a, b in zip(results[False][1], results[True][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

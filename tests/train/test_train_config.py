@@ -48,6 +48,7 @@ def test_demo_config_is_valid_and_overrides_are_typed():
     (["model.seq_len=128"], "model.seq_len"),               # shorter than train.seq_len
     (["checkpoint.dir=null", "checkpoint.interval=5"], "checkpoint.interval"),
     (["train.recompute_offload=true"], "train.recompute_offload"),   # needs train.recompute
+    (["train.recompute_keep_cp_maps=true"], "train.recompute_keep_cp_maps"),   # needs train.recompute
     (["parallel.cp_lean_segment_tokens=-1"], "parallel.cp_lean_segment_tokens"),
     (["parallel.cp_lean_segment_tokens=4096"], "parallel.cp_lean_segment_tokens"),  # needs cp_lean
     (["train.op_backward_segments=0"], "train.op_backward_segments"),

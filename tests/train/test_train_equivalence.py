@@ -84,9 +84,12 @@ def test_tp_cp_dp_give_the_same_losses_and_checkpoints_reshard(reference):
                        # the halo exchange and the all-gather in the backward)
                        "cp2_offload": ["parallel.context=2", "train.micro_batch=2", "train.recompute=true",
                                        "train.recompute_offload=true"],
+                       # the CP op's maps kept from the forward for the recompute
+                       "cp2_keep_maps": ["parallel.context=2", "train.micro_batch=2", "train.recompute=true",
+                                         "train.recompute_keep_cp_maps=true"],
                        "dp2_zero": ["train.micro_batch=1", "parallel.distributed_optimizer=true",
                                     f"checkpoint.dir={out}/dp2_zero/ckpt", "checkpoint.interval=2"]})
-    for name in ("tp2", "cp2", "cp2_offload", "dp2_zero"):
+    for name in ("tp2", "cp2", "cp2_offload", "cp2_keep_maps", "dp2_zero"):
         assert_same(two[name], ref, name)
 
     # The step-2 checkpoints of TP=2 and of DP=2 with ZeRO (optimizer state sharded over the
