@@ -26,10 +26,11 @@ micro-batch pass the same tensor, so one agreement per micro-batch, and a call w
 differ from every set agreed for that tensor agrees again. Every rank of a correct program makes
 the same calls, so all ranks skip or agree together; a rank whose inputs diverge mid-micro-batch
 then waits in the agreement while the others go on (a hang until the collective times out)
-instead of every rank raising. MDN_CP_AGREE=every agrees at every call (use it to debug such a hang);
-batched inputs (no cu_seqlens) agree at every call in either mode. It costs a rendezvous of every rank's host per layer call; on 4 H200s
-the 400M step at 64K tokens took 704.7 ms with it against 629.9 ms once per micro-batch
-(BENCHMARKS.md, session 18), which is why 'once' is the default.
+instead of every rank raising. MDN_CP_AGREE=every agrees at every call (use it to debug such a
+hang); batched inputs (no cu_seqlens) agree at every call in either mode. Every call costs a
+rendezvous of every rank's host per layer call: on 4 H200s the 400M step at 64K tokens took
+704.7 ms with it against 629.9 ms once per micro-batch (BENCHMARKS.md, session 18), which is
+why 'once' is the default.
 """
 from __future__ import annotations
 

@@ -477,7 +477,8 @@ def estimate(cfg, lay: Layout, *, reserve_gib: float = 3.0) -> dict:
                            + out["cp_allgather_buffer"]),
         # the MLP's backward in the last layer: every tensor of that layer (rebuilt under
         # recompute) is still alive, plus fc2's input gradient and three [T, d] fp32 gradients
-        "mlp_backward": (kept + (T_l * layer_tok + (cp_layer if rebuilt_maps else 0) if lay.recompute else 0)
+        "mlp_backward": (kept + (T_l * layer_tok + (cp_layer if rebuilt_maps else 0)
+                                 if lay.recompute else 0)
                          + out["mlp_backward_transient"] + out["recurrent_states"]
                          + out["cp_allgather_buffer"]),
     }
