@@ -303,6 +303,15 @@ def versions(extra: dict) -> dict:
     return out
 
 
+def gather_per_rank(values: list[float], layout) -> list[list[float]]:
+    """Every rank's `values` (one all_gather of a float64 vector on the layout's device), in
+    rank order."""
+    mine = torch.tensor(values, dtype=torch.float64, device=layout.device)
+    gathered = [torch.zeros_like(mine) for _ in range(layout.world)]
+    dist.all_gather(gathered, mine)
+    return [g.tolist() for g in gathered]
+
+
 def profile_run(a, layout, cuda: bool, one_step, data) -> dict:
     """--profile: --profile-steps more whole steps (new data, after the timed ones) under
     torch.profiler; every rank profiles, rank 0 writes its tables to a.profile. Returns rank 0's
@@ -315,10 +324,8 @@ def profile_run(a, layout, cuda: bool, one_step, data) -> dict:
     prof, wall = profile_steps(lambda: one_step(next(it)), a.profile_steps, cuda)
     s = profile_summary(prof, a.profile_steps)
     s["wall_ms"] = wall
-    mine = torch.tensor([s[k] for k in sorted(s)], dtype=torch.float64, device=layout.device)
-    gathered = [torch.zeros_like(mine) for _ in range(layout.world)]
-    dist.all_gather(gathered, mine)
-    per_rank = {k: [g[i].item() for g in gathered] for i, k in enumerate(sorted(s))}
+    rows = gather_per_rank([s[k] for k in sorted(s)], layout)
+    per_rank = {k: [row[i] for row in rows] for i, k in enumerate(sorted(s))}
     if layout.is_logger:
         text = [f"tools/bench_model.py --profile: {a.profile_steps} whole optimizer steps after the "
                 f"timed ones; command: {' '.join(sys.argv)}; tables of rank 0"]
@@ -343,11 +350,8 @@ def sync_report_run(a, layout, one_step, data) -> dict:
     except Exception as e:  # noqa: BLE001
         sites, error = {}, f"{type(e).__name__}: {e}"
         print(f"--sync-report failed on rank {layout.rank}: {error}", file=sys.stderr, flush=True)
-    mine = torch.tensor([float(sum(sites.values()) if error is None else -1)], dtype=torch.float64,
-                        device=layout.device)
-    gathered = [torch.zeros_like(mine) for _ in range(layout.world)]
-    dist.all_gather(gathered, mine)
-    per_rank = [int(g.item()) for g in gathered]
+    per_rank = [int(row[0]) for row in
+                gather_per_rank([float(sum(sites.values()) if error is None else -1)], layout)]
     if layout.is_logger:
         os.makedirs(os.path.dirname(os.path.abspath(a.sync_report)) or ".", exist_ok=True)
         with open(a.sync_report, "w") as f:
@@ -488,10 +492,7 @@ def main(argv=None):
         cprofile_run(a, layout, cuda, one_step, data)
     syncs = sync_report_run(a, layout, one_step, data) if a.sync_report else None
     med = statistics.median(step_ms)
-    mine = torch.tensor([med, mem], dtype=torch.float64, device=layout.device)
-    gathered = [torch.zeros_like(mine) for _ in range(layout.world)]
-    dist.all_gather(gathered, mine)
-    per_rank = [g.tolist() for g in gathered]
+    per_rank = gather_per_rank([med, mem], layout)
 
     if layout.is_logger:
         st = stats.model_stats(cfg.model, t.seq_len, 1)

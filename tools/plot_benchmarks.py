@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
 KERNEL_RUNS = [("v3", "kernels_h100_v3.json"), ("v4 fused", "kernels_h100_v4_fused.json"),
@@ -678,7 +679,7 @@ def plot_session18(out):
     base = _load("model_h200x4_mdn_1p3b_24l_pp1_v18.json")
     if base:
         xs, ys, ideal = [], [], []
-        for i, (label, name) in enumerate(PP_V18):
+        for label, name in PP_V18:
             d = _load(f"model_h200x4_{name}_v18.json")
             if d:
                 xs.append(label)
@@ -702,8 +703,6 @@ def plot_session18(out):
             a3.text(i + 0.2, d4["tokens_per_s_per_gpu"] / 1e3 + 1,
                     f"{d4['tokens_per_s_per_gpu'] / d1['tokens_per_s_per_gpu']:.2f}", ha="center", fontsize=7)
     a3.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
-    from matplotlib.patches import Patch
-
     a3.set_ylabel("thousand tokens/s per GPU")
     a3.set_title("4K tokens per sequence: one GPU against DP = 4", fontsize=8)
     a3.legend(handles=[Patch(color="tab:blue", label="1 GPU"),
