@@ -82,6 +82,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s19x4  for the next 4-GPU call: session 18's sync removal at CP = 4 (--sync-report: 22 → 16
      per step expected), the 1.3B CP weak scaling without recompute beside the recompute one, and
      with the CP maps kept for the recompute (train.recompute_keep_cp_maps).
+  s19x2  session 19 on 2 H200s: the 1.3B CP = 2 weak-scaling step with recompute, with the CP
+     maps kept for the recompute and without recompute; the 400M CP = 2 sync report; the GPU
+     test of the offsets' copies without host syncs.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1488,6 +1491,31 @@ PLANS = {
         ("cp4_norecompute", 125, [
             ("0,1,2,3", [("cp4_1p3b_64k_norecompute", 123, bench_model(
                 4, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --cp 4 --seq-len 65536"))]),
+        ]),
+    ],
+    # Session 19 on 2 H200s (4-GPU machines were not lent): session 18's last changes at CP = 2.
+    # The 1.3B weak-scaling step with recompute (session 18: 891-901 ms, 0.80 of CP = 1) beside
+    # the CP maps kept for the recompute and without recompute; the 400M CP = 2 step's sync
+    # report (the offsets' copies without host syncs); the GPU test of those copies
+    "s19x2": [
+        ("cp2", 215, [
+            ("0,1", [("cp2_1p3b_32k", 70, bench_model(2, f"{CPW13} --cp 2 --seq-len 32768")),
+                     ("cp2_1p3b_32k_keep_maps", 70, bench_model(2, f"{CPW13} --cp 2 --seq-len 32768 "
+                                                                    "--recompute-keep-cp-maps")),
+                     ("cp2_400m_32k", 70, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768 "
+                                                          "--sync-report {R}/syncs.json"))]),
+        ]),
+        ("cp1", 150, [
+            ("0", [("cp1_1p3b_16k", 70, bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("cp1_400m_16k", 75, bench_model(1, f"{CPW400} --seq-len 16384 --sync-report {{R}}/syncs.json"))]),
+            ("1", [("cp1_1p3b_16k_norecompute", 75, bench_model(
+                1, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --seq-len 16384")),
+                   ("offsets_test", 70, PT + " --timeout 65 "
+                    "tests/gpu/test_cp_gpu.py::test_offsets_reach_the_gpu_without_a_host_sync")]),
+        ]),
+        ("cp2_norecompute", 80, [
+            ("0,1", [("cp2_1p3b_32k_norecompute", 78, bench_model(
+                2, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --cp 2 --seq-len 32768"))]),
         ]),
     ],
     # One call per machine kind: issue 9's headline numbers with the current defaults, sized from
