@@ -85,6 +85,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s19x2  session 19 on 2 H200s: the 1.3B CP = 2 weak-scaling step with recompute, with the CP
      maps kept for the recompute and without recompute; the 400M CP = 2 sync report; the GPU
      test of the offsets' copies without host syncs.
+  s19k  session 19, the op: the preparation's backward with dPᵀ loaded transposed (the new
+     default; MDN_PREP_BWD_SYM=0 the earlier path) and the decay products on tensor cores
+     (launch key f32dot) as variants beside FLA's GDN; the float64 kernel tests on the other GPU.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1516,6 +1519,20 @@ PLANS = {
         ("cp2_norecompute", 80, [
             ("0,1", [("cp2_1p3b_32k_norecompute", 78, bench_model(
                 2, f"--config {M13} --micro-batch 1 --steps 3 --warmup 2 --cp 2 --seq-len 32768"))]),
+        ]),
+    ],
+    # Session 19, the op (issue 2): the preparation's backward with dPᵀ as a transposed load of
+    # dP (MDN_PREP_BWD_SYM=1, the new default; 0 is the earlier path) and the C×C decay products
+    # on tensor cores per kernel (launch key f32dot) as variants beside FLA's GDN, both shapes;
+    # the float64 kernel tests of the new default on the other GPU
+    "s19k": [
+        ("op", 340, [
+            ("0", [("kernel_tests", 220, "MDN_RESULTS_DIR={R} " + PT + " --timeout 215 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'")]),
+            ("1", [("kernels_sym_f32dot", 335, "python3 tools/bench_kernels.py --shapes 0,1 "
+                    "--variant MDN_PREP_BWD_SYM=0 --variant MDN_LAUNCH=prepare_bwd_decay:f32dot=1 "
+                    "--variant 'MDN_LAUNCH=prepare_a:f32dot=1;prepare_bwd_k:f32dot=1;"
+                    "prepare_bwd_decay:f32dot=1' --out {R}/result.json")]),
         ]),
     ],
     # One call per machine kind: issue 9's headline numbers with the current defaults, sized from

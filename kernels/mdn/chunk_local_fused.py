@@ -450,11 +450,14 @@ def _prepare_bwd_k_kernel(
     DQ, DK, DET, DGT, DGR, KDKM, QS, KS,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
     PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
-    F32P: tl.constexpr, RAW: tl.constexpr,
+    F32P: tl.constexpr, RAW: tl.constexpr, SYM: tl.constexpr,
 ):
     """From dA (A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η_col), Kg, Km and the direct cotangents: dk̂ → dk, dq through
     l2norm's backward, and dη. Hands on to the decay kernel: dΓ⁻ and the total dΓ (scratch
-    [C, C]) and k̂·dKm."""
+    [C, C]) and k̂·dKm. P = k̂k̂ᵀ is symmetric, so dk̂ gets (dP + dPᵀ) k̂. SYM (prep_bwd_sym(),
+    the default): dPᵀ is dP stored over dA's scratch (which nothing reads after this kernel) and
+    loaded transposed, and (dP + dPᵀ) k̂ is one product; otherwise (the earlier path) dPᵀ is made
+    from dAᵀ and Γ⁻ᵀ, Γ⁻ᵀ recomputed (four fp32 products), and dP k̂ + dPᵀ k̂ are two."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
@@ -503,16 +506,26 @@ def _prepare_bwd_k_kernel(
     deta = (tl.sum(da * gam_r * p, axis=0) + tl.load(DETC + cck + o_t) + gam_last * kdkg
             + e_lu_rel * kdkm)
     tl.store(DET + g_off, deta.to(DET.dtype.element_ty), mask=m_t)
-    gam_rt = _gam_r_t(la, lu, le, beta, o_t, C, F32P)
-    dp_t = tl.load(DA + cck * C + c * C + r) * gam_rt * eta[:, None]
+    if SYM:
+        tl.debug_barrier()   # every thread has read its dA before dP overwrites it
+        tl.store(DA + cck * C + r * C + c, dp)
+        tl.debug_barrier()   # every dP is stored before any is read back transposed
+        dp_t = tl.load(DA + cck * C + c * C + r)
+    else:
+        gam_rt = _gam_r_t(la, lu, le, beta, o_t, C, F32P)
+        dp_t = tl.load(DA + cck * C + c * C + r) * gam_rt * eta[:, None]
     # dΓ in total: the direct cotangent and Kg's row C−1
     dgam = tl.load(DGAM + cck * C + r * C + c) + tl.where(r == C - 1, (eta * kdkg)[None, :], 0.0)
     tl.store(DGT + cck * C + r * C + c, dgam)
     tl.store(KDKM + cck + o_t, kdkm)
 
     # k̂·dk̂ in closed form (P = k̂k̂ᵀ), then dk and dq through l2norm's backward
-    kdk = (tl.load(KDK + cck + o_t) + tl.sum(dp * p, axis=1) + tl.sum(dp_t * p, axis=1)
-           + cg * kdkg + cm * kdkm)
+    if SYM:
+        dp = dp + dp_t
+        kdk = tl.load(KDK + cck + o_t) + tl.sum(dp * p, axis=1) + cg * kdkg + cm * kdkm
+    else:
+        kdk = (tl.load(KDK + cck + o_t) + tl.sum(dp * p, axis=1) + tl.sum(dp_t * p, axis=1)
+               + cg * kdkg + cm * kdkm)
     if NORM:
         rk = tl.load(RK + cck + o_t)
         rq = tl.load(RQ + cck + o_t)
@@ -526,9 +539,11 @@ def _prepare_bwd_k_kernel(
         m = m_t[:, None] & mk[None, :]
         kn = _xn_rows(KC, RK, cck, krow, m_t, o_t, o_k, mk, K, RAW)
         kn_mm = kn.to(MMDT)
-        dkn = (tl.load(DKN + ck, mask=mk[None, :], other=0.0)
-               + tl.dot(dp_mm, kn_mm, input_precision=MMPREC)
-               + tl.dot(dp_t_mm, kn_mm, input_precision=MMPREC)
+        dkn = tl.load(DKN + ck, mask=mk[None, :], other=0.0) + tl.dot(dp_mm, kn_mm,
+                                                                       input_precision=MMPREC)
+        if not SYM:
+            dkn += tl.dot(dp_t_mm, kn_mm, input_precision=MMPREC)
+        dkn = (dkn
                + cg[:, None] * tl.load(DKG + ck, mask=mk[None, :], other=0.0).to(tl.float32)
                + cm[:, None] * tl.load(DKM + ck, mask=mk[None, :], other=0.0).to(tl.float32))
         dqn = tl.load(DQC + ck, mask=mk[None, :], other=0.0)
@@ -887,6 +902,16 @@ def _f32p() -> str:
     return prec
 
 
+def prep_bwd_sym() -> bool:
+    """MDN_PREP_BWD_SYM: "1" (default) _prepare_bwd_k_kernel makes dPᵀ by a transposed load of
+    dP (through dA's scratch) and applies dP + dPᵀ in one product; "0" the earlier path (Γ⁻ᵀ
+    recomputed, two products), kept to time against. Results move by float rounding only."""
+    flag = os.environ.get("MDN_PREP_BWD_SYM", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"MDN_PREP_BWD_SYM must be 0 or 1, got {flag!r}")
+    return flag == "1"
+
+
 def _prec(mmdt) -> str:
     # fp32 operands: _f32p() (never plain tf32); 16-bit operands: the ordinary MMA path.
     return _f32p() if mmdt == tl.float32 else "tf32"
@@ -917,6 +942,8 @@ def _num_warps(C: int) -> int:
 # The kernels without a V block loop, and the one without any block loop.
 _NO_BV = ("prepare_a", "prepare_bwd_k")
 _NO_BLOCKS = ("prepare_bwd_decay",)
+# The kernels whose C×C decay products' precision is a launch key (launch.py's f32dot).
+_F32DOT = ("prepare_a", "prepare_bwd_k", "prepare_bwd_decay")
 
 
 def launch_defaults(name: str, K: int, V: int, C: int) -> dict:
@@ -924,6 +951,8 @@ def launch_defaults(name: str, K: int, V: int, C: int) -> dict:
     blocks it takes, num_warps, num_stages."""
     BK, BV = _blocks(K, V)
     d = {} if name in _NO_BLOCKS else dict(BK=BK) if name in _NO_BV else dict(BK=BK, BV=BV)
+    if name in _F32DOT:
+        d["f32dot"] = int(_f32p() == "tf32x3")
     return dict(d, num_warps=_num_warps(C), num_stages=1)
 
 
@@ -933,6 +962,12 @@ def _lp(name: str, K: int, V: int, C: int, mmdt) -> dict:
     override them."""
     shape = (K, V) if mmdt in (tl.bfloat16, tl.float16) and C == 64 else None
     return launch.params(name, shape=shape, **launch_defaults(name, K, V, C))
+
+
+def _lp_f32(name: str, K: int, V: int, C: int, mmdt) -> tuple[dict, str]:
+    """_lp for the kernels with the f32dot key: (their launch parameters, their F32P)."""
+    lp = _lp(name, K, V, C, mmdt)
+    return lp, ("tf32x3" if lp.pop("f32dot") else "ieee")
 
 
 class LocalPrepare(torch.autograd.Function):
@@ -981,12 +1016,13 @@ class LocalPrepare(torch.autograd.Function):
         a_end, g_end, u_end = (new(NC, H) for _ in range(3))
         mmdt = _tl_mm(mm_dtype)
         if NC > 0:
+            lp_a, f32p_a = _lp_f32("prepare_a", K, V, C, mmdt)
             wgmma.kernel(_prepare_a_kernel, "prepare")[(NC, H)](
                 q, k, *gates, cs, cl, qc, kc, et, la, g0, gam, Kg, Km, a_end, g_end, u_end,
                 amat, ele, g0r, rq, rk, q.stride(0), k.stride(0), H=H, K=K, C=C,
                 NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
-                F32P=_f32p(), **_lp("prepare_a", K, V, C, mmdt))
+                F32P=f32p_a, **lp_a)
             wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
                                      num_warps=1 if C == 16 else 2, num_stages=1)
             wgmma.kernel(_prepare_c_kernel, "prepare")[(NC, H)](
@@ -1027,16 +1063,17 @@ class LocalPrepare(torch.autograd.Function):
                 v, kc, rk, tmat, ele, g0r, cs, cl, dkc, dU, dY, dZ, dv, dkn, da, kdk, dle, dg0r,
                 k_stride, v.stride(0), H=H, K=K, V=V, C=C, MMDT=mmdt, MMPREC=_prec(mmdt),
                 DAP=_second_order_prec(mmdt), RAW=raw, **_lp("prepare_bwd_t", K, V, C, mmdt))
+            lp_k, f32p_k = _lp_f32("prepare_bwd_k", K, V, C, mmdt)
+            lp_d, f32p_d = _lp_f32("prepare_bwd_decay", K, V, C, mmdt)
             wgmma.kernel(_prepare_bwd_k_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, qc, kc, rq, rk, da, dkn, kdk,
                 dqc, detc, dgam, dKg, dKm, dq, dk, dgates[3], dgt, dgr, kdkm, q_stride, k_stride,
                 H=H, K=K, C=C, NORM=norm, PTA=pta, MMDT=mmdt, MMPREC=_prec(mmdt),
-                FLOOR=LOG_FLOOR, F32P=_f32p(), RAW=raw, **_lp("prepare_bwd_k", K, V, C, mmdt))
+                FLOOR=LOG_FLOOR, F32P=f32p_k, RAW=raw, SYM=prep_bwd_sym(), **lp_k)
             wgmma.kernel(_prepare_bwd_decay_kernel, "prepare_bwd")[(NC, H)](
                 la_in, lm_in, be_in, et_in, cs, cl, dgt, dgr, kdkm, dle, dg0r,
                 dlac, dg0c, da_end, dg_end, du_end, *dgates[:3],
-                H=H, C=C, PTA=pta, FLOOR=LOG_FLOOR, F32P=_f32p(),
-                **_lp("prepare_bwd_decay", K, V, C, mmdt))
+                H=H, C=C, PTA=pta, FLOOR=LOG_FLOOR, F32P=f32p_d, **lp_d)
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
         dgates = [g.view(B, T, H) for g in dgates]

@@ -10,10 +10,16 @@ then MDN_LAUNCH. Nothing is autotuned: the values are fixed, start fast and run 
 TRITON_INTERPRET=1. They change tile sizes and scheduling only: every output element is the same
 sum, though the order of its partial sums may differ, so results may move by float rounding.
 
+Key f32dot (the kernels that make the C×C decay products: prepare_a, prepare_bwd_k,
+prepare_bwd_decay): how their fp32 products run, 0 "ieee" (exact fp32 FMAs, the default unless
+MDN_FUSED_FP32_DOT=tf32x3 sets it for every kernel) or 1 "tf32x3" (three TF32 MMAs on tensor
+cores, about fp32 accuracy); the one launch key that changes how an element's sum is formed
+(still to about fp32 accuracy), not only its order.
+
 Names: state_fwd, state_bwd (the state pass), output_fwd, output_bwd, output_bwd_dw (the output
 and its gradients), prepare_a, prepare_c, prepare_bwd_t, prepare_bwd_k, prepare_bwd_decay (the
 chunk-local preparation). Keys: BK, BV (powers of two, at least 16, where the kernel has them),
-num_warps (1, 2, 4, 8 or 16), num_stages (1 to 4).
+num_warps (1, 2, 4, 8 or 16), num_stages (1 to 4), f32dot (0 or 1; above).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import os
 
 KERNELS = ("state_fwd", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw", "prepare_a",
            "prepare_c", "prepare_bwd_t", "prepare_bwd_k", "prepare_bwd_decay")
-_KEYS = ("BK", "BV", "num_warps", "num_stages")
+_KEYS = ("BK", "BV", "num_warps", "num_stages", "f32dot")
 _parsed: tuple[str, dict] | None = None
 
 # The launch-parameter sweep on an H100 (tools/tune_kernels_gpu.py, suite plan y, session 8,
@@ -76,6 +82,8 @@ def _check(name: str, key: str, v: int) -> None:
         raise ValueError(f"MDN_LAUNCH: {name}: num_warps must be 1, 2, 4, 8 or 16, got {v}")
     if key == "num_stages" and not 1 <= v <= 4:
         raise ValueError(f"MDN_LAUNCH: {name}: num_stages must be 1 to 4, got {v}")
+    if key == "f32dot" and v not in (0, 1):
+        raise ValueError(f"MDN_LAUNCH: {name}: f32dot must be 0 (ieee) or 1 (tf32x3), got {v}")
 
 
 def overrides() -> dict[str, dict[str, int]]:

@@ -96,6 +96,51 @@ def test_local_prepare(shape, p_times_alpha, block_cap):
     check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
 
 
+@pytest.mark.parametrize("sym", ["0", "1"])
+def test_local_prepare_backward_both_dp_transposes(sym, monkeypatch):
+    """_prepare_bwd_k_kernel's two ways to dPᵀ (MDN_PREP_BWD_SYM): dP stored over dA's scratch
+    and loaded transposed (default), or made from dAᵀ and a recomputed Γ⁻ᵀ (the earlier path):
+    every input gradient against float64 autograd of the torch spec, packed documents, both
+    block loops."""
+    monkeypatch.setenv("MDN_PREP_BWD_SYM", sym)
+    monkeypatch.setattr(fused, "BLOCK_K", 16)
+    monkeypatch.setattr(fused, "BLOCK_V", 16)
+    B, T, H, K, V, lens = SHAPES[1]
+    T = sum(lens)
+    xs64, layout = _inputs(B, T, H, K, V, lens, seed=11)
+    args = (layout.dest, layout.num_chunks, 16)
+    x_ref = [x.clone().requires_grad_() for x in xs64]
+    ref = _local_prepare(*x_ref, *args, torch.float64, True, False, None)
+    x_out = [x.float().requires_grad_() for x in xs64]
+    out = fused_prepare(*x_out, *args, torch.float32, True, False, None)
+    cots = cotangents(ref, seed=3)
+    check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
+
+
+def test_local_prepare_with_tensor_core_decay_products(monkeypatch):
+    """launch key f32dot=1 on the three kernels with C×C decay products (their fp32 products as
+    tf32x3; under the interpreter the plumbing, on the GPU the precision): outputs and every
+    input gradient against float64 autograd of the torch spec."""
+    monkeypatch.setenv("MDN_LAUNCH", "prepare_a:f32dot=1;prepare_bwd_k:f32dot=1;"
+                                     "prepare_bwd_decay:f32dot=1")
+    B, T, H, K, V, lens = SHAPES[0]
+    xs64, layout = _inputs(B, T, H, K, V, lens, seed=12)
+    args = (layout.dest, layout.num_chunks, 16)
+    x_ref = [x.clone().requires_grad_() for x in xs64]
+    ref = _local_prepare(*x_ref, *args, torch.float64, True, True, None)
+    x_out = [x.float().requires_grad_() for x in xs64]
+    out = fused_prepare(*x_out, *args, torch.float32, True, True, None)
+    check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
+    cots = cotangents(ref, seed=4)
+    check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
+
+
+def test_rejects_bad_prep_bwd_sym(monkeypatch):
+    monkeypatch.setenv("MDN_PREP_BWD_SYM", "yes")
+    with pytest.raises(ValueError, match="MDN_PREP_BWD_SYM"):
+        fused.prep_bwd_sym()
+
+
 @pytest.mark.parametrize("chunk", [32, 64])
 def test_local_prepare_larger_chunks(chunk):
     """The blocked (I + A)⁻¹ (16×16 diagonal blocks, then block substitution) at C = 32 and the

@@ -32,6 +32,7 @@ def test_parse_reads_kernels_and_keys():
     ("state_fwd:BV=8", "power of two"),
     ("output_fwd:num_warps=3", "num_warps must be"),
     ("output_fwd:num_stages=0", "num_stages must be"),
+    ("prepare_bwd_decay:f32dot=2", "f32dot must be 0"),
 ])
 def test_parse_names_what_is_wrong(spec, words):
     with pytest.raises(ValueError, match=words):
@@ -48,6 +49,19 @@ def test_params_apply_the_override_and_refuse_keys_a_kernel_lacks(monkeypatch):
         launch.params("prepare_a", BK=32, num_warps=8, num_stages=1)
     monkeypatch.delenv("MDN_LAUNCH")
     assert launch.params("state_fwd", BV=32, num_warps=4, num_stages=1)["num_warps"] == 4
+
+
+def test_f32dot_is_a_key_of_the_decay_product_kernels_only(monkeypatch):
+    from mdn_kernels.mdn import chunk_local_fused as fused
+    assert launch.parse("prepare_bwd_decay:f32dot=1") == {"prepare_bwd_decay": {"f32dot": 1}}
+    for name in ("prepare_a", "prepare_bwd_k", "prepare_bwd_decay"):
+        assert fused.launch_defaults(name, 128, 256, 64)["f32dot"] == 0
+    monkeypatch.setenv("MDN_FUSED_FP32_DOT", "tf32x3")   # the process-wide setting is its default
+    assert fused.launch_defaults("prepare_bwd_k", 128, 256, 64)["f32dot"] == 1
+    assert "f32dot" not in fused.launch_defaults("output_fwd", 128, 256, 64)
+    monkeypatch.setenv("MDN_LAUNCH", "output_fwd:f32dot=1")
+    with pytest.raises(ValueError, match="output_fwd takes BK, BV, num_warps, num_stages, not f32dot"):
+        fused._lp("output_fwd", 128, 256, 64, None)
 
 
 def test_tuner_candidates_are_valid_launch_strings():
