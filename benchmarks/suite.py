@@ -88,6 +88,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s19k  session 19, the op: the preparation's backward with dPᵀ loaded transposed (the new
      default; MDN_PREP_BWD_SYM=0 the earlier path) and the decay products on tensor cores
      (launch key f32dot) as variants beside FLA's GDN; the float64 kernel tests on the other GPU.
+  s19s  session 19: the offsets' host syncs gone (the trainer's cu_seqlens copy, FLA's conv
+     chunk indices) against the tree before (BASE) in one call, 400M at CP = 1 and 2, with sync
+     reports; the conv's GPU sync test.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -202,6 +205,12 @@ QUALITY_PLOT = ("python3 tools/plot_quality.py {R}/../q_mdn {R}/../q_gdn {R}/../
 
 # The last phase of the per-kind plans: the call's table (tools/summarize_model_bench.py over the
 # jobs' result.json files): summary.txt beside the job logs, summary.json in its folder
+# A job of an earlier tree, for A/B in one call: _ab_base.tar (`git archive <commit>`, carried
+# untracked) unpacked in /tmp/base and run there with its own kernels (plan s19s)
+BASE = ("mkdir -p /tmp/base /tmp/base_shim && tar xf _ab_base.tar -C /tmp/base && ln -sfn "
+        "/tmp/base/kernels /tmp/base_shim/mdn_kernels && cd /tmp/base && "
+        "PYTHONPATH=/tmp/base_shim:/tmp/site:/tmp/base ")
+
 SUMMARY = ("summary", 20, [
     ("0", [("summary", 18, "python3 tools/summarize_model_bench.py {R}/.. --json {R}/summary.json "
                            "| tee {R}/summary.txt")]),
@@ -1533,6 +1542,25 @@ PLANS = {
                     "--variant MDN_PREP_BWD_SYM=0 --variant MDN_LAUNCH=prepare_bwd_decay:f32dot=1 "
                     "--variant 'MDN_LAUNCH=prepare_a:f32dot=1;prepare_bwd_k:f32dot=1;"
                     "prepare_bwd_decay:f32dot=1' --out {R}/result.json")]),
+        ]),
+    ],
+    # Session 19: the host syncs of the offsets (the trainer's cu_seqlens copy, FLA's conv chunk
+    # indices) gone, against the tree before (_ab_base.tar: `git archive` of commit 7e495c1,
+    # carried untracked; BASE runs it from /tmp/base) in the same call, CP = 1 and 2 at 400M
+    # (session 18's host-bound shapes), with the sync reports; the conv's GPU sync test
+    "s19s": [
+        ("cp1", 140, [
+            ("0", [("base_cp1_400m_16k", 70, BASE + bench_model(1, f"{CPW400} --seq-len 16384")),
+                   ("cp1_400m_16k", 65, bench_model(1, f"{CPW400} --seq-len 16384 --sync-report {{R}}/syncs.json"))]),
+            ("1", [("conv_sync_test", 70, PT + " --timeout 65 tests/gpu/test_model_gpu.py::"
+                    "test_fla_conv_with_trainer_offsets_needs_no_host_sync"),
+                   ("cp1_400m_16k_again", 60, bench_model(1, f"{CPW400} --seq-len 16384"))]),
+        ]),
+        ("cp2", 190, [
+            ("0,1", [("base_cp2_400m_32k", 65, BASE + bench_model(2, f"{CPW400} --cp 2 --seq-len 32768")),
+                     ("cp2_400m_32k", 60, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768 "
+                                                         "--sync-report {R}/syncs.json")),
+                     ("base_cp2_400m_32k_again", 60, BASE + bench_model(2, f"{CPW400} --cp 2 --seq-len 32768"))]),
         ]),
     ],
     # One call per machine kind: issue 9's headline numbers with the current defaults, sized from

@@ -96,7 +96,8 @@ def conv_silu_fla(x: torch.Tensor, weight: torch.Tensor,
     """
     from fla.modules.causal_conv1d import causal_conv1d
 
-    y, _ = causal_conv1d(x, weight, activation="silu", cu_seqlens=cu_seqlens)
+    y, _ = causal_conv1d(x, weight, activation="silu", cu_seqlens=cu_seqlens,
+                         chunk_indices=conv_chunk_indices(cu_seqlens))
     return y
 
 
@@ -111,8 +112,43 @@ def conv_silu_fla_padded(padded: torch.Tensor, weight: torch.Tensor,
     [B, T, C], a view of the kernel's output."""
     from fla.modules.causal_conv1d import causal_conv1d
 
-    y, _ = causal_conv1d(padded, weight, activation="silu", cu_seqlens=padded_cu_seqlens)
+    y, _ = causal_conv1d(padded, weight, activation="silu", cu_seqlens=padded_cu_seqlens,
+                         chunk_indices=conv_chunk_indices(padded_cu_seqlens))
     return y[:, weight.shape[1] - 1:]
+
+
+FLA_CONV_CHUNK = 64    # the chunk of FLA's causal_conv1d (its chunk_size default) that
+                       # conv_chunk_indices must count in
+_CONV_CHUNKS = None    # mdn_kernels.mdn.layout.PerTensorCache, made on first use
+
+
+def conv_chunk_indices(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """FLA's causal_conv1d `chunk_indices` for documents `cu_seqlens` [N + 1]: [NT, 2] rows of
+    (document, chunk within it) for chunks of FLA_CONV_CHUNK tokens, in cu_seqlens' dtype and
+    device — what FLA's prepare_chunk_indices returns. Made on the host from the host copy of
+    cu_seqlens (mdn_kernels.mdn.layout.host_cu_seqlens: no device→host copy where the offsets
+    came through device_copy_of_host, as the trainer's do) and copied to the device without a
+    host sync, once per cu_seqlens tensor. FLA, left to make them, runs a repeat_interleave
+    on the device tensor, which reads its size back: a host sync at each micro-batch's first
+    conv and again at its first conv backward (tools/bench_model.py --sync-report, session 19).
+    None without documents."""
+    global _CONV_CHUNKS
+    if cu_seqlens is None:
+        return None
+    from mdn_kernels.mdn.layout import PerTensorCache, device_copy_of_host, host_cu_seqlens
+
+    def build():
+        host = host_cu_seqlens(cu_seqlens)
+        counts = (host[1:] - host[:-1] + FLA_CONV_CHUNK - 1) // FLA_CONV_CHUNK
+        doc = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        first = counts.cumsum(0) - counts            # each document's first chunk
+        within = torch.arange(doc.numel()) - first[doc]
+        return device_copy_of_host(torch.stack([doc, within], 1).to(cu_seqlens.dtype),
+                                   cu_seqlens.device)
+
+    if _CONV_CHUNKS is None:
+        _CONV_CHUNKS = PerTensorCache()
+    return _CONV_CHUNKS.get(cu_seqlens, ("fla_conv_chunks",), build)
 
 
 def gated_rmsnorm_fla(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,

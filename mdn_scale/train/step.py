@@ -19,13 +19,16 @@ import torch.distributed as dist
 def to_model_inputs(mb: dict, device: torch.device) -> dict:
     """[B, T] tensors (or a CP slice) → model inputs with B = 1 and packed-sequence params."""
     from megatron.core.packed_seq_params import PackedSeqParams
+    from mdn_kernels.mdn.layout import device_copy_of_host
 
     tokens = mb["tokens"].reshape(1, -1).to(device, non_blocking=True)
     labels = mb["labels"].reshape(1, -1).to(device, non_blocking=True)
     mask = mb["loss_mask"].reshape(1, -1).to(device, dtype=torch.float32, non_blocking=True)
     cu_host = mb["cu_seqlens"]
     max_len = int((cu_host[1:] - cu_host[:-1]).max()) if cu_host.numel() > 1 else 0  # before the copy: no device sync
-    cu = cu_host.to(device=device, dtype=torch.int32)
+    # pinned and non-blocking, its host copy recorded: neither this copy nor the layers' later
+    # reads of the offsets on the host (layout, FLA's conv chunks) wait for the GPU
+    cu = device_copy_of_host(cu_host.to(torch.int32), device)
     psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
     return {"tokens": tokens, "labels": labels, "loss_mask": mask, "packed_seq_params": psp}

@@ -119,3 +119,42 @@ def test_chunked_loss_sequence_parallel_tp2():
             for name, gr in ref_grads.items():
                 torch.testing.assert_close(grads[name], gr, rtol=1e-9, atol=1e-12,
                                            msg=lambda m: f"rank {rank} chunk {chunk} {name}: {m}")
+
+
+def test_fla_conv_with_trainer_offsets_needs_no_host_sync():
+    """FLA's conv on documents whose offsets came as the trainer copies them
+    (device_copy_of_host): our chunk indices (mixer_kernels.conv_chunk_indices) spare FLA the
+    repeat_interleave that read its size back, so a forward and backward raise nothing under
+    torch's sync debug mode; the result is FLA's own with its indices (bitwise) and matches the
+    eager conv."""
+    import torch.nn.functional as F
+
+    from mdn_kernels.mdn.layout import device_copy_of_host
+    from mdn_scale.model import mixer_kernels as mk
+    from mdn_scale.model.mixer import causal_conv
+
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    g = torch.Generator().manual_seed(0)
+    docs = torch.tensor([0, 5, 70, 64 * 5 + 3, 1000, 4096], dtype=torch.int32)
+    x = torch.randn(1, 4096, 96, generator=g).cuda().requires_grad_(True)
+    w = (torch.rand(96, 4, generator=g) - 0.5).cuda().requires_grad_(True)
+    ct = torch.randn(1, 4096, 96, generator=g).cuda()
+    mk.conv_silu_fla(x[:, :128], w, device_copy_of_host(torch.tensor([0, 128], dtype=torch.int32),
+                                                        "cuda")).sum().backward()   # compile first
+    x.grad = w.grad = None
+    cu = device_copy_of_host(docs, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = mk.conv_silu_fla(x, w, cu)
+        (y * ct).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    dx, dw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    y_fla, _ = causal_conv1d(x, w, activation="silu", cu_seqlens=docs.cuda())
+    (y_fla * ct).sum().backward()
+    assert torch.equal(y, y_fla) and torch.equal(dx, x.grad) and torch.equal(dw, w.grad)
+    y_eager = F.silu(causal_conv(x.double(), w.double(), cu_seqlens=docs.cuda()))
+    assert ((y.double() - y_eager).norm() / y_eager.norm()).item() < 1e-5

@@ -82,6 +82,21 @@ def _conv(fla, dtype, wdtype=torch.float32, D=40, seed=0):
     return y.detach(), base.grad[..., :D], w.grad
 
 
+@pytest.mark.parametrize("docs", [DOCS, [0, 64, 128, 129, 300], [0, 0, 5, 5, 200], [0, 4096]],
+                         ids=["short", "multiples-of-64", "empty-documents", "one"])
+def test_conv_chunk_indices_are_flas(docs):
+    """Our host-made chunk indices (no host sync) are exactly those FLA's prepare_chunk_indices
+    makes from the device offsets, dtype included, and are made once per offsets tensor."""
+    from fla.ops.utils import prepare_chunk_indices
+    for dtype in (torch.int32, torch.int64):
+        cu = torch.tensor(docs, dtype=dtype)
+        got = mk.conv_chunk_indices(cu)
+        want = prepare_chunk_indices(cu, mk.FLA_CONV_CHUNK)
+        assert got.dtype == want.dtype == dtype and torch.equal(got, want), (got, want)
+        assert mk.conv_chunk_indices(cu) is got
+    assert mk.conv_chunk_indices(None) is None
+
+
 def test_conv_silu_fp32_matches_eager(fla_on_cpu):
     got, want = _conv(True, torch.float32), _conv(False, torch.float32)
     for name, a, b in zip(("y", "dx", "dw"), got, want):
