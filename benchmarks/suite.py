@@ -91,6 +91,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s19s  session 19: the offsets' host syncs gone (the trainer's cu_seqlens copy, FLA's conv
      chunk indices) against the tree before (BASE) in one call, 400M at CP = 1 and 2, with sync
      reports; the conv's GPU sync test.
+  s19s2  the same A/B at the 1.3B MFU shape, the 400M at 4K and the 1.3B CP = 2 step with the
+     maps kept.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1561,6 +1563,23 @@ PLANS = {
                      ("cp2_400m_32k", 60, bench_model(2, f"{CPW400} --cp 2 --seq-len 32768 "
                                                          "--sync-report {R}/syncs.json")),
                      ("base_cp2_400m_32k_again", 60, BASE + bench_model(2, f"{CPW400} --cp 2 --seq-len 32768"))]),
+        ]),
+    ],
+    # Session 19, after s19s: the same A/B (BASE = the tree before the offsets' syncs went) at
+    # the MFU goal's 1.3B shape and the 400M at 4K, crosswise on the two GPUs, then the 1.3B
+    # CP = 2 step with the maps kept
+    "s19s2": [
+        ("one_gpu", 180, [
+            ("0", [("base_mdn_1p3b_4k", 90, BASE + bench_model(1, M13_4K)),
+                   ("mdn_400m_4k", 60, bench_model(1, f"--config {M400} --micro-batch 4"))]),
+            ("1", [("mdn_1p3b_4k", 90, bench_model(1, M13_4K)),
+                   ("base_mdn_400m_4k", 70, BASE + bench_model(1, f"--config {M400} --micro-batch 4"))]),
+        ]),
+        ("cp2", 130, [
+            ("0,1", [("cp2_1p3b_32k_keep_maps", 62, bench_model(2, f"{CPW13} --cp 2 --seq-len 32768 "
+                                                                   "--recompute-keep-cp-maps")),
+                     ("base_cp2_1p3b_32k_keep_maps", 65, BASE + bench_model(
+                         2, f"{CPW13} --cp 2 --seq-len 32768 --recompute-keep-cp-maps"))]),
         ]),
     ],
     # One call per machine kind: issue 9's headline numbers with the current defaults, sized from
