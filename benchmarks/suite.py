@@ -93,6 +93,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      reports; the conv's GPU sync test.
   s19s2  the same A/B at the 1.3B MFU shape, the 400M at 4K and the 1.3B CP = 2 step with the
      maps kept.
+  s19s3  the 400M at 4K, base and new on each GPU in opposite orders.
   d  whole-model layouts: DP=2, TP=2, PP=2 (1F1B, interleaved); CP=4 weak scaling at 4K tokens
      per GPU (400M, 1.3B); PP=4 (1F1B, interleaved); losses against plan c's references.
   q  the small quality run: MDN, GDN mode and a Transformer of ~45M parameters trained side by
@@ -1580,6 +1581,16 @@ PLANS = {
                                                                    "--recompute-keep-cp-maps")),
                      ("base_cp2_1p3b_32k_keep_maps", 65, BASE + bench_model(
                          2, f"{CPW13} --cp 2 --seq-len 32768 --recompute-keep-cp-maps"))]),
+        ]),
+    ],
+    # Session 19, after s19s2 (where the 400M at 4K ran 278 ms new against 239 ms base, on
+    # different GPUs at once): the 400M at 4K base and new on each GPU, in opposite orders
+    "s19s3": [
+        ("ab", 150, [
+            ("0", [("base_mdn_400m_4k_g0", 70, BASE + bench_model(1, f"--config {M400} --micro-batch 4")),
+                   ("mdn_400m_4k_g0", 70, bench_model(1, f"--config {M400} --micro-batch 4 --sync-report {{R}}/syncs.json"))]),
+            ("1", [("mdn_400m_4k_g1", 70, bench_model(1, f"--config {M400} --micro-batch 4")),
+                   ("base_mdn_400m_4k_g1", 70, BASE + bench_model(1, f"--config {M400} --micro-batch 4"))]),
         ]),
     ],
     # One call per machine kind: issue 9's headline numbers with the current defaults, sized from
