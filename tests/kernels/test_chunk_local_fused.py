@@ -63,6 +63,21 @@ def _inputs(B, T, H, K, V, lens, seed, mu_zero=False, chunk=16):
     return xs64, layout
 
 
+def _prepare_against_float64(xs64, layout, chunk, seed, norm=True, p_times_alpha=True):
+    """LocalPrepare in fp32 against float64 autograd of the torch spec: the 14 outputs and every
+    input gradient (relative error < 1e-5); returns the fused path's input gradients."""
+    args = (layout.dest, layout.num_chunks, chunk)
+    x_ref = [x.clone().requires_grad_() for x in xs64]
+    ref = _local_prepare(*x_ref, *args, torch.float64, norm, p_times_alpha, None)
+    x_out = [x.float().requires_grad_() for x in xs64]
+    out = fused_prepare(*x_out, *args, torch.float32, norm, p_times_alpha, None)
+    check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
+    cots = cotangents(ref, seed=seed)
+    g_out = grads_of(out, x_out, cots)
+    check(IN_NAMES, g_out, grads_of(ref, x_ref, cots), 1e-5)
+    return g_out
+
+
 @pytest.fixture(params=[64, 16], ids=["one-block", "block-loops"])
 def block_cap(request, monkeypatch):
     monkeypatch.setattr(fused, "BLOCK_K", request.param)
@@ -108,13 +123,7 @@ def test_local_prepare_backward_both_dp_transposes(sym, monkeypatch):
     B, T, H, K, V, lens = SHAPES[1]
     T = sum(lens)
     xs64, layout = _inputs(B, T, H, K, V, lens, seed=11)
-    args = (layout.dest, layout.num_chunks, 16)
-    x_ref = [x.clone().requires_grad_() for x in xs64]
-    ref = _local_prepare(*x_ref, *args, torch.float64, True, False, None)
-    x_out = [x.float().requires_grad_() for x in xs64]
-    out = fused_prepare(*x_out, *args, torch.float32, True, False, None)
-    cots = cotangents(ref, seed=3)
-    check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
+    _prepare_against_float64(xs64, layout, 16, seed=3, p_times_alpha=False)
 
 
 def test_local_prepare_with_tensor_core_decay_products(monkeypatch):
@@ -125,14 +134,7 @@ def test_local_prepare_with_tensor_core_decay_products(monkeypatch):
                                      "prepare_bwd_decay:f32dot=1")
     B, T, H, K, V, lens = SHAPES[0]
     xs64, layout = _inputs(B, T, H, K, V, lens, seed=12)
-    args = (layout.dest, layout.num_chunks, 16)
-    x_ref = [x.clone().requires_grad_() for x in xs64]
-    ref = _local_prepare(*x_ref, *args, torch.float64, True, True, None)
-    x_out = [x.float().requires_grad_() for x in xs64]
-    out = fused_prepare(*x_out, *args, torch.float32, True, True, None)
-    check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
-    cots = cotangents(ref, seed=4)
-    check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
+    _prepare_against_float64(xs64, layout, 16, seed=4)
 
 
 def test_rejects_bad_prep_bwd_sym(monkeypatch):
@@ -148,14 +150,7 @@ def test_local_prepare_larger_chunks(chunk):
     H, K, V = 1, 16, 16
     lens = [chunk + 7, 3, 2 * chunk - 5]
     xs64, layout = _inputs(1, sum(lens), H, K, V, lens, seed=chunk, chunk=chunk)
-    args = (layout.dest, layout.num_chunks, chunk)
-    x_ref = [x.clone().requires_grad_() for x in xs64]
-    ref = _local_prepare(*x_ref, *args, torch.float64, True, True, None)
-    x_out = [x.float().requires_grad_() for x in xs64]
-    out = fused_prepare(*x_out, *args, torch.float32, True, True, None)
-    check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
-    cots = cotangents(ref, seed=4)
-    check(IN_NAMES, grads_of(out, x_out, cots), grads_of(ref, x_ref, cots), 1e-5)
+    _prepare_against_float64(xs64, layout, chunk, seed=4)
 
 
 def test_rejects_unsupported_chunk():
@@ -170,16 +165,8 @@ def test_local_prepare_zero_momentum_and_no_norm():
     B, T, H, K, V = 1, 40, 2, 16, 16
     xs64, layout = _inputs(B, T, H, K, V, None, seed=3, mu_zero=True)
     xs64[0], xs64[1] = xs64[0] * 0.3, xs64[1] * 0.3   # unnormalised keys: keep (I+A) tame
-    args = (layout.dest, layout.num_chunks, 16)
-    x_ref = [x.clone().requires_grad_() for x in xs64]
-    ref = _local_prepare(*x_ref, *args, torch.float64, False, True, None)
-    x_out = [x.float().requires_grad_() for x in xs64]
-    out = fused_prepare(*x_out, *args, torch.float32, False, True, None)
-    check(PREP_NAMES, [o.detach() for o in out], [r.detach() for r in ref], 1e-5)
-    cots = cotangents(ref, seed=9)
-    g_out, g_ref = grads_of(out, x_out, cots), grads_of(ref, x_ref, cots)
+    g_out = _prepare_against_float64(xs64, layout, 16, seed=9, norm=False)
     assert (g_out[4] == 0).all()
-    check(IN_NAMES, g_out, g_ref, 1e-5)
 
 
 @pytest.mark.parametrize("shape,chunk",
