@@ -79,8 +79,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s18x2  (not run: its jobs ran in plan s18x4b) what session 17 left open on 2 GPUs: PP = 2
      interleaved after the p2p fix, MDN / GDN mode at TP = 2 + SP with longer timing, validation
      under PP = 2. agree (not run: plans s18x4a/c measured it) the CP agreement once / every call.
-  s19x4  for the next 4-GPU call: session 18's sync removal at CP = 4 (--sync-report: 22 → 16
-     per step expected), the 1.3B CP weak scaling without recompute beside the recompute one, and
+  s19x4  for the next 4-GPU call: session 18's and 19's sync removal at CP = 4 (--sync-report:
+     22 per step in session 18; 8 expected, as at CP = 2 in session 19), the 1.3B CP weak scaling without recompute beside the recompute one, and
      with the CP maps kept for the recompute (train.recompute_keep_cp_maps).
   s19x2  session 19 on 2 H200s: the 1.3B CP = 2 weak-scaling step with recompute, with the CP
      maps kept for the recompute and without recompute; the 400M CP = 2 sync report; the GPU
@@ -1483,7 +1483,8 @@ PLANS = {
     ],
     # For the next 4-GPU call (session 19): session 18's last changes measured. The local and
     # padded offsets' copies without host syncs (the CP = 4 400M step's sync report should drop
-    # from 22 to 16 per step; its time against session 18's 587.5-674.3 ms), and the 1.3B CP weak
+    # from 22 to 16 per step, and to 8 with session 19's trainer offsets and conv chunk indices;
+    # its time against session 18's 587.5-674.3 ms), and the 1.3B CP weak
     # scaling without full recompute (16K tokens per rank: CP = 1's peak is 28 GiB with it), where
     # the group maps run once per step instead of twice; and with them kept across the recompute
     "s19x4": [
