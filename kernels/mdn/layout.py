@@ -110,7 +110,7 @@ def device_copy_of_host(host: torch.Tensor, device) -> torch.Tensor:
     --sync-report, session 18), each of which lets the GPU run dry. On any other device:
     host.to(device) (on the CPU, `host` itself)."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or host.device.type != "cpu":   # nothing to pin: a plain copy
         return host.to(device)
     dev = host.pin_memory().to(device, non_blocking=True)
     _HOST_CU.get(dev, (), lambda: host.detach().to(torch.int64))
