@@ -717,6 +717,70 @@ def plot_session18(out):
     return out
 
 
+def plot_session19(out):
+    """Session 19 on two H200s: the 1.3B CP = 2 step's variants against CP = 1 (left), and the
+    offsets' host syncs A/B against the tree before, every timed step shown (right: the noise
+    is the point)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.9))
+    rows = [("full recompute", "cp1_1p3b_16k_v19", "cp2_1p3b_32k_v19b"),
+            ("recompute,\nCP maps kept", "cp1_1p3b_16k_v19", "cp2_1p3b_32k_keep_maps_v19b"),
+            ("no recompute", "cp1_1p3b_16k_norecompute_v19", "cp2_1p3b_32k_norecompute_v19")]
+    found = False
+    for i, (label, one, two) in enumerate(rows):
+        d1, d2 = _load(f"model_h200x2_mdn_{one}.json"), _load(f"model_h200x2_mdn_{two}.json")
+        if not (d1 and d2):
+            continue
+        found = True
+        a1.bar([i - 0.2, i + 0.2], [d1["step_ms_median"], d2["step_ms_median"]], 0.38,
+               color=["tab:blue", "tab:orange"])
+        a1.text(i + 0.2, d2["step_ms_median"] + 15,
+                f"eff {d1['step_ms_median'] / d2['step_ms_median']:.2f}", ha="center", fontsize=7)
+    a1.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    a1.set_ylabel("step (ms, median)")
+    a1.set_ylim(0, 1150)
+    a1.set_title("1.3B, 16K tokens per GPU: CP = 1 against CP = 2", fontsize=8)
+    a1.legend(handles=[Patch(color="tab:blue", label="CP = 1 (one GPU)"),
+                       Patch(color="tab:orange", label="CP = 2 (weak-scaling efficiency above)")],
+              fontsize=7, loc="upper right", ncol=2)
+    pairs = [("400M CP=1\n16K (s19s)", "mdn_base_cp1_400m_16k_v19s",
+              ["mdn_cp1_400m_16k_v19s", "mdn_cp1_400m_16k_again_v19s"]),
+             ("400M CP=2\n32K (s19s)", "mdn_base_cp2_400m_32k_v19s",
+              ["mdn_cp2_400m_32k_v19s"]),
+             ("400M 4K\n(s19s2)", "base_mdn_400m_4k_v19s2", ["mdn_400m_4k_v19s2"]),
+             ("400M 4K\n(s19s3)", "base_mdn_400m_4k_g0_v19s3",
+              ["mdn_400m_4k_g0_v19s3", "mdn_400m_4k_g1_v19s3"]),
+             ("1.3B 4K\n(s19s2)", "base_mdn_1p3b_4k_v19s2", ["mdn_1p3b_4k_v19s2"])]
+    extra_base = {"400M CP=2\n32K (s19s)": "mdn_base_cp2_400m_32k_again_v19s",
+                  "400M 4K\n(s19s3)": "base_mdn_400m_4k_g1_v19s3"}
+    for i, (label, base, new) in enumerate(pairs):
+        bases = [_load(f"model_h200x2_{n}.json") for n in [base, extra_base.get(label)] if n]
+        news = [_load(f"model_h200x2_{n}.json") for n in new]
+        ref = [b for b in bases if b]
+        if not ref:
+            continue
+        found = True
+        scale = 1.0 / ref[0]["step_ms_median"]
+        for b in ref:
+            a2.plot([i - 0.15] * len(b["step_ms"]), [t * scale for t in b["step_ms"]], "o",
+                    color="tab:gray", ms=3)
+        for n in news:
+            if n:
+                a2.plot([i + 0.15] * len(n["step_ms"]), [t * scale for t in n["step_ms"]], "o",
+                        color="tab:green", ms=3)
+    a2.axhline(1.0, color="gray", lw=0.8, ls=":")
+    a2.set_xticks(range(len(pairs)), [p[0] for p in pairs], fontsize=7)
+    a2.set_ylabel("step time / the tree before's median")
+    a2.set_title("The offsets' host syncs gone: every timed step, before (gray) and after (green)",
+                 fontsize=8)
+    if not found:
+        plt.close(fig)
+        return None
+    fig.suptitle("Session 19 on two H200s (bf16 autocast over fp32 weights)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -733,7 +797,8 @@ def main():
                      (plot_session11, "session11_model.png"),
                      (plot_in_proj_alignment, "session13_in_proj_alignment.png"),
                      (plot_layouts_v17, "session17_two_gpu_layouts.png"),
-                     (plot_session18, "session18_four_gpus.png")):
+                     (plot_session18, "session18_four_gpus.png"),
+                     (plot_session19, "session19_two_gpus.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
