@@ -33,6 +33,18 @@ def _finish(fig, ax, out, ylabel, title):
     return out
 
 
+def _finish_panels(fig, out, found: bool, title: str):
+    """A multi-panel figure's end: nothing written (None) where no panel found its results,
+    else the title over all panels and the PNG."""
+    if not found:
+        plt.close(fig)
+        return None
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def _load(name):
     path = os.path.join(RESULTS, name)
     return json.load(open(path)) if os.path.exists(path) else None
@@ -707,14 +719,9 @@ def plot_session18(out):
     a3.set_title("4K tokens per sequence: one GPU against DP = 4", fontsize=8)
     a3.legend(handles=[Patch(color="tab:blue", label="1 GPU"),
                        Patch(color="tab:orange", label="DP = 4 (per GPU; ratio above)")], fontsize=7)
-    if not found:
-        plt.close(fig)
-        return None
-    fig.suptitle("Session 18 on four H200s (bf16 autocast over fp32 weights); within a panel the "
-                 "runs of one call compare, across calls the machine differs", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    return _finish_panels(fig, out, found, "Session 18 on four H200s (bf16 autocast over fp32 "
+                          "weights); within a panel the runs of one call compare, across calls "
+                          "the machine differs")
 
 
 def plot_session19(out):
@@ -772,13 +779,7 @@ def plot_session19(out):
     a2.set_ylabel("step time / the tree before's median")
     a2.set_title("The offsets' host syncs gone: every timed step, before (gray) and after (green)",
                  fontsize=8)
-    if not found:
-        plt.close(fig)
-        return None
-    fig.suptitle("Session 19 on two H200s (bf16 autocast over fp32 weights)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    return _finish_panels(fig, out, found, "Session 19 on two H200s (bf16 autocast over fp32 weights)")
 
 
 def main():
