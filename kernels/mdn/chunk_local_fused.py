@@ -530,7 +530,8 @@ def _prepare_bwd_k_kernel(
         rk = tl.load(RK + cck + o_t)
         rq = tl.load(RQ + cck + o_t)
     dp_mm = dp.to(MMDT)
-    dp_t_mm = dp_t.to(MMDT)
+    if not SYM:
+        dp_t_mm = dp_t.to(MMDT)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         mk = o_k < K

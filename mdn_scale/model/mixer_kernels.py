@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from mdn_kernels.mdn.layout import PerTensorCache, device_copy_of_host, host_cu_seqlens
+
 MIXER_KERNELS = ("auto", "fla", "eager")
 _FLA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -119,7 +121,7 @@ def conv_silu_fla_padded(padded: torch.Tensor, weight: torch.Tensor,
 
 FLA_CONV_CHUNK = 64    # the chunk of FLA's causal_conv1d (its chunk_size default) that
                        # conv_chunk_indices must count in
-_CONV_CHUNKS = None    # mdn_kernels.mdn.layout.PerTensorCache, made on first use
+_CONV_CHUNKS = PerTensorCache()
 
 
 def conv_chunk_indices(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -132,10 +134,8 @@ def conv_chunk_indices(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Ten
     on the device tensor, which reads its size back: a host sync at each micro-batch's first
     conv and again at its first conv backward (tools/bench_model.py --sync-report, session 19).
     None without documents."""
-    global _CONV_CHUNKS
     if cu_seqlens is None:
         return None
-    from mdn_kernels.mdn.layout import PerTensorCache, device_copy_of_host, host_cu_seqlens
 
     def build():
         host = host_cu_seqlens(cu_seqlens)
@@ -146,8 +146,6 @@ def conv_chunk_indices(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Ten
         return device_copy_of_host(torch.stack([doc, within], 1).to(cu_seqlens.dtype),
                                    cu_seqlens.device)
 
-    if _CONV_CHUNKS is None:
-        _CONV_CHUNKS = PerTensorCache()
     return _CONV_CHUNKS.get(cu_seqlens, ("fla_conv_chunks",), build)
 
 
