@@ -82,6 +82,11 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s19x4  for the next 4-GPU call: session 18's and 19's sync removal at CP = 4 (--sync-report:
      22 per step in session 18; 8 expected, as at CP = 2 in session 19), the 1.3B CP weak scaling without recompute beside the recompute one, and
      with the CP maps kept for the recompute (train.recompute_keep_cp_maps).
+  s20k  session 20, the op: the pairs re-made from the saved W with K split across programs
+     (_state_pairs_kernel): its blocks swept (tools/bench_state_pairs.py), the op against the
+     earlier structure (PAIRS_OLD) beside FLA's GDN, the float64 kernel tests.
+  s20m  session 20: the 1.3B steps (4K MFU shape, 16K CP = 1 with recompute) with the split
+     pairs kernel against PAIRS_OLD, crosswise on two GPUs.
   s19x2  session 19 on 2 H200s: the 1.3B CP = 2 weak-scaling step with recompute, with the CP
      maps kept for the recompute and without recompute; the 400M CP = 2 sync report; the GPU
      test of the offsets' copies without host syncs.
@@ -213,6 +218,11 @@ QUALITY_PLOT = ("python3 tools/plot_quality.py {R}/../q_mdn {R}/../q_gdn {R}/../
 BASE = ("mkdir -p /tmp/base /tmp/base_shim && tar xf _ab_base.tar -C /tmp/base && ln -sfn "
         "/tmp/base/kernels /tmp/base_shim/mdn_kernels && cd /tmp/base && "
         "PYTHONPATH=/tmp/base_shim:/tmp/site:/tmp/base ")
+
+# The pairs-from-W pass before session 20's K split: one program over all K rows with the
+# W-making kernel's blocks (state_fwd's launch.TUNED values at K = 128 and 256)
+PAIRS_OLD = {128: "BK=128,BV=64,num_warps=8,num_stages=2", 256: "BK=256,BV=32,num_warps=4,num_stages=1"}
+OLD_PAIRS_256 = f"MDN_LAUNCH='state_pairs:{PAIRS_OLD[256]}' "
 
 SUMMARY = ("summary", 20, [
     ("0", [("summary", 18, "python3 tools/summarize_model_bench.py {R}/.. --json {R}/summary.json "
@@ -1546,6 +1556,34 @@ PLANS = {
                     "--variant MDN_PREP_BWD_SYM=0 --variant MDN_LAUNCH=prepare_bwd_decay:f32dot=1 "
                     "--variant 'MDN_LAUNCH=prepare_a:f32dot=1;prepare_bwd_k:f32dot=1;"
                     "prepare_bwd_decay:f32dot=1' --out {R}/result.json")]),
+        ]),
+    ],
+    # Session 20: the pairs re-made from the saved W with K split across programs
+    # (_state_pairs_kernel) — its launch blocks swept at the op's and the 1.3B model's shapes
+    # beside the W-making pass; the op with it against the earlier structure (PAIRS_OLD: one
+    # program over all K, the W-making kernel's blocks) beside FLA's GDN; the float64 kernel tests
+    "s20k": [
+        ("op", 340, [
+            ("0", [("kernel_tests", 200, "MDN_RESULTS_DIR={R} " + PT + " --timeout 195 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'"),
+                   ("state_pairs_sweep", 130, "python3 tools/bench_state_pairs.py --out {R}/result.json")]),
+            ("1", [("kernels_pairs_k128", 160, "python3 tools/bench_kernels.py --shapes 0 "
+                    f"--variant 'MDN_LAUNCH=state_pairs:{PAIRS_OLD[128]}' --out {{R}}/result.json"),
+                   ("kernels_pairs_k256", 170, "python3 tools/bench_kernels.py --shapes 1 "
+                    f"--variant 'MDN_LAUNCH=state_pairs:{PAIRS_OLD[256]}' --out {{R}}/result.json")]),
+        ]),
+    ],
+    # Session 20: the 1.3B steps with the split pairs kernel against the earlier structure
+    # (PAIRS_OLD at K = 256), crosswise on the two GPUs: the MFU goal's 4K shape and the 16K CP = 1
+    # weak-scaling step (recompute: the pairs run in every layer's backward)
+    "s20m": [
+        ("one_gpu", 300, [
+            ("0", [("mdn_1p3b_4k", 90, bench_model(1, M13_4K)),
+                   ("old_pairs_cp1_1p3b_16k", 75, OLD_PAIRS_256 + bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("mdn_1p3b_4k_again", 70, bench_model(1, M13_4K))]),
+            ("1", [("old_pairs_mdn_1p3b_4k", 90, OLD_PAIRS_256 + bench_model(1, M13_4K)),
+                   ("cp1_1p3b_16k", 75, bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("old_pairs_mdn_1p3b_4k_again", 70, OLD_PAIRS_256 + bench_model(1, M13_4K))]),
         ]),
     ],
     # Session 19: the host syncs of the offsets (the trainer's cu_seqlens copy, FLA's conv chunk

@@ -122,12 +122,15 @@ def state_jobs(K: int, V: int, C: int = 64):
     BK, BV = triton.next_power_of_2(K), sp._block_v(K, V)
     bf = _state_bf16_args()
     base = dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, PREC="tf32")
+    pairs = sp.pairs_launch_defaults(K, V)
+    pairs_blocks = dict(BK=pairs["BK"], BV=pairs["BV"])
     bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FV="strided",
                END_LATE=False)
     return {
-        "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True, W_GIVEN=False), 4, bf),
-        # StateOutput's backward re-run from the saved W (MDN_SAVE_W)
-        "state_fwd_w_given": (sp._state_fwd_kernel, dict(base, HAS_INIT=True, W_GIVEN=True), 4, bf),
+        "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True), 4, bf),
+        # StateOutput's backward re-making the pairs from the saved W (MDN_SAVE_W)
+        "state_pairs": (sp._state_pairs_kernel, dict(base, HAS_INIT=True, **pairs_blocks),
+                        pairs["num_warps"], bf),
         "state_bwd": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
                                                  OPREC="ieee"), 4, bf),
         # the lean node's default: dS_end, dM_end written over the output's pair cotangents

@@ -16,16 +16,16 @@ MDN_FUSED_FP32_DOT=tf32x3 sets it for every kernel) or 1 "tf32x3" (three TF32 MM
 cores, about fp32 accuracy); the one launch key that changes how an element's sum is formed
 (still to about fp32 accuracy), not only its order.
 
-Names: state_fwd, state_bwd (the state pass), output_fwd, output_bwd, output_bwd_dw (the output
-and its gradients), prepare_a, prepare_c, prepare_bwd_t, prepare_bwd_k, prepare_bwd_decay (the
-chunk-local preparation). Keys: BK, BV (powers of two, at least 16, where the kernel has them),
+Names: state_fwd, state_bwd (the state pass), state_pairs (its pairs re-made from a saved W),
+output_fwd, output_bwd, output_bwd_dw (the output and its gradients), prepare_a, prepare_c,
+prepare_bwd_t, prepare_bwd_k, prepare_bwd_decay (the chunk-local preparation). Keys: BK, BV (powers of two, at least 16, where the kernel has them),
 num_warps (1, 2, 4, 8 or 16), num_stages (1 to 4), f32dot (0 or 1; above).
 """
 from __future__ import annotations
 
 import os
 
-KERNELS = ("state_fwd", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw", "prepare_a",
+KERNELS = ("state_fwd", "state_pairs", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw", "prepare_a",
            "prepare_c", "prepare_bwd_t", "prepare_bwd_k", "prepare_bwd_decay")
 _KEYS = ("BK", "BV", "num_warps", "num_stages", "f32dot")
 _parsed: tuple[str, dict] | None = None

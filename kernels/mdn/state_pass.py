@@ -1,7 +1,8 @@
 """Triton kernels for the sequential pass over chunks (spec: chunk_torch.state_pass_*_torch).
 
 One program per (value block, sequence, head) carries its K×BV slices of S and M through the
-sequence's chunks; the value columns of the recurrence never mix, so V splits freely. Operands
+sequence's chunks; the value columns of the recurrence never mix, so V splits freely (and K too
+where W is given: _state_pairs_kernel). Operands
 that a product needs transposed are loaded transposed (no tl.trans of a dot result: Triton
 3.4–3.7.0 mis-compiles that pattern on Hopper, DESIGN §9). Fixed launch configs (no autotune):
 they run under TRITON_INTERPRET=1 and start fast. With 16-bit model inputs the per-chunk operands
@@ -25,11 +26,9 @@ def _state_fwd_kernel(
     W, S0S, M0S, S_FIN, M_FIN, OFFSETS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
-    W_GIVEN: tl.constexpr,
 ):
-    # W_GIVEN: W is an input (a forward's output, saved), not made from U, Y, Z: only the pairs
-    # are made (U, Y, Z are not read). W is stored in the operand dtype, which is what the
-    # state update's products take, so the pairs are bitwise those of the pass that made W.
+    # W = U + Y S − Z M contracts over all K rows of the pair, so one program holds them all
+    # (BK ≥ K) and only the value columns split.
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -56,14 +55,62 @@ def _state_fwd_kernel(
         ch = c * H + i_h
         tl.store(S0S + ch * K * V + kv, s.to(S0S.dtype.element_ty), mask=m_kv)
         tl.store(M0S + ch * K * V + kv, m.to(M0S.dtype.element_ty), mask=m_kv)
-        if W_GIVEN:
-            w = tl.load(W + ch * C * V + cv, mask=m_v[None, :], other=0.0)
-        else:
-            y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
-            z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
-            u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
-            w = u + tl.dot(y, s.to(y.dtype), input_precision=PREC) - tl.dot(z, m.to(z.dtype), input_precision=PREC)
-            tl.store(W + ch * C * V + cv, w.to(W.dtype.element_ty), mask=m_v[None, :])
+        y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+        z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+        u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
+        w = u + tl.dot(y, s.to(y.dtype), input_precision=PREC) - tl.dot(z, m.to(z.dtype), input_precision=PREC)
+        tl.store(W + ch * C * V + cv, w.to(W.dtype.element_ty), mask=m_v[None, :])
+        kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+        km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+        a = tl.load(A_END + ch)
+        g = tl.load(G_END + ch)
+        uu = tl.load(U_END + ch)
+        s_new = a * s - g * m - tl.dot(kg_t, w.to(kg_t.dtype), input_precision=PREC)
+        m = uu * m + tl.dot(km_t, w.to(km_t.dtype), input_precision=PREC)
+        s = s_new
+    tl.store(S_FIN + i_nh * K * V + kv, s, mask=m_kv)
+    tl.store(M_FIN + i_nh * K * V + kv, m, mask=m_kv)
+
+
+@triton.jit
+def _state_pairs_kernel(
+    W, KG, KM, A_END, G_END, U_END, S_INIT, M_INIT, S0S, M0S, S_FIN, M_FIN, OFFSETS,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+):
+    # The pairs alone from a given W (a forward's output, saved): S' = a S − g M − Kgᵀ W and
+    # M' = u M + Kmᵀ W. Given W, a row of the pair depends only on the same row before (the
+    # product contracts over the chunk's positions, not over K), so K splits across programs
+    # as V does: BK-row blocks, several programs per (sequence, head) where _state_fwd_kernel
+    # has one. Each element is the same sum as in the pass that made W, over the same C terms
+    # of the same operands (W is stored in the operand dtype the products take).
+    i_v = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_nh = tl.program_id(2).to(tl.int64)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    c_start = tl.load(OFFSETS + i_n)
+    c_end = tl.load(OFFSETS + i_n + 1)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_c = tl.arange(0, C)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    kc = o_c[None, :] * K + o_k[:, None]       # [BK, C]: a C×K tile's rows o_k, transposed
+    cv = o_c[:, None] * V + o_v[None, :]
+    if HAS_INIT:
+        s = tl.load(S_INIT + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+        m = tl.load(M_INIT + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros([BK, BV], dtype=tl.float32)
+        m = tl.zeros([BK, BV], dtype=tl.float32)
+    for c in range(c_start, c_end):
+        ch = c * H + i_h
+        tl.store(S0S + ch * K * V + kv, s.to(S0S.dtype.element_ty), mask=m_kv)
+        tl.store(M0S + ch * K * V + kv, m.to(M0S.dtype.element_ty), mask=m_kv)
+        w = tl.load(W + ch * C * V + cv, mask=m_v[None, :], other=0.0)
         kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         a = tl.load(A_END + ch)
@@ -238,6 +285,13 @@ def launch_defaults(K: int, V: int) -> dict:
     return dict(BV=_block_v(K, V), num_warps=4, num_stages=1)
 
 
+def pairs_launch_defaults(K: int, V: int) -> dict:
+    """_state_pairs_kernel's own launch parameters: 64×32 blocks of the pair on 4 warps (64×64
+    spilled 1.4 KB in ptxas at 4 warps, sm_90, bf16; 64×32 none)."""
+    return dict(BK=min(64, max(16, triton.next_power_of_2(K))),
+                BV=min(32, max(16, triton.next_power_of_2(V))), num_warps=4, num_stages=1)
+
+
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (allow_tf32 or dtype != torch.float32) else "ieee"
 
@@ -254,25 +308,22 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     """W and the per-chunk pairs come back in the operand dtype (bf16 for 16-bit models, where
     they only feed bf16 products); the final pair in fp32 (fp64 for fp64).
 
-    W given (what an earlier pass over the same operands returned): only the pairs are made,
-    bitwise those of that pass, and U may be None (U, Y, Z are not read; W is returned as is).
+    W given (what an earlier pass over the same operands returned): only the pairs are made
+    (_state_pairs_kernel: K splits across programs too), the same sums as that pass's, and U,
+    Y, Z may be None (they are not read; W is returned as is).
     w_out (W not given): the buffer W is written into (a contiguous slice of a larger one)."""
-    w_given = W is not None
-    if w_given:
-        if W.dtype != Kg.dtype or not W.is_contiguous():
-            raise ValueError(f"W given: needs a contiguous {Kg.dtype} tensor (the operand dtype), "
-                             f"got {W.dtype}")
-        U = Y = Z = W   # not read (W_GIVEN); U's dtype stands for the input's as before
+    if W is not None:
+        return _pairs_from_w(W, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, allow_tf32)
     NC, H, C, V = U.shape
     K = Kg.shape[-1]
     N = layout.num_seqs
     sdt = torch.float64 if U.dtype == torch.float64 else torch.float32
-    if not w_given and w_out is not None:
+    if w_out is not None:
         if w_out.shape != U.shape or w_out.dtype != Y.dtype or not w_out.is_contiguous():
             raise ValueError(f"w_out: needs a contiguous {Y.dtype} tensor of shape "
                              f"{tuple(U.shape)}, got {w_out.dtype} {tuple(w_out.shape)}")
         W = w_out
-    elif not w_given:
+    else:
         W = torch.empty(U.shape, dtype=Y.dtype, device=U.device)
     S0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
     M0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
@@ -288,7 +339,34 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
         S_init if has_init else U, M_init if has_init else U,
         W, S0s, M0s, S_fin, M_fin, layout.seq_chunk_offsets,
         H=H, K=K, V=V, C=C, BK=BK, HAS_INIT=has_init,
-        PREC=_precision(Y.dtype, allow_tf32), W_GIVEN=w_given, **lp,
+        PREC=_precision(Y.dtype, allow_tf32), **lp,
+    )
+    return W, S0s, M0s, S_fin, M_fin
+
+
+def _pairs_from_w(W, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, allow_tf32):
+    """state_pass_fwd_triton with W given: _state_pairs_kernel over (value block, key block,
+    sequence·head). Returns W itself, S0s, M0s, S_fin, M_fin."""
+    if W.dtype != Kg.dtype or not W.is_contiguous():
+        raise ValueError(f"W given: needs a contiguous {Kg.dtype} tensor (the operand dtype), "
+                         f"got {W.dtype}")
+    NC, H, C, V = W.shape
+    K = Kg.shape[-1]
+    N = layout.num_seqs
+    sdt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    S0s = W.new_empty(NC, H, K, V)
+    M0s = W.new_empty(NC, H, K, V)
+    S_fin = W.new_empty(N, H, K, V, dtype=sdt)
+    M_fin = W.new_empty(N, H, K, V, dtype=sdt)
+    lp = launch.params("state_pairs", shape=(K, V) if W.dtype.itemsize == 2 else None,
+                       **pairs_launch_defaults(K, V))
+    has_init = S_init is not None
+    grid = (triton.cdiv(V, lp["BV"]), triton.cdiv(K, lp["BK"]), N * H)
+    wgmma.kernel(_state_pairs_kernel, "state_fwd")[grid](
+        W, Kg, Km, a_end, g_end, u_end,
+        S_init if has_init else W, M_init if has_init else W,
+        S0s, M0s, S_fin, M_fin, layout.seq_chunk_offsets,
+        H=H, K=K, V=V, C=C, HAS_INIT=has_init, PREC=_precision(W.dtype, allow_tf32), **lp,
     )
     return W, S0s, M0s, S_fin, M_fin
 

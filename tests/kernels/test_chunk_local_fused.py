@@ -374,7 +374,7 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
     # forward pass from a saved W)
     assert res["failed"] == [] and len(res["kernels"]) == 19
     assert {"out_bwd_dw", "out_bwd_rest", "state_bwd_fused", "prepare_c_bf16op",
-            "state_bwd_init_only", "state_bwd_end_late", "state_fwd_w_given"} <= set(res["kernels"])
+            "state_bwd_init_only", "state_bwd_end_late", "state_pairs"} <= set(res["kernels"])
     for name, k in res["kernels"].items():
         # the end-over-pair-grads backward keeps its old end pair to the chunk's end: 412 B of
         # spill here (num_stages 1), yet measured faster on the H200 than a 32 B variant that

@@ -1,0 +1,126 @@
+"""Benchmark: the state pass's pairs re-made from a saved W (_state_pairs_kernel, what the op's
+backward runs first) at several launch blocks, against the pass that makes W (_state_fwd_kernel)
+on the same operands, in one process.
+
+    python tools/bench_state_pairs.py --out $OUT/state_pairs.json
+    python tools/bench_state_pairs.py --configs "BK=64,BV=64;BK=256,BV=32,num_stages=1" ...
+    python tools/bench_state_pairs.py --cpu-smoke --out /tmp/s.json   # tiny, TRITON_INTERPRET=1
+
+Per shape (the op benchmark's two and the 1.3B model's: one 16K sequence, two of 4K) and
+launch config (MDN_LAUNCH's state_pairs keys): the median of do_bench, and the largest
+difference of S0s, M0s, S_fin, M_fin from the W-making pass's, relative to their largest
+magnitude (0.0: bitwise). Operands are bf16 as in a 16-bit model: random chunk keys scaled like
+l2-normed ones, decays in (0.9, 1), W random.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+SHAPES = [dict(B=8, T=4096, H=6, K=128, V=256), dict(B=8, T=4096, H=6, K=256, V=512),
+          dict(B=1, T=16384, H=6, K=256, V=512), dict(B=2, T=4096, H=6, K=256, V=512)]
+SMOKE_SHAPES = [dict(B=2, T=40, H=2, K=32, V=48)]
+# "" = the defaults (state_pass.pairs_launch_defaults and launch.TUNED); "fwd" = the W-making
+# kernel's own blocks (BK = K, its BV, warps and stages): the structure of the pass before K split
+CONFIGS = ["", "fwd", "BK=32,BV=32", "BK=32,BV=64", "BK=64,BV=64", "BK=64,BV=64,num_warps=8",
+           "BK=128,BV=32,num_warps=8", "BK=64,BV=32,num_stages=2", "BK=16,BV=64"]
+
+
+def operands(B, T, H, K, V, C, device, seed=0):
+    import torch
+    from mdn_kernels.mdn.layout import build_layout
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    layout = build_layout(B, T, None, C, torch.device(device))
+    NC = layout.num_chunks
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+    bf = torch.bfloat16
+    U = r(NC, H, C, V, scale=0.1).to(bf)
+    Y, Z, Kg, Km = (r(NC, H, C, K, scale=K ** -0.5).to(bf) for _ in range(4))
+    a_end = (0.9 + 0.1 * torch.rand(NC, H, generator=g)).to(device)
+    g_end = (0.1 * torch.rand(NC, H, generator=g)).to(device)
+    u_end = (0.5 + 0.5 * torch.rand(NC, H, generator=g)).to(device)
+    return (U, Y, Z, Kg, Km, a_end, g_end, u_end), layout
+
+
+def fwd_config(K: int, V: int) -> str:
+    import triton
+    from mdn_kernels.mdn import launch, state_pass
+    lp = launch.params("state_fwd", shape=(K, V), **state_pass.launch_defaults(K, V))
+    return ",".join(f"{k}={v}" for k, v in dict(BK=triton.next_power_of_2(K), **lp).items())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="all", help="indices into SHAPES, e.g. 0,1")
+    ap.add_argument("--configs", default=None, help="';'-joined MDN_LAUNCH state_pairs values")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes under TRITON_INTERPRET=1 (checks the tool, times nothing)")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import triton
+    from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
+    device = "cpu" if args.cpu_smoke else "cuda"
+    shapes = SMOKE_SHAPES if args.cpu_smoke else (
+        SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")])
+    configs = CONFIGS if args.configs is None else args.configs.split(";")
+    rows = []
+    for sh in shapes:
+        ops, layout = operands(**sh, C=64 if not args.cpu_smoke else 16, device=device)
+        N, K, V = layout.num_seqs, sh["K"], sh["V"]
+        S0 = torch.zeros(N, sh["H"], K, V, device=device)
+        os.environ.pop("MDN_LAUNCH", None)
+        W, *want = state_pass_fwd_triton(*ops, S0, S0.clone(), layout)
+
+        def make_w():
+            state_pass_fwd_triton(*ops, S0, S0, layout)
+        if args.cpu_smoke:
+            t_fwd = None
+        else:
+            t_fwd = triton.testing.do_bench(make_w, warmup=5, rep=50)
+        for cfg in configs:
+            spec = fwd_config(K, V) if cfg == "fwd" else cfg
+            os.environ["MDN_LAUNCH"] = f"state_pairs:{spec}" if spec else ""
+
+            def pairs():
+                return state_pass_fwd_triton(None, None, None, *ops[3:], S0, S0, layout, W=W)
+            try:
+                _, *got = pairs()
+            except Exception as e:   # a block that does not fit: recorded, the others go on
+                rows.append(dict(shape=sh, config=cfg, launch=spec, error=f"{type(e).__name__}: {e}"))
+                print(f"{sh} {cfg or 'default'}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                       for a, b in zip(got, want))
+            ms = None if args.cpu_smoke else triton.testing.do_bench(pairs, warmup=5, rep=50)
+            rows.append(dict(shape=sh, config=cfg or "default", launch=spec, ms=ms,
+                             w_making_pass_ms=t_fwd, rel_diff_to_w_making_pass=diff))
+            print(f"B={sh['B']} T={sh['T']} K={K} V={V} {cfg or 'default':28s} "
+                  f"{'' if ms is None else f'{ms:.3f} ms'} (W-making pass "
+                  f"{'' if t_fwd is None else f'{t_fwd:.3f} ms'}) diff {diff:.2e}", flush=True)
+        os.environ.pop("MDN_LAUNCH", None)
+    out = dict(
+        meta=dict(card="cpu (--cpu-smoke: numbers mean nothing)" if args.cpu_smoke
+                  else torch.cuda.get_device_name(), torch=torch.__version__,
+                  triton=triton.__version__, python=platform.python_version(),
+                  command="python " + " ".join(sys.argv),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
+        rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
