@@ -286,10 +286,12 @@ def launch_defaults(K: int, V: int) -> dict:
 
 
 def pairs_launch_defaults(K: int, V: int) -> dict:
-    """_state_pairs_kernel's own launch parameters: 64×32 blocks of the pair on 4 warps (64×64
-    spilled 1.4 KB in ptxas at 4 warps, sm_90, bf16; 64×32 none)."""
+    """_state_pairs_kernel's own launch parameters: 64×32 blocks of the pair on 4 warps, two
+    pipeline stages. The fastest of tools/bench_state_pairs.py's sweep on an H200 at every
+    shape it ran (plan s20k: K = 128 and 256, B = 8 × 4K, 2 × 4K and 1 × 16K); 64×64 blocks
+    spill 1.4 KB in ptxas on 4 warps (sm_90, bf16), 64×32 none."""
     return dict(BK=min(64, max(16, triton.next_power_of_2(K))),
-                BV=min(32, max(16, triton.next_power_of_2(V))), num_warps=4, num_stages=1)
+                BV=min(32, max(16, triton.next_power_of_2(V))), num_warps=4, num_stages=2)
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
