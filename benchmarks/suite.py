@@ -88,6 +88,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s20m  session 20: the 1.3B steps (4K MFU shape, 16K CP = 1 with recompute) with the split
      pairs kernel against PAIRS_OLD, crosswise on two GPUs; a second sweep of its blocks and the
      op against PAIRS_OLD with the new default.
+  s20c  session 20, after s20m: the pairs kernel's 64×64 default checked (float64 kernel tests)
+     and timed (the op and the 1.3B 4K step against PAIRS_OLD).
   s19x2  session 19 on 2 H200s: the 1.3B CP = 2 weak-scaling step with recompute, with the CP
      maps kept for the recompute and without recompute; the 400M CP = 2 sync report; the GPU
      test of the offsets' copies without host syncs.
@@ -224,7 +226,7 @@ BASE = ("mkdir -p /tmp/base /tmp/base_shim && tar xf _ab_base.tar -C /tmp/base &
 # W-making kernel's blocks (state_fwd's launch.TUNED values at K = 128 and 256)
 PAIRS_OLD = {128: "BK=128,BV=64,num_warps=8,num_stages=2", 256: "BK=256,BV=32,num_warps=4,num_stages=1"}
 OLD_PAIRS_256 = f"MDN_LAUNCH='state_pairs:{PAIRS_OLD[256]}' "
-# around plan s20k's winner (BK=64, BV=32, 2 stages: the default since)
+# around plan s20k's winner (BK=64, BV=32, 2 stages; 64×64 with 2 stages won this one)
 PAIRS_SWEEP2 = (";fwd;BK=64,BV=32,num_stages=3;BK=64,BV=16,num_stages=2;BK=32,BV=32,num_stages=2;"
                 "BK=64,BV=64,num_stages=2;BK=128,BV=32,num_warps=8,num_stages=2;BK=32,BV=64,num_stages=2")
 
@@ -1596,6 +1598,21 @@ PLANS = {
                     f"--variant 'MDN_LAUNCH=state_pairs:{PAIRS_OLD[128]}' --out {{R}}/result.json")]),
             ("1", [("kernels_pairs_k256", 75, "python3 tools/bench_kernels.py --shapes 1 "
                     f"--variant 'MDN_LAUNCH=state_pairs:{PAIRS_OLD[256]}' --out {{R}}/result.json")]),
+        ]),
+    ],
+    # Session 20, after s20m: the pairs kernel's default blocks 64×64 (2 stages): the float64
+    # kernel tests, the op against PAIRS_OLD beside FLA's GDN, the 1.3B MFU-shape step against
+    # PAIRS_OLD crosswise on the two GPUs
+    "s20c": [
+        ("op", 330, [
+            ("0", [("kernel_tests", 200, "MDN_RESULTS_DIR={R} " + PT + " --timeout 195 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'"),
+                   ("old_pairs_mdn_1p3b_4k", 90, OLD_PAIRS_256 + bench_model(1, M13_4K))]),
+            ("1", [("kernels_pairs_k128", 75, "python3 tools/bench_kernels.py --shapes 0 "
+                    f"--variant 'MDN_LAUNCH=state_pairs:{PAIRS_OLD[128]}' --out {{R}}/result.json"),
+                   ("kernels_pairs_k256", 75, "python3 tools/bench_kernels.py --shapes 1 "
+                    f"--variant 'MDN_LAUNCH=state_pairs:{PAIRS_OLD[256]}' --out {{R}}/result.json"),
+                   ("mdn_1p3b_4k", 90, bench_model(1, M13_4K))]),
         ]),
     ],
     # Session 19: the host syncs of the offsets (the trainer's cu_seqlens copy, FLA's conv chunk

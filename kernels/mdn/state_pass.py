@@ -286,12 +286,13 @@ def launch_defaults(K: int, V: int) -> dict:
 
 
 def pairs_launch_defaults(K: int, V: int) -> dict:
-    """_state_pairs_kernel's own launch parameters: 64×32 blocks of the pair on 4 warps, two
-    pipeline stages. The fastest of tools/bench_state_pairs.py's sweep on an H200 at every
-    shape it ran (plan s20k: K = 128 and 256, B = 8 × 4K, 2 × 4K and 1 × 16K); 64×64 blocks
-    spill 1.4 KB in ptxas on 4 warps (sm_90, bf16), 64×32 none."""
+    """_state_pairs_kernel's own launch parameters: 64×64 blocks of the pair on 4 warps, two
+    pipeline stages. tools/bench_state_pairs.py on an H200 (plans s20k, s20m; K = 128 and 256 at
+    B = 8 × 4K, 2 × 4K and 1 × 16K): the fastest of 14 block choices at three of the four
+    shapes, within 5% of the fastest at the fourth (1 × 16K), though ptxas spills 1.4 KB at 4
+    warps (sm_90, bf16)."""
     return dict(BK=min(64, max(16, triton.next_power_of_2(K))),
-                BV=min(32, max(16, triton.next_power_of_2(V))), num_warps=4, num_stages=2)
+                BV=min(64, max(16, triton.next_power_of_2(V))), num_warps=4, num_stages=2)
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
