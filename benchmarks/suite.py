@@ -90,6 +90,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      op against PAIRS_OLD with the new default.
   s20c  session 20, after s20m: the pairs kernel's 64×64 default checked (float64 kernel tests)
      and timed (the op and the 1.3B 4K step against PAIRS_OLD).
+  s20d  the 1.3B 4K step, the 64×64 pairs default against PAIRS_OLD crosswise on two GPUs.
   s19x2  session 19 on 2 H200s: the 1.3B CP = 2 weak-scaling step with recompute, with the CP
      maps kept for the recompute and without recompute; the 400M CP = 2 sync report; the GPU
      test of the offsets' copies without host syncs.
@@ -1613,6 +1614,18 @@ PLANS = {
                    ("kernels_pairs_k256", 75, "python3 tools/bench_kernels.py --shapes 1 "
                     f"--variant 'MDN_LAUNCH=state_pairs:{PAIRS_OLD[256]}' --out {{R}}/result.json"),
                    ("mdn_1p3b_4k", 90, bench_model(1, M13_4K))]),
+        ]),
+    ],
+    # Session 20, after s20c (whose step A/B ran beside the kernel tests' host load): the 1.3B
+    # MFU-shape step, new and PAIRS_OLD crosswise on the two GPUs with nothing else running
+    "s20d": [
+        ("ab", 230, [
+            ("0", [("mdn_1p3b_4k", 90, bench_model(1, M13_4K)),
+                   ("old_pairs_mdn_1p3b_4k", 65, OLD_PAIRS_256 + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_again", 65, bench_model(1, M13_4K))]),
+            ("1", [("old_pairs_mdn_1p3b_4k_b", 90, OLD_PAIRS_256 + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_b", 65, bench_model(1, M13_4K)),
+                   ("old_pairs_mdn_1p3b_4k_b_again", 65, OLD_PAIRS_256 + bench_model(1, M13_4K))]),
         ]),
     ],
     # Session 19: the host syncs of the offsets (the trainer's cu_seqlens copy, FLA's conv chunk
