@@ -782,6 +782,56 @@ def plot_session19(out):
     return _finish_panels(fig, out, found, "Session 19 on two H200s (bf16 autocast over fp32 weights)")
 
 
+def plot_session20(out):
+    """Session 20: the pairs re-made from the saved W with K split (_state_pairs_kernel). Left:
+    its time per launch-block choice at four shapes, over the earlier structure's (one program
+    over all K: "fwd"), both sweeps of one H200. Right: the 1.3B MFU-shape step, every timed
+    step of the s20d A/B (crosswise on two H200s), the earlier structure (gray) and the split
+    kernel (green)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[1.7, 1]))
+    found = False
+    rows = {}
+    for name in ("state_pairs_h200_v20_sweep1.json", "state_pairs_h200_v20_sweep2.json"):
+        d = _load(name)
+        for r in (d or {}).get("rows", []):
+            sh = r["shape"]
+            key = f"B={sh['B']} T={sh['T'] // 1024}K K={sh['K']}"
+            rows.setdefault(key, {})
+            cfg = r["launch"] if r["config"] not in ("fwd", "default") else r["config"]
+            if "ms" in r and cfg not in rows[key]:
+                rows[key][cfg] = r["ms"]
+    cfgs = [c for c in dict.fromkeys(c for v in rows.values() for c in v) if c not in ("fwd", "default")]
+    width = 0.8 / max(1, len(cfgs))
+    for i, (key, v) in enumerate(rows.items()):
+        if "fwd" not in v:
+            continue
+        found = True
+        for j, c in enumerate(cfgs):
+            if c in v:
+                a1.bar(i - 0.4 + (j + 0.5) * width, v[c] / v["fwd"], width,
+                       color=plt.cm.tab20(j % 20), label=c if i == 0 else None)
+    a1.axhline(1.0, color="gray", lw=0.8, ls=":")
+    a1.set_xticks(range(len(rows)), list(rows), fontsize=8)
+    a1.set_ylabel("time / one program over all K")
+    a1.set_title("The pairs from the saved W: launch blocks (BK×BV, warps, stages)", fontsize=8)
+    a1.legend(fontsize=6, ncol=3, loc="upper right")
+    a1.set_ylim(0, 2.0)
+    groups = [("earlier structure", "tab:gray", ["old_pairs_mdn_1p3b_4k", "old_pairs_mdn_1p3b_4k_b",
+                                                 "old_pairs_mdn_1p3b_4k_b_again"]),
+              ("K split (64×64)", "tab:green", ["mdn_1p3b_4k", "mdn_1p3b_4k_again", "mdn_1p3b_4k_b"])]
+    for i, (label, color, names) in enumerate(groups):
+        for k, n in enumerate(names):
+            d = _load(f"model_h200x2_{n}_v20d.json")
+            if d:
+                found = True
+                a2.plot([i + 0.1 * (k - 1)] * len(d["step_ms"]), d["step_ms"], "o", color=color, ms=3)
+    a2.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+    a2.set_xlim(-0.6, 1.6)
+    a2.set_ylabel("step (ms)")
+    a2.set_title("1.3B, 2 micro-batches of 2 × 4K (s20d): every timed step", fontsize=8)
+    return _finish_panels(fig, out, found, "Session 20 on H200s (bf16)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -799,7 +849,8 @@ def main():
                      (plot_in_proj_alignment, "session13_in_proj_alignment.png"),
                      (plot_layouts_v17, "session17_two_gpu_layouts.png"),
                      (plot_session18, "session18_four_gpus.png"),
-                     (plot_session19, "session19_two_gpus.png")):
+                     (plot_session19, "session19_two_gpus.png"),
+                     (plot_session20, "session20_state_pairs.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
