@@ -91,6 +91,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s20c  session 20, after s20m: the pairs kernel's 64×64 default checked (float64 kernel tests)
      and timed (the op and the 1.3B 4K step against PAIRS_OLD).
   s20d  the 1.3B 4K step, the 64×64 pairs default against PAIRS_OLD crosswise on two GPUs.
+  s20t  the state pass's forward and backward kernels' launch blocks swept at the op's and the
+     1.3B model's shapes (tools/bench_state_pairs.py --kernel).
   s19x2  session 19 on 2 H200s: the 1.3B CP = 2 weak-scaling step with recompute, with the CP
      maps kept for the recompute and without recompute; the 400M CP = 2 sync report; the GPU
      test of the offsets' copies without host syncs.
@@ -227,6 +229,10 @@ BASE = ("mkdir -p /tmp/base /tmp/base_shim && tar xf _ab_base.tar -C /tmp/base &
 # W-making kernel's blocks (state_fwd's launch.TUNED values at K = 128 and 256)
 PAIRS_OLD = {128: "BK=128,BV=64,num_warps=8,num_stages=2", 256: "BK=256,BV=32,num_warps=4,num_stages=1"}
 OLD_PAIRS_256 = f"MDN_LAUNCH='state_pairs:{PAIRS_OLD[256]}' "
+STATE_FWD_SWEEP = (";BV=16;BV=16,num_warps=8;BV=32,num_warps=8;BV=32,num_stages=2;BV=64,num_warps=8;"
+                   "BV=16,num_stages=2;BV=32,num_warps=4,num_stages=1")
+STATE_BWD_SWEEP = (";BV=16,num_warps=8;BV=32;BV=32,num_warps=8;BV=16,num_stages=2;BV=32,num_stages=2;"
+                   "BV=64,num_warps=8;BV=16,num_warps=2")
 # around plan s20k's winner (BK=64, BV=32, 2 stages; 64×64 with 2 stages won this one)
 PAIRS_SWEEP2 = (";fwd;BK=64,BV=32,num_stages=3;BK=64,BV=16,num_stages=2;BK=32,BV=32,num_stages=2;"
                 "BK=64,BV=64,num_stages=2;BK=128,BV=32,num_warps=8,num_stages=2;BK=32,BV=64,num_stages=2")
@@ -1626,6 +1632,17 @@ PLANS = {
             ("1", [("old_pairs_mdn_1p3b_4k_b", 90, OLD_PAIRS_256 + bench_model(1, M13_4K)),
                    ("mdn_1p3b_4k_b", 65, bench_model(1, M13_4K)),
                    ("old_pairs_mdn_1p3b_4k_b_again", 65, OLD_PAIRS_256 + bench_model(1, M13_4K))]),
+        ]),
+    ],
+    # Session 20: the two other state-pass kernels' launch blocks at the op's and the 1.3B
+    # model's shapes (launch.TUNED holds H100 values at B = 8 only; the model runs 6 or 12
+    # sequence·heads, fewer programs than SMs at some blocks)
+    "s20t": [
+        ("sweep", 200, [
+            ("0", [("state_fwd_sweep", 190, "python3 tools/bench_state_pairs.py --kernel state_fwd "
+                    f"--configs '{STATE_FWD_SWEEP}' --out {{R}}/result.json")]),
+            ("1", [("state_bwd_sweep", 190, "python3 tools/bench_state_pairs.py --kernel state_bwd "
+                    f"--configs '{STATE_BWD_SWEEP}' --out {{R}}/result.json")]),
         ]),
     ],
     # Session 19: the host syncs of the offsets (the trainer's cu_seqlens copy, FLA's conv chunk

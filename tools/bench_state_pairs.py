@@ -5,6 +5,14 @@ on the same operands, in one process.
     python tools/bench_state_pairs.py --out $OUT/state_pairs.json
     python tools/bench_state_pairs.py --configs "BK=64,BV=64;BK=256,BV=32,num_stages=1" ...
     python tools/bench_state_pairs.py --cpu-smoke --out /tmp/s.json   # tiny, TRITON_INTERPRET=1
+    python tools/bench_state_pairs.py --kernel state_fwd --configs "BV=16;BV=32,num_warps=8" ...
+    python tools/bench_state_pairs.py --kernel state_bwd --configs "BV=32;BV=16,num_stages=2" ...
+
+--kernel state_fwd / state_bwd sweep the other two state-pass kernels the same way (MDN_LAUNCH's
+keys for that kernel; "" = the defaults): the W-making pass, and the reverse pass as the lean
+backward launches it (dWt over dW, the end cotangents over the pair cotangents; each timed call
+starts from fresh copies, whose copying is timed alone and subtracted). Their differences are
+to the defaults' results.
 
 Per shape (the op benchmark's two and the 1.3B model's: one 16K sequence, two of 4K) and
 launch config (MDN_LAUNCH's state_pairs keys): the median of do_bench, and the largest
@@ -57,12 +65,105 @@ def fwd_config(K: int, V: int) -> str:
     return ",".join(f"{k}={v}" for k, v in dict(BK=triton.next_power_of_2(K), **lp).items())
 
 
+def _rel_diff(got, want) -> float:
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+               for a, b in zip(got, want))
+
+
+def _time(fn, smoke: bool):
+    import triton
+    return None if smoke else triton.testing.do_bench(fn, warmup=5, rep=50)
+
+
+def sweep_pairs(sh, ops, layout, configs, smoke):
+    import torch
+    from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
+    N, K, V = layout.num_seqs, sh["K"], sh["V"]
+    S0 = torch.zeros(N, sh["H"], K, V, device=ops[0].device)
+    os.environ.pop("MDN_LAUNCH", None)
+    W, *want = state_pass_fwd_triton(*ops, S0, S0.clone(), layout)
+    t_fwd = _time(lambda: state_pass_fwd_triton(*ops, S0, S0, layout), smoke)
+    rows = []
+    for cfg in configs:
+        spec = fwd_config(K, V) if cfg == "fwd" else cfg
+        os.environ["MDN_LAUNCH"] = f"state_pairs:{spec}" if spec else ""
+
+        def pairs():
+            return state_pass_fwd_triton(None, None, None, *ops[3:], S0, S0, layout, W=W)
+        try:
+            _, *got = pairs()
+        except Exception as e:   # a block that does not fit: recorded, the others go on
+            rows.append(dict(shape=sh, config=cfg, launch=spec, error=f"{type(e).__name__}: {e}"))
+            print(f"{sh} {cfg or 'default'}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        diff = _rel_diff(got, want)
+        ms = _time(pairs, smoke)
+        rows.append(dict(shape=sh, config=cfg or "default", launch=spec, ms=ms,
+                         w_making_pass_ms=t_fwd, rel_diff_to_w_making_pass=diff))
+        print(f"B={sh['B']} T={sh['T']} K={K} V={V} {cfg or 'default':28s} "
+              f"{'' if ms is None else f'{ms:.3f} ms'} (W-making pass "
+              f"{'' if t_fwd is None else f'{t_fwd:.3f} ms'}) diff {diff:.2e}", flush=True)
+    os.environ.pop("MDN_LAUNCH", None)
+    return rows
+
+
+def sweep_other(kernel, sh, ops, layout, configs, smoke):
+    """state_fwd or state_bwd at each launch config: time and difference to the defaults'."""
+    import torch
+    from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
+    N, K, V, H = layout.num_seqs, sh["K"], sh["V"], sh["H"]
+    dev = ops[0].device
+    S0 = torch.zeros(N, H, K, V, device=dev)
+    os.environ.pop("MDN_LAUNCH", None)
+    _, S0s, M0s, _, _ = state_pass_fwd_triton(*ops, S0, S0, layout)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    dW = (torch.randn(ops[0].shape, generator=g) * 0.1).to(dev, ops[1].dtype)
+    dP = [(torch.randn(S0s.shape, generator=g) * 0.01).to(dev, S0s.dtype) for _ in range(2)]
+    if kernel == "state_fwd":
+        def run():
+            return state_pass_fwd_triton(*ops, S0, S0, layout)
+        copy_ms = 0.0
+    else:
+        fresh = [dW.clone(), dP[0].clone(), dP[1].clone()]
+
+        def copies():
+            for f, src in zip(fresh, (dW, *dP)):
+                f.copy_(src)
+
+        def run():
+            copies()
+            return state_pass_bwd_triton(*ops[1:], fresh[0], fresh[1], fresh[2], None, None,
+                                         S0s, M0s, layout, dWt_out=fresh[0],
+                                         end_over_pair_grads=True)[:3]
+        copy_ms = _time(copies, smoke) or 0.0
+    want = [t.clone() for t in run()]
+    rows = []
+    for cfg in configs:
+        os.environ["MDN_LAUNCH"] = f"{kernel}:{cfg}" if cfg else ""
+        try:
+            got = [t.clone() for t in run()]
+        except Exception as e:
+            rows.append(dict(shape=sh, kernel=kernel, config=cfg or "default", error=f"{type(e).__name__}: {e}"))
+            print(f"{sh} {kernel} {cfg or 'default'}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        diff = _rel_diff(got, want)
+        ms = _time(run, smoke)
+        ms = None if ms is None else ms - copy_ms
+        rows.append(dict(shape=sh, kernel=kernel, config=cfg or "default", ms=ms,
+                         copies_ms_subtracted=copy_ms, rel_diff_to_default=diff))
+        print(f"B={sh['B']} T={sh['T']} K={K} V={V} {kernel} {cfg or 'default':28s} "
+              f"{'' if ms is None else f'{ms:.3f} ms'} diff {diff:.2e}", flush=True)
+    os.environ.pop("MDN_LAUNCH", None)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="all", help="indices into SHAPES, e.g. 0,1")
-    ap.add_argument("--configs", default=None, help="';'-joined MDN_LAUNCH state_pairs values")
+    ap.add_argument("--configs", default=None, help="';'-joined MDN_LAUNCH values for --kernel")
+    ap.add_argument("--kernel", default="state_pairs", choices=["state_pairs", "state_fwd", "state_bwd"])
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes under TRITON_INTERPRET=1 (checks the tool, times nothing)")
     args = ap.parse_args(argv)
@@ -70,53 +171,26 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import triton
-    from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
     device = "cpu" if args.cpu_smoke else "cuda"
     shapes = SMOKE_SHAPES if args.cpu_smoke else (
         SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")])
+    if args.configs is None and args.kernel != "state_pairs":
+        ap.error(f"--kernel {args.kernel} needs --configs")
     configs = CONFIGS if args.configs is None else args.configs.split(";")
     rows = []
     for sh in shapes:
         ops, layout = operands(**sh, C=64 if not args.cpu_smoke else 16, device=device)
-        N, K, V = layout.num_seqs, sh["K"], sh["V"]
-        S0 = torch.zeros(N, sh["H"], K, V, device=device)
-        os.environ.pop("MDN_LAUNCH", None)
-        W, *want = state_pass_fwd_triton(*ops, S0, S0.clone(), layout)
-
-        def make_w():
-            state_pass_fwd_triton(*ops, S0, S0, layout)
-        if args.cpu_smoke:
-            t_fwd = None
+        if args.kernel == "state_pairs":
+            rows += sweep_pairs(sh, ops, layout, configs, args.cpu_smoke)
         else:
-            t_fwd = triton.testing.do_bench(make_w, warmup=5, rep=50)
-        for cfg in configs:
-            spec = fwd_config(K, V) if cfg == "fwd" else cfg
-            os.environ["MDN_LAUNCH"] = f"state_pairs:{spec}" if spec else ""
-
-            def pairs():
-                return state_pass_fwd_triton(None, None, None, *ops[3:], S0, S0, layout, W=W)
-            try:
-                _, *got = pairs()
-            except Exception as e:   # a block that does not fit: recorded, the others go on
-                rows.append(dict(shape=sh, config=cfg, launch=spec, error=f"{type(e).__name__}: {e}"))
-                print(f"{sh} {cfg or 'default'}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                continue
-            diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-                       for a, b in zip(got, want))
-            ms = None if args.cpu_smoke else triton.testing.do_bench(pairs, warmup=5, rep=50)
-            rows.append(dict(shape=sh, config=cfg or "default", launch=spec, ms=ms,
-                             w_making_pass_ms=t_fwd, rel_diff_to_w_making_pass=diff))
-            print(f"B={sh['B']} T={sh['T']} K={K} V={V} {cfg or 'default':28s} "
-                  f"{'' if ms is None else f'{ms:.3f} ms'} (W-making pass "
-                  f"{'' if t_fwd is None else f'{t_fwd:.3f} ms'}) diff {diff:.2e}", flush=True)
-        os.environ.pop("MDN_LAUNCH", None)
+            rows += sweep_other(args.kernel, sh, ops, layout, configs, args.cpu_smoke)
     out = dict(
         meta=dict(card="cpu (--cpu-smoke: numbers mean nothing)" if args.cpu_smoke
                   else torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, python=platform.python_version(),
                   command="python " + " ".join(sys.argv),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
-        rows=rows)
+        kernel=args.kernel, rows=rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

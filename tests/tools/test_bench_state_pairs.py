@@ -19,3 +19,20 @@ def test_every_config_makes_the_w_making_pass_pairs(tmp_path):
         assert r["rel_diff_to_w_making_pass"] < 1e-5, r
     # the "fwd" row runs the W-making kernel's blocks: the same products, bitwise
     assert rows[1]["rel_diff_to_w_making_pass"] == 0.0
+
+
+def test_the_other_state_kernels_sweep(tmp_path):
+    """--kernel state_fwd / state_bwd: each config's results against the defaults' (other value
+    blocks: only the interpreter's numpy rounding of sub-blocks differs), and a config the kernel
+    does not take is recorded as an error that names it, not a crash."""
+    tool = load_tool("bench_state_pairs")
+    for kernel in ("state_fwd", "state_bwd"):
+        out = tmp_path / f"{kernel}.json"
+        tool.main(["--cpu-smoke", "--kernel", kernel, "--configs", ";BV=16;BV=32,num_warps=8;BK=16",
+                   "--out", str(out)])
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["config"] for r in rows] == ["default", "BV=16", "BV=32,num_warps=8", "BK=16"]
+        for r in rows[:3]:
+            assert r["kernel"] == kernel and r["rel_diff_to_default"] < 1e-5, r
+        assert rows[0]["rel_diff_to_default"] == 0.0
+        assert "takes" in rows[3]["error"], rows[3]
