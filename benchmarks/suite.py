@@ -93,6 +93,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s20d  the 1.3B 4K step, the 64×64 pairs default against PAIRS_OLD crosswise on two GPUs.
   s20t  the state pass's forward and backward kernels' launch blocks swept at the op's and the
      1.3B model's shapes (tools/bench_state_pairs.py --kernel).
+  s20w  the W-making state pass on 8 warps where few programs run (launch.FEW_PROGRAMS) against
+     4: the 1.3B step at CP = 1 (16K, crosswise) and CP = 2 (32K).
   s19x2  session 19 on 2 H200s: the 1.3B CP = 2 weak-scaling step with recompute, with the CP
      maps kept for the recompute and without recompute; the 400M CP = 2 sync report; the GPU
      test of the offsets' copies without host syncs.
@@ -229,6 +231,7 @@ BASE = ("mkdir -p /tmp/base /tmp/base_shim && tar xf _ab_base.tar -C /tmp/base &
 # W-making kernel's blocks (state_fwd's launch.TUNED values at K = 128 and 256)
 PAIRS_OLD = {128: "BK=128,BV=64,num_warps=8,num_stages=2", 256: "BK=256,BV=32,num_warps=4,num_stages=1"}
 OLD_PAIRS_256 = f"MDN_LAUNCH='state_pairs:{PAIRS_OLD[256]}' "
+FEW_OFF = "MDN_LAUNCH='state_fwd:num_warps=4' "   # the W-making pass's warps before FEW_PROGRAMS
 STATE_FWD_SWEEP = (";BV=16;BV=16,num_warps=8;BV=32,num_warps=8;BV=32,num_stages=2;BV=64,num_warps=8;"
                    "BV=16,num_stages=2;BV=32,num_warps=4,num_stages=1")
 STATE_BWD_SWEEP = (";BV=16,num_warps=8;BV=32;BV=32,num_warps=8;BV=16,num_stages=2;BV=32,num_stages=2;"
@@ -1643,6 +1646,21 @@ PLANS = {
                     f"--configs '{STATE_FWD_SWEEP}' --out {{R}}/result.json")]),
             ("1", [("state_bwd_sweep", 190, "python3 tools/bench_state_pairs.py --kernel state_bwd "
                     f"--configs '{STATE_BWD_SWEEP}' --out {{R}}/result.json")]),
+        ]),
+    ],
+    # Session 20, after s20t: the W-making state pass on 8 warps where its grid is smaller than
+    # the SM count (launch.FEW_PROGRAMS; one sequence per rank at K = 256) against 4 warps
+    # (FEW_OFF), the 1.3B 16K CP = 1 step crosswise on the two GPUs, then CP = 2 at 32K
+    "s20w": [
+        ("cp1", 200, [
+            ("0", [("cp1_1p3b_16k", 80, bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("few_off_cp1_1p3b_16k", 60, FEW_OFF + bench_model(1, f"{CPW13} --seq-len 16384"))]),
+            ("1", [("few_off_cp1_1p3b_16k_b", 80, FEW_OFF + bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("cp1_1p3b_16k_b", 60, bench_model(1, f"{CPW13} --seq-len 16384"))]),
+        ]),
+        ("cp2", 200, [
+            ("0,1", [("cp2_1p3b_32k", 100, bench_model(2, f"{CPW13} --cp 2 --seq-len 32768")),
+                     ("few_off_cp2_1p3b_32k", 80, FEW_OFF + bench_model(2, f"{CPW13} --cp 2 --seq-len 32768"))]),
         ]),
     ],
     # Session 19: the host syncs of the offsets (the trainer's cu_seqlens copy, FLA's conv chunk

@@ -23,6 +23,7 @@ num_warps (1, 2, 4, 8 or 16), num_stages (1 to 4), f32dot (0 or 1; above).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 KERNELS = ("state_fwd", "state_pairs", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw", "prepare_a",
@@ -47,6 +48,17 @@ TUNED: dict[str, dict[int, dict[str, int]]] = {
     "prepare_bwd_k": {128: dict(BK=64), 256: dict(BK=64)},
     "prepare_a": {256: dict(BK=64)},
     "prepare_c": {256: dict(BK=64, BV=128)},
+}
+
+# Where a launch's grid is smaller than the GPU's SM count (a kernel launched with few programs:
+# one sequence per rank, as every CP rank has), values measured faster there, by kernel and K.
+# The W-making state pass at K = 256 with one 16K sequence (6 · 16 = 96 programs on an H200's 132
+# SMs) ran 13% faster on 8 warps, 1.776 against 2.038 ms, bitwise the same results; with more
+# programs than SMs 8 warps were slower (2 × 4K: 0.904 against 0.692 ms; 8 × 4K: 2.782 against
+# 2.099). tools/bench_state_pairs.py --kernel state_fwd, plan s20t,
+# benchmarks/results/state_fwd_h200_v20_sweep.json.
+FEW_PROGRAMS: dict[str, dict[int, dict[str, int]]] = {
+    "state_fwd": {256: dict(num_warps=8)},
 }
 
 
@@ -109,17 +121,37 @@ def tuned(name: str, K: int, V: int) -> dict[str, int]:
     return got
 
 
-def params(name: str, shape: tuple[int, int] | None = None, **defaults: int) -> dict[str, int]:
+def params(name: str, shape: tuple[int, int] | None = None, few_programs: bool = False,
+           **defaults: int) -> dict[str, int]:
     """The launch parameters of kernel `name`: `defaults`, then tuned(name, *shape) where a
-    shape (K, V) is given, then MDN_LAUNCH's values for it. A key the kernel does not take (not
-    among `defaults`) is an error that names it."""
+    shape (K, V) is given, then (few_programs: the launch would leave SMs idle) FEW_PROGRAMS'
+    values for it, then MDN_LAUNCH's values. A key the kernel does not take (not among
+    `defaults`) is an error that names it."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}")
     got = dict(defaults)
     if shape is not None:
         got.update({k: v for k, v in tuned(name, *shape).items() if k in defaults})
+        if few_programs:
+            got.update({k: v for k, v in FEW_PROGRAMS.get(name, {}).get(_pow2(shape[0]), {}).items()
+                        if k in defaults})
     for key, v in overrides().get(name, {}).items():
         if key not in defaults:
             raise ValueError(f"MDN_LAUNCH: {name} takes {', '.join(defaults)}, not {key}")
         got[key] = v
     return got
+
+
+def fewer_programs_than_sms(programs: int, device) -> bool:
+    """Whether a grid of `programs` leaves some of the GPU's SMs without a program (False off
+    CUDA)."""
+    import torch
+    if getattr(device, "type", device) != "cuda" or not torch.cuda.is_available():
+        return False
+    return programs < _sm_count(torch.device(device).index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    import torch
+    return torch.cuda.get_device_properties(index).multi_processor_count

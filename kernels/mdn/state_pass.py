@@ -333,8 +333,11 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     S_fin = U.new_empty(N, H, K, V, dtype=sdt)
     M_fin = U.new_empty(N, H, K, V, dtype=sdt)
     BK = triton.next_power_of_2(K)
-    lp = launch.params("state_fwd", shape=(K, V) if Y.dtype.itemsize == 2 else None,
-                       **launch_defaults(K, V))
+    shape = (K, V) if Y.dtype.itemsize == 2 else None
+    lp = launch.params("state_fwd", shape=shape, **launch_defaults(K, V))
+    few = launch.fewer_programs_than_sms(triton.cdiv(V, lp["BV"]) * N * H, U.device)
+    if few:   # the same blocks, FEW_PROGRAMS' warps (launch.py)
+        lp = launch.params("state_fwd", shape=shape, few_programs=True, **launch_defaults(K, V))
     has_init = S_init is not None
     grid = (triton.cdiv(V, lp["BV"]), N * H)
     wgmma.kernel(_state_fwd_kernel, "state_fwd")[grid](

@@ -51,6 +51,25 @@ def test_params_apply_the_override_and_refuse_keys_a_kernel_lacks(monkeypatch):
     assert launch.params("state_fwd", BV=32, num_warps=4, num_stages=1)["num_warps"] == 4
 
 
+def test_few_programs_values_apply_below_the_sm_count_only(monkeypatch):
+    """FEW_PROGRAMS' values (8 warps for the W-making state pass at K = 256) come after TUNED
+    where the caller says its grid leaves SMs idle, not otherwise, not at another K, and
+    MDN_LAUNCH still has the last word. Off CUDA no grid counts as few."""
+    from mdn_kernels.mdn.state_pass import launch_defaults
+    monkeypatch.delenv("MDN_LAUNCH", raising=False)
+    d = launch_defaults(256, 512)
+    plain = launch.params("state_fwd", shape=(256, 512), **d)
+    few = launch.params("state_fwd", shape=(256, 512), few_programs=True, **d)
+    assert plain == dict(BV=32, num_warps=4, num_stages=1)
+    assert few == dict(plain, num_warps=8)
+    d128 = launch_defaults(128, 256)
+    assert (launch.params("state_fwd", shape=(128, 256), few_programs=True, **d128)
+            == launch.params("state_fwd", shape=(128, 256), **d128))
+    monkeypatch.setenv("MDN_LAUNCH", "state_fwd:num_warps=4")
+    assert launch.params("state_fwd", shape=(256, 512), few_programs=True, **d)["num_warps"] == 4
+    assert launch.fewer_programs_than_sms(1, torch.device("cpu")) is False
+
+
 def test_f32dot_is_a_key_of_the_decay_product_kernels_only(monkeypatch):
     from mdn_kernels.mdn import chunk_local_fused as fused
     assert launch.parse("prepare_bwd_decay:f32dot=1") == {"prepare_bwd_decay": {"f32dot": 1}}
