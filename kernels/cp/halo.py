@@ -10,6 +10,9 @@ token 0 starts a document (mdn_kernels.cp.local_cu_seqlens(...)[1] is False) the
 conv reset must mask it, exactly as it masks across document boundaries inside a rank.
 `padded_doc_offsets` gives a conv that takes document offsets (FLA's causal_conv1d) the
 documents of the padded stream instead, so it can run over halo + slice as one packed sequence.
+A conv that takes an initial state (FLA's) can run over the slice alone:
+`previous_rank_tail` / `tail_grad_from_next` move the halo and its gradient, and
+`halo_state_offsets` gives the local documents and how much of the halo the first one may read.
 """
 from __future__ import annotations
 
@@ -73,6 +76,59 @@ def conv_halo(x: torch.Tensor, width: int, cp_group) -> torch.Tensor:
         raise ValueError(f"conv_halo needs at least width − 1 = {width - 1} tokens per rank, "
                          f"got T = {x.shape[1]}")
     return _ConvHalo.apply(x, width, cp_group, rank, world)
+
+
+def previous_rank_tail(x: torch.Tensor, h: int, group, rank: int, world: int) -> torch.Tensor:
+    """[B, h, D]: the previous rank's last h timesteps of x [B, T, D] (zeros on rank 0). Every
+    rank of the group must call it (each sends its own tail on). Not differentiable: the
+    caller's backward returns the tail's gradient with tail_grad_from_next."""
+    heads = x.new_zeros(x.shape[0], h, *x.shape[2:])
+    if h > 0 and world > 1:
+        _exchange(x[:, -h:].contiguous() if rank < world - 1 else None,
+                  heads if rank > 0 else None, rank + 1, rank - 1, group)
+    return heads
+
+
+def tail_grad_from_next(d_heads: torch.Tensor | None, like: torch.Tensor, h: int, group,
+                        rank: int, world: int) -> torch.Tensor | None:
+    """The backward of previous_rank_tail: sends d_heads [B, h, D] (the gradient of what this
+    rank received; ignored on rank 0) to the previous rank and returns what the next rank sent
+    for this rank's tail ([B, h, D] like `like`'s rows; None on the last rank). Every rank of
+    the group must call it."""
+    if h == 0 or world == 1:
+        return None
+    recv = like.new_empty(like.shape[0], h, *like.shape[2:]) if rank < world - 1 else None
+    _exchange(d_heads.contiguous() if rank > 0 else None, recv, rank - 1, rank + 1, group)
+    return recv
+
+
+_STATE_OFFSETS = PerTensorCache()
+
+
+def halo_state_offsets(cu_seqlens: torch.Tensor, T: int, width: int,
+                       token_offset: int) -> tuple[torch.Tensor, int]:
+    """For a conv that takes the previous rank's tail as its first document's initial state
+    (FLA's causal_conv1d initial_state) instead of a padded stream: the local document offsets
+    of the slice [token_offset, token_offset + T) — the GLOBAL documents `cu_seqlens` ([N+1],
+    B == 1) cut to it, int32 on cu_seqlens' device — and `history`, how many of the width − 1
+    timesteps before the slice belong to its first local document (0 where the slice starts a
+    document, as rank 0's does; the state's other columns stay zero, so taps never cross a
+    document start). Made once per cu_seqlens tensor and (T, width, token_offset), from its host
+    copy; read-only, shared."""
+    if width < 1 or T < 1:
+        raise ValueError(f"halo_state_offsets needs width >= 1 and T >= 1, got width={width}, T={T}")
+
+    def build():
+        cs = host_cu_seqlens(cu_seqlens)
+        start, end = token_offset, token_offset + T
+        inner = cs[(cs > start) & (cs < end)] - start
+        local = torch.cat([torch.zeros(1, dtype=torch.int64), inner,
+                           torch.tensor([T], dtype=torch.int64)])
+        before = cs[cs <= start]
+        history = 0 if before.numel() == 0 else min(width - 1, start - int(before.max()))
+        return device_copy_of_host(local.to(torch.int32), cu_seqlens.device), history
+
+    return _STATE_OFFSETS.get(cu_seqlens, (T, width, token_offset), build)
 
 
 _PADDED_OFFSETS = PerTensorCache()

@@ -434,11 +434,18 @@ class MDNMixer(MegatronModule):
             if fla:
                 return mk.conv_silu_fla(qkv, weight, cu_seqlens)
             return causal_conv_silu(qkv, weight, cu_seqlens=cu_seqlens)
-        from mdn_kernels.cp import conv_halo, padded_doc_offsets  # the CP halo (DESIGN §5)
+        from mdn_kernels.cp import conv_halo, halo_state_offsets, padded_doc_offsets  # DESIGN §5
         W, T = weight.shape[1], qkv.shape[1]
-        padded = conv_halo(qkv, W, self.cp_group)
         # Slices are equal and in rank order, so this rank's first token is rank·T in the stream.
         offset = self.cp_group.rank() * T
+        if fla and mk.cp_conv_halo() == "state":
+            # the previous rank's last rows as the first document's initial state: no padding
+            if cu_seqlens is None:
+                cu, history = None, (W - 1 if offset > 0 else 0)
+            else:
+                cu, history = halo_state_offsets(cu_seqlens, T, W, offset)
+            return mk.conv_silu_fla_halo_state(qkv, weight, cu, history, self.cp_group)
+        padded = conv_halo(qkv, W, self.cp_group)
         if fla:
             # One packed stream [halo | slice] whose documents are the global ones cut to it:
             # taps into the halo stay inside their token's document, as the eager mask keeps them.

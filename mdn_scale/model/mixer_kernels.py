@@ -13,8 +13,9 @@ autotuner pinned to one config, against the eager code (skipped where `fla` does
   eager  always the eager code;
   fla    FLA's kernels (an error where they cannot run: no `fla`, no CUDA, float64);
   auto   FLA's kernels on CUDA in 16/32-bit when `fla` imports, else eager.
-Under context parallelism FLA's conv runs over the halo-padded slice as one packed stream
-(conv_silu_fla_padded; mdn_kernels.cp.padded_doc_offsets gives its documents). MDN_CONV=eager
+Under context parallelism FLA's conv runs over the slice with the previous rank's last rows as
+its first document's initial state (conv_silu_fla_halo_state; MDN_CP_CONV_HALO=padded: over the
+halo-padded slice as one packed stream, conv_silu_fla_padded, the earlier path). MDN_CONV=eager
 keeps the eager conv while the rest follows model.mixer_kernels (the benchmarks' A/B switch, as
 MDN_GATES below).
 
@@ -117,6 +118,91 @@ def conv_silu_fla_padded(padded: torch.Tensor, weight: torch.Tensor,
     y, _ = causal_conv1d(padded, weight, activation="silu", cu_seqlens=padded_cu_seqlens,
                          chunk_indices=conv_chunk_indices(padded_cu_seqlens))
     return y[:, weight.shape[1] - 1:]
+
+
+def cp_conv_halo() -> str:
+    """MDN_CP_CONV_HALO: how FLA's conv reads the previous rank's last W − 1 rows under CP.
+    "state" (default): the slice alone, those rows as the first document's initial state
+    (conv_silu_fla_halo_state: no [halo | slice] copy, no sliced output, the halo's gradient
+    from the kernel's dh0). "padded": the earlier path, [halo | slice] as one packed stream
+    (conv_silu_fla_padded), kept to compare against."""
+    v = os.environ.get("MDN_CP_CONV_HALO", "state")
+    if v not in ("state", "padded"):
+        raise ValueError(f"MDN_CP_CONV_HALO must be 'state' or 'padded', got {v!r}")
+    return v
+
+
+class _ConvSiluHaloState(torch.autograd.Function):
+    """FLA's causal conv + SiLU over this rank's slice, the previous rank's tail as initial
+    state (see conv_silu_fla_halo_state). Backward: FLA's, whose dh0 is the tail's gradient,
+    sent back to the previous rank; the next rank's is added to this rank's last rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, cu_seqlens, history, group, rank, world):
+        from fla.modules.causal_conv1d.ops import _has_non_standard_layout, causal_conv1d_fwd
+
+        from mdn_kernels.cp import previous_rank_tail
+        W = weight.shape[1]
+        h = W - 1
+        state = None
+        heads = previous_rank_tail(x, h, group, rank, world)   # every rank takes part
+        if history > 0:
+            # FLA's state [N, D, W]: column W − j holds the j-th timestep before the document;
+            # only the first document's row (every row when unpacked: one per sequence)
+            N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+            state = x.new_zeros(N, x.shape[2], W)
+            state[:heads.shape[0], :, W - history:] = heads[:, h - history:].transpose(1, 2)
+        ctx.fallback = _has_non_standard_layout(x=x)
+        y, _ = causal_conv1d_fwd(x=x, weight=weight, bias=None, residual=None, initial_state=state,
+                                 activation="silu", cu_seqlens=cu_seqlens,
+                                 chunk_indices=conv_chunk_indices(cu_seqlens),
+                                 layout_fallback=ctx.fallback)
+        ctx.save_for_backward(x, weight, state)
+        ctx.cu_seqlens, ctx.history, ctx.h = cu_seqlens, history, h
+        ctx.group, ctx.rank, ctx.world = group, rank, world
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fla.modules.causal_conv1d.ops import causal_conv1d_bwd
+
+        from mdn_kernels.cp import tail_grad_from_next
+        x, weight, state = ctx.saved_tensors
+        h, history, W = ctx.h, ctx.history, weight.shape[1]
+        dx, dw, _, _, dh0 = causal_conv1d_bwd(
+            x=x, dy=dy, dht=None, weight=weight, bias=None, residual=None, initial_state=state,
+            activation="silu", cu_seqlens=ctx.cu_seqlens,
+            chunk_indices=conv_chunk_indices(ctx.cu_seqlens), layout_fallback=ctx.fallback)
+        d_heads = None
+        if ctx.rank > 0:
+            d_heads = dx.new_zeros(x.shape[0], h, x.shape[2])
+            if dh0 is not None:
+                d_heads[:, h - history:] = dh0[:x.shape[0], :, W - history:].transpose(1, 2)
+        recv = tail_grad_from_next(d_heads, dx, h, ctx.group, ctx.rank, ctx.world)
+        if recv is not None:
+            dx[:, -h:] += recv
+        return dx, dw, None, None, None, None, None
+
+
+def conv_silu_fla_halo_state(x: torch.Tensor, weight: torch.Tensor,
+                             local_cu_seqlens: Optional[torch.Tensor], history: int,
+                             cp_group) -> torch.Tensor:
+    """conv_silu_fla of this rank's slice x [B, T, C] under CP, without padding it: the previous
+    rank's last W − 1 rows reach FLA's kernel as the initial state of the slice's first document
+    (of every row when unpacked), its last `history` of them, the rest zero.
+    local_cu_seqlens, history: mdn_kernels.cp.halo_state_offsets (B == 1), or None and W − 1
+    (W − 1 on every rank but 0; unpacked rows continue across ranks). The same taps in the same
+    order as conv_silu_fla_padded, so the same output; the halo's gradient comes back through
+    the kernel's dh0. Returns [B, T, C] in x's dtype."""
+    from mdn_kernels.cp import check_cp_group
+    rank, world = check_cp_group(cp_group)
+    W = weight.shape[1]
+    if world > 1 and x.shape[1] < W - 1:   # a rank's halo comes from its predecessor alone
+        raise ValueError(f"the CP conv needs at least width − 1 = {W - 1} tokens per rank, "
+                         f"got T = {x.shape[1]}")
+    if not 0 <= history <= W - 1:
+        raise ValueError(f"history must be in [0, {W - 1}], got {history}")
+    return _ConvSiluHaloState.apply(x, weight, local_cu_seqlens, history, cp_group, rank, world)
 
 
 FLA_CONV_CHUNK = 64    # the chunk of FLA's causal_conv1d (its chunk_size default) that

@@ -91,3 +91,44 @@ def test_padded_doc_offsets_give_the_masked_halo_conv(W, seed):
         packed = causal_conv(padded, w, cu_seqlens=offs)[:, W - 1:]
         torch.testing.assert_close(masked, want[:, rank * T:(rank + 1) * T], rtol=0, atol=1e-12)
         torch.testing.assert_close(packed, masked, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize("seed", range(6))
+def test_halo_state_offsets_give_the_masked_halo_conv(W, seed):
+    """mdn_kernels.cp.halo_state_offsets: the slice's own documents, and how many halo rows its
+    first document may read (`history`). A conv that takes the last `history` halo rows as the
+    first document's initial state (FLA's initial_state, emulated here by a conv over those rows
+    and the slice, the first document stretched over them) gives the slice the CP = 1 conv's
+    output — on random documents, ones that start inside the halo, at the slice's first token,
+    and on rank 0 (no history)."""
+    from mdn_kernels.cp import halo_state_offsets
+
+    g = torch.Generator().manual_seed(seed)
+    R, T, C = 4, 9, 3
+    h = W - 1
+    n = int(torch.randint(1, 12, (), generator=g))
+    inner = torch.randperm(R * T - 1, generator=g)[:n] + 1
+    starts = sorted(set(inner.tolist()) | {T, 2 * T + 1, 3 * T - 2})  # rank start, inside halos
+    cu = torch.tensor([0] + starts + [R * T])
+    x = torch.randn(1, R * T, C, generator=g, dtype=torch.float64)
+    w = torch.randn(C, W, generator=g, dtype=torch.float64)
+    want = causal_conv(x, w, cu_seqlens=cu)                       # CP = 1
+    for rank in range(R):
+        local, history = halo_state_offsets(cu, T, W, rank * T)
+        assert local.dtype == torch.int32 and local[0] == 0 and local[-1] == T
+        assert (local[1:] > local[:-1]).all(), local                # no empty documents
+        assert 0 <= history <= h and (rank > 0 or history == 0)
+        if rank * T in cu.tolist():
+            assert history == 0                                      # the slice starts a document
+        hist = x[:, rank * T - history:rank * T]
+        stream = torch.cat([hist, x[:, rank * T:(rank + 1) * T]], dim=1)
+        docs = torch.cat([torch.zeros(1, dtype=torch.int64), local[1:].long() + history])
+        got = causal_conv(stream, w, cu_seqlens=docs)[:, history:]
+        torch.testing.assert_close(got, want[:, rank * T:(rank + 1) * T], rtol=0, atol=1e-12)
+
+
+def test_halo_state_offsets_name_bad_sizes():
+    from mdn_kernels.cp import halo_state_offsets
+    with pytest.raises(ValueError, match="width >= 1 and T >= 1"):
+        halo_state_offsets(torch.tensor([0, 8]), 0, 4, 0)

@@ -216,13 +216,15 @@ def test_fla_mixer_fp32_matches_eager_on_cpu():
         assert _rel(fla[k], eager[k]) < 5e-5, (k, _rel(fla[k], eager[k]))  # fp32 rounding apart
 
 
-def _mixer_cp_worker(rank, world, cfg, docs):
-    """The mixer at CP = world with FLA's conv over the halo-padded slice (and FLA's gated
-    norm), fp32 on CPU: this rank's output slice and input gradient, and the CP-summed
-    parameter gradients; beside them the eager mixer on the whole sequence (CP = 1 reference,
-    same weights) in float64."""
+def _mixer_cp_worker(rank, world, cfg, docs, halo="state"):
+    """The mixer at CP = world with FLA's conv (the halo as initial state, or over the
+    halo-padded slice: MDN_CP_CONV_HALO) and FLA's gated norm, fp32 on CPU: this rank's output
+    slice and input gradient, and the CP-summed parameter gradients; beside them the eager
+    mixer on the whole sequence (CP = 1 reference, same weights) in float64."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    os.environ["MDN_CP_CONV_HALO"] = halo
 
     case = _MixerCase(cfg, docs, cp=world)
     S = case.x.shape[0] // world
@@ -243,16 +245,19 @@ def _mixer_cp_worker(rank, world, cfg, docs):
 
 @pytest.mark.parametrize("docs", [[0, 1, 3, 20, 30, 33, 34, 50, 64], [0, 5, 32, 40, 64], None],
                          ids=["starts_in_halo", "starts_at_rank", "unpacked"])
-def test_fla_conv_under_cp2_matches_cp1(docs):
-    """CP = 2 over gloo: FLA's conv over [halo | slice] with mdn_kernels.cp.padded_doc_offsets
-    gives the CP = 1 mixer's outputs and gradients — documents that start inside rank 1's halo
-    (global 30), 1-token documents right after the rank boundary (33), a document starting on
-    the boundary (32), and one unpacked sequence (no offsets: the halo is plain context)."""
+@pytest.mark.parametrize("halo", ["state", "padded"])
+def test_fla_conv_under_cp2_matches_cp1(docs, halo):
+    """CP = 2 over gloo: FLA's conv with the previous rank's rows as the first document's
+    initial state (mdn_kernels.cp.halo_state_offsets; the default), or over [halo | slice]
+    with mdn_kernels.cp.padded_doc_offsets, gives the CP = 1 mixer's outputs and gradients —
+    documents that start inside rank 1's halo (global 30: a history of 2 of the 3 rows),
+    1-token documents right after the rank boundary (33), a document starting on the boundary
+    (32: no history), and one unpacked sequence (no offsets: the halo is plain context)."""
     from model_dist import run_jobs
 
     cfg = dict(hidden_size=64, num_layers=1, num_heads=2, head_k_dim=16, vocab_size=61,
                ffn_hidden_size=64, seq_len=64, chunk_size=16)
-    ranks = run_jobs(2, [(_mixer_cp_worker, (cfg, docs))])[0]
+    ranks = run_jobs(2, [(_mixer_cp_worker, (cfg, docs, halo))])[0]
     ref = ranks[0][0]
     for _, got, sl in ranks:
         for k in ("y", "dx"):
