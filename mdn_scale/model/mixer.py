@@ -439,7 +439,7 @@ class MDNMixer(MegatronModule):
         # Slices are equal and in rank order, so this rank's first token is rank·T in the stream.
         offset = self.cp_group.rank() * T
         if fla and mk.cp_conv_halo() == "state":
-            # the previous rank's last rows as the first document's initial state: no padding
+            # opt-in: the previous rank's last rows as the first document's initial state
             if cu_seqlens is None:
                 cu, history = None, (W - 1 if offset > 0 else 0)
             else:

@@ -13,9 +13,10 @@ autotuner pinned to one config, against the eager code (skipped where `fla` does
   eager  always the eager code;
   fla    FLA's kernels (an error where they cannot run: no `fla`, no CUDA, float64);
   auto   FLA's kernels on CUDA in 16/32-bit when `fla` imports, else eager.
-Under context parallelism FLA's conv runs over the slice with the previous rank's last rows as
-its first document's initial state (conv_silu_fla_halo_state; MDN_CP_CONV_HALO=padded: over the
-halo-padded slice as one packed stream, conv_silu_fla_padded, the earlier path). MDN_CONV=eager
+Under context parallelism FLA's conv runs over the halo-padded slice as one packed stream
+(conv_silu_fla_padded; mdn_kernels.cp.padded_doc_offsets gives its documents), or, opt-in
+(MDN_CP_CONV_HALO=state, see cp_conv_halo), over the slice alone with the previous rank's last
+rows as its first document's initial state (conv_silu_fla_halo_state). MDN_CONV=eager
 keeps the eager conv while the rest follows model.mixer_kernels (the benchmarks' A/B switch, as
 MDN_GATES below).
 
@@ -122,11 +123,15 @@ def conv_silu_fla_padded(padded: torch.Tensor, weight: torch.Tensor,
 
 def cp_conv_halo() -> str:
     """MDN_CP_CONV_HALO: how FLA's conv reads the previous rank's last W − 1 rows under CP.
-    "state" (default): the slice alone, those rows as the first document's initial state
-    (conv_silu_fla_halo_state: no [halo | slice] copy, no sliced output, the halo's gradient
-    from the kernel's dh0). "padded": the earlier path, [halo | slice] as one packed stream
-    (conv_silu_fla_padded), kept to compare against."""
-    v = os.environ.get("MDN_CP_CONV_HALO", "state")
+    "padded" (default): [halo | slice] as one packed stream (conv_silu_fla_padded), the path
+    measured on the GPUs since session 11. "state" (opt-in): the slice alone, those rows as the
+    first document's initial state (conv_silu_fla_halo_state: no [halo | slice] copy, no sliced
+    output, the halo's gradient from the kernel's dh0). It matches CP = 1 on the CPU (FLA under
+    the Triton interpreter, tests/model/test_mixer_kernels_fla.py) but is not yet measured on a
+    GPU: its first 1.3B CP = 2 run there (plan s20h) did not finish its startup within 105 s,
+    where FLA autotunes the kernels' initial-state variants (one new autotune entry came back),
+    and the session's device time ran out."""
+    v = os.environ.get("MDN_CP_CONV_HALO", "padded")
     if v not in ("state", "padded"):
         raise ValueError(f"MDN_CP_CONV_HALO must be 'state' or 'padded', got {v!r}")
     return v

@@ -371,7 +371,7 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
     res = json.loads(out.read_text())
     # the eight fused kernels, their MDN_RECOMPUTE_PAIRS variants and the state pass's kernels
     # (with CP's store-nothing reverse pass, the lean nodes' end-over-pair-grads pass and the
-    # forward pass from a saved W)
+    # pairs re-made from a saved W)
     assert res["failed"] == [] and len(res["kernels"]) == 19
     assert {"out_bwd_dw", "out_bwd_rest", "state_bwd_fused", "prepare_c_bf16op",
             "state_bwd_init_only", "state_bwd_end_late", "state_pairs"} <= set(res["kernels"])
@@ -379,5 +379,9 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
         # the end-over-pair-grads backward keeps its old end pair to the chunk's end: 412 B of
         # spill here (num_stages 1), yet measured faster on the H200 than a 32 B variant that
         # stores first (state_pass._state_bwd_kernel's END_LATE note)
-        limit = 512 if name == "state_bwd_end_late" else 256
+        # the pairs re-made from W at their default 64×64 blocks on 4 warps: 1408 B here, yet
+        # the fastest of 14 block choices at three of four shapes on an H200 (64×32 spills
+        # nothing and ran 14–38% slower at those three, 4% faster at the fourth;
+        # state_pass.pairs_launch_defaults, plans s20k, s20m)
+        limit = {"state_bwd_end_late": 512, "state_pairs": 1536}.get(name, 256)
         assert k["spill_stores"] <= limit, f"{name} spills {k['spill_stores']} bytes"

@@ -216,7 +216,7 @@ def test_fla_mixer_fp32_matches_eager_on_cpu():
         assert _rel(fla[k], eager[k]) < 5e-5, (k, _rel(fla[k], eager[k]))  # fp32 rounding apart
 
 
-def _mixer_cp_worker(rank, world, cfg, docs, halo="state"):
+def _mixer_cp_worker(rank, world, cfg, docs, halo="padded"):
     """The mixer at CP = world with FLA's conv (the halo as initial state, or over the
     halo-padded slice: MDN_CP_CONV_HALO) and FLA's gated norm, fp32 on CPU: this rank's output
     slice and input gradient, and the CP-summed parameter gradients; beside them the eager
@@ -247,9 +247,9 @@ def _mixer_cp_worker(rank, world, cfg, docs, halo="state"):
                          ids=["starts_in_halo", "starts_at_rank", "unpacked"])
 @pytest.mark.parametrize("halo", ["state", "padded"])
 def test_fla_conv_under_cp2_matches_cp1(docs, halo):
-    """CP = 2 over gloo: FLA's conv with the previous rank's rows as the first document's
-    initial state (mdn_kernels.cp.halo_state_offsets; the default), or over [halo | slice]
-    with mdn_kernels.cp.padded_doc_offsets, gives the CP = 1 mixer's outputs and gradients —
+    """CP = 2 over gloo: FLA's conv over [halo | slice] with mdn_kernels.cp.padded_doc_offsets
+    (the default), or with the previous rank's rows as the first document's initial state
+    (mdn_kernels.cp.halo_state_offsets, MDN_CP_CONV_HALO=state), gives the CP = 1 mixer's outputs and gradients —
     documents that start inside rank 1's halo (global 30: a history of 2 of the 3 rows),
     1-token documents right after the rank boundary (33), a document starting on the boundary
     (32: no history), and one unpacked sequence (no offsets: the halo is plain context)."""
