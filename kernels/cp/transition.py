@@ -193,6 +193,8 @@ class _Cast:
 
 
 if triton is not None:
+    from mdn_kernels.mdn.state_pass import next_pair_tiles
+
     @triton.jit
     def _group_map_kernel(
         U, Y, Z, KG, KM, A_END, G_END, U_END, OUT, G_START, G_LEN,
@@ -230,14 +232,7 @@ if triton is not None:
             # map itself accumulates in fp32
             w = (u + tl.dot(y, s.to(y.dtype), input_precision=PREC)
                  - tl.dot(z, m.to(z.dtype), input_precision=PREC))
-            kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
-            km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
-            a = tl.load(A_END + ch)
-            g = tl.load(G_END + ch)
-            uu = tl.load(U_END + ch)
-            s_new = a * s - g * m - tl.dot(kg_t, w.to(kg_t.dtype), input_precision=PREC)
-            m = uu * m + tl.dot(km_t, w.to(km_t.dtype), input_precision=PREC)
-            s = s_new
+            s, m = next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C, K, PREC)
         m_out = m_k[:, None] & (o_col[None, :] < NCOL)
         out = OUT + i_gh * 2 * K * NCOL + o_k[:, None] * NCOL + o_col[None, :]
         tl.store(out, s, mask=m_out)

@@ -21,6 +21,36 @@ from . import launch, wgmma
 
 
 @triton.jit
+def _initial_pair(S_INIT, M_INIT, base, kv, m_kv, BK: tl.constexpr, BV: tl.constexpr,
+                  HAS_INIT: tl.constexpr):
+    """A program's [BK, BV] tiles of the initial pair in fp32 (zeros without one)."""
+    if HAS_INIT:
+        s = tl.load(S_INIT + base + kv, mask=m_kv, other=0.0).to(tl.float32)
+        m = tl.load(M_INIT + base + kv, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros([BK, BV], dtype=tl.float32)
+        m = tl.zeros([BK, BV], dtype=tl.float32)
+    return s, m
+
+
+@triton.jit
+def next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C: tl.constexpr,
+               K: tl.constexpr, PREC: tl.constexpr):
+    """The pair after chunk ch from the one entering it and the chunk's W (fp32 tile) — the
+    state pass's step, also CP's group maps' (cp.transition._group_map_kernel):
+    S' = a S − g M − Kgᵀ W, M' = u M + Kmᵀ W, over the program's rows (kc: their [BK, C]
+    transposed view of a C×K tile)."""
+    kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+    km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+    a = tl.load(A_END + ch)
+    g = tl.load(G_END + ch)
+    uu = tl.load(U_END + ch)
+    s_new = a * s - g * m - tl.dot(kg_t, w.to(kg_t.dtype), input_precision=PREC)
+    m_new = uu * m + tl.dot(km_t, w.to(km_t.dtype), input_precision=PREC)
+    return s_new, m_new
+
+
+@triton.jit
 def _state_fwd_kernel(
     U, Y, Z, KG, KM, A_END, G_END, U_END, S_INIT, M_INIT,
     W, S0S, M0S, S_FIN, M_FIN, OFFSETS,
@@ -45,12 +75,7 @@ def _state_fwd_kernel(
     ck = o_c[:, None] * K + o_k[None, :]       # [C, BK] row-major view of a C×K tile
     kc = o_c[None, :] * K + o_k[:, None]       # [BK, C]: the same tile, transposed
     cv = o_c[:, None] * V + o_v[None, :]
-    if HAS_INIT:
-        s = tl.load(S_INIT + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-        m = tl.load(M_INIT + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        s = tl.zeros([BK, BV], dtype=tl.float32)
-        m = tl.zeros([BK, BV], dtype=tl.float32)
+    s, m = _initial_pair(S_INIT, M_INIT, i_nh * K * V, kv, m_kv, BK, BV, HAS_INIT)
     for c in range(c_start, c_end):
         ch = c * H + i_h
         tl.store(S0S + ch * K * V + kv, s.to(S0S.dtype.element_ty), mask=m_kv)
@@ -60,14 +85,7 @@ def _state_fwd_kernel(
         u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
         w = u + tl.dot(y, s.to(y.dtype), input_precision=PREC) - tl.dot(z, m.to(z.dtype), input_precision=PREC)
         tl.store(W + ch * C * V + cv, w.to(W.dtype.element_ty), mask=m_v[None, :])
-        kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
-        km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
-        a = tl.load(A_END + ch)
-        g = tl.load(G_END + ch)
-        uu = tl.load(U_END + ch)
-        s_new = a * s - g * m - tl.dot(kg_t, w.to(kg_t.dtype), input_precision=PREC)
-        m = uu * m + tl.dot(km_t, w.to(km_t.dtype), input_precision=PREC)
-        s = s_new
+        s, m = next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C, K, PREC)
     tl.store(S_FIN + i_nh * K * V + kv, s, mask=m_kv)
     tl.store(M_FIN + i_nh * K * V + kv, m, mask=m_kv)
 
@@ -100,25 +118,13 @@ def _state_pairs_kernel(
     kv = o_k[:, None] * V + o_v[None, :]
     kc = o_c[None, :] * K + o_k[:, None]       # [BK, C]: a C×K tile's rows o_k, transposed
     cv = o_c[:, None] * V + o_v[None, :]
-    if HAS_INIT:
-        s = tl.load(S_INIT + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-        m = tl.load(M_INIT + i_nh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        s = tl.zeros([BK, BV], dtype=tl.float32)
-        m = tl.zeros([BK, BV], dtype=tl.float32)
+    s, m = _initial_pair(S_INIT, M_INIT, i_nh * K * V, kv, m_kv, BK, BV, HAS_INIT)
     for c in range(c_start, c_end):
         ch = c * H + i_h
         tl.store(S0S + ch * K * V + kv, s.to(S0S.dtype.element_ty), mask=m_kv)
         tl.store(M0S + ch * K * V + kv, m.to(M0S.dtype.element_ty), mask=m_kv)
         w = tl.load(W + ch * C * V + cv, mask=m_v[None, :], other=0.0)
-        kg_t = tl.load(KG + ch * C * K + kc, mask=m_k[:, None], other=0.0)
-        km_t = tl.load(KM + ch * C * K + kc, mask=m_k[:, None], other=0.0)
-        a = tl.load(A_END + ch)
-        g = tl.load(G_END + ch)
-        uu = tl.load(U_END + ch)
-        s_new = a * s - g * m - tl.dot(kg_t, w.to(kg_t.dtype), input_precision=PREC)
-        m = uu * m + tl.dot(km_t, w.to(km_t.dtype), input_precision=PREC)
-        s = s_new
+        s, m = next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C, K, PREC)
     tl.store(S_FIN + i_nh * K * V + kv, s, mask=m_kv)
     tl.store(M_FIN + i_nh * K * V + kv, m, mask=m_kv)
 

@@ -61,6 +61,20 @@ def test_keeps_the_input_not_the_output():
     assert any(t.dtype == torch.float32 and t.shape == (1, 64, 8) for t in saved)
 
 
+def _random_cp_docs(W: int, seed: int):
+    """4 ranks of 9 tokens, 3 channels, float64: random packed documents plus starts at a rank's
+    first token and inside two halos; the conv weight of width W and the CP = 1 output."""
+    g = torch.Generator().manual_seed(seed)
+    R, T, C = 4, 9, 3
+    n = int(torch.randint(1, 12, (), generator=g))
+    inner = torch.randperm(R * T - 1, generator=g)[:n] + 1
+    starts = sorted(set(inner.tolist()) | {T, 2 * T + 1, 3 * T - 2})  # rank start, inside halos
+    cu = torch.tensor([0] + starts + [R * T])
+    x = torch.randn(1, R * T, C, generator=g, dtype=torch.float64)
+    w = torch.randn(C, W, generator=g, dtype=torch.float64)
+    return R, T, C, cu, x, w, causal_conv(x, w, cu_seqlens=cu)
+
+
 @pytest.mark.parametrize("W", [1, 2, 4])
 @pytest.mark.parametrize("seed", range(6))
 def test_padded_doc_offsets_give_the_masked_halo_conv(W, seed):
@@ -71,15 +85,7 @@ def test_padded_doc_offsets_give_the_masked_halo_conv(W, seed):
     and on rank 0 (zero halo before global token 0)."""
     from mdn_kernels.cp import padded_doc_offsets
 
-    g = torch.Generator().manual_seed(seed)
-    R, T, C = 4, 9, 3
-    n = int(torch.randint(1, 12, (), generator=g))
-    inner = torch.randperm(R * T - 1, generator=g)[:n] + 1
-    starts = sorted(set(inner.tolist()) | {T, 2 * T + 1, 3 * T - 2})  # rank start, inside halos
-    cu = torch.tensor([0] + starts + [R * T])
-    x = torch.randn(1, R * T, C, generator=g, dtype=torch.float64)
-    w = torch.randn(C, W, generator=g, dtype=torch.float64)
-    want = causal_conv(x, w, cu_seqlens=cu)                       # CP = 1
+    R, T, C, cu, x, w, want = _random_cp_docs(W, seed)
     for rank in range(R):
         sl = x[:, rank * T:(rank + 1) * T]
         halo = x[:, rank * T - (W - 1):rank * T] if rank else torch.zeros(1, W - 1, C, dtype=x.dtype)
@@ -104,16 +110,8 @@ def test_halo_state_offsets_give_the_masked_halo_conv(W, seed):
     and on rank 0 (no history)."""
     from mdn_kernels.cp import halo_state_offsets
 
-    g = torch.Generator().manual_seed(seed)
-    R, T, C = 4, 9, 3
+    R, T, C, cu, x, w, want = _random_cp_docs(W, seed)
     h = W - 1
-    n = int(torch.randint(1, 12, (), generator=g))
-    inner = torch.randperm(R * T - 1, generator=g)[:n] + 1
-    starts = sorted(set(inner.tolist()) | {T, 2 * T + 1, 3 * T - 2})  # rank start, inside halos
-    cu = torch.tensor([0] + starts + [R * T])
-    x = torch.randn(1, R * T, C, generator=g, dtype=torch.float64)
-    w = torch.randn(C, W, generator=g, dtype=torch.float64)
-    want = causal_conv(x, w, cu_seqlens=cu)                       # CP = 1
     for rank in range(R):
         local, history = halo_state_offsets(cu, T, W, rank * T)
         assert local.dtype == torch.int32 and local[0] == 0 and local[-1] == T
