@@ -36,6 +36,7 @@ CHUNK = 64
 # Kernel → the profiler name of its launches.
 PROFILER_NAME = {
     "state_fwd": "_state_fwd_kernel", "state_bwd": "_state_bwd_kernel",
+    "state_pairs": "_state_pairs_kernel",
     "output_fwd": "_output_fwd_kernel", "output_bwd": "_output_bwd_kernel",
     "prepare_a": "_prepare_a_kernel", "prepare_c": "_prepare_c_kernel",
     "prepare_bwd_t": "_prepare_bwd_t_kernel", "prepare_bwd_k": "_prepare_bwd_k_kernel",
@@ -49,6 +50,8 @@ def defaults(kernel: str, K: int, V: int) -> dict[str, int]:
     from mdn_kernels.mdn import chunk_local_fused, launch, state_pass
     if kernel in ("state_fwd", "state_bwd"):
         d = state_pass.launch_defaults(K, V)
+    elif kernel == "state_pairs":
+        d = state_pass.pairs_launch_defaults(K, V)
     else:
         d = chunk_local_fused.launch_defaults(kernel, K, V, CHUNK)
     d.update({k: v for k, v in launch.tuned(kernel, K, V).items() if k in d})
@@ -64,7 +67,10 @@ _TILED = [{}, {"num_stages": 2}, {"BK": "2x"}, {"BV": "2x"}, {"BK": "2x", "BV": 
           {"num_warps": 4}, {"BV": "/2", "num_warps": 4}, {"BK": "/2"}, {"BV": "4x"}]
 _NO_BV = [{}, {"num_stages": 2}, {"BK": "2x"}, {"num_warps": 4}, {"BK": "2x", "num_warps": 4},
           {"BK": "/2"}, {"BK": "/2", "num_warps": 4}, {"num_stages": 3}, {"BK": "4x"}]
-CANDIDATES = {"state_fwd": _STATE, "state_bwd": _STATE, "output_fwd": _TILED, "output_bwd": _TILED,
+_PAIRS = [{}, {"num_stages": 3}, {"BV": "/2"}, {"BK": "/2"}, {"BV": "2x", "num_warps": 8},
+          {"num_warps": 8}, {"BK": "2x", "num_warps": 8}, {"num_stages": 1}, {"BK": "/2", "BV": "2x"}]
+CANDIDATES = {"state_fwd": _STATE, "state_bwd": _STATE, "state_pairs": _PAIRS,
+              "output_fwd": _TILED, "output_bwd": _TILED,
               "prepare_c": _TILED, "prepare_bwd_t": _TILED, "prepare_a": _NO_BV, "prepare_bwd_k": _NO_BV}
 NUM_VARIANTS = len(_STATE)
 assert all(len(c) == NUM_VARIANTS for c in CANDIDATES.values())

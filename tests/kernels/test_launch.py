@@ -92,6 +92,7 @@ def test_tuner_candidates_are_valid_launch_strings():
     # variant 0 is what the launch sites use for bf16 (their defaults, launch.TUNED applied)
     assert tune.candidate("state_fwd", 0, 256, 512) == dict(BV=32, num_warps=4, num_stages=1)
     assert tune.candidate("state_bwd", 0, 256, 512) == dict(BV=16, num_warps=4, num_stages=1)
+    assert tune.candidate("state_pairs", 0, 256, 512) == dict(BK=64, BV=64, num_warps=4, num_stages=2)
     assert tune.candidate("output_fwd", 0, 128, 256)["BK"] == 64
     assert tune.candidate("output_fwd", 2, 128, 256)["BK"] == 128
 
