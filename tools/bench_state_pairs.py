@@ -17,8 +17,8 @@ to the defaults' results.
 Per shape (the op benchmark's two and the 1.3B model's: one 16K sequence, two of 4K) and
 launch config (MDN_LAUNCH's state_pairs keys): the median of do_bench, and the largest
 difference of S0s, M0s, S_fin, M_fin from the W-making pass's, relative to their largest
-magnitude (0.0: bitwise). Operands are bf16 as in a 16-bit model: random chunk keys scaled like
-l2-normed ones, decays in (0.9, 1), W random.
+magnitude (0.0: bitwise). Operands are bf16 as in a 16-bit model: U, Y, Z, Kg, Km random (the
+keys scaled like l2-normed ones), end decays in (0.9, 1), W the W-making pass's from them.
 """
 from __future__ import annotations
 
@@ -143,8 +143,9 @@ def sweep_other(kernel, sh, ops, layout, configs, smoke):
         try:
             got = [t.clone() for t in run()]
         except Exception as e:
-            rows.append(dict(shape=sh, kernel=kernel, config=cfg or "default", error=f"{type(e).__name__}: {e}"))
-            print(f"{sh} {kernel} {cfg or 'default'}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            err = f"{type(e).__name__}: {e}"
+            rows.append(dict(shape=sh, kernel=kernel, config=cfg or "default", error=err))
+            print(f"{sh} {kernel} {cfg or 'default'}: {err[:200]}", flush=True)
             continue
         diff = _rel_diff(got, want)
         ms = _time(run, smoke)
@@ -163,7 +164,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="all", help="indices into SHAPES, e.g. 0,1")
     ap.add_argument("--configs", default=None, help="';'-joined MDN_LAUNCH values for --kernel")
-    ap.add_argument("--kernel", default="state_pairs", choices=["state_pairs", "state_fwd", "state_bwd"])
+    ap.add_argument("--kernel", default="state_pairs",
+                    choices=["state_pairs", "state_fwd", "state_bwd"])
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes under TRITON_INTERPRET=1 (checks the tool, times nothing)")
     args = ap.parse_args(argv)

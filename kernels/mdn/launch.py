@@ -18,16 +18,18 @@ cores, about fp32 accuracy); the one launch key that changes how an element's su
 
 Names: state_fwd, state_bwd (the state pass), state_pairs (its pairs re-made from a saved W),
 output_fwd, output_bwd, output_bwd_dw (the output and its gradients), prepare_a, prepare_c,
-prepare_bwd_t, prepare_bwd_k, prepare_bwd_decay (the chunk-local preparation). Keys: BK, BV (powers of two, at least 16, where the kernel has them),
-num_warps (1, 2, 4, 8 or 16), num_stages (1 to 4), f32dot (0 or 1; above).
+prepare_bwd_t, prepare_bwd_k, prepare_bwd_decay (the chunk-local preparation). Keys: BK, BV
+(powers of two, at least 16, where the kernel has them), num_warps (1, 2, 4, 8 or 16),
+num_stages (1 to 4), f32dot (0 or 1; above). FEW_PROGRAMS (below) holds values for launches
+whose grid leaves SMs idle.
 """
 from __future__ import annotations
 
 import functools
 import os
 
-KERNELS = ("state_fwd", "state_pairs", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw", "prepare_a",
-           "prepare_c", "prepare_bwd_t", "prepare_bwd_k", "prepare_bwd_decay")
+KERNELS = ("state_fwd", "state_pairs", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw",
+           "prepare_a", "prepare_c", "prepare_bwd_t", "prepare_bwd_k", "prepare_bwd_decay")
 _KEYS = ("BK", "BV", "num_warps", "num_stages", "f32dot")
 _parsed: tuple[str, dict] | None = None
 

@@ -2,10 +2,10 @@
 
 One program per (value block, sequence, head) carries its K×BV slices of S and M through the
 sequence's chunks; the value columns of the recurrence never mix, so V splits freely (and K too
-where W is given: _state_pairs_kernel). Operands
-that a product needs transposed are loaded transposed (no tl.trans of a dot result: Triton
-3.4–3.7.0 mis-compiles that pattern on Hopper, DESIGN §9). Fixed launch configs (no autotune):
-they run under TRITON_INTERPRET=1 and start fast. With 16-bit model inputs the per-chunk operands
+where W is given: _state_pairs_kernel). Operands that a product needs transposed are loaded
+transposed (no tl.trans of a dot result: Triton 3.4–3.7.0 mis-compiles that pattern on Hopper,
+DESIGN §9). Fixed launch configs (no autotune): they run under TRITON_INTERPRET=1 and start
+fast. With 16-bit model inputs the per-chunk operands
 (U, Y, Z, Kg, Km) are stored in bf16 and the state is rounded to bf16 for the products (fp32
 accumulation, fp32 state), as FLA's GDN kernels do; fp32 inputs keep fp32 operands (exact dots).
 """
@@ -35,7 +35,7 @@ def _initial_pair(S_INIT, M_INIT, base, kv, m_kv, BK: tl.constexpr, BV: tl.const
 
 @triton.jit
 def next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C: tl.constexpr,
-               K: tl.constexpr, PREC: tl.constexpr):
+                    K: tl.constexpr, PREC: tl.constexpr):
     """The pair after chunk ch from the one entering it and the chunk's W (fp32 tile) — the
     state pass's step, also CP's group maps' (cp.transition._group_map_kernel):
     S' = a S − g M − Kgᵀ W, M' = u M + Kmᵀ W, over the program's rows (kc: their [BK, C]
