@@ -157,7 +157,7 @@ class _ConvSiluHaloState(torch.autograd.Function):
             N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
             state = x.new_zeros(N, x.shape[2], W)
             state[:heads.shape[0], :, W - history:] = heads[:, h - history:].transpose(1, 2)
-        ctx.fallback = _has_non_standard_layout(x=x)
+        ctx.fallback = _has_non_standard_layout(x=x)   # as FLA's own autograd function decides
         y, _ = causal_conv1d_fwd(x=x, weight=weight, bias=None, residual=None, initial_state=state,
                                  activation="silu", cu_seqlens=cu_seqlens,
                                  chunk_indices=conv_chunk_indices(cu_seqlens),
@@ -196,9 +196,9 @@ def conv_silu_fla_halo_state(x: torch.Tensor, weight: torch.Tensor,
     rank's last W − 1 rows reach FLA's kernel as the initial state of the slice's first document
     (of every row when unpacked), its last `history` of them, the rest zero.
     local_cu_seqlens, history: mdn_kernels.cp.halo_state_offsets (B == 1), or None and W − 1
-    (W − 1 on every rank but 0; unpacked rows continue across ranks). The same taps in the same
-    order as conv_silu_fla_padded, so the same output; the halo's gradient comes back through
-    the kernel's dh0. Returns [B, T, C] in x's dtype."""
+    (W − 1 on every rank but 0; unpacked rows continue across ranks). Every token reads the
+    same taps as under conv_silu_fla_padded (the CPU tests compare both with CP = 1); the
+    halo's gradient comes back through the kernel's dh0. Returns [B, T, C] in x's dtype."""
     from mdn_kernels.cp import check_cp_group
     rank, world = check_cp_group(cp_group)
     W = weight.shape[1]
