@@ -1671,6 +1671,14 @@ PLANS = {
     # FLA autotunes the initial-state variants of its conv kernels on their first use (the
     # forward's entry came back in the autotune cache); the state jobs now have 240 s and 120 s
     "s20h": [
+        # first the whole-model CP = 2 GPU test with the state path beside the default (its
+        # first run also fills FLA's autotune cache for the initial-state kernels); then the
+        # steps. The two phases need two calls: PHASES=test, then PHASES=cp2
+        ("test", 300, [
+            ("0,1", [("model_cp2_test", 290, "MDN_CP_VARIANTS=default,halo_state_conv "
+                      "MDN_RESULTS_DIR={R} " + PT + " --timeout 285 "
+                      "tests/gpu/test_model_cp_gpu.py -k 'test_model_cp_matches_cp1 and 2'")]),
+        ]),
         ("cp2", 480, [
             ("0,1", [("state_cp2_1p3b_32k", 240, "MDN_CP_CONV_HALO=state "
                       + bench_model(2, f"{CPW13} --cp 2 --seq-len 32768")),

@@ -39,6 +39,9 @@ VARIANTS = {
     # the eager conv with its masked halo (the CP conv before session 11; default: FLA's conv
     # over the halo-padded slice)
     "eager_conv": ({}, {"MDN_CONV": "eager"}, True),
+    # FLA's conv over the slice alone, the previous rank's rows as its initial state (opt-in
+    # since session 20: mixer_kernels.cp_conv_halo)
+    "halo_state_conv": ({}, {"MDN_CP_CONV_HALO": "state"}, True),
     "eager_mixer_kernels": ({"mixer_kernels": "eager"}, {}, True),
     "torch_op": ({"mixer_kernels": "eager", "backend": "torch"}, {}, True),
     # the torch chunk-local ops beside the Triton state pass (CP's default in session 5)
