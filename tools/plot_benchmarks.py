@@ -788,7 +788,8 @@ def plot_session20(out):
     over all K: "fwd"), both sweeps of one H200. Right: the 1.3B MFU-shape step, every timed
     step of the s20d A/B (crosswise on two H200s), the earlier structure (gray) and the split
     kernel (green)."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[1.7, 1]))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2),
+                                     gridspec_kw=dict(width_ratios=[1.7, 1, 1]))
     found = False
     rows = {}
     for name in ("state_pairs_h200_v20_sweep1.json", "state_pairs_h200_v20_sweep2.json"):
@@ -829,6 +830,22 @@ def plot_session20(out):
     a2.set_xlim(-0.6, 1.6)
     a2.set_ylabel("step (ms)")
     a2.set_title("1.3B, 2 micro-batches of 2 × 4K (s20d): every timed step", fontsize=8)
+    few = [("W-making pass\n4 warps", "tab:gray", ["few_off_cp1_1p3b_16k", "few_off_cp1_1p3b_16k_b"]),
+           ("8 warps where few\nprograms (default)", "tab:green", ["cp1_1p3b_16k", "cp1_1p3b_16k_b"])]
+    for i, (label, color, names) in enumerate(few):
+        for k, n in enumerate(names):
+            d = _load(f"model_h200x2_mdn_{n}_v20w.json")
+            if d:
+                found = True
+                a3.plot([i + 0.1 * (2 * k - 1)] * len(d["step_ms"]), d["step_ms"], "o", color=color,
+                        ms=3, label=f"GPU {k}" if i == 0 else None, marker="os"[k])
+    a3.set_xticks(range(len(few)), [g[0] for g in few], fontsize=8)
+    a3.set_xlim(-0.6, 1.6)
+    a3.set_ylim(670, 720)   # one 4-warp step of 898.5 ms (GPU 1's first) lies above
+    a3.text(-0.5, 717, "off scale: one 4-warp step at 898.5 ms", fontsize=6, va="top")
+    a3.set_ylabel("step (ms)")
+    a3.set_title("1.3B CP = 1, 16K, recompute (s20w): every timed step", fontsize=8)
+    a3.legend(fontsize=7)
     return _finish_panels(fig, out, found, "Session 20 on H200s (bf16)")
 
 
