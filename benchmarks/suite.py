@@ -95,6 +95,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      1.3B model's shapes (tools/bench_state_pairs.py --kernel).
   s20h  FLA's conv under CP with the halo as initial state (opt-in) against the padded slice:
      the 1.3B CP = 2 step (not measured in session 20: see the plan's note).
+  s21k  for session 21: the op's backward in 2 segments with the K-split pairs kernel (the
+     memory target of issue 2, if the time cost is now small), the op beside FLA's GDN, the
+     float64 kernel tests with 2 segments and the 1.3B step.
   s20w  the W-making state pass on 8 warps where few programs run (launch.FEW_PROGRAMS) against
      4: the 1.3B step at CP = 1 (16K, crosswise) and CP = 2 (32K).
   s19x2  session 19 on 2 H200s: the 1.3B CP = 2 weak-scaling step with recompute, with the CP
@@ -1663,6 +1666,28 @@ PLANS = {
         ("cp2", 200, [
             ("0,1", [("cp2_1p3b_32k", 100, bench_model(2, f"{CPW13} --cp 2 --seq-len 32768")),
                      ("few_off_cp2_1p3b_32k", 80, FEW_OFF + bench_model(2, f"{CPW13} --cp 2 --seq-len 32768"))]),
+        ]),
+    ],
+    # For session 21: the op's backward in 2 segments (MDN_BWD_SEGMENTS=2) again, now that the
+    # pairs' re-make splits over K. In session 16 two segments cost +0.8% / +3.4% (K = 128 /
+    # 256) for 1.14× / 1.07× GDN's peak memory (the default: 1.34× / 1.46×; issue 2's target is
+    # 1.3×), and at K = 256 that cost was the pairs' re-make run twice on half the programs
+    # (2.33 against 1.84 ms). With the K-split kernel each segment's launch has 4× the programs;
+    # plan s20k's sweep gives 0.648 ms for all 8 sequences at K = 256. If two segments now cost
+    # under 1%, they can be the default and the memory target is met
+    "s21k": [
+        ("op", 210, [
+            ("0", [("kernels_seg2", 200, "python3 tools/bench_kernels.py --shapes 0,1 "
+                    "--variant MDN_BWD_SEGMENTS=2 --out {R}/result.json")]),
+            ("1", [("kernel_tests_seg2", 200, "MDN_BWD_SEGMENTS=2 MDN_RESULTS_DIR={R} " + PT +
+                    " --timeout 195 tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'")]),
+        ]),
+        # the step A/B crosswise on the two GPUs, nothing else running
+        ("step", 200, [
+            ("0", [("mdn_1p3b_4k_seg2", 90, "MDN_BWD_SEGMENTS=2 " + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_seg1", 70, "MDN_BWD_SEGMENTS=1 " + bench_model(1, M13_4K))]),
+            ("1", [("mdn_1p3b_4k_seg1_b", 90, "MDN_BWD_SEGMENTS=1 " + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_seg2_b", 70, "MDN_BWD_SEGMENTS=2 " + bench_model(1, M13_4K))]),
         ]),
     ],
     # Session 20: FLA's conv under CP with the halo as its initial state (MDN_CP_CONV_HALO=state)
