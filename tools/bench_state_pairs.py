@@ -75,7 +75,37 @@ def _time(fn, smoke: bool):
     return None if smoke else triton.testing.do_bench(fn, warmup=5, rep=50)
 
 
+def _sweep(kernel, sh, configs, run, want, smoke, *, diff_key, spec_of=None, copy_ms=0.0,
+           extra=None):
+    """Each config as MDN_LAUNCH's values for `kernel`: run()'s tensors against `want` and
+    run()'s time (less copy_ms, the timed copies that only set run() up). A config that fails
+    (a block that does not fit) is recorded with its error; the others go on."""
+    rows = []
+    for cfg in configs:
+        spec = spec_of(cfg) if spec_of else cfg
+        os.environ["MDN_LAUNCH"] = f"{kernel}:{spec}" if spec else ""
+        row = dict(shape=sh, kernel=kernel, config=cfg or "default", launch=spec)
+        label = f"B={sh['B']} T={sh['T']} K={sh['K']} V={sh['V']} {kernel} {cfg or 'default':28s}"
+        try:
+            got = [t.clone() for t in run()]
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            rows.append(row)
+            print(f"{label} {row['error'][:200]}", flush=True)
+            continue
+        ms = _time(run, smoke)
+        row.update(ms=None if ms is None else ms - copy_ms, **(extra or {}))
+        row[diff_key] = _rel_diff(got, want)
+        rows.append(row)
+        t = "" if ms is None else f"{row['ms']:.3f} ms"
+        more = json.dumps(extra) if extra else ""
+        print(f"{label} {t} diff {row[diff_key]:.2e} {more}", flush=True)
+    os.environ.pop("MDN_LAUNCH", None)
+    return rows
+
+
 def sweep_pairs(sh, ops, layout, configs, smoke):
+    """The pairs from the W-making pass's W at each config, against that pass's pairs."""
     import torch
     from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
     N, K, V = layout.num_seqs, sh["K"], sh["V"]
@@ -83,28 +113,11 @@ def sweep_pairs(sh, ops, layout, configs, smoke):
     os.environ.pop("MDN_LAUNCH", None)
     W, *want = state_pass_fwd_triton(*ops, S0, S0.clone(), layout)
     t_fwd = _time(lambda: state_pass_fwd_triton(*ops, S0, S0, layout), smoke)
-    rows = []
-    for cfg in configs:
-        spec = fwd_config(K, V) if cfg == "fwd" else cfg
-        os.environ["MDN_LAUNCH"] = f"state_pairs:{spec}" if spec else ""
-
-        def pairs():
-            return state_pass_fwd_triton(None, None, None, *ops[3:], S0, S0, layout, W=W)
-        try:
-            _, *got = pairs()
-        except Exception as e:   # a block that does not fit: recorded, the others go on
-            rows.append(dict(shape=sh, config=cfg, launch=spec, error=f"{type(e).__name__}: {e}"))
-            print(f"{sh} {cfg or 'default'}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        diff = _rel_diff(got, want)
-        ms = _time(pairs, smoke)
-        rows.append(dict(shape=sh, config=cfg or "default", launch=spec, ms=ms,
-                         w_making_pass_ms=t_fwd, rel_diff_to_w_making_pass=diff))
-        print(f"B={sh['B']} T={sh['T']} K={K} V={V} {cfg or 'default':28s} "
-              f"{'' if ms is None else f'{ms:.3f} ms'} (W-making pass "
-              f"{'' if t_fwd is None else f'{t_fwd:.3f} ms'}) diff {diff:.2e}", flush=True)
-    os.environ.pop("MDN_LAUNCH", None)
-    return rows
+    return _sweep("state_pairs", sh, configs,
+                  lambda: state_pass_fwd_triton(None, None, None, *ops[3:], S0, S0, layout, W=W)[1:],
+                  want, smoke, diff_key="rel_diff_to_w_making_pass",
+                  spec_of=lambda cfg: fwd_config(K, V) if cfg == "fwd" else cfg,
+                  extra=dict(w_making_pass_ms=t_fwd))
 
 
 def sweep_other(kernel, sh, ops, layout, configs, smoke):
@@ -137,25 +150,8 @@ def sweep_other(kernel, sh, ops, layout, configs, smoke):
                                          end_over_pair_grads=True)[:3]
         copy_ms = _time(copies, smoke) or 0.0
     want = [t.clone() for t in run()]
-    rows = []
-    for cfg in configs:
-        os.environ["MDN_LAUNCH"] = f"{kernel}:{cfg}" if cfg else ""
-        try:
-            got = [t.clone() for t in run()]
-        except Exception as e:
-            err = f"{type(e).__name__}: {e}"
-            rows.append(dict(shape=sh, kernel=kernel, config=cfg or "default", error=err))
-            print(f"{sh} {kernel} {cfg or 'default'}: {err[:200]}", flush=True)
-            continue
-        diff = _rel_diff(got, want)
-        ms = _time(run, smoke)
-        ms = None if ms is None else ms - copy_ms
-        rows.append(dict(shape=sh, kernel=kernel, config=cfg or "default", ms=ms,
-                         copies_ms_subtracted=copy_ms, rel_diff_to_default=diff))
-        print(f"B={sh['B']} T={sh['T']} K={K} V={V} {kernel} {cfg or 'default':28s} "
-              f"{'' if ms is None else f'{ms:.3f} ms'} diff {diff:.2e}", flush=True)
-    os.environ.pop("MDN_LAUNCH", None)
-    return rows
+    return _sweep(kernel, sh, configs, run, want, smoke, diff_key="rel_diff_to_default",
+                  copy_ms=copy_ms, extra=dict(copies_ms_subtracted=copy_ms))
 
 
 def main(argv=None):

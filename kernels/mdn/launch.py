@@ -148,9 +148,11 @@ def fewer_programs_than_sms(programs: int, device) -> bool:
     """Whether a grid of `programs` leaves some of the GPU's SMs without a program (False off
     CUDA)."""
     import torch
-    if getattr(device, "type", device) != "cuda" or not torch.cuda.is_available():
+    device = torch.device(device)
+    if device.type != "cuda":
         return False
-    return programs < _sm_count(torch.device(device).index or 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return programs < _sm_count(index)
 
 
 @functools.lru_cache(maxsize=None)
