@@ -95,6 +95,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      1.3B model's shapes (tools/bench_state_pairs.py --kernel).
   s20h  FLA's conv under CP with the halo as initial state (opt-in) against the padded slice:
      the 1.3B CP = 2 step (not measured in session 20: see the plan's note).
+  s21l  session 21: two segments where they cut one long sequence: the op at B = 1, T = 32K
+     and the 1.3B step at 16K, crosswise.
   s21k  for session 21: the op's backward in 2 segments with the K-split pairs kernel (the
      memory target of issue 2, if the time cost is now small), the op beside FLA's GDN, the
      float64 kernel tests with 2 segments and the 1.3B step.
@@ -1675,6 +1677,23 @@ PLANS = {
     # (2.33 against 1.84 ms). With the K-split kernel each segment's launch has 4× the programs;
     # plan s20k's sweep gives 0.648 ms for all 8 sequences at K = 256. If two segments now cost
     # under 1%, they can be the default and the memory target is met
+    # Session 21: plan s21k measured two segments at 8 sequences per micro-batch (op +2.0% /
+    # +0.2% at K = 128 / 256, the 1.3B 4K step the same within noise). One long sequence is the
+    # case where segments cut the sequence and the forward runs in segments too: the op at
+    # B = 1, T = 32K (bench_kernels shape 2) and the 1.3B step at 16K, crosswise
+    "s21l": [
+        ("op", 110, [
+            ("0", [("kernels_seg2_long", 100, "python3 tools/bench_kernels.py --shapes 2 "
+                    "--variant MDN_BWD_SEGMENTS=2 --variant MDN_BWD_SEGMENTS=4 "
+                    "--out {R}/result.json")]),
+        ]),
+        ("step", 200, [
+            ("0", [("cp1_1p3b_16k_seg2", 90, "MDN_BWD_SEGMENTS=2 " + bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("cp1_1p3b_16k_seg1", 70, "MDN_BWD_SEGMENTS=1 " + bench_model(1, f"{CPW13} --seq-len 16384"))]),
+            ("1", [("cp1_1p3b_16k_seg1_b", 90, "MDN_BWD_SEGMENTS=1 " + bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("cp1_1p3b_16k_seg2_b", 70, "MDN_BWD_SEGMENTS=2 " + bench_model(1, f"{CPW13} --seq-len 16384"))]),
+        ]),
+    ],
     "s21k": [
         ("op", 210, [
             ("0", [("kernels_seg2", 200, "python3 tools/bench_kernels.py --shapes 0,1 "

@@ -197,6 +197,10 @@ class StateOutput(torch.autograd.Function):
         return (*g[:6], *dsp, *g[11:], None, None, None, None, None, None, None, None)
 
 
+# the op's backward segments where MDN_BWD_SEGMENTS is unset (train.op_backward_segments' default)
+DEFAULT_BWD_SEGMENTS = 2
+
+
 def bwd_segments() -> int:
     """MDN_BWD_SEGMENTS: StateOutput runs its backward on at most this many runs of consecutive
     chunks, one after another (chunk_segments): every per-chunk [NC, H, K, V] tensor of the
@@ -205,9 +209,10 @@ def bwd_segments() -> int:
     (one long sequence, B = 1) is cut, and then the forward runs in the same segments too and
     keeps the fp32 pair at each cut (N·H·K·V·8 bytes per cut), from which the backward restarts
     the state pass. The state pass carries its fp32 state across a cut unchanged, so the results
-    are those of one segment, bit for bit where the products take the same kernels. 1 (the
-    default): no segments."""
-    env = os.environ.get("MDN_BWD_SEGMENTS", "1")
+    are those of one segment, bit for bit where the products take the same kernels. 1: no
+    segments. The default, 2 (DEFAULT_BWD_SEGMENTS), halves the backward's per-chunk tensors for
+    +0.2–3% of the op's time on H200s (BENCHMARKS.md, session 21)."""
+    env = os.environ.get("MDN_BWD_SEGMENTS", str(DEFAULT_BWD_SEGMENTS))
     if not env.isdigit() or int(env) < 1:
         raise ValueError(f"MDN_BWD_SEGMENTS must be a positive integer, got {env!r}")
     return int(env)

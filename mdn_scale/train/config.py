@@ -21,6 +21,10 @@ import yaml
 
 from .deepspeed_config import DeepSpeedConfig, check_deepspeed_config
 
+# mdn_kernels.mdn.chunk.DEFAULT_BWD_SEGMENTS, the op's segments where MDN_BWD_SEGMENTS is unset,
+# written out so that reading a config does not import the kernels (a test keeps the two equal)
+_OP_DEFAULT_BWD_SEGMENTS = 2
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has a bad value, or contradicts the world it runs in."""
@@ -70,8 +74,9 @@ class TrainConfig:
     # the MDN op's backward (CP = 1) in this many segments of consecutive chunks, one after
     # another, cutting long sequences where it must (then the forward runs in segments too): its
     # per-chunk state pairs and their cotangents exist for one segment at a time (less peak
-    # memory, a little more time)
-    op_backward_segments: int = 1
+    # memory, a little more time; 2, the op's own default, measured in BENCHMARKS.md session 21;
+    # 1: no segments)
+    op_backward_segments: int = 2  # = _OP_DEFAULT_BWD_SEGMENTS
     skip_nonfinite: bool = True  # a step whose loss or gradient norm is not finite is not applied
     # under CP, before step 1: layer 0 under CP against one rank (train/cp_check.py); a machine
     # where CP is wrong stops the run with an error naming the worst parameter
@@ -346,7 +351,7 @@ def apply_op_settings(cfg: RunConfig) -> None:
     """parallel.cp_lean / cp_lean_segment_tokens and train.op_backward_segments → the
     environment the op reads at each call (mdn_kernels: MDN_CP_LEAN, MDN_CP_LEAN_SEGMENT_TOKENS,
     MDN_BWD_SEGMENTS). A variable already set to another value is a conflict, named; settings at
-    their defaults (cp_lean off, one segment) leave the environment as it is."""
+    their defaults (cp_lean off, the op's default segments) leave the environment as it is."""
     import os
 
     p, t = cfg.parallel, cfg.train
@@ -354,7 +359,7 @@ def apply_op_settings(cfg: RunConfig) -> None:
     if p.cp_lean:
         wanted += [("parallel.cp_lean", "MDN_CP_LEAN", "1"),
                    ("parallel.cp_lean", "MDN_CP_LEAN_SEGMENT_TOKENS", str(p.cp_lean_segment_tokens))]
-    if t.op_backward_segments != 1:
+    if t.op_backward_segments != _OP_DEFAULT_BWD_SEGMENTS:
         wanted.append(("train.op_backward_segments", "MDN_BWD_SEGMENTS", str(t.op_backward_segments)))
     for what, key, want in wanted:
         have = os.environ.get(key)

@@ -397,6 +397,9 @@ def test_memory_accounting_recompute_pairs_saves_memory(monkeypatch):
     # the modes like for like: each keeping the fp32 q̂, k̂ chunks (mode 2's fused state backward
     # reads them, so it keeps them whatever MDN_RAW_QK says)
     monkeypatch.setenv("MDN_RAW_QK", "0")
+    # one segment: mode 2 (fused pair cotangents) has none, and two segments cut this one
+    # sequence, keeping the pair at the cut (the segments' tests below cover that)
+    monkeypatch.setenv("MDN_BWD_SEGMENTS", "1")
     for flag in ("0", "1", "2"):
         monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", flag)
         r = mod.account(*shape, torch.bfloat16, verbose=False)
@@ -443,6 +446,7 @@ def test_estimator_op_backward_matches_the_accounting(flags, monkeypatch):
     monkeypatch.setenv("MDN_END_OVER_PAIR_GRADS", flags[0])
     monkeypatch.setenv("MDN_PAIR_GRADS_FIRST", flags[1])
     monkeypatch.setenv("MDN_SAVE_W", flags[2])
+    monkeypatch.setenv("MDN_BWD_SEGMENTS", "1")   # one segment; the next test covers segments
     mod = _accounting(monkeypatch)
     B, T, H, K, V = 1, 4096, 2, 128, 256
     r = mod.account(B, T, H, K, V, torch.bfloat16, verbose=False)

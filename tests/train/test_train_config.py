@@ -83,21 +83,24 @@ def test_cp_lean_settings_reach_the_op_environment(monkeypatch):
 
 def test_op_backward_segments_reach_the_op_environment(monkeypatch):
     """train.op_backward_segments → MDN_BWD_SEGMENTS, which mdn_kernels.mdn.chunk reads at each
-    call; one segment (the default) leaves the environment alone; a conflicting environment is
-    named."""
-    from mdn_kernels.mdn.chunk import bwd_segments
-    from mdn_scale.train.config import apply_op_settings
+    call; the op's default (2 segments) leaves the environment alone and is the config's
+    default too; another count is set; a conflicting environment is named."""
+    from mdn_kernels.mdn.chunk import DEFAULT_BWD_SEGMENTS, bwd_segments
+    from mdn_scale.train.config import _OP_DEFAULT_BWD_SEGMENTS, apply_op_settings
 
+    assert _OP_DEFAULT_BWD_SEGMENTS == DEFAULT_BWD_SEGMENTS == 2
     monkeypatch.setenv("MDN_BWD_SEGMENTS", "")   # restored as it was after the test
     monkeypatch.delenv("MDN_BWD_SEGMENTS")
-    apply_op_settings(load_config(TINY, []))
-    assert "MDN_BWD_SEGMENTS" not in os.environ and bwd_segments() == 1
-    cfg = load_config(TINY, ["train.op_backward_segments=2"])
+    cfg = load_config(TINY, [])
+    assert cfg.train.op_backward_segments == DEFAULT_BWD_SEGMENTS
+    apply_op_settings(cfg)
+    assert "MDN_BWD_SEGMENTS" not in os.environ and bwd_segments() == 2
+    cfg = load_config(TINY, ["train.op_backward_segments=1"])
     validate(cfg, 1, has_cuda=False)
     apply_op_settings(cfg)
-    assert os.environ["MDN_BWD_SEGMENTS"] == "2" and bwd_segments() == 2
+    assert os.environ["MDN_BWD_SEGMENTS"] == "1" and bwd_segments() == 1
     monkeypatch.setenv("MDN_BWD_SEGMENTS", "4")
-    with pytest.raises(ConfigError, match="MDN_BWD_SEGMENTS=2.*has MDN_BWD_SEGMENTS=4"):
+    with pytest.raises(ConfigError, match="MDN_BWD_SEGMENTS=1.*has MDN_BWD_SEGMENTS=4"):
         apply_op_settings(cfg)
 
 
