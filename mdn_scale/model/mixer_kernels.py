@@ -127,10 +127,11 @@ def cp_conv_halo() -> str:
     measured on the GPUs since session 11. "state" (opt-in): the slice alone, those rows as the
     first document's initial state (conv_silu_fla_halo_state: no [halo | slice] copy, no sliced
     output, the halo's gradient from the kernel's dh0). It matches CP = 1 on the CPU (FLA under
-    the Triton interpreter, tests/model/test_mixer_kernels_fla.py) but is not yet measured on a
-    GPU: its first 1.3B CP = 2 run there (plan s20h) did not finish its startup within 105 s,
-    where FLA autotunes the kernels' initial-state variants (one new autotune entry came back),
-    and the session's device time ran out."""
+    the Triton interpreter, tests/model/test_mixer_kernels_fla.py) and on two H200s (the
+    whole-model CP GPU test gave the padded path's results bit for bit); the 1.3B CP = 2 step
+    took 880.1 against 887.5 ms, once FLA had autotuned the kernels' initial-state variants
+    (its first runs spend minutes there; BENCHMARKS.md, session 21). Not the default: the gain
+    is within the calls' spread."""
     v = os.environ.get("MDN_CP_CONV_HALO", "padded")
     if v not in ("state", "padded"):
         raise ValueError(f"MDN_CP_CONV_HALO must be 'state' or 'padded', got {v!r}")
