@@ -128,7 +128,8 @@ def cp_conv_halo() -> str:
     first document's initial state (conv_silu_fla_halo_state: no [halo | slice] copy, no sliced
     output, the halo's gradient from the kernel's dh0). It matches CP = 1 on the CPU (FLA under
     the Triton interpreter, tests/model/test_mixer_kernels_fla.py) and on two H200s (the
-    whole-model CP GPU test gave the padded path's results bit for bit); the 1.3B CP = 2 step
+    whole-model CP GPU test gave the padded path's results bit for bit but for the conv weights'
+    gradients, summed over other chunks of rows: fp32 rounding); the 1.3B CP = 2 step
     took 880.1 against 887.5 ms, once FLA had autotuned the kernels' initial-state variants
     (its first runs spend minutes there; BENCHMARKS.md, session 21). Not the default: the gain
     is within the calls' spread."""
