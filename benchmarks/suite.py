@@ -95,6 +95,7 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      1.3B model's shapes (tools/bench_state_pairs.py --kernel).
   s20h  FLA's conv under CP with the halo as initial state (opt-in) against the padded slice:
      the 1.3B CP = 2 step (not measured in session 20: see the plan's note).
+  s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
   s21h  session 21: the state-halo CP = 2 step with a long limit and stack dumps.
   s21c  session 21: the CP = 2 model test's fp32 variant and the default with one backward
      segment at one_doc (a bf16 heuristic failed), then the conv halo step A/B of s20h.
@@ -1707,6 +1708,17 @@ PLANS = {
     # printed (the padded step ran in 58 s; 3 new autotune entries came back). One state job with
     # a long limit and stack dumps of both ranks every 150 s (MDN_HANG_DUMP_S): autotuning or a
     # hang?
+    # Session 21: the CP = 2 model test's bf16 rule failed at one_doc for layer 1's D_log with
+    # the tokens and weights of seed 0 (s20h, s21c; fp32 exact). Other seeds: is seed 0 the
+    # rule's tail or is D_log under CP off every time?
+    "s21s": [
+        ("seeds", 300, [
+            ("0,1", [(f"model_cp2_seed{k}", 95, f"MDN_CP_SEED={k} MDN_CP_VARIANTS=default "
+                      "MDN_CP_DOCS=one_doc MDN_RESULTS_DIR={R} " + PT + " --timeout 90 "
+                      "tests/gpu/test_model_cp_gpu.py -k 'test_model_cp_matches_cp1 and 2'")
+                     for k in (1, 2, 3)]),
+        ]),
+    ],
     "s21h": [
         ("cp2", 400, [
             ("0,1", [("state_cp2_1p3b_32k", 310, "MDN_HANG_DUMP_S=150 MDN_CP_CONV_HALO=state "

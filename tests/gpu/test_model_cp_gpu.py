@@ -82,13 +82,15 @@ def _worker(rank, world, variants, docs, cfg=CFG):
     cuda = dist.get_backend() == "nccl"
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     T = cfg["seq_len"]
-    g = torch.Generator().manual_seed(0)
+    # MDN_CP_SEED: the tokens' and the weights' seed (default 0), to see the bf16 rule's spread
+    seed = int(os.environ.get("MDN_CP_SEED", "0"))
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=g).to(dev)
     labels = torch.randint(0, cfg["vocab_size"], (1, T), generator=g).to(dev)
     poison = poison_allocator if cuda else (lambda fraction: None)
 
     def build(overrides):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return build_model(ModelConfig(**dict(cfg, **overrides)), use_cpu_initialization=True).to(dev)
 
     def run(cp, cu, overrides, autocast):
@@ -138,7 +140,15 @@ def _worker(rank, world, variants, docs, cfg=CFG):
 def test_model_cp_matches_cp1(R, record):
     """CP = R of the trainer's model step is as close to the fp32 model (CP = 1) as CP = 1 is:
     per-token loss and every parameter's gradient (CP's relative error at most 1.5× CP = 1's
-    plus 1e-3 in bf16, 5e-5 in fp32: plan o measured 1.4e-5 for fp32 CP = 4), all finite, for every variant."""
+    plus 1e-3 in bf16, 5e-5 in fp32: plan o measured 1.4e-5 for fp32 CP = 4), all finite, for every variant.
+
+    The bf16 rule is known to fail on some seeds without a CP defect (session 21, two H200s,
+    one_doc, default variant; fp32 passes): the per-head parameters (dt_bias, A_log, D_log, ...)
+    get gradients that are sums over every token with much cancellation, so their bf16 errors
+    vary several-fold from seed to seed (layer 1's dt_bias: CP = 1 against fp32 2.4e-2 at seed 2,
+    4.5e-3 at seed 3), and two such draws break a 1.5× ratio: seed 0 failed on D_log (9.6e-3
+    against 9.1e-3 allowed), seed 2 on dt_bias (6.2e-2 against 3.7e-2), seed 3 passed.
+    BENCHMARKS.md, GPU tests, has the numbers; MDN_CP_SEED picks the seed."""
     if torch.cuda.device_count() < R:
         pytest.skip(f"needs {R} GPUs, found {torch.cuda.device_count()}")
     from model_dist import run_jobs
@@ -152,7 +162,8 @@ def test_model_cp_matches_cp1(R, record):
         # CP's error against the fp32 model may exceed CP = 1's by half (and rounding-size slack)
         excess = {n: e["cp_vs_fp32"] - 1.5 * e["cp1_vs_fp32"] for n, e in g.items()}
         worst = sorted(excess, key=lambda n: -excess[n])[:3]
-        record(f"model_cp{R}_{vname}_{dname}", r)
+        seed = os.environ.get("MDN_CP_SEED", "0")
+        record(f"model_cp{R}_{vname}_{dname}" + ("" if seed == "0" else f"_seed{seed}"), r)
         print(f"CP={R} {vname:20s} {dname:8s} loss {r['loss']} nonfinite {r['nonfinite'][:4]}", flush=True)
         for n in worst:
             print(f"    {n}: {g[n]}", flush=True)
