@@ -95,6 +95,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      1.3B model's shapes (tools/bench_state_pairs.py --kernel).
   s20h  FLA's conv under CP with the halo as initial state (opt-in) against the padded slice:
      the 1.3B CP = 2 step (not measured in session 20: see the plan's note).
+  s22k  for session 22: mode 2 (MDN_RECOMPUTE_PAIRS=2) beside the default at the three bench
+     shapes, and its float64 kernel tests.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
   s21h  session 21: the state-halo CP = 2 step with a long limit and stack dumps.
   s21c  session 21: the CP = 2 model test's fp32 variant and the default with one backward
@@ -1711,6 +1713,20 @@ PLANS = {
     # Session 21: the CP = 2 model test's bf16 rule failed at one_doc for layer 1's D_log with
     # the tokens and weights of seed 0 (s20h, s21c; fp32 exact). Other seeds: is seed 0 the
     # rule's tail or is D_log under CP off every time?
+    # For session 22: mode 2 (the output's pair cotangents made inside the state pass's
+    # backward: MDN_RECOMPUTE_PAIRS=2, its variant trans-w4-halfbv) beside the default at both
+    # bench shapes and at one 32K sequence, now that the default runs its backward in two
+    # segments and the pairs' re-make splits over K: mode 2 reads no DS0S/DM0S and the output's
+    # backward stores none (issue 2's time target; session 3 found it no faster, on an H100 with
+    # the code of then); its float64 kernel tests on the other GPU
+    "s22k": [
+        ("op", 240, [
+            ("0", [("kernels_mode2", 230, "python3 tools/bench_kernels.py --shapes 0,1,2 "
+                    "--variant MDN_RECOMPUTE_PAIRS=2 --out {R}/result.json")]),
+            ("1", [("kernel_tests_mode2", 230, "MDN_RESULTS_DIR={R} " + PT +
+                    " --timeout 225 tests/gpu/test_kernels_gpu.py -k '2-dtype0'")]),
+        ]),
+    ],
     "s21s": [
         ("seeds", 300, [
             ("0,1", [(f"model_cp2_seed{k}", 95, f"MDN_CP_SEED={k} MDN_CP_VARIANTS=default "
