@@ -139,6 +139,7 @@ def _state_bwd_kernel(
     FUSE_OUT: tl.constexpr, OMMDT: tl.constexpr, OPREC: tl.constexpr,
     HAS_DFIN: tl.constexpr, STORE_DINIT: tl.constexpr, INIT_ONLY: tl.constexpr,
     FV: tl.constexpr = "strided", END_LATE: tl.constexpr = False,
+    KH=None, TM=None, ELE=None, G0R=None, CG=None, CM=None, KFAC: tl.constexpr = False,
 ):
     # DGATES [3, NV, NC, H]: this value block's share of dL/da_end, dL/dg_end, dL/du_end.
     # INIT_ONLY: only the initial pair's gradient (DS_INIT, DM_INIT); nothing per chunk is
@@ -151,6 +152,13 @@ def _state_bwd_kernel(
     # "strided" loads Q̂ᵀ [BK, C] through transposed pointers and runs two dots (the pattern
     # that faulted on the H100); "trans" loads Q̂ [C, BK] row by row and tl.trans'es the loaded
     # tile (not a dot result, DESIGN §9); "stack" runs one dot on [e^{la} Q̂ᵀ; −γ Q̂ᵀ] [2BK, C].
+    # KFAC (opt-in; see state_pass_bwd_triton's kfac): the four C×K operands are not read.
+    # Each is k̂ scaled by rows or through T = (I + A)⁻¹: Kg = diag(c_g) k̂, Km = diag(c_m) k̂,
+    # Y = T diag(e^{le}) k̂, Z = T diag(γ⁻) k̂. The pass loads k̂ (KH, [C, K] in the operand
+    # dtype), T (TM, [C, C]) and the four row vectors (fp32, [C]) per chunk and forms
+    # Kg dS = c_g ⊙ (k̂ dS), Yᵀ dW = k̂ᵀ (e^{le} ⊙ Tᵀ dW), ...: 1 operand tile in place of 4 (the
+    # pass is bound by those loads at K = 256; BENCHMARKS.md, v20). Other roundings: the
+    # products round k̂ dS and Tᵀ dW instead of the stored Kg, Y.
     # END_LATE: DS_END / DM_END may be DS0S / DM0S themselves (the end cotangents written over
     # the output's pair cotangents): each chunk's tile of dS_end is stored after that chunk's
     # tile of dS0s has been read and used, behind a CTA barrier (the threads that load an
@@ -194,15 +202,33 @@ def _state_bwd_kernel(
             tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0, 1), 0))
             tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0, 1), 0))
             tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0, 1), 0))
-        kg = tl.load(KG + ch * C * K + ck, mask=m_k[None, :], other=0.0)
-        km = tl.load(KM + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0).to(tl.float32)
-        dw = (dw - tl.dot(kg, ds.to(kg.dtype), input_precision=PREC)
-              + tl.dot(km, dm.to(km.dtype), input_precision=PREC))
+        if KFAC:
+            kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+            cg = tl.load(CG + ch * C + o_c)
+            cm = tl.load(CM + ch * C + o_c)
+            dw = (dw - cg[:, None] * tl.dot(kh, ds.to(kh.dtype), input_precision=PREC)
+                  + cm[:, None] * tl.dot(kh, dm.to(kh.dtype), input_precision=PREC))
+        else:
+            kg = tl.load(KG + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+            km = tl.load(KM + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+            dw = (dw - tl.dot(kg, ds.to(kg.dtype), input_precision=PREC)
+                  + tl.dot(km, dm.to(km.dtype), input_precision=PREC))
         if not INIT_ONLY:
             tl.store(DWT + ch * C * V + cv, dw.to(DWT.dtype.element_ty), mask=m_v[None, :])
-        y_t = tl.load(Y + ch * C * K + kc, mask=m_k[:, None], other=0.0)
-        z_t = tl.load(Z + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+        if KFAC:
+            # Tᵀ dW [C, BV] (T's transpose loaded through its pointers), then k̂ᵀ times its rows
+            # scaled by e^{le} and by γ⁻
+            t_t = tl.load(TM + ch * C * C + o_c[None, :] * C + o_c[:, None])
+            x = tl.dot(t_t, dw.to(t_t.dtype), input_precision=PREC)
+            kh_t = tl.trans(kh)
+            y_dw = tl.dot(kh_t, (tl.load(ELE + ch * C + o_c)[:, None] * x).to(kh.dtype),
+                          input_precision=PREC)
+            z_dw = tl.dot(kh_t, (tl.load(G0R + ch * C + o_c)[:, None] * x).to(kh.dtype),
+                          input_precision=PREC)
+        else:
+            y_t = tl.load(Y + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+            z_t = tl.load(Z + ch * C * K + kc, mask=m_k[:, None], other=0.0)
         a = tl.load(A_END + ch)
         g = tl.load(G_END + ch)
         uu = tl.load(U_END + ch)
@@ -234,8 +260,12 @@ def _state_bwd_kernel(
         else:
             ds0 = tl.load(DS0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
             dm0 = tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-        ds_prev = a * ds + tl.dot(y_t, dw.to(y_t.dtype), input_precision=PREC) + ds0
-        dm_prev = uu * dm - g * ds - tl.dot(z_t, dw.to(z_t.dtype), input_precision=PREC) + dm0
+        if KFAC:
+            ds_prev = a * ds + y_dw + ds0
+            dm_prev = uu * dm - g * ds - z_dw + dm0
+        else:
+            ds_prev = a * ds + tl.dot(y_t, dw.to(y_t.dtype), input_precision=PREC) + ds0
+            dm_prev = uu * dm - g * ds - tl.dot(z_t, dw.to(z_t.dtype), input_precision=PREC) + dm0
         if END_LATE:
             tl.debug_barrier()
             tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
@@ -383,10 +413,40 @@ def _pairs_from_w(W, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, allow_
     return W, S0s, M0s, S_fin, M_fin
 
 
+def _check_kfac(kfac, NC: int, H: int, C: int, K: int, op_dtype):
+    """kfac's six tensors, contiguous, checked against the pass's shapes (ValueError naming
+    the one that is wrong)."""
+    if len(kfac) != 6:
+        raise ValueError(f"kfac must be (kh, tm, ele, g0r, cg, cm), got {len(kfac)} tensors")
+    vdt = torch.float64 if op_dtype == torch.float64 else torch.float32
+    want = dict(kh=((NC, H, C, K), op_dtype), tm=((NC, H, C, C), op_dtype),
+                ele=((NC, H, C), vdt), g0r=((NC, H, C), vdt), cg=((NC, H, C), vdt),
+                cm=((NC, H, C), vdt))
+    out = []
+    for (name, (shape, dtype)), t in zip(want.items(), kfac):
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"kfac: {name} must be {shape} in {dtype}, got "
+                             f"{tuple(t.shape)} in {t.dtype}")
+        out.append(t.contiguous())
+    return out
+
+
+def operands_from_factors(kh, tm, ele, g0r, cg, cm):
+    """(Y, Z, Kg, Km) [NC, H, C, K] from the factors of kfac (see _state_bwd_kernel): Y = T
+    diag(e^{le}) k̂, Z = T diag(γ⁻) k̂, Kg = diag(c_g) k̂, Km = diag(c_m) k̂, as
+    chunk_local_fused's preparation makes them; fp32 (fp64 for fp64 factors)."""
+    dt = torch.float64 if kh.dtype == torch.float64 else torch.float32
+    k = kh.to(dt)
+    t = tm.to(dt)
+    return (t @ (ele[..., None] * k), t @ (g0r[..., None] * k), cg[..., None] * k,
+            cm[..., None] * k)
+
+
 def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin,
                           S0s, M0s, layout, allow_tf32: bool = False, dWt_out=None,
                           fuse_out=None, init_grad: bool = True, init_only: bool = False,
-                          fuse_variant_name: str | None = None, end_over_pair_grads: bool = False):
+                          fuse_variant_name: str | None = None, end_over_pair_grads: bool = False,
+                          kfac=None):
     """Returns dWt, dS_end, dM_end (in the operand dtype), the initial pair's gradient (fp32 or
     fp64) and (da_end, dg_end, du_end) [NC, H], reduced in the kernel. `dWt_out` (optional, may
     be dW itself: every program reads its tile of dW once, before writing the same tile of dWt)
@@ -407,9 +467,18 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     init_only: return only the initial pair's gradient (dS_init, dM_init). The same reverse
     chain, but nothing per chunk is written and S0s, M0s are not read (they may be None): the
     traffic drops from ~7 to ~3 [NC, H, K, V]-sized tensors (context parallelism runs this pass
-    first to learn what every group sends back, state_pass_cp)."""
+    first to learn what every group sends back, state_pass_cp).
+
+    kfac = (kh, tm, ele, g0r, cg, cm) (opt-in; see _state_bwd_kernel's KFAC): the factors the
+    four operands are made of, k̂ [NC, H, C, K] in the operand dtype, T [NC, H, C, C] in the
+    operand dtype, e^{le}, γ⁻, c_g, c_m [NC, H, C] fp32 (fp64 with fp64 operands;
+    operands_from_factors gives Y, Z, Kg, Km from them); Y, Z, Kg, Km are then not read (Y
+    still gives K and the operand dtype). Not yet used by the op: the kernel variant is
+    measured against the default first (tools/bench_state_pairs.py --kernel state_bwd_kfac)."""
     NC, H, C, V = dW.shape
     K = Y.shape[-1]
+    if kfac is not None:
+        kfac = _check_kfac(kfac, NC, H, C, K, Y.dtype)
     N = layout.num_seqs
     sdt = torch.float64 if dW.dtype == torch.float64 else torch.float32
     if init_only:   # dummies for the pointers the kernel does not touch
@@ -473,7 +542,9 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
         qc, la, g0, do, cs, cl, float(scale),
         H=H, K=K, V=V, C=C, BK=BK, PREC=_precision(Y.dtype, allow_tf32),
         FUSE_OUT=fuse_out is not None, OMMDT=ommdt, OPREC=oprec, HAS_DFIN=has_dfin,
-        STORE_DINIT=init_grad, INIT_ONLY=init_only, FV=fv, END_LATE=end_over_pair_grads, **lp,
+        STORE_DINIT=init_grad, INIT_ONLY=init_only, FV=fv, END_LATE=end_over_pair_grads,
+        **(dict(zip(("KH", "TM", "ELE", "G0R", "CG", "CM"), kfac), KFAC=True) if kfac else {}),
+        **lp,
     )
     if init_only:
         return dS_init, dM_init

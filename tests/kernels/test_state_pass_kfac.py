@@ -1,0 +1,113 @@
+"""The reverse state pass with its four C×K operands loaded as factors (state_pass_bwd_triton's
+kfac, _state_bwd_kernel's KFAC: k̂, T and four row vectors per chunk instead of Kg, Km, Y, Z)
+against the default pass on the operands made from the same factors, under TRITON_INTERPRET=1:
+float64 (the same sums in another order: to 1e-10), bf16 operands (against the float64 pass:
+within twice the default's bf16 error), and bad factors named."""
+import pytest
+import torch
+
+from mdn_kernels.mdn.state_pass import operands_from_factors, state_pass_bwd_triton
+from mdn_kernels.mdn.testing import patch_interpreter_bf16_dot
+
+from tests.kernels.test_cp_transition import prepared
+
+patch_interpreter_bf16_dot()
+
+H, C = 2, 16
+# K, V off the blocks' multiples (BK = the power of two at or above K; BV from MDN_LAUNCH)
+SHAPES = [dict(K=48, V=40), dict(K=16, V=32)]
+LAYOUTS = [(2, 45, None), (1, 64, [0, 9, 40, 41, 64])]   # batched, ragged; packed documents
+OUT_NAMES = ("dWt", "dS_end", "dM_end", "dS_init", "dM_init", "dgates")
+
+
+def _factors(NC, K, seed, dtype):
+    """k̂ (rows of norm ~1), T = (I + A)⁻¹ of a strictly lower A of small entries, e^{le} and γ⁻
+    in (0, 1], c_g, c_m of the gates' size, as chunk_local_fused's preparation makes them."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    kh = r(NC, H, C, K) * K ** -0.5
+    a = torch.tril(r(NC, H, C, C) * 0.1, diagonal=-1)
+    tm = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + a)
+    ele, g0r = (torch.rand(2, NC, H, C, generator=g, dtype=torch.float64) * 0.9 + 0.1)
+    cg, cm = r(2, NC, H, C) * 0.5
+    vdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return [kh.to(dtype), tm.to(dtype)] + [t.to(vdt) for t in (ele, g0r, cg, cm)]
+
+
+def _case(shape, lay, dtype, seed):
+    """The pass's inputs (Y, Z, Kg, Km made from the factors) and the factors, in dtype."""
+    B, T, cu = lay
+    K, V = shape["K"], shape["V"]
+    args, layout = prepared(B, T, H, K, V, C, torch.float64,
+                            cu=None if cu is None else torch.tensor(cu), seed=seed)
+    NC, N = layout.num_chunks, layout.num_seqs
+    kfac = _factors(NC, K, seed + 1, dtype)
+    # the operands from the factors as the op would hold them: the factors' values (rounded to
+    # dtype) multiplied out exactly, then rounded once to dtype
+    exact = [kfac[0].double(), kfac[1].double()] + [t.double() for t in kfac[2:]]
+    ops = [t.to(dtype).contiguous() for t in operands_from_factors(*exact)]
+    g = torch.Generator().manual_seed(seed + 2)
+    r = lambda *s, sc=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * sc)  # noqa: E731
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    rest = dict(dW=r(NC, H, C, V, sc=0.1).to(dtype), dS0s=r(NC, H, K, V, sc=0.01).to(dtype),
+                dM0s=r(NC, H, K, V, sc=0.01).to(dtype), dS_fin=r(N, H, K, V).to(sdt),
+                dM_fin=r(N, H, K, V).to(sdt), S0s=r(NC, H, K, V).to(dtype),
+                M0s=r(NC, H, K, V, sc=0.5).to(dtype))
+    return ops, args[5:8], rest, kfac, layout
+
+
+def _run(ops, gates, rest, layout, kfac=None, end_over=False):
+    rest = {k: v.clone() for k, v in rest.items()}
+    out = state_pass_bwd_triton(*ops, *gates, rest["dW"], rest["dS0s"], rest["dM0s"],
+                                rest["dS_fin"], rest["dM_fin"], rest["S0s"], rest["M0s"], layout,
+                                kfac=kfac, end_over_pair_grads=end_over,
+                                dWt_out=rest["dW"] if end_over else None)
+    return [t.clone() for t in out]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"K{s['K']}V{s['V']}")
+@pytest.mark.parametrize("lay", LAYOUTS, ids=["batched", "packed"])
+@pytest.mark.parametrize("end_over", [False, True], ids=["separate", "end_over"])
+def test_kfac_is_the_default_pass_float64(shape, lay, end_over, monkeypatch):
+    """float64, several value blocks (BV = 16, the last one masked): every output of the
+    factored pass equals the default pass's on Y, Z, Kg, Km made from the same factors, to
+    the float64 rounding of the other product order."""
+    monkeypatch.setenv("MDN_LAUNCH", "state_bwd:BV=16")
+    ops, gates, rest, kfac, layout = _case(shape, lay, torch.float64, seed=3)
+    want = _run(ops, gates, rest, layout, end_over=end_over)
+    got = _run(ops, gates, rest, layout, kfac=kfac, end_over=end_over)
+    for name, a, b in zip(OUT_NAMES, got, want):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("lay", LAYOUTS, ids=["batched", "packed"])
+def test_kfac_bf16_error_is_the_default_passs(lay, monkeypatch):
+    """bf16 operands (k̂ and T rounded to bf16, the four operands made from them and rounded):
+    against the float64 pass on the same rounded factors, the factored pass's error (its
+    products round k̂·dS and Tᵀ·dW instead) stays within twice the default pass's, for every
+    output; both are of bf16 size."""
+    monkeypatch.setenv("MDN_LAUNCH", "state_bwd:BV=16")
+    shape = SHAPES[0]
+    ops16, gates, rest16, kfac16, layout = _case(shape, lay, torch.bfloat16, seed=5)
+    exact = [t.double() for t in kfac16]
+    ops64 = [t.contiguous() for t in operands_from_factors(*exact)]
+    rest64 = {k: v.double() for k, v in rest16.items()}
+    ref = _run(ops64, [t.double() for t in gates], rest64, layout)
+    base = _run(ops16, [t.float() for t in gates], rest16, layout)
+    got = _run(ops16, [t.float() for t in gates], rest16, layout, kfac=kfac16)
+    for name, a, b, r in zip(OUT_NAMES, got, base, ref):
+        e_got = ((a.double() - r).norm() / r.norm()).item()
+        e_base = ((b.double() - r).norm() / r.norm()).item()
+        assert e_base < 5e-2, (name, e_base)
+        assert e_got <= 2 * e_base + 1e-6, (name, e_got, e_base)
+
+
+def test_kfac_names_a_bad_factor():
+    ops, gates, rest, kfac, layout = _case(SHAPES[1], LAYOUTS[0], torch.float64, seed=1)
+    with pytest.raises(ValueError, match="kfac: tm"):
+        _run(ops, gates, rest, layout, kfac=[kfac[0], kfac[1][..., :-1]] + kfac[2:])
+    with pytest.raises(ValueError, match="kfac: cg"):
+        _run(ops, gates, rest, layout, kfac=kfac[:4] + [kfac[4].float()] + kfac[5:])
+    with pytest.raises(ValueError, match="kfac must be"):
+        _run(ops, gates, rest, layout, kfac=kfac[:5])
