@@ -96,7 +96,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s20h  FLA's conv under CP with the halo as initial state (opt-in) against the padded slice:
      the 1.3B CP = 2 step (not measured in session 20: see the plan's note).
   s22k  for session 22: mode 2 (MDN_RECOMPUTE_PAIRS=2) beside the default at the three bench
-     shapes, and its float64 kernel tests.
+     shapes, and its float64 kernel tests; the reverse state pass with its operands as factors
+     (kfac) beside the default at the state sweeps' four shapes.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
   s21h  session 21: the state-halo CP = 2 step with a long limit and stack dumps.
   s21c  session 21: the CP = 2 model test's fp32 variant and the default with one backward
@@ -1725,6 +1726,15 @@ PLANS = {
                     "--variant MDN_RECOMPUTE_PAIRS=2 --out {R}/result.json")]),
             ("1", [("kernel_tests_mode2", 230, "MDN_RESULTS_DIR={R} " + PT +
                     " --timeout 225 tests/gpu/test_kernels_gpu.py -k '2-dtype0'")]),
+        ]),
+        # the reverse state pass with its four C×K operands loaded as factors (k̂, T, four row
+        # vectors: state_pass_bwd_triton's kfac, session 21, built and checked on the CPU only)
+        # beside the default pass, at the four shapes of the state sweeps; ptxas on the CPU:
+        # 264 against 868 B of spill, 42 against 74 KiB of shared memory at K = 256. If it is
+        # faster, the op's StateOutput gets the factors from LocalPrepare next
+        ("kfac", 130, [
+            ("0", [("state_bwd_kfac", 120, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_bwd_kfac --configs ';BV=32,num_warps=8;BV=32' --out {R}/result.json")]),
         ]),
     ],
     "s21s": [

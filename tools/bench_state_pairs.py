@@ -7,12 +7,17 @@ on the same operands, in one process.
     python tools/bench_state_pairs.py --cpu-smoke --out /tmp/s.json   # tiny, TRITON_INTERPRET=1
     python tools/bench_state_pairs.py --kernel state_fwd --configs "BV=16;BV=32,num_warps=8" ...
     python tools/bench_state_pairs.py --kernel state_bwd --configs "BV=32;BV=16,num_stages=2" ...
+    python tools/bench_state_pairs.py --kernel state_bwd_kfac --configs ";BV=32,num_warps=8" ...
 
 --kernel state_fwd / state_bwd sweep the other two state-pass kernels the same way (MDN_LAUNCH's
 keys for that kernel; "" = the defaults): the W-making pass, and the reverse pass as the lean
 backward launches it (dWt over dW, the end cotangents over the pair cotangents; each timed call
 starts from fresh copies, whose copying is timed alone and subtracted). Their differences are
-to the defaults' results.
+to the defaults' results. --kernel state_bwd_kfac times the reverse pass with its operands
+loaded as factors (state_pass_bwd_triton's kfac: k̂, T and four row vectors per chunk) at each
+config beside the default pass at its default config, on operands made from the same factors;
+its differences are to the default pass's results (bf16 rounding: the products round at other
+points).
 
 Per shape (the op benchmark's two and the 1.3B model's: one 16K sequence, two of 4K) and
 launch config (MDN_LAUNCH's state_pairs keys): the median of do_bench, and the largest
@@ -58,6 +63,26 @@ def operands(B, T, H, K, V, C, device, seed=0):
     return (U, Y, Z, Kg, Km, a_end, g_end, u_end), layout
 
 
+def factor_operands(B, T, H, K, V, C, device, seed=0):
+    """operands() with Y, Z, Kg, Km made from factors (state_pass.operands_from_factors): k̂ of
+    rows of norm ~1, T = (I + A)⁻¹ of a strictly lower A of small entries, e^{le}, γ⁻ in
+    (0.1, 1], c_g, c_m ~ 0.5; returns (operands, the factors (k̂, T in bf16, the rest fp32),
+    layout)."""
+    import torch
+    from mdn_kernels.mdn.state_pass import operands_from_factors
+    ops, layout = operands(B, T, H, K, V, C, device, seed)
+    NC = layout.num_chunks
+    g = torch.Generator(device="cpu").manual_seed(seed + 3)
+    kh = torch.randn(NC, H, C, K, generator=g) * K ** -0.5
+    tm = torch.linalg.inv(torch.eye(C) + torch.tril(torch.randn(NC, H, C, C, generator=g) * 0.1, -1))
+    vec = [torch.rand(NC, H, C, generator=g) * 0.9 + 0.1 for _ in range(2)]
+    vec += [torch.randn(NC, H, C, generator=g) * 0.5 for _ in range(2)]
+    bf = torch.bfloat16
+    kfac = [kh.to(device, bf), tm.to(device, bf)] + [t.to(device) for t in vec]
+    made = [t.to(bf).contiguous() for t in operands_from_factors(*kfac)]
+    return (ops[0], *made, *ops[5:]), kfac, layout
+
+
 def fwd_config(K: int, V: int) -> str:
     import triton
     from mdn_kernels.mdn import launch, state_pass
@@ -76,7 +101,7 @@ def _time(fn, smoke: bool):
 
 
 def _sweep(kernel, sh, configs, run, want, smoke, *, diff_key, spec_of=None, copy_ms=0.0,
-           extra=None):
+           extra=None, label=None):
     """Each config as MDN_LAUNCH's values for `kernel`: run()'s tensors against `want` and
     run()'s time (less copy_ms, the timed copies that only set run() up). A config that fails
     (a block that does not fit) is recorded with its error; the others go on."""
@@ -84,14 +109,14 @@ def _sweep(kernel, sh, configs, run, want, smoke, *, diff_key, spec_of=None, cop
     for cfg in configs:
         spec = spec_of(cfg) if spec_of else cfg
         os.environ["MDN_LAUNCH"] = f"{kernel}:{spec}" if spec else ""
-        row = dict(shape=sh, kernel=kernel, config=cfg or "default", launch=spec)
-        label = f"B={sh['B']} T={sh['T']} K={sh['K']} V={sh['V']} {kernel} {cfg or 'default':28s}"
+        row = dict(shape=sh, kernel=label or kernel, config=cfg or "default", launch=spec)
+        text = f"B={sh['B']} T={sh['T']} K={sh['K']} V={sh['V']} {label or kernel} {cfg or 'default':28s}"
         try:
             got = [t.clone() for t in run()]
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
-            print(f"{label} {row['error'][:200]}", flush=True)
+            print(f"{text} {row['error'][:200]}", flush=True)
             continue
         ms = _time(run, smoke)
         row.update(ms=None if ms is None else ms - copy_ms, **(extra or {}))
@@ -99,7 +124,7 @@ def _sweep(kernel, sh, configs, run, want, smoke, *, diff_key, spec_of=None, cop
         rows.append(row)
         t = "" if ms is None else f"{row['ms']:.3f} ms"
         more = json.dumps(extra) if extra else ""
-        print(f"{label} {t} diff {row[diff_key]:.2e} {more}", flush=True)
+        print(f"{text} {t} diff {row[diff_key]:.2e} {more}", flush=True)
     os.environ.pop("MDN_LAUNCH", None)
     return rows
 
@@ -120,8 +145,10 @@ def sweep_pairs(sh, ops, layout, configs, smoke):
                   extra=dict(w_making_pass_ms=t_fwd))
 
 
-def sweep_other(kernel, sh, ops, layout, configs, smoke):
-    """state_fwd or state_bwd at each launch config: time and difference to the defaults'."""
+def sweep_other(kernel, sh, ops, layout, configs, smoke, kfac=None):
+    """state_fwd or state_bwd at each launch config: time and difference to the defaults'.
+    kfac (state_bwd): the pass with its operands as these factors at each config, against the
+    default pass at its defaults."""
     import torch
     from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
     N, K, V, H = layout.num_seqs, sh["K"], sh["V"], sh["H"]
@@ -143,15 +170,16 @@ def sweep_other(kernel, sh, ops, layout, configs, smoke):
             for f, src in zip(fresh, (dW, *dP)):
                 f.copy_(src)
 
-        def run():
+        def run(factors=kfac):
             copies()
             return state_pass_bwd_triton(*ops[1:], fresh[0], fresh[1], fresh[2], None, None,
                                          S0s, M0s, layout, dWt_out=fresh[0],
-                                         end_over_pair_grads=True)[:3]
+                                         end_over_pair_grads=True, kfac=factors)[:3]
         copy_ms = _time(copies, smoke) or 0.0
-    want = [t.clone() for t in run()]
+    want = [t.clone() for t in (run(None) if kfac is not None else run())]
     return _sweep(kernel, sh, configs, run, want, smoke, diff_key="rel_diff_to_default",
-                  copy_ms=copy_ms, extra=dict(copies_ms_subtracted=copy_ms))
+                  copy_ms=copy_ms, extra=dict(copies_ms_subtracted=copy_ms),
+                  label="state_bwd_kfac" if kfac is not None else None)
 
 
 def main(argv=None):
@@ -161,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="all", help="indices into SHAPES, e.g. 0,1")
     ap.add_argument("--configs", default=None, help="';'-joined MDN_LAUNCH values for --kernel")
     ap.add_argument("--kernel", default="state_pairs",
-                    choices=["state_pairs", "state_fwd", "state_bwd"])
+                    choices=["state_pairs", "state_fwd", "state_bwd", "state_bwd_kfac"])
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes under TRITON_INTERPRET=1 (checks the tool, times nothing)")
     args = ap.parse_args(argv)
@@ -169,6 +197,9 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import triton
+    if args.cpu_smoke:   # the interpreter's bf16 products, made right (mdn_kernels.mdn.testing)
+        from mdn_kernels.mdn.testing import patch_interpreter_bf16_dot
+        patch_interpreter_bf16_dot()
     device = "cpu" if args.cpu_smoke else "cuda"
     shapes = SMOKE_SHAPES if args.cpu_smoke else (
         SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")])
@@ -177,7 +208,14 @@ def main(argv=None):
     configs = CONFIGS if args.configs is None else args.configs.split(";")
     rows = []
     for sh in shapes:
-        ops, layout = operands(**sh, C=64 if not args.cpu_smoke else 16, device=device)
+        C = 64 if not args.cpu_smoke else 16
+        if args.kernel == "state_bwd_kfac":
+            ops, kfac, layout = factor_operands(**sh, C=C, device=device)
+            # the default pass at its defaults, then the factored one at each config
+            rows += sweep_other("state_bwd", sh, ops, layout, [""], args.cpu_smoke)
+            rows += sweep_other("state_bwd", sh, ops, layout, configs, args.cpu_smoke, kfac=kfac)
+            continue
+        ops, layout = operands(**sh, C=C, device=device)
         if args.kernel == "state_pairs":
             rows += sweep_pairs(sh, ops, layout, configs, args.cpu_smoke)
         else:

@@ -12,6 +12,7 @@ compile. Block sizes and warps are those LocalPrepare / LocalOutput launch with 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -125,7 +126,7 @@ def state_jobs(K: int, V: int, C: int = 64):
     pairs = sp.pairs_launch_defaults(K, V)
     pairs_blocks = dict(BK=pairs["BK"], BV=pairs["BV"])
     bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FV="strided",
-               END_LATE=False)
+               END_LATE=False, KFAC=False)
     return {
         "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True), 4, bf),
         # StateOutput's backward re-making the pairs from the saved W (MDN_SAVE_W)
@@ -136,6 +137,10 @@ def state_jobs(K: int, V: int, C: int = 64):
         # the lean node's default: dS_end, dM_end written over the output's pair cotangents
         "state_bwd_end_late": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
                                                           OPREC="ieee", END_LATE=True), 4, bf),
+        # the same with its four operands loaded as factors (state_pass_bwd_triton's kfac)
+        "state_bwd_kfac": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
+                                                      OPREC="ieee", END_LATE=True, KFAC=True),
+                           4, dict(bf, KH="*bf16", TM="*bf16")),
         # MDN_RECOMPUTE_PAIRS=2's kernel as launched by default (sp.DEFAULT_FUSE_VARIANT)
         "state_bwd_fused": fuse_variant_job(K, V, C, sp.DEFAULT_FUSE_VARIANT),
         "state_bwd_init_only": (sp._state_bwd_kernel, dict(bwd, INIT_ONLY=True, FUSE_OUT=False,
@@ -150,7 +155,7 @@ def fuse_variant_job(K: int, V: int, C: int, name: str):
     fv, num_warps, bv_div = sp.FUSE_VARIANTS[name]
     consts = dict(H=6, K=K, V=V, C=C, BK=BK, BV=max(16, BV // bv_div), PREC="tf32",
                   HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FUSE_OUT=True,
-                  OMMDT=tl.bfloat16, OPREC="tf32", FV=fv, END_LATE=False)
+                  OMMDT=tl.bfloat16, OPREC="tf32", FV=fv, END_LATE=False, KFAC=False)
     return sp._state_bwd_kernel, consts, num_warps, _state_bf16_args()
 
 
@@ -193,8 +198,11 @@ def main(argv=None):
             print(f"{name:10s} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(K=args.K, V=args.V, arch="sm_90", kernels=table, failed=failed), f,
-                      indent=2)
+            meta = dict(triton=triton.__version__, command="python " + " ".join(sys.argv),
+                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        note="compiled on a machine without a GPU (Triton's compiler and ptxas)")
+            json.dump(dict(K=args.K, V=args.V, arch="sm_90", kernels=table, failed=failed,
+                           meta=meta), f, indent=2)
     if failed:
         sys.exit(1)
 

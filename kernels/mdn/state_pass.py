@@ -202,16 +202,17 @@ def _state_bwd_kernel(
             tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0, 1), 0))
             tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0, 1), 0))
             tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0, 1), 0))
-        dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0).to(tl.float32)
         if KFAC:
             kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
             cg = tl.load(CG + ch * C + o_c)
             cm = tl.load(CM + ch * C + o_c)
+            dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0).to(tl.float32)
             dw = (dw - cg[:, None] * tl.dot(kh, ds.to(kh.dtype), input_precision=PREC)
                   + cm[:, None] * tl.dot(kh, dm.to(kh.dtype), input_precision=PREC))
         else:
             kg = tl.load(KG + ch * C * K + ck, mask=m_k[None, :], other=0.0)
             km = tl.load(KM + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+            dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0).to(tl.float32)
             dw = (dw - tl.dot(kg, ds.to(kg.dtype), input_precision=PREC)
                   + tl.dot(km, dm.to(km.dtype), input_precision=PREC))
         if not INIT_ONLY:

@@ -36,3 +36,20 @@ def test_the_other_state_kernels_sweep(tmp_path):
             assert r["kernel"] == kernel and r["rel_diff_to_default"] < 1e-5, r
         assert rows[0]["rel_diff_to_default"] == 0.0
         assert "takes" in rows[3]["error"], rows[3]
+
+
+def test_the_factored_reverse_pass_beside_the_default(tmp_path):
+    """--kernel state_bwd_kfac: the default reverse pass at its defaults first, then the pass
+    with its operands as factors at each config, on operands made from the same factors: its
+    results differ from the default's by bf16 rounding only (other rounding points), not more."""
+    tool = load_tool("bench_state_pairs")
+    out = tmp_path / "kfac.json"
+    tool.main(["--cpu-smoke", "--kernel", "state_bwd_kfac", "--configs", ";BV=16",
+               "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["config"]) for r in rows] == [
+        ("state_bwd", "default"), ("state_bwd_kfac", "default"), ("state_bwd_kfac", "BV=16")]
+    assert rows[0]["rel_diff_to_default"] == 0.0
+    for r in rows[1:]:
+        assert "error" not in r, r
+        assert 0 < r["rel_diff_to_default"] < 3e-2, r
