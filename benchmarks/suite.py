@@ -95,9 +95,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      1.3B model's shapes (tools/bench_state_pairs.py --kernel).
   s20h  FLA's conv under CP with the halo as initial state (opt-in) against the padded slice:
      the 1.3B CP = 2 step (not measured in session 20: see the plan's note).
-  s22k  for session 22: mode 2 (MDN_RECOMPUTE_PAIRS=2) beside the default at the three bench
-     shapes, and its float64 kernel tests; the reverse state pass with its operands as factors
-     (kfac) beside the default at the state sweeps' four shapes.
+  s22k  for session 22: the state pass's backward on factored operands (MDN_STATE_KFAC=1) and
+     mode 2 beside the default at the three bench shapes, the float64 kernel tests with the
+     factored pass, and the kernel alone at the state sweeps' shapes.
+  s22m  for session 22: the 1.3B step with MDN_STATE_KFAC=1 against the default, crosswise.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
   s21h  session 21: the state-halo CP = 2 step with a long limit and stack dumps.
   s21c  session 21: the CP = 2 model test's fp32 variant and the default with one backward
@@ -1714,27 +1715,38 @@ PLANS = {
     # Session 21: the CP = 2 model test's bf16 rule failed at one_doc for layer 1's D_log with
     # the tokens and weights of seed 0 (s20h, s21c; fp32 exact). Other seeds: is seed 0 the
     # rule's tail or is D_log under CP off every time?
-    # For session 22: mode 2 (the output's pair cotangents made inside the state pass's
-    # backward: MDN_RECOMPUTE_PAIRS=2, its variant trans-w4-halfbv) beside the default at both
-    # bench shapes and at one 32K sequence, now that the default runs its backward in two
-    # segments and the pairs' re-make splits over K: mode 2 reads no DS0S/DM0S and the output's
-    # backward stores none (issue 2's time target; session 3 found it no faster, on an H100 with
-    # the code of then); its float64 kernel tests on the other GPU
+    # For session 22: the state pass's backward on factored operands (MDN_STATE_KFAC=1:
+    # k̂, T and four row vectors per chunk in place of Kg, Km, Y, Z; session 21, built and
+    # checked on the CPU only; ptxas on the CPU: 264 against 868 B of spill, 42 against 74 KiB
+    # of shared memory at K = 256) and mode 2 (MDN_RECOMPUTE_PAIRS=2: the output's pair
+    # cotangents made inside that kernel; session 3 found it no faster, on an H100 with the code
+    # of then) beside the default at the three bench shapes; the float64 kernel tests with the
+    # factored pass on the other GPU; then the kernel alone at the state sweeps' four shapes
+    # (issue 2's time target: the pass moves ~3.4 TB/s at K = 256, 71% of it those operands)
     "s22k": [
         ("op", 240, [
-            ("0", [("kernels_mode2", 230, "python3 tools/bench_kernels.py --shapes 0,1,2 "
-                    "--variant MDN_RECOMPUTE_PAIRS=2 --out {R}/result.json")]),
-            ("1", [("kernel_tests_mode2", 230, "MDN_RESULTS_DIR={R} " + PT +
-                    " --timeout 225 tests/gpu/test_kernels_gpu.py -k '2-dtype0'")]),
+            ("0", [("kernels_kfac_mode2", 230, "python3 tools/bench_kernels.py --shapes 0,1,2 "
+                    "--variant MDN_STATE_KFAC=1 --variant MDN_RECOMPUTE_PAIRS=2 "
+                    "--out {R}/result.json")]),
+            ("1", [("kernel_tests_kfac", 230, "MDN_STATE_KFAC=1 MDN_RESULTS_DIR={R} " + PT +
+                    " --timeout 225 tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'")]),
         ]),
-        # the reverse state pass with its four C×K operands loaded as factors (k̂, T, four row
-        # vectors: state_pass_bwd_triton's kfac, session 21, built and checked on the CPU only)
-        # beside the default pass, at the four shapes of the state sweeps; ptxas on the CPU:
-        # 264 against 868 B of spill, 42 against 74 KiB of shared memory at K = 256. If it is
-        # faster, the op's StateOutput gets the factors from LocalPrepare next
         ("kfac", 130, [
             ("0", [("state_bwd_kfac", 120, "python3 tools/bench_state_pairs.py --kernel "
                     "state_bwd_kfac --configs ';BV=32,num_warps=8;BV=32' --out {R}/result.json")]),
+        ]),
+    ],
+    # ... and its 1.3B step, crosswise on the two GPUs (the MFU shape and one 16K sequence)
+    "s22m": [
+        ("step", 400, [
+            ("0", [("mdn_1p3b_4k_kfac", 90, "MDN_STATE_KFAC=1 " + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k", 70, bench_model(1, M13_4K)),
+                   ("cp1_1p3b_16k_kfac", 90, "MDN_STATE_KFAC=1 " + bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("cp1_1p3b_16k", 70, bench_model(1, f"{CPW13} --seq-len 16384"))]),
+            ("1", [("mdn_1p3b_4k_b", 90, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_kfac_b", 70, "MDN_STATE_KFAC=1 " + bench_model(1, M13_4K)),
+                   ("cp1_1p3b_16k_b", 90, bench_model(1, f"{CPW13} --seq-len 16384")),
+                   ("cp1_1p3b_16k_kfac_b", 70, "MDN_STATE_KFAC=1 " + bench_model(1, f"{CPW13} --seq-len 16384"))]),
         ]),
     ],
     "s21s": [

@@ -73,12 +73,13 @@ def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee", raw: bool = True):
     nw = fused._num_warps(C)
     mm = dict(MMDT=tl.bfloat16, MMPREC="tf32")
     gates = dict(PTA=True, FLOOR=fused.LOG_FLOOR)
+    cgm = dict(STORE_CGM=False)   # _prepare_a_kernel: c_g, c_m not stored (the default)
     rw = dict(RAW=raw)
     qk = dict(QC="*bf16", KC="*bf16") if raw else {}
     pairs = dict(W="*bf16", S0S="*bf16", M0S="*bf16", DW="*bf16", DS0S="*bf16", DM0S="*bf16")
     return {
         "prepare_a": (fused._prepare_a_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, EPS=1e-6,
-                                                    F32P=f32p, **gates, **mm), nw),
+                                                    F32P=f32p, **gates, **cgm, **mm), nw),
         "solve": (fused._solve_kernel, dict(C=C, F32P=f32p), 2),
         "prepare_c": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
         "bwd_t": (fused._prepare_bwd_t_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, DAP="tf32",
@@ -93,7 +94,8 @@ def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee", raw: bool = True):
                     dict(pairs, **qk)),
         # MDN_RECOMPUTE_PAIRS: bf16 state-pass operands out of LocalPrepare; mode 2's kernels
         "prepare_a_bf16op": (fused._prepare_a_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True,
-                                                           EPS=1e-6, F32P=f32p, **gates, **mm),
+                                                           EPS=1e-6, F32P=f32p, **gates, **cgm,
+                                                           **mm),
                              nw, dict(KGO="*bf16", KMO="*bf16")),
         "prepare_c_bf16op": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm),
                              nw, dict(UO="*bf16", YO="*bf16", ZO="*bf16")),

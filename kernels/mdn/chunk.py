@@ -145,7 +145,7 @@ class StateOutput(torch.autograd.Function):
     def forward(ctx, qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init,
                 layout: ChunkLayout, scale: float, mm_dtype, out_shape: tuple,
                 out_dtype: torch.dtype, allow_tf32: bool, fuse_pair_grads: bool = False,
-                qk_raw=None):
+                qk_raw=None, factors=None):
         from .chunk_local_fused import chunk_bounds, output_forward
         from .state_pass import state_pass_fwd_triton
         loc, sp = lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
@@ -174,7 +174,11 @@ class StateOutput(torch.autograd.Function):
         # (non-reentrant checkpoint) saved tensors are dropped after the forward and rebuilt in
         # the backward, a tensor on ctx is not — U held on ctx stayed alive for every layer
         # (4 GiB of the 400M model at 64K tokens, session 4's peak breakdown on the H100).
-        ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl, *norms, *bounds)
+        # the factored backward's operands (state_kfac): k̂ and T in the operand dtype, the row
+        # vectors as they are (fp32)
+        kfac = [] if factors is None else [t.to(sp[1].dtype).contiguous() for t in factors[:2]]
+        kfac += [] if factors is None else [t.contiguous() for t in factors[2:]]
+        ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl, *norms, *bounds, *kfac)
         ctx.layout, ctx.fuse_pair_grads, ctx.segs = layout, fuse_pair_grads, segs
         lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32,
                       (t.dtype for t in (U, Y, Z, Kg, Km)), S.shape)
@@ -182,19 +186,21 @@ class StateOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS_fin, dM_fin):
-        loc, sp, (S_init, M_init, cs, cl, rq, rk, bS, bM) = lean_saved(ctx)
+        loc, sp, rest = lean_saved(ctx)
+        S_init, M_init, cs, cl, rq, rk, bS, bM = rest[:8]
+        kfac = rest[8:] or None   # the factored backward's operands (state_kfac)
         norms = None if rq is None else (rq, rk)   # qc, kc are the raw q, k
         layout, segs = ctx.layout, ctx.segs
         do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, loc[2], both_final=False)
         init_grad = S_init is not None and (ctx.needs_input_grad[14] or ctx.needs_input_grad[15])
         if len(segs) <= 1:
             g = _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin,
-                               layout, init_grad)
+                               layout, init_grad, kfac=kfac)
         else:
             g = _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do,
-                                           dS_fin, dM_fin, segs, init_grad, (bS, bM))
+                                           dS_fin, dM_fin, segs, init_grad, (bS, bM), kfac=kfac)
         dsp = [t.to(dt) for t, dt in zip(g[6:11], ctx.in_dtypes)]
-        return (*g[:6], *dsp, *g[11:], None, None, None, None, None, None, None, None)
+        return (*g[:6], *dsp, *g[11:], None, None, None, None, None, None, None, None, None)
 
 
 # the op's backward segments where MDN_BWD_SEGMENTS is unset (train.op_backward_segments' default)
@@ -323,12 +329,13 @@ def _forward_in_segments(loc, sp, S_init, M_init, cs, cl, segs, allow_tf32, scal
 
 
 def _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin, layout,
-                   init_grad: bool, out=None):
+                   init_grad: bool, out=None, kfac=None):
     """StateOutput's backward over the chunks of `layout` (all of them, or one segment's: the
     chunk tensors sliced to it, the raw q, k and do whole). Returns dqc, dkc, det, dla, dg0,
     dgam, dWt, dY, dZ, dKg, dKm (in the products' dtype), da, dg, du, dS_i, dM_i. out (the
     segments' path): the tensors the first eleven are written into, and (da, dg, du) the one
-    [3, NC, H] tensor they come as; dS_i, dM_i are returned."""
+    [3, NC, H] tensor they come as; dS_i, dM_i are returned. kfac: the state pass's backward
+    reads these factors instead of Y, Z, Kg, Km (state_kfac)."""
     from .chunk_local_fused import output_backward, output_backward_dw
     from .state_pass import state_pass_bwd_triton, state_pass_fwd_triton
     tf32, fuse = ctx.allow_tf32, ctx.fuse_pair_grads
@@ -362,7 +369,7 @@ def _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_f
     dWt, dS_end, dM_end, dS_i, dM_i, dgates = state_pass_bwd_triton(
         Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_fin, dM_fin, S0s, M0s,
         layout, tf32, dWt_out=dW, fuse_out=fuse_out, init_grad=init_grad,
-        end_over_pair_grads=not fuse and end_over_pair_grads())
+        end_over_pair_grads=not fuse and end_over_pair_grads(), kfac=kfac)
     del dS0s, dM0s
     if out is not None:
         out[11].copy_(dgates)
@@ -399,7 +406,7 @@ def _product(a: torch.Tensor, b: torch.Tensor, out=None, negate: bool = False) -
 
 
 def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin,
-                               segs, init_grad: bool, bounds):
+                               segs, init_grad: bool, bounds, kfac=None):
     """_lean_backward one segment after another, the last first (bwd_segments), each on the
     chunk tensors sliced to its chunks and writing into slices of whole-size gradients: the
     recomputed pairs and their cotangents exist for one segment at a time. Across a cut the
@@ -431,13 +438,25 @@ def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, 
         seg_out = part(out[:11]) + [out[11][:, c0:c1]]
         g = _lean_backward(ctx, seg_loc, part(sp), S_in, M_in, cs[c0:c1], cl[c0:c1],
                            None if norms is None else tuple(part(norms)), do, dS_f, dM_f,
-                           sg.layout, init_grad or sg.head_cut, out=seg_out)
+                           sg.layout, init_grad or sg.head_cut, out=seg_out,
+                           kfac=None if kfac is None else part(kfac))
         first = 1 if sg.head_cut else 0   # the cut sequence's row goes to the segment before
         carried = (g[-2][:1], g[-1][:1]) if sg.head_cut else None
         if init_grad:
             dS_i[n0 + first:n1], dM_i[n0 + first:n1] = g[-2][first:], g[-1][first:]
         del g
     return (*out[:11], *out[11], dS_i, dM_i)
+
+
+def state_kfac() -> bool:
+    """MDN_STATE_KFAC: "1" StateOutput's state-pass backward reads its four C×K operands as
+    factors (k̂, T and four row vectors per chunk: state_pass_bwd_triton's kfac), 1 operand
+    tile per chunk in place of 4; the products round at other points (bf16-size differences).
+    "0" (default): Kg, Km, Y, Z as stored. Opt-in until measured on a GPU (plan s22k). It keeps
+    k̂ and T in the operand dtype and the four fp32 vectors from the forward to the backward
+    besides what the default keeps (2·K + 2·C + 16 bytes per token and head in bf16), which
+    mdn_scale.train.memory does not count yet."""
+    return _flag("MDN_STATE_KFAC", "0")
 
 
 def end_over_pair_grads() -> bool:
@@ -615,10 +634,15 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
         q, k = q_rows.view(B, T, H, K), k_rows.view(B, T, H, K)
     prep_args = (q, k, v, log_alpha, log_mu, beta, eta, layout.dest, layout.num_chunks,
                  chunk_size, cdt, use_qk_l2norm, p_times_alpha, mm_dtype)
+    # the state pass's factored backward (opt-in): only StateOutput's own backward takes it
+    kfac = lean and state_output is None and recompute == 1 and state_kfac()
     if fused:
-        prep_args += (op_dtype if lean else None, raw)
+        prep_args += (op_dtype if lean else None, raw, kfac)
     (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, *norms) = local_prepare(
         *prep_args)
+    # LocalPrepare's factors for it: T, e^{le}, γ⁻, c_g, c_m, with k̂ (kc) in front
+    factors = (kc, *norms[2:]) if kfac else None
+    norms = norms[:2]
     # q, k [B·T, H, K] and rq, rk: what the nodes after LocalPrepare save instead of qc, kc
     qk_raw = (q_rows.detach(), k_rows.detach(), *norms) if raw else None
     N = layout.num_seqs
@@ -638,7 +662,7 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
     if lean:
         o, S, M = StateOutput.apply(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
                                     S_init, M_init, layout, scale, mm_dtype, (B, T, H, V), v.dtype,
-                                    low_precision, recompute == 2, qk_raw)
+                                    low_precision, recompute == 2, qk_raw, factors)
         return o, ((S, M) if output_final_state else None)
     W, S0s, M0s, S, M = (state_pass or StatePass.apply)(
         U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, backend, low_precision)

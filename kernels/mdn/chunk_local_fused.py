@@ -186,9 +186,11 @@ def _prepare_a_kernel(
     QC, KC, ETC, LAC, G0C, GAM, KGO, KMO, AEND, GEND, UEND, AMAT, ELE, G0R, RQ, RK, QS, KS,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
     PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
-    EPS: tl.constexpr, F32P: tl.constexpr,
+    EPS: tl.constexpr, F32P: tl.constexpr, CGO=None, CMO=None, STORE_CGM: tl.constexpr = False,
 ):
-    """Gates → decays (Γ, γ, Γ⁻, γ⁻, ends); q̂, k̂, Kg, Km in chunk layout; A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η."""
+    """Gates → decays (Γ, γ, Γ⁻, γ⁻, ends); q̂, k̂, Kg, Km in chunk layout; A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η.
+    STORE_CGM: also Kg's and Km's row scales c_g, c_m [C] (Kg = diag(c_g) k̂; the state pass's
+    factored backward reads them: state_pass_bwd_triton's kfac)."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
@@ -213,6 +215,9 @@ def _prepare_a_kernel(
     lu_last = _pick(lu, o_t, C - 1)
     cg = tl.sum(tl.where(r == C - 1, gam, 0.0), axis=0) * eta       # Γ[C−1, j] η_j
     cm = tl.exp(lu_last - lu) * eta
+    if STORE_CGM:
+        tl.store(CGO + cck + o_t, cg)
+        tl.store(CMO + cck + o_t, cm)
     tl.store(ETC + cck + o_t, eta)
     tl.store(LAC + cck + o_t, la)
     tl.store(G0C + cck + o_t, g0)
@@ -984,6 +989,10 @@ class LocalPrepare(torch.autograd.Function):
     the outputs q̂, k̂ (fp32 chunks: 8K bytes per token and head); the backward kernels make
     q̂, k̂ again by the product the forward made, so every gradient is bitwise the same.
 
+    `kfac` (after raw_qk; opt-in, chunk.state_kfac()): five more non-differentiable outputs
+    after rq, rk, the factors the state pass's factored backward reads besides k̂: T =
+    (I + A)⁻¹ [NC, H, C, C], e^{le}, γ⁻, c_g, c_m [NC, H, C], all fp32.
+
     `op_dtype` (an extra last argument, default fp32): the dtype of the state-pass operands
     U, Y, Z, Kg, Km. bf16 there writes them straight in the dtype the state pass stores them in
     for 16-bit models (the same rounding as its `.to(bfloat16)`, without the fp32 copies), and
@@ -992,7 +1001,7 @@ class LocalPrepare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_alpha, log_mu, beta, eta, dest, num_chunks: int,
                 chunk_size: int, cdt: torch.dtype, use_qk_l2norm: bool, p_times_alpha: bool,
-                mm_dtype, op_dtype=None, raw_qk: bool = False):
+                mm_dtype, op_dtype=None, raw_qk: bool = False, kfac: bool = False):
         _check_cdt(cdt)
         _check_chunk(chunk_size)
         B, T, H, K = k.shape
@@ -1015,6 +1024,7 @@ class LocalPrepare(torch.autograd.Function):
         gam, amat, tmat = (new(NC, H, C, C) for _ in range(3))
         U = op(NC, H, C, V)
         a_end, g_end, u_end = (new(NC, H) for _ in range(3))
+        cgm = [new(NC, H, C), new(NC, H, C)] if kfac else []
         mmdt = _tl_mm(mm_dtype)
         if NC > 0:
             lp_a, f32p_a = _lp_f32("prepare_a", K, V, C, mmdt)
@@ -1023,7 +1033,8 @@ class LocalPrepare(torch.autograd.Function):
                 amat, ele, g0r, rq, rk, q.stride(0), k.stride(0), H=H, K=K, C=C,
                 NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
-                F32P=f32p_a, **lp_a)
+                F32P=f32p_a, **(dict(CGO=cgm[0], CMO=cgm[1], STORE_CGM=True) if kfac else {}),
+                **lp_a)
             wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
                                      num_warps=1 if C == 16 else 2, num_stages=1)
             wgmma.kernel(_prepare_c_kernel, "prepare")[(NC, H)](
@@ -1036,8 +1047,10 @@ class LocalPrepare(torch.autograd.Function):
         ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt, raw_qk,
                     q.stride(0), k.stride(0))
         ctx.q_dtype, ctx.k_dtype, ctx.op_dtype = q.dtype, k.dtype, op_dtype
-        ctx.mark_non_differentiable(rq, rk)
-        return qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, rq, rk
+        factors = [tmat, ele, g0r, *cgm] if kfac else []
+        ctx.mark_non_differentiable(rq, rk, *factors)
+        return (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, rq, rk,
+                *factors)
 
     @staticmethod
     def backward(ctx, *cots):
@@ -1078,7 +1091,7 @@ class LocalPrepare(torch.autograd.Function):
         dq, dk = dq.view(B, T, H, K), dk.view(B, T, H, K)
         dv = dv.view(B, T, H, V)
         dgates = [g.view(B, T, H) for g in dgates]
-        return (dq, dk, dv, *dgates) + (None,) * 9
+        return (dq, dk, dv, *dgates) + (None,) * 10
 
 
 def output_forward(qc, kc, et, la, g0, gam, W, S0s, M0s, cs, cl, scale: float, mm_dtype,

@@ -1,0 +1,72 @@
+"""The op with its state pass's backward on factored operands (MDN_STATE_KFAC=1: StateOutput
+hands k̂, T, e^{le}, γ⁻, c_g, c_m from LocalPrepare to state_pass_bwd_triton's kfac) against the
+default (Kg, Km, Y, Z as stored), fp32 under TRITON_INTERPRET=1: outputs and every gradient,
+initial states included, to fp32 rounding of the other product order; in one backward segment
+and in segments that cut a sequence. The factored pass must actually run (spied)."""
+import pytest
+import torch
+
+from mdn_kernels import mdn_chunk
+from mdn_kernels.mdn import chunk
+from mdn_kernels.mdn import state_pass
+from mdn_kernels.mdn.testing import random_inputs
+
+NAMES = ["o", "S", "M", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta", "dS0", "dM0"]
+CASES = {  # B, T, document lengths (None: batched), mdn_chunk options
+    "batched-ragged": (2, 45, None, dict()),
+    "packed": (1, 61, [5, 21, 1, 34], dict()),
+    "no-pta-no-norm": (1, 40, None, dict(p_times_alpha=False, use_qk_l2norm=False)),
+    "one-sequence": (1, 100, None, dict()),
+}
+
+
+@pytest.fixture
+def fused_on():
+    chunk.use_fused_local(True)   # the fused chunk-local kernels (and so StateOutput) in fp32
+    yield
+    chunk.use_fused_local(None)
+
+
+def _run(xs, cu, monkeypatch, kfac: str, **kw):
+    monkeypatch.setenv("MDN_STATE_KFAC", kfac)
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    o, (S, M) = mdn_chunk(*xs[:7], initial_state=(xs[7], xs[8]), output_final_state=True,
+                          cu_seqlens=cu, backend="triton", chunk_size=16, **kw)
+    g = torch.Generator().manual_seed(3)
+    cots = [torch.randn(t.shape, dtype=t.dtype, generator=g) for t in (o, S, M)]
+    loss = sum((t * c).sum() for t, c in zip((o, S, M), cots))
+    return [o, S, M, *torch.autograd.grad(loss, xs)]
+
+
+@pytest.mark.parametrize("segments", ["1", "3"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_factored_state_backward_is_the_default(case, segments, fused_on, monkeypatch):
+    B, T, lens, opts = CASES[case]
+    H, K, V = 2, 24, 32
+    cu = None if lens is None else torch.tensor([0] + lens).cumsum(0)
+    N = B if lens is None else len(lens)
+    xs = random_inputs(B, T, H, K, V, dtype=torch.float32, seed=41, with_state=True,
+                       num_states=N)
+    monkeypatch.setenv("MDN_BWD_SEGMENTS", segments)
+    seen = []
+    real = state_pass.state_pass_bwd_triton
+
+    def spy(*a, **kw):
+        seen.append(kw.get("kfac") is not None)
+        return real(*a, **kw)
+    monkeypatch.setattr(state_pass, "state_pass_bwd_triton", spy)
+    base = _run(xs, cu, monkeypatch, "0", **opts)
+    assert seen and not any(seen)
+    seen.clear()
+    got = _run(xs, cu, monkeypatch, "1", **opts)
+    assert seen and all(seen), seen
+    for n, a, b in zip(NAMES, got, base):
+        assert a.dtype == b.dtype and a.shape == b.shape, n
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 1e-5, f"{n}: {err:.2e}"
+
+
+def test_a_bad_flag_is_named(fused_on, monkeypatch):
+    xs = random_inputs(1, 20, 2, 16, 16, dtype=torch.float32, seed=1, with_state=True)
+    with pytest.raises(ValueError, match="MDN_STATE_KFAC"):
+        _run(xs, None, monkeypatch, "yes")
