@@ -849,6 +849,56 @@ def plot_session20(out):
     return _finish_panels(fig, out, found, "Session 20 on H200s (bf16)")
 
 
+def plot_session21(out):
+    """Session 21: the op's backward in two segments (the default since). Left: MDN / FLA GDN
+    peak memory and fwd+bwd time at the three bench shapes, one segment against two (plans
+    s21k, s21l; the issue's targets dotted). Right: the 1.3B steps, every timed step, crosswise
+    on two H200s: the MFU shape and one 16K sequence (segments cut it)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
+    found = False
+    rows = []
+    for name in ("kernels_h200_v21_bwd_segments2.json", "kernels_h200_v21_bwd_segments_long.json"):
+        d = _load(name)
+        for r in (d or {}).get("results", []):
+            seg2 = r.get("mdn[MDN_BWD_SEGMENTS=2]", {}).get("ratios_vs_gdn")
+            if "ratio_peak_mem" in r and seg2:
+                sh = r["shape"]
+                rows.append((f"B={sh['B']} T={sh['T'] // 1024}K K={sh['K']}",
+                             (r["ratio_peak_mem"], seg2["peak_mem"]),
+                             (r["ratio_fwd_bwd"], seg2["fwd_bwd"])))
+    for i, (label, mem, tim) in enumerate(rows):
+        found = True
+        a1.bar(i - 0.3, mem[0], 0.2, color="tab:gray", label="memory, 1 segment" if i == 0 else None)
+        a1.bar(i - 0.1, mem[1], 0.2, color="tab:green", label="memory, 2 segments" if i == 0 else None)
+        a1.bar(i + 0.1, tim[0], 0.2, color="silver", label="time, 1 segment" if i == 0 else None)
+        a1.bar(i + 0.3, tim[1], 0.2, color="tab:olive", label="time, 2 segments" if i == 0 else None)
+    a1.axhline(1.3, color="tab:green", lw=0.8, ls=":")
+    a1.axhline(1.5, color="tab:olive", lw=0.8, ls=":")
+    a1.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    a1.set_ylabel("MDN / FLA GDN")
+    a1.set_title("The op against FLA's GDN (targets: memory 1.3, time 1.5, dotted)", fontsize=8)
+    a1.legend(fontsize=7, ncol=2)
+    groups = [("MFU shape\n1 segment", "tab:gray", ["mdn_1p3b_4k_seg1", "mdn_1p3b_4k_seg1_b"], "v21k"),
+              ("MFU shape\n2 segments", "tab:green", ["mdn_1p3b_4k_seg2", "mdn_1p3b_4k_seg2_b"], "v21k"),
+              ("16K, CP = 1\n1 segment", "tab:gray", ["cp1_1p3b_16k_seg1", "cp1_1p3b_16k_seg1_b"], "v21l"),
+              ("16K, CP = 1\n2 segments", "tab:green", ["cp1_1p3b_16k_seg2", "cp1_1p3b_16k_seg2_b"], "v21l")]
+    for i, (label, color, names, tag) in enumerate(groups):
+        for k, n in enumerate(names):
+            d = _load(f"model_h200x2_{n}_{tag}.json")
+            if d:
+                found = True
+                a2.plot([i + 0.1 * (2 * k - 1)] * len(d["step_ms"]), d["step_ms"], "os"[k],
+                        color=color, ms=3, label=f"GPU {k}" if i == 0 else None)
+    a2.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
+    a2.set_ylim(530, 720)   # GPU 0's second timed 16K step in 2 segments took 1036.7 ms
+    a2.text(-0.4, 715, "off scale: one 16K step in 2 segments at 1036.7 ms (GPU 0)", fontsize=6,
+            va="top")
+    a2.set_ylabel("step (ms)")
+    a2.set_title("1.3B steps, every timed step (crosswise on two H200s)", fontsize=8)
+    a2.legend(fontsize=7)
+    return _finish_panels(fig, out, found, "Session 21 on H200s (bf16): two backward segments")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -867,7 +917,8 @@ def main():
                      (plot_layouts_v17, "session17_two_gpu_layouts.png"),
                      (plot_session18, "session18_four_gpus.png"),
                      (plot_session19, "session19_two_gpus.png"),
-                     (plot_session20, "session20_state_pairs.png")):
+                     (plot_session20, "session20_state_pairs.png"),
+                     (plot_session21, "session21_bwd_segments.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
