@@ -6,12 +6,13 @@ and in segments that cut a sequence. The factored pass must actually run (spied)
 import pytest
 import torch
 
-from mdn_kernels import mdn_chunk
-from mdn_kernels.mdn import chunk
 from mdn_kernels.mdn import state_pass
 from mdn_kernels.mdn.testing import random_inputs
 
-NAMES = ["o", "S", "M", "dq", "dk", "dv", "dlog_alpha", "dlog_mu", "dbeta", "deta", "dS0", "dM0"]
+# the fused chunk-local kernels (and so StateOutput) in fp32, and the op's run with cotangents
+from tests.kernels.test_recompute_pairs import NAMES, _run as run_op
+from tests.kernels.test_recompute_pairs import fused_on  # noqa: F401  (a fixture)
+
 CASES = {  # B, T, document lengths (None: batched), mdn_chunk options
     "batched-ragged": (2, 45, None, dict()),
     "packed": (1, 61, [5, 21, 1, 34], dict()),
@@ -20,22 +21,9 @@ CASES = {  # B, T, document lengths (None: batched), mdn_chunk options
 }
 
 
-@pytest.fixture
-def fused_on():
-    chunk.use_fused_local(True)   # the fused chunk-local kernels (and so StateOutput) in fp32
-    yield
-    chunk.use_fused_local(None)
-
-
 def _run(xs, cu, monkeypatch, kfac: str, **kw):
     monkeypatch.setenv("MDN_STATE_KFAC", kfac)
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    o, (S, M) = mdn_chunk(*xs[:7], initial_state=(xs[7], xs[8]), output_final_state=True,
-                          cu_seqlens=cu, backend="triton", chunk_size=16, **kw)
-    g = torch.Generator().manual_seed(3)
-    cots = [torch.randn(t.shape, dtype=t.dtype, generator=g) for t in (o, S, M)]
-    loss = sum((t * c).sum() for t, c in zip((o, S, M), cots))
-    return [o, S, M, *torch.autograd.grad(loss, xs)]
+    return run_op(xs, cu, 1, monkeypatch, **kw)   # mode 1: the lean path, StateOutput
 
 
 @pytest.mark.parametrize("segments", ["1", "3"])
