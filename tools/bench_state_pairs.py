@@ -64,21 +64,16 @@ def operands(B, T, H, K, V, C, device, seed=0):
 
 
 def factor_operands(B, T, H, K, V, C, device, seed=0):
-    """operands() with Y, Z, Kg, Km made from factors (state_pass.operands_from_factors): k̂ of
-    rows of norm ~1, T = (I + A)⁻¹ of a strictly lower A of small entries, e^{le}, γ⁻ in
-    (0.1, 1], c_g, c_m ~ 0.5; returns (operands, the factors (k̂, T in bf16, the rest fp32),
-    layout)."""
+    """operands() with Y, Z, Kg, Km made from random factors (mdn_kernels.mdn.testing.
+    random_state_factors, state_pass.operands_from_factors); returns (operands, the factors
+    (k̂, T in bf16, the rest fp32), layout)."""
     import torch
     from mdn_kernels.mdn.state_pass import operands_from_factors
+    from mdn_kernels.mdn.testing import random_state_factors
     ops, layout = operands(B, T, H, K, V, C, device, seed)
-    NC = layout.num_chunks
-    g = torch.Generator(device="cpu").manual_seed(seed + 3)
-    kh = torch.randn(NC, H, C, K, generator=g) * K ** -0.5
-    tm = torch.linalg.inv(torch.eye(C) + torch.tril(torch.randn(NC, H, C, C, generator=g) * 0.1, -1))
-    vec = [torch.rand(NC, H, C, generator=g) * 0.9 + 0.1 for _ in range(2)]
-    vec += [torch.randn(NC, H, C, generator=g) * 0.5 for _ in range(2)]
     bf = torch.bfloat16
-    kfac = [kh.to(device, bf), tm.to(device, bf)] + [t.to(device) for t in vec]
+    kfac = [t.to(device) for t in random_state_factors(layout.num_chunks, H, C, K, op_dtype=bf,
+                                                       seed=seed + 3)]
     made = [t.to(bf).contiguous() for t in operands_from_factors(*kfac)]
     return (ops[0], *made, *ops[5:]), kfac, layout
 

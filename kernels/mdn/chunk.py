@@ -176,8 +176,8 @@ class StateOutput(torch.autograd.Function):
         # (4 GiB of the 400M model at 64K tokens, session 4's peak breakdown on the H100).
         # the factored backward's operands (state_kfac): k̂ and T in the operand dtype, the row
         # vectors as they are (fp32)
-        kfac = [] if factors is None else [t.to(sp[1].dtype).contiguous() for t in factors[:2]]
-        kfac += [] if factors is None else [t.contiguous() for t in factors[2:]]
+        kfac = [] if factors is None else (
+            [t.to(sp[1].dtype).contiguous() for t in factors[:2]] + list(factors[2:]))
         ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl, *norms, *bounds, *kfac)
         ctx.layout, ctx.fuse_pair_grads, ctx.segs = layout, fuse_pair_grads, segs
         lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32,

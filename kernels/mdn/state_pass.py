@@ -474,8 +474,8 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     four operands are made of, k̂ [NC, H, C, K] in the operand dtype, T [NC, H, C, C] in the
     operand dtype, e^{le}, γ⁻, c_g, c_m [NC, H, C] fp32 (fp64 with fp64 operands;
     operands_from_factors gives Y, Z, Kg, Km from them); Y, Z, Kg, Km are then not read (Y
-    still gives K and the operand dtype). Not yet used by the op: the kernel variant is
-    measured against the default first (tools/bench_state_pairs.py --kernel state_bwd_kfac)."""
+    still gives K and the operand dtype). StateOutput passes them under MDN_STATE_KFAC=1
+    (chunk.state_kfac, opt-in until measured on a GPU)."""
     NC, H, C, V = dW.shape
     K = Y.shape[-1]
     if kfac is not None:

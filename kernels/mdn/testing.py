@@ -53,6 +53,21 @@ def random_inputs(B, T, H, K, V, *, dtype=torch.float32, device="cpu", seed=0,
     return out
 
 
+def random_state_factors(NC, H, C, K, *, op_dtype=torch.float64, seed=0):
+    """Random factors of the state pass's four C×K operands (state_pass_bwd_triton's kfac),
+    shaped as chunk_local_fused's preparation makes them: k̂ [NC, H, C, K] (rows of norm ~1),
+    T = (I + A)⁻¹ [NC, H, C, C] of a strictly lower A of small entries (both in op_dtype),
+    e^{le}, γ⁻ in (0.1, 1] and c_g, c_m ~ 0.5 [NC, H, C] (fp64 with fp64 operands, else fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    kh = r(NC, H, C, K) * K ** -0.5
+    tm = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + torch.tril(r(NC, H, C, C) * 0.1, -1))
+    ele, g0r = torch.rand(2, NC, H, C, generator=g, dtype=torch.float64) * 0.9 + 0.1
+    cg, cm = r(2, NC, H, C) * 0.5
+    vdt = torch.float64 if op_dtype == torch.float64 else torch.float32
+    return [kh.to(op_dtype), tm.to(op_dtype)] + [t.to(vdt) for t in (ele, g0r, cg, cm)]
+
+
 def tensors_on_ctx(out: torch.Tensor) -> list[str]:
     """'Node.attr' for every tensor (or list/tuple holding one) that a node of out's autograd
     graph keeps as a plain attribute (a custom Function's ctx is its node). Activation recompute

@@ -57,6 +57,11 @@ DIAGNOSTIC_VARIANTS = {
 ALL_VARIANTS = {**VARIANTS, **DIAGNOSTIC_VARIANTS}
 
 
+def _seed() -> int:
+    """MDN_CP_SEED: the tokens' and the weights' seed (default 0), to see the bf16 rule's spread."""
+    return int(os.environ.get("MDN_CP_SEED", "0"))
+
+
 def _step(model, ids, labels, cu, autocast):
     from megatron.core.packed_seq_params import PackedSeqParams
     model.zero_grad(set_to_none=True)
@@ -82,8 +87,7 @@ def _worker(rank, world, variants, docs, cfg=CFG):
     cuda = dist.get_backend() == "nccl"
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     T = cfg["seq_len"]
-    # MDN_CP_SEED: the tokens' and the weights' seed (default 0), to see the bf16 rule's spread
-    seed = int(os.environ.get("MDN_CP_SEED", "0"))
+    seed = _seed()
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=g).to(dev)
     labels = torch.randint(0, cfg["vocab_size"], (1, T), generator=g).to(dev)
@@ -162,8 +166,7 @@ def test_model_cp_matches_cp1(R, record):
         # CP's error against the fp32 model may exceed CP = 1's by half (and rounding-size slack)
         excess = {n: e["cp_vs_fp32"] - 1.5 * e["cp1_vs_fp32"] for n, e in g.items()}
         worst = sorted(excess, key=lambda n: -excess[n])[:3]
-        seed = os.environ.get("MDN_CP_SEED", "0")
-        record(f"model_cp{R}_{vname}_{dname}" + ("" if seed == "0" else f"_seed{seed}"), r)
+        record(f"model_cp{R}_{vname}_{dname}" + (f"_seed{_seed()}" if _seed() else ""), r)
         print(f"CP={R} {vname:20s} {dname:8s} loss {r['loss']} nonfinite {r['nonfinite'][:4]}", flush=True)
         for n in worst:
             print(f"    {n}: {g[n]}", flush=True)

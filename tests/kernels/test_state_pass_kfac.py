@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mdn_kernels.mdn.state_pass import operands_from_factors, state_pass_bwd_triton
-from mdn_kernels.mdn.testing import patch_interpreter_bf16_dot
+from mdn_kernels.mdn.testing import patch_interpreter_bf16_dot, random_state_factors
 
 from tests.kernels.test_cp_transition import prepared
 
@@ -20,20 +20,6 @@ LAYOUTS = [(2, 45, None), (1, 64, [0, 9, 40, 41, 64])]   # batched, ragged; pack
 OUT_NAMES = ("dWt", "dS_end", "dM_end", "dS_init", "dM_init", "dgates")
 
 
-def _factors(NC, K, seed, dtype):
-    """k̂ (rows of norm ~1), T = (I + A)⁻¹ of a strictly lower A of small entries, e^{le} and γ⁻
-    in (0, 1], c_g, c_m of the gates' size, as chunk_local_fused's preparation makes them."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    kh = r(NC, H, C, K) * K ** -0.5
-    a = torch.tril(r(NC, H, C, C) * 0.1, diagonal=-1)
-    tm = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + a)
-    ele, g0r = (torch.rand(2, NC, H, C, generator=g, dtype=torch.float64) * 0.9 + 0.1)
-    cg, cm = r(2, NC, H, C) * 0.5
-    vdt = torch.float64 if dtype == torch.float64 else torch.float32
-    return [kh.to(dtype), tm.to(dtype)] + [t.to(vdt) for t in (ele, g0r, cg, cm)]
-
-
 def _case(shape, lay, dtype, seed):
     """The pass's inputs (Y, Z, Kg, Km made from the factors) and the factors, in dtype."""
     B, T, cu = lay
@@ -41,7 +27,7 @@ def _case(shape, lay, dtype, seed):
     args, layout = prepared(B, T, H, K, V, C, torch.float64,
                             cu=None if cu is None else torch.tensor(cu), seed=seed)
     NC, N = layout.num_chunks, layout.num_seqs
-    kfac = _factors(NC, K, seed + 1, dtype)
+    kfac = random_state_factors(NC, H, C, K, op_dtype=dtype, seed=seed + 1)
     # the operands from the factors as the op would hold them: the factors' values (rounded to
     # dtype) multiplied out exactly, then rounded once to dtype
     exact = [kfac[0].double(), kfac[1].double()] + [t.double() for t in kfac[2:]]
