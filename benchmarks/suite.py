@@ -99,6 +99,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      mode 2 beside the default at the three bench shapes, the float64 kernel tests with the
      factored pass, and the kernel alone at the state sweeps' shapes.
   s22m  for session 22: the 1.3B step with MDN_STATE_KFAC=1 against the default, crosswise.
+  s22n  session 22: all three state passes on factored operands (MDN_STATE_KFAC=1) beside the
+     default at the three bench shapes, the float64 kernel tests with them, and the forward
+     and the pairs kernels alone.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
   s21h  session 21: the state-halo CP = 2 step with a long limit and stack dumps.
   s21c  session 21: the CP = 2 model test's fp32 variant and the default with one backward
@@ -1734,6 +1737,23 @@ PLANS = {
         ("kfac", 130, [
             ("0", [("state_bwd_kfac", 120, "python3 tools/bench_state_pairs.py --kernel "
                     "state_bwd_kfac --configs ';BV=32,num_warps=8;BV=32' --out {R}/result.json")]),
+        ]),
+    ],
+    # all three passes factored (the forward and the pairs too), the op and the kernels alone
+    "s22n": [
+        ("op", 240, [
+            ("0", [("kernels_kfac3", 230, "python3 tools/bench_kernels.py --shapes 0,1,2 "
+                    "--variant MDN_STATE_KFAC=1 --out {R}/result.json")]),
+            ("1", [("kernel_tests_kfac3", 230, "MDN_STATE_KFAC=1 MDN_RESULTS_DIR={R} " + PT +
+                    " --timeout 225 tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed'")]),
+        ]),
+        ("kfac", 150, [
+            ("0", [("state_fwd_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_fwd_kfac --shapes 0,1,2 --configs ';BV=16;BV=32,num_warps=8' "
+                    "--out {R}/result.json")]),
+            ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
+                    "--out {R}/result.json")]),
         ]),
     ],
     # ... and its 1.3B step, crosswise on the two GPUs (the MFU shape and one 16K sequence)

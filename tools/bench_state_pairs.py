@@ -8,6 +8,7 @@ on the same operands, in one process.
     python tools/bench_state_pairs.py --kernel state_fwd --configs "BV=16;BV=32,num_warps=8" ...
     python tools/bench_state_pairs.py --kernel state_bwd --configs "BV=32;BV=16,num_stages=2" ...
     python tools/bench_state_pairs.py --kernel state_bwd_kfac --configs ";BV=32,num_warps=8" ...
+    python tools/bench_state_pairs.py --kernel state_fwd_kfac --configs ";BV=16" ...
 
 --kernel state_fwd / state_bwd sweep the other two state-pass kernels the same way (MDN_LAUNCH's
 keys for that kernel; "" = the defaults): the W-making pass, and the reverse pass as the lean
@@ -17,7 +18,8 @@ to the defaults' results. --kernel state_bwd_kfac times the reverse pass with it
 loaded as factors (state_pass_bwd_triton's kfac: k̂, T and four row vectors per chunk) at each
 config beside the default pass at its default config, on operands made from the same factors;
 its differences are to the default pass's results (bf16 rounding: the products round at other
-points).
+points). --kernel state_fwd_kfac and state_pairs_kfac do the same for the W-making pass and for
+the pairs from a saved W (that W the default pass's, read with the factors).
 
 Per shape (the op benchmark's two and the 1.3B model's: one 16K sequence, two of 4K) and
 launch config (MDN_LAUNCH's state_pairs keys): the median of do_bench, and the largest
@@ -124,8 +126,9 @@ def _sweep(kernel, sh, configs, run, want, smoke, *, diff_key, spec_of=None, cop
     return rows
 
 
-def sweep_pairs(sh, ops, layout, configs, smoke):
-    """The pairs from the W-making pass's W at each config, against that pass's pairs."""
+def sweep_pairs(sh, ops, layout, configs, smoke, kfac=None):
+    """The pairs from the W-making pass's W at each config, against that pass's pairs (with
+    kfac: read with the factors, not Kg, Km)."""
     import torch
     from mdn_kernels.mdn.state_pass import state_pass_fwd_triton
     N, K, V = layout.num_seqs, sh["K"], sh["V"]
@@ -133,17 +136,20 @@ def sweep_pairs(sh, ops, layout, configs, smoke):
     os.environ.pop("MDN_LAUNCH", None)
     W, *want = state_pass_fwd_triton(*ops, S0, S0.clone(), layout)
     t_fwd = _time(lambda: state_pass_fwd_triton(*ops, S0, S0, layout), smoke)
+    kg_km = ops[3:5] if kfac is None else (None, None)
     return _sweep("state_pairs", sh, configs,
-                  lambda: state_pass_fwd_triton(None, None, None, *ops[3:], S0, S0, layout, W=W)[1:],
+                  lambda: state_pass_fwd_triton(None, None, None, *kg_km, *ops[5:], S0, S0,
+                                                layout, W=W, kfac=kfac)[1:],
                   want, smoke, diff_key="rel_diff_to_w_making_pass",
                   spec_of=lambda cfg: fwd_config(K, V) if cfg == "fwd" else cfg,
-                  extra=dict(w_making_pass_ms=t_fwd))
+                  extra=dict(w_making_pass_ms=t_fwd),
+                  label="state_pairs_kfac" if kfac is not None else None)
 
 
 def sweep_other(kernel, sh, ops, layout, configs, smoke, kfac=None):
     """state_fwd or state_bwd at each launch config: time and difference to the defaults'.
-    kfac (state_bwd): the pass with its operands as these factors at each config, against the
-    default pass at its defaults."""
+    kfac: the pass with its operands as these factors at each config, against the default pass
+    at its defaults."""
     import torch
     from mdn_kernels.mdn.state_pass import state_pass_bwd_triton, state_pass_fwd_triton
     N, K, V, H = layout.num_seqs, sh["K"], sh["V"], sh["H"]
@@ -155,8 +161,10 @@ def sweep_other(kernel, sh, ops, layout, configs, smoke, kfac=None):
     dW = (torch.randn(ops[0].shape, generator=g) * 0.1).to(dev, ops[1].dtype)
     dP = [(torch.randn(S0s.shape, generator=g) * 0.01).to(dev, S0s.dtype) for _ in range(2)]
     if kernel == "state_fwd":
-        def run():
-            return state_pass_fwd_triton(*ops, S0, S0, layout)
+        def run(factors=kfac):
+            given = ops[1:5] if factors is None else (None,) * 4
+            return state_pass_fwd_triton(ops[0], *given, *ops[5:], S0, S0, layout,
+                                         kfac=factors)
         copy_ms = 0.0
     else:
         fresh = [dW.clone(), dP[0].clone(), dP[1].clone()]
@@ -174,7 +182,7 @@ def sweep_other(kernel, sh, ops, layout, configs, smoke, kfac=None):
     want = [t.clone() for t in (run(None) if kfac is not None else run())]
     return _sweep(kernel, sh, configs, run, want, smoke, diff_key="rel_diff_to_default",
                   copy_ms=copy_ms, extra=dict(copies_ms_subtracted=copy_ms),
-                  label="state_bwd_kfac" if kfac is not None else None)
+                  label=f"{kernel}_kfac" if kfac is not None else None)
 
 
 def main(argv=None):
@@ -184,7 +192,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="all", help="indices into SHAPES, e.g. 0,1")
     ap.add_argument("--configs", default=None, help="';'-joined MDN_LAUNCH values for --kernel")
     ap.add_argument("--kernel", default="state_pairs",
-                    choices=["state_pairs", "state_fwd", "state_bwd", "state_bwd_kfac"])
+                    choices=["state_pairs", "state_fwd", "state_bwd", "state_pairs_kfac",
+                             "state_fwd_kfac", "state_bwd_kfac"])
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes under TRITON_INTERPRET=1 (checks the tool, times nothing)")
     args = ap.parse_args(argv)
@@ -198,17 +207,20 @@ def main(argv=None):
     device = "cpu" if args.cpu_smoke else "cuda"
     shapes = SMOKE_SHAPES if args.cpu_smoke else (
         SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")])
-    if args.configs is None and args.kernel != "state_pairs":
+    if args.configs is None and not args.kernel.startswith("state_pairs"):
         ap.error(f"--kernel {args.kernel} needs --configs")
     configs = CONFIGS if args.configs is None else args.configs.split(";")
     rows = []
     for sh in shapes:
         C = 64 if not args.cpu_smoke else 16
-        if args.kernel == "state_bwd_kfac":
+        if args.kernel.endswith("_kfac"):
             ops, kfac, layout = factor_operands(**sh, C=C, device=device)
             # the default pass at its defaults, then the factored one at each config
-            rows += sweep_other("state_bwd", sh, ops, layout, [""], args.cpu_smoke)
-            rows += sweep_other("state_bwd", sh, ops, layout, configs, args.cpu_smoke, kfac=kfac)
+            kernel = args.kernel[:-len("_kfac")]
+            sweep = sweep_pairs if kernel == "state_pairs" else (
+                lambda *a, **kw: sweep_other(kernel, *a, **kw))
+            rows += sweep(sh, ops, layout, [""], args.cpu_smoke)
+            rows += sweep(sh, ops, layout, configs, args.cpu_smoke, kfac=kfac)
             continue
         ops, layout = operands(**sh, C=C, device=device)
         if args.kernel == "state_pairs":

@@ -130,10 +130,16 @@ def state_jobs(K: int, V: int, C: int = 64):
     bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FV="strided",
                END_LATE=False, KFAC=False)
     return {
-        "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True), 4, bf),
+        "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True, KFAC=False), 4, bf),
         # StateOutput's backward re-making the pairs from the saved W (MDN_SAVE_W)
-        "state_pairs": (sp._state_pairs_kernel, dict(base, HAS_INIT=True, **pairs_blocks),
-                        pairs["num_warps"], bf),
+        "state_pairs": (sp._state_pairs_kernel, dict(base, HAS_INIT=True, KFAC=False,
+                                                     **pairs_blocks), pairs["num_warps"], bf),
+        # both on the factors of the four operands (kfac, MDN_STATE_KFAC=1)
+        "state_fwd_kfac": (sp._state_fwd_kernel, dict(base, HAS_INIT=True, KFAC=True), 4,
+                           dict(bf, KH="*bf16", TM="*bf16")),
+        "state_pairs_kfac": (sp._state_pairs_kernel, dict(base, HAS_INIT=True, KFAC=True,
+                                                          **pairs_blocks), pairs["num_warps"],
+                             dict(bf, KH="*bf16")),
         "state_bwd": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
                                                  OPREC="ieee"), 4, bf),
         # the lean node's default: dS_end, dM_end written over the output's pair cotangents

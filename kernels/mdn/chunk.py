@@ -155,14 +155,21 @@ class StateOutput(torch.autograd.Function):
         cs, cl = chunk_bounds(layout.dest, layout.num_chunks, layout.chunk_size)
         segs = [] if fuse_pair_grads else chunk_segments(layout, bwd_segments())
         bounds = (None, None)
+        # the factored passes' operands (state_kfac): k̂ and T in the operand dtype, the row
+        # vectors as they are (fp32); Y, Z, Kg, Km are then neither read nor saved
+        kfac = None if factors is None else (
+            [t.to(sp[1].dtype).contiguous() for t in factors[:2]] + list(factors[2:]))
+        if kfac is not None:
+            sp[1:5] = [None] * 4
         if not any(sg.head_cut for sg in segs):   # the backward alone runs in segments, if any
-            W, S0s, M0s, S, M = state_pass_fwd_triton(*sp, S_init, M_init, layout, allow_tf32)
+            W, S0s, M0s, S, M = state_pass_fwd_triton(*sp, S_init, M_init, layout, allow_tf32,
+                                                      kfac=kfac)
             o = output_forward(*loc, W, S0s, M0s, cs, cl, scale, mm_dtype, out_shape, out_dtype)
             del S0s, M0s
         else:   # a sequence is cut: the forward in segments too, keeping the pairs at the cuts
             W, S, M, o, bounds = _forward_in_segments(loc, sp, S_init, M_init, cs, cl, segs,
                                                       allow_tf32, scale, mm_dtype, out_shape,
-                                                      out_dtype)
+                                                      out_dtype, kfac)
         ctx.save_w = save_w()
         if ctx.save_w:  # W in U's place (same shape and dtype): U is freed with the forward
             sp[0] = W
@@ -174,11 +181,7 @@ class StateOutput(torch.autograd.Function):
         # (non-reentrant checkpoint) saved tensors are dropped after the forward and rebuilt in
         # the backward, a tensor on ctx is not — U held on ctx stayed alive for every layer
         # (4 GiB of the 400M model at 64K tokens, session 4's peak breakdown on the H100).
-        # the factored backward's operands (state_kfac): k̂ and T in the operand dtype, the row
-        # vectors as they are (fp32)
-        kfac = [] if factors is None else (
-            [t.to(sp[1].dtype).contiguous() for t in factors[:2]] + list(factors[2:]))
-        ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl, *norms, *bounds, *kfac)
+        ctx.save_for_backward(*loc, *sp, S_init, M_init, cs, cl, *norms, *bounds, *(kfac or ()))
         ctx.layout, ctx.fuse_pair_grads, ctx.segs = layout, fuse_pair_grads, segs
         lean_save_ctx(ctx, scale, mm_dtype, out_shape, allow_tf32,
                       (t.dtype for t in (U, Y, Z, Kg, Km)), S.shape)
@@ -188,7 +191,7 @@ class StateOutput(torch.autograd.Function):
     def backward(ctx, do, dS_fin, dM_fin):
         loc, sp, rest = lean_saved(ctx)
         S_init, M_init, cs, cl, rq, rk, bS, bM = rest[:8]
-        kfac = rest[8:] or None   # the factored backward's operands (state_kfac)
+        kfac = rest[8:] or None   # the factored passes' operands (state_kfac)
         norms = None if rq is None else (rq, rk)   # qc, kc are the raw q, k
         layout, segs = ctx.layout, ctx.segs
         do, dS_fin, dM_fin = lean_cotangents(ctx, do, dS_fin, dM_fin, loc[2], both_final=False)
@@ -297,7 +300,7 @@ def _segment_rows(seg: Segment, full, carried, at_head: bool):
 
 
 def _forward_in_segments(loc, sp, S_init, M_init, cs, cl, segs, allow_tf32, scale, mm_dtype,
-                         out_shape, out_dtype):
+                         out_shape, out_dtype, kfac=None):
     """StateOutput's forward one segment after another (a sequence is cut): the state pass and
     the output on the sliced chunk tensors, the state carried across each cut in fp32 (the
     segment's final pair of the cut sequence is the next one's initial pair). Returns W (whole),
@@ -305,7 +308,7 @@ def _forward_in_segments(loc, sp, S_init, M_init, cs, cl, segs, allow_tf32, scal
     cut [cuts, H, K, V] (saved: the backward restarts there)."""
     from .chunk_local_fused import output_forward
     from .state_pass import state_pass_fwd_triton
-    W = torch.empty(sp[0].shape, dtype=sp[1].dtype, device=sp[0].device)
+    W = torch.empty(sp[0].shape, dtype=_operand_dtype(sp, kfac), device=sp[0].device)
     o = torch.empty(out_shape, dtype=out_dtype, device=sp[0].device)
     S = M = None
     carried, entering = None, []
@@ -314,8 +317,9 @@ def _forward_in_segments(loc, sp, S_init, M_init, cs, cl, segs, allow_tf32, scal
         S_in, M_in = _segment_rows(sg, (S_init, M_init), carried, at_head=True)
         if sg.head_cut:
             entering.append((S_in[:1], M_in[:1]))
-        Wk, S0s, M0s, Sk, Mk = state_pass_fwd_triton(*(t[c0:c1] for t in sp), S_in, M_in,
-                                                     sg.layout, allow_tf32, w_out=W[c0:c1])
+        Wk, S0s, M0s, Sk, Mk = state_pass_fwd_triton(*_rows(sp, c0, c1), S_in, M_in, sg.layout,
+                                                     allow_tf32, w_out=W[c0:c1],
+                                                     kfac=kfac and _rows(kfac, c0, c1))
         output_forward(*(t[c0:c1] for t in loc), Wk, S0s, M0s, cs[c0:c1], cl[c0:c1], scale,
                        mm_dtype, out_shape, out_dtype, out=o)
         del Wk, S0s, M0s
@@ -326,6 +330,16 @@ def _forward_in_segments(loc, sp, S_init, M_init, cs, cl, segs, allow_tf32, scal
         carried = (Sk[done:], Mk[done:]) if sg.tail_cut else None
     bounds = tuple(torch.cat([e[i] for e in entering]) for i in (0, 1))
     return W, S, M, o, bounds
+
+
+def _rows(ts, c0: int, c1: int) -> list:
+    """The chunk tensors `ts` sliced to chunks [c0, c1) (None stays None)."""
+    return [None if t is None else t[c0:c1] for t in ts]
+
+
+def _operand_dtype(sp, kfac) -> torch.dtype:
+    """The state pass's operand dtype: Y's, or k̂'s where the factors replace the operands."""
+    return (sp[1] if kfac is None else kfac[0]).dtype
 
 
 def _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_fin, layout,
@@ -344,9 +358,10 @@ def _lean_backward(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, dS_fin, dM_f
     o = out if out is not None else [None] * 12
     if ctx.save_w:  # the pairs alone, from the saved W
         W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(None, *sp[1:], S_init, M_init,
-                                                          layout, tf32, W=sp[0])
+                                                          layout, tf32, W=sp[0], kfac=kfac)
     else:
-        W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(*sp, S_init, M_init, layout, tf32)
+        W, S0s, M0s, S_fin, M_fin = state_pass_fwd_triton(*sp, S_init, M_init, layout, tf32,
+                                                          kfac=kfac)
     del sp, S_fin, M_fin
     # split (pair_grads_first): dW and the output's pair cotangents first, its other
     # gradients after the state pass's backward and the products that free the end
@@ -413,11 +428,12 @@ def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, 
     pass restarts from the saved fp32 pair (`bounds`, the forward's) and carries the fp32
     cotangent of the cut sequence's state back to the segment before."""
     dev = sp[0].device
-    out = [torch.empty(sp[1].shape, dtype=torch.float32, device=dev) for _ in range(2)]
+    ck_shape = (sp[1] if kfac is None else kfac[0]).shape   # [NC, H, C, K]
+    out = [torch.empty(ck_shape, dtype=torch.float32, device=dev) for _ in range(2)]
     out += [torch.empty_like(t) for t in loc[2:]]
-    pdt = sp[1].dtype   # the products' dtype (the operand dtype: W's)
+    pdt = _operand_dtype(sp, kfac)   # the products' dtype (the operand dtype: W's)
     out += [torch.empty(sp[0].shape, dtype=pdt, device=dev)]
-    out += [torch.empty(sp[1].shape, dtype=pdt, device=dev) for _ in range(4)]
+    out += [torch.empty(ck_shape, dtype=pdt, device=dev) for _ in range(4)]
     out += [torch.empty(3, *sp[5].shape, dtype=torch.float32, device=dev)]
     dS_i = dM_i = None
     if init_grad:
@@ -426,7 +442,7 @@ def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, 
     carried = None
     for sg in reversed(segs):
         c0, c1, n0, n1 = sg.c0, sg.c1, sg.n0, sg.n1
-        part = lambda ts: [None if t is None else t[c0:c1] for t in ts]  # noqa: E731
+        part = lambda ts: _rows(ts, c0, c1)  # noqa: E731
         entering = None
         if sg.head_cut:
             cut -= 1
@@ -449,13 +465,15 @@ def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, 
 
 
 def state_kfac() -> bool:
-    """MDN_STATE_KFAC: "1" StateOutput's state-pass backward reads its four C×K operands as
-    factors (k̂, T and four row vectors per chunk: state_pass_bwd_triton's kfac), 1 operand
+    """MDN_STATE_KFAC: "1" StateOutput's state passes (the forward, the backward's recompute of
+    the pairs and the reverse pass) read their four C×K operands as factors (k̂, T and four row
+    vectors per chunk: the kfac of state_pass_fwd_triton and state_pass_bwd_triton), 1 operand
     tile per chunk in place of 4; the products round at other points (bf16-size differences).
-    "0" (default): Kg, Km, Y, Z as stored. Opt-in until measured on a GPU (plan s22k). It keeps
-    k̂ and T in the operand dtype and the four fp32 vectors from the forward to the backward
-    besides what the default keeps (2·K + 2·C + 16 bytes per token and head in bf16), which
-    mdn_scale.train.memory does not count yet."""
+    StateOutput then keeps k̂ and T in the operand dtype and c_g, c_m (fp32) from the forward to
+    the backward instead of Y, Z, Kg, Km: 2K + 2C + 8 bytes per token and head in place of 8K
+    (bf16; mdn_scale.train.memory counts it). "0" (default): Kg, Km, Y, Z as stored. CP's
+    passes (mdn_kernels.cp) always read the operands. Only the reverse pass was measured on a
+    GPU (plan s22k: 10% faster alone at K = 256, 21% slower at K = 128)."""
     return _flag("MDN_STATE_KFAC", "0")
 
 

@@ -51,14 +51,35 @@ def next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C: tl.con
 
 
 @triton.jit
+def next_pair_tiles_kfac(s, m, w, kh_t, CG, CM, A_END, G_END, U_END, ch, o_c, C: tl.constexpr,
+                         PREC: tl.constexpr):
+    """next_pair_tiles on the factors (KFAC, see _state_bwd_kernel): Kgᵀ W = k̂ᵀ (c_g ⊙ W),
+    Kmᵀ W = k̂ᵀ (c_m ⊙ W), with kh_t the program's rows of k̂ transposed [BK, C] and w the
+    chunk's W as stored (the operand dtype: the pass that made W and the pass that reads it
+    back scale the same values)."""
+    cg = tl.load(CG + ch * C + o_c)
+    cm = tl.load(CM + ch * C + o_c)
+    wf = w.to(cg.dtype)   # fp32 (fp64 with fp64 operands)
+    a = tl.load(A_END + ch)
+    g = tl.load(G_END + ch)
+    uu = tl.load(U_END + ch)
+    s_new = a * s - g * m - tl.dot(kh_t, (cg[:, None] * wf).to(kh_t.dtype), input_precision=PREC)
+    m_new = uu * m + tl.dot(kh_t, (cm[:, None] * wf).to(kh_t.dtype), input_precision=PREC)
+    return s_new, m_new
+
+
+@triton.jit
 def _state_fwd_kernel(
     U, Y, Z, KG, KM, A_END, G_END, U_END, S_INIT, M_INIT,
     W, S0S, M0S, S_FIN, M_FIN, OFFSETS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    KH=None, TM=None, ELE=None, G0R=None, CG=None, CM=None, KFAC: tl.constexpr = False,
 ):
     # W = U + Y S − Z M contracts over all K rows of the pair, so one program holds them all
     # (BK ≥ K) and only the value columns split.
+    # KFAC: Y, Z, Kg, Km are not read; W = U + T (e^{le} ⊙ k̂ S − γ⁻ ⊙ k̂ M) and the pair's
+    # step next_pair_tiles_kfac, from k̂ [C, BK] (one tile), T [C, C] and four row vectors.
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -80,12 +101,22 @@ def _state_fwd_kernel(
         ch = c * H + i_h
         tl.store(S0S + ch * K * V + kv, s.to(S0S.dtype.element_ty), mask=m_kv)
         tl.store(M0S + ch * K * V + kv, m.to(M0S.dtype.element_ty), mask=m_kv)
-        y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
-        z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
-        w = u + tl.dot(y, s.to(y.dtype), input_precision=PREC) - tl.dot(z, m.to(z.dtype), input_precision=PREC)
-        tl.store(W + ch * C * V + cv, w.to(W.dtype.element_ty), mask=m_v[None, :])
-        s, m = next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C, K, PREC)
+        if KFAC:
+            kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+            x = (tl.load(ELE + ch * C + o_c)[:, None] * tl.dot(kh, s.to(kh.dtype), input_precision=PREC)
+                 - tl.load(G0R + ch * C + o_c)[:, None] * tl.dot(kh, m.to(kh.dtype), input_precision=PREC))
+            tm = tl.load(TM + ch * C * C + o_c[:, None] * C + o_c[None, :])
+            w = (u + tl.dot(tm, x.to(tm.dtype), input_precision=PREC)).to(W.dtype.element_ty)
+            tl.store(W + ch * C * V + cv, w, mask=m_v[None, :])
+            s, m = next_pair_tiles_kfac(s, m, w, tl.trans(kh), CG, CM, A_END, G_END, U_END, ch,
+                                        o_c, C, PREC)
+        else:
+            y = tl.load(Y + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+            z = tl.load(Z + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+            w = u + tl.dot(y, s.to(y.dtype), input_precision=PREC) - tl.dot(z, m.to(z.dtype), input_precision=PREC)
+            tl.store(W + ch * C * V + cv, w.to(W.dtype.element_ty), mask=m_v[None, :])
+            s, m = next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C, K, PREC)
     tl.store(S_FIN + i_nh * K * V + kv, s, mask=m_kv)
     tl.store(M_FIN + i_nh * K * V + kv, m, mask=m_kv)
 
@@ -95,6 +126,7 @@ def _state_pairs_kernel(
     W, KG, KM, A_END, G_END, U_END, S_INIT, M_INIT, S0S, M0S, S_FIN, M_FIN, OFFSETS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    KH=None, CG=None, CM=None, KFAC: tl.constexpr = False,
 ):
     # The pairs alone from a given W (a forward's output, saved): S' = a S − g M − Kgᵀ W and
     # M' = u M + Kmᵀ W. Given W, a row of the pair depends only on the same row before (the
@@ -124,7 +156,12 @@ def _state_pairs_kernel(
         tl.store(S0S + ch * K * V + kv, s.to(S0S.dtype.element_ty), mask=m_kv)
         tl.store(M0S + ch * K * V + kv, m.to(M0S.dtype.element_ty), mask=m_kv)
         w = tl.load(W + ch * C * V + cv, mask=m_v[None, :], other=0.0)
-        s, m = next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C, K, PREC)
+        if KFAC:   # the rows o_k of k̂, transposed, in place of Kg's and Km's
+            kh_t = tl.load(KH + ch * C * K + kc, mask=m_k[:, None], other=0.0)
+            s, m = next_pair_tiles_kfac(s, m, w, kh_t, CG, CM, A_END, G_END, U_END, ch, o_c, C,
+                                        PREC)
+        else:
+            s, m = next_pair_tiles(s, m, w, KG, KM, A_END, G_END, U_END, ch, kc, m_k, C, K, PREC)
     tl.store(S_FIN + i_nh * K * V + kv, s, mask=m_kv)
     tl.store(M_FIN + i_nh * K * V + kv, m, mask=m_kv)
 
@@ -343,34 +380,50 @@ def fits_shared_memory(K: int, storage_dtype: torch.dtype, chunk: int = 64) -> b
     return tiles <= 160 * 1024
 
 
+def _operand_kind(Y, kfac):
+    """(K, the operand dtype) from Y, or from kfac's k̂ where the operands are not given."""
+    ref = Y if Y is not None else (kfac[0] if kfac else None)
+    if ref is None:
+        raise ValueError("the state pass needs its operands (Y, Z, Kg, Km) or kfac")
+    return ref.shape[-1], ref.dtype
+
+
 def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout,
-                          allow_tf32: bool = False, W=None, w_out=None):
+                          allow_tf32: bool = False, W=None, w_out=None, kfac=None):
     """W and the per-chunk pairs come back in the operand dtype (bf16 for 16-bit models, where
     they only feed bf16 products); the final pair in fp32 (fp64 for fp64).
 
     W given (what an earlier pass over the same operands returned): only the pairs are made
     (_state_pairs_kernel: K splits across programs too), the same sums as that pass's, and U,
     Y, Z may be None (they are not read; W is returned as is).
-    w_out (W not given): the buffer W is written into (a contiguous slice of a larger one)."""
+    w_out (W not given): the buffer W is written into (a contiguous slice of a larger one).
+    kfac = (kh, tm, ele, g0r, cg, cm) (state_pass_bwd_triton's; opt-in, chunk.state_kfac): the
+    passes read these factors and Y, Z, Kg, Km may be None. Other roundings than the operands'
+    (k̂ S and the scaled W are rounded where the stored Y, Kg were); a W made with kfac gives,
+    read back with kfac, the same pairs bit for bit."""
     if W is not None:
-        return _pairs_from_w(W, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, allow_tf32)
+        return _pairs_from_w(W, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, allow_tf32,
+                             kfac=kfac)
     NC, H, C, V = U.shape
-    K = Kg.shape[-1]
+    K, odt = _operand_kind(Y, kfac)
+    if kfac is not None:
+        kfac = _check_kfac(kfac, NC, H, C, K, odt)
+        Y = Z = Kg = Km = U   # not read
     N = layout.num_seqs
     sdt = torch.float64 if U.dtype == torch.float64 else torch.float32
     if w_out is not None:
-        if w_out.shape != U.shape or w_out.dtype != Y.dtype or not w_out.is_contiguous():
-            raise ValueError(f"w_out: needs a contiguous {Y.dtype} tensor of shape "
+        if w_out.shape != U.shape or w_out.dtype != odt or not w_out.is_contiguous():
+            raise ValueError(f"w_out: needs a contiguous {odt} tensor of shape "
                              f"{tuple(U.shape)}, got {w_out.dtype} {tuple(w_out.shape)}")
         W = w_out
     else:
-        W = torch.empty(U.shape, dtype=Y.dtype, device=U.device)
-    S0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
-    M0s = U.new_empty(NC, H, K, V, dtype=Y.dtype)
+        W = torch.empty(U.shape, dtype=odt, device=U.device)
+    S0s = U.new_empty(NC, H, K, V, dtype=odt)
+    M0s = U.new_empty(NC, H, K, V, dtype=odt)
     S_fin = U.new_empty(N, H, K, V, dtype=sdt)
     M_fin = U.new_empty(N, H, K, V, dtype=sdt)
     BK = triton.next_power_of_2(K)
-    shape = (K, V) if Y.dtype.itemsize == 2 else None
+    shape = (K, V) if odt.itemsize == 2 else None
     lp = launch.params("state_fwd", shape=shape, **launch_defaults(K, V))
     few = launch.fewer_programs_than_sms(triton.cdiv(V, lp["BV"]) * N * H, U.device)
     if few:   # the same blocks, FEW_PROGRAMS' warps (launch.py)
@@ -382,19 +435,28 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
         S_init if has_init else U, M_init if has_init else U,
         W, S0s, M0s, S_fin, M_fin, layout.seq_chunk_offsets,
         H=H, K=K, V=V, C=C, BK=BK, HAS_INIT=has_init,
-        PREC=_precision(Y.dtype, allow_tf32), **lp,
+        PREC=_precision(odt, allow_tf32), **_kfac_args(kfac), **lp,
     )
     return W, S0s, M0s, S_fin, M_fin
 
 
-def _pairs_from_w(W, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, allow_tf32):
+def _kfac_args(kfac, names=("KH", "TM", "ELE", "G0R", "CG", "CM")) -> dict:
+    """The kernels' KFAC arguments for kfac's tensors (none without)."""
+    return dict(zip(names, kfac), KFAC=True) if kfac else {}
+
+
+def _pairs_from_w(W, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, allow_tf32,
+                  kfac=None):
     """state_pass_fwd_triton with W given: _state_pairs_kernel over (value block, key block,
     sequence·head). Returns W itself, S0s, M0s, S_fin, M_fin."""
-    if W.dtype != Kg.dtype or not W.is_contiguous():
-        raise ValueError(f"W given: needs a contiguous {Kg.dtype} tensor (the operand dtype), "
-                         f"got {W.dtype}")
     NC, H, C, V = W.shape
-    K = Kg.shape[-1]
+    K, odt = _operand_kind(Kg, kfac)
+    if W.dtype != odt or not W.is_contiguous():
+        raise ValueError(f"W given: needs a contiguous {odt} tensor (the operand dtype), "
+                         f"got {W.dtype}")
+    if kfac is not None:
+        kh, _, _, _, cg, cm = _check_kfac(kfac, NC, H, C, K, odt)
+        Kg = Km = W   # not read
     N = layout.num_seqs
     sdt = torch.float64 if W.dtype == torch.float64 else torch.float32
     S0s = W.new_empty(NC, H, K, V)
@@ -409,7 +471,8 @@ def _pairs_from_w(W, Kg, Km, a_end, g_end, u_end, S_init, M_init, layout, allow_
         W, Kg, Km, a_end, g_end, u_end,
         S_init if has_init else W, M_init if has_init else W,
         S0s, M0s, S_fin, M_fin, layout.seq_chunk_offsets,
-        H=H, K=K, V=V, C=C, HAS_INIT=has_init, PREC=_precision(W.dtype, allow_tf32), **lp,
+        H=H, K=K, V=V, C=C, HAS_INIT=has_init, PREC=_precision(W.dtype, allow_tf32),
+        **_kfac_args(kfac and (kh, cg, cm), ("KH", "CG", "CM")), **lp,
     )
     return W, S0s, M0s, S_fin, M_fin
 
@@ -477,9 +540,10 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     still gives K and the operand dtype). StateOutput passes them under MDN_STATE_KFAC=1
     (chunk.state_kfac, opt-in until measured on a GPU)."""
     NC, H, C, V = dW.shape
-    K = Y.shape[-1]
+    K, odt = _operand_kind(Y, kfac)
     if kfac is not None:
-        kfac = _check_kfac(kfac, NC, H, C, K, Y.dtype)
+        kfac = _check_kfac(kfac, NC, H, C, K, odt)
+        Y = Z = Kg = Km = kfac[0]   # not read (Y gives the fused output's dummy pointers)
     N = layout.num_seqs
     sdt = torch.float64 if dW.dtype == torch.float64 else torch.float32
     if init_only:   # dummies for the pointers the kernel does not touch
@@ -544,8 +608,7 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
         H=H, K=K, V=V, C=C, BK=BK, PREC=_precision(Y.dtype, allow_tf32),
         FUSE_OUT=fuse_out is not None, OMMDT=ommdt, OPREC=oprec, HAS_DFIN=has_dfin,
         STORE_DINIT=init_grad, INIT_ONLY=init_only, FV=fv, END_LATE=end_over_pair_grads,
-        **(dict(zip(("KH", "TM", "ELE", "G0R", "CG", "CM"), kfac), KFAC=True) if kfac else {}),
-        **lp,
+        **_kfac_args(kfac), **lp,
     )
     if init_only:
         return dS_init, dM_init

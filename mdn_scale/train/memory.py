@@ -55,7 +55,9 @@ the layer output's dtype)
                                        conv output, which the kernels read with its strides and
                                        which is counted above (MDN_RAW_QK=0: the fp32 chunks,
                                        4 · 2K)
-                       2 · 4K          Y, Z, Kg, Km (bf16, the state pass's operands)
+                       2 · 4K          Y, Z, Kg, Km (bf16, the state pass's operands);
+                                       MDN_STATE_KFAC=1 (outside CP) their factors instead:
+                                       k̂ and T in bf16, c_g, c_m fp32: 2K + 2C + 8
                        4 · 2C          (I + A)⁻¹ and Γ (fp32 C×C per chunk)
                        4 · 7           e^{le}, γ⁻, l2norm scales, η, log α cumsum, g0 (fp32)
                        2 V             W (bf16, kept to recompute the pairs; MDN_SAVE_W=0: U,
@@ -313,7 +315,8 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
     backward runs), 'op_chunk_tensors' and 'op_state_pairs' (the op's own), and the op's
     backward workspace ('op_backward'). See the module docstring."""
     # the op's backward orders, as the op reads them from the environment
-    from mdn_kernels.mdn.chunk import end_over_pair_grads, pair_grads_first, raw_qk, save_w
+    from mdn_kernels.mdn.chunk import (end_over_pair_grads, pair_grads_first, raw_qk, save_w,
+                                       state_kfac)
 
     a = _act_bytes(lay.precision)
     d, K, V, C, W = cfg.hidden_size, cfg.head_k_dim, cfg.head_v_dim, cfg.chunk_size, cfg.conv_size
@@ -340,7 +343,10 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         # 2V in the op's chunk terms: W (StateOutput; U with MDN_SAVE_W=0; StatePass under CP);
         # the op's q̂, k̂: the corrected q (raw_qk; k is a view of the conv output) or fp32 chunks
         qk = 2 * K if raw_qk() else 4 * 2 * K
-        chunk = H_l * (qk + 2 * 4 * K + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C)
+        # the state pass's operands, or StateOutput's factors of them (MDN_STATE_KFAC=1; e^{le}
+        # and γ⁻ are LocalPrepare's own, counted in 4·7)
+        operands = 2 * K + 2 * C + 4 * 2 if state_kfac() and lay.cp == 1 else 2 * 4 * K
+        chunk = H_l * (qk + operands + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C)
         out_grads = 4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C
         lean, seg = cp_lean(lay)
         pair = 2 * 2 * K * V / C

@@ -1,8 +1,9 @@
-"""The op with its state pass's backward on factored operands (MDN_STATE_KFAC=1: StateOutput
-hands k̂, T, e^{le}, γ⁻, c_g, c_m from LocalPrepare to state_pass_bwd_triton's kfac) against the
-default (Kg, Km, Y, Z as stored), fp32 under TRITON_INTERPRET=1: outputs and every gradient,
-initial states included, to fp32 rounding of the other product order; in one backward segment
-and in segments that cut a sequence. The factored pass must actually run (spied)."""
+"""The op with its state passes on factored operands (MDN_STATE_KFAC=1: StateOutput hands k̂, T,
+e^{le}, γ⁻, c_g, c_m from LocalPrepare to the kfac of state_pass_fwd_triton, forward and
+recompute, and of state_pass_bwd_triton, and saves no Kg, Km, Y, Z) against the default (Kg,
+Km, Y, Z as stored), fp32 under TRITON_INTERPRET=1: outputs and every gradient, initial states
+included, to fp32 rounding of the other product order; in one backward segment and in segments
+that cut a sequence. Every pass must actually run factored (spied), with no operand given."""
 import pytest
 import torch
 
@@ -36,18 +37,27 @@ def test_factored_state_backward_is_the_default(case, segments, fused_on, monkey
     xs = random_inputs(B, T, H, K, V, dtype=torch.float32, seed=41, with_state=True,
                        num_states=N)
     monkeypatch.setenv("MDN_BWD_SEGMENTS", segments)
-    seen = []
-    real = state_pass.state_pass_bwd_triton
+    seen = {"fwd": [], "bwd": []}
 
-    def spy(*a, **kw):
-        seen.append(kw.get("kfac") is not None)
-        return real(*a, **kw)
-    monkeypatch.setattr(state_pass, "state_pass_bwd_triton", spy)
+    def spy(which, real, operands):
+        def run(*a, **kw):   # (factored, no operand given) per call
+            seen[which].append((kw.get("kfac") is not None,
+                                all(t is None for t in operands(a))))
+            return real(*a, **kw)
+        return run
+    monkeypatch.setattr(state_pass, "state_pass_fwd_triton", spy(
+        "fwd", state_pass.state_pass_fwd_triton, lambda a: a[1:5]))
+    monkeypatch.setattr(state_pass, "state_pass_bwd_triton", spy(
+        "bwd", state_pass.state_pass_bwd_triton, lambda a: a[:4]))
     base = _run(xs, cu, monkeypatch, "0", **opts)
-    assert seen and not any(seen)
-    seen.clear()
+    # the forward, the backward's recompute of the pairs, the reverse pass: per segment
+    for calls in seen.values():
+        assert calls and all(c == (False, False) for c in calls), seen
+    seen = {"fwd": [], "bwd": []}
     got = _run(xs, cu, monkeypatch, "1", **opts)
-    assert seen and all(seen), seen
+    assert len(seen["fwd"]) >= 2 and seen["bwd"], seen
+    for calls in seen.values():
+        assert all(c == (True, True) for c in calls), seen
     for n, a, b in zip(NAMES, got, base):
         assert a.dtype == b.dtype and a.shape == b.shape, n
         err = ((a - b).norm() / b.norm()).item()

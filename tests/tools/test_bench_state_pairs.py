@@ -3,6 +3,8 @@ config runs, including ones with blocks larger than K or V, makes the W-making p
 float rounding, and the JSON names its card as a smoke run."""
 import json
 
+import pytest
+
 from tool_loader import load_tool
 
 
@@ -38,18 +40,23 @@ def test_the_other_state_kernels_sweep(tmp_path):
         assert "takes" in rows[3]["error"], rows[3]
 
 
-def test_the_factored_reverse_pass_beside_the_default(tmp_path):
-    """--kernel state_bwd_kfac: the default reverse pass at its defaults first, then the pass
-    with its operands as factors at each config, on operands made from the same factors: its
-    results differ from the default's by bf16 rounding only (other rounding points), not more."""
+@pytest.mark.parametrize("kernel,diff_key", [("state_bwd", "rel_diff_to_default"),
+                                             ("state_fwd", "rel_diff_to_default"),
+                                             ("state_pairs", "rel_diff_to_w_making_pass")])
+def test_the_factored_passes_beside_the_default(kernel, diff_key, tmp_path):
+    """--kernel <pass>_kfac: the default pass at its defaults first, then the pass with its
+    operands as factors at each config, on operands made from the same factors: its results
+    differ from the default's by bf16 rounding only (other rounding points), not more."""
     tool = load_tool("bench_state_pairs")
     out = tmp_path / "kfac.json"
-    tool.main(["--cpu-smoke", "--kernel", "state_bwd_kfac", "--configs", ";BV=16",
+    blocks = "BK=16,BV=16" if kernel == "state_pairs" else "BV=16"
+    tool.main(["--cpu-smoke", "--kernel", f"{kernel}_kfac", "--configs", f";{blocks}",
                "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(r["kernel"], r["config"]) for r in rows] == [
-        ("state_bwd", "default"), ("state_bwd_kfac", "default"), ("state_bwd_kfac", "BV=16")]
-    assert rows[0]["rel_diff_to_default"] == 0.0
+        (kernel, "default"), (f"{kernel}_kfac", "default"), (f"{kernel}_kfac", blocks)]
+    if kernel != "state_pairs":   # the pairs' default row is already the W-making pass's
+        assert rows[0][diff_key] == 0.0
     for r in rows[1:]:
         assert "error" not in r, r
-        assert 0 < r["rel_diff_to_default"] < 3e-2, r
+        assert 0 < r[diff_key] < 3e-2, r

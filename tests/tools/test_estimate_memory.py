@@ -107,6 +107,14 @@ def test_estimate_by_hand_bf16_recompute_chunked_loss(monkeypatch):
     assert t0["op_chunk_tensors"] == 2 * (128 + 128 + 512 + 28 + 64 + 12 / 64) == 1720.375
     assert t0["around_op"] == t["around_op"] + 128
     monkeypatch.delenv("MDN_RAW_QK")
+    # MDN_STATE_KFAC=1: the factors k̂, T (bf16) and c_g, c_m (fp32) kept in place of Y Z Kg Km
+    # (2K + 2C + 8 against 8K: more at this small head, less from K > C/3 + 1 on); not under CP
+    monkeypatch.setenv("MDN_STATE_KFAC", "1")
+    tk = layer_activation_terms(cfg, Layout(precision="bf16"))
+    assert tk["op_chunk_tensors"] == 2 * (32 + (32 + 128 + 8) + 512 + 28 + 64 + 12 / 64)
+    cp2_kfac = layer_activation_terms(cfg, Layout(precision="bf16", cp=2))
+    monkeypatch.delenv("MDN_STATE_KFAC")
+    assert cp2_kfac == layer_activation_terms(cfg, Layout(precision="bf16", cp=2))
     # the pairs are recomputed in the backward (StateOutput), kept only under CP
     assert t["op_state_pairs"] == 0
     cp2 = layer_activation_terms(cfg, Layout(precision="bf16", cp=2))
