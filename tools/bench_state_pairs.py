@@ -180,7 +180,9 @@ def sweep_other(kernel, sh, ops, layout, configs, smoke, kfac=None):
                                          end_over_pair_grads=True, kfac=factors)[:3]
         copy_ms = _time(copies, smoke) or 0.0
     want = [t.clone() for t in (run(None) if kfac is not None else run())]
-    return _sweep(kernel, sh, configs, run, want, smoke, diff_key="rel_diff_to_default",
+    # the factored forward has its own launch key (launch.KERNELS); the reverse pass shares one
+    key = "state_fwd_kfac" if kfac is not None and kernel == "state_fwd" else kernel
+    return _sweep(key, sh, configs, run, want, smoke, diff_key="rel_diff_to_default",
                   copy_ms=copy_ms, extra=dict(copies_ms_subtracted=copy_ms),
                   label=f"{kernel}_kfac" if kfac is not None else None)
 

@@ -16,7 +16,8 @@ MDN_FUSED_FP32_DOT=tf32x3 sets it for every kernel) or 1 "tf32x3" (three TF32 MM
 cores, about fp32 accuracy); the one launch key that changes how an element's sum is formed
 (still to about fp32 accuracy), not only its order.
 
-Names: state_fwd, state_bwd (the state pass), state_pairs (its pairs re-made from a saved W),
+Names: state_fwd, state_bwd (the state pass), state_fwd_kfac (the forward on factored operands,
+MDN_STATE_KFAC=1), state_pairs (its pairs re-made from a saved W),
 output_fwd, output_bwd, output_bwd_dw (the output and its gradients), prepare_a, prepare_c,
 prepare_bwd_t, prepare_bwd_k, prepare_bwd_decay (the chunk-local preparation). Keys: BK, BV
 (powers of two, at least 16, where the kernel has them), num_warps (1, 2, 4, 8 or 16),
@@ -28,7 +29,7 @@ from __future__ import annotations
 import functools
 import os
 
-KERNELS = ("state_fwd", "state_pairs", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw",
+KERNELS = ("state_fwd", "state_fwd_kfac", "state_pairs", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw",
            "prepare_a", "prepare_c", "prepare_bwd_t", "prepare_bwd_k", "prepare_bwd_decay")
 _KEYS = ("BK", "BV", "num_warps", "num_stages", "f32dot")
 _parsed: tuple[str, dict] | None = None
@@ -43,6 +44,9 @@ _parsed: tuple[str, dict] | None = None
 # the default's, the float64 GPU test passed; kernels_h100_v13_k256_out_fwd_w4.json).
 TUNED: dict[str, dict[int, dict[str, int]]] = {
     "state_fwd": {128: dict(BV=64, num_warps=8, num_stages=2), 256: dict(BV=32)},
+    # the same blocks on factored operands (plan s22n, H200: 0.632 ms against the default
+    # pass's 0.592 at K = 128, 1.876 against 2.133 at K = 256; state_fwd_h200_v22_kfac.json)
+    "state_fwd_kfac": {128: dict(BV=64, num_warps=8, num_stages=2), 256: dict(BV=32)},
     "state_bwd": {128: dict(num_stages=2)},
     "output_fwd": {128: dict(BK=64, BV=128), 256: dict(BK=64, BV=128, num_warps=4)},
     "output_bwd": {128: dict(BK=64), 256: dict(BK=64, BV=128)},
@@ -59,8 +63,12 @@ TUNED: dict[str, dict[int, dict[str, int]]] = {
 # programs than SMs 8 warps were slower (2 × 4K: 0.904 against 0.692 ms; 8 × 4K: 2.782 against
 # 2.099). tools/bench_state_pairs.py --kernel state_fwd, plan s20t,
 # benchmarks/results/state_fwd_h200_v20_sweep.json.
+# On factored operands (MDN_STATE_KFAC=1) 8 warps at K = 256 gave NaN (plan s22n; refused in
+# state_pass.state_pass_fwd_triton) and half the value block on 4 warps ran fastest with one 16K
+# sequence: 1.281 ms against the default pass's 1.782 on 8 warps.
 FEW_PROGRAMS: dict[str, dict[int, dict[str, int]]] = {
     "state_fwd": {256: dict(num_warps=8)},
+    "state_fwd_kfac": {256: dict(BV=16)},
 }
 
 

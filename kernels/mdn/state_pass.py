@@ -424,10 +424,15 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     M_fin = U.new_empty(N, H, K, V, dtype=sdt)
     BK = triton.next_power_of_2(K)
     shape = (K, V) if odt.itemsize == 2 else None
-    lp = launch.params("state_fwd", shape=shape, **launch_defaults(K, V))
+    name = "state_fwd" if kfac is None else "state_fwd_kfac"
+    lp = launch.params(name, shape=shape, **launch_defaults(K, V))
     few = launch.fewer_programs_than_sms(triton.cdiv(V, lp["BV"]) * N * H, U.device)
-    if few:   # the same blocks, FEW_PROGRAMS' warps (launch.py)
-        lp = launch.params("state_fwd", shape=shape, few_programs=True, **launch_defaults(K, V))
+    if few:   # FEW_PROGRAMS' values (launch.py)
+        lp = launch.params(name, shape=shape, few_programs=True, **launch_defaults(K, V))
+    if kfac is not None and BK >= 256 and lp["num_warps"] > 4:
+        # Triton 3.6.0 on an H200 (plan s22n): NaN in W and the pairs where 4 warps were right
+        raise ValueError(f"state_fwd_kfac: num_warps {lp['num_warps']} at K = {K} gave NaN on "
+                         "an H200; 4 warps only (MDN_LAUNCH)")
     has_init = S_init is not None
     grid = (triton.cdiv(V, lp["BV"]), N * H)
     wgmma.kernel(_state_fwd_kernel, "state_fwd")[grid](

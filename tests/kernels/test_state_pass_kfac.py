@@ -123,7 +123,7 @@ def test_kfac_forward_is_the_default_pass_float64(shape, lay, monkeypatch):
     """float64, several value and key blocks (the last ones masked): the factored forward's W,
     per-chunk pairs and final pair equal the default forward's on the operands made from the
     same factors; the pairs from that W (_state_pairs_kernel) too, factored or not."""
-    monkeypatch.setenv("MDN_LAUNCH", "state_fwd:BV=16")
+    monkeypatch.setenv("MDN_LAUNCH", "state_fwd:BV=16;state_fwd_kfac:BV=16")
     ops, gates, rest, kfac, layout = _case(shape, lay, torch.float64, seed=4)
     want = _run_fwd(ops, gates, rest, layout)
     got = _run_fwd(ops, gates, rest, layout, kfac=kfac)
@@ -143,7 +143,7 @@ def test_kfac_forward_bf16(lay, monkeypatch):
     use the rounded Y, Z, Kg, Km) stays within twice the default forward's, for every output;
     and the pairs read back from its W with the factors are its own pairs, bit for bit (the
     lean backward's recompute)."""
-    monkeypatch.setenv("MDN_LAUNCH", "state_fwd:BV=16")
+    monkeypatch.setenv("MDN_LAUNCH", "state_fwd:BV=16;state_fwd_kfac:BV=16")
     assert SHAPES[0]["K"] <= 64
     ops16, gates, rest16, kfac16, layout = _case(SHAPES[0], lay, torch.bfloat16, seed=6)
     ops64 = [t.contiguous() for t in operands_from_factors(*[t.double() for t in kfac16])]
@@ -173,3 +173,17 @@ def test_kfac_forward_names_a_bad_factor():
     with pytest.raises(ValueError, match="kfac: cm"):
         W = _run_fwd(ops, gates, rest, layout)[0]
         _run_fwd(ops, gates, rest, layout, kfac=kfac[:5] + [kfac[5][:, :1]], W=W)
+
+
+def test_kfac_forward_refuses_8_warps_at_k256(monkeypatch):
+    """8 warps at K = 256 gave NaN on an H200 (plan s22n): refused by name before the launch;
+    4 warps at the same K run (interpreted here; compared on the GPU)."""
+    shape = dict(K=200, V=16)   # BK = 256
+    ops, gates, rest, kfac, layout = _case(shape, LAYOUTS[0], torch.float64, seed=7)
+    monkeypatch.setenv("MDN_LAUNCH", "state_fwd_kfac:num_warps=8")
+    with pytest.raises(ValueError, match="state_fwd_kfac: num_warps 8 at K = 200"):
+        _run_fwd(ops, gates, rest, layout, kfac=kfac)
+    monkeypatch.setenv("MDN_LAUNCH", "state_fwd_kfac:num_warps=4")
+    want = _run_fwd(ops, gates, rest, layout)
+    got = _run_fwd(ops, gates, rest, layout, kfac=kfac)
+    torch.testing.assert_close(got[3], want[3], rtol=1e-10, atol=1e-12)
