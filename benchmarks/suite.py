@@ -98,7 +98,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s22k  for session 22: the state pass's backward on factored operands (MDN_STATE_KFAC=1) and
      mode 2 beside the default at the three bench shapes, the float64 kernel tests with the
      factored pass, and the kernel alone at the state sweeps' shapes.
-  s22m  for session 22: the 1.3B step with MDN_STATE_KFAC=1 against the default, crosswise.
+  s22m  for session 22: the 1.3B step with MDN_STATE_KFAC=1 against the default, crosswise,
+     after the GPU test of the factored forward at K = 256 and its few-programs launch alone.
   s22n  session 22: all three state passes on factored operands (MDN_STATE_KFAC=1) beside the
      default at the three bench shapes, the float64 kernel tests with them, and the forward
      and the pairs kernels alone.
@@ -1758,6 +1759,12 @@ PLANS = {
     ],
     # ... and its 1.3B step, crosswise on the two GPUs (the MFU shape and one 16K sequence)
     "s22m": [
+        ("check", 90, [
+            ("0", [("gpu_test_kfac_fwd", 80, "MDN_RESULTS_DIR={R} " + PT + " --timeout 75 "
+                    "tests/gpu/test_kernels_gpu.py -k test_factored_state_forward_k256")]),
+            ("1", [("state_fwd_kfac_few", 80, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_fwd_kfac --shapes 2 --configs ';BV=32' --out {R}/result.json")]),
+        ]),
         ("step", 400, [
             ("0", [("mdn_1p3b_4k_kfac", 90, "MDN_STATE_KFAC=1 " + bench_model(1, M13_4K)),
                    ("mdn_1p3b_4k", 70, bench_model(1, M13_4K)),
