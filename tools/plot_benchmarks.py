@@ -899,6 +899,50 @@ def plot_session21(out):
     return _finish_panels(fig, out, found, "Session 21 on H200s (bf16): two backward segments")
 
 
+def plot_session22(out):
+    """Session 22: the state passes on factored operands (MDN_STATE_KFAC; the default at K > 128
+    since). Left: MDN / FLA GDN peak memory and fwd+bwd time at the three bench shapes, the
+    operands against the factors (plan s22n; the issue's targets dotted). Right: the 1.3B
+    steps (K = 256), every timed step, crosswise on two H200s (plan s22m)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
+    found = False
+    rows = []
+    for r in (_load("kernels_h200_v22_kfac3.json") or {}).get("results", []):
+        kf = r.get("mdn[MDN_STATE_KFAC=1]", {}).get("ratios_vs_gdn")
+        if "ratio_peak_mem" in r and kf:
+            sh = r["shape"]
+            rows.append((f"B={sh['B']} T={sh['T'] // 1024}K K={sh['K']}",
+                         (r["ratio_peak_mem"], kf["peak_mem"]), (r["ratio_fwd_bwd"], kf["fwd_bwd"])))
+    for i, (label, mem, tim) in enumerate(rows):
+        found = True
+        a1.bar(i - 0.3, mem[0], 0.2, color="tab:gray", label="memory, operands" if i == 0 else None)
+        a1.bar(i - 0.1, mem[1], 0.2, color="tab:green", label="memory, factors" if i == 0 else None)
+        a1.bar(i + 0.1, tim[0], 0.2, color="silver", label="time, operands" if i == 0 else None)
+        a1.bar(i + 0.3, tim[1], 0.2, color="tab:olive", label="time, factors" if i == 0 else None)
+    a1.axhline(1.3, color="tab:green", lw=0.8, ls=":")
+    a1.axhline(1.5, color="tab:olive", lw=0.8, ls=":")
+    a1.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    a1.set_ylabel("MDN / FLA GDN")
+    a1.set_title("The op against FLA's GDN (targets: memory 1.3, time 1.5, dotted)", fontsize=8)
+    a1.legend(fontsize=7, ncol=2)
+    groups = [("MFU shape\noperands", "tab:gray", ["mdn_1p3b_4k", "mdn_1p3b_4k_b"]),
+              ("MFU shape\nfactors", "tab:green", ["mdn_1p3b_4k_kfac", "mdn_1p3b_4k_kfac_b"]),
+              ("16K, CP = 1\noperands", "tab:gray", ["cp1_1p3b_16k", "cp1_1p3b_16k_b"]),
+              ("16K, CP = 1\nfactors", "tab:green", ["cp1_1p3b_16k_kfac", "cp1_1p3b_16k_kfac_b"])]
+    for i, (label, color, names) in enumerate(groups):
+        for k, n in enumerate(names):
+            d = _load(f"model_h200x2_{n}_v22m.json")
+            if d:
+                found = True
+                a2.plot([i + 0.1 * (2 * k - 1)] * len(d["step_ms"]), d["step_ms"], "os"[k],
+                        color=color, ms=3, label=f"GPU {k}" if i == 0 else None)
+    a2.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
+    a2.set_ylabel("step (ms)")
+    a2.set_title("1.3B steps (K = 256), every timed step (crosswise on two H200s)", fontsize=8)
+    a2.legend(fontsize=7)
+    return _finish_panels(fig, out, found, "Session 22 on H200s (bf16): the state passes on factors")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -918,7 +962,8 @@ def main():
                      (plot_session18, "session18_four_gpus.png"),
                      (plot_session19, "session19_two_gpus.png"),
                      (plot_session20, "session20_state_pairs.png"),
-                     (plot_session21, "session21_bwd_segments.png")):
+                     (plot_session21, "session21_bwd_segments.png"),
+                     (plot_session22, "session22_state_factors.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 

@@ -464,17 +464,25 @@ def _lean_backward_in_segments(ctx, loc, sp, S_init, M_init, cs, cl, norms, do, 
     return (*out[:11], *out[11], dS_i, dM_i)
 
 
-def state_kfac() -> bool:
-    """MDN_STATE_KFAC: "1" StateOutput's state passes (the forward, the backward's recompute of
-    the pairs and the reverse pass) read their four C×K operands as factors (k̂, T and four row
-    vectors per chunk: the kfac of state_pass_fwd_triton and state_pass_bwd_triton), 1 operand
-    tile per chunk in place of 4; the products round at other points (bf16-size differences).
-    StateOutput then keeps k̂ and T in the operand dtype and c_g, c_m (fp32) from the forward to
-    the backward instead of Y, Z, Kg, Km: 2K + 2C + 8 bytes per token and head in place of 8K
-    (bf16; mdn_scale.train.memory counts it). "0" (default): Kg, Km, Y, Z as stored. CP's
-    passes (mdn_kernels.cp) always read the operands. Only the reverse pass was measured on a
-    GPU (plan s22k: 10% faster alone at K = 256, 21% slower at K = 128)."""
-    return _flag("MDN_STATE_KFAC", "0")
+def state_kfac(K: int) -> bool:
+    """MDN_STATE_KFAC: whether StateOutput's state passes (the forward, the backward's recompute
+    of the pairs and the reverse pass) read their four C×K operands as factors (k̂, T and four
+    row vectors per chunk: the kfac of state_pass_fwd_triton and state_pass_bwd_triton), 1
+    operand tile per chunk in place of 4; the products round at other points (bf16-size
+    differences, the same size as the default's against float64 on the H200). StateOutput then
+    keeps k̂ and T in the operand dtype and c_g, c_m (fp32) from the forward to the backward
+    instead of Y, Z, Kg, Km: 2K + 2C + 8 bytes per token and head in place of 8K (bf16;
+    mdn_scale.train.memory counts it). CP's passes (mdn_kernels.cp) always read the operands.
+
+    "auto" (default): factored where the key block is 256 or more (K > 128), as measured on two
+    H200s (plans s22n, s22m): the op's fwd+bwd −2.8% at B = 8 × 4K, K = 256 (peak −7.7%); the
+    1.3B model's step −2.0% at its MFU shape (peak 47.8 → 46.4 GiB) and −4.1% at one 16K
+    sequence; at K = 128 the op was 5.7% slower (11% at one 32K sequence) for 8.5% less peak.
+    "1" everywhere (the lean path), "0" never."""
+    flag = os.environ.get("MDN_STATE_KFAC", "auto")
+    if flag not in ("0", "1", "auto"):
+        raise ValueError(f"MDN_STATE_KFAC must be 0, 1 or auto, got {flag!r}")
+    return K > 128 if flag == "auto" else flag == "1"
 
 
 def end_over_pair_grads() -> bool:
@@ -652,8 +660,8 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
         q, k = q_rows.view(B, T, H, K), k_rows.view(B, T, H, K)
     prep_args = (q, k, v, log_alpha, log_mu, beta, eta, layout.dest, layout.num_chunks,
                  chunk_size, cdt, use_qk_l2norm, p_times_alpha, mm_dtype)
-    # the state pass's factored backward (opt-in): only StateOutput's own backward takes it
-    kfac = lean and state_output is None and recompute == 1 and state_kfac()
+    # the state passes on factored operands (state_kfac): StateOutput's own passes only
+    kfac = lean and state_output is None and recompute == 1 and state_kfac(K)
     if fused:
         prep_args += (op_dtype if lean else None, raw, kfac)
     (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, *norms) = local_prepare(

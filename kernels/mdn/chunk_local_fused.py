@@ -189,8 +189,8 @@ def _prepare_a_kernel(
     EPS: tl.constexpr, F32P: tl.constexpr, CGO=None, CMO=None, STORE_CGM: tl.constexpr = False,
 ):
     """Gates → decays (Γ, γ, Γ⁻, γ⁻, ends); q̂, k̂, Kg, Km in chunk layout; A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η.
-    STORE_CGM: also Kg's and Km's row scales c_g, c_m [C] (Kg = diag(c_g) k̂; the state pass's
-    factored backward reads them: state_pass_bwd_triton's kfac)."""
+    STORE_CGM: also Kg's and Km's row scales c_g, c_m [C] (Kg = diag(c_g) k̂; the
+    factored passes read them: chunk.state_kfac)."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
@@ -989,8 +989,8 @@ class LocalPrepare(torch.autograd.Function):
     the outputs q̂, k̂ (fp32 chunks: 8K bytes per token and head); the backward kernels make
     q̂, k̂ again by the product the forward made, so every gradient is bitwise the same.
 
-    `kfac` (after raw_qk; opt-in, chunk.state_kfac()): five more non-differentiable outputs
-    after rq, rk, the factors the state pass's factored backward reads besides k̂: T =
+    `kfac` (after raw_qk; chunk.state_kfac): five more non-differentiable outputs
+    after rq, rk, the factors the factored state passes read besides k̂: T =
     (I + A)⁻¹ [NC, H, C, C], e^{le}, γ⁻, c_g, c_m [NC, H, C], all fp32.
 
     `op_dtype` (an extra last argument, default fp32): the dtype of the state-pass operands

@@ -189,7 +189,7 @@ def _state_bwd_kernel(
     # "strided" loads Q̂ᵀ [BK, C] through transposed pointers and runs two dots (the pattern
     # that faulted on the H100); "trans" loads Q̂ [C, BK] row by row and tl.trans'es the loaded
     # tile (not a dot result, DESIGN §9); "stack" runs one dot on [e^{la} Q̂ᵀ; −γ Q̂ᵀ] [2BK, C].
-    # KFAC (opt-in; see state_pass_bwd_triton's kfac): the four C×K operands are not read.
+    # KFAC (state_pass_bwd_triton's kfac; chunk.state_kfac): the four C×K operands are not read.
     # Each is k̂ scaled by rows or through T = (I + A)⁻¹: Kg = diag(c_g) k̂, Km = diag(c_m) k̂,
     # Y = T diag(e^{le}) k̂, Z = T diag(γ⁻) k̂. The pass loads k̂ (KH, [C, K] in the operand
     # dtype), T (TM, [C, C]) and the four row vectors (fp32, [C]) per chunk and forms
@@ -397,7 +397,7 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     (_state_pairs_kernel: K splits across programs too), the same sums as that pass's, and U,
     Y, Z may be None (they are not read; W is returned as is).
     w_out (W not given): the buffer W is written into (a contiguous slice of a larger one).
-    kfac = (kh, tm, ele, g0r, cg, cm) (state_pass_bwd_triton's; opt-in, chunk.state_kfac): the
+    kfac = (kh, tm, ele, g0r, cg, cm) (state_pass_bwd_triton's; chunk.state_kfac): the
     passes read these factors and Y, Z, Kg, Km may be None. Other roundings than the operands'
     (k̂ S and the scaled W are rounded where the stored Y, Kg were); a W made with kfac gives,
     read back with kfac, the same pairs bit for bit."""
@@ -538,12 +538,11 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     traffic drops from ~7 to ~3 [NC, H, K, V]-sized tensors (context parallelism runs this pass
     first to learn what every group sends back, state_pass_cp).
 
-    kfac = (kh, tm, ele, g0r, cg, cm) (opt-in; see _state_bwd_kernel's KFAC): the factors the
+    kfac = (kh, tm, ele, g0r, cg, cm) (see _state_bwd_kernel's KFAC): the factors the
     four operands are made of, k̂ [NC, H, C, K] in the operand dtype, T [NC, H, C, C] in the
     operand dtype, e^{le}, γ⁻, c_g, c_m [NC, H, C] fp32 (fp64 with fp64 operands;
     operands_from_factors gives Y, Z, Kg, Km from them); Y, Z, Kg, Km are then not read (Y
-    still gives K and the operand dtype). StateOutput passes them under MDN_STATE_KFAC=1
-    (chunk.state_kfac, opt-in until measured on a GPU)."""
+    may be None). StateOutput passes them where chunk.state_kfac says (by default K > 128)."""
     NC, H, C, V = dW.shape
     K, odt = _operand_kind(Y, kfac)
     if kfac is not None:

@@ -56,7 +56,7 @@ the layer output's dtype)
                                        which is counted above (MDN_RAW_QK=0: the fp32 chunks,
                                        4 · 2K)
                        2 · 4K          Y, Z, Kg, Km (bf16, the state pass's operands);
-                                       MDN_STATE_KFAC=1 (outside CP) their factors instead:
+                                       MDN_STATE_KFAC (by default K > 128; outside CP) their factors:
                                        k̂ and T in bf16, c_g, c_m fp32: 2K + 2C + 8
                        4 · 2C          (I + A)⁻¹ and Γ (fp32 C×C per chunk)
                        4 · 7           e^{le}, γ⁻, l2norm scales, η, log α cumsum, g0 (fp32)
@@ -69,8 +69,9 @@ the layer output's dtype)
     fused (FLA)        6 H_l V + 4 H_l    its LayerNormGatedFunction saves bf16 o, a contiguous
                                           copy of g (input_guard), the fp32 rstd; bf16 output
   SwiGLU MLP           10 F_l          bf16 fc1 output (2F), x_lin + offset, silu, product
-  (1.3B, K = 256, V = 512, C = 64: the op keeps 4.0 KiB per token and head, 5.5 with
-  MDN_RAW_QK=0; under CP 12.0 KiB, 8 KiB of it the pairs.)
+  (1.3B, K = 256, V = 512, C = 64: the op keeps 2.7 KiB per token and head with the factors
+  (the default at this K), 4.0 with the operands (MDN_STATE_KFAC=0), 4.2 with MDN_RAW_QK=0;
+  under CP 12.0 KiB, 8 KiB of it the pairs.)
 The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_kernels.py), at
   any CP (MDN_CONV=eager, a benchmark switch, is not counted): Layout.fused_mixer, or by default
   'fla' → fused, 'eager' → eager, 'auto' → fused when fla-core imports in the environment
@@ -345,7 +346,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         qk = 2 * K if raw_qk() else 4 * 2 * K
         # the state pass's operands, or StateOutput's factors of them (MDN_STATE_KFAC=1; e^{le}
         # and γ⁻ are LocalPrepare's own, counted in 4·7)
-        operands = 2 * K + 2 * C + 4 * 2 if state_kfac() and lay.cp == 1 else 2 * 4 * K
+        operands = 2 * K + 2 * C + 4 * 2 if state_kfac(K) and lay.cp == 1 else 2 * 4 * K
         chunk = H_l * (qk + operands + 4 * 2 * C + 4 * 7 + 2 * V + 12 / C)
         out_grads = 4 * 2 * K + 12 + 4 * C + 2 * V + 2 * 2 * K * V / C
         lean, seg = cp_lean(lay)
