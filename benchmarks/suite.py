@@ -103,6 +103,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s22n  session 22: all three state passes on factored operands (MDN_STATE_KFAC=1) beside the
      default at the three bench shapes, the float64 kernel tests with them, and the forward
      and the pairs kernels alone.
+  s22p  session 22: the factored passes' launch blocks at the 1.3B MFU shape's op call (2 × 4K,
+     K = 256) and the pairs' at 8 × 4K; the op's kernels profiled beside FLA's GDN (defaults).
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
   s21h  session 21: the state-halo CP = 2 step with a long limit and stack dumps.
   s21c  session 21: the CP = 2 model test's fp32 variant and the default with one backward
@@ -1755,6 +1757,20 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # the factored passes' blocks where the 1.3B MFU shape calls the op; the op profiled
+    "s22p": [
+        ("sweep", 260, [
+            ("0", [("fwd_kfac_2x4k", 60, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_fwd_kfac --shapes 3 --configs ';BV=16;BV=64' --out {R}/result.json"),
+                   ("bwd_kfac_2x4k", 60, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_bwd_kfac --shapes 3 --configs ';BV=32,num_warps=8' --out {R}/result.json"),
+                   ("pairs_kfac_k256", 100, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_pairs_kfac --shapes 1,3 --configs ';BK=128,BV=32;BK=256,BV=32,"
+                    "num_stages=1;BK=64,BV=64,num_warps=8' --out {R}/result.json")]),
+            ("1", [("profile_k128_k256", 250, "python3 tools/bench_kernels.py --shapes 0,1 "
+                    "--profile {R}/profile.txt --out {R}/result.json")]),
         ]),
     ],
     # ... and its 1.3B step, crosswise on the two GPUs (the MFU shape and one 16K sequence)
