@@ -105,6 +105,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      and the pairs kernels alone.
   s22p  session 22: the factored passes' launch blocks at the 1.3B MFU shape's op call (2 × 4K,
      K = 256) and the pairs' at 8 × 4K; the op's kernels profiled beside FLA's GDN (defaults).
+  s22q  session 22: the preparation storing the factors, not the operands (the default at
+     K > 128): the op against MDN_STATE_KFAC=0 and FLA's GDN, the float64 kernel tests; the 1.3B
+     step profiled at the MFU shape, and one 16K sequence.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
   s21h  session 21: the state-halo CP = 2 step with a long limit and stack dumps.
   s21c  session 21: the CP = 2 model test's fp32 variant and the default with one backward
@@ -1757,6 +1760,19 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # the preparation storing the factors (k̂, T) instead of Y, Z, Kg, Km
+    "s22q": [
+        ("op", 240, [
+            ("0", [("kernels_factors", 230, "python3 tools/bench_kernels.py --shapes 0,1 "
+                    "--variant MDN_STATE_KFAC=0 --out {R}/result.json")]),
+            ("1", [("kernel_tests_factors", 230, "MDN_RESULTS_DIR={R} " + PT + " --timeout 225 "
+                    "tests/gpu/test_kernels_gpu.py -k '1-dtype0 or packed or factored'")]),
+        ]),
+        ("model", 150, [
+            ("0", [("mdn_1p3b_4k_profile", 140, bench_model(1, M13_4K + " --profile {R}/profile.txt"))]),
+            ("1", [("cp1_1p3b_16k", 100, bench_model(1, f"{CPW13} --seq-len 16384"))]),
         ]),
     ],
     # the factored passes' blocks where the 1.3B MFU shape calls the op; the op profiled

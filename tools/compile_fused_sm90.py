@@ -73,7 +73,7 @@ def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee", raw: bool = True):
     nw = fused._num_warps(C)
     mm = dict(MMDT=tl.bfloat16, MMPREC="tf32")
     gates = dict(PTA=True, FLOOR=fused.LOG_FLOOR)
-    cgm = dict(STORE_CGM=False)   # _prepare_a_kernel: c_g, c_m not stored (the default)
+    cgm = dict(FACTORS=False)   # the preparation stores Kg, Km, Y, Z (not their factors)
     rw = dict(RAW=raw)
     qk = dict(QC="*bf16", KC="*bf16") if raw else {}
     pairs = dict(W="*bf16", S0S="*bf16", M0S="*bf16", DW="*bf16", DS0S="*bf16", DM0S="*bf16")
@@ -81,7 +81,8 @@ def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee", raw: bool = True):
         "prepare_a": (fused._prepare_a_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, EPS=1e-6,
                                                     F32P=f32p, **gates, **cgm, **mm), nw),
         "solve": (fused._solve_kernel, dict(C=C, F32P=f32p), 2),
-        "prepare_c": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm), nw),
+        "prepare_c": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **cgm,
+                                                    **mm), nw),
         "bwd_t": (fused._prepare_bwd_t_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, DAP="tf32",
                                                     **rw, **mm), nw, qk),
         "bwd_k": (fused._prepare_bwd_k_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True, F32P=f32p,
@@ -97,8 +98,18 @@ def jobs(K: int, V: int, C: int = 64, f32p: str = "ieee", raw: bool = True):
                                                            EPS=1e-6, F32P=f32p, **gates, **cgm,
                                                            **mm),
                              nw, dict(KGO="*bf16", KMO="*bf16")),
-        "prepare_c_bf16op": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm),
+        "prepare_c_bf16op": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **cgm,
+                                                           **mm),
                              nw, dict(UO="*bf16", YO="*bf16", ZO="*bf16")),
+        # the factored state passes' preparation (chunk.state_kfac): k̂, T, c_g, c_m stored
+        # instead of Kg, Km, Y, Z
+        "prepare_a_factors": (fused._prepare_a_kernel, dict(H=6, K=K, C=C, BK=BK, NORM=True,
+                                                            EPS=1e-6, F32P=f32p, **gates, **mm,
+                                                            FACTORS=True),
+                              nw, dict(KGO="*bf16", KMO="*bf16", KHO="*bf16")),
+        "prepare_c_factors": (fused._prepare_c_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV, **mm,
+                                                            FACTORS=True),
+                              nw, dict(UO="*bf16", YO="*bf16", ZO="*bf16", TMO="*bf16")),
         "bwd_t_bf16op": (fused._prepare_bwd_t_kernel, dict(H=6, K=K, V=V, C=C, BK=BK, BV=BV,
                                                            DAP="tf32", **rw, **mm), nw,
                          dict(DU="*bf16", DY="*bf16", DZ="*bf16", **qk)),

@@ -70,12 +70,14 @@ class StatePass(torch.autograd.Function):
         return (*grads, dS_i, dM_i, None, None, None)
 
 
-def lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, allow_tf32: bool):
+def lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, allow_tf32: bool,
+                  operands: bool = True):
     """The lean nodes' saved operands (StateOutput, mdn_kernels.cp's CPStateOutput): the
     output's chunk quantities `loc` and the state pass's `sp` (U, Y, Z, Kg, Km in the operand
-    dtype: bf16 for 16-bit models; no-ops when already so), contiguous."""
+    dtype: bf16 for 16-bit models; no-ops when already so), contiguous. operands False (the
+    factored passes, state_kfac): Y, Z, Kg, Km are None in sp."""
     low = torch.bfloat16 if allow_tf32 else U.dtype
-    sp = [t.to(low).contiguous() for t in (U, Y, Z, Kg, Km)]
+    sp = [t.to(low).contiguous() if t is U or operands else None for t in (U, Y, Z, Kg, Km)]
     sp += [t.contiguous() for t in (a_end, g_end, u_end)]
     return [t.contiguous() for t in (qc, kc, et, la, g0, gam)], sp
 
@@ -148,19 +150,17 @@ class StateOutput(torch.autograd.Function):
                 qk_raw=None, factors=None):
         from .chunk_local_fused import chunk_bounds, output_forward
         from .state_pass import state_pass_fwd_triton
+        # the factored passes' operands (state_kfac: LocalPrepare's k̂ and T in the operand
+        # dtype, the row vectors fp32); Y, Z, Kg, Km are then its zero-stride stand-ins, neither
+        # read nor saved
+        kfac = None if factors is None else list(factors)
         loc, sp = lean_operands(qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end,
-                                allow_tf32)
+                                allow_tf32, operands=kfac is None)
         if S_init is not None:  # None: zero initial pair (not stored)
             S_init, M_init = S_init.contiguous(), M_init.contiguous()
         cs, cl = chunk_bounds(layout.dest, layout.num_chunks, layout.chunk_size)
         segs = [] if fuse_pair_grads else chunk_segments(layout, bwd_segments())
         bounds = (None, None)
-        # the factored passes' operands (state_kfac): k̂ and T in the operand dtype, the row
-        # vectors as they are (fp32); Y, Z, Kg, Km are then neither read nor saved
-        kfac = None if factors is None else (
-            [t.to(sp[1].dtype).contiguous() for t in factors[:2]] + list(factors[2:]))
-        if kfac is not None:
-            sp[1:5] = [None] * 4
         if not any(sg.head_cut for sg in segs):   # the backward alone runs in segments, if any
             W, S0s, M0s, S, M = state_pass_fwd_triton(*sp, S_init, M_init, layout, allow_tf32,
                                                       kfac=kfac)
@@ -666,8 +666,8 @@ def chunk_mdn(q, k, v, log_alpha, log_mu, beta, eta, *, scale, initial_state, ou
         prep_args += (op_dtype if lean else None, raw, kfac)
     (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, *norms) = local_prepare(
         *prep_args)
-    # LocalPrepare's factors for it: T, e^{le}, γ⁻, c_g, c_m, with k̂ (kc) in front
-    factors = (kc, *norms[2:]) if kfac else None
+    # LocalPrepare's factors for it: k̂, T, e^{le}, γ⁻, c_g, c_m
+    factors = tuple(norms[2:]) if kfac else None
     norms = norms[:2]
     # q, k [B·T, H, K] and rq, rk: what the nodes after LocalPrepare save instead of qc, kc
     qk_raw = (q_rows.detach(), k_rows.detach(), *norms) if raw else None

@@ -186,11 +186,12 @@ def _prepare_a_kernel(
     QC, KC, ETC, LAC, G0C, GAM, KGO, KMO, AEND, GEND, UEND, AMAT, ELE, G0R, RQ, RK, QS, KS,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
     PTA: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr, FLOOR: tl.constexpr,
-    EPS: tl.constexpr, F32P: tl.constexpr, CGO=None, CMO=None, STORE_CGM: tl.constexpr = False,
+    EPS: tl.constexpr, F32P: tl.constexpr, CGO=None, CMO=None, KHO=None,
+    FACTORS: tl.constexpr = False,
 ):
     """Gates → decays (Γ, γ, Γ⁻, γ⁻, ends); q̂, k̂, Kg, Km in chunk layout; A = Γ⁻ ⊙ k̂k̂ᵀ ⊙ η.
-    STORE_CGM: also Kg's and Km's row scales c_g, c_m [C] (Kg = diag(c_g) k̂; the
-    factored passes read them: chunk.state_kfac)."""
+    FACTORS (the factored state passes, chunk.state_kfac): Kg's and Km's factors instead of Kg
+    and Km: the row scales c_g, c_m [C] (Kg = diag(c_g) k̂) and k̂ in KHO's dtype."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
@@ -215,7 +216,7 @@ def _prepare_a_kernel(
     lu_last = _pick(lu, o_t, C - 1)
     cg = tl.sum(tl.where(r == C - 1, gam, 0.0), axis=0) * eta       # Γ[C−1, j] η_j
     cm = tl.exp(lu_last - lu) * eta
-    if STORE_CGM:
+    if FACTORS:
         tl.store(CGO + cck + o_t, cg)
         tl.store(CMO + cck + o_t, cm)
     tl.store(ETC + cck + o_t, eta)
@@ -261,8 +262,11 @@ def _prepare_a_kernel(
         ck = (cck + r) * K + o_k[None, :]
         tl.store(QC + ck, qn, mask=mk[None, :])
         tl.store(KC + ck, kn, mask=mk[None, :])
-        tl.store(KGO + ck, (cg[:, None] * kn).to(KGO.dtype.element_ty), mask=mk[None, :])
-        tl.store(KMO + ck, (cm[:, None] * kn).to(KMO.dtype.element_ty), mask=mk[None, :])
+        if FACTORS:
+            tl.store(KHO + ck, kn.to(KHO.dtype.element_ty), mask=mk[None, :])
+        else:
+            tl.store(KGO + ck, (cg[:, None] * kn).to(KGO.dtype.element_ty), mask=mk[None, :])
+            tl.store(KMO + ck, (cm[:, None] * kn).to(KMO.dtype.element_ty), mask=mk[None, :])
     tl.store(AMAT + cck * C + r * C + c, gam_r * p * eta[None, :])
 
 
@@ -344,8 +348,10 @@ def _prepare_c_kernel(
     VV, KC, TMAT, ELE, G0R, CS, CL, UO, YO, ZO, VS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, MMDT: tl.constexpr, MMPREC: tl.constexpr,
+    TMO=None, FACTORS: tl.constexpr = False,
 ):
-    """[U, Y, Z] = T [−v, e^{le} k̂, γ⁻ k̂]."""
+    """[U, Y, Z] = T [−v, e^{le} k̂, γ⁻ k̂]. FACTORS (chunk.state_kfac): U and T in TMO's dtype,
+    not Y, Z (the factored state passes make their products from T and k̂)."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     start = tl.load(CS + i_c).to(tl.int64)
@@ -356,7 +362,10 @@ def _prepare_c_kernel(
     m_t = o_t < length
     vrow = _raw_rows(start, o_t, i_h, VS, V)   # v read with its token stride (token_rows)
     r = o_t[:, None]
-    tmm = tl.load(TMAT + cck * C + r * C + o_t[None, :]).to(MMDT)
+    t32 = tl.load(TMAT + cck * C + r * C + o_t[None, :])
+    tmm = t32.to(MMDT)
+    if FACTORS:
+        tl.store(TMO + cck * C + r * C + o_t[None, :], t32.to(TMO.dtype.element_ty))
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         mv = o_v < V
@@ -364,17 +373,18 @@ def _prepare_c_kernel(
                      other=0.0).to(tl.float32)
         ub = tl.dot(tmm, (-vb).to(MMDT), input_precision=MMPREC)
         tl.store(UO + (cck + r) * V + o_v[None, :], ub.to(UO.dtype.element_ty), mask=mv[None, :])
-    ele = tl.load(ELE + cck + o_t)
-    g0r = tl.load(G0R + cck + o_t)
-    for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        mk = o_k < K
-        ck = (cck + r) * K + o_k[None, :]
-        kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
-        tl.store(YO + ck, tl.dot(tmm, (ele[:, None] * kn).to(MMDT),
-                                 input_precision=MMPREC).to(YO.dtype.element_ty), mask=mk[None, :])
-        tl.store(ZO + ck, tl.dot(tmm, (g0r[:, None] * kn).to(MMDT),
-                                 input_precision=MMPREC).to(ZO.dtype.element_ty), mask=mk[None, :])
+    if not FACTORS:   # Y, Z (the factored passes make their products from T and k̂)
+        ele = tl.load(ELE + cck + o_t)
+        g0r = tl.load(G0R + cck + o_t)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            mk = o_k < K
+            ck = (cck + r) * K + o_k[None, :]
+            kn = tl.load(KC + ck, mask=mk[None, :], other=0.0)
+            y = tl.dot(tmm, (ele[:, None] * kn).to(MMDT), input_precision=MMPREC)
+            z = tl.dot(tmm, (g0r[:, None] * kn).to(MMDT), input_precision=MMPREC)
+            tl.store(YO + ck, y.to(YO.dtype.element_ty), mask=mk[None, :])
+            tl.store(ZO + ck, z.to(ZO.dtype.element_ty), mask=mk[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -989,9 +999,11 @@ class LocalPrepare(torch.autograd.Function):
     the outputs q̂, k̂ (fp32 chunks: 8K bytes per token and head); the backward kernels make
     q̂, k̂ again by the product the forward made, so every gradient is bitwise the same.
 
-    `kfac` (after raw_qk; chunk.state_kfac): five more non-differentiable outputs
-    after rq, rk, the factors the factored state passes read besides k̂: T =
-    (I + A)⁻¹ [NC, H, C, C], e^{le}, γ⁻, c_g, c_m [NC, H, C], all fp32.
+    `kfac` (after raw_qk; chunk.state_kfac): six more non-differentiable outputs after rq, rk,
+    the factors the factored state passes read instead of Y, Z, Kg, Km: k̂ [NC, H, C, K] and
+    T = (I + A)⁻¹ [NC, H, C, C] in op_dtype, e^{le}, γ⁻, c_g, c_m [NC, H, C] fp32. Y, Z, Kg, Km
+    are then neither computed nor stored: they come back as zero-stride views of one zero
+    (their cotangents, dense, still flow back through them).
 
     `op_dtype` (an extra last argument, default fp32): the dtype of the state-pass operands
     U, Y, Z, Kg, Km. bf16 there writes them straight in the dtype the state pass stores them in
@@ -1019,12 +1031,16 @@ class LocalPrepare(torch.autograd.Function):
             raise ValueError(f"op_dtype must be float32 or bfloat16, got {op_dtype}")
         op = lambda *shape: torch.empty(*shape, dtype=op_dtype, device=k.device)  # noqa: E731
         qc, kc = new(NC, H, C, K), new(NC, H, C, K)
-        Y, Z, Kg, Km = (op(NC, H, C, K) for _ in range(4))
+        if kfac:   # not made (the factors below are): zero-stride stand-ins of their shape
+            Y, Z, Kg, Km = (op(()).zero_().expand(NC, H, C, K) for _ in range(4))
+        else:
+            Y, Z, Kg, Km = (op(NC, H, C, K) for _ in range(4))
         et, la, g0, ele, g0r, rq, rk = (new(NC, H, C) for _ in range(7))
         gam, amat, tmat = (new(NC, H, C, C) for _ in range(3))
         U = op(NC, H, C, V)
         a_end, g_end, u_end = (new(NC, H) for _ in range(3))
         cgm = [new(NC, H, C), new(NC, H, C)] if kfac else []
+        kh, tm = (op(NC, H, C, K), op(NC, H, C, C)) if kfac else (None, None)
         mmdt = _tl_mm(mm_dtype)
         if NC > 0:
             lp_a, f32p_a = _lp_f32("prepare_a", K, V, C, mmdt)
@@ -1033,13 +1049,14 @@ class LocalPrepare(torch.autograd.Function):
                 amat, ele, g0r, rq, rk, q.stride(0), k.stride(0), H=H, K=K, C=C,
                 NORM=use_qk_l2norm,
                 PTA=p_times_alpha, MMDT=mmdt, MMPREC=_prec(mmdt), FLOOR=LOG_FLOOR, EPS=L2NORM_EPS,
-                F32P=f32p_a, **(dict(CGO=cgm[0], CMO=cgm[1], STORE_CGM=True) if kfac else {}),
-                **lp_a)
+                F32P=f32p_a,
+                **(dict(CGO=cgm[0], CMO=cgm[1], KHO=kh, FACTORS=True) if kfac else {}), **lp_a)
             wgmma.kernel(_solve_kernel, "prepare")[(NC * H,)](amat, tmat, C=C, F32P=_f32p(),
                                      num_warps=1 if C == 16 else 2, num_stages=1)
             wgmma.kernel(_prepare_c_kernel, "prepare")[(NC, H)](
                 v, kc, tmat, ele, g0r, cs, cl, U, Y, Z, v.stride(0), H=H, K=K, V=V, C=C,
-                MMDT=mmdt, MMPREC=_prec(mmdt), **_lp("prepare_c", K, V, C, mmdt))
+                MMDT=mmdt, MMPREC=_prec(mmdt), **(dict(TMO=tm, FACTORS=True) if kfac else {}),
+                **_lp("prepare_c", K, V, C, mmdt))
         del amat
         qk = (q, k) if raw_qk else (qc, kc)
         ctx.save_for_backward(v, *gates, cs, cl, *qk, tmat, ele, g0r, rq, rk)
@@ -1047,7 +1064,7 @@ class LocalPrepare(torch.autograd.Function):
         ctx.meta = (B, T, H, K, V, NC, C, use_qk_l2norm, p_times_alpha, mmdt, raw_qk,
                     q.stride(0), k.stride(0))
         ctx.q_dtype, ctx.k_dtype, ctx.op_dtype = q.dtype, k.dtype, op_dtype
-        factors = [tmat, ele, g0r, *cgm] if kfac else []
+        factors = [kh, tm, ele, g0r, *cgm] if kfac else []
         ctx.mark_non_differentiable(rq, rk, *factors)
         return (qc, kc, et, la, g0, gam, U, Y, Z, Kg, Km, a_end, g_end, u_end, rq, rk,
                 *factors)

@@ -372,7 +372,7 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
     # the eight fused kernels, their MDN_RECOMPUTE_PAIRS variants and the state pass's kernels
     # (with CP's store-nothing reverse pass, the lean nodes' end-over-pair-grads pass and the
     # pairs re-made from a saved W, and the three passes with their operands as factors)
-    assert res["failed"] == [] and len(res["kernels"]) == 22
+    assert res["failed"] == [] and len(res["kernels"]) == 24
     assert {"out_bwd_dw", "out_bwd_rest", "state_bwd_fused", "prepare_c_bf16op",
             "state_bwd_init_only", "state_bwd_end_late", "state_pairs",
             "state_bwd_kfac"} <= set(res["kernels"])
@@ -384,5 +384,48 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
         # the fastest of 14 block choices at three of four shapes on an H200 (64×32 spills
         # nothing and ran 14–38% slower at those three, 4% faster at the fourth;
         # state_pass.pairs_launch_defaults, plans s20k, s20m)
-        limit = {"state_bwd_end_late": 512, "state_pairs": 1536}.get(name, 256)
+        # (the same kernel on factors, state_pairs_kfac: 376 B, timed at its default and three
+        # other blocks on an H200, plans s22n, s22p: the default fastest at two of three K = 256
+        # shapes)
+        limit = {"state_bwd_end_late": 512, "state_pairs": 1536,
+                 "state_pairs_kfac": 512}.get(name, 256)
         assert k["spill_stores"] <= limit, f"{name} spills {k['spill_stores']} bytes"
+
+
+@pytest.mark.parametrize("op_dtype", [torch.float32, torch.bfloat16])
+def test_local_prepare_factors(op_dtype):
+    """kfac (the factored state passes, chunk.state_kfac): LocalPrepare stores k̂ and T in the
+    operand dtype and c_g, c_m instead of Y, Z, Kg, Km, which come back as zero-stride zeros.
+    k̂ is the kc output in op_dtype (fp32: bit for bit; bf16: within an ulp); the factors
+    multiply out to the default run's Y, Z, Kg, Km (state_pass.operands_from_factors); the other outputs and the
+    gradients through them (the operands' cotangents given to both) are the default run's."""
+    from mdn_kernels.mdn.state_pass import operands_from_factors
+    B, T, H, K, V = 2, 45, 2, 32, 32
+    xs64, layout = _inputs(B, T, H, K, V, None, seed=3)
+    args = (layout.dest, layout.num_chunks, 16, torch.float32, True, True, None, op_dtype, True)
+
+    def run(kfac):
+        xs = [x.float().requires_grad_() for x in xs64]
+        return fused.LocalPrepare.apply(*xs, *args, kfac), xs
+
+    (base, xb), (got, xg) = run(False), run(True)
+    assert len(base) == 16 and len(got) == 22
+    kh, tm, ele, g0r, cg, cm = got[16:]
+    assert kh.dtype == tm.dtype == op_dtype and tuple(tm.shape[-2:]) == (16, 16)
+    if op_dtype == torch.float32:
+        assert torch.equal(kh, got[1])
+    else:   # the interpreter truncates fp32 → bf16 where compiled Triton rounds: within an ulp
+        torch.testing.assert_close(kh.float(), got[1].detach(), rtol=2 ** -7, atol=0)
+    for t in got[7:11]:   # Y, Z, Kg, Km: zero-stride stand-ins
+        assert t.stride() == (0, 0, 0, 0) and not t.any()
+    made = operands_from_factors(kh.float(), tm.float(), ele, g0r, cg, cm)
+    tol = 1e-5 if op_dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("Y", "Z", "Kg", "Km"), made, base[7:11]):
+        assert rel_err(a, b.float()) < tol, name
+    for name, a, b in zip(PREP_NAMES, got[:14], base[:14]):
+        if name not in ("Y", "Z", "Kg", "Km"):
+            assert torch.equal(a, b), name
+    cots = cotangents([t.float() for t in base[:14]], seed=4)
+    cots = [c.to(t.dtype) for c, t in zip(cots, base[:14])]
+    for name, a, b in zip(IN_NAMES, grads_of(got[:14], xg, cots), grads_of(base[:14], xb, cots)):
+        assert torch.equal(a, b), name
