@@ -474,11 +474,13 @@ def state_kfac(K: int) -> bool:
     instead of Y, Z, Kg, Km: 2K + 2C + 8 bytes per token and head in place of 8K (bf16;
     mdn_scale.train.memory counts it). CP's passes (mdn_kernels.cp) always read the operands.
 
+    LocalPrepare then stores k̂ and T instead of making Y, Z, Kg, Km (its kfac).
+
     "auto" (default): factored where the key block is 256 or more (K > 128), as measured on two
-    H200s (plans s22n, s22m): the op's fwd+bwd −2.8% at B = 8 × 4K, K = 256 (peak −7.7%); the
-    1.3B model's step −2.0% at its MFU shape (peak 47.8 → 46.4 GiB) and −4.1% at one 16K
-    sequence; at K = 128 the op was 5.7% slower (11% at one 32K sequence) for 8.5% less peak.
-    "1" everywhere (the lean path), "0" never."""
+    H200s (plans s22n, s22m, s22q): the op's fwd+bwd −4.0% at B = 8 × 4K, K = 256 (peak −7.7%);
+    the 1.3B model's step −2 to −4% at its MFU shape (peak 47.8 → 46.4 GiB) and −5.2% at one
+    16K sequence; at K = 128 the op was 5.7% slower (11% at one 32K sequence) for 8.5% less
+    peak. "1" everywhere (the lean path), "0" never."""
     flag = os.environ.get("MDN_STATE_KFAC", "auto")
     if flag not in ("0", "1", "auto"):
         raise ValueError(f"MDN_STATE_KFAC must be 0, 1 or auto, got {flag!r}")
