@@ -849,6 +849,39 @@ def plot_session20(out):
     return _finish_panels(fig, out, found, "Session 20 on H200s (bf16)")
 
 
+def _op_vs_gdn_bars(ax, rows, names) -> bool:
+    """Bars of MDN / FLA GDN peak memory and fwd+bwd time for two variants `names` per shape,
+    rows = [(label, (mem_a, mem_b), (time_a, time_b))], issue 2's targets dotted."""
+    a, b = names
+    for i, (label, mem, tim) in enumerate(rows):
+        ax.bar(i - 0.3, mem[0], 0.2, color="tab:gray", label=f"memory, {a}" if i == 0 else None)
+        ax.bar(i - 0.1, mem[1], 0.2, color="tab:green", label=f"memory, {b}" if i == 0 else None)
+        ax.bar(i + 0.1, tim[0], 0.2, color="silver", label=f"time, {a}" if i == 0 else None)
+        ax.bar(i + 0.3, tim[1], 0.2, color="tab:olive", label=f"time, {b}" if i == 0 else None)
+    ax.axhline(1.3, color="tab:green", lw=0.8, ls=":")
+    ax.axhline(1.5, color="tab:olive", lw=0.8, ls=":")
+    ax.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.set_ylabel("MDN / FLA GDN")
+    ax.set_title("The op against FLA's GDN (targets: memory 1.3, time 1.5, dotted)", fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
+    return bool(rows)
+
+
+def _crosswise_steps(ax, groups) -> bool:
+    """Every timed step of crosswise runs on two GPUs: groups = [(label, color, pattern)], the
+    pattern's {} is "" for GPU 0's file and "_b" for GPU 1's (model_h200x2_<name>.json)."""
+    found = False
+    for i, (label, color, pattern) in enumerate(groups):
+        for k, tag in enumerate(("", "_b")):
+            d = _load(f"model_h200x2_{pattern.format(tag)}.json")
+            if d:
+                found = True
+                ax.plot([i + 0.1 * (2 * k - 1)] * len(d["step_ms"]), d["step_ms"], "os"[k],
+                        color=color, ms=3, label=f"GPU {k}" if i == 0 else None)
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
+    return found
+
+
 def plot_session21(out):
     """Session 21: the op's backward in two segments (the default since). Left: MDN / FLA GDN
     peak memory and fwd+bwd time at the three bench shapes, one segment against two (plans
@@ -866,30 +899,12 @@ def plot_session21(out):
                 rows.append((f"B={sh['B']} T={sh['T'] // 1024}K K={sh['K']}",
                              (r["ratio_peak_mem"], seg2["peak_mem"]),
                              (r["ratio_fwd_bwd"], seg2["fwd_bwd"])))
-    for i, (label, mem, tim) in enumerate(rows):
-        found = True
-        a1.bar(i - 0.3, mem[0], 0.2, color="tab:gray", label="memory, 1 segment" if i == 0 else None)
-        a1.bar(i - 0.1, mem[1], 0.2, color="tab:green", label="memory, 2 segments" if i == 0 else None)
-        a1.bar(i + 0.1, tim[0], 0.2, color="silver", label="time, 1 segment" if i == 0 else None)
-        a1.bar(i + 0.3, tim[1], 0.2, color="tab:olive", label="time, 2 segments" if i == 0 else None)
-    a1.axhline(1.3, color="tab:green", lw=0.8, ls=":")
-    a1.axhline(1.5, color="tab:olive", lw=0.8, ls=":")
-    a1.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-    a1.set_ylabel("MDN / FLA GDN")
-    a1.set_title("The op against FLA's GDN (targets: memory 1.3, time 1.5, dotted)", fontsize=8)
-    a1.legend(fontsize=7, ncol=2)
-    groups = [("MFU shape\n1 segment", "tab:gray", ["mdn_1p3b_4k_seg1", "mdn_1p3b_4k_seg1_b"], "v21k"),
-              ("MFU shape\n2 segments", "tab:green", ["mdn_1p3b_4k_seg2", "mdn_1p3b_4k_seg2_b"], "v21k"),
-              ("16K, CP = 1\n1 segment", "tab:gray", ["cp1_1p3b_16k_seg1", "cp1_1p3b_16k_seg1_b"], "v21l"),
-              ("16K, CP = 1\n2 segments", "tab:green", ["cp1_1p3b_16k_seg2", "cp1_1p3b_16k_seg2_b"], "v21l")]
-    for i, (label, color, names, tag) in enumerate(groups):
-        for k, n in enumerate(names):
-            d = _load(f"model_h200x2_{n}_{tag}.json")
-            if d:
-                found = True
-                a2.plot([i + 0.1 * (2 * k - 1)] * len(d["step_ms"]), d["step_ms"], "os"[k],
-                        color=color, ms=3, label=f"GPU {k}" if i == 0 else None)
-    a2.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
+    found = _op_vs_gdn_bars(a1, rows, ("1 segment", "2 segments")) or found
+    groups = [("MFU shape\n1 segment", "tab:gray", "mdn_1p3b_4k_seg1{}_v21k"),
+              ("MFU shape\n2 segments", "tab:green", "mdn_1p3b_4k_seg2{}_v21k"),
+              ("16K, CP = 1\n1 segment", "tab:gray", "cp1_1p3b_16k_seg1{}_v21l"),
+              ("16K, CP = 1\n2 segments", "tab:green", "cp1_1p3b_16k_seg2{}_v21l")]
+    found = _crosswise_steps(a2, groups) or found
     a2.set_ylim(530, 720)   # GPU 0's second timed 16K step in 2 segments took 1036.7 ms
     a2.text(-0.4, 715, "off scale: one 16K step in 2 segments at 1036.7 ms (GPU 0)", fontsize=6,
             va="top")
@@ -913,30 +928,12 @@ def plot_session22(out):
             sh = r["shape"]
             rows.append((f"B={sh['B']} T={sh['T'] // 1024}K K={sh['K']}",
                          (r["ratio_peak_mem"], kf["peak_mem"]), (r["ratio_fwd_bwd"], kf["fwd_bwd"])))
-    for i, (label, mem, tim) in enumerate(rows):
-        found = True
-        a1.bar(i - 0.3, mem[0], 0.2, color="tab:gray", label="memory, operands" if i == 0 else None)
-        a1.bar(i - 0.1, mem[1], 0.2, color="tab:green", label="memory, factors" if i == 0 else None)
-        a1.bar(i + 0.1, tim[0], 0.2, color="silver", label="time, operands" if i == 0 else None)
-        a1.bar(i + 0.3, tim[1], 0.2, color="tab:olive", label="time, factors" if i == 0 else None)
-    a1.axhline(1.3, color="tab:green", lw=0.8, ls=":")
-    a1.axhline(1.5, color="tab:olive", lw=0.8, ls=":")
-    a1.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-    a1.set_ylabel("MDN / FLA GDN")
-    a1.set_title("The op against FLA's GDN (targets: memory 1.3, time 1.5, dotted)", fontsize=8)
-    a1.legend(fontsize=7, ncol=2)
-    groups = [("MFU shape\noperands", "tab:gray", ["mdn_1p3b_4k", "mdn_1p3b_4k_b"]),
-              ("MFU shape\nfactors", "tab:green", ["mdn_1p3b_4k_kfac", "mdn_1p3b_4k_kfac_b"]),
-              ("16K, CP = 1\noperands", "tab:gray", ["cp1_1p3b_16k", "cp1_1p3b_16k_b"]),
-              ("16K, CP = 1\nfactors", "tab:green", ["cp1_1p3b_16k_kfac", "cp1_1p3b_16k_kfac_b"])]
-    for i, (label, color, names) in enumerate(groups):
-        for k, n in enumerate(names):
-            d = _load(f"model_h200x2_{n}_v22m.json")
-            if d:
-                found = True
-                a2.plot([i + 0.1 * (2 * k - 1)] * len(d["step_ms"]), d["step_ms"], "os"[k],
-                        color=color, ms=3, label=f"GPU {k}" if i == 0 else None)
-    a2.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
+    found = _op_vs_gdn_bars(a1, rows, ("operands", "factors")) or found
+    groups = [("MFU shape\noperands", "tab:gray", "mdn_1p3b_4k{}_v22m"),
+              ("MFU shape\nfactors", "tab:green", "mdn_1p3b_4k_kfac{}_v22m"),
+              ("16K, CP = 1\noperands", "tab:gray", "cp1_1p3b_16k{}_v22m"),
+              ("16K, CP = 1\nfactors", "tab:green", "cp1_1p3b_16k_kfac{}_v22m")]
+    found = _crosswise_steps(a2, groups) or found
     a2.set_ylabel("step (ms)")
     a2.set_title("1.3B steps (K = 256), every timed step (crosswise on two H200s)", fontsize=8)
     a2.legend(fontsize=7)
