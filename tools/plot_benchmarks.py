@@ -849,6 +849,20 @@ def plot_session20(out):
     return _finish_panels(fig, out, found, "Session 20 on H200s (bf16)")
 
 
+def _variant_rows(names, variant: str) -> list:
+    """Per shape of bench_kernels results `names`: (label, (memory, time) of the default and of
+    `variant` against FLA's GDN), as _op_vs_gdn_bars takes them."""
+    rows = []
+    for name in names:
+        for r in (_load(name) or {}).get("results", []):
+            v = r.get(f"mdn[{variant}]", {}).get("ratios_vs_gdn")
+            if "ratio_peak_mem" in r and v:
+                sh = r["shape"]
+                rows.append((f"B={sh['B']} T={sh['T'] // 1024}K K={sh['K']}",
+                             (r["ratio_peak_mem"], v["peak_mem"]), (r["ratio_fwd_bwd"], v["fwd_bwd"])))
+    return rows
+
+
 def _op_vs_gdn_bars(ax, rows, names) -> bool:
     """Bars of MDN / FLA GDN peak memory and fwd+bwd time for two variants `names` per shape,
     rows = [(label, (mem_a, mem_b), (time_a, time_b))], issue 2's targets dotted."""
@@ -889,16 +903,8 @@ def plot_session21(out):
     on two H200s: the MFU shape and one 16K sequence (segments cut it)."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
     found = False
-    rows = []
-    for name in ("kernels_h200_v21_bwd_segments2.json", "kernels_h200_v21_bwd_segments_long.json"):
-        d = _load(name)
-        for r in (d or {}).get("results", []):
-            seg2 = r.get("mdn[MDN_BWD_SEGMENTS=2]", {}).get("ratios_vs_gdn")
-            if "ratio_peak_mem" in r and seg2:
-                sh = r["shape"]
-                rows.append((f"B={sh['B']} T={sh['T'] // 1024}K K={sh['K']}",
-                             (r["ratio_peak_mem"], seg2["peak_mem"]),
-                             (r["ratio_fwd_bwd"], seg2["fwd_bwd"])))
+    rows = _variant_rows(("kernels_h200_v21_bwd_segments2.json",
+                          "kernels_h200_v21_bwd_segments_long.json"), "MDN_BWD_SEGMENTS=2")
     found = _op_vs_gdn_bars(a1, rows, ("1 segment", "2 segments")) or found
     groups = [("MFU shape\n1 segment", "tab:gray", "mdn_1p3b_4k_seg1{}_v21k"),
               ("MFU shape\n2 segments", "tab:green", "mdn_1p3b_4k_seg2{}_v21k"),
@@ -921,13 +927,7 @@ def plot_session22(out):
     steps (K = 256), every timed step, crosswise on two H200s (plan s22m)."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
     found = False
-    rows = []
-    for r in (_load("kernels_h200_v22_kfac3.json") or {}).get("results", []):
-        kf = r.get("mdn[MDN_STATE_KFAC=1]", {}).get("ratios_vs_gdn")
-        if "ratio_peak_mem" in r and kf:
-            sh = r["shape"]
-            rows.append((f"B={sh['B']} T={sh['T'] // 1024}K K={sh['K']}",
-                         (r["ratio_peak_mem"], kf["peak_mem"]), (r["ratio_fwd_bwd"], kf["fwd_bwd"])))
+    rows = _variant_rows(("kernels_h200_v22_kfac3.json",), "MDN_STATE_KFAC=1")
     found = _op_vs_gdn_bars(a1, rows, ("operands", "factors")) or found
     groups = [("MFU shape\noperands", "tab:gray", "mdn_1p3b_4k{}_v22m"),
               ("MFU shape\nfactors", "tab:green", "mdn_1p3b_4k_kfac{}_v22m"),
