@@ -108,6 +108,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s22q  session 22: the preparation storing the factors, not the operands (the default at
      K > 128): the op against MDN_STATE_KFAC=0 and FLA's GDN, the float64 kernel tests; the 1.3B
      step profiled at the MFU shape, and one 16K sequence.
+  s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
+     against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
   s21h  session 21: the state-halo CP = 2 step with a long limit and stack dumps.
   s21c  session 21: the CP = 2 model test's fp32 variant and the default with one backward
@@ -1760,6 +1762,15 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # the final default against the operands at the MFU shape, crosswise
+    "s22r": [
+        ("step", 210, [
+            ("0", [("mdn_1p3b_4k", 110, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_ops", 90, "MDN_STATE_KFAC=0 " + bench_model(1, M13_4K))]),
+            ("1", [("mdn_1p3b_4k_ops_b", 110, "MDN_STATE_KFAC=0 " + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_b", 90, bench_model(1, M13_4K))]),
         ]),
     ],
     # the preparation storing the factors (k̂, T) instead of Y, Z, Kg, Km
