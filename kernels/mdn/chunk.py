@@ -479,8 +479,8 @@ def state_kfac(K: int) -> bool:
     "auto" (default): factored where the key block is 256 or more (K > 128), as measured on two
     H200s (plans s22n, s22m, s22q): the op's fwd+bwd −4.0% at B = 8 × 4K, K = 256 (peak −7.7%);
     the 1.3B model's step 0 to −2% at its MFU shape (within the runs' spread; peak 47.8 →
-    46.4 GiB) and −4 to −5% at one 16K sequence; at K = 128 the op was 5.7% slower (11% at one 32K sequence) for 8.5% less
-    peak. "1" everywhere (the lean path), "0" never."""
+    46.4 GiB) and −4 to −5% at one 16K sequence; at K = 128 the op was 5.7% slower (11% at
+    one 32K sequence) for 8.5% less peak. "1" everywhere (the lean path), "0" never."""
     flag = os.environ.get("MDN_STATE_KFAC", "auto")
     if flag not in ("0", "1", "auto"):
         raise ValueError(f"MDN_STATE_KFAC must be 0, 1 or auto, got {flag!r}")
