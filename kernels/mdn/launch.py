@@ -29,8 +29,9 @@ from __future__ import annotations
 import functools
 import os
 
-KERNELS = ("state_fwd", "state_fwd_kfac", "state_pairs", "state_bwd", "output_fwd", "output_bwd", "output_bwd_dw",
-           "prepare_a", "prepare_c", "prepare_bwd_t", "prepare_bwd_k", "prepare_bwd_decay")
+KERNELS = ("state_fwd", "state_fwd_kfac", "state_pairs", "state_bwd", "output_fwd", "output_bwd",
+           "output_bwd_dw", "prepare_a", "prepare_c", "prepare_bwd_t", "prepare_bwd_k",
+           "prepare_bwd_decay")
 _KEYS = ("BK", "BV", "num_warps", "num_stages", "f32dot")
 _parsed: tuple[str, dict] | None = None
 

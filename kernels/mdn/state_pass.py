@@ -104,8 +104,10 @@ def _state_fwd_kernel(
         u = tl.load(U + ch * C * V + cv, mask=m_v[None, :], other=0.0)
         if KFAC:
             kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
-            x = (tl.load(ELE + ch * C + o_c)[:, None] * tl.dot(kh, s.to(kh.dtype), input_precision=PREC)
-                 - tl.load(G0R + ch * C + o_c)[:, None] * tl.dot(kh, m.to(kh.dtype), input_precision=PREC))
+            ks = tl.dot(kh, s.to(kh.dtype), input_precision=PREC)
+            km = tl.dot(kh, m.to(kh.dtype), input_precision=PREC)
+            x = (tl.load(ELE + ch * C + o_c)[:, None] * ks
+                 - tl.load(G0R + ch * C + o_c)[:, None] * km)
             tm = tl.load(TM + ch * C * C + o_c[:, None] * C + o_c[None, :])
             w = (u + tl.dot(tm, x.to(tm.dtype), input_precision=PREC)).to(W.dtype.element_ty)
             tl.store(W + ch * C * V + cv, w, mask=m_v[None, :])
