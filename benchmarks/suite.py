@@ -108,6 +108,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s22q  session 22: the preparation storing the factors, not the operands (the default at
      K > 128): the op against MDN_STATE_KFAC=0 and FLA's GDN, the float64 kernel tests; the 1.3B
      step profiled at the MFU shape, and one 16K sequence.
+  s23a  session 23: the 1.3B MFU-shape step with Megatron's compiled SwiGLU (model.mlp_kernel,
+     the new default) against the eager one, crosswise on two GPUs; the step profiled with the
+     ops by call site; the saved-bytes GPU test (the estimate's MLP row, compiled and eager).
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -1765,6 +1768,20 @@ PLANS = {
         ]),
     ],
     # the final default against the operands at the MFU shape, crosswise
+    "s23a": [
+        ("step", 300, [
+            ("0", [("mdn_1p3b_4k", 160, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_eager", 120, bench_model(1, M13_4K + " model.mlp_kernel=eager"))]),
+            ("1", [("mdn_1p3b_4k_eager_b", 160, bench_model(1, M13_4K + " model.mlp_kernel=eager")),
+                   ("mdn_1p3b_4k_b", 120, bench_model(1, M13_4K))]),
+        ]),
+        ("sites", 170, [
+            ("0", [("mdn_1p3b_4k_sites", 160, bench_model(1, M13_4K + " --profile {R}/profile.txt "
+                                                          "--profile-sites"))]),
+            ("1", [("saved_bytes_test", 120, "MDN_RESULTS_DIR={R} " + PT + " --timeout 115 "
+                    "tests/gpu/test_mixer_kernels_gpu.py -k saved_bytes")]),
+        ]),
+    ],
     "s22r": [
         ("step", 210, [
             ("0", [("mdn_1p3b_4k", 110, bench_model(1, M13_4K)),

@@ -123,6 +123,10 @@ def parse_args(argv=None):
                         "torch.profiler and write the tables (top 40 by self CUDA and by self CPU "
                         "time, per-step wall, GPU-busy ms, device events) to PATH (rank 0)")
     p.add_argument("--profile-steps", type=int, default=2, help="profiled steps (--profile)")
+    p.add_argument("--profile-sites", action="store_true",
+                   help="with --profile: record Python stacks too and add a table of the ops' "
+                        "time by call site (tools/profiling.op_sites: which line of the model, or "
+                        "which backward node, ran each copy, cat, mul, ...)")
     p.add_argument("--cprofile", default=None, metavar="PATH",
                    help="after the timed steps (and --profile), run --profile-steps more steps "
                         "under Python's cProfile and write rank 0's top 50 functions by own time "
@@ -160,6 +164,8 @@ def parse_args(argv=None):
         p.error("--sp needs --tp > 1")
     if a.mixer == "megatron_gdn" and a.cp > 1:
         p.error("--mixer megatron_gdn: Megatron's GatedDeltaNet has no context parallelism (0.16.1)")
+    if a.profile_sites and not a.profile:
+        p.error("--profile-sites needs --profile PATH (the tables go there)")
     if a.sync_report and a.cpu_smoke:
         p.error("--sync-report needs CUDA (torch.cuda's sync debug mode); drop --cpu-smoke")
     if a.mixer == "megatron_gdn" and a.cpu_smoke:
@@ -316,12 +322,13 @@ def profile_run(a, layout, cuda: bool, one_step, data) -> dict:
     """--profile: --profile-steps more whole steps (new data, after the timed ones) under
     torch.profiler; every rank profiles, rank 0 writes its tables to a.profile. Returns rank 0's
     per-step summary (wall ms, GPU-busy ms, device events, self CPU ms) and every rank's."""
-    from profiling import profile_steps, profile_summary, profile_tables
+    from profiling import op_sites, profile_steps, profile_summary, profile_tables
 
     steps = [data.next_step() for _ in range(a.profile_steps)]
     it = iter(steps)
     dist.barrier()
-    prof, wall = profile_steps(lambda: one_step(next(it)), a.profile_steps, cuda)
+    prof, wall = profile_steps(lambda: one_step(next(it)), a.profile_steps, cuda,
+                               stacks=a.profile_sites)
     s = profile_summary(prof, a.profile_steps)
     s["wall_ms"] = wall
     rows = gather_per_rank([s[k] for k in sorted(s)], layout)
@@ -332,6 +339,8 @@ def profile_run(a, layout, cuda: bool, one_step, data) -> dict:
         for k, v in per_rank.items():
             text.append(f"  {k:>15} per step, per rank: " + ", ".join(f"{x:.3f}" for x in v))
         text += profile_tables(prof, cuda, rows=40, ranges=("bench.", "mdn."))
+        if a.profile_sites:
+            text += op_sites(prof, cuda, top=60, steps=a.profile_steps)
         os.makedirs(os.path.dirname(os.path.abspath(a.profile)) or ".", exist_ok=True)
         with open(a.profile, "w") as f:
             f.write("\n".join(text) + "\n")

@@ -43,7 +43,8 @@ def choose_layout(model_cfg, seq_len: int, gpu_counts=GPUS, fused: bool = False)
     best on the last. level: 0 no recompute, 1 recompute, 2 recompute with the layer inputs in
     host memory and, under CP, the op's lean node in segments; the costlier settings only where
     the cheaper ones do not fit. fused: FLA's conv and gated norm counts (model.mixer_kernels)
-    and the Triton block norm's (model.norm_kernel), else the eager ones (the larger)."""
+    and the Triton block norm's (model.norm_kernel) and the compiled SwiGLU's (model.mlp_kernel),
+    else the eager ones (the larger)."""
     from mdn_scale.train.memory import GIB, Layout, estimate, layouts_for
 
     last = None
@@ -60,6 +61,7 @@ def choose_layout(model_cfg, seq_len: int, gpu_counts=GPUS, fused: bool = False)
                 est = estimate(model_cfg, Layout(
                     tp=tp, cp=cp, seq_len=seq_len, recompute=rc > 0, recompute_offload=rc == 2,
                     distributed_optimizer=True, fused_mixer=fused, triton_norm=fused,
+                    compiled_mlp=fused,
                     fused_gates=fused, cp_lean=lean,
                     cp_lean_segment_tokens=SEGMENT_TOKENS if lean else 0))
                 cands.append((est["total"], tp, cp, rc, est))

@@ -358,6 +358,8 @@ def _estimate_now(r):
                  fused_mixer=True, fused_gates=True, cp_lean=env.get("MDN_CP_LEAN") == "1",
                  # records before session 11 ran the eager block norm and do not say so
                  triton_norm=r.get("norm_kernel", "eager") == "triton",
+                 # records before session 23 ran the eager SwiGLU (no mlp_kernel in their model)
+                 compiled_mlp=r.get("model", {}).get("mlp_kernel", "eager") == "compiled",
                  cp_lean_segment_tokens=int(env.get("MDN_CP_LEAN_SEGMENT_TOKENS", 0)))
     # the op's q̂, k̂ and v as the run kept them: runs before session 15 (no MDN_RAW_QK in their
     # record) kept the fp32 chunks and a copy of v, which the estimator reads from the environment

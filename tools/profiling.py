@@ -12,21 +12,26 @@ table of those ranges first (calls, CPU total and device total of the kernels in
 sync_sites(fn): run `fn` once with torch.cuda's sync debug mode on ("warn") and count where the
 host synchronised with the device (every stream or device synchronisation, device→host copy or
 pageable host→device copy torch makes), by the innermost frame of our or a library's code.
+op_sites(prof, cuda, top): with a profile taken with_stack (profile_steps(..., stacks=True)),
+the time of the ops (self device time on CUDA, else self CPU time) by op and call site: the
+innermost frame of our or a library's model code, or, for an op the autograd engine ran outside
+any Python frame, the backward node it ran in.
 peak_breakdown(events, top): from a recorded CUDA allocator trace, the allocated-bytes peak and
 what was live at that moment, grouped by the model-code line that allocated it.
 """
 from __future__ import annotations
 
+import re
 import time
 
 import torch
 
 
-def profile_steps(fn, steps: int, cuda: bool):
+def profile_steps(fn, steps: int, cuda: bool, stacks: bool = False):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_stack=stacks) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             fn()
@@ -93,6 +98,48 @@ def _site(frames) -> str:
                     break
             return f"{fn}:{fr.get('line')} {fr.get('name')}"
     return "(no model frame)"
+
+
+_PY_FRAME = re.compile(r"^(.*)\((\d+)\): (.*)$")   # a Python frame's event: "file(line): name"
+_BACKWARD = "autograd::engine::evaluate_function: "
+
+
+def _op_site(e) -> str:
+    """Where op event `e` was called from: its innermost enclosing Python frame of our or a
+    library's model code (the profiler records frames as events around the ops, with_stack), or
+    the backward node whose autograd-engine range encloses it."""
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith(_BACKWARD):
+            return "backward: " + p.name[len(_BACKWARD):]
+        m = _PY_FRAME.match(p.name)
+        # the profiler names frames by a path that may be relative (mdn_scale/model/...)
+        path = "/" + m.group(1) if m else ""
+        if m and any(q in path for q in OWN_CODE):
+            return _site([{"filename": path, "line": m.group(2), "name": m.group(3)}])
+        p = p.cpu_parent
+    return "(no model frame)"
+
+
+def op_sites(prof, cuda: bool, top: int = 50, steps: int = 1) -> list[str]:
+    """The ops' time by (op, call site), largest first, per step (see the module docstring)."""
+    agg: dict = {}
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        t = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if t <= 0:
+            continue
+        key = (e.name, _op_site(e))
+        calls, total = agg.get(key, (0, 0.0))
+        agg[key] = (calls + 1, total + t)
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]
+    what = "self device" if cuda else "self CPU"
+    out = [f"top {top} ops by call site ({what} ms and calls per step)",
+           f"{'ms':>9} {'calls':>7}  {'op':<28} site"]
+    for (name, site), (calls, total) in rows:
+        out.append(f"{total / 1e3 / steps:>9.3f} {calls / steps:>7.1f}  {name:<28} {site}")
+    return out
 
 
 def sync_sites(fn) -> dict:

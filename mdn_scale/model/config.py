@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 MIXERS = ("mdn", "gdn", "transformer")
 NORM_KERNELS = ("eager", "triton")
+MLP_KERNELS = ("compiled", "eager")
 
 
 @dataclass
@@ -57,6 +58,14 @@ class ModelConfig:
         kernels keep the bf16 input and an fp32 rstd where eager keeps two fp32 copies: the 1.3B
         step at 2 × 2 × 4096 tokens took 583 ms and 50.3 GiB against 641 ms and 54.3 GiB on one
         H200 (BENCHMARKS.md, session 11).
+    mlp_kernel: "compiled" | "eager": how the MLP's SwiGLU runs. "compiled" (the default) takes
+        Megatron-core's fused SwiGLU (megatron.core.fusions.fused_bias_swiglu, the
+        TransformerConfig's bias_activation_fusion): torch.compile'd into one kernel forward and
+        one backward that writes fc1's input gradient whole, keeping only fc1's output for the
+        backward. Applies with CUDA (the CPU runs eager whatever this says: inductor there would
+        compile C++). "eager": silu(x_glu) · x_lin in separate ops, which keep silu and the
+        product too and join the two halves' gradients with a cat. The same function; bf16
+        results differ by the rounding of the intermediate (the fused kernel computes in fp32).
     in_proj_row_multiple: each tensor-parallel rank's fused in-projection gets zero rows at its
         end, up to a multiple of this, that no output reads (their gradient is exactly zero, so
         they stay zero; checkpoints leave them out, so checkpoints do not depend on it or on the
@@ -90,6 +99,7 @@ class ModelConfig:
     loss_chunk_tokens: int = 0
     mixer_kernels: str = "auto"
     norm_kernel: str = "triton"
+    mlp_kernel: str = "compiled"
     in_proj_row_multiple: int = 8
 
     def __post_init__(self):
@@ -149,6 +159,8 @@ class ModelConfig:
             bad("mixer_kernels", f"must be one of {MIXER_KERNELS}")
         if self.norm_kernel not in NORM_KERNELS:
             bad("norm_kernel", f"must be one of {NORM_KERNELS}")
+        if self.mlp_kernel not in MLP_KERNELS:
+            bad("mlp_kernel", f"must be one of {MLP_KERNELS}")
 
     # ---- derived sizes ------------------------------------------------------------------
     @property
@@ -210,6 +222,12 @@ class ModelConfig:
         return cls(**d)
 
 
+def compiled_mlp(cfg: ModelConfig) -> bool:
+    """Whether the MLP runs Megatron-core's torch.compile'd SwiGLU (model.mlp_kernel "compiled"
+    and CUDA available where the model is built)."""
+    return cfg.mlp_kernel == "compiled" and torch.cuda.is_available()
+
+
 def check_parallel(cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                    context_parallel: int = 1) -> None:
     """Raise ValueError when the model cannot be split this way (before any work starts)."""
@@ -244,7 +262,8 @@ def to_transformer_config(
     """Megatron's TransformerConfig for `cfg` under the given parallel sizes.
 
     Pre-norm RMSNorm blocks, SwiGLU MLP without biases, no dropout. Fusions that need CUDA
-    kernels are off (they are not available without TransformerEngine/Apex anyway).
+    kernels are off (they are not available without TransformerEngine/Apex anyway), but for
+    the SwiGLU's, which torch.compile makes (model.mlp_kernel, compiled_mlp).
     use_cpu_initialization defaults to True when CUDA is absent. `overrides` go straight to
     TransformerConfig (e.g. recompute settings, bf16=True).
     """
@@ -271,7 +290,7 @@ def to_transformer_config(
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
+        bias_activation_fusion=compiled_mlp(cfg),
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,

@@ -69,6 +69,7 @@ the layer output's dtype)
     fused (FLA)        6 H_l V + 4 H_l    its LayerNormGatedFunction saves bf16 o, a contiguous
                                           copy of g (input_guard), the fp32 rstd; bf16 output
   SwiGLU MLP           10 F_l          bf16 fc1 output (2F), x_lin + offset, silu, product
+    compiled           6 F_l           Megatron's fused SwiGLU: fc1 output (2F), product
   (1.3B, K = 256, V = 512, C = 64: the op keeps 2.7 KiB per token and head with the factors
   (the default at this K), 4.0 with the operands (MDN_STATE_KFAC=0), 4.2 with MDN_RAW_QK=0;
   under CP 12.0 KiB, 8 KiB of it the pairs.)
@@ -80,7 +81,9 @@ The fused rows apply where model.mixer_kernels runs FLA (mdn_scale/model/mixer_k
   'eager'; no FLA needed): Layout.fused_gates, or by default 'eager' → eager, 'fla' → fused,
   'auto' → fused when CUDA is available where the estimate runs. The Triton norm row applies
   where model.norm_kernel is 'triton' (the default) and CUDA is available where the estimate
-  runs (the kernels never run on CPU), or as Layout.triton_norm says.
+  runs (the kernels never run on CPU), or as Layout.triton_norm says. The compiled MLP row
+  applies where model.mlp_kernel is 'compiled' (the default) and CUDA is available where the
+  estimate runs, or as Layout.compiled_mlp says.
 fp32 (no autocast; the op's torch path): the earlier, coarser count (not checked against the
   saved-tensor count; the eager conv and norm whatever the kernels): norms d(4 + 4), projections
   and convs as above in fp32, the op
@@ -186,6 +189,7 @@ class Layout:
     fused_mixer: Optional[bool] = None  # FLA's conv/gated norm (None: from model.mixer_kernels)
     fused_gates: Optional[bool] = None  # the Triton gate kernels (None: from model.mixer_kernels)
     triton_norm: Optional[bool] = None  # the Triton block RMSNorm (None: from model.norm_kernel)
+    compiled_mlp: Optional[bool] = None  # the fused SwiGLU (None: from model.mlp_kernel)
     # CP's lean op node and its segments (None: MDN_CP_LEAN / MDN_CP_LEAN_SEGMENT_TOKENS, as the
     # op reads them; mdn_kernels.cp)
     cp_lean: Optional[bool] = None
@@ -253,6 +257,17 @@ def triton_norm(cfg, lay: Layout) -> bool:
     if lay.triton_norm is not None:
         return bool(lay.triton_norm)
     if getattr(cfg, "norm_kernel", "eager") != "triton":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def compiled_mlp(cfg, lay: Layout) -> bool:
+    """Whether the run being estimated takes Megatron's fused SwiGLU (module docstring)."""
+    if lay.compiled_mlp is not None:
+        return bool(lay.compiled_mlp)
+    if getattr(cfg, "mlp_kernel", "eager") != "compiled":
         return False
     import torch
 
@@ -340,7 +355,7 @@ def layer_activation_terms(cfg, lay: Layout) -> dict:
         gated_norm = (6 if fused else 18) * H_l * V + 4 * H_l
         v_copy = 0 if raw_qk() else 2 * H_l * V   # MDN_RAW_QK=0: the op keeps a copy of v
         before = norm + conv + 2 * P_qkv + v_copy + gates
-        after = gated_norm + norm + 10 * F_l
+        after = gated_norm + norm + (6 if compiled_mlp(cfg, lay) else 10) * F_l
         # 2V in the op's chunk terms: W (StateOutput; U with MDN_SAVE_W=0; StatePass under CP);
         # the op's q̂, k̂: the corrected q (raw_qk; k is a view of the conv output) or fp32 chunks
         qk = 2 * K if raw_qk() else 4 * 2 * K

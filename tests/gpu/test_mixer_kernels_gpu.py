@@ -108,9 +108,12 @@ def _saved_bytes_worker(rank, world, cfg, kernels):
     out = {}
     for num_layers, T in ((1, 64), (2, 64), (1, 128), (2, 128)):
         torch.manual_seed(0)
-        # the fused run takes the Triton block norm too (the default), the eager one the eager norm
+        # the fused run takes the Triton block norm and the compiled SwiGLU too (the defaults),
+        # the eager one the eager norm and SwiGLU
+        fused = kernels == "fla"
         model = build_model(ModelConfig(**dict(cfg, num_layers=num_layers, mixer_kernels=kernels,
-                                               norm_kernel="triton" if kernels == "fla" else "eager")),
+                                               norm_kernel="triton" if fused else "eager",
+                                               mlp_kernel="compiled" if fused else "eager")),
                             use_cpu_initialization=True).to(dev)
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(0, cfg["vocab_size"], (1, T), generator=g).to(dev)
@@ -138,7 +141,8 @@ def test_saved_bytes_match_the_estimate(kernels, mixer, record):
     t = layer_activation_terms(ModelConfig(**dict(cfg, num_layers=2)),
                                Layout(precision="bf16", fused_mixer=kernels == "fla",
                                       fused_gates=kernels != "eager",  # CUDA: Triton gates
-                                      triton_norm=kernels == "fla"))
+                                      triton_norm=kernels == "fla",
+                                      compiled_mlp=kernels == "fla"))
     want = t["around_op"] + t["op_chunk_tensors"] + t["op_state_pairs"]
     record(f"saved_bytes_{kernels}_{mixer}", {"measured_per_token": measured, "estimate": want})
     assert measured == want

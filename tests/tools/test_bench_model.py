@@ -190,12 +190,12 @@ def test_packed_gdn_unpacks_equal_sequences(monkeypatch):
 
 def test_cpu_smoke_profile(tmp_path):
     """--profile: the profiled steps' tables and per-step summary (rank 0) land in the file and
-    the JSON; --cprofile: cProfile's tables in theirs (one process, one timed step, one profiled
+    the JSON (--profile-sites: with the ops by call site); --cprofile: cProfile's tables in theirs (one process, one timed step, one profiled
     step each: kept fast)."""
     out, prof = tmp_path / "r.json", tmp_path / "prof.txt"
     cprof = tmp_path / "cprof.txt"
     r = torchrun(1, "--out", str(out), "--steps", "1", "--warmup", "0", "--profile", str(prof),
-                 "--profile-steps", "1", "--cprofile", str(cprof))
+                 "--profile-steps", "1", "--profile-sites", "--cprofile", str(cprof))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     ctext = cprof.read_text()  # --cprofile: Python's view of the host, both orderings
     assert "top 50 by tottime" in ctext and "top 50 by cumulative" in ctext
@@ -203,6 +203,10 @@ def test_cpu_smoke_profile(tmp_path):
     text = prof.read_text()
     assert "top 40 by self CPU time" in text and "wall_ms per step" in text
     assert "aten::mm" in text  # the ops' table
+    # --profile-sites: the ops by call site, Megatron's linear among them, forward and backward
+    sites = text.split("ops by call site", 1)[1]
+    assert "aten::mm" in sites and "megatron/core/tensor_parallel/layers.py" in sites
+    assert "backward: " in sites
     for rng in ("bench.forward_backward", "bench.grad_norm_clip_adamw", "mdn.conv_silu", "mdn.op",
                 "mdn.gated_norm"):
         assert rng in text, rng

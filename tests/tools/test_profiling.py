@@ -84,3 +84,22 @@ def test_profile_summary_counts_each_kernel_once():
     s = profiling.profile_summary(prof, steps=2)
     assert s == {"gpu_busy_ms": 0.45, "gpu_comm_ms": 0.1, "gpu_compute_ms": 0.35,
                  "device_events": 1.5, "cpu_self_ms": 2.5}, s
+
+
+
+def test_op_sites_by_line_and_backward_node():
+    """op_sites: each op's time by the line of our code that called it (the eager block norm's
+    products, mdn_scale/model/norm.py), and the ops the autograd engine ran by their backward
+    node; calls are per step."""
+    from mdn_scale.model.norm import rms_norm
+
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    prof, _ = profiling.profile_steps(lambda: rms_norm(x, w, 1e-6).sum().backward(), 2,
+                                      cuda=False, stacks=True)
+    lines = profiling.op_sites(prof, cuda=False, top=200, steps=2)
+    assert lines[0].startswith("top 200 ops by call site (self CPU ms")
+    fwd = [r for r in lines if " aten::mul " in r and "mdn_scale/model/norm.py:" in r]
+    assert fwd and all(r.endswith(" rms_norm") for r in fwd)
+    assert sum(float(r.split()[1]) for r in fwd) >= 2.0        # y·rstd and ·w, per step
+    assert any(" aten::mul " in r and r.endswith("backward: MulBackward0") for r in lines)
