@@ -423,6 +423,21 @@ class MDNMixer(MegatronModule):
             return True
         return not isinstance(self.cp_group, _OneRank) and cp_paths_at_one_rank()
 
+    def _split_projection(self, proj):
+        """{"qkv", "g", "a", "b", ("m",) "e"(, PAD)}: views of the in-projection's output [B, T, P]
+        along its last dim, q|k|v as one piece (the conv's input). One split, so the backward
+        joins the parts' gradients with one cat; a slice for q|k|v beside a split of the rest
+        cost a zero-filled full-size gradient, a copy into it and an add (~6 % of the 1.3B step's
+        elementwise time, BENCHMARKS.md session 23)."""
+        names, rows = ["qkv"], [0]
+        for name, n in self.parts:
+            if name in ("q", "k", "v"):
+                rows[0] += n
+            else:
+                names.append(name)
+                rows.append(n)
+        return dict(zip(names, torch.split(proj, rows, -1)))
+
     def _conv_qkv(self, qkv, cu_seqlens):
         """SiLU of one depthwise conv over the adjacent q|k|v columns of the projection (one CP
         halo exchange instead of three). qkv: [B, T, 2·H_l·K + H_l·V]."""
@@ -475,7 +490,7 @@ class MDNMixer(MegatronModule):
             proj, _ = self.in_proj(hidden_states)  # [S, B, P_local] (SP: gathered over TP)
         proj = proj.transpose(0, 1)  # [B, S, P]
         B, T, _ = proj.shape
-        pieces = dict(zip([n for n, _ in self.parts], torch.split(proj, [r for _, r in self.parts], -1)))
+        pieces = self._split_projection(proj)
         cu_seqlens = None
         if packed_seq_params is not None:
             cu_seqlens = packed_seq_params.cu_seqlens_q
@@ -483,7 +498,7 @@ class MDNMixer(MegatronModule):
                 raise ValueError(f"packed_seq_params needs micro-batch size 1, got B={B}")
         H, K, V = self.heads, self.K, self.V
         with rf("mdn.conv_silu"):
-            qkv = self._conv_qkv(proj[..., :H * (2 * K + V)], cu_seqlens)
+            qkv = self._conv_qkv(pieces["qkv"], cu_seqlens)
         # Under autocast the eager conv (fp32 weights) promotes to fp32 (FLA's returns the input
         # dtype, so this is a no-op there); hand the op 16-bit q, k, v as
         # a 16-bit layer would, so it takes its 16-bit path (fused local kernels, bf16 per-chunk

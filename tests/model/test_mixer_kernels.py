@@ -145,3 +145,71 @@ def test_estimate_follows_the_config(monkeypatch):
     monkeypatch.setattr(mk, "fla_import_error", lambda: "ImportError")
     assert fused_mixer(auto, lay) is False
     assert fused_mixer(auto, Layout(precision="bf16", fused_mixer=True)) is True  # explicit wins
+
+
+def _graph_nodes(fn) -> list[str]:
+    """Names of every autograd node reachable from fn."""
+    todo, seen, names = [fn], set(), []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        todo += [f for f, _ in node.next_functions]
+    return names
+
+
+def _old_split(self, proj):
+    # session 22's forward: every part split off, q|k|v taken again as a slice for the conv
+    pieces = dict(zip([n for n, _ in self.parts], torch.split(proj, [r for _, r in self.parts], -1)))
+    H, K, V = self.heads, self.K, self.V
+    return dict(pieces, qkv=proj[..., :H * (2 * K + V)])
+
+
+def _projection_split_worker(rank, world, cfg):
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.spec_utils import build_module
+    from mdn_scale.model import to_transformer_config
+    from mdn_scale.model.mixer import MDNMixer
+    from mdn_scale.model.specs import mdn_mixer_spec
+    from model_workers import init_parallel
+
+    init_parallel()
+    x = torch.randn(12, 1, cfg["hidden_size"], generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    mc = ModelConfig(**cfg)
+    torch.manual_seed(0)
+    mixer = build_module(mdn_mixer_spec(mc), config=to_transformer_config(mc), layer_number=1)
+    out = {}
+    new_split = MDNMixer._split_projection
+    for name, split in (("new", new_split), ("old", _old_split)):
+        MDNMixer._split_projection = split
+        try:
+            xi = x.clone().requires_grad_(True)
+            y, _ = mixer(xi, packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu,
+                                                                cu_seqlens_kv=cu))
+            nodes = _graph_nodes(y.grad_fn)
+            mixer.zero_grad(set_to_none=True)
+            y.square().sum().backward()
+        finally:
+            MDNMixer._split_projection = new_split
+        out[name] = dict(y=y.detach(), dx=xi.grad, nodes=nodes,
+                         grads={n: p.grad.clone() for n, p in mixer.named_parameters()})
+    return out
+
+
+@pytest.mark.parametrize("mixer", ["mdn", "gdn"])
+def test_projection_split_once(mixer):
+    """The in-projection's output is split once, q|k|v as one piece (MDNMixer._split_projection):
+    no slice of it in the graph any more (its backward zero-filled a full-size gradient and added
+    it to the split's), and every output and gradient is the earlier forward's bit for bit
+    (adding those zeros was exact)."""
+    res = run_jobs(1, [(_projection_split_worker, (dict(CFG, mixer=mixer),))])[0][0]
+    new, old = res["new"], res["old"]
+    assert old["nodes"].count("SliceBackward0") == new["nodes"].count("SliceBackward0") + 1
+    assert new["nodes"].count("SplitWithSizesBackward0") == old["nodes"].count("SplitWithSizesBackward0")
+    assert torch.equal(new["y"], old["y"]) and torch.equal(new["dx"], old["dx"])
+    assert new["grads"].keys() == old["grads"].keys()
+    for n, g in new["grads"].items():
+        assert torch.equal(g, old["grads"][n]), n
