@@ -111,6 +111,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s23a  session 23: the 1.3B MFU-shape step with Megatron's compiled SwiGLU (model.mlp_kernel,
      the new default) against the eager one, crosswise on two GPUs; the step profiled with the
      ops by call site; the saved-bytes GPU test (the estimate's MLP row, compiled and eager).
+  s23b  session 23: the weight gradients accumulated in the linears' backward (train.fuse_wgrad,
+     the new default; MDN_WGRAD_GEMM addmm or mm_add) and the in-projection split once, the 1.3B
+     MFU-shape step against train.fuse_wgrad=false, crosswise; its GPU test and two single-GPU
+     trainer tests under bf16; the step profiled with the ops by call site.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -1768,6 +1772,23 @@ PLANS = {
         ]),
     ],
     # the final default against the operands at the MFU shape, crosswise
+    "s23b": [
+        ("step", 330, [
+            ("0", [("mdn_1p3b_4k", 110, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_unfused", 90, bench_model(1, M13_4K + " train.fuse_wgrad=false")),
+                   ("mdn_1p3b_4k_mm_add", 90, "MDN_WGRAD_GEMM=mm_add " + bench_model(1, M13_4K))]),
+            ("1", [("mdn_1p3b_4k_unfused_b", 110, bench_model(1, M13_4K + " train.fuse_wgrad=false")),
+                   ("mdn_1p3b_4k_b", 90, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_mm_add_b", 90, "MDN_WGRAD_GEMM=mm_add " + bench_model(1, M13_4K))]),
+        ]),
+        ("check", 200, [
+            ("0", [("gpu_tests_wgrad", 190, "MDN_RESULTS_DIR={R} " + PT + " --timeout 185 "
+                    "tests/gpu/test_fused_wgrad_gpu.py tests/gpu/test_train_gpu.py "
+                    "-k 'fused_wgrad or bf16_close_to_fp32 or recompute_offload'")]),
+            ("1", [("mdn_1p3b_4k_sites", 120, bench_model(1, M13_4K + " --profile {R}/profile.txt "
+                                                          "--profile-sites"))]),
+        ]),
+    ],
     "s23a": [
         ("step", 300, [
             ("0", [("mdn_1p3b_4k", 160, bench_model(1, M13_4K)),

@@ -15,7 +15,8 @@ pageable host→device copy torch makes), by the innermost frame of our or a lib
 op_sites(prof, cuda, top): with a profile taken with_stack (profile_steps(..., stacks=True)),
 the time of the ops (self device time on CUDA, else self CPU time) by op and call site: the
 innermost frame of our or a library's model code, or, for an op the autograd engine ran outside
-any Python frame, the backward node it ran in.
+any Python frame, the backward node it ran in (else the innermost mdn.* / bench.* range: on the
+GPU the profiler linked no Python frames to the forward's ops, plan s23a).
 peak_breakdown(events, top): from a recorded CUDA allocator trace, the allocated-bytes peak and
 what was live at that moment, grouped by the model-code line that allocated it.
 """
@@ -108,17 +109,19 @@ def _op_site(e) -> str:
     """Where op event `e` was called from: its innermost enclosing Python frame of our or a
     library's model code (the profiler records frames as events around the ops, with_stack), or
     the backward node whose autograd-engine range encloses it."""
-    p = e.cpu_parent
+    p, scope = e.cpu_parent, None
     while p is not None:
         if p.name.startswith(_BACKWARD):
             return "backward: " + p.name[len(_BACKWARD):]
+        if scope is None and p.name.startswith(("mdn.", "bench.")):
+            scope = p.name   # the innermost record_function range, where no frame shows
         m = _PY_FRAME.match(p.name)
         # the profiler names frames by a path that may be relative (mdn_scale/model/...)
         path = "/" + m.group(1) if m else ""
         if m and any(q in path for q in OWN_CODE):
             return _site([{"filename": path, "line": m.group(2), "name": m.group(3)}])
         p = p.cpu_parent
-    return "(no model frame)"
+    return f"range: {scope}" if scope else "(no model frame)"
 
 
 def op_sites(prof, cuda: bool, top: int = 50, steps: int = 1) -> list[str]:

@@ -78,6 +78,10 @@ class TrainConfig:
     # 1: no segments)
     op_backward_segments: int = 2  # = _OP_DEFAULT_BWD_SEGMENTS
     skip_nonfinite: bool = True  # a step whose loss or gradient norm is not finite is not applied
+    # the Megatron backend: each linear's weight gradient added into its fp32 .grad by one GEMM
+    # inside the backward (Megatron's gradient-accumulation fusion, train/wgrad.py) instead of a
+    # bf16 gradient, a cast and an add; DeepSpeed's engine owns its gradients and ignores it
+    fuse_wgrad: bool = True
     # under CP, before step 1: layer 0 under CP against one rank (train/cp_check.py); a machine
     # where CP is wrong stops the run with an error naming the worst parameter
     cp_check: bool = True

@@ -15,6 +15,7 @@ import math
 import torch
 
 from . import checkpoint as ckpt
+from . import wgrad
 from .backend import Backend
 from .grads import clip_, finalize_grads, global_grad_norm
 from .init_from import initialize as initialize_from
@@ -30,6 +31,8 @@ class MegatronBackend(Backend):
         tools/bench_model.py builds it); gradients, norm and optimizer then span all chunks."""
         super().__init__(cfg, layout, model, dpcp)
         self.owner = torch.nn.ModuleList(model) if isinstance(model, (list, tuple)) else model
+        if cfg.train.fuse_wgrad:
+            wgrad.enable(self.owner)   # before the first forward: its hooks give main_grad
         self.eval_precision = cfg.train.precision  # bf16 autocast over fp32 parameters
         self.optimizer = build_optimizer(self.owner, cfg.train,
                                          distributed=cfg.parallel.distributed_optimizer, group=dpcp)
