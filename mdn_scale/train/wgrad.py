@@ -5,7 +5,7 @@ inside the backward (``gradient_accumulation_fusion``), with apex's
 ``fused_weight_gradient_mlp_cuda`` doing the GEMM. Without it (we train fp32 weights under bf16
 autocast, no apex), every linear's backward makes a bf16 weight gradient, autograd casts it to
 the weight's fp32 and AccumulateGrad adds it to ``.grad``: three passes over every weight per
-microbatch (the 1.3B step: ~20 ms of ~540, BENCHMARKS.md session 23).
+microbatch (the 1.3B 4K step: ~20 ms of ~540 on an H200, BENCHMARKS.md session 23).
 
 ``enable(model)`` switches it on for every Megatron linear of ``model`` with
 ``main_grad = .grad``: a forward pre-hook gives each linear's weight a ``.grad`` (zeros where
@@ -14,11 +14,13 @@ startup check sets it to None), the backward adds into the tensor the optimizer 
 layer then returns no weight gradient and AccumulateGrad does nothing for it. The GEMM
 (``wgrad_gemm_accum_fp32``, the function apex provides, installed into Megatron's module):
 
-- "addmm" (CUDA, where torch has ``addmm(..., out_dtype=)`` for 16-bit operands): one cuBLAS
-  GEMM that reads and writes the fp32 gradient (beta = 1), the product never rounded to bf16;
-- "mm_add" (elsewhere, or ``MDN_WGRAD_GEMM=mm_add``): the product in the operands' dtype as the
-  unfused layer makes it (autocast's casts included), added into the fp32 gradient in one op:
-  bit for bit the unfused gradient, without its cast and its separate add.
+- "mm_add" (the default, ``MDN_WGRAD_GEMM``): the product in the operands' dtype as the unfused
+  layer makes it (autocast's casts included), added into the fp32 gradient in one op: bit for bit
+  the unfused gradient, without its cast and its separate add;
+- "addmm" (CUDA, where torch has ``addmm(..., out_dtype=)`` for 16-bit operands): one cuBLAS GEMM
+  that reads and writes the fp32 gradient (beta = 1), the product never rounded to bf16. Slower
+  on the H200 (cuBLAS's fp32-output GEMM): the 1.3B 4K step 539.5 / 543.9 ms against mm_add's
+  530.8 / 532.0 and the unfused 542.3 / 557.4 (plan s23b, BENCHMARKS.md session 23).
 
 The Megatron backend turns it on with ``train.fuse_wgrad`` (default true). DeepSpeed's engine
 owns its gradients and does not take it.
@@ -32,12 +34,12 @@ import types
 
 import torch
 
-GEMMS = ("auto", "addmm", "mm_add")
+GEMMS = ("mm_add", "addmm")
 
 
 def gemm_choice() -> str:
-    """MDN_WGRAD_GEMM: "auto" (default: addmm where it works, else mm_add), "addmm", "mm_add"."""
-    v = os.environ.get("MDN_WGRAD_GEMM", "auto")
+    """MDN_WGRAD_GEMM: "mm_add" (default) or "addmm" (module docstring)."""
+    v = os.environ.get("MDN_WGRAD_GEMM", "mm_add")
     if v not in GEMMS:
         raise ValueError(f"MDN_WGRAD_GEMM must be one of {GEMMS}, got {v!r}")
     return v
@@ -77,10 +79,8 @@ def wgrad_gemm_accum_fp32(input: torch.Tensor, grad_output: torch.Tensor,
                           main_grad: torch.Tensor) -> None:
     """main_grad [out, in] += grad_outputᵀ [out, N] @ input [N, in] (apex's signature)."""
     g, x = _operands(input, grad_output)
-    choice = gemm_choice()
-    use_addmm = (g.dtype != main_grad.dtype and choice != "mm_add"
-                 and addmm_out_dtype_works(main_grad.device.type))
-    if choice == "addmm" and not use_addmm and g.dtype != main_grad.dtype:
+    use_addmm = gemm_choice() == "addmm" and g.dtype != main_grad.dtype
+    if use_addmm and not addmm_out_dtype_works(main_grad.device.type):
         raise RuntimeError("MDN_WGRAD_GEMM=addmm: torch.addmm(out_dtype=) does not work here")
     if use_addmm:
         torch.addmm(main_grad, g.t(), x, out_dtype=main_grad.dtype, out=main_grad)

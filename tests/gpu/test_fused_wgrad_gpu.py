@@ -36,7 +36,7 @@ def _worker(rank, world, cfg):
         torch.manual_seed(0)
         model = build_model(ModelConfig(**cfg), use_cpu_initialization=True).cuda()
         plain = name.startswith("unfused")
-        os.environ["MDN_WGRAD_GEMM"] = "auto" if plain else name
+        os.environ["MDN_WGRAD_GEMM"] = "mm_add" if plain else name
         fused = 0 if plain else wgrad.enable(model)
         for ids in batches:
             ids = ids.cuda()

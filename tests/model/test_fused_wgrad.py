@@ -1,11 +1,12 @@
 """train/wgrad.py: Megatron's gradient-accumulation fusion with our GEMM, in the real model and
-Megatron's real linear layers (gloo processes, float64 CPU weights).
+Megatron's real linear layers (gloo processes, CPU).
 
-On the CPU the GEMM is "mm_add" (the product as the unfused layer makes it, added into .grad in
-one op), so the gradients must be the unfused ones bit for bit, over two accumulated
-micro-batches (fp32 weights: Megatron's fused path takes no float64 main_grad, and enable
-leaves float64 linears unfused), after .grad was reset to None (as the CP startup check does), under TP = 1 and 2. The CUDA path ("addmm", fp32 accumulation of bf16 operands)
-runs in tests/gpu/test_train_gpu.py::test_fused_wgrad_addmm."""
+The GEMM is "mm_add" (the default: the product as the unfused layer makes it, added into .grad
+in one op), so the gradients must be the unfused ones bit for bit: over two accumulated
+micro-batches, after .grad was reset to None (as the CP startup check does), under TP = 1 and 2.
+The weights are fp32 here: Megatron's fused path takes no float64 main_grad, and enable leaves
+float64 linears unfused. On CUDA under bf16 autocast, and the "addmm" GEMM (fp32 accumulation of
+bf16 operands): tests/gpu/test_fused_wgrad_gpu.py."""
 from __future__ import annotations
 
 import types
@@ -91,16 +92,19 @@ def test_float64_linears_stay_unfused():
 
 def test_gemm_choice(monkeypatch):
     """MDN_WGRAD_GEMM is checked by name; addmm with out_dtype is never taken on the CPU, and
-    forcing it there is an error, not a silent fallback."""
+    asking for it there is an error, not a silent fallback; mm_add (the default) adds the
+    operands' dtype product."""
     monkeypatch.setenv("MDN_WGRAD_GEMM", "cublas")
     with pytest.raises(ValueError, match="MDN_WGRAD_GEMM"):
         wgrad.gemm_choice()
+    monkeypatch.delenv("MDN_WGRAD_GEMM")
+    assert wgrad.gemm_choice() == "mm_add"
     assert not wgrad.addmm_out_dtype_works("cpu")
     x, g = torch.randn(5, 3).bfloat16(), torch.randn(5, 4).bfloat16()
     main = torch.zeros(4, 3)
     monkeypatch.setenv("MDN_WGRAD_GEMM", "addmm")
     with pytest.raises(RuntimeError, match="addmm"):
         wgrad.wgrad_gemm_accum_fp32(x, g, main)
-    monkeypatch.setenv("MDN_WGRAD_GEMM", "auto")
-    wgrad.wgrad_gemm_accum_fp32(x, g, main)      # mm_add: the bf16 product, added in fp32
+    monkeypatch.setenv("MDN_WGRAD_GEMM", "mm_add")
+    wgrad.wgrad_gemm_accum_fp32(x, g, main)      # the bf16 product, added in fp32
     assert torch.equal(main, (g.t() @ x).float())
