@@ -404,6 +404,21 @@ class MDNMixer(MegatronModule):
                                 self.log_factor, tau=self.tau, min_log_mu=self.cfg.min_log_mu)
         return self.gates(a, b, m, e)
 
+    def correct_q(self, q, k):
+        """(q − exp(D_log)·k per head, k) for q, k [B, T, H_l, K]: the output correction (DESIGN
+        §6), before the op's l2 norm. The eager reference and CPU path; CUDA runs
+        correction_kernels.correct_q_triton (see _correct_q)."""
+        return q - (self.D_log.exp()[:, None] * k).to(q.dtype), k
+
+    def _correct_q(self, q, k):
+        """correct_q by the fused Triton kernels where the gates run theirs (the same switch:
+        mixer_kernels.use_fused_gates), with k passed through them so that its gradient is
+        made in one pass."""
+        if mk.use_fused_gates(self.cfg.mixer_kernels, q, [self.D_log]):
+            from .correction_kernels import correct_q_triton
+            return correct_q_triton(q, k, self.D_log)
+        return self.correct_q(q, k)
+
     @contextmanager
     def without_context_parallel(self):
         """Run this layer as if CP were off (the whole sequence on this rank): the reference of
@@ -511,7 +526,7 @@ class MDNMixer(MegatronModule):
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
         with rf("mdn.gates"):
             log_alpha, log_mu, beta, eta = self._gates(pieces["a"], pieces["b"], pieces.get("m"), pieces["e"])
-            q = q - (self.D_log.exp()[:, None] * k).to(q.dtype)  # output correction, before l2 norm
+            q, k = self._correct_q(q, k)  # output correction, before the l2 norm
         cp_group = self.cp_group if self._cp_paths() else None
         # The op picks its own precision from its inputs' dtypes (DESIGN §9): no autocast inside.
         with torch.autocast(dev, enabled=False) if autocast_dtype is not None else _nullcontext(), \

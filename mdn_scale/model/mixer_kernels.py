@@ -254,7 +254,8 @@ def gated_rmsnorm_fla(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
 
 def use_fused_gates(choice: str, x: torch.Tensor, params) -> bool:
     """Whether MDNMixer's gates run the Triton kernel pair (gate_kernels.gates_triton) for
-    projection x and the per-head gate parameters ``params`` (module docstring)."""
+    projection x and the per-head gate parameters ``params`` (module docstring); the output
+    correction (correction_kernels.correct_q_triton) asks the same for q and D_log."""
     from .gate_kernels import INPUT_DTYPES
 
     if os.environ.get("MDN_GATES", "") == "eager":  # benchmarks' A/B switch (eager gates only)

@@ -97,3 +97,29 @@ def test_mixer_takes_the_kernels_on_cuda():
     p = [torch.zeros(H, device="cuda")]
     assert mk.use_fused_gates("auto", x, p) and mk.use_fused_gates("fla", x, p)
     assert not mk.use_fused_gates("eager", x, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_correction_kernels_match_eager_1p3b(dtype, record):
+    """The output correction's kernels (mdn_scale/model/correction_kernels.py) at the 1.3B
+    shape (H = 6, K = 256, q | k | v of the conv output, 2 × 4096 tokens) against the eager
+    MDNMixer.correct_q, with float64 as the reference: q' and the gradients of the split conv
+    output and D_log; the kernels round once where eager rounds twice."""
+    import test_correction_kernels as tc
+
+    saved = (tc.B, tc.T, tc.H, tc.K, tc.V)
+    tc.B, tc.T, tc.H, tc.K, tc.V = 2, 4096, 6, 256, 512
+    try:
+        qkv, D_log, dq, dk = (x.cuda() for x in tc._case(dtype))
+        ref = tc._run(tc._eager, qkv.double(), D_log, dq, dk, torch.float64, torch.float64)
+        eag = tc._run(tc._eager, qkv, D_log, dq, dk, dtype, torch.float32)
+        fus = tc._run(tc.correct_q_triton, qkv, D_log, dq, dk, dtype, torch.float32)
+    finally:
+        tc.B, tc.T, tc.H, tc.K, tc.V = saved
+    errs = {n: (tc._err(f, r), tc._err(e, r))
+            for n, f, e, r in zip(("q'", "d qkv", "d D_log"), fus, eag, ref)}
+    record(f"correction_kernels_{str(dtype)[6:]}", errs)
+    for n, (e_f, e_e) in errs.items():
+        assert e_f < (2 ** -8 if dtype == torch.bfloat16 else 1e-6), (n, e_f, e_e)
+        # q', d qkv: one rounding against eager's two; d D_log: two fp32 sums in other orders
+        assert e_f <= (e_e * 1.01 + 1e-7 if n != "d D_log" else 2 * e_e + 1e-6), (n, e_f, e_e)
