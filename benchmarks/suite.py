@@ -115,6 +115,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      the new default; MDN_WGRAD_GEMM addmm or mm_add) and the in-projection split once, the 1.3B
      MFU-shape step against train.fuse_wgrad=false, crosswise; its GPU test and two single-GPU
      trainer tests under bf16; the step profiled with the ops by call site.
+  s23c  session 23: the output correction's kernels (the new default) against eager
+     (MDN_CORRECTION=eager) in the 1.3B MFU-shape step, crosswise; the step profiled with the
+     ops by call site; the GPU tests of the fused wgrad, the correction and the fused mixer.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -1772,6 +1775,23 @@ PLANS = {
         ]),
     ],
     # the final default against the operands at the MFU shape, crosswise
+    "s23c": [
+        ("step", 260, [
+            ("0", [("mdn_1p3b_4k", 100, bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_corr_eager", 70, "MDN_CORRECTION=eager " + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_sites", 80, bench_model(1, M13_4K + " --profile {R}/profile.txt "
+                                                         "--profile-sites"))]),
+            ("1", [("mdn_1p3b_4k_corr_eager_b", 100, "MDN_CORRECTION=eager " + bench_model(1, M13_4K)),
+                   ("mdn_1p3b_4k_b", 70, bench_model(1, M13_4K))]),
+        ]),
+        ("check", 200, [
+            ("0", [("gpu_tests_wgrad_corr", 190, "MDN_RESULTS_DIR={R} " + PT + " --timeout 185 "
+                    "tests/gpu/test_fused_wgrad_gpu.py tests/gpu/test_gate_kernels_gpu.py "
+                    "-k 'fused_wgrad or correction'")]),
+            ("1", [("gpu_tests_mixer", 190, "MDN_RESULTS_DIR={R} " + PT + " --timeout 185 "
+                    "tests/gpu/test_mixer_kernels_gpu.py")]),
+        ]),
+    ],
     "s23b": [
         ("step", 330, [
             ("0", [("mdn_1p3b_4k", 110, bench_model(1, M13_4K)),

@@ -414,7 +414,8 @@ class MDNMixer(MegatronModule):
         """correct_q by the fused Triton kernels where the gates run theirs (the same switch:
         mixer_kernels.use_fused_gates), with k passed through them so that its gradient is
         made in one pass."""
-        if mk.use_fused_gates(self.cfg.mixer_kernels, q, [self.D_log]):
+        if (os.environ.get("MDN_CORRECTION", "") != "eager"   # benchmarks' A/B switch
+                and mk.use_fused_gates(self.cfg.mixer_kernels, q, [self.D_log])):
             from .correction_kernels import correct_q_triton
             return correct_q_triton(q, k, self.D_log)
         return self.correct_q(q, k)
