@@ -118,6 +118,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s23c  session 23: the output correction's kernels (the new default) against eager
      (MDN_CORRECTION=eager) in the 1.3B MFU-shape step, crosswise; the step profiled with the
      ops by call site; the GPU tests of the fused wgrad, the correction and the fused mixer.
+  s23d  session 23's last: the 1.3B MFU-shape step with this session's defaults against
+     session 22's (model.mlp_kernel=eager, train.fuse_wgrad=false, MDN_CORRECTION=eager; the
+     projection's split cannot be switched), 10 steps each, crosswise; the correction's GPU
+     test and the saved-bytes test cut short in s23c.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -229,6 +233,7 @@ EMULATE = ("python3 -m torch.distributed.run --standalone --nproc-per-node 1 ben
 
 CPW400 = f"--config {M400} --micro-batch 1 --microbatches 2"   # plan cpm9's 400M weak-scaling step
 M13_4K = f"--config {M13} --micro-batch 2 --microbatches 2"     # the MFU goal's shape (issue 9)
+M13_4K10 = M13_4K + " --steps 10"                                # session 23: 10 timed steps
 CPW13 = f"--config {M13} --micro-batch 1 --recompute --steps 3 --warmup 2"  # plan cpm9's 1.3B step
 
 OFFLOAD_AB = f"--config {M13} --micro-batch 1 --microbatches 1 --seq-len 65536 --recompute --steps 3 --warmup 1"
@@ -1775,6 +1780,20 @@ PLANS = {
         ]),
     ],
     # the final default against the operands at the MFU shape, crosswise
+    "s23d": [
+        ("step", 240, [
+            ("0", [("mdn_1p3b_4k", 120, bench_model(1, M13_4K10)),
+                   ("mdn_1p3b_4k_s22", 110, "MDN_CORRECTION=eager " + bench_model(1, M13_4K10 + " model.mlp_kernel=eager train.fuse_wgrad=false"))]),
+            ("1", [("mdn_1p3b_4k_s22_b", 120, "MDN_CORRECTION=eager " + bench_model(1, M13_4K10 + " model.mlp_kernel=eager train.fuse_wgrad=false")),
+                   ("mdn_1p3b_4k_b", 110, bench_model(1, M13_4K10))]),
+        ]),
+        ("check", 130, [
+            ("0", [("gpu_test_corr", 120, "MDN_RESULTS_DIR={R} " + PT + " --timeout 115 "
+                    "tests/gpu/test_gate_kernels_gpu.py -k correction")]),
+            ("1", [("gpu_test_saved_bytes", 120, "MDN_RESULTS_DIR={R} " + PT + " --timeout 115 "
+                    "tests/gpu/test_mixer_kernels_gpu.py -k saved_bytes")]),
+        ]),
+    ],
     "s23c": [
         ("step", 260, [
             ("0", [("mdn_1p3b_4k", 100, bench_model(1, M13_4K)),

@@ -120,6 +120,7 @@ def test_correction_kernels_match_eager_1p3b(dtype, record):
             for n, f, e, r in zip(("q'", "d qkv", "d D_log"), fus, eag, ref)}
     record(f"correction_kernels_{str(dtype)[6:]}", errs)
     for n, (e_f, e_e) in errs.items():
-        assert e_f < (2 ** -8 if dtype == torch.bfloat16 else 1e-6), (n, e_f, e_e)
+        # bf16: the cotangents and inputs are rounded to bf16 too (2^-9 each), so one bf16 ulp
+        assert e_f < (2 ** -7 if dtype == torch.bfloat16 else 1e-6), (n, e_f, e_e)
         # q', d qkv: one rounding against eager's two; d D_log: two fp32 sums in other orders
         assert e_f <= (e_e * 1.01 + 1e-7 if n != "d D_log" else 2 * e_e + 1e-6), (n, e_f, e_e)
