@@ -162,6 +162,7 @@ def main(argv=None) -> int:
               "distributed_optimizer": a.distributed_optimizer,
               "loss_chunk_tokens": cfg.model.loss_chunk_tokens, "model": a.model,
               "norm_kernel": cfg.model.norm_kernel,
+              "mlp_kernel": cfg.model.mlp_kernel,
               "gpus": world, "card": "cpu" if a.cpu_smoke else torch.cuda.get_device_name(),
               "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
               "megatron_core": _version("megatron-core"),

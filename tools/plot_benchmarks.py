@@ -358,8 +358,8 @@ def _estimate_now(r):
                  fused_mixer=True, fused_gates=True, cp_lean=env.get("MDN_CP_LEAN") == "1",
                  # records before session 11 ran the eager block norm and do not say so
                  triton_norm=r.get("norm_kernel", "eager") == "triton",
-                 # records before session 23 ran the eager SwiGLU (no mlp_kernel in their model)
-                 compiled_mlp=r.get("model", {}).get("mlp_kernel", "eager") == "compiled",
+                 # records before session 23 ran the eager SwiGLU and do not say so
+                 compiled_mlp=r.get("mlp_kernel", "eager") == "compiled",
                  cp_lean_segment_tokens=int(env.get("MDN_CP_LEAN_SEGMENT_TOKENS", 0)))
     # the op's q̂, k̂ and v as the run kept them: runs before session 15 (no MDN_RAW_QK in their
     # record) kept the fp32 chunks and a copy of v, which the estimator reads from the environment
@@ -942,6 +942,46 @@ def plot_session22(out):
     return _finish_panels(fig, out, found, "Session 22 on H200s (bf16): the state passes on factors")
 
 
+def plot_session23(out):
+    """Session 23: the elementwise work around the 1.3B step's matmuls. Left: every timed step,
+    crosswise on two H200s, per plan: the compiled SwiGLU (s23a), the fused weight-gradient
+    accumulation's two GEMMs (s23b), the output correction's kernels (s23c), and all of them
+    against session 22's settings (s23d, 10 steps). Right: the GPU-busy time per step of the
+    profiled steps (session 22's profile, then after each change)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[2, 1]))
+    groups = [("a: eager\nSwiGLU", "tab:gray", "mdn_1p3b_4k_eager{}_v23a"),
+              ("a: compiled", "tab:green", "mdn_1p3b_4k{}_v23a"),
+              ("b: unfused\nwgrad", "tab:gray", "mdn_1p3b_4k_unfused{}_v23b"),
+              ("b: addmm", "tab:olive", "mdn_1p3b_4k{}_v23b"),
+              ("b: mm_add", "tab:green", "mdn_1p3b_4k_mm_add{}_v23b"),
+              ("c: eager\ncorrection", "tab:gray", "mdn_1p3b_4k_corr_eager{}_v23c"),
+              ("c: fused", "tab:green", "mdn_1p3b_4k{}_v23c"),
+              ("d: session 22\nsettings", "tab:gray", "mdn_1p3b_4k_s22{}_v23d"),
+              ("d: session 23\ndefaults", "tab:blue", "mdn_1p3b_4k{}_v23d")]
+    found = _crosswise_steps(a1, groups)
+    a1.set_ylabel("step (ms)")
+    a1.set_title("1.3B MFU-shape step (2 × 2 × 4K), every timed step, crosswise; plans s23a–d",
+                 fontsize=8)
+    a1.legend(fontsize=7)
+    busy = [("session 22\n(s22q)", "model_h200x2_mdn_1p3b_4k_profile_v22q.json"),
+            ("+ compiled\nSwiGLU (s23a)", "model_h200x2_mdn_1p3b_4k_sites_v23a.json"),
+            ("+ split once,\nwgrad (s23b)", "model_h200x2_mdn_1p3b_4k_sites_v23b.json"),
+            ("+ correction\n(s23c)", "model_h200x2_mdn_1p3b_4k_sites_v23c.json")]
+    vals = [(label, _load(f)) for label, f in busy]
+    vals = [(label, d["profile"]["gpu_busy_ms"]) for label, d in vals if d and d.get("profile")]
+    if vals:
+        found = True
+        a2.bar(range(len(vals)), [v for _, v in vals], color="tab:blue")
+        for i, (_, v) in enumerate(vals):
+            a2.text(i, v + 3, f"{v:.0f}", ha="center", fontsize=7)
+        a2.set_xticks(range(len(vals)), [label for label, _ in vals], fontsize=7)
+        a2.set_ylim(400, 540)
+        a2.set_ylabel("GPU busy per step (ms)")
+        a2.set_title("profiled steps (s23b: fused wgrad with addmm)", fontsize=8)
+    return _finish_panels(fig, out, found, "Session 23 on H200s (bf16): the elementwise work "
+                          "around the 1.3B step's matmuls")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -962,7 +1002,8 @@ def main():
                      (plot_session19, "session19_two_gpus.png"),
                      (plot_session20, "session20_state_pairs.png"),
                      (plot_session21, "session21_bwd_segments.png"),
-                     (plot_session22, "session22_state_factors.png")):
+                     (plot_session22, "session22_state_factors.png"),
+                     (plot_session23, "session23_elementwise.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
