@@ -3,7 +3,7 @@ Triton kernel each way.
 
 Eager (MDNMixer.correct_q, the reference) runs it as a product into an fp32 copy of k, a cast
 back, a subtraction, and in the backward a negation, a cast, two products, a reduction and the
-add of k's two gradients (the op's and this one's): ~11 ms of the 1.3B 4K step on an H200
+add of k's two gradients (the op's and this one's): ~13 ms of the 1.3B 4K step on an H200
 (plan s23b's ops by call site). Here:
 
     forward   q' = q − d_h·k in fp32, rounded once to q's dtype, d_h = exp(D_log[h]);

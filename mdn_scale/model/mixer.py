@@ -443,8 +443,8 @@ class MDNMixer(MegatronModule):
         """{"qkv", "g", "a", "b", ("m",) "e"(, PAD)}: views of the in-projection's output [B, T, P]
         along its last dim, q|k|v as one piece (the conv's input). One split, so the backward
         joins the parts' gradients with one cat; a slice for q|k|v beside a split of the rest
-        cost a zero-filled full-size gradient, a copy into it and an add (~6 % of the 1.3B step's
-        elementwise time, BENCHMARKS.md session 23)."""
+        cost a zero-filled full-size gradient, a copy into it and an add (11.3 ms of the 1.3B 4K
+        step on an H200, BENCHMARKS.md session 23)."""
         names, rows = ["qkv"], [0]
         for name, n in self.parts:
             if name in ("q", "k", "v"):
