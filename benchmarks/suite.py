@@ -122,6 +122,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      session 22's (model.mlp_kernel=eager, train.fuse_wgrad=false, MDN_CORRECTION=eager; the
      projection's split cannot be switched), 10 steps each, crosswise; the correction's GPU
      test and the saved-bytes test cut short in s23c.
+  s23e  session 23: the trainer on two GPUs with this session's defaults (fused wgrad, compiled
+     SwiGLU, the correction's kernels): PP = 2 and TP = 2 with SP against one GPU (fp32).
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -1780,6 +1782,13 @@ PLANS = {
         ]),
     ],
     # the final default against the operands at the MFU shape, crosswise
+    "s23e": [
+        ("train", 250, [
+            ("0,1", [("train_tests_pp2_tp2sp", 240, "MDN_RESULTS_DIR={R} " + PT + " --timeout 235 "
+                      "tests/gpu/test_train_gpu.py -k 'test_layout_matches_one_gpu and "
+                      "(pp2 or tp2_sp)'")]),
+        ]),
+    ],
     "s23d": [
         ("step", 240, [
             ("0", [("mdn_1p3b_4k", 120, bench_model(1, M13_4K10)),
