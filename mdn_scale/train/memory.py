@@ -252,26 +252,26 @@ def fused_mixer(cfg, lay: Layout) -> bool:
     return choice == "fla"
 
 
-def triton_norm(cfg, lay: Layout) -> bool:
-    """Whether the run being estimated takes the Triton block RMSNorm (module docstring)."""
-    if lay.triton_norm is not None:
-        return bool(lay.triton_norm)
-    if getattr(cfg, "norm_kernel", "eager") != "triton":
+def _cuda_only(given, cfg, field: str, value: str) -> bool:
+    """A layout's explicit choice, else whether the model asks for a CUDA-only kernel
+    (cfg.<field> == value) and CUDA is available where the estimate runs."""
+    if given is not None:
+        return bool(given)
+    if getattr(cfg, field, "eager") != value:
         return False
     import torch
 
     return torch.cuda.is_available()
+
+
+def triton_norm(cfg, lay: Layout) -> bool:
+    """Whether the run being estimated takes the Triton block RMSNorm (module docstring)."""
+    return _cuda_only(lay.triton_norm, cfg, "norm_kernel", "triton")
 
 
 def compiled_mlp(cfg, lay: Layout) -> bool:
     """Whether the run being estimated takes Megatron's fused SwiGLU (module docstring)."""
-    if lay.compiled_mlp is not None:
-        return bool(lay.compiled_mlp)
-    if getattr(cfg, "mlp_kernel", "eager") != "compiled":
-        return False
-    import torch
-
-    return torch.cuda.is_available()
+    return _cuda_only(lay.compiled_mlp, cfg, "mlp_kernel", "compiled")
 
 
 def _norm_bytes(cfg, lay: Layout) -> int:
