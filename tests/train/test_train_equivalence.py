@@ -36,6 +36,7 @@ def reference(tmp_path_factory):
     one = run(out, 1, {"ref": ["train.micro_batch=2"], "micro1": ["train.micro_batch=1"],
                        "micro4": ["train.micro_batch=4"],
                        "recompute": ["train.micro_batch=2", "train.recompute=true"],
+                       "unfused_wgrad": ["train.micro_batch=2", "train.fuse_wgrad=false"],
                        "recompute_offload": ["train.micro_batch=2", "train.recompute=true",
                                              "train.recompute_offload=true"],
                        "nonfinite": ["train.micro_batch=2", "train.lr=1e30", "train.warmup_steps=0"]})
@@ -57,6 +58,14 @@ def test_microbatch_split_and_recompute_give_the_same_losses(reference):
     _, ref, one = reference
     for name in ("micro1", "micro4", "recompute", "recompute_offload"):
         assert_same(one[name], ref, name)
+
+
+@pytest.mark.slow
+def test_unfused_weight_gradients_give_the_same_losses(reference):
+    """train.fuse_wgrad (the default) adds each linear's weight gradient into .grad in its
+    backward (train/wgrad.py): on the CPU bit for bit the unfused gradient, so the same losses."""
+    _, ref, one = reference
+    assert one["unfused_wgrad"] == ref
 
 
 @pytest.mark.slow
