@@ -63,8 +63,14 @@ def main(argv=None) -> int:
     finally:
         shutdown()
     if layout.is_logger:
-        how = "stopped by signal" if result["stopped"] else "done"
-        print(f"{how} at step {result['step']}: loss {result['loss']:.4f}, logs in {cfg.logging.dir}")
+        if result["step"] == result["start_step"]:   # resumed a finished run: no step ran
+            print(f"nothing to train: the run in {cfg.checkpoint.dir} is at step {result['step']} "
+                  f"of train.steps={cfg.train.steps}; raise train.steps to go on, or give "
+                  f"another checkpoint.dir and logging.dir for a new run")
+        else:
+            how = "stopped by signal" if result["stopped"] else "done"
+            print(f"{how} at step {result['step']}: loss {result['loss']:.4f}, logs in "
+                  f"{cfg.logging.dir}")
     return 0
 
 

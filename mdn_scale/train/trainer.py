@@ -95,6 +95,7 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
             data.load_state_dict(meta["data"], resharded=True)
         log_rank0(f"[checkpoint] resumed from {path} at step {step}")
 
+    start_step = step   # where this process began (a resumed run: its checkpoint's step)
     if layout.is_logger:
         save_resolved(cfg, cfg.logging.dir)
     logger = MetricsLogger(cfg.logging.dir, enabled=layout.is_logger,
@@ -157,7 +158,8 @@ def train(cfg: RunConfig, layout: Layout) -> dict:
         stop.restore()
         logger.close()
         data.close()
-    return {"step": step, "loss": last_loss, "stopped": stopped, "skipped_steps": skipped}
+    return {"step": step, "loss": last_loss, "stopped": stopped, "skipped_steps": skipped,
+            "start_step": start_step}
 
 
 def _check_cp(cfg: RunConfig, layout: Layout, model, log) -> None:

@@ -95,6 +95,11 @@ def test_sigterm_resume_tensorboard_and_cut_checkpoint(shards, tmp_path):
     assert f"resumed from {run_dir}/ckpt/step_{stopped_at:08d} at step {stopped_at}" in out
     assert losses(run_dir) == ref
 
+    # 2b. Once more: the run is finished, nothing trains, and the launcher says so.
+    out = run(cmd, tmp_path)
+    assert f"nothing to train: the run in {run_dir}/ckpt is at step {STEPS}" in out, out[-3000:]
+    assert losses(run_dir) == ref
+
     # 3. TensorBoard events, read back with tensorboard's own reader.
     events = tensorboard_losses(run_dir / "log")
     assert sorted(events) == sorted(ref)
