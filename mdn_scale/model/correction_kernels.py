@@ -31,16 +31,21 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _correct_fwd_kernel(Q, KX, DLOG, QO, sq, sk, N, H: tl.constexpr, K: tl.constexpr,
-                        BK: tl.constexpr, BLOCK: tl.constexpr):
+def _head_tile(DLOG, N, K: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile: rows [pid·BLOCK, +BLOCK) of head program_id(1), as (the rows'
+    int64 indices [BLOCK, 1], the head's columns in a row [1, BK], the mask, d_h)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, BK)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
-    r64 = rows[:, None].to(tl.int64)
-    c = h * K + cols[None, :]
-    d = tl.exp(tl.load(DLOG + h))
+    return rows[:, None].to(tl.int64), h * K + cols[None, :], mask, tl.exp(tl.load(DLOG + h))
+
+
+@triton.jit
+def _correct_fwd_kernel(Q, KX, DLOG, QO, sq, sk, N, H: tl.constexpr, K: tl.constexpr,
+                        BK: tl.constexpr, BLOCK: tl.constexpr):
+    r64, c, mask, d = _head_tile(DLOG, N, K, BK, BLOCK)
     q = tl.load(Q + r64 * sq + c, mask=mask, other=0.0).to(tl.float32)
     k = tl.load(KX + r64 * sk + c, mask=mask, other=0.0).to(tl.float32)
     tl.store(QO + r64 * (H * K) + c, (q - d * k).to(QO.dtype.element_ty), mask=mask)
@@ -50,21 +55,15 @@ def _correct_fwd_kernel(Q, KX, DLOG, QO, sq, sk, N, H: tl.constexpr, K: tl.const
 def _correct_bwd_kernel(DQO, DKO, KX, DLOG, DK, PARTIAL, sdq, sdk, sk, N, H: tl.constexpr,
                         K: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr,
                         HAS_DK: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, BK)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)
-    r64 = rows[:, None].to(tl.int64)
-    c = h * K + cols[None, :]
-    d = tl.exp(tl.load(DLOG + h))
+    r64, c, mask, d = _head_tile(DLOG, N, K, BK, BLOCK)
     dq = tl.load(DQO + r64 * sdq + c, mask=mask, other=0.0).to(tl.float32)
     k = tl.load(KX + r64 * sk + c, mask=mask, other=0.0).to(tl.float32)
     dk = -d * dq
     if HAS_DK:
         dk += tl.load(DKO + r64 * sdk + c, mask=mask, other=0.0).to(tl.float32)
     tl.store(DK + r64 * (H * K) + c, dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(PARTIAL + pid.to(tl.int64) * H + h, -d * tl.sum(tl.sum(dq * k, 1), 0))
+    tl.store(PARTIAL + tl.program_id(0).to(tl.int64) * H + tl.program_id(1),
+             -d * tl.sum(tl.sum(dq * k, 1), 0))
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:

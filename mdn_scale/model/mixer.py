@@ -282,6 +282,10 @@ class MDNMixer(MegatronModule):
         self.heads = cfg.num_heads // self.tp_size
         self.K, self.V = cfg.head_k_dim, cfg.head_v_dim
         self.parts = local_in_proj_parts(cfg, self.heads)
+        # _split_projection's pieces: q|k|v as one, then the other parts in order
+        qkv_rows = sum(n for name, n in self.parts if name in ("q", "k", "v"))
+        rest = [(name, n) for name, n in self.parts if name not in ("q", "k", "v")]
+        self._split_layout = (["qkv"] + [name for name, _ in rest], [qkv_rows] + [n for _, n in rest])
         self.tau = math.sqrt(cfg.hidden_size / cfg.tau_factor)
         # Forced FLA where it cannot run fails here, at build time, not in the first forward.
         mk.check_fla_usable(cfg.mixer_kernels, cuda=torch.cuda.is_available())
@@ -445,13 +449,7 @@ class MDNMixer(MegatronModule):
         joins the parts' gradients with one cat; a slice for q|k|v beside a split of the rest
         cost a zero-filled full-size gradient, a copy into it and an add (11.3 ms of the 1.3B 4K
         step on an H200, BENCHMARKS.md session 23)."""
-        names, rows = ["qkv"], [0]
-        for name, n in self.parts:
-            if name in ("q", "k", "v"):
-                rows[0] += n
-            else:
-                names.append(name)
-                rows.append(n)
+        names, rows = self._split_layout
         return dict(zip(names, torch.split(proj, rows, -1)))
 
     def _conv_qkv(self, qkv, cu_seqlens):
