@@ -124,6 +124,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      test and the saved-bytes test cut short in s23c.
   s23e  session 23: the trainer on two GPUs with this session's defaults (fused wgrad, compiled
      SwiGLU, the correction's kernels): PP = 2 and TP = 2 with SP against one GPU (fp32).
+  s24a  session 24: the 1.3B step at 4K per sequence with larger micro-batches (4 × 4K, one and
+     four per step) against the MFU shape (2 micro-batches of 2 × 4K), crosswise; the GDN mode
+     and the Transformer at 4 × 4K; which CUDA profilers the machine has.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -236,6 +239,7 @@ EMULATE = ("python3 -m torch.distributed.run --standalone --nproc-per-node 1 ben
 CPW400 = f"--config {M400} --micro-batch 1 --microbatches 2"   # plan cpm9's 400M weak-scaling step
 M13_4K = f"--config {M13} --micro-batch 2 --microbatches 2"     # the MFU goal's shape (issue 9)
 M13_4K10 = M13_4K + " --steps 10"                                # session 23: 10 timed steps
+M13_MB4 = f"--config {M13} --micro-batch 4 --microbatches 1"      # session 24: 4 × 4K per micro-batch
 CPW13 = f"--config {M13} --micro-batch 1 --recompute --steps 3 --warmup 2"  # plan cpm9's 1.3B step
 
 OFFLOAD_AB = f"--config {M13} --micro-batch 1 --microbatches 1 --seq-len 65536 --recompute --steps 3 --warmup 1"
@@ -1779,6 +1783,21 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # larger micro-batches at 4K per sequence (M13_MB4: 4 × 4K, one per step)
+    "s24a": [
+        ("step", 420, [
+            ("0", [("probe_profilers", 10, "which ncu nsys nvcc; ls /usr/local/cuda/bin 2>&1 | head -40; "
+                    "python3 -c 'import triton.profiler as p; print(p)' 2>&1 | tail -1"),
+                   ("mdn_1p3b_4k_mb4", 120, bench_model(1, M13_MB4 + " --steps 10")),
+                   ("mdn_1p3b_4k", 100, bench_model(1, M13_4K10)),
+                   ("mdn_1p3b_4k_mb4x4", 110, bench_model(1, M13_MB4.replace("--microbatches 1", "--microbatches 4"))),
+                   ("gdn_1p3b_4k_mb4", 70, bench_model(1, M13_MB4 + " --steps 10 --mixer gdn"))]),
+            ("1", [("mdn_1p3b_4k_b", 120, bench_model(1, M13_4K10)),
+                   ("mdn_1p3b_4k_mb4_b", 100, bench_model(1, M13_MB4 + " --steps 10")),
+                   ("transformer_1p3b_4k_mb4", 80, bench_model(1, M13_MB4.replace(M13, T13) + " --steps 10")),
+                   ("mdn_1p3b_4k_mb4_profile", 110, bench_model(1, M13_MB4 + " --profile {R}/profile.txt"))]),
         ]),
     ],
     # the final default against the operands at the MFU shape, crosswise
