@@ -127,6 +127,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s24a  session 24: the 1.3B step at 4K per sequence with larger micro-batches (4 × 4K, one and
      four per step) against the MFU shape (2 micro-batches of 2 × 4K), crosswise; the GDN mode
      and the Transformer at 4 × 4K; which CUDA profilers the machine has.
+  s24b  session 24: the factored reverse pass holding the key dimension in blocks
+     (MDN_STATE_BWD_BLOCKED=1) against one tile, by itself at four shapes and in the 1.3B step
+     at 4 × 4K (crosswise); the op's float64 GPU test with it at K = 128 and 256.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -1783,6 +1786,19 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # the blocked reverse pass: the kernel alone, the float64 op test, the 1.3B step crosswise
+    "s24b": [
+        ("blocked", 400, [
+            ("0", [("state_bwd_blocked_bench", 150, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_bwd_blocked --shapes 0,1,2,3 --configs ';BV=32;BV=32,num_warps=8;"
+                    "num_warps=8;BK=32' --out {R}/result.json"),
+                   ("mdn_1p3b_4k_mb4", 80, bench_model(1, M13_MB4 + " --steps 10")),
+                   ("mdn_1p3b_4k_mb4_blocked_b", 80, "MDN_STATE_BWD_BLOCKED=1 " + bench_model(1, M13_MB4 + " --steps 10"))]),
+            ("1", [("mdn_1p3b_4k_mb4_blocked", 100, "MDN_STATE_BWD_BLOCKED=1 " + bench_model(1, M13_MB4 + " --steps 10")),
+                   ("gpu_test_blocked", 280, "MDN_RESULTS_DIR={R} " + PT + " --timeout 275 "
+                    "tests/gpu/test_kernels_gpu.py -k blocked")]),
         ]),
     ],
     # larger micro-batches at 4K per sequence (M13_MB4: 4 × 4K, one per step)

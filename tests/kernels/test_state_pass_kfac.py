@@ -187,3 +187,87 @@ def test_kfac_forward_refuses_8_warps_at_k256(monkeypatch):
     want = _run_fwd(ops, gates, rest, layout)
     got = _run_fwd(ops, gates, rest, layout, kfac=kfac)
     torch.testing.assert_close(got[3], want[3], rtol=1e-10, atol=1e-12)
+
+
+# the blocked reverse pass (MDN_STATE_BWD_BLOCKED, state_bwd_blocked): key blocks of 16 rows
+# here, so these K give 1, 3 (the last one masked), 3 and 4 blocks
+BLOCKED_SHAPES = [dict(K=16, V=32), dict(K=40, V=40), dict(K=48, V=40), dict(K=64, V=24)]
+
+
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES, ids=lambda s: f"K{s['K']}V{s['V']}")
+@pytest.mark.parametrize("lay", LAYOUTS, ids=["batched", "packed"])
+@pytest.mark.parametrize("end_over", [False, True], ids=["separate", "end_over"])
+def test_blocked_reverse_is_the_one_tile_pass_float64(shape, lay, end_over, monkeypatch):
+    """float64, several value blocks (BV = 16, the last one masked) and key blocks: every
+    output of the blocked kernel equals the one-tile kernel's on the same factors, to float64
+    rounding. The gate sums add their blocks' partial sums in another order, and both kernels
+    load the final cotangent as fp32 (the state is fp32 on the GPU), so the last chunk's sums
+    are fp32 sums: those agree to fp32 rounding."""
+    monkeypatch.setenv("MDN_LAUNCH", "state_bwd:BV=16;state_bwd_blocked:BK=16,BV=16")
+    ops, gates, rest, kfac, layout = _case(shape, lay, torch.float64, seed=8)
+    monkeypatch.setenv("MDN_STATE_BWD_BLOCKED", "0")
+    want = _run(ops, gates, rest, layout, kfac=kfac, end_over=end_over)
+    monkeypatch.setenv("MDN_STATE_BWD_BLOCKED", "1")
+    got = _run(ops, gates, rest, layout, kfac=kfac, end_over=end_over)
+    for name, a, b in zip(OUT_NAMES, got, want):
+        assert a.dtype == b.dtype, name
+        tol = dict(rtol=1e-6, atol=1e-6) if name == "dgates" else dict(rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    # the other chunks' gate sums are float64 sums: to float64 rounding
+    last = layout.seq_chunk_offsets[1:].long() - 1
+    inner = torch.ones(layout.num_chunks, dtype=torch.bool)
+    inner[last] = False
+    torch.testing.assert_close(got[5][:, inner], want[5][:, inner], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("lay", LAYOUTS, ids=["batched", "packed"])
+def test_blocked_reverse_bf16(lay, monkeypatch):
+    """bf16 factors, 3 key blocks: against the float64 pass on the same rounded factors, the
+    blocked kernel's error stays within the one-tile kernel's (the same products, accumulated
+    block by block), for every output."""
+    monkeypatch.setenv("MDN_LAUNCH", "state_bwd:BV=16;state_bwd_blocked:BK=16,BV=16")
+    shape = BLOCKED_SHAPES[2]
+    ops16, gates, rest16, kfac16, layout = _case(shape, lay, torch.bfloat16, seed=9)
+    ops64 = [t.contiguous() for t in operands_from_factors(*[t.double() for t in kfac16])]
+    rest64 = {k: v.double() for k, v in rest16.items()}
+    ref = _run(ops64, [t.double() for t in gates], rest64, layout)
+    monkeypatch.setenv("MDN_STATE_BWD_BLOCKED", "0")
+    base = _run(ops16, [t.float() for t in gates], rest16, layout, kfac=kfac16)
+    monkeypatch.setenv("MDN_STATE_BWD_BLOCKED", "1")
+    got = _run(ops16, [t.float() for t in gates], rest16, layout, kfac=kfac16)
+    for name, a, b, r in zip(OUT_NAMES, got, base, ref):
+        assert a.dtype == b.dtype, name
+        e_got = ((a.double() - r).norm() / r.norm()).item()
+        e_base = ((b.double() - r).norm() / r.norm()).item()
+        assert e_base < 5e-2, (name, e_base)
+        assert e_got <= 1.05 * e_base + 1e-6, (name, e_got, e_base)
+
+
+def test_blocked_reverse_init_only_and_no_final(monkeypatch):
+    """The initial pair's gradient alone (init_only, CP's first reverse pass) and a zero final
+    cotangent, blocked against one tile (float64, 3 key blocks)."""
+    monkeypatch.setenv("MDN_LAUNCH", "state_bwd:BV=16;state_bwd_blocked:BK=16,BV=16")
+    ops, gates, rest, kfac, layout = _case(BLOCKED_SHAPES[1], LAYOUTS[1], torch.float64, seed=10)
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MDN_STATE_BWD_BLOCKED", flag)
+        init = state_pass_bwd_triton(*ops, *gates, rest["dW"], rest["dS0s"], rest["dM0s"],
+                                     rest["dS_fin"], rest["dM_fin"], None, None, layout,
+                                     kfac=kfac, init_only=True)
+        nofin = state_pass_bwd_triton(*ops, *gates, rest["dW"], rest["dS0s"], rest["dM0s"],
+                                      None, None, rest["S0s"], rest["M0s"], layout, kfac=kfac)
+        outs[flag] = list(init) + list(nofin)
+    for i, (a, b) in enumerate(zip(outs["1"], outs["0"])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=str(i))
+
+
+def test_blocked_reverse_flag_and_launch_checked(monkeypatch):
+    from mdn_kernels.mdn.state_bwd_blocked import fits, key_blocks
+    monkeypatch.setenv("MDN_STATE_BWD_BLOCKED", "yes")
+    ops, gates, rest, kfac, layout = _case(BLOCKED_SHAPES[0], LAYOUTS[0], torch.float64, seed=1)
+    with pytest.raises(ValueError, match="MDN_STATE_BWD_BLOCKED must be 0 or 1"):
+        _run(ops, gates, rest, layout, kfac=kfac)
+    assert key_blocks(256, 64) == (64, 4) and key_blocks(40, 64) == (64, 1)
+    assert fits(256) and not fits(320)
+    with pytest.raises(ValueError, match="at most 4 key blocks"):
+        key_blocks(320, 64)
