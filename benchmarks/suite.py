@@ -1788,7 +1788,9 @@ PLANS = {
                     "--out {R}/result.json")]),
         ]),
     ],
-    # the blocked reverse pass: the kernel alone, the float64 op test, the 1.3B step crosswise
+    # the blocked reverse pass: the kernel alone, the float64 op test, the 1.3B step crosswise.
+    # It ran slower than one tile everywhere (BENCHMARKS.md, session 24) and was removed again:
+    # this plan runs at commit b02935d only.
     "s24b": [
         ("blocked", 400, [
             ("0", [("state_bwd_blocked_bench", 150, "python3 tools/bench_state_pairs.py --kernel "

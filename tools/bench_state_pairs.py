@@ -9,7 +9,6 @@ on the same operands, in one process.
     python tools/bench_state_pairs.py --kernel state_bwd --configs "BV=32;BV=16,num_stages=2" ...
     python tools/bench_state_pairs.py --kernel state_bwd_kfac --configs ";BV=32,num_warps=8" ...
     python tools/bench_state_pairs.py --kernel state_fwd_kfac --configs ";BV=16" ...
-    python tools/bench_state_pairs.py --kernel state_bwd_blocked --configs ";BV=32" ...
 
 --kernel state_fwd / state_bwd sweep the other two state-pass kernels the same way (MDN_LAUNCH's
 keys for that kernel; "" = the defaults): the W-making pass, and the reverse pass as the lean
@@ -20,10 +19,7 @@ loaded as factors (state_pass_bwd_triton's kfac: k̂, T and four row vectors per
 config beside the default pass at its default config, on operands made from the same factors;
 its differences are to the default pass's results (bf16 rounding: the products round at other
 points). --kernel state_fwd_kfac and state_pairs_kfac do the same for the W-making pass and for
-the pairs from a saved W (that W the default pass's, read with the factors). --kernel
-state_bwd_blocked times the factored reverse pass on one tile (its defaults) and then the one
-that holds the key dimension in blocks (MDN_STATE_BWD_BLOCKED=1) at each config of its own
-launch key; differences to the default pass's results as for state_bwd_kfac.
+the pairs from a saved W (that W the default pass's, read with the factors).
 
 Per shape (the op benchmark's two and the 1.3B model's: one 16K sequence, two of 4K) and
 launch config (MDN_LAUNCH's state_pairs keys): the median of do_bench, and the largest
@@ -150,7 +146,7 @@ def sweep_pairs(sh, ops, layout, configs, smoke, kfac=None):
                   label="state_pairs_kfac" if kfac is not None else None)
 
 
-def sweep_other(kernel, sh, ops, layout, configs, smoke, kfac=None, key=None, label=None):
+def sweep_other(kernel, sh, ops, layout, configs, smoke, kfac=None):
     """state_fwd or state_bwd at each launch config: time and difference to the defaults'.
     kfac: the pass with its operands as these factors at each config, against the default pass
     at its defaults."""
@@ -185,10 +181,10 @@ def sweep_other(kernel, sh, ops, layout, configs, smoke, kfac=None, key=None, la
         copy_ms = _time(copies, smoke) or 0.0
     want = [t.clone() for t in (run(None) if kfac is not None else run())]
     # the factored forward has its own launch key (launch.KERNELS); the reverse pass shares one
-    key = key or ("state_fwd_kfac" if kfac is not None and kernel == "state_fwd" else kernel)
+    key = "state_fwd_kfac" if kfac is not None and kernel == "state_fwd" else kernel
     return _sweep(key, sh, configs, run, want, smoke, diff_key="rel_diff_to_default",
                   copy_ms=copy_ms, extra=dict(copies_ms_subtracted=copy_ms),
-                  label=label or (f"{kernel}_kfac" if kfac is not None else None))
+                  label=f"{kernel}_kfac" if kfac is not None else None)
 
 
 def main(argv=None):
@@ -199,7 +195,7 @@ def main(argv=None):
     ap.add_argument("--configs", default=None, help="';'-joined MDN_LAUNCH values for --kernel")
     ap.add_argument("--kernel", default="state_pairs",
                     choices=["state_pairs", "state_fwd", "state_bwd", "state_pairs_kfac",
-                             "state_fwd_kfac", "state_bwd_kfac", "state_bwd_blocked"])
+                             "state_fwd_kfac", "state_bwd_kfac"])
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes under TRITON_INTERPRET=1 (checks the tool, times nothing)")
     args = ap.parse_args(argv)
@@ -219,18 +215,6 @@ def main(argv=None):
     rows = []
     for sh in shapes:
         C = 64 if not args.cpu_smoke else 16
-        if args.kernel == "state_bwd_blocked":
-            # the factored reverse pass: one tile at its defaults, then the blocked kernel at
-            # each config (MDN_LAUNCH's state_bwd_blocked keys), both against the default pass
-            ops, kfac, layout = factor_operands(**sh, C=C, device=device)
-            rows += sweep_other("state_bwd", sh, ops, layout, [""], args.cpu_smoke)
-            os.environ["MDN_STATE_BWD_BLOCKED"] = "0"
-            rows += sweep_other("state_bwd", sh, ops, layout, [""], args.cpu_smoke, kfac=kfac)
-            os.environ["MDN_STATE_BWD_BLOCKED"] = "1"
-            rows += sweep_other("state_bwd", sh, ops, layout, configs, args.cpu_smoke, kfac=kfac,
-                                key="state_bwd_blocked", label="state_bwd_blocked")
-            os.environ.pop("MDN_STATE_BWD_BLOCKED")
-            continue
         if args.kernel.endswith("_kfac"):
             ops, kfac, layout = factor_operands(**sh, C=C, device=device)
             # the default pass at its defaults, then the factored one at each config

@@ -132,7 +132,6 @@ def _state_bf16_args():
 
 def state_jobs(K: int, V: int, C: int = 64):
     """The state pass's kernels as 16-bit models launch them (bf16 operands, tf32 products)."""
-    from mdn_kernels.mdn import state_bwd_blocked as blocked
     from mdn_kernels.mdn import state_pass as sp
     BK, BV = triton.next_power_of_2(K), sp._block_v(K, V)
     bf = _state_bf16_args()
@@ -141,9 +140,6 @@ def state_jobs(K: int, V: int, C: int = 64):
     pairs_blocks = dict(BK=pairs["BK"], BV=pairs["BV"])
     bwd = dict(base, HAS_DFIN=True, STORE_DINIT=True, INIT_ONLY=False, FV="strided",
                END_LATE=False, KFAC=False)
-    bkb, nkb = blocked.key_blocks(K, 64)
-    blocked_base = dict(H=6, K=K, V=V, C=C, BKB=bkb, NKB=nkb, PREC="tf32", HAS_DFIN=True,
-                        STORE_DINIT=True, INIT_ONLY=False, END_LATE=True)
     return {
         "state_fwd": (sp._state_fwd_kernel, dict(base, HAS_INIT=True, KFAC=False), 4, bf),
         # StateOutput's backward re-making the pairs from the saved W (MDN_SAVE_W)
@@ -164,9 +160,6 @@ def state_jobs(K: int, V: int, C: int = 64):
         "state_bwd_kfac": (sp._state_bwd_kernel, dict(bwd, FUSE_OUT=False, OMMDT=tl.float32,
                                                       OPREC="ieee", END_LATE=True, KFAC=True),
                            4, dict(bf, KH="*bf16", TM="*bf16")),
-        # the same with the key dimension in blocks of 64 rows (MDN_STATE_BWD_BLOCKED=1)
-        "state_bwd_blocked": (blocked._state_bwd_kfac_blocked_kernel, dict(blocked_base, BV=BV),
-                              4, dict(bf, KH="*bf16", TM="*bf16")),
         # MDN_RECOMPUTE_PAIRS=2's kernel as launched by default (sp.DEFAULT_FUSE_VARIANT)
         "state_bwd_fused": fuse_variant_job(K, V, C, sp.DEFAULT_FUSE_VARIANT),
         "state_bwd_init_only": (sp._state_bwd_kernel, dict(bwd, INIT_ONLY=True, FUSE_OUT=False,

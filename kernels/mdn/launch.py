@@ -17,8 +17,7 @@ cores, about fp32 accuracy); the one launch key that changes how an element's su
 (still to about fp32 accuracy), not only its order.
 
 Names: state_fwd, state_bwd (the state pass), state_fwd_kfac (the forward on factored operands,
-MDN_STATE_KFAC=1), state_pairs (its pairs re-made from a saved W), state_bwd_blocked (the reverse pass on
-factored operands with the key dimension in blocks of BK rows, MDN_STATE_BWD_BLOCKED=1),
+MDN_STATE_KFAC=1), state_pairs (its pairs re-made from a saved W),
 output_fwd, output_bwd, output_bwd_dw (the output and its gradients), prepare_a, prepare_c,
 prepare_bwd_t, prepare_bwd_k, prepare_bwd_decay (the chunk-local preparation). Keys: BK, BV
 (powers of two, at least 16, where the kernel has them), num_warps (1, 2, 4, 8 or 16),
@@ -30,8 +29,7 @@ from __future__ import annotations
 import functools
 import os
 
-KERNELS = ("state_fwd", "state_fwd_kfac", "state_pairs", "state_bwd", "state_bwd_blocked",
-           "output_fwd", "output_bwd",
+KERNELS = ("state_fwd", "state_fwd_kfac", "state_pairs", "state_bwd", "output_fwd", "output_bwd",
            "output_bwd_dw", "prepare_a", "prepare_c", "prepare_bwd_t", "prepare_bwd_k",
            "prepare_bwd_decay")
 _KEYS = ("BK", "BV", "num_warps", "num_stages", "f32dot")

@@ -350,17 +350,6 @@ def fuse_variant(name: str | None = None) -> str:
     return name
 
 
-def blocked_reverse(K: int) -> bool:
-    """MDN_STATE_BWD_BLOCKED: whether the reverse pass on factored operands runs the kernel
-    that holds the key dimension in blocks (state_bwd_blocked; K ≤ 4 key blocks), "1", or
-    _state_bwd_kernel's one tile, "0" (the default)."""
-    from .state_bwd_blocked import fits
-    flag = os.environ.get("MDN_STATE_BWD_BLOCKED", "0")
-    if flag not in ("0", "1"):
-        raise ValueError(f"MDN_STATE_BWD_BLOCKED must be 0 or 1, got {flag!r}")
-    return flag == "1" and fits(K)
-
-
 def _block_v(K: int, V: int) -> int:
     # Keeps the two K×BV fp32 state tiles within registers: 8K floats per program at K ≤ 256.
     bk = triton.next_power_of_2(K)
@@ -597,25 +586,6 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     if has_dfin != (dM_fin is not None):
         raise ValueError("dS_fin and dM_fin must both be given or both be None")
     BK, BV = triton.next_power_of_2(K), _block_v(K, V)
-    if kfac is not None and fuse_out is None and blocked_reverse(K):
-        from .state_bwd_blocked import _state_bwd_kfac_blocked_kernel, key_blocks
-        lp = launch.params("state_bwd_blocked", shape=(K, V) if odt.itemsize == 2 else None,
-                           BK=64, BV=BV, num_warps=4, num_stages=1)
-        bkb, nkb = key_blocks(K, lp.pop("BK"))
-        grid = (triton.cdiv(V, lp["BV"]), N * H)
-        dgates = dW if init_only else dW.new_empty(3, grid[0], NC, H, dtype=sdt)
-        wgmma.kernel(_state_bwd_kfac_blocked_kernel, "state_bwd")[grid](
-            *kfac, a_end, g_end, u_end, dW, dS0s, dM0s,
-            dS_fin if has_dfin else dW, dM_fin if has_dfin else dW, S0s, M0s,
-            dWt, dS_end, dM_end, dS_init if init_grad else dW, dM_init if init_grad else dW,
-            dgates, layout.seq_chunk_offsets, NC,
-            H=H, K=K, V=V, C=C, BKB=bkb, NKB=nkb, PREC=_precision(odt, allow_tf32),
-            HAS_DFIN=has_dfin, STORE_DINIT=init_grad, INIT_ONLY=init_only,
-            END_LATE=end_over_pair_grads, **lp,
-        )
-        if init_only:
-            return dS_init, dM_init
-        return dWt, dS_end, dM_end, dS_init, dM_init, dgates.sum(1)
     fv, num_warps = "strided", 4
     if fuse_out is not None:
         fv, num_warps, bv_div = FUSE_VARIANTS[fuse_variant(fuse_variant_name)]

@@ -34,16 +34,11 @@ def _reference(shape, xs):
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-@pytest.mark.parametrize("recompute", ["0", "1", "2", "1-blocked"])
+@pytest.mark.parametrize("recompute", ["0", "1", "2"])
 def test_forward_and_backward_real_shape(shape, dtype, recompute, record, monkeypatch):
     """recompute: MDN_RECOMPUTE_PAIRS (1 the default, chunk.StateOutput; 0 the earlier
-    StatePass + LocalOutput path; 2 StateOutput with the fused pair cotangents, opt-in);
-    "1-blocked": 1 with the state passes on factored operands (MDN_STATE_KFAC=1, at K = 128
-    too) and the reverse pass holding the key dimension in blocks (MDN_STATE_BWD_BLOCKED=1)."""
-    monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", recompute[0])
-    if recompute.endswith("blocked"):
-        monkeypatch.setenv("MDN_STATE_KFAC", "1")
-        monkeypatch.setenv("MDN_STATE_BWD_BLOCKED", "1")
+    StatePass + LocalOutput path; 2 StateOutput with the fused pair cotangents, opt-in)."""
+    monkeypatch.setenv("MDN_RECOMPUTE_PAIRS", recompute)
     B, T, H, K, V = SHAPES[shape]
     xs = random_inputs(B, T, H, K, V, dtype=dtype, device="cuda", seed=1, requires_grad=True)
     ref, ref_o, ref_S, ref_M = _reference(shape, xs)
