@@ -130,6 +130,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s24b  session 24: the factored reverse pass holding the key dimension in blocks
      (MDN_STATE_BWD_BLOCKED=1) against one tile, by itself at four shapes and in the 1.3B step
      at 4 × 4K (crosswise); the op's float64 GPU test with it at K = 128 and 256.
+  s24c  session 24: ptxas's register cap (MDN_LAUNCH's maxnreg) for more programs per SM: the
+     state passes at 168 (3 per SM), the 8-warp chunk-local kernels at 128 (2 per SM), both,
+     the state passes at 128; the op beside FLA's GDN at K = 128 and 256, the 1.3B step at
+     4 × 4K crosswise.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -243,6 +247,12 @@ CPW400 = f"--config {M400} --micro-batch 1 --microbatches 2"   # plan cpm9's 400
 M13_4K = f"--config {M13} --micro-batch 2 --microbatches 2"     # the MFU goal's shape (issue 9)
 M13_4K10 = M13_4K + " --steps 10"                                # session 23: 10 timed steps
 M13_MB4 = f"--config {M13} --micro-batch 4 --microbatches 1"      # session 24: 4 × 4K per micro-batch
+# session 24: ptxas's register cap (launch's maxnreg): the state passes (4 warps) at 168 and 128,
+# the 8-warp chunk-local kernels at 128
+NREG_ST168 = ";".join(f"{k}:maxnreg=168" for k in ("state_fwd", "state_fwd_kfac", "state_pairs", "state_bwd"))
+NREG_ST128 = NREG_ST168.replace("168", "128")
+NREG_CL128 = ";".join(f"{k}:maxnreg=128" for k in ("prepare_a", "prepare_bwd_t", "prepare_bwd_k",
+                                                     "prepare_bwd_decay", "output_bwd", "output_bwd_dw"))
 CPW13 = f"--config {M13} --micro-batch 1 --recompute --steps 3 --warmup 2"  # plan cpm9's 1.3B step
 
 OFFLOAD_AB = f"--config {M13} --micro-batch 1 --microbatches 1 --seq-len 65536 --recompute --steps 3 --warmup 1"
@@ -1786,6 +1796,19 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # ptxas's register cap: more programs per SM for the kernels that take 255 registers
+    "s24c": [
+        ("nreg", 420, [
+            ("0", [("kernel_bench_nreg", 200, "python3 tools/bench_kernels.py --shapes 0,1 "
+                    "--out {R}/result.json " + " ".join(f"--variant 'MDN_LAUNCH={v}'" for v in (
+                        NREG_ST168, NREG_CL128, NREG_ST168 + ";" + NREG_CL128, NREG_ST128))),
+                   ("mdn_1p3b_4k_mb4_nreg_b", 80, f"MDN_LAUNCH='{NREG_ST168};{NREG_CL128}' " + bench_model(1, M13_MB4 + " --steps 10")),
+                   ("mdn_1p3b_4k_mb4_b", 80, bench_model(1, M13_MB4 + " --steps 10"))]),
+            ("1", [("mdn_1p3b_4k_mb4", 100, bench_model(1, M13_MB4 + " --steps 10")),
+                   ("mdn_1p3b_4k_mb4_nreg", 80, f"MDN_LAUNCH='{NREG_ST168};{NREG_CL128}' " + bench_model(1, M13_MB4 + " --steps 10")),
+                   ("mdn_1p3b_4k_mb4_st168", 80, f"MDN_LAUNCH='{NREG_ST168}' " + bench_model(1, M13_MB4 + " --steps 10"))]),
         ]),
     ],
     # the blocked reverse pass: the kernel alone, the float64 op test, the 1.3B step crosswise.

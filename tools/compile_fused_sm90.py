@@ -41,7 +41,8 @@ def arg_types():
     return types
 
 
-def compile_one(fn, consts: dict, num_warps: int, arch: int = 90, override=None) -> dict:
+def compile_one(fn, consts: dict, num_warps: int, arch: int = 90, override=None,
+                maxnreg: int | None = None) -> dict:
     types = arg_types()
     types.update(override or {})
     names = fn.arg_names
@@ -49,7 +50,8 @@ def compile_one(fn, consts: dict, num_warps: int, arch: int = 90, override=None)
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(names.index(k),): v for k, v in consts.items()})
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                        options=dict(num_warps=num_warps, num_stages=1))
+                        options=dict(num_warps=num_warps, num_stages=1,
+                                     **({} if maxnreg is None else dict(maxnreg=maxnreg))))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ck.asm["ptx"])
     try:
@@ -196,6 +198,8 @@ def main(argv=None):
     ap.add_argument("--fuse-variants", action="store_true",
                     help="compile the state backward's FUSE_OUT variants (state_pass.FUSE_VARIANTS, "
                          "MDN_RECOMPUTE_PAIRS=2) instead of the kernels")
+    ap.add_argument("--maxnreg", type=int, default=None,
+                    help="ptxas's register cap per thread (MDN_LAUNCH's maxnreg key)")
     ap.add_argument("kernels", nargs="*", help="names to compile (default: all)")
     args = ap.parse_args(argv)
     table, failed = {}, []
@@ -208,7 +212,8 @@ def main(argv=None):
         if args.kernels and name not in args.kernels:
             continue
         try:
-            table[name] = res = compile_one(fn, consts, nw, override=override[0] if override else None)
+            table[name] = res = compile_one(fn, consts, nw, override=override[0] if override else None,
+                                            maxnreg=args.maxnreg)
             print(f"{name:10s} warps {nw} regs {res['registers']:3d} spill "
                   f"{res['spill_stores']:5d}/{res['spill_loads']:5d} B  stack "
                   f"{res['stack_frame']:5d} B  shared {res['shared_bytes']:6d} B", flush=True)
@@ -220,7 +225,8 @@ def main(argv=None):
             meta = dict(triton=triton.__version__, command="python " + " ".join(sys.argv),
                         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         note="compiled on a machine without a GPU (Triton's compiler and ptxas)")
-            json.dump(dict(K=args.K, V=args.V, arch="sm_90", kernels=table, failed=failed,
+            json.dump(dict(K=args.K, V=args.V, arch="sm_90", maxnreg=args.maxnreg,
+                           kernels=table, failed=failed,
                            meta=meta), f, indent=2)
     if failed:
         sys.exit(1)

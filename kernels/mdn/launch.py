@@ -21,7 +21,9 @@ MDN_STATE_KFAC=1), state_pairs (its pairs re-made from a saved W),
 output_fwd, output_bwd, output_bwd_dw (the output and its gradients), prepare_a, prepare_c,
 prepare_bwd_t, prepare_bwd_k, prepare_bwd_decay (the chunk-local preparation). Keys: BK, BV
 (powers of two, at least 16, where the kernel has them), num_warps (1, 2, 4, 8 or 16),
-num_stages (1 to 4), f32dot (0 or 1; above). FEW_PROGRAMS (below) holds values for launches
+num_stages (1 to 4), f32dot (0 or 1; above), maxnreg (32 to 255, any kernel: ptxas's cap on
+registers per thread, Triton's compile option; unset, ptxas takes up to 255, which at 4 warps
+leaves room for two programs per SM). FEW_PROGRAMS (below) holds values for launches
 whose grid leaves SMs idle.
 """
 from __future__ import annotations
@@ -32,7 +34,9 @@ import os
 KERNELS = ("state_fwd", "state_fwd_kfac", "state_pairs", "state_bwd", "output_fwd", "output_bwd",
            "output_bwd_dw", "prepare_a", "prepare_c", "prepare_bwd_t", "prepare_bwd_k",
            "prepare_bwd_decay")
-_KEYS = ("BK", "BV", "num_warps", "num_stages", "f32dot")
+_KEYS = ("BK", "BV", "num_warps", "num_stages", "f32dot", "maxnreg")
+# compile options every launch takes, whatever its defaults: ptxas's register cap per thread
+_ANY_KERNEL = ("maxnreg",)
 _parsed: tuple[str, dict] | None = None
 
 # The launch-parameter sweep on an H100 (tools/tune_kernels_gpu.py, suite plan y, session 8,
@@ -105,6 +109,8 @@ def _check(name: str, key: str, v: int) -> None:
         raise ValueError(f"MDN_LAUNCH: {name}: num_warps must be 1, 2, 4, 8 or 16, got {v}")
     if key == "num_stages" and not 1 <= v <= 4:
         raise ValueError(f"MDN_LAUNCH: {name}: num_stages must be 1 to 4, got {v}")
+    if key == "maxnreg" and not 32 <= v <= 255:
+        raise ValueError(f"MDN_LAUNCH: {name}: maxnreg must be 32 to 255, got {v}")
     if key == "f32dot" and v not in (0, 1):
         raise ValueError(f"MDN_LAUNCH: {name}: f32dot must be 0 (ieee) or 1 (tf32x3), got {v}")
 
@@ -147,7 +153,7 @@ def params(name: str, shape: tuple[int, int] | None = None, few_programs: bool =
             got.update({k: v for k, v in FEW_PROGRAMS.get(name, {}).get(_pow2(shape[0]), {}).items()
                         if k in defaults})
     for key, v in overrides().get(name, {}).items():
-        if key not in defaults:
+        if key not in defaults and key not in _ANY_KERNEL:
             raise ValueError(f"MDN_LAUNCH: {name} takes {', '.join(defaults)}, not {key}")
         got[key] = v
     return got

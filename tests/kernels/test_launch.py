@@ -33,6 +33,8 @@ def test_parse_reads_kernels_and_keys():
     ("output_fwd:num_warps=3", "num_warps must be"),
     ("output_fwd:num_stages=0", "num_stages must be"),
     ("prepare_bwd_decay:f32dot=2", "f32dot must be 0"),
+    ("state_bwd:maxnreg=256", "maxnreg must be 32 to 255"),
+    ("state_bwd:maxnreg=16", "maxnreg must be 32 to 255"),
 ])
 def test_parse_names_what_is_wrong(spec, words):
     with pytest.raises(ValueError, match=words):
@@ -49,6 +51,26 @@ def test_params_apply_the_override_and_refuse_keys_a_kernel_lacks(monkeypatch):
         launch.params("prepare_a", BK=32, num_warps=8, num_stages=1)
     monkeypatch.delenv("MDN_LAUNCH")
     assert launch.params("state_fwd", BV=32, num_warps=4, num_stages=1)["num_warps"] == 4
+
+
+def test_maxnreg_is_a_key_of_every_kernel_and_reaches_the_launch(monkeypatch):
+    """maxnreg (ptxas's register cap, a compile option) is taken by every launch site without
+    being among its defaults; the op runs with it (the interpreter drops compile options, so
+    here this checks that the launches accept the keyword), with the defaults' results."""
+    monkeypatch.setenv("MDN_LAUNCH", "prepare_a:maxnreg=128")
+    assert launch.params("prepare_a", BK=32, num_warps=8, num_stages=1) == dict(
+        BK=32, num_warps=8, num_stages=1, maxnreg=128)
+    chunk.use_fused_local(True)
+    try:
+        xs = random_inputs(1, 70, 1, 16, 16, dtype=torch.float32, seed=3, with_state=True)
+        monkeypatch.delenv("MDN_LAUNCH")
+        ref = _op(xs, chunk_size=16)
+        monkeypatch.setenv("MDN_LAUNCH", ";".join(f"{n}:maxnreg=168" for n in launch.KERNELS))
+        got = _op(xs, chunk_size=16)
+    finally:
+        chunk.use_fused_local(None)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
 
 
 def test_few_programs_values_apply_below_the_sm_count_only(monkeypatch):
