@@ -134,6 +134,10 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      state passes at 168 (3 per SM), the 8-warp chunk-local kernels at 128 (2 per SM), both,
      the state passes at 128; the op beside FLA's GDN at K = 128 and 256, the 1.3B step at
      4 × 4K crosswise.
+  s24d  session 24: the 1.3B step at 4 × 4K with the op's backward in one segment
+     (train.op_backward_segments=1: one reverse-pass launch of 768 programs, 3 waves of
+     two per SM, in place of two launches of 2 waves) and the factored forward pass at BV = 16,
+     crosswise.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -247,6 +251,7 @@ CPW400 = f"--config {M400} --micro-batch 1 --microbatches 2"   # plan cpm9's 400
 M13_4K = f"--config {M13} --micro-batch 2 --microbatches 2"     # the MFU goal's shape (issue 9)
 M13_4K10 = M13_4K + " --steps 10"                                # session 23: 10 timed steps
 M13_MB4 = f"--config {M13} --micro-batch 4 --microbatches 1"      # session 24: 4 × 4K per micro-batch
+MB4_10 = M13_MB4 + " --steps 10"
 # session 24: ptxas's register cap (launch's maxnreg): the state passes (4 warps) at 168 and 128,
 # the 8-warp chunk-local kernels at 128
 NREG_ST168 = ";".join(f"{k}:maxnreg=168" for k in ("state_fwd", "state_fwd_kfac", "state_pairs", "state_bwd"))
@@ -1796,6 +1801,19 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # the op's launches against the SM count at 4 × 4K: one backward segment, the forward's BV
+    "s24d": [
+        ("waves", 420, [
+            ("0", [("mdn_1p3b_4k_mb4", 100, bench_model(1, MB4_10)),
+                   ("mdn_1p3b_4k_mb4_seg1", 80, bench_model(1, MB4_10 + " train.op_backward_segments=1")),
+                   ("mdn_1p3b_4k_mb4_seg1_fwd16", 80, "MDN_LAUNCH=state_fwd_kfac:BV=16 " + bench_model(1, MB4_10 + " train.op_backward_segments=1")),
+                   ("mdn_1p3b_4k_mb4x4_seg1", 90, bench_model(1, M13_MB4.replace("--microbatches 1", "--microbatches 4") + " train.op_backward_segments=1"))]),
+            ("1", [("mdn_1p3b_4k_mb4_seg1_b", 100, bench_model(1, MB4_10 + " train.op_backward_segments=1")),
+                   ("mdn_1p3b_4k_mb4_b", 80, bench_model(1, MB4_10)),
+                   ("mdn_1p3b_4k_mb4_fwd16", 80, "MDN_LAUNCH=state_fwd_kfac:BV=16 " + bench_model(1, MB4_10)),
+                   ("mdn_1p3b_4k_mb4_seg1_profile", 100, bench_model(1, M13_MB4 + " train.op_backward_segments=1 --profile {R}/profile.txt"))]),
         ]),
     ],
     # ptxas's register cap: more programs per SM for the kernels that take 255 registers
