@@ -982,6 +982,67 @@ def plot_session23(out):
                           "around the 1.3B step's matmuls")
 
 
+def plot_session24(out):
+    """Session 24: the 1.3B step at 4K per sequence on two H200s. Left: every timed step of
+    each configuration (two runs each, on the two GPUs of one machine, in opposite orders
+    where the plan could): the MFU shape against 4 × 4K micro-batches (s24a), the blocked
+    reverse pass (s24b), ptxas register caps (s24c), one backward segment (s24d). Right: MFU
+    (median step) of MDN at each micro-batch layout beside the GDN mode and the Transformer,
+    with the 40% goal."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw=dict(width_ratios=[1.6, 1]))
+    groups = [("a: 2 × 2 × 4K", "tab:gray", ("mdn_1p3b_4k_v24a", "mdn_1p3b_4k_b_v24a")),
+              ("a: 4 × 4K", "tab:blue", ("mdn_1p3b_4k_mb4_v24a", "mdn_1p3b_4k_mb4_b_v24a")),
+              ("b: 4 × 4K", "tab:blue", ("mdn_1p3b_4k_mb4_v24b",)),
+              ("b: blocked\nreverse pass", "tab:red", ("mdn_1p3b_4k_mb4_blocked_v24b",
+                                                        "mdn_1p3b_4k_mb4_blocked_b_v24b")),
+              ("c: 4 × 4K", "tab:blue", ("mdn_1p3b_4k_mb4_v24c", "mdn_1p3b_4k_mb4_b_v24c")),
+              ("c: register\ncaps", "tab:red", ("mdn_1p3b_4k_mb4_nreg_v24c",
+                                                 "mdn_1p3b_4k_mb4_nreg_b_v24c",
+                                                 "mdn_1p3b_4k_mb4_st168_v24c")),
+              ("d: 4 × 4K", "tab:blue", ("mdn_1p3b_4k_mb4_v24d", "mdn_1p3b_4k_mb4_b_v24d")),
+              ("d: 1 backward\nsegment", "tab:green", ("mdn_1p3b_4k_mb4_seg1_v24d",
+                                                       "mdn_1p3b_4k_mb4_seg1_b_v24d"))]
+    found = False
+    for i, (label, color, names) in enumerate(groups):
+        for k, name in enumerate(names):
+            d = _load(f"model_h200x2_{name}.json")
+            if d:
+                found = True
+                x = i + 0.12 * (k - (len(names) - 1) / 2)
+                a1.plot([x] * len(d["step_ms"]), d["step_ms"], "os^"[k], color=color, ms=3)
+    a1.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
+    a1.set_ylabel("step (ms), 16,384 tokens")
+    a1.set_title("1.3B step, every timed step of each run; plans s24a–d (one machine each)",
+                 fontsize=8)
+    bars = [("MDN 2 × 2 × 4K", "tab:gray", ("mdn_1p3b_4k_v24a", "mdn_1p3b_4k_b_v24a")),
+            ("MDN 4 × 4K", "tab:blue", ("mdn_1p3b_4k_mb4_v24d", "mdn_1p3b_4k_mb4_b_v24d")),
+            ("MDN 4 × 4K,\n1 segment", "tab:green", ("mdn_1p3b_4k_mb4_seg1_v24d",
+                                                     "mdn_1p3b_4k_mb4_seg1_b_v24d")),
+            ("MDN 4 × (4 × 4K)", "tab:blue", ("mdn_1p3b_4k_mb4x4_v24a",)),
+            ("MDN 4 × (4 × 4K),\n1 segment", "tab:green", ("mdn_1p3b_4k_mb4x4_seg1_v24d",)),
+            ("GDN mode\n4 × 4K", "tab:orange", ("gdn_1p3b_4k_mb4_v24a",)),
+            ("Transformer\n4 × 4K", "tab:purple", ("transformer_1p3b_4k_mb4_v24a",))]
+    vals = []
+    for label, color, names in bars:
+        got = [d["mfu"] for d in (_load(f"model_h200x2_{n}.json") for n in names) if d]
+        if got:
+            vals.append((label, color, 100 * sum(got) / len(got)))
+    if vals:
+        found = True
+        a2.bar(range(len(vals)), [v for *_, v in vals], color=[c for _, c, _ in vals])
+        for i, (*_, v) in enumerate(vals):
+            a2.text(i, v + 0.4, f"{v:.1f}", ha="center", fontsize=7)
+        a2.axhline(40, ls=":", color="k", lw=1)
+        a2.text(len(vals) - 0.5, 40.5, "goal 40%", ha="right", fontsize=7)
+        a2.set_xticks(range(len(vals)), [label for label, *_ in vals], fontsize=6, rotation=30,
+                      ha="right")
+        a2.set_ylim(0, 45)
+        a2.set_ylabel("MFU (%), H100 SXM dense bf16 peak")
+        a2.set_title("1.3B at 4K per sequence: MFU by micro-batch layout (mean of runs)", fontsize=8)
+    return _finish_panels(fig, out, found, "Session 24 on H200s (bf16): the 1.3B step at larger "
+                          "micro-batches; what did not help")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=RESULTS)
@@ -1003,7 +1064,8 @@ def main():
                      (plot_session20, "session20_state_pairs.png"),
                      (plot_session21, "session21_bwd_segments.png"),
                      (plot_session22, "session22_state_factors.png"),
-                     (plot_session23, "session23_elementwise.png")):
+                     (plot_session23, "session23_elementwise.png"),
+                     (plot_session24, "session24_micro_batches.png")):
         path = fn(os.path.join(a.out_dir, name))
         print("wrote" if path else "skipped (no results)", name)
 
