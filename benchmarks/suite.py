@@ -138,6 +138,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      (train.op_backward_segments=1: one reverse-pass launch of 768 programs, 3 waves of
      two per SM, in place of two launches of 2 waves) and the factored forward pass at BV = 16,
      crosswise.
+  s24e  session 24: where the reverse state pass's time goes (tools/ablate_state_bwd.py: the
+     kernel with parts of its chunk step cut out), the factored forward pass's value block
+     at 4 × 4K.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -1801,6 +1804,14 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # the reverse pass's chunk step taken apart; the forward pass's BV at 4 × 4K
+    "s24e": [
+        ("ablate", 200, [
+            ("0", [("ablate_state_bwd", 190, "python3 tools/ablate_state_bwd.py --out {R}/result.json")]),
+            ("1", [("state_fwd_kfac_4x4k", 120, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_fwd_kfac --shapes 4,3 --configs ';BV=16;BV=16,num_warps=8' --out {R}/result.json")]),
         ]),
     ],
     # the op's launches against the SM count at 4 × 4K: one backward segment, the forward's BV

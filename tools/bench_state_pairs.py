@@ -39,7 +39,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 SHAPES = [dict(B=8, T=4096, H=6, K=128, V=256), dict(B=8, T=4096, H=6, K=256, V=512),
-          dict(B=1, T=16384, H=6, K=256, V=512), dict(B=2, T=4096, H=6, K=256, V=512)]
+          dict(B=1, T=16384, H=6, K=256, V=512), dict(B=2, T=4096, H=6, K=256, V=512),
+          dict(B=4, T=4096, H=6, K=256, V=512)]   # the 1.3B step's forward at 4 × 4K
 SMOKE_SHAPES = [dict(B=2, T=40, H=2, K=32, V=48)]
 # "" = the defaults (state_pass.pairs_launch_defaults and launch.TUNED); "fwd" = the W-making
 # kernel's own blocks (BK = K, its BV, warps and stages): the structure of the pass before K split
