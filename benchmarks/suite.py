@@ -1811,7 +1811,7 @@ PLANS = {
         ("ablate", 200, [
             ("0", [("ablate_state_bwd", 190, "python3 tools/ablate_state_bwd.py --out {R}/result.json")]),
             ("1", [("state_fwd_kfac_4x4k", 120, "python3 tools/bench_state_pairs.py --kernel "
-                    "state_fwd_kfac --shapes 4,3 --configs ';BV=16;BV=16,num_warps=8' --out {R}/result.json")]),
+                    "state_fwd_kfac --shapes 4,3 --configs ';BV=16' --out {R}/result.json")]),
         ]),
     ],
     # the op's launches against the SM count at 4 × 4K: one backward segment, the forward's BV
