@@ -6,7 +6,9 @@ ships; no CUDA driver needed).
     python tools/compile_fused_sm90.py --fuse-variants   # the state backward's FUSE_OUT variants
 
 It catches what the interpreter cannot: compile errors of the real Triton pipeline, and
-register spills (a spilling kernel is correct but slow). Exit status 1 when a kernel fails to
+register spills (a spilling kernel is correct but slow). Kernels compile as the JIT specializes
+them (16-byte aligned pointers, so vector loads) and, for the reverse state pass, without
+wgmma as the op launches it (mdn_kernels.mdn.wgmma). Exit status 1 when a kernel fails to
 compile. Block sizes and warps are those LocalPrepare / LocalOutput launch with at chunk 64.
 """
 from __future__ import annotations
@@ -42,13 +44,32 @@ def arg_types():
 
 
 def compile_one(fn, consts: dict, num_warps: int, arch: int = 90, override=None,
-                maxnreg: int | None = None) -> dict:
+                maxnreg: int | None = None, mmav2: bool = False) -> dict:
+    """ptxas's report for one kernel; mmav2: compiled without Hopper's wgmma, as
+    mdn_kernels.mdn.wgmma launches its groups (DISABLE_MMA_V3=1 while compiling)."""
+    saved = os.environ.get("DISABLE_MMA_V3")
+    if mmav2:
+        os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        return _compile_one(fn, consts, num_warps, arch, override, maxnreg)
+    finally:
+        if mmav2:
+            if saved is None:
+                del os.environ["DISABLE_MMA_V3"]
+            else:
+                os.environ["DISABLE_MMA_V3"] = saved
+
+
+def _compile_one(fn, consts, num_warps, arch, override, maxnreg) -> dict:
     types = arg_types()
     types.update(override or {})
     names = fn.arg_names
     sig = {n: ("constexpr" if n in consts else types.get(n, "*fp32")) for n in names}
+    # every pointer 16-byte aligned, as the JIT specializes the pointers it is given (torch's
+    # allocations are): without it the loads compile as scalar 2-byte ones
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
     src = ASTSource(fn=fn, signature=sig,
-                    constexprs={(names.index(k),): v for k, v in consts.items()})
+                    constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                         options=dict(num_warps=num_warps, num_stages=1,
                                      **({} if maxnreg is None else dict(maxnreg=maxnreg))))
@@ -185,6 +206,13 @@ def fuse_variant_jobs(K: int, V: int, C: int = 64):
     return {f"fused:{n}": fuse_variant_job(K, V, C, n) for n in sp.FUSE_VARIANTS}
 
 
+def _mmav2(name: str) -> bool:
+    """Whether the job's kernel compiles without wgmma in the op (wgmma.DEFAULT_GROUPS: the
+    reverse state pass)."""
+    from mdn_kernels.mdn import wgmma
+    return (name.startswith("state_bwd") or name.startswith("fused:")) and wgmma.no_wgmma("state_bwd")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,7 +241,7 @@ def main(argv=None):
             continue
         try:
             table[name] = res = compile_one(fn, consts, nw, override=override[0] if override else None,
-                                            maxnreg=args.maxnreg)
+                                            maxnreg=args.maxnreg, mmav2=_mmav2(name))
             print(f"{name:10s} warps {nw} regs {res['registers']:3d} spill "
                   f"{res['spill_stores']:5d}/{res['spill_loads']:5d} B  stack "
                   f"{res['stack_frame']:5d} B  shared {res['shared_bytes']:6d} B", flush=True)

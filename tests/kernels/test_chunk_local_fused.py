@@ -387,8 +387,13 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
         # (the same kernel on factors, state_pairs_kfac: 376 B, timed at its default and three
         # other blocks on an H200, plans s22n, s22p: the default fastest at two of three K = 256
         # shapes)
-        limit = {"state_bwd_end_late": 512, "state_pairs": 1536,
-                 "state_pairs_kfac": 512}.get(name, 256)
+        # Since session 24 the tool compiles as the JIT specializes (16-byte aligned pointers:
+        # vector loads) and the reverse pass without wgmma as the op runs it; then the pairs
+        # spill nothing and the reverse pass on factors 500 B at K = 128 (not the default
+        # there: the factors are the default at K > 128), the fused-output variant
+        # (MDN_RECOMPUTE_PAIRS=2, opt-in) 316 B.
+        limit = {"state_bwd_end_late": 512, "state_pairs": 1536, "state_pairs_kfac": 512,
+                 "state_bwd_kfac": 640, "state_bwd_fused": 512}.get(name, 256)
         assert k["spill_stores"] <= limit, f"{name} spills {k['spill_stores']} bytes"
 
 
