@@ -141,6 +141,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s24e  session 24: where the reverse state pass's time goes (tools/ablate_state_bwd.py: the
      kernel with parts of its chunk step cut out), the factored forward pass's value block
      at 4 × 4K.
+  s24f  session 24: the reverse pass's chunk step reordered (tools/ablate_state_bwd.py's
+     early_loads, gates_last: the same results) against the kernel and its cut without gate sums.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -1804,6 +1806,13 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # the reverse pass's chunk step reordered
+    "s24f": [
+        ("reorder", 120, [
+            ("0", [("ablate_state_bwd_reorder", 110, "python3 tools/ablate_state_bwd.py --ablations "
+                    "none,early_loads,gates_last,no_gate_sums --out {R}/result.json")]),
         ]),
     ],
     # the reverse pass's chunk step taken apart; the forward pass's BV at 4 × 4K

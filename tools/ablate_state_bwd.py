@@ -6,10 +6,11 @@
 The reverse pass (state_pass._state_bwd_kernel, as the lean backward launches it: factored
 operands at K = 256, end cotangents over the pair cotangents) is latency-bound: its time moves in
 whole waves of programs (BENCHMARKS.md, session 24), about 11.7 µs per chunk step on an H200.
-Each variant here is the kernel's own source with some statements replaced (ABLATIONS), written
+Each variant here is the kernel's own source with some statements replaced (ABLATIONS; two,
+early_loads and gates_last, are reorderings with the same results, not cuts), written
 to a temporary module (Triton's JIT reads a kernel's source from its file), launched through
-state_pass_bwd_triton in the kernel's place. The results of a variant are wrong by design: only
-its time means something, against the unchanged kernel's time in the same process (variant
+state_pass_bwd_triton in the kernel's place. The results of a cut are wrong by design: only
+its time means something (the reorderings' results are compared with the kernel's), against the unchanged kernel's time in the same process (variant
 "none"). Shapes: one 4K sequence (the 1.3B step's launch per backward segment: one wave) and
 2 × 4K (two waves), K = 256, V = 512, H = 6.
 """
@@ -63,6 +64,89 @@ _FWD_DOTS = ("""            dw = (dw - cg[:, None] * tl.dot(kh, ds.to(kh.dtype),
                   + cm[:, None] * tl.dot(kh, dm.to(kh.dtype), input_precision=PREC))
 """, """            dw = dw - cg[:, None] * tl.sum(ds) + cm[:, None] * tl.sum(dm)
 """)
+# Not a cut: the chunk step of the model's path (KFAC, END_LATE, no FUSE_OUT, not INIT_ONLY) with
+# every load issued first and the gate sums moved after the products, so the loads' latencies
+# overlap the products instead of stalling the step where each is used. Same results.
+_LOOP_START = "    for i in range(0, c_end - c_start):\n"
+_LOOP_END = "    if STORE_DINIT:\n"
+_EARLY_LOADS_LOOP = """    for i in range(0, c_end - c_start):
+        c = c_end - 1 - i
+        ch = c * H + i_h
+        s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0)
+        m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0)
+        ds0 = tl.load(DS0S + ch * K * V + kv, mask=m_kv, other=0.0)
+        dm0 = tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0)
+        kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+        cg = tl.load(CG + ch * C + o_c)
+        cm = tl.load(CM + ch * C + o_c)
+        dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0).to(tl.float32)
+        t_t = tl.load(TM + ch * C * C + o_c[None, :] * C + o_c[:, None])
+        ele = tl.load(ELE + ch * C + o_c)
+        g0r = tl.load(G0R + ch * C + o_c)
+        a = tl.load(A_END + ch)
+        g = tl.load(G_END + ch)
+        uu = tl.load(U_END + ch)
+        dw = (dw - cg[:, None] * tl.dot(kh, ds.to(kh.dtype), input_precision=PREC)
+              + cm[:, None] * tl.dot(kh, dm.to(kh.dtype), input_precision=PREC))
+        tl.store(DWT + ch * C * V + cv, dw.to(DWT.dtype.element_ty), mask=m_v[None, :])
+        x = tl.dot(t_t, dw.to(t_t.dtype), input_precision=PREC)
+        kh_t = tl.trans(kh)
+        y_dw = tl.dot(kh_t, (ele[:, None] * x).to(kh.dtype), input_precision=PREC)
+        z_dw = tl.dot(kh_t, (g0r[:, None] * x).to(kh.dtype), input_precision=PREC)
+        ds_prev = a * ds + y_dw + ds0.to(tl.float32)
+        dm_prev = uu * dm - g * ds - z_dw + dm0.to(tl.float32)
+        s0f = s0.to(tl.float32)
+        m0f = m0.to(tl.float32)
+        gofs = i_v * NCH * H + ch
+        tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0f, 1), 0))
+        tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0f, 1), 0))
+        tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0f, 1), 0))
+        tl.debug_barrier()
+        tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
+        tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
+        ds = ds_prev
+        dm = dm_prev
+"""
+# the same with only S0, M0 loaded first (the other loads where the products need them)
+_GATES_LAST_LOOP = """    for i in range(0, c_end - c_start):
+        c = c_end - 1 - i
+        ch = c * H + i_h
+        s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0)
+        m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0)
+        kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+        cg = tl.load(CG + ch * C + o_c)
+        cm = tl.load(CM + ch * C + o_c)
+        dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0).to(tl.float32)
+        dw = (dw - cg[:, None] * tl.dot(kh, ds.to(kh.dtype), input_precision=PREC)
+              + cm[:, None] * tl.dot(kh, dm.to(kh.dtype), input_precision=PREC))
+        tl.store(DWT + ch * C * V + cv, dw.to(DWT.dtype.element_ty), mask=m_v[None, :])
+        t_t = tl.load(TM + ch * C * C + o_c[None, :] * C + o_c[:, None])
+        x = tl.dot(t_t, dw.to(t_t.dtype), input_precision=PREC)
+        kh_t = tl.trans(kh)
+        y_dw = tl.dot(kh_t, (tl.load(ELE + ch * C + o_c)[:, None] * x).to(kh.dtype),
+                      input_precision=PREC)
+        z_dw = tl.dot(kh_t, (tl.load(G0R + ch * C + o_c)[:, None] * x).to(kh.dtype),
+                      input_precision=PREC)
+        a = tl.load(A_END + ch)
+        g = tl.load(G_END + ch)
+        uu = tl.load(U_END + ch)
+        ds0 = tl.load(DS0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+        dm0 = tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+        ds_prev = a * ds + y_dw + ds0
+        dm_prev = uu * dm - g * ds - z_dw + dm0
+        s0f = s0.to(tl.float32)
+        m0f = m0.to(tl.float32)
+        gofs = i_v * NCH * H + ch
+        tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0f, 1), 0))
+        tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0f, 1), 0))
+        tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0f, 1), 0))
+        tl.debug_barrier()
+        tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
+        tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
+        ds = ds_prev
+        dm = dm_prev
+"""
+_LOOPS = {"early_loads": _EARLY_LOADS_LOOP, "gates_last": _GATES_LAST_LOOP}
 # name → the (statement, replacement) pairs it applies; "none" is the kernel unchanged
 ABLATIONS = {
     "none": (),
@@ -75,6 +159,8 @@ ABLATIONS = {
     "no_k_products": (_FWD_DOTS,),
     "memory_only": (_T_DOT, _BACK_DOTS, _FWD_DOTS),
     "products_only": (_GATES, _END_STORES, _PAIR_GRADS, _DWT_STORE),
+    "early_loads": ("loop",),
+    "gates_last": ("loop",),
 }
 
 
@@ -84,7 +170,10 @@ def ablated_kernel(name: str, tmpdir: str):
     import triton
     from mdn_kernels.mdn import state_pass
     src = textwrap.dedent(inspect.getsource(state_pass._state_bwd_kernel.fn))
-    for old, new in ABLATIONS[name]:
+    if ABLATIONS[name] == ("loop",):   # the whole chunk step replaced
+        start, end = src.index(_LOOP_START), src.index(_LOOP_END)
+        src = src[:start] + _LOOPS[name] + src[end:]
+    for old, new in () if ABLATIONS[name] == ("loop",) else ABLATIONS[name]:
         if old not in src:
             raise ValueError(f"ablation {name}: statement not in _state_bwd_kernel:\n{old}")
         src = src.replace(old, new)
@@ -144,18 +233,24 @@ def main(argv=None):
                     dWt_out=fresh[0], end_over_pair_grads=True, kfac=kfac)
 
             copy_ms = None if args.cpu_smoke else triton.testing.do_bench(copies, warmup=5, rep=50)
+            want = [t.clone() for t in run()[:6]]   # the unchanged kernel's results
             for n in names:
                 state_pass._state_bwd_kernel = kernels[n]
                 try:
-                    run()
+                    got = [t.clone() for t in run()[:6]]
                     ms = None if args.cpu_smoke else triton.testing.do_bench(run, warmup=5, rep=50)
                 finally:
                     state_pass._state_bwd_kernel = original
                 row = dict(shape=sh, ablation=n, ms=None if ms is None else ms - copy_ms,
                            copies_ms_subtracted=copy_ms)
+                if not ABLATIONS[n] or ABLATIONS[n] == ("loop",):   # the same results expected
+                    row["max_rel_diff_to_kernel"] = max(
+                        ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+                        for a, b in zip(got, want))
                 rows.append(row)
                 t = "" if ms is None else f"{row['ms']:.3f} ms"
-                print(f"B={sh['B']} T={sh['T']} K={K} V={V} {n:20s} {t}", flush=True)
+                d = f" diff {row['max_rel_diff_to_kernel']:.1e}" if "max_rel_diff_to_kernel" in row else ""
+                print(f"B={sh['B']} T={sh['T']} K={K} V={V} {n:20s} {t}{d}", flush=True)
     out = dict(meta=dict(card="cpu (--cpu-smoke: numbers mean nothing)" if args.cpu_smoke
                          else torch.cuda.get_device_name(), torch=torch.__version__,
                          triton=triton.__version__, python=platform.python_version(),
