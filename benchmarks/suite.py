@@ -143,6 +143,9 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
      at 4 × 4K.
   s24f  session 24: the reverse pass's chunk step reordered (tools/ablate_state_bwd.py's
      early_loads, gates_last: the same results) against the kernel and its cut without gate sums.
+  s24g  session 24: the reverse pass's gate sums stored by key row (MDN_GATE_ROWS=1) against
+     the default: the pass alone at 1 and 2 × 4K, the 1.3B step at 4 × 4K with one backward
+     segment crosswise, the op's float64 GPU test at K = 256 with it.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -1806,6 +1809,21 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # the gate sums by key row
+    "s24g": [
+        ("rows", 400, [
+            ("0", [("ablate_gate_rows_off", 60, "MDN_GATE_ROWS=0 python3 tools/ablate_state_bwd.py "
+                    "--ablations none,no_gate_sums --out {R}/result.json"),
+                   ("ablate_gate_rows_on", 60, "MDN_GATE_ROWS=1 python3 tools/ablate_state_bwd.py "
+                    "--ablations none --out {R}/result.json"),
+                   ("mdn_1p3b_4k_mb4_seg1_rows_b", 80, "MDN_GATE_ROWS=1 " + bench_model(1, MB4_10 + " train.op_backward_segments=1")),
+                   ("mdn_1p3b_4k_mb4_seg1_b", 80, bench_model(1, MB4_10 + " train.op_backward_segments=1"))]),
+            ("1", [("mdn_1p3b_4k_mb4_seg1", 100, bench_model(1, MB4_10 + " train.op_backward_segments=1")),
+                   ("mdn_1p3b_4k_mb4_seg1_rows", 80, "MDN_GATE_ROWS=1 " + bench_model(1, MB4_10 + " train.op_backward_segments=1")),
+                   ("gpu_test_gate_rows", 200, "MDN_GATE_ROWS=1 MDN_RESULTS_DIR={R} " + PT + " --timeout 195 "
+                    "'tests/gpu/test_kernels_gpu.py::test_forward_and_backward_real_shape[1-dtype0-K256_V512]'")]),
         ]),
     ],
     # the reverse pass's chunk step reordered
