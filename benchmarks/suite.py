@@ -1811,7 +1811,7 @@ PLANS = {
                     "--out {R}/result.json")]),
         ]),
     ],
-    # the gate sums by key row
+    # the gate sums by key row (MDN_GATE_ROWS: commit 8086d88 only; no gain, reverted after)
     "s24g": [
         ("rows", 400, [
             ("0", [("ablate_gate_rows_off", 60, "MDN_GATE_ROWS=0 python3 tools/ablate_state_bwd.py "

@@ -36,16 +36,9 @@ SMOKE_SHAPES = [dict(B=2, T=40, H=2, K=32, V=48)]
 _GATES = ("""            s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
             m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
             gofs = i_v * NCH * H + ch
-            if GATE_ROWS:
-                rofs = gofs * BK + o_k
-                nrow = NCH * H * tl.num_programs(0) * BK
-                tl.store(DGATES + rofs, tl.sum(ds * s0, 1))
-                tl.store(DGATES + nrow + rofs, -tl.sum(ds * m0, 1))
-                tl.store(DGATES + 2 * nrow + rofs, tl.sum(dm * m0, 1))
-            else:
-                tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0, 1), 0))
-                tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0, 1), 0))
-                tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0, 1), 0))
+            tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0, 1), 0))
+            tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0, 1), 0))
+            tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0, 1), 0))
 """, "            pass\n")
 _END_STORES = ("""            tl.debug_barrier()
             tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)

@@ -179,12 +179,8 @@ def _state_bwd_kernel(
     HAS_DFIN: tl.constexpr, STORE_DINIT: tl.constexpr, INIT_ONLY: tl.constexpr,
     FV: tl.constexpr = "strided", END_LATE: tl.constexpr = False,
     KH=None, TM=None, ELE=None, G0R=None, CG=None, CM=None, KFAC: tl.constexpr = False,
-    GATE_ROWS: tl.constexpr = False,
 ):
     # DGATES [3, NV, NC, H]: this value block's share of dL/da_end, dL/dg_end, dL/du_end.
-    # GATE_ROWS (MDN_GATE_ROWS): DGATES is [3, NV, NC, H, BK], the shares by key row. A row's sum
-    # over the value block stays within a warp; the sum over rows, a reduction across the
-    # program's warps through shared memory, is left to the caller (three per chunk step here).
     # INIT_ONLY: only the initial pair's gradient (DS_INIT, DM_INIT); nothing per chunk is
     # stored and S0S, M0S are not read (the other pointers may be dummies).
     # FUSE_OUT: the output's share of the pair cotangents, dS0s = scale·(e^{la} Q̂)ᵀ dO and
@@ -242,16 +238,9 @@ def _state_bwd_kernel(
             s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
             m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
             gofs = i_v * NCH * H + ch
-            if GATE_ROWS:
-                rofs = gofs * BK + o_k
-                nrow = NCH * H * tl.num_programs(0) * BK
-                tl.store(DGATES + rofs, tl.sum(ds * s0, 1))
-                tl.store(DGATES + nrow + rofs, -tl.sum(ds * m0, 1))
-                tl.store(DGATES + 2 * nrow + rofs, tl.sum(dm * m0, 1))
-            else:
-                tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0, 1), 0))
-                tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0, 1), 0))
-                tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0, 1), 0))
+            tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0, 1), 0))
+            tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0, 1), 0))
+            tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0, 1), 0))
         if KFAC:
             kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
             cg = tl.load(CG + ch * C + o_c)
@@ -359,16 +348,6 @@ def fuse_variant(name: str | None = None) -> str:
     if name not in FUSE_VARIANTS:
         raise ValueError(f"fuse variant must be one of {sorted(FUSE_VARIANTS)}, got {name!r}")
     return name
-
-
-def gate_rows() -> bool:
-    """MDN_GATE_ROWS: "1" the reverse pass stores its gate sums by key row and the wrapper adds
-    the rows (_state_bwd_kernel's GATE_ROWS); "0" (the default) it adds them itself. The same
-    sums in another order (float rounding); [3, NV, NC, H, K] fp32 for the pass's duration."""
-    flag = os.environ.get("MDN_GATE_ROWS", "0")
-    if flag not in ("0", "1"):
-        raise ValueError(f"MDN_GATE_ROWS must be 0 or 1, got {flag!r}")
-    return flag == "1"
 
 
 def _block_v(K: int, V: int) -> int:
@@ -615,9 +594,7 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
     tuned_for = (K, V) if Y.dtype.itemsize == 2 and fuse_out is None else None
     lp = launch.params("state_bwd", shape=tuned_for, BV=BV, num_warps=num_warps, num_stages=1)
     grid = (triton.cdiv(V, lp["BV"]), N * H)
-    rows = gate_rows()
-    dgates = dW if init_only else dW.new_empty(3, grid[0], NC, H, *((BK,) if rows else ()),
-                                               dtype=sdt)
+    dgates = dW if init_only else dW.new_empty(3, grid[0], NC, H, dtype=sdt)
     if fuse_out is None:
         qc, la, g0, do, cs, cl, scale = Y, a_end, a_end, dW, layout.seq_chunk_offsets, \
             layout.seq_chunk_offsets, 1.0
@@ -637,8 +614,8 @@ def state_pass_bwd_triton(Y, Z, Kg, Km, a_end, g_end, u_end, dW, dS0s, dM0s, dS_
         H=H, K=K, V=V, C=C, BK=BK, PREC=_precision(Y.dtype, allow_tf32),
         FUSE_OUT=fuse_out is not None, OMMDT=ommdt, OPREC=oprec, HAS_DFIN=has_dfin,
         STORE_DINIT=init_grad, INIT_ONLY=init_only, FV=fv, END_LATE=end_over_pair_grads,
-        GATE_ROWS=rows, **_kfac_args(kfac), **lp,
+        **_kfac_args(kfac), **lp,
     )
     if init_only:
         return dS_init, dM_init
-    return dWt, dS_end, dM_end, dS_init, dM_init, dgates.sum((1, 4) if rows else 1)
+    return dWt, dS_end, dM_end, dS_init, dM_init, dgates.sum(1)

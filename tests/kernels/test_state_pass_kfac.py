@@ -187,29 +187,3 @@ def test_kfac_forward_refuses_8_warps_at_k256(monkeypatch):
     want = _run_fwd(ops, gates, rest, layout)
     got = _run_fwd(ops, gates, rest, layout, kfac=kfac)
     torch.testing.assert_close(got[3], want[3], rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("kfac_on", [False, True], ids=["operands", "factors"])
-@pytest.mark.parametrize("end_over", [False, True], ids=["separate", "end_over"])
-def test_gate_rows_are_the_same_sums(kfac_on, end_over, monkeypatch):
-    """MDN_GATE_ROWS=1: the reverse pass stores its gate sums by key row and the wrapper adds
-    them; every other output bit for bit the default's, the gate sums to float64 rounding
-    (float64; several value blocks, K off the block, packed documents)."""
-    monkeypatch.setenv("MDN_LAUNCH", "state_bwd:BV=16")
-    ops, gates, rest, kfac, layout = _case(SHAPES[0], LAYOUTS[1], torch.float64, seed=11)
-    f = kfac if kfac_on else None
-    monkeypatch.setenv("MDN_GATE_ROWS", "0")
-    want = _run(ops, gates, rest, layout, kfac=f, end_over=end_over)
-    monkeypatch.setenv("MDN_GATE_ROWS", "1")
-    got = _run(ops, gates, rest, layout, kfac=f, end_over=end_over)
-    for name, a, b in zip(OUT_NAMES[:5], got, want):
-        assert torch.equal(a, b), name
-    # the last chunk of each sequence sums the fp32 final cotangent (both ways): fp32 rounding
-    last = layout.seq_chunk_offsets[1:].long() - 1
-    inner = torch.ones(layout.num_chunks, dtype=torch.bool)
-    inner[last] = False
-    torch.testing.assert_close(got[5][:, inner], want[5][:, inner], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(got[5], want[5], rtol=1e-6, atol=1e-6)
-    monkeypatch.setenv("MDN_GATE_ROWS", "yes")
-    with pytest.raises(ValueError, match="MDN_GATE_ROWS must be 0 or 1"):
-        _run(ops, gates, rest, layout, kfac=f, end_over=end_over)
