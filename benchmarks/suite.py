@@ -146,6 +146,8 @@ Plans (a 4-GPU H100 machine, nvidia-h100-x4):
   s24g  session 24: the reverse pass's gate sums stored by key row (MDN_GATE_ROWS=1) against
      the default: the pass alone at 1 and 2 × 4K, the 1.3B step at 4 × 4K with one backward
      segment crosswise, the op's float64 GPU test at K = 256 with it.
+  s24h  session 24: the factored forward pass's value block chosen by waves (launch.WAVE_BV, the
+     new default) against BV = 32 and 16 forced, at 8 × 4K, 1 × 16K, 2 × 4K and 4 × 4K.
   s22r  session 22's last: the 1.3B MFU-shape step with the final default (factors, K = 256)
      against MDN_STATE_KFAC=0, crosswise on two GPUs.
   s21s  session 21: the CP = 2 model test at one_doc with the seeds 1, 2, 3.
@@ -1809,6 +1811,13 @@ PLANS = {
             ("1", [("state_pairs_kfac", 140, "python3 tools/bench_state_pairs.py --kernel "
                     "state_pairs_kfac --shapes 0,1,2 --configs ';BK=64,BV=32;BK=32,BV=64' "
                     "--out {R}/result.json")]),
+        ]),
+    ],
+    # the forward pass's value block by waves
+    "s24h": [
+        ("waves", 100, [
+            ("0", [("state_fwd_kfac_waves", 90, "python3 tools/bench_state_pairs.py --kernel "
+                    "state_fwd_kfac --shapes 1,2,3,4 --configs ';BV=32;BV=16' --out {R}/result.json")]),
         ]),
     ],
     # the gate sums by key row (MDN_GATE_ROWS: commit 8086d88 only; no gain, reverted after)

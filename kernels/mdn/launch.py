@@ -77,6 +77,53 @@ FEW_PROGRAMS: dict[str, dict[int, dict[str, int]]] = {
 }
 
 
+# Value blocks chosen by waves, by kernel and K (16-bit operands, 4 warps): the state passes' time is
+# their programs' chunk steps, latency-bound, so a program takes about the same time whether it
+# shares its SM or not, up to the programs that fit on an SM at once (`per_sm`: two at ~255
+# registers). A launch runs ceil(programs / (per_sm · SMs)) rounds, each costing `cost[BV]`
+# relative to the largest block. wave_bv picks the block with the fewest rounds × cost.
+# The factored forward pass at K = 256 on an H200 (132 SMs), ms, in
+# state_fwd_h200_v22_kfac{,_few}.json, state_fwd_kfac_2x4k_h200_v22p.json and
+# state_fwd_kfac_4x4k_h200_v24e.json:
+#
+#   | shape   | BV = 32 (rounds) | BV = 16 (rounds) |
+#   |---------|------------------|------------------|
+#   | 8 × 4K  | 1.876 (3)        | 1.975 (6)        |
+#   | 4 × 4K  | 1.171 (2)        | 0.991 (3)        |
+#   | 2 × 4K  | 0.579–0.592 (1)  | 0.632–0.639 (2)  |
+#   | 1 × 16K | 1.655 (1)        | 1.270 (1)        |
+#
+# That is 0.59–0.63 ms per round at BV = 32 and 0.32–0.33 at BV = 16 for 64 chunks: cost 0.55.
+# The rule picks the faster block at all four shapes.
+WAVE_BV: dict[str, dict[int, dict]] = {
+    "state_fwd_kfac": {256: dict(per_sm=2, cost={32: 1.0, 16: 0.55})},
+}
+
+
+def wave_bv(name: str, K: int, V: int, rows: int, sm_count: int) -> int | None:
+    """WAVE_BV's value block for kernel `name` at head sizes K, V with `rows` programs per value
+    block (sequences × heads) on `sm_count` SMs, or None where the table has no entry. Ties go
+    to the larger block."""
+    entry = WAVE_BV.get(name, {}).get(_pow2(K))
+    if entry is None or sm_count < 1 or rows < 1:
+        return None
+    slots = entry["per_sm"] * sm_count
+
+    def time(bv: int) -> float:
+        programs = -(-V // bv) * rows
+        return -(-programs // slots) * entry["cost"][bv]
+    return min(sorted(entry["cost"], reverse=True), key=time)
+
+
+def sm_count(device) -> int:
+    """The CUDA device's SM count (0 off CUDA)."""
+    import torch
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def parse(spec: str) -> dict[str, dict[str, int]]:
     """'name:key=int,key=int;name:...' → {name: {key: int}}, checked (ValueError naming what is
     wrong). Empty → {}."""
@@ -139,11 +186,12 @@ def tuned(name: str, K: int, V: int) -> dict[str, int]:
 
 
 def params(name: str, shape: tuple[int, int] | None = None, few_programs: bool = False,
-           **defaults: int) -> dict[str, int]:
+           chosen: dict | None = None, **defaults: int) -> dict[str, int]:
     """The launch parameters of kernel `name`: `defaults`, then tuned(name, *shape) where a
     shape (K, V) is given, then (few_programs: the launch would leave SMs idle) FEW_PROGRAMS'
-    values for it, then MDN_LAUNCH's values. A key the kernel does not take (not among
-    `defaults`) is an error that names it."""
+    values for it, then `chosen` (the launch site's pick for this call, e.g. wave_bv's), then
+    MDN_LAUNCH's values. A key the kernel does not take (not among `defaults`) is an error that
+    names it."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}")
     got = dict(defaults)
@@ -152,6 +200,7 @@ def params(name: str, shape: tuple[int, int] | None = None, few_programs: bool =
         if few_programs:
             got.update({k: v for k, v in FEW_PROGRAMS.get(name, {}).get(_pow2(shape[0]), {}).items()
                         if k in defaults})
+    got.update({k: v for k, v in (chosen or {}).items() if k in defaults})
     for key, v in overrides().get(name, {}).items():
         if key not in defaults and key not in _ANY_KERNEL:
             raise ValueError(f"MDN_LAUNCH: {name} takes {', '.join(defaults)}, not {key}")
@@ -162,12 +211,8 @@ def params(name: str, shape: tuple[int, int] | None = None, few_programs: bool =
 def fewer_programs_than_sms(programs: int, device) -> bool:
     """Whether a grid of `programs` leaves some of the GPU's SMs without a program (False off
     CUDA)."""
-    import torch
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return programs < _sm_count(index)
+    n = sm_count(device)
+    return n > 0 and programs < n
 
 
 @functools.lru_cache(maxsize=None)

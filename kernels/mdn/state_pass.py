@@ -429,8 +429,11 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     name = "state_fwd" if kfac is None else "state_fwd_kfac"
     lp = launch.params(name, shape=shape, **launch_defaults(K, V))
     few = launch.fewer_programs_than_sms(triton.cdiv(V, lp["BV"]) * N * H, U.device)
-    if few:   # FEW_PROGRAMS' values (launch.py)
-        lp = launch.params(name, shape=shape, few_programs=True, **launch_defaults(K, V))
+    # the value block by waves of programs (launch.WAVE_BV), after FEW_PROGRAMS' values
+    bv = launch.wave_bv(name, K, V, N * H, launch.sm_count(U.device)) if shape else None
+    if few or bv is not None:   # FEW_PROGRAMS' values (launch.py)
+        lp = launch.params(name, shape=shape, few_programs=few,
+                           chosen=None if bv is None else dict(BV=bv), **launch_defaults(K, V))
     if kfac is not None and BK >= 256 and lp["num_warps"] > 4:
         # Triton 3.6.0 on an H200 (plan s22n): NaN in W and the pairs where 4 warps were right
         raise ValueError(f"state_fwd_kfac: num_warps {lp['num_warps']} at K = {K} gave NaN on "

@@ -264,3 +264,57 @@ def test_isolated_runs_name_the_candidate_that_faults(tmp_path):
     best = res["best"]
     assert best["state_fwd"]["variant"] == 2 and best["output_fwd"]["variant"] == 1
     assert json.loads(out.read_text())["best"] == best
+
+
+@pytest.mark.parametrize("B, T, want", [(8, 4096, 32), (4, 4096, 16), (2, 4096, 32), (1, 16384, 16)])
+def test_wave_bv_picks_the_measured_faster_block(B, T, want):
+    """The factored forward pass at K = 256, V = 512, H = 6 on an H200's 132 SMs: the block
+    that ran faster at each of the four measured shapes (launch.WAVE_BV's table)."""
+    assert launch.wave_bv("state_fwd_kfac", 256, 512, B * 6, 132) == want
+    assert launch.wave_bv("state_fwd_kfac", 128, 256, B * 6, 132) is None   # not measured
+    assert launch.wave_bv("state_fwd", 256, 512, B * 6, 132) is None
+    assert launch.wave_bv("state_fwd_kfac", 256, 512, B * 6, 0) is None     # not CUDA
+
+
+def test_chosen_values_come_after_tuned_and_before_mdn_launch(monkeypatch):
+    monkeypatch.delenv("MDN_LAUNCH", raising=False)
+    d = dict(BV=16, num_warps=4, num_stages=1)
+    assert launch.params("state_fwd_kfac", shape=(256, 512), **d)["BV"] == 32   # TUNED
+    assert launch.params("state_fwd_kfac", shape=(256, 512), chosen=dict(BV=16), **d)["BV"] == 16
+    monkeypatch.setenv("MDN_LAUNCH", "state_fwd_kfac:BV=64")
+    assert launch.params("state_fwd_kfac", shape=(256, 512), chosen=dict(BV=16), **d)["BV"] == 64
+
+
+def test_the_forward_pass_launches_with_the_wave_block(monkeypatch):
+    """state_pass_fwd_triton with bf16 factors at K = 256 (interpreted; the SM count faked to
+    one, so that the table prefers BV = 16 here): it launches with wave_bv's block, and its
+    results are those of the same block forced through MDN_LAUNCH."""
+    from mdn_kernels.mdn import state_pass
+    from mdn_kernels.mdn.testing import patch_interpreter_bf16_dot, random_state_factors
+    from tests.kernels.test_cp_transition import prepared
+    patch_interpreter_bf16_dot()
+    H, C, K, V = 2, 16, 200, 48
+    args, layout = prepared(1, 40, H, K, V, C, torch.float64, seed=3)
+    kfac = random_state_factors(layout.num_chunks, H, C, K, op_dtype=torch.bfloat16, seed=4)
+    U = args[0].to(torch.bfloat16)
+    gates = [t.float() for t in args[5:8]]
+    seen = []
+    params = launch.params
+
+    def spy(name, *a, **kw):
+        got = params(name, *a, **kw)
+        seen.append((name, got["BV"]))
+        return got
+    monkeypatch.setattr(launch, "params", spy)
+    monkeypatch.delenv("MDN_LAUNCH", raising=False)
+    monkeypatch.setattr(launch, "sm_count", lambda device: 1)
+    assert launch.wave_bv("state_fwd_kfac", K, V, H, 1) == 16
+    got = state_pass.state_pass_fwd_triton(U, None, None, None, None, *gates, None, None, layout,
+                                           kfac=kfac)
+    assert seen[-1] == ("state_fwd_kfac", 16)
+    monkeypatch.setattr(launch, "sm_count", lambda device: 0)
+    monkeypatch.setenv("MDN_LAUNCH", "state_fwd_kfac:BV=16")
+    want = state_pass.state_pass_fwd_triton(U, None, None, None, None, *gates, None, None,
+                                            layout, kfac=kfac)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
