@@ -429,9 +429,10 @@ def state_pass_fwd_triton(U, Y, Z, Kg, Km, a_end, g_end, u_end, S_init, M_init, 
     name = "state_fwd" if kfac is None else "state_fwd_kfac"
     lp = launch.params(name, shape=shape, **launch_defaults(K, V))
     few = launch.fewer_programs_than_sms(triton.cdiv(V, lp["BV"]) * N * H, U.device)
-    # the value block by waves of programs (launch.WAVE_BV), after FEW_PROGRAMS' values
+    # FEW_PROGRAMS' values where the grid leaves SMs idle, then the value block chosen by waves
+    # of programs (launch.WAVE_BV)
     bv = launch.wave_bv(name, K, V, N * H, launch.sm_count(U.device)) if shape else None
-    if few or bv is not None:   # FEW_PROGRAMS' values (launch.py)
+    if few or bv is not None:
         lp = launch.params(name, shape=shape, few_programs=few,
                            chosen=None if bv is None else dict(BV=bv), **launch_defaults(K, V))
     if kfac is not None and BK >= 256 and lp["num_warps"] > 4:
