@@ -64,17 +64,32 @@ _FWD_DOTS = ("""            dw = (dw - cg[:, None] * tl.dot(kh, ds.to(kh.dtype),
                   + cm[:, None] * tl.dot(kh, dm.to(kh.dtype), input_precision=PREC))
 """, """            dw = dw - cg[:, None] * tl.sum(ds) + cm[:, None] * tl.sum(dm)
 """)
-# Not a cut: the chunk step of the model's path (KFAC, END_LATE, no FUSE_OUT, not INIT_ONLY) with
-# every load issued first and the gate sums moved after the products, so the loads' latencies
-# overlap the products instead of stalling the step where each is used. Same results.
+# Not cuts: the chunk step of the model's path (KFAC, END_LATE, no FUSE_OUT, not INIT_ONLY)
+# reordered, with the same results. Both begin and end alike: the gate sums of the leaving
+# cotangent after the products, then its store over dS0's tile.
 _LOOP_START = "    for i in range(0, c_end - c_start):\n"
 _LOOP_END = "    if STORE_DINIT:\n"
-_EARLY_LOADS_LOOP = """    for i in range(0, c_end - c_start):
+_STEP_HEAD = """    for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         ch = c * H + i_h
         s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0)
         m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0)
-        ds0 = tl.load(DS0S + ch * K * V + kv, mask=m_kv, other=0.0)
+"""
+_STEP_TAIL = """        s0f = s0.to(tl.float32)
+        m0f = m0.to(tl.float32)
+        gofs = i_v * NCH * H + ch
+        tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0f, 1), 0))
+        tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0f, 1), 0))
+        tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0f, 1), 0))
+        tl.debug_barrier()
+        tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
+        tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
+        ds = ds_prev
+        dm = dm_prev
+"""
+REORDERINGS = {
+    # every load issued first, so that their latencies overlap the products
+    "early_loads": _STEP_HEAD + """        ds0 = tl.load(DS0S + ch * K * V + kv, mask=m_kv, other=0.0)
         dm0 = tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0)
         kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         cg = tl.load(CG + ch * C + o_c)
@@ -95,25 +110,9 @@ _EARLY_LOADS_LOOP = """    for i in range(0, c_end - c_start):
         z_dw = tl.dot(kh_t, (g0r[:, None] * x).to(kh.dtype), input_precision=PREC)
         ds_prev = a * ds + y_dw + ds0.to(tl.float32)
         dm_prev = uu * dm - g * ds - z_dw + dm0.to(tl.float32)
-        s0f = s0.to(tl.float32)
-        m0f = m0.to(tl.float32)
-        gofs = i_v * NCH * H + ch
-        tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0f, 1), 0))
-        tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0f, 1), 0))
-        tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0f, 1), 0))
-        tl.debug_barrier()
-        tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
-        tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
-        ds = ds_prev
-        dm = dm_prev
-"""
-# the same with only S0, M0 loaded first (the other loads where the products need them)
-_GATES_LAST_LOOP = """    for i in range(0, c_end - c_start):
-        c = c_end - 1 - i
-        ch = c * H + i_h
-        s0 = tl.load(S0S + ch * K * V + kv, mask=m_kv, other=0.0)
-        m0 = tl.load(M0S + ch * K * V + kv, mask=m_kv, other=0.0)
-        kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
+""" + _STEP_TAIL,
+    # only S0, M0 loaded first (the other loads where the products need them)
+    "gates_last": _STEP_HEAD + """        kh = tl.load(KH + ch * C * K + ck, mask=m_k[None, :], other=0.0)
         cg = tl.load(CG + ch * C + o_c)
         cm = tl.load(CM + ch * C + o_c)
         dw = tl.load(DW + ch * C * V + cv, mask=m_v[None, :], other=0.0).to(tl.float32)
@@ -134,20 +133,10 @@ _GATES_LAST_LOOP = """    for i in range(0, c_end - c_start):
         dm0 = tl.load(DM0S + ch * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
         ds_prev = a * ds + y_dw + ds0
         dm_prev = uu * dm - g * ds - z_dw + dm0
-        s0f = s0.to(tl.float32)
-        m0f = m0.to(tl.float32)
-        gofs = i_v * NCH * H + ch
-        tl.store(DGATES + gofs, tl.sum(tl.sum(ds * s0f, 1), 0))
-        tl.store(DGATES + NCH * H * tl.num_programs(0) + gofs, -tl.sum(tl.sum(ds * m0f, 1), 0))
-        tl.store(DGATES + 2 * NCH * H * tl.num_programs(0) + gofs, tl.sum(tl.sum(dm * m0f, 1), 0))
-        tl.debug_barrier()
-        tl.store(DS_END + ch * K * V + kv, ds.to(DS_END.dtype.element_ty), mask=m_kv)
-        tl.store(DM_END + ch * K * V + kv, dm.to(DM_END.dtype.element_ty), mask=m_kv)
-        ds = ds_prev
-        dm = dm_prev
-"""
-_LOOPS = {"early_loads": _EARLY_LOADS_LOOP, "gates_last": _GATES_LAST_LOOP}
-# name → the (statement, replacement) pairs it applies; "none" is the kernel unchanged
+""" + _STEP_TAIL,
+}
+# name → the (statement, replacement) pairs it cuts ("none": the kernel unchanged), or the
+# reordered chunk step that replaces the kernel's
 ABLATIONS = {
     "none": (),
     "no_gate_sums": (_GATES,),
@@ -159,8 +148,7 @@ ABLATIONS = {
     "no_k_products": (_FWD_DOTS,),
     "memory_only": (_T_DOT, _BACK_DOTS, _FWD_DOTS),
     "products_only": (_GATES, _END_STORES, _PAIR_GRADS, _DWT_STORE),
-    "early_loads": ("loop",),
-    "gates_last": ("loop",),
+    **REORDERINGS,
 }
 
 
@@ -170,10 +158,10 @@ def ablated_kernel(name: str, tmpdir: str):
     import triton
     from mdn_kernels.mdn import state_pass
     src = textwrap.dedent(inspect.getsource(state_pass._state_bwd_kernel.fn))
-    if ABLATIONS[name] == ("loop",):   # the whole chunk step replaced
+    if name in REORDERINGS:   # the whole chunk step replaced
         start, end = src.index(_LOOP_START), src.index(_LOOP_END)
-        src = src[:start] + _LOOPS[name] + src[end:]
-    for old, new in () if ABLATIONS[name] == ("loop",) else ABLATIONS[name]:
+        src = src[:start] + REORDERINGS[name] + src[end:]
+    for old, new in () if name in REORDERINGS else ABLATIONS[name]:
         if old not in src:
             raise ValueError(f"ablation {name}: statement not in _state_bwd_kernel:\n{old}")
         src = src.replace(old, new)
@@ -243,7 +231,7 @@ def main(argv=None):
                     state_pass._state_bwd_kernel = original
                 row = dict(shape=sh, ablation=n, ms=None if ms is None else ms - copy_ms,
                            copies_ms_subtracted=copy_ms)
-                if not ABLATIONS[n] or ABLATIONS[n] == ("loop",):   # the same results expected
+                if n == "none" or n in REORDERINGS:   # the same results expected
                     row["max_rel_diff_to_kernel"] = max(
                         ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
                         for a, b in zip(got, want))

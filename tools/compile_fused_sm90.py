@@ -14,6 +14,7 @@ compile. Block sizes and warps are those LocalPrepare / LocalOutput launch with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -47,17 +48,9 @@ def compile_one(fn, consts: dict, num_warps: int, arch: int = 90, override=None,
                 maxnreg: int | None = None, mmav2: bool = False) -> dict:
     """ptxas's report for one kernel; mmav2: compiled without Hopper's wgmma, as
     mdn_kernels.mdn.wgmma launches its groups (DISABLE_MMA_V3=1 while compiling)."""
-    saved = os.environ.get("DISABLE_MMA_V3")
-    if mmav2:
-        os.environ["DISABLE_MMA_V3"] = "1"
-    try:
+    from mdn_kernels.mdn import wgmma
+    with wgmma.mmav2_compile() if mmav2 else contextlib.nullcontext():
         return _compile_one(fn, consts, num_warps, arch, override, maxnreg)
-    finally:
-        if mmav2:
-            if saved is None:
-                del os.environ["DISABLE_MMA_V3"]
-            else:
-                os.environ["DISABLE_MMA_V3"] = saved
 
 
 def _compile_one(fn, consts, num_warps, arch, override, maxnreg) -> dict:

@@ -23,6 +23,7 @@ process). Under TRITON_INTERPRET=1 there is no MMA at all and `kernel` returns `
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -82,16 +83,24 @@ class _MMAv2Launch:
         launch = self.twin[grid]
 
         def run(*args, **kwargs):
-            saved = os.environ.get("DISABLE_MMA_V3")
-            os.environ["DISABLE_MMA_V3"] = "1"
-            try:
+            with mmav2_compile():
                 return launch(*args, **kwargs)
-            finally:
-                if saved is None:
-                    del os.environ["DISABLE_MMA_V3"]
-                else:
-                    os.environ["DISABLE_MMA_V3"] = saved
         return run
+
+
+@contextlib.contextmanager
+def mmav2_compile():
+    """DISABLE_MMA_V3=1 in the environment for the block (what Triton's compiler reads), the
+    earlier value restored after; tools/compile_fused_sm90.py compiles the groups with it too."""
+    saved = os.environ.get("DISABLE_MMA_V3")
+    os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["DISABLE_MMA_V3"]
+        else:
+            os.environ["DISABLE_MMA_V3"] = saved
 
 
 _TWINS: dict = {}
